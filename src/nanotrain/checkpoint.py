@@ -1,0 +1,117 @@
+"""Checkpoints: everything a run needs to continue bit for bit, written atomically.
+
+Layout on disk:
+
+    <checkpoint.dir>/
+        step_00000500/state.pt   model, optimizer, RNG states, step (= data position), config, tokenizer
+        step_00001000/state.pt
+        latest                   text file naming the newest complete checkpoint
+
+A checkpoint is first written under a temporary name and renamed into place
+only when complete (a rename within one file system is atomic), then `latest`
+is replaced the same way. A crash mid-save leaves the previous checkpoint and
+`latest` intact. Only the newest `keep_last` are kept.
+
+The data position is the step: the sampler's batch at step s depends only on
+(seed, s), so restoring the step restores the data stream.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+FORMAT_VERSION = 1
+STATE_FILE = "state.pt"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: the message says what is wrong and what to do."""
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+class CheckpointManager:
+    def __init__(self, directory: str | Path, keep_last: int = 3):
+        self.dir = Path(directory)
+        self.keep_last = keep_last
+
+    def save(self, step: int, state: dict[str, Any]) -> Path:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        final = self.dir / f"step_{step:08d}"
+        tmp = self.dir / f".tmp_step_{step:08d}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        torch.save({"format_version": FORMAT_VERSION, "step": step, **state}, tmp / STATE_FILE)
+        if final.exists():  # re-saving the same step (e.g. a resumed run's final save)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _atomic_write_text(self.dir / "latest", final.name + "\n")
+        self._prune()
+        return final
+
+    def _prune(self) -> None:
+        done = sorted(p for p in self.dir.glob("step_*") if (p / STATE_FILE).exists())
+        for old in done[: max(0, len(done) - self.keep_last)]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def resolve(self, spec: str) -> Path:
+        """'latest', a checkpoint folder, its state.pt, or a run/checkpoints folder holding `latest`."""
+        path = self.dir if spec == "latest" else Path(spec)
+        return resolve_checkpoint(path)
+
+    def load(self, spec: str) -> dict[str, Any]:
+        return load_checkpoint(self.resolve(spec))
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    path = Path(path)
+    for candidate in (path, path / "checkpoints"):
+        if (candidate / "latest").is_file():
+            name = (candidate / "latest").read_text().strip()
+            path = candidate / name
+            break
+    if path.is_dir():
+        path = path / STATE_FILE
+    if not path.is_file():
+        raise CheckpointError(
+            f"no checkpoint at {path}. Pass a checkpoint folder (…/checkpoints/step_00000500), "
+            "a run's out_dir or checkpoints folder containing a 'latest' file, or 'latest' to "
+            "continue the run in checkpoint.dir.")
+    return path
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated or foreign file
+        raise CheckpointError(f"cannot read checkpoint {path}: {e}. The file is damaged or not a "
+                              "nano-train checkpoint; resume from an earlier one.") from None
+    version = state.get("format_version") if isinstance(state, dict) else None
+    if version != FORMAT_VERSION:
+        raise CheckpointError(f"checkpoint {path} has format version {version}, this nano-train reads "
+                              f"version {FORMAT_VERSION}. Resume with the nano-train version that wrote it.")
+    return state
+
+
+def check_compatible(saved_cfg: dict[str, Any], cfg_dict: dict[str, Any], path: Path) -> None:
+    """The model and the data stream must match to continue a run; everything else may change."""
+    diffs = []
+    for section, keys in (("model", None), ("data", ("path", "tokenizer", "vocab_size", "val_fraction")),
+                          ("train", ("seed", "seq_len", "micro_batch_size", "grad_accum_steps"))):
+        old, new = saved_cfg.get(section, {}), cfg_dict[section]
+        for key in keys or new.keys():
+            if old.get(key) != new.get(key):
+                diffs.append(f"{section}.{key}: checkpoint has {old.get(key)!r}, config has {new.get(key)!r}")
+    if diffs:
+        raise CheckpointError(f"checkpoint {path} does not match this config:\n  - " + "\n  - ".join(diffs)
+                              + "\nUse the config the run was started with (saved in the checkpoint), "
+                              "or start a fresh run without checkpoint.resume.")

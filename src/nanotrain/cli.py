@@ -1,0 +1,85 @@
+"""The `nanotrain` command: train, prepare, sample. Each subcommand only assembles library pieces."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .checkpoint import CheckpointError
+from .config import ConfigError, load_config
+from .data import DataError
+
+
+def _config(args, overrides):
+    return load_config(args.config, overrides)
+
+
+def cmd_train(args, overrides) -> int:
+    from .runtime import RuntimeEngine
+
+    cfg = _config(args, overrides)
+    result = RuntimeEngine(cfg).run()
+    if result.val_losses:
+        step, val = max(result.val_losses.items())
+        print(f"done: step {result.final_step}, val loss {val:.4f}, {result.tokens_per_s:,.0f} tokens/s, "
+              f"outputs in {result.out_dir}")
+    return 0
+
+
+def cmd_prepare(args, overrides) -> int:
+    from .data import prepare_data
+
+    cfg = _config(args, overrides)
+    prepare_data(cfg.data, cfg.train.seq_len)
+    return 0
+
+
+def cmd_sample(args, overrides) -> int:
+    from .sample import sample_text
+
+    if overrides:
+        raise ConfigError(f"sample takes no config overrides, got {' '.join(overrides)}")
+    texts = sample_text(args.checkpoint, args.prompt, args.max_new_tokens, args.temperature, args.top_k,
+                        args.seed, args.num_samples, args.device)
+    for i, text in enumerate(texts):
+        if len(texts) > 1:
+            print(f"--- sample {i + 1} ---")
+        print(text)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="nanotrain", description="Learning-first distributed LLM training.",
+                                epilog="Any --section.key=value after the subcommand overrides the config, "
+                                       "e.g. --train.max_steps=200 --model.n_layers=2.")
+    sub = p.add_subparsers(dest="command", required=True)
+    for name, fn, help_ in (("train", cmd_train, "train a model"),
+                            ("prepare", cmd_prepare, "tokenize the corpus into train/val token files")):
+        s = sub.add_parser(name, help=help_)
+        s.add_argument("--config", help="TOML config file (see configs/); defaults apply where omitted")
+        s.set_defaults(fn=fn)
+    s = sub.add_parser("sample", help="generate text from a checkpoint")
+    s.add_argument("--checkpoint", required=True, help="checkpoint folder, its state.pt, or a run's out_dir")
+    s.add_argument("--prompt", default="", help="text to continue (default: a newline)")
+    s.add_argument("--max-new-tokens", type=int, default=200)
+    s.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    s.add_argument("--top-k", type=int, default=200, help="0 = no top-k filtering")
+    s.add_argument("--num-samples", type=int, default=1)
+    s.add_argument("--seed", type=int, default=1337)
+    s.add_argument("--device", default="cpu")
+    s.set_defaults(fn=cmd_sample)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, overrides = parser.parse_known_args(argv)
+    try:
+        return args.fn(args, overrides)
+    except (ConfigError, DataError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

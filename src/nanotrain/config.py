@@ -1,0 +1,352 @@
+"""Typed configuration: dataclasses loaded from TOML, overridable from the command line.
+
+A config is validated before any heavy work (data preparation, model build,
+process groups), so a typo costs a second, not a run. Every error names the
+key and says how to fix it.
+
+    cfg = load_config("configs/shakespeare_char.toml", ["--train.max_steps=200"])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+
+class ConfigError(ValueError):
+    """A config problem: the message names the key and the fix."""
+
+
+@dataclass
+class ModelConfig:
+    arch: Literal["transformer"] = "transformer"
+    vocab_size: int = 0  # 0: take it from the tokenizer
+    d_model: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int = 0  # 0: same as n_heads (MHA); fewer: grouped-query attention
+    d_ff: int = 0  # 0: 4*d_model for gelu, 8/3*d_model rounded up to 64 for swiglu
+    max_seq_len: int = 0  # 0: train.seq_len
+    norm: Literal["layernorm", "rmsnorm"] = "rmsnorm"
+    norm_eps: float = 1e-5
+    mlp: Literal["gelu", "swiglu"] = "swiglu"
+    pos_emb: Literal["rope", "learned"] = "rope"
+    rope_theta: float = 10000.0
+    tie_embeddings: bool = True
+    dropout: float = 0.0
+    bias: bool = False
+    init_std: float = 0.02
+
+
+@dataclass
+class ParallelConfig:
+    # Sizes of each parallel dimension; their product is the world size.
+    # This version trains on one process: all must be 1 (see validate()).
+    tp: int = 1
+    pp: int = 1
+    dp: int = 1
+    ep: int = 1
+
+
+@dataclass
+class PrecisionConfig:
+    # fp32: everything in fp32. bf16: parameters and optimizer in fp32, matmuls
+    # under torch.autocast(bfloat16) (no loss scaling needed: bf16 has fp32's range).
+    recipe: Literal["fp32", "bf16"] = "bf16"
+
+
+@dataclass
+class OptimizerConfig:
+    name: Literal["adamw"] = "adamw"
+    lr: float = 1e-3
+    beta1: float = 0.9
+    beta2: float = 0.99
+    eps: float = 1e-8
+    weight_decay: float = 0.1  # applied to matrices only (not norms, biases)
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+    impl: Literal["auto", "fused", "foreach", "loop"] = "auto"
+
+
+@dataclass
+class ScheduleConfig:
+    warmup_steps: int = 100
+    decay: Literal["cosine", "linear", "constant"] = "cosine"
+    decay_steps: int = 0  # 0: train.max_steps
+    min_lr: float = 1e-4
+
+
+@dataclass
+class DataConfig:
+    path: str = "data/tinyshakespeare.txt"  # a .txt file or a folder of .txt files
+    tokenizer: Literal["char", "bpe"] = "char"
+    vocab_size: int = 2048  # BPE only: size of the learned vocabulary
+    val_fraction: float = 0.1  # the last fraction of the token stream is the val split
+    prepared_dir: str = ""  # "": next to the data, in <path stem>.nanotrain/
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str = ""  # "": <train.out_dir>/checkpoints
+    interval: int = 0  # save every N steps; 0: only at the end
+    keep_last: int = 3
+    resume: str = ""  # "": fresh run; "latest" or a checkpoint path: continue it
+    save_final: bool = True
+
+
+@dataclass
+class LoggingConfig:
+    log_interval: int = 10
+    progress: Literal["auto", "rich", "plain", "none"] = "auto"
+    tensorboard: bool = True
+    plot: bool = True
+    peak_tflops: float = 0.0  # 0: measure with a short GEMM probe at start-up
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 1337
+    max_steps: int = 2000
+    seq_len: int = 64
+    micro_batch_size: int = 12
+    grad_accum_steps: int = 1
+    eval_interval: int = 250  # 0: only at the end
+    eval_steps: int = 20  # val batches per evaluation
+    out_dir: str = "runs/default"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int = 0  # torch intra-op threads; 0: leave PyTorch's default
+
+    @property
+    def global_batch_size(self) -> int:
+        """Sequences per optimizer step (one process: micro-batch x accumulation)."""
+        return self.micro_batch_size * self.grad_accum_steps
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], source: str = "config") -> "Config":
+        cfg = cls()
+        _apply_dict(cfg, d, source)
+        return cfg
+
+
+# ---------------------------------------------------------------------------
+# Loading and overriding
+# ---------------------------------------------------------------------------
+
+def _suggest(name: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(name, choices, n=1)
+    return f" Did you mean '{close[0]}'?" if close else f" Valid keys: {', '.join(sorted(choices))}."
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check (and for strings from the command line, convert) a value to a field's type."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{key}={value!r} is not allowed. Choose one of: {', '.join(map(repr, choices))}.")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0])
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{key} must be true or false, got {value!r}.")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key} must be an integer, got {value!r}.")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value.replace("_", ""))
+            except ValueError:
+                pass
+        raise ConfigError(f"{key} must be an integer, got {value!r}.")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key} must be a number, got {value!r}.")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key} must be a string, got {value!r} (quote it in TOML).")
+    raise TypeError(f"unsupported config field type {tp} for {key}")
+
+
+def _section_fields(section_obj: Any) -> dict[str, Any]:
+    hints = typing.get_type_hints(type(section_obj))
+    return {f.name: hints[f.name] for f in dataclasses.fields(section_obj)}
+
+
+def set_value(cfg: Config, dotted: str, value: Any, source: str = "command line") -> None:
+    """Set `section.key` on cfg, checking that both exist and the value fits the type."""
+    if "." not in dotted:
+        raise ConfigError(f"{source}: '{dotted}' must be written as section.key (for example train.max_steps).")
+    section, key = dotted.split(".", 1)
+    sections = [f.name for f in dataclasses.fields(cfg)]
+    if section not in sections:
+        raise ConfigError(f"{source}: unknown config section '{section}'.{_suggest(section, sections)}")
+    obj = getattr(cfg, section)
+    fields = _section_fields(obj)
+    if key not in fields:
+        raise ConfigError(f"{source}: unknown key '{section}.{key}'.{_suggest(key, list(fields))}")
+    setattr(obj, key, _coerce(value, fields[key], f"{section}.{key}"))
+
+
+def _apply_dict(cfg: Config, d: dict[str, Any], source: str) -> None:
+    sections = [f.name for f in dataclasses.fields(cfg)]
+    for section, body in d.items():
+        if section not in sections:
+            raise ConfigError(f"{source}: unknown config section [{section}].{_suggest(section, sections)}")
+        if not isinstance(body, dict):
+            raise ConfigError(f"{source}: [{section}] must be a table of key = value pairs.")
+        for key, value in body.items():
+            set_value(cfg, f"{section}.{key}", value, source)
+
+
+def parse_overrides(args: list[str]) -> list[tuple[str, str]]:
+    """Turn ['--train.max_steps=200', '--model.n_layers', '2'] into (key, value) pairs."""
+    pairs, i = [], 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or "." not in arg.split("=", 1)[0]:
+            raise ConfigError(f"unexpected argument '{arg}': overrides look like --section.key=value "
+                              "(for example --train.max_steps=200).")
+        if "=" in arg:
+            key, value = arg[2:].split("=", 1)
+        elif i + 1 < len(args) and not args[i + 1].startswith("--"):
+            key, value = arg[2:], args[i + 1]
+            i += 1
+        else:
+            raise ConfigError(f"override '{arg}' has no value: write {arg}=VALUE.")
+        pairs.append((key, value))
+        i += 1
+    return pairs
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a TOML config (or start from defaults), apply command-line overrides, validate."""
+    cfg = Config()
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist. Pass one of the files in configs/ "
+                              "(for example configs/shakespeare_char.toml).")
+        try:
+            data = tomllib.loads(p.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{p} is not valid TOML: {e}. Fix the syntax at that line.") from None
+        _apply_dict(cfg, data, str(p))
+    for key, value in parse_overrides(overrides or []):
+        set_value(cfg, key, value)
+    validate(cfg)
+    return cfg
+
+
+# ---------------------------------------------------------------------------
+# Validation: impossible values, caught before any work starts
+# ---------------------------------------------------------------------------
+
+def validate(cfg: Config) -> None:
+    errors: list[str] = []
+
+    def need(ok: bool, msg: str) -> None:
+        if not ok:
+            errors.append(msg)
+
+    m, t, o, s, d, c, lg = cfg.model, cfg.train, cfg.optimizer, cfg.schedule, cfg.data, cfg.checkpoint, cfg.logging
+    for key in ("d_model", "n_layers", "n_heads"):
+        need(getattr(m, key) > 0, f"model.{key}={getattr(m, key)} must be positive.")
+    need(m.vocab_size >= 0, f"model.vocab_size={m.vocab_size} must be >= 0 (0 takes it from the tokenizer).")
+    need(m.n_kv_heads >= 0, f"model.n_kv_heads={m.n_kv_heads} must be >= 0 (0 means n_heads).")
+    need(m.d_ff >= 0, f"model.d_ff={m.d_ff} must be >= 0 (0 picks the usual width for model.mlp).")
+    if m.n_heads > 0 and m.d_model % m.n_heads:
+        errors.append(f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}: "
+                      "pick n_heads that divides d_model.")
+    elif m.n_heads > 0 and (m.d_model // m.n_heads) % 2 and m.pos_emb == "rope":
+        errors.append(f"head dim d_model/n_heads={m.d_model // m.n_heads} must be even for RoPE: "
+                      "change model.d_model or model.n_heads.")
+    if m.n_kv_heads and m.n_heads % m.n_kv_heads:
+        errors.append(f"model.n_heads={m.n_heads} is not divisible by model.n_kv_heads={m.n_kv_heads}: "
+                      "each KV head must serve the same number of query heads.")
+    need(0.0 <= m.dropout < 1.0, f"model.dropout={m.dropout} must be in [0, 1).")
+    need(m.norm_eps > 0, f"model.norm_eps={m.norm_eps} must be positive.")
+    need(m.init_std > 0, f"model.init_std={m.init_std} must be positive.")
+    need(m.max_seq_len == 0 or m.max_seq_len >= t.seq_len,
+         f"train.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len}: raise model.max_seq_len "
+         "or set it to 0 (= train.seq_len).")
+
+    p = cfg.parallel
+    for key in ("tp", "pp", "dp", "ep"):
+        v = getattr(p, key)
+        need(v >= 1, f"parallel.{key}={v} must be >= 1.")
+        need(v <= 1, f"parallel.{key}={v}: this version of nano-train trains on one process only; "
+                     f"set parallel.{key}=1.")
+
+    for key in ("max_steps", "seq_len", "micro_batch_size", "grad_accum_steps", "eval_steps"):
+        need(getattr(t, key) > 0, f"train.{key}={getattr(t, key)} must be positive.")
+    need(t.eval_interval >= 0, f"train.eval_interval={t.eval_interval} must be >= 0 (0: evaluate at the end only).")
+    need(t.threads >= 0, f"train.threads={t.threads} must be >= 0 (0: PyTorch's default).")
+    need(bool(t.out_dir), "train.out_dir is empty: name a folder for the run's outputs.")
+
+    need(o.lr > 0, f"optimizer.lr={o.lr} must be positive.")
+    need(0 <= o.beta1 < 1 and 0 <= o.beta2 < 1, f"optimizer.beta1={o.beta1}, beta2={o.beta2} must be in [0, 1).")
+    need(o.eps > 0, f"optimizer.eps={o.eps} must be positive.")
+    need(o.weight_decay >= 0, f"optimizer.weight_decay={o.weight_decay} must be >= 0.")
+    need(o.grad_clip >= 0, f"optimizer.grad_clip={o.grad_clip} must be >= 0 (0 disables clipping).")
+
+    need(s.warmup_steps >= 0, f"schedule.warmup_steps={s.warmup_steps} must be >= 0.")
+    need(s.decay_steps >= 0, f"schedule.decay_steps={s.decay_steps} must be >= 0 (0: train.max_steps).")
+    need(0 <= s.min_lr <= o.lr, f"schedule.min_lr={s.min_lr} must be between 0 and optimizer.lr={o.lr}.")
+    decay_steps = s.decay_steps or t.max_steps
+    need(s.decay == "constant" or s.warmup_steps < decay_steps,
+         f"schedule.warmup_steps={s.warmup_steps} must be below the decay length ({decay_steps}): "
+         "shorten the warm-up or lengthen schedule.decay_steps.")
+
+    need(bool(d.path), "data.path is empty: point it at a .txt file or a folder of .txt files.")
+    need(0 < d.val_fraction < 1, f"data.val_fraction={d.val_fraction} must be in (0, 1).")
+    need(d.tokenizer != "bpe" or 256 < d.vocab_size <= 2**32 - 1,
+         f"data.vocab_size={d.vocab_size} is too small for byte-level BPE: it needs more than 256 "
+         "(the byte alphabet); 2048 to 32768 are usual.")
+
+    need(c.interval >= 0, f"checkpoint.interval={c.interval} must be >= 0 (0: save at the end only).")
+    need(c.keep_last >= 1, f"checkpoint.keep_last={c.keep_last} must be >= 1.")
+    need(lg.log_interval >= 1, f"logging.log_interval={lg.log_interval} must be >= 1.")
+    need(lg.peak_tflops >= 0, f"logging.peak_tflops={lg.peak_tflops} must be >= 0 (0: measure it).")
+
+    if errors:
+        raise ConfigError("invalid config:\n  - " + "\n  - ".join(errors))

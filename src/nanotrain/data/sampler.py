@@ -1,0 +1,50 @@
+"""Batches of random windows from a flat token array, a pure function of the step.
+
+nanoGPT draws random windows with torch.randint, so the batch at step s depends
+on everything that touched the RNG before it. Here the global batch at step s
+depends only on (seed, stream, s), with its own numpy generator and no mutable
+state. So:
+
+- a run resumed at step s sees exactly the batches the uninterrupted run would;
+- every data-parallel layout sees the same global batch: rank r just takes its
+  contiguous slice of rows (and micro-batches slice that further);
+- evaluation (another stream over the val tokens) sees the same fixed batches
+  every time: batch(0), ..., batch(eval_steps - 1).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from nanotrain.data.tokenizer import DataError
+
+
+class BatchSampler:
+    def __init__(self, tokens: np.ndarray, seq_len: int, batch_size: int, seed: int, stream: int = 0):
+        if len(tokens) < seq_len + 1:
+            raise DataError(f"{len(tokens):,} tokens are too few for one sequence of train.seq_len={seq_len} "
+                            f"(it needs seq_len + 1 = {seq_len + 1}): use a smaller train.seq_len or more text.")
+        if seed < 0 or stream < 0:
+            raise DataError(f"seed={seed} and stream={stream} must be >= 0: set train.seed to a non-negative integer.")
+        self.tokens = tokens
+        self.seq_len = seq_len
+        self.batch_size = batch_size
+        self.seed = seed
+        self.stream = stream
+        self.window = np.arange(seq_len + 1)  # x = window[:-1], y = window[1:]
+
+    def offsets(self, step: int) -> np.ndarray:
+        """Start offsets of the step's global batch, uniform in [0, len(tokens) - seq_len - 1]."""
+        rng = np.random.default_rng([self.seed, self.stream, step])
+        return rng.integers(0, len(self.tokens) - self.seq_len, size=self.batch_size)
+
+    def batch(self, step: int, rows: slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x, y) int64 [n_rows, seq_len] for the given rows of the step's global batch; y = x shifted by one.
+
+        Only the selected rows are read from the memmap, in one fancy-indexing
+        gather of a [rows, seq_len + 1] index, then one conversion to torch.
+        """
+        starts = self.offsets(step)[rows]
+        w = torch.from_numpy(self.tokens[starts[:, None] + self.window].astype(np.int64))
+        return w[:, :-1].contiguous(), w[:, 1:].contiguous()

@@ -1,0 +1,143 @@
+"""Layer primitives: Linear, Embedding, RMSNorm, LayerNorm, and layout-invariant init.
+
+Blocks (attention, MLP) are built only from these primitives, so a
+tensor-parallel variant (ColumnParallelLinear, RowParallelLinear,
+VocabParallelEmbedding) can stand in for one of them without touching the
+block: it keeps the same forward signature and declares which slice of the
+full ("logical") weight it holds through `Shard`.
+
+Layout-invariant initialisation (DESIGN, invariant 1): every parameter's
+*full* tensor is drawn from a generator seeded by (seed, logical name), then
+the local slice is copied in. A shard held by TP rank r is therefore
+bit-identical to the same slice of the single-process tensor, whatever the
+layout. (Megatron does the same with its "master weight" init followed by a
+split; torchtitan inits on meta and materialises DTensors.) Drawing the full
+tensor on every rank costs time and memory proportional to the full model,
+which is fine at the sizes this project trains.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Shard:
+    """This parameter holds slice `rank` of `world` equal parts of dim `dim` of the full tensor."""
+
+    dim: int
+    rank: int
+    world: int
+
+
+def _mark(p: nn.Parameter, init: str, std: float = 0.0, shard: Shard | None = None) -> nn.Parameter:
+    # Init recipe and sharding travel with the parameter, so init_parameters needs no
+    # knowledge of the module that owns it.
+    p.init_method = init  # "normal" | "ones" | "zeros"
+    p.init_std = std
+    p.shard = shard
+    return p
+
+
+class Linear(nn.Module):
+    """y = x W^T (+ b). Weight [out_features, in_features], initialised N(0, init_std)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, init_std: float = 0.02):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = _mark(nn.Parameter(torch.empty(out_features, in_features)), "normal", init_std)
+        self.bias = _mark(nn.Parameter(torch.empty(out_features)), "zeros") if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}"
+
+
+class Embedding(nn.Module):
+    """Token (or position) lookup table [num_embeddings, dim]."""
+
+    def __init__(self, num_embeddings: int, dim: int, init_std: float = 0.02):
+        super().__init__()
+        self.num_embeddings, self.dim = num_embeddings, dim
+        self.weight = _mark(nn.Parameter(torch.empty(num_embeddings, dim)), "normal", init_std)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.weight)
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * g  (Zhang & Sennrich 2019): LayerNorm without centring or bias."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = _mark(nn.Parameter(torch.empty(dim)), "ones")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+class LayerNorm(nn.Module):
+    """(x - mean) / std * g (+ b)  (Ba et al. 2016), bias optional as in nanoGPT."""
+
+    def __init__(self, dim: int, eps: float = 1e-5, bias: bool = False):
+        super().__init__()
+        self.eps = eps
+        self.weight = _mark(nn.Parameter(torch.empty(dim)), "ones")
+        self.bias = _mark(nn.Parameter(torch.empty(dim)), "zeros") if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps)
+
+
+def make_norm(kind: str, dim: int, eps: float, bias: bool = False) -> nn.Module:
+    return RMSNorm(dim, eps) if kind == "rmsnorm" else LayerNorm(dim, eps, bias)
+
+
+# ---------------------------------------------------------------------------
+# Layout-invariant initialisation
+# ---------------------------------------------------------------------------
+
+def param_seed(seed: int, name: str) -> int:
+    """A stable 63-bit seed from (run seed, logical parameter name). Python's hash() is salted per process."""
+    digest = hashlib.sha256(f"{seed}/{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def full_shape(p: nn.Parameter) -> tuple[int, ...]:
+    shape = list(p.shape)
+    if getattr(p, "shard", None) is not None:
+        shape[p.shard.dim] *= p.shard.world
+    return tuple(shape)
+
+
+def full_init_tensor(p: nn.Parameter, name: str, seed: int) -> torch.Tensor:
+    """The full (unsharded) initial value of parameter `name`, in fp32 on CPU."""
+    shape = full_shape(p)
+    method = getattr(p, "init_method", None)
+    if method == "normal":
+        g = torch.Generator().manual_seed(param_seed(seed, name))
+        return torch.randn(shape, generator=g) * p.init_std
+    if method == "ones":
+        return torch.ones(shape)
+    if method == "zeros":
+        return torch.zeros(shape)
+    raise ValueError(f"parameter {name} has no init recipe: build it with nanotrain.layers primitives")
+
+
+@torch.no_grad()
+def init_parameters(model: nn.Module, seed: int) -> None:
+    """Initialise every parameter from (seed, its logical name), then keep the local slice."""
+    for name, p in model.named_parameters():
+        full = full_init_tensor(p, name, seed)
+        if p.shard is not None:
+            size = p.shape[p.shard.dim]
+            full = full.narrow(p.shard.dim, p.shard.rank * size, size)
+        p.copy_(full)

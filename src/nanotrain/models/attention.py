@@ -1,0 +1,53 @@
+"""Causal multi-head self-attention with grouped-query attention (GQA) and RoPE.
+
+n_kv_heads == n_heads is classic multi-head attention; fewer KV heads
+(Ainslie et al. 2023) let groups of query heads share one key/value head,
+shrinking the KV cache. The softmax(QK^T/sqrt(d))V itself runs in PyTorch's
+fused scaled_dot_product_attention.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+from ..layers import Linear
+from .rope import apply_rope
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.n_kv_heads = cfg.n_kv_heads or cfg.n_heads
+        self.head_dim = cfg.d_model // cfg.n_heads
+        self.dropout = cfg.dropout
+        std = cfg.init_std
+        # Separate q/k/v projections (not one fused qkv matrix): with GQA their widths
+        # differ, and a tensor-parallel split then cuts each one by heads.
+        self.wq = Linear(cfg.d_model, self.n_heads * self.head_dim, cfg.bias, std)
+        self.wk = Linear(cfg.d_model, self.n_kv_heads * self.head_dim, cfg.bias, std)
+        self.wv = Linear(cfg.d_model, self.n_kv_heads * self.head_dim, cfg.bias, std)
+        # GPT-2's scaled init: residual-branch outputs shrink with depth so the
+        # residual stream's variance stays O(1) after 2*n_layers additions.
+        self.wo = Linear(self.n_heads * self.head_dim, cfg.d_model, cfg.bias, std / math.sqrt(2 * cfg.n_layers))
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        B, T, _ = x.shape
+        # Head counts come from the projection widths, so a projection that holds
+        # only some heads (tensor parallel) gives a block that computes only those.
+        q = self.wq(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # [B, H, T, hd]
+        k = self.wk(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # [B, Hkv, T, hd]
+        v = self.wv(x).view(B, T, -1, self.head_dim).transpose(1, 2)
+        if rope is not None:
+            cos, sin = rope
+            q, k = apply_rope(q, cos[:T], sin[:T]), apply_rope(k, cos[:T], sin[:T])
+        y = F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=q.shape[1] != k.shape[1],
+        )
+        return self.wo(y.transpose(1, 2).reshape(B, T, -1))

@@ -1,0 +1,111 @@
+"""TransformerModel: a pre-norm decoder (GPT-2 / Llama family), built only from blocks.
+
+    tokens -> embedding (+ learned positions) -> n_layers x Block -> norm -> head -> logits
+
+Block: x = x + attn(norm(x)); x = x + mlp(norm(x)). The options cover nanoGPT
+(layernorm, gelu, learned positions, tied embeddings) and Llama (rmsnorm,
+swiglu, rope, GQA) from one class.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+from ..layers import Embedding, Linear, init_parameters, make_norm
+from .attention import Attention
+from .mlp import make_mlp
+from .rope import rope_cache
+
+IGNORE_INDEX = -100  # targets equal to this take no part in the loss
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attn_norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias)
+        self.attn = Attention(cfg)
+        self.mlp_norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias)
+        self.mlp = make_mlp(cfg)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, rope) -> torch.Tensor:
+        x = x + self.dropout(self.attn(self.attn_norm(x), rope))
+        return x + self.dropout(self.mlp(self.mlp_norm(x)))
+
+
+class TransformerModel(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if cfg.vocab_size <= 0 or cfg.max_seq_len <= 0:
+            raise ValueError("resolve model.vocab_size and model.max_seq_len before building the model")
+        self.cfg = cfg
+        self.tok_emb = Embedding(cfg.vocab_size, cfg.d_model, cfg.init_std)
+        self.pos_emb = Embedding(cfg.max_seq_len, cfg.d_model, cfg.init_std) if cfg.pos_emb == "learned" else None
+        self.dropout = nn.Dropout(cfg.dropout)
+        # A ModuleDict keyed by the global layer index keeps parameter names
+        # ("layers.3.attn.wq.weight") the same when a pipeline stage holds only some layers.
+        self.layers = nn.ModuleDict({str(i): Block(cfg) for i in range(cfg.n_layers)})
+        self.norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias)
+        self.head = Linear(cfg.d_model, cfg.vocab_size, bias=False, init_std=cfg.init_std)
+        if cfg.tie_embeddings:
+            self.head.weight = self.tok_emb.weight  # one tensor, named tok_emb.weight
+        if cfg.pos_emb == "rope":
+            cos, sin = rope_cache(cfg.d_model // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        else:
+            self.rope_cos = self.rope_sin = None
+
+    def init_weights(self, seed: int) -> None:
+        init_parameters(self, seed)
+
+    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None,
+                loss_denominator: float | torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [batch, seq, vocab]; or, given targets, the loss.
+
+        The loss is sum(token cross-entropy) / loss_denominator. Training passes the
+        number of target tokens in the *whole global batch*, so summing the losses of
+        every micro-batch (and every data-parallel rank) gives the global mean,
+        whatever the layout (DESIGN, invariant 3). Left as None it is this batch's
+        own count, i.e. the plain mean.
+        """
+        T = input_ids.shape[1]
+        if T > self.cfg.max_seq_len:
+            raise ValueError(f"sequence of {T} tokens exceeds model.max_seq_len={self.cfg.max_seq_len}")
+        x = self.tok_emb(input_ids)
+        if self.pos_emb is not None:
+            x = x + self.pos_emb.weight[:T]
+        x = self.dropout(x)
+        rope = (self.rope_cos, self.rope_sin) if self.rope_cos is not None else None
+        for layer in self.layers.values():
+            x = layer(x, rope)
+        logits = self.head(self.norm(x))
+        if targets is None:
+            return logits
+        return cross_entropy_sum(logits, targets) / (
+            loss_denominator if loss_denominator is not None else count_targets(targets))
+
+    # -- sizes, for logging and MFU -------------------------------------------------
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def num_matmul_params(self) -> int:
+        """Parameters multiplied against activations: every Linear weight, including the
+        output head even when it is tied to the embedding (the lookup itself is not a
+        matmul). This N enters the 6N FLOPs per token."""
+        return sum(m.weight.numel() for m in self.modules() if isinstance(m, Linear))
+
+
+def cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    # Softmax in fp32 even under bf16 autocast: log-sum-exp over a large vocab loses
+    # too much precision in 8 mantissa bits.
+    return F.cross_entropy(logits.float().flatten(0, -2), targets.flatten(),
+                           ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def count_targets(targets: torch.Tensor) -> torch.Tensor:
+    return (targets != IGNORE_INDEX).sum().clamp(min=1)

@@ -1,0 +1,27 @@
+"""Monitoring: MFU accounting, metric sinks (console, JSONL, TensorBoard) and the loss plot."""
+
+from nanotrain.monitoring.mfu import measure_peak_flops, mfu, transformer_flops_per_token
+from nanotrain.monitoring.plot import plot_loss_curve
+from nanotrain.monitoring.sinks import (
+    ConsoleProgress,
+    JSONLSink,
+    MetricsLogger,
+    NullLogger,
+    TensorBoardSink,
+    build_logger,
+    tensorboard_tag,
+)
+
+__all__ = [
+    "ConsoleProgress",
+    "JSONLSink",
+    "MetricsLogger",
+    "NullLogger",
+    "TensorBoardSink",
+    "build_logger",
+    "measure_peak_flops",
+    "mfu",
+    "plot_loss_curve",
+    "tensorboard_tag",
+    "transformer_flops_per_token",
+]

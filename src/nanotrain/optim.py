@@ -1,0 +1,52 @@
+"""AdamW with decoupled weight decay on matrices only, and the learning-rate schedule.
+
+Decay pulls weights towards zero; on norms' gains and on biases that only
+fights the scale they exist to learn, so (as in GPT-2/nanoGPT/Megatron) only
+tensors with two or more dimensions (linear weights, embeddings) decay.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .config import OptimizerConfig, ScheduleConfig
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_adamw(model: nn.Module, cfg: OptimizerConfig, device: torch.device) -> torch.optim.AdamW:
+    # "fused" runs the whole update in one kernel per dtype/device (CPU and CUDA in
+    # torch >= 2.4); "foreach" batches the tensors through multi-tensor ops; "loop"
+    # is the reference per-parameter loop. All three compute the same update.
+    impl = cfg.impl
+    if impl == "auto":
+        impl = "fused"
+    kwargs = {"fused": True} if impl == "fused" else {"foreach": impl == "foreach"}
+    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
+                             betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, **kwargs)
+
+
+def lr_at(step: int, opt: OptimizerConfig, sched: ScheduleConfig, max_steps: int) -> float:
+    """Learning rate for optimizer step `step` (0-based): linear warm-up from 0, then
+    cosine or linear decay to min_lr at decay_steps, then min_lr (nanoGPT's get_lr)."""
+    if step < sched.warmup_steps:
+        return opt.lr * (step + 1) / (sched.warmup_steps + 1)
+    if sched.decay == "constant":
+        return opt.lr
+    decay_steps = sched.decay_steps or max_steps
+    if step >= decay_steps:
+        return sched.min_lr
+    progress = (step - sched.warmup_steps) / (decay_steps - sched.warmup_steps)
+    if sched.decay == "cosine":
+        coeff = 0.5 * (1.0 + math.cos(math.pi * progress))
+    else:
+        coeff = 1.0 - progress
+    return sched.min_lr + coeff * (opt.lr - sched.min_lr)

@@ -1,0 +1,111 @@
+"""The contracts between the RuntimeEngine and the pieces it orchestrates.
+
+The engine owns the step loop and nothing else; each piece below is swappable
+(a new model family, a data source, a sharded optimizer, a checkpoint format)
+without editing the loop. Entry points (`nanotrain train`, examples/) only
+choose components and call `RuntimeEngine(cfg, components).run()`.
+
+    bootstrap.setup(cfg)            -> RuntimeContext   (device, ranks, precision, out_dir)
+    data.build(ctx)                 -> TrainData        (tokenizer, batches by step, val batches)
+    model.build(ctx, vocab_size)    -> nn.Module        (initialised, on ctx.device)
+    optimizer.build(ctx, model)     -> OptimizerState   (step(lr) with clipping; state_dict)
+    schedule.build(ctx)             -> LRSchedule       (lr(step))
+    checkpoint.build(ctx)           -> CheckpointManager
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Protocol
+
+import torch
+from torch import nn
+
+from ..checkpoint import CheckpointManager
+from ..config import Config
+
+
+@dataclass
+class RuntimeContext:
+    """What every component may know about where and how the run executes."""
+
+    cfg: Config  # resolved: model.vocab_size and model.max_seq_len filled in once data is known
+    device: torch.device
+    out_dir: Path
+    autocast_dtype: torch.dtype | None = None  # None: compute in fp32
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+
+class TrainData(Protocol):
+    tokenizer: Any
+    vocab_size: int
+    tokens_per_step: int  # tokens in one global batch
+
+    def micro_batches(self, step: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """This process's micro-batches (inputs, targets) of the global batch at `step`."""
+
+    def val_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The fixed validation batches (the same ones at every evaluation)."""
+
+
+class OptimizerState(Protocol):
+    def step(self, lr: float) -> dict[str, float]:
+        """Clip, set the learning rate, update, zero the gradients; return metrics (grad_norm)."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class Bootstrap(Protocol):
+    def setup(self, cfg: Config) -> RuntimeContext: ...
+
+    def teardown(self, ctx: RuntimeContext) -> None: ...
+
+
+class DataProvider(Protocol):
+    def build(self, ctx: RuntimeContext) -> TrainData: ...
+
+
+class ModelProvider(Protocol):
+    def build(self, ctx: RuntimeContext) -> nn.Module: ...
+
+
+class OptimizerRuntime(Protocol):
+    def build(self, ctx: RuntimeContext, model: nn.Module) -> OptimizerState: ...
+
+
+class LRSchedule(Protocol):
+    def lr(self, step: int) -> float: ...
+
+
+class ScheduleProvider(Protocol):
+    def build(self, ctx: RuntimeContext) -> LRSchedule: ...
+
+
+class CheckpointProvider(Protocol):
+    def build(self, ctx: RuntimeContext) -> CheckpointManager: ...
+
+
+@dataclass
+class RuntimeComponents:
+    """One implementation of each contract. `default_components()` gives the standard set."""
+
+    bootstrap: Bootstrap
+    data: DataProvider
+    model: ModelProvider
+    optimizer: OptimizerRuntime
+    schedule: ScheduleProvider
+    checkpoint: CheckpointProvider

@@ -1,0 +1,194 @@
+"""RuntimeEngine: the training loop, and only the training loop.
+
+    run():  setup -> data -> model -> optimizer -> schedule -> checkpoint/resume
+            -> for step in [start, max_steps): train_step, log, eval, save
+            -> final eval, final save, loss-curve plot -> teardown
+
+What happens inside each piece (which model, which parallelism, which
+optimizer sharding) belongs to the components (runtime/contracts.py); the
+engine is the same for one process and for a 4D layout.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..checkpoint import check_compatible
+from ..config import Config, ConfigError
+from ..monitoring import build_logger, measure_peak_flops, mfu, plot_loss_curve, transformer_flops_per_token
+from .components import default_components, write_run_config
+from .contracts import RuntimeComponents, RuntimeContext, TrainData
+
+
+@dataclass
+class RunResult:
+    out_dir: Path
+    losses: dict[int, float] = field(default_factory=dict)  # step (1-based count of updates) -> train loss
+    val_losses: dict[int, float] = field(default_factory=dict)
+    final_step: int = 0
+    tokens_per_s: float = 0.0  # mean over the run's training time (evals and saves excluded)
+    train_time_s: float = 0.0
+
+
+def resolve_model_config(cfg: Config, vocab_size: int) -> None:
+    """Fill the model sizes that come from the data: vocab (from the tokenizer) and context length."""
+    m = cfg.model
+    if m.vocab_size == 0:
+        m.vocab_size = vocab_size
+    elif m.vocab_size < vocab_size:
+        raise ConfigError(f"model.vocab_size={m.vocab_size} is smaller than the tokenizer's vocabulary "
+                          f"({vocab_size}): set model.vocab_size=0 to take it from the tokenizer.")
+    if m.max_seq_len == 0:
+        m.max_seq_len = cfg.train.seq_len
+
+
+class RuntimeEngine:
+    def __init__(self, cfg: Config, components: RuntimeComponents | None = None):
+        self.cfg = cfg
+        self.c = components or default_components()
+
+    # -- one optimizer step --------------------------------------------------------
+
+    def train_step(self, step: int, model: nn.Module, data: TrainData, opt, lr: float,
+                   ctx: RuntimeContext) -> tuple[torch.Tensor, dict]:
+        batches = data.micro_batches(step)
+        # DESIGN invariant 3: every micro-batch's summed loss is divided by the target
+        # count of the whole global batch, so the accumulated gradient is the gradient
+        # of the global mean loss however the batch is split.
+        denom = sum((y != -100).sum() for _, y in batches).clamp(min=1)
+        total = torch.zeros((), device=ctx.device)
+        for x, y in batches:
+            with ctx.autocast():
+                loss = model(x, y, loss_denominator=denom)
+            loss.backward()
+            total += loss.detach()
+        return total, opt.step(lr)
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, data: TrainData, ctx: RuntimeContext) -> float:
+        model.eval()
+        losses = []
+        for x, y in data.val_batches():
+            with ctx.autocast():
+                losses.append(model(x, y))
+        model.train()
+        return torch.stack(losses).mean().item()
+
+    # -- the run -----------------------------------------------------------------------
+
+    def run(self) -> RunResult:
+        ctx = self.c.bootstrap.setup(self.cfg)
+        try:
+            return self._run(ctx)
+        finally:
+            self.c.bootstrap.teardown(ctx)
+
+    def _run(self, ctx: RuntimeContext) -> RunResult:
+        cfg = ctx.cfg
+        t_cfg, log_cfg = cfg.train, cfg.logging
+        ckpt = self.c.checkpoint.build(ctx)
+        resume_path = ckpt.resolve(cfg.checkpoint.resume) if cfg.checkpoint.resume else None  # fail fast
+
+        data = self.c.data.build(ctx)
+        resolve_model_config(cfg, data.vocab_size)
+        model = self.c.model.build(ctx)
+        opt = self.c.optimizer.build(ctx, model)
+        schedule = self.c.schedule.build(ctx)
+
+        start = 0
+        if resume_path is not None:
+            start = self._resume(resume_path, ckpt, model, opt, ctx)
+        if ctx.is_main:
+            write_run_config(ctx)
+
+        flops_per_token = transformer_flops_per_token(model.num_matmul_params(), cfg.model.n_layers,
+                                                      cfg.model.d_model, t_cfg.seq_len)
+        peak = log_cfg.peak_tflops * 1e12 or measure_peak_flops(ctx.device, ctx.autocast_dtype or torch.float32)
+        logger = build_logger(log_cfg, ctx.out_dir, t_cfg.max_steps, start, ctx.rank)
+        logger.message(f"model: {model.num_params() / 1e6:.2f}M parameters, {flops_per_token / 1e6:.1f} MFLOP/token; "
+                       f"{data.tokens_per_step} tokens/step; device {ctx.device}, precision {cfg.precision.recipe}, "
+                       f"peak {peak / 1e12:.2f} TFLOP/s" + (f"; resumed at step {start}" if start else ""))
+
+        result = RunResult(out_dir=ctx.out_dir, final_step=start)
+        pending: list[tuple[int, torch.Tensor, float, torch.Tensor]] = []
+        mark, mark_step, train_time = time.perf_counter(), start, 0.0
+        val_loss = None
+        model.train()
+        for step in range(start, t_cfg.max_steps):
+            lr = schedule.lr(step)
+            loss, stats = self.train_step(step, model, data, opt, lr, ctx)
+            done = step + 1
+            pending.append((done, loss, lr, stats["grad_norm"]))
+
+            is_last = done == t_cfg.max_steps
+            is_eval = is_last or (t_cfg.eval_interval and done % t_cfg.eval_interval == 0)
+            is_save = (cfg.checkpoint.interval and done % cfg.checkpoint.interval == 0) or \
+                (is_last and cfg.checkpoint.save_final)
+            if done % log_cfg.log_interval == 0 or is_eval or is_save:
+                # Read all pending losses with one host sync, then time the interval
+                # up to here: evals and saves below fall outside the measured time.
+                values = torch.stack([torch.stack([p[1], p[3]]) for p in pending]).tolist()
+                now = time.perf_counter()
+                dt = (now - mark) / (done - mark_step)
+                train_time += now - mark
+                tokens_per_s = data.tokens_per_step / dt
+                for (s, _, _, _), (loss_v, _) in zip(pending, values):
+                    result.losses[s] = loss_v
+                loss_v, norm_v = values[-1]
+                if not math.isfinite(loss_v):
+                    raise FloatingPointError(f"loss became {loss_v} at step {done}: lower optimizer.lr, "
+                                             "enable optimizer.grad_clip, or resume from an earlier checkpoint.")
+                logger.log(done, {"loss": loss_v, "lr": lr, "grad_norm": norm_v,
+                                  "tokens_per_s": tokens_per_s, "mfu": mfu(tokens_per_s, flops_per_token, peak),
+                                  "step_ms": dt * 1e3, "tokens": done * data.tokens_per_step})
+                pending.clear()
+                if is_eval:
+                    val_loss = self.evaluate(model, data, ctx)
+                    result.val_losses[done] = val_loss
+                    logger.log(done, {"val_loss": val_loss})
+                if is_save:
+                    path = self._save(done, ckpt, model, opt, data, ctx, val_loss)
+                    logger.message(f"saved checkpoint {path}")
+                mark, mark_step = time.perf_counter(), done
+            result.final_step = done
+
+        logger.close()
+        if ctx.is_main and log_cfg.plot and (ctx.out_dir / "metrics.jsonl").exists():
+            plot_loss_curve(ctx.out_dir / "metrics.jsonl", ctx.out_dir / "loss.png",
+                            title=f"{Path(cfg.data.path).stem} · {cfg.model.n_layers}L {cfg.model.d_model}d")
+        result.train_time_s = train_time
+        steps_run = result.final_step - start
+        result.tokens_per_s = steps_run * data.tokens_per_step / train_time if train_time else 0.0
+        return result
+
+    # -- checkpoints ---------------------------------------------------------------
+
+    def _state(self, model, opt, data, ctx, val_loss) -> dict:
+        rng = {"torch": torch.get_rng_state()}
+        if ctx.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(ctx.device)
+        return {"model": model.state_dict(), "optimizer": opt.state_dict(), "rng": rng,
+                "config": ctx.cfg.to_dict(), "tokenizer": data.tokenizer.to_json(), "val_loss": val_loss}
+
+    def _save(self, step, ckpt, model, opt, data, ctx, val_loss) -> Path:
+        return ckpt.save(step, self._state(model, opt, data, ctx, val_loss))
+
+    def _resume(self, path: Path, ckpt, model, opt, ctx: RuntimeContext) -> int:
+        state = ckpt.load(str(path))
+        check_compatible(state["config"], ctx.cfg.to_dict(), path)
+        step = state["step"]
+        if step >= ctx.cfg.train.max_steps:
+            raise ConfigError(f"checkpoint {path} is at step {step}, already at train.max_steps="
+                              f"{ctx.cfg.train.max_steps}: raise train.max_steps to train further.")
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if "cuda" in state["rng"] and ctx.device.type == "cuda":
+            torch.cuda.set_rng_state(state["rng"]["cuda"], ctx.device)
+        return step
