@@ -27,7 +27,7 @@ data: setup
 # The default demo: train the nanoGPT-sized character model on tiny Shakespeare, then sample from it.
 train: data
 	$(PY) -m nanotrain train --config $(CONFIG) $(ARGS)
-	$(PY) -m nanotrain sample --checkpoint runs/shakespeare_char --prompt "ROMEO:" --max-new-tokens 300
+	$(PY) -m nanotrain sample --config $(CONFIG) --prompt "ROMEO:" --max-new-tokens 300
 
 test: data
 	$(PY) -m pytest -q $(ARGS)

@@ -37,9 +37,15 @@ def cmd_prepare(args, overrides) -> int:
 def cmd_sample(args, overrides) -> int:
     from .sample import sample_text
 
-    if overrides:
-        raise ConfigError(f"sample takes no config overrides, got {' '.join(overrides)}")
-    texts = sample_text(args.checkpoint, args.prompt, args.max_new_tokens, args.temperature, args.top_k,
+    if args.checkpoint:
+        if overrides:
+            raise ConfigError(f"config overrides ({' '.join(overrides)}) only apply with --config")
+        path = args.checkpoint
+    elif args.config:
+        path = _config(args, overrides).train.out_dir  # the newest checkpoint of that run
+    else:
+        raise ConfigError("sample needs --checkpoint PATH or --config FILE (to use that run's latest checkpoint)")
+    texts = sample_text(path, args.prompt, args.max_new_tokens, args.temperature, args.top_k,
                         args.seed, args.num_samples, args.device)
     for i, text in enumerate(texts):
         if len(texts) > 1:
@@ -59,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--config", help="TOML config file (see configs/); defaults apply where omitted")
         s.set_defaults(fn=fn)
     s = sub.add_parser("sample", help="generate text from a checkpoint")
-    s.add_argument("--checkpoint", required=True, help="checkpoint folder, its state.pt, or a run's out_dir")
+    s.add_argument("--checkpoint", help="checkpoint folder, its state.pt, or a run's out_dir")
+    s.add_argument("--config", help="instead of --checkpoint: sample from the latest checkpoint of this config's run")
     s.add_argument("--prompt", default="", help="text to continue (default: a newline)")
     s.add_argument("--max-new-tokens", type=int, default=200)
     s.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")

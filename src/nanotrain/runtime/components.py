@@ -108,7 +108,7 @@ class AdamWState:
 
     def step(self, lr: float) -> dict[str, float | torch.Tensor]:
         # clip_grad_norm_ returns the norm *before* clipping; with max_norm=inf it only measures.
-        norm = torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip or float("inf"), foreach=True)
+        norm = torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip or float("inf"))
         for group in self.opt.param_groups:
             group["lr"] = lr
         self.opt.step()

@@ -1,0 +1,64 @@
+"""nano-train vs nanoGPT on nanoGPT's documented CPU run, same machine, same process.
+
+    python bench/nanogpt.py [--steps 2000] [--skip-fp32]
+
+Runs, one after the other:
+  1. nanoGPT's train.py for the README's CPU command (bench/nanogpt_ref.py re-implements it: fp32),
+  2. `nanotrain train --config configs/shakespeare_char.toml` in bf16 (its default),
+  3. the same in fp32,
+and prints wall time (whole run: data, evals, checkpoints included), step time
+and final val loss of each, with ratios against nanoGPT.
+
+Targets (issue 2): nano-train's val loss <= 1.88 and wall time <= nanoGPT's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+
+from common import ROOT, table
+
+import torch
+
+from nanogpt_ref import prepare_char_data, run_nanogpt
+from nanotrain.config import load_config
+from nanotrain.runtime import RuntimeEngine
+
+
+def run_ours(steps: int, recipe: str, out_dir: str) -> dict:
+    cfg = load_config(ROOT / "configs/shakespeare_char.toml", [
+        f"--train.max_steps={steps}", f"--precision.recipe={recipe}", f"--train.out_dir={out_dir}",
+        f"--data.path={ROOT / 'data/tinyshakespeare.txt'}", "--logging.progress=plain",
+        "--logging.log_interval=250", "--logging.tensorboard=true"])
+    t0 = time.perf_counter()
+    result = RuntimeEngine(cfg).run()
+    wall = time.perf_counter() - t0
+    return {"wall_s": wall, "val_loss": result.val_losses[max(result.val_losses)],
+            "iter_ms": result.train_time_s / steps * 1e3}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--steps", type=int, default=2000)
+    ap.add_argument("--skip-fp32", action="store_true")
+    args = ap.parse_args()
+    tmp = tempfile.mkdtemp(prefix="nanotrain-vs-nanogpt-")
+
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    ref = run_nanogpt(prepare_char_data(str(ROOT / "data/tinyshakespeare.txt"), f"{tmp}/nanogpt"),
+                      max_iters=args.steps, quiet=True)
+    runs = {"nanoGPT (fp32, reference)": ref, "nano-train bf16": run_ours(args.steps, "bf16", f"{tmp}/bf16")}
+    if not args.skip_fp32:
+        runs["nano-train fp32"] = run_ours(args.steps, "fp32", f"{tmp}/fp32")
+
+    rows = [[name, r["wall_s"], r["wall_s"] / ref["wall_s"], r["iter_ms"], r["val_loss"]] for name, r in runs.items()]
+    print()
+    print(table(rows, ["", "wall s", "wall / nanoGPT", "step ms", f"val loss @ {args.steps}"]))
+    print("\nnanoGPT's val loss averages 20 random val batches of 12 (its eval_iters=20); nano-train's averages "
+          "50 fixed val batches of 12.")
+
+
+if __name__ == "__main__":
+    main()
