@@ -31,8 +31,11 @@ def _probe(device_type: str, device_index: int | None, dtype: torch.dtype, threa
     # Big enough to be compute-bound, small enough that one matmul is a few ms:
     # 1024 saturates a CPU core's GEMM kernels; a GPU needs 4096 to fill its SMs.
     n = 4096 if device.type == "cuda" else 1024
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
+    # A private generator: drawing from the global RNG would shift the dropout masks
+    # of a run that probes after restoring its RNG state, breaking bit-exact resume.
+    g = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=g)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=g)
     c = torch.empty(n, n, device=device, dtype=dtype)
     # Warm-up: first calls pay for library init, kernel selection, clock ramp-up.
     for _ in range(2 if device.type == "cpu" else 10):

@@ -136,7 +136,7 @@ class ConsoleProgress:
         # ETA reference point: the first log call. Steps before it include one-off
         # costs (allocator warm-up, compilation, first data loads) that would skew the average.
         self._ref: tuple[int, float] | None = None
-        self._live = None
+        self._live, self._last_loss = None, None
         if mode == "rich":
             from rich.live import Live
             # A rich Live display of one row (label, bar, numbers) rather than
@@ -144,16 +144,22 @@ class ConsoleProgress:
             # table on each redraw, ~0.3 ms more per log call on a slow CPU.
             # auto_refresh=False: no background render thread competing with
             # training for CPU; we redraw when we log, every log_interval steps.
-            self._live = Live(self._bar(start_step, ""), auto_refresh=False)
+            self._live = Live(self._bar(start_step, None, None), auto_refresh=False)
             self._live.start()
 
-    def _bar(self, step: int, info: str):
+    def _bar(self, step: int, loss: float | None, eta: float | None):
         from rich.progress_bar import ProgressBar
         from rich.table import Table
         from rich.text import Text
+        # Short, one line, never wrapped: the full numbers scroll above it, and
+        # wrapping text is the costliest thing rich does on a redraw.
+        info = f"{step}/{self.total}"
+        if loss is not None:
+            info += f" | loss {loss:.4f}"
+        info += f" | ETA {_fmt_duration(eta) if eta is not None else '?'}"
         row = Table.grid(padding=(0, 1))
-        row.add_row(Text("train", style="bold"), ProgressBar(total=self.total, completed=step, width=30),
-                    Text(info))
+        row.add_row(Text("train", style="bold"), ProgressBar(total=self.total, completed=step, width=25),
+                    Text(info, no_wrap=True, overflow="ellipsis"))
         return row
 
     def _eta(self, step: int) -> float | None:
@@ -169,7 +175,7 @@ class ConsoleProgress:
             return None
         return elapsed / done * max(self.total - step, 0)
 
-    def _line(self, step: int, m: dict[str, Any]) -> str:
+    def _line(self, step: int, m: dict[str, Any], eta: float | None) -> str:
         parts = [f"step {step:>{len(str(self.total))}}/{self.total}"]
         if "loss" in m:
             parts.append(f"loss {m['loss']:.4f}")
@@ -181,20 +187,22 @@ class ConsoleProgress:
             parts.append(f"{_fmt_count(m['tokens_per_s'])} tok/s")
         if "mfu" in m:
             parts.append(f"MFU {100 * m['mfu']:.1f}%")
-        eta = self._eta(step)
         parts.append(f"ETA {_fmt_duration(eta) if eta is not None else '?'}")
         return " | ".join(parts)
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         if self.mode == "none":
             return
-        line = self._line(step, metrics)
+        eta = self._eta(step)
+        line = self._line(step, metrics, eta)
         if self._live is None:
             print(line, flush=True)
             return
+        if "loss" in metrics:
+            self._last_loss = metrics["loss"]  # keep showing it on eval-only calls
         # Swap the bar without drawing it: console.print below scrolls the line
         # above the live bar and redraws the bar with it, one render per call.
-        self._live.update(self._bar(step, line), refresh=False)
+        self._live.update(self._bar(step, self._last_loss, eta), refresh=False)
         self._live.console.print(line, markup=False, highlight=False)
 
     def message(self, text: str) -> None:
