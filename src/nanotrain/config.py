@@ -59,6 +59,10 @@ class PrecisionConfig:
     # fp32: everything in fp32. bf16: parameters and optimizer in fp32, matmuls
     # under torch.autocast(bfloat16) (no loss scaling needed: bf16 has fp32's range).
     recipe: Literal["fp32", "bf16"] = "bf16"
+    # dtype of RoPE + softmax(QK^T)V under bf16. auto: fp32 on CPU (PyTorch's bf16
+    # flash-attention backward is ~3x slower than fp32 on CPUs without AMX; measured in
+    # docs/performance.md), the autocast dtype on CUDA (flash attention's fast path).
+    attention: Literal["auto", "fp32", "autocast"] = "auto"
 
 
 @dataclass

@@ -106,3 +106,19 @@ def test_gqa_matches_repeated_kv_heads():
                 getattr(mha.layers[i].attn, name).weight.copy_(w.repeat_interleave(2, dim=0).reshape(32, 32))
     x = torch.randint(0, 50, (2, 16))
     torch.testing.assert_close(gqa(x), mha(x), rtol=1e-5, atol=1e-5)
+
+
+def test_attention_core_dtype_policy():
+    """core_dtype=fp32 under bf16 autocast: outputs stay bf16-level close to the fp32 model; with
+    no autocast, the fp32 model is untouched (the core never turns autocast on by itself)."""
+    model = tiny(**VARIANTS["llama"])
+    x = torch.randint(0, 50, (2, 16))
+    ref = model(x)
+    for mod in model.modules():
+        if hasattr(mod, "core_dtype"):
+            mod.core_dtype = torch.float32
+    assert torch.equal(model(x), ref)  # fp32 run: identical
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref, rtol=0.05, atol=0.05)

@@ -4,10 +4,16 @@ n_kv_heads == n_heads is classic multi-head attention; fewer KV heads
 (Ainslie et al. 2023) let groups of query heads share one key/value head,
 shrinking the KV cache. The softmax(QK^T/sqrt(d))V itself runs in PyTorch's
 fused scaled_dot_product_attention.
+
+`core_dtype` lets the precision policy run RoPE and the attention core in a
+dtype other than the surrounding autocast one. On CPUs without AMX, PyTorch's
+bf16 flash-attention backward is ~3x slower than its fp32 one, so the
+"auto" policy keeps the core in fp32 there (see runtime/components.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -26,6 +32,7 @@ class Attention(nn.Module):
         self.n_kv_heads = cfg.n_kv_heads or cfg.n_heads
         self.head_dim = cfg.d_model // cfg.n_heads
         self.dropout = cfg.dropout
+        self.core_dtype: torch.dtype | None = None  # None: whatever autocast gives the projections
         std = cfg.init_std
         # Separate q/k/v projections (not one fused qkv matrix): with GQA their widths
         # differ, and a tensor-parallel split then cuts each one by heads.
@@ -43,11 +50,17 @@ class Attention(nn.Module):
         q = self.wq(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # [B, H, T, hd]
         k = self.wk(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # [B, Hkv, T, hd]
         v = self.wv(x).view(B, T, -1, self.head_dim).transpose(1, 2)
+        out_dtype = v.dtype
+        if self.core_dtype is not None:
+            q, k, v = q.to(self.core_dtype), k.to(self.core_dtype), v.to(self.core_dtype)
         if rope is not None:
-            cos, sin = rope
-            q, k = apply_rope(q, cos[:T], sin[:T]), apply_rope(k, cos[:T], sin[:T])
-        y = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0,
-            enable_gqa=q.shape[1] != k.shape[1],
-        )
-        return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+            cos, sin = rope[0][:T].to(q.dtype), rope[1][:T].to(q.dtype)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        # With a core dtype, autocast must be off here: it would cast q, k, v back down.
+        no_autocast = torch.autocast(x.device.type, enabled=False)
+        with no_autocast if self.core_dtype is not None else contextlib.nullcontext():
+            y = F.scaled_dot_product_attention(
+                q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0,
+                enable_gqa=q.shape[1] != k.shape[1],
+            )
+        return self.wo(y.to(out_dtype).transpose(1, 2).reshape(B, T, -1))

@@ -25,5 +25,5 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [batch, heads, seq, head_dim]; cos/sin [seq, head_dim] for the positions of x."""
-    return (x * cos + rotate_half(x) * sin).to(x.dtype)
+    """x [batch, heads, seq, head_dim]; cos/sin [seq, head_dim] for the positions of x, in x's dtype."""
+    return x * cos + rotate_half(x) * sin

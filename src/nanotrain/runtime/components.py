@@ -15,6 +15,7 @@ from ..checkpoint import CheckpointManager
 from ..config import Config
 from ..data import BatchSampler, prepare_data
 from ..models import build_model
+from ..models.attention import Attention
 from ..optim import build_adamw, lr_at
 from .contracts import RuntimeComponents, RuntimeContext
 
@@ -89,12 +90,26 @@ class TokenDataProvider:
             eval_steps=t.eval_steps, device=ctx.device)
 
 
+def attention_core_dtype(ctx: RuntimeContext) -> torch.dtype | None:
+    """The precision policy's dtype for the attention core (None: follow autocast)."""
+    choice = ctx.cfg.precision.attention
+    if ctx.autocast_dtype is None or choice == "autocast":
+        return None
+    if choice == "auto" and ctx.device.type == "cuda":
+        return None
+    return torch.float32
+
+
 class TransformerProvider:
     """Build the model named by model.arch, initialise it from (seed, parameter names), move it."""
 
     def build(self, ctx: RuntimeContext) -> nn.Module:
         model = build_model(ctx.cfg.model)
         model.init_weights(ctx.cfg.train.seed)
+        core = attention_core_dtype(ctx)
+        for module in model.modules():
+            if isinstance(module, Attention):
+                module.core_dtype = core
         return model.to(ctx.device)
 
 
