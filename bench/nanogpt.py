@@ -4,8 +4,10 @@
 
 Runs, one after the other:
   1. nanoGPT's train.py for the README's CPU command (bench/nanogpt_ref.py re-implements it: fp32),
-  2. `nanotrain train --config configs/shakespeare_char.toml` in bf16 (its default),
+  2. `nanotrain train --config configs/shakespeare_char.toml` in bf16 (its default; Llama layout),
   3. the same in fp32,
+  4. the same recipe in nanoGPT's own GPT-2 layout (LayerNorm, GELU, learned positions), bf16:
+     the like-for-like model,
 and prints wall time (whole run: data, evals, checkpoints included), step time
 and final val loss of each, with ratios against nanoGPT.
 
@@ -27,8 +29,11 @@ from nanotrain.config import load_config
 from nanotrain.runtime import RuntimeEngine
 
 
-def run_ours(steps: int, recipe: str, out_dir: str) -> dict:
-    cfg = load_config(ROOT / "configs/shakespeare_char.toml", [
+GPT2_LAYOUT = ["--model.norm=layernorm", "--model.mlp=gelu", "--model.pos_emb=learned"]
+
+
+def run_ours(steps: int, recipe: str, out_dir: str, extra: list[str] = ()) -> dict:
+    cfg = load_config(ROOT / "configs/shakespeare_char.toml", [*extra,
         f"--train.max_steps={steps}", f"--precision.recipe={recipe}", f"--train.out_dir={out_dir}",
         f"--data.path={ROOT / 'data/tinyshakespeare.txt'}", "--logging.progress=plain",
         "--logging.log_interval=250", "--logging.tensorboard=true"])
@@ -52,6 +57,7 @@ def main() -> None:
     runs = {"nanoGPT (fp32, reference)": ref, "nano-train bf16": run_ours(args.steps, "bf16", f"{tmp}/bf16")}
     if not args.skip_fp32:
         runs["nano-train fp32"] = run_ours(args.steps, "fp32", f"{tmp}/fp32")
+    runs["nano-train bf16, nanoGPT's GPT-2 layout"] = run_ours(args.steps, "bf16", f"{tmp}/gpt2", GPT2_LAYOUT)
 
     rows = [[name, r["wall_s"], r["wall_s"] / ref["wall_s"], r["iter_ms"], r["val_loss"]] for name, r in runs.items()]
     print()
