@@ -447,6 +447,7 @@ def run_nanogpt(data_dir: str, max_iters: int = 2000, eval_interval: int = 250,
         "last_eval_iter": last_eval_iter,
         "iters": len(train_losses),
         "evals": n_evals,
+        "model": model,  # the trained model, so a caller can evaluate it on its own batches
     }
 
 

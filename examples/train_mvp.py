@@ -1,0 +1,36 @@
+"""The smallest complete training script: assemble the engine from its components and run it.
+
+    python examples/train_mvp.py --config configs/shakespeare_char.toml --train.max_steps=200
+
+Each component is one contract from nanotrain/runtime/contracts.py. To train a
+different model, read a different data source or shard the optimizer, pass
+your own object in its slot; the step loop in RuntimeEngine stays as it is.
+"""
+
+import sys
+
+from nanotrain.config import load_config
+from nanotrain.runtime import RuntimeComponents, RuntimeEngine
+from nanotrain.runtime.components import (AdamWRuntime, LocalBootstrap, LocalCheckpoints, TokenDataProvider,
+                                          TransformerProvider, WarmupDecaySchedule)
+
+
+def main(argv: list[str]) -> None:
+    config_path = None
+    if len(argv) >= 2 and argv[0] == "--config":
+        config_path, argv = argv[1], argv[2:]
+    cfg = load_config(config_path, argv)
+    components = RuntimeComponents(
+        bootstrap=LocalBootstrap(),        # device, threads, seed, precision, out_dir
+        data=TokenDataProvider(),          # prepared token files -> batches by step
+        model=TransformerProvider(),       # TransformerModel, initialised from (seed, names)
+        optimizer=AdamWRuntime(),          # AdamW + global-norm clipping
+        schedule=WarmupDecaySchedule(),    # warm-up, then cosine/linear decay
+        checkpoint=LocalCheckpoints(),     # atomic saves, keep last N
+    )
+    result = RuntimeEngine(cfg, components).run()
+    print(f"final val loss {result.val_losses[max(result.val_losses)]:.4f}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
