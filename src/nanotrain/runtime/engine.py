@@ -36,6 +36,33 @@ class RunResult:
     train_time_s: float = 0.0
 
 
+class StepMeter:
+    """Per-step losses kept on the device until a report reads them all with one host sync
+    (on CUDA an .item() per step would stall the launch queue), and the training time
+    between reports."""
+
+    def __init__(self, start_step: int):
+        self.pending: list[tuple[int, torch.Tensor]] = []
+        self.mark, self.mark_step, self.train_time = time.perf_counter(), start_step, 0.0
+
+    def add(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
+        self.pending.append((step, torch.stack([loss, grad_norm.to(loss)])))
+
+    def flush(self, step: int) -> tuple[dict[int, float], float, float]:
+        """({step: loss} since the last flush, grad norm at `step`, seconds per step)."""
+        values = torch.stack([v for _, v in self.pending]).tolist()
+        now = time.perf_counter()
+        step_s = (now - self.mark) / (step - self.mark_step)
+        self.train_time += now - self.mark
+        losses = {s: v[0] for (s, _), v in zip(self.pending, values)}
+        self.pending.clear()
+        self.mark, self.mark_step = now, step
+        return losses, values[-1][1], step_s
+
+    def restart(self) -> None:
+        self.mark = time.perf_counter()
+
+
 def resolve_model_config(cfg: Config, vocab_size: int) -> None:
     """Fill the model sizes that come from the data: vocab (from the tokenizer) and context length."""
     m = cfg.model
@@ -116,55 +143,48 @@ class RuntimeEngine:
                        f"peak {peak / 1e12:.2f} TFLOP/s" + (f"; resumed at step {start}" if start else ""))
 
         result = RunResult(out_dir=ctx.out_dir, final_step=start)
-        pending: list[tuple[int, torch.Tensor, float, torch.Tensor]] = []
-        mark, mark_step, train_time = time.perf_counter(), start, 0.0
+        meter = StepMeter(start)
         val_loss = None
         model.train()
-        for step in range(start, t_cfg.max_steps):
-            lr = schedule.lr(step)
-            loss, stats = self.train_step(step, model, data, opt, lr, ctx)
-            done = step + 1
-            pending.append((done, loss, lr, stats["grad_norm"]))
+        try:
+            for step in range(start, t_cfg.max_steps):
+                lr = schedule.lr(step)
+                loss, stats = self.train_step(step, model, data, opt, lr, ctx)
+                done = step + 1
+                meter.add(done, loss, stats["grad_norm"])
 
-            is_last = done == t_cfg.max_steps
-            is_eval = is_last or (t_cfg.eval_interval and done % t_cfg.eval_interval == 0)
-            is_save = (cfg.checkpoint.interval and done % cfg.checkpoint.interval == 0) or \
-                (is_last and cfg.checkpoint.save_final)
-            if done % log_cfg.log_interval == 0 or is_eval or is_save:
-                # Read all pending losses with one host sync, then time the interval
-                # up to here: evals and saves below fall outside the measured time.
-                values = torch.stack([torch.stack([p[1], p[3]]) for p in pending]).tolist()
-                now = time.perf_counter()
-                dt = (now - mark) / (done - mark_step)
-                train_time += now - mark
-                tokens_per_s = data.tokens_per_step / dt
-                for (s, _, _, _), (loss_v, _) in zip(pending, values):
-                    result.losses[s] = loss_v
-                loss_v, norm_v = values[-1]
-                if not math.isfinite(loss_v):
-                    raise FloatingPointError(f"loss became {loss_v} at step {done}: lower optimizer.lr, "
+                is_last = done == t_cfg.max_steps
+                is_eval = is_last or (t_cfg.eval_interval and done % t_cfg.eval_interval == 0)
+                is_save = (cfg.checkpoint.interval and done % cfg.checkpoint.interval == 0) or \
+                    (is_last and cfg.checkpoint.save_final)
+                result.final_step = done
+                if not (done % log_cfg.log_interval == 0 or is_eval or is_save):
+                    continue
+                losses, norm, step_s = meter.flush(done)
+                result.losses.update(losses)
+                if not math.isfinite(losses[done]):
+                    raise FloatingPointError(f"loss became {losses[done]} at step {done}: lower optimizer.lr, "
                                              "enable optimizer.grad_clip, or resume from an earlier checkpoint.")
-                logger.log(done, {"loss": loss_v, "lr": lr, "grad_norm": norm_v,
+                tokens_per_s = data.tokens_per_step / step_s
+                logger.log(done, {"loss": losses[done], "lr": lr, "grad_norm": norm,
                                   "tokens_per_s": tokens_per_s, "mfu": mfu(tokens_per_s, flops_per_token, peak),
-                                  "step_ms": dt * 1e3, "tokens": done * data.tokens_per_step})
-                pending.clear()
+                                  "step_ms": step_s * 1e3, "tokens": done * data.tokens_per_step})
                 if is_eval:
-                    val_loss = self.evaluate(model, data, ctx)
-                    result.val_losses[done] = val_loss
+                    val_loss = result.val_losses[done] = self.evaluate(model, data, ctx)
                     logger.log(done, {"val_loss": val_loss})
                 if is_save:
-                    path = self._save(done, ckpt, model, opt, data, ctx, val_loss)
+                    path = ckpt.save(done, self._state(model, opt, data, ctx, val_loss))
                     logger.message(f"saved checkpoint {path}")
-                mark, mark_step = time.perf_counter(), done
-            result.final_step = done
+                meter.restart()  # evals and saves stay out of the measured training time
+        finally:
+            logger.close()  # also on errors: a live progress bar must give the terminal back
 
-        logger.close()
         if ctx.is_main and log_cfg.plot and (ctx.out_dir / "metrics.jsonl").exists():
             plot_loss_curve(ctx.out_dir / "metrics.jsonl", ctx.out_dir / "loss.png",
                             title=f"{Path(cfg.data.path).stem} · {cfg.model.n_layers}L {cfg.model.d_model}d")
-        result.train_time_s = train_time
-        steps_run = result.final_step - start
-        result.tokens_per_s = steps_run * data.tokens_per_step / train_time if train_time else 0.0
+        result.train_time_s = meter.train_time
+        if meter.train_time:
+            result.tokens_per_s = (result.final_step - start) * data.tokens_per_step / meter.train_time
         return result
 
     # -- checkpoints ---------------------------------------------------------------
@@ -175,9 +195,6 @@ class RuntimeEngine:
             rng["cuda"] = torch.cuda.get_rng_state(ctx.device)
         return {"model": model.state_dict(), "optimizer": opt.state_dict(), "rng": rng,
                 "config": ctx.cfg.to_dict(), "tokenizer": data.tokenizer.to_json(), "val_loss": val_loss}
-
-    def _save(self, step, ckpt, model, opt, data, ctx, val_loss) -> Path:
-        return ckpt.save(step, self._state(model, opt, data, ctx, val_loss))
 
     def _resume(self, path: Path, ckpt, model, opt, ctx: RuntimeContext) -> int:
         state = ckpt.load(str(path))
