@@ -4,10 +4,10 @@
 
 Runs, one after the other:
   1. nanoGPT's train.py for the README's CPU command (bench/nanogpt_ref.py re-implements it: fp32),
-  2. `nanotrain train --config configs/shakespeare_char.toml` in bf16 (its default; Llama layout),
+  2. `nanotrain train --config configs/shakespeare_char.toml` in bf16 (its default),
   3. the same in fp32,
-  4. the same recipe in nanoGPT's own GPT-2 layout (LayerNorm, GELU, learned positions), bf16:
-     the like-for-like model,
+  4. the same in nanoGPT's exact GPT-2 layout (learned positions instead of RoPE), bf16,
+  5. the same with the Llama block (RMSNorm, SwiGLU, RoPE), bf16 (--llama),
 and prints wall time (whole run: data, evals, checkpoints included), step time
 and final val loss of each, with ratios against nanoGPT.
 
@@ -32,6 +32,7 @@ from nanotrain.runtime import RuntimeEngine
 
 
 GPT2_LAYOUT = ["--model.norm=layernorm", "--model.mlp=gelu", "--model.pos_emb=learned"]
+LLAMA_LAYOUT = ["--model.norm=rmsnorm", "--model.mlp=swiglu", "--model.pos_emb=rope"]
 
 
 def run_ours(steps: int, recipe: str, out_dir: str, extra: list[str] = ()) -> dict:
@@ -62,6 +63,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=2000)
     ap.add_argument("--skip-fp32", action="store_true")
+    ap.add_argument("--llama", action="store_true", help="also run the Llama block")
     args = ap.parse_args()
     tmp = tempfile.mkdtemp(prefix="nanotrain-vs-nanogpt-")
 
@@ -73,7 +75,10 @@ def main() -> None:
     runs = {"nanoGPT (fp32, reference)": ref, "nano-train bf16": run_ours(args.steps, "bf16", f"{tmp}/bf16")}
     if not args.skip_fp32:
         runs["nano-train fp32"] = run_ours(args.steps, "fp32", f"{tmp}/fp32")
-    runs["nano-train bf16, nanoGPT's GPT-2 layout"] = run_ours(args.steps, "bf16", f"{tmp}/gpt2", GPT2_LAYOUT)
+    runs["nano-train bf16, learned positions (nanoGPT's exact layout)"] = run_ours(
+        args.steps, "bf16", f"{tmp}/gpt2", GPT2_LAYOUT)
+    if args.llama:
+        runs["nano-train bf16, Llama block"] = run_ours(args.steps, "bf16", f"{tmp}/llama", LLAMA_LAYOUT)
 
     rows = [[name, r["wall_s"], r["wall_s"] / ref["wall_s"], r["iter_ms"], r["fixed_val_loss"]]
             for name, r in runs.items()]

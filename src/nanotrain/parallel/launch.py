@@ -1,0 +1,84 @@
+"""Start a local gloo world of N processes and collect one result per rank.
+
+Used by `nanotrain verify` and the distributed tests, so a learner (or pytest)
+can run a parallel layout without torchrun. Each process gets the environment
+torchrun would give it (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
+MASTER_PORT), joins the default process group, runs `fn(*args)`, and sends
+back its return value. A failure on any rank is raised here with that rank's
+traceback.
+
+torchrun is the launcher for real runs (`torchrun --nproc-per-node N -m
+nanotrain train ...`); this is its in-process equivalent for one machine.
+"""
+
+from __future__ import annotations
+
+import os
+import queue as queue_module
+import socket
+import traceback
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world_size: int, port: int, threads: int, fn: Callable, args: tuple, queue) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+                      LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    # N processes share the machine's cores: one intra-op thread each keeps them from
+    # oversubscribing (and makes results independent of the core count).
+    torch.set_num_threads(threads)
+    try:
+        dist.init_process_group("gloo", rank=rank, world_size=world_size)
+        queue.put((rank, "ok", fn(*args)))
+    except BaseException:  # report everything, including KeyboardInterrupt, to the parent
+        queue.put((rank, "error", traceback.format_exc()))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_world(fn: Callable[..., Any], world_size: int, *args: Any, threads: int = 1,
+              timeout_s: float = 300.0) -> list[Any]:
+    """Run fn(*args) on every rank of a fresh gloo world; return [result of rank 0, rank 1, ...].
+
+    fn must be importable (a module-level function): processes are spawned, not forked.
+    """
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_worker, args=(r, world_size, port, threads, fn, args, queue), daemon=True)
+             for r in range(world_size)]
+    for p in procs:
+        p.start()
+    results: dict[int, Any] = {}
+    errors: list[str] = []
+    try:
+        for _ in range(world_size):
+            try:
+                rank, status, value = queue.get(timeout=timeout_s)
+            except queue_module.Empty:
+                dead = [r for r, p in enumerate(procs) if not p.is_alive() and p.exitcode]
+                errors.append(f"no result within {timeout_s:.0f}s (ranks that died: {dead or 'none'})")
+                break
+            if status == "ok":
+                results[rank] = value
+            else:
+                errors.append(f"--- rank {rank} ---\n{value}")
+                break  # the other ranks may now wait forever on a collective
+    finally:
+        for p in procs:
+            p.join(timeout=timeout_s if not errors else 1.0)
+            if p.is_alive():
+                p.kill()
+    if errors:
+        raise RuntimeError(f"a rank of the {world_size}-process world failed:\n" + "\n".join(errors))
+    return [results[r] for r in range(world_size)]

@@ -1,0 +1,159 @@
+"""ParallelState: every process group of a run, in one object (no module-level globals).
+
+Rank layout (Megatron's order): tp varies fastest, then dp, then pp.
+
+    rank = tp_rank + tp * (dp_rank + dp * pp_rank)
+
+    world 8 = tp 2 x dp 2 x pp 2:
+
+            pp stage 0            pp stage 1
+          tp0   tp1             tp0   tp1
+    dp0  [ 0  ,  1 ]           [ 4  ,  5 ]
+    dp1  [ 2  ,  3 ]           [ 6  ,  7 ]
+
+    tp groups: {0,1} {2,3} {4,5} {6,7}   ranks that split one layer's matrices
+    dp groups: {0,2} {1,3} {4,6} {5,7}   ranks that hold the same shard, different data
+    pp groups: {0,4} {1,5} {2,6} {3,7}   ranks that hold consecutive stages
+
+Expert parallelism is carved out of the dp dimension (ep divides dp):
+dp_rank = edp_rank * ep + ep_rank, so ep groups are runs of ep consecutive dp
+ranks, and the expert-data-parallel group links the ranks that hold the same
+experts. Expert parameters sync over expert-dp, all others over dp.
+
+Each kind of group is built by listing its rank sets and handing them to
+torch.distributed.new_subgroups_by_enumeration (every process creates every
+group, in the same order, as the collective API requires). A DeviceMesh of
+shape (pp, dp, tp) would give the same groups; writing the lists out shows
+the layout.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from ..config import ParallelConfig
+
+
+@dataclass
+class ParallelState:
+    tp: int = 1
+    pp: int = 1
+    dp: int = 1
+    ep: int = 1
+    rank: int = 0
+    world_size: int = 1
+    tp_group: dist.ProcessGroup | None = None
+    dp_group: dist.ProcessGroup | None = None
+    pp_group: dist.ProcessGroup | None = None
+    ep_group: dist.ProcessGroup | None = None
+    edp_group: dist.ProcessGroup | None = None  # expert-data-parallel
+
+    # -- coordinates ------------------------------------------------------------
+
+    @property
+    def tp_rank(self) -> int:
+        return self.rank % self.tp
+
+    @property
+    def dp_rank(self) -> int:
+        return self.rank // self.tp % self.dp
+
+    @property
+    def pp_rank(self) -> int:
+        return self.rank // (self.tp * self.dp)
+
+    @property
+    def ep_rank(self) -> int:
+        return self.dp_rank % self.ep
+
+    @property
+    def edp_rank(self) -> int:
+        return self.dp_rank // self.ep
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.pp - 1
+
+    def global_rank(self, tp_rank: int | None = None, dp_rank: int | None = None, pp_rank: int | None = None) -> int:
+        """The global rank at these coordinates (each defaults to this process's own)."""
+        t = self.tp_rank if tp_rank is None else tp_rank
+        d = self.dp_rank if dp_rank is None else dp_rank
+        p = self.pp_rank if pp_rank is None else pp_rank
+        return t + self.tp * (d + self.dp * p)
+
+    @property
+    def next_stage_rank(self) -> int | None:
+        return None if self.is_last_stage else self.global_rank(pp_rank=self.pp_rank + 1)
+
+    @property
+    def prev_stage_rank(self) -> int | None:
+        return None if self.is_first_stage else self.global_rank(pp_rank=self.pp_rank - 1)
+
+    def describe(self) -> str:
+        return (f"rank {self.rank}/{self.world_size}: tp {self.tp_rank}/{self.tp}, dp {self.dp_rank}/{self.dp}, "
+                f"pp {self.pp_rank}/{self.pp}, ep {self.ep_rank}/{self.ep}")
+
+
+def check_layout(p: ParallelConfig, world_size: int) -> None:
+    """Raise ValueError (with the fix) when the parallel sizes cannot tile this world."""
+    product = p.tp * p.pp * p.dp
+    if product != world_size:
+        raise ValueError(f"parallel.tp={p.tp} x parallel.pp={p.pp} x parallel.dp={p.dp} = {product}, but the "
+                         f"world has {world_size} processes: launch with --nproc-per-node {product} or change "
+                         f"the sizes so their product is {world_size}.")
+    if p.dp % p.ep:
+        raise ValueError(f"parallel.ep={p.ep} must divide parallel.dp={p.dp}: expert-parallel groups are "
+                         "carved out of the data-parallel ranks.")
+
+
+def backend_for(device_type: str) -> str:
+    return "nccl" if device_type == "cuda" else "gloo"
+
+
+def init_parallel(p: ParallelConfig, device_type: str = "cpu") -> ParallelState:
+    """Join the process group started by torchrun (or the test launcher) and build every group.
+
+    With a world of one and no torchrun environment, no process group is created:
+    single-process runs need none.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    check_layout(p, world_size)
+    if world_size == 1 and not dist.is_initialized():
+        return ParallelState()
+    if not dist.is_initialized():
+        dist.init_process_group(backend_for(device_type))
+    state = ParallelState(tp=p.tp, pp=p.pp, dp=p.dp, ep=p.ep, rank=dist.get_rank(), world_size=world_size)
+    at = state.global_rank
+    T, D, P, E = range(p.tp), range(p.dp), range(p.pp), range(p.ep)
+    edp = range(p.dp // p.ep)
+    groups = {
+        "tp": [[at(t, d, q) for t in T] for q in P for d in D],
+        "dp": [[at(t, d, q) for d in D] for q in P for t in T],
+        "pp": [[at(t, d, q) for q in P] for t in T for d in D],
+        "ep": [[at(t, k * p.ep + e, q) for e in E] for q in P for t in T for k in edp],
+        "edp": [[at(t, k * p.ep + e, q) for k in edp] for q in P for t in T for e in E],
+    }
+    for name, ranks in groups.items():
+        mine, _ = dist.new_subgroups_by_enumeration(ranks, backend=backend_for(device_type))
+        setattr(state, f"{name}_group", mine)
+    return state
+
+
+def destroy_parallel() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce(t: torch.Tensor, group: dist.ProcessGroup | None, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    """In-place all-reduce that is a no-op without a group (one process)."""
+    if group is not None and dist.get_world_size(group) > 1:
+        dist.all_reduce(t, op=op, group=group)
+    return t

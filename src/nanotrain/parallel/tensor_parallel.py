@@ -1,0 +1,181 @@
+"""Tensor parallelism (Megatron-LM): layers whose matrices are split across the tp group.
+
+    ColumnParallelLinear   W [out, in] split by rows (output features): each rank computes
+                           out/tp features of y = x W^T from the full x.
+    RowParallelLinear      W [out, in] split by columns (input features): each rank multiplies
+                           its in/tp slice of x; the partial sums are all-reduced.
+    VocabParallelEmbedding the table split by vocabulary rows; each rank looks up the ids
+                           in its range, zeros elsewhere, all-reduce.
+    vocab_parallel_cross_entropy  softmax over a vocabulary split across ranks without
+                           gathering the logits: max, sum-exp and the target logit are
+                           each one all-reduce of a [tokens] tensor.
+
+A Column -> Row pair (attention's wq/wk/wv -> wo, the MLP's w1/w3 -> w2) needs
+one all-reduce forward and one backward, and nothing between the two matmuls:
+
+    x ──f──> [x W1_r^T] ──act──> [h_r W2_r^T] ──g──> y        (f, g: collectives.py)
+
+With sequence parallelism the activations between TP regions (norms, dropout,
+residual adds) are split along the sequence, and f/g become
+all-gather / reduce-scatter along it, moving the same bytes while storing 1/tp
+of those activations.
+
+Each layer holds only its shard, marked with `Shard` so that init
+(layers.init_parameters) copies in the matching slice of the full tensor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from ..layers import Embedding, Linear, Shard
+from .collectives import (copy_to_region, gather_last, gather_seq, reduce_from_region, reduce_scatter_seq)
+
+
+@dataclass(frozen=True)
+class TensorParallel:
+    """What a tensor-parallel layer needs to know: its group and whether SP is on."""
+
+    group: dist.ProcessGroup | None
+    rank: int
+    size: int
+    sequence_parallel: bool = False
+
+
+def _shard_param(p: nn.Parameter, dim: int, tp: TensorParallel) -> nn.Parameter:
+    p.shard = Shard(dim, tp.rank, tp.size)
+    return p
+
+
+def _divide(n: int, tp: TensorParallel, what: str) -> int:
+    if n % tp.size:
+        raise ValueError(f"{what}={n} is not divisible by parallel.tp={tp.size}")
+    return n // tp.size
+
+
+class ColumnParallelLinear(Linear):
+    """y_r = x W_r^T + b_r; W_r = rows [r*out/tp, (r+1)*out/tp) of the full weight."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, init_std: float, tp: TensorParallel,
+                 gather_output: bool = False):
+        super().__init__(in_features, _divide(out_features, tp, "output features"), bias, init_std)
+        self.tp, self.gather_output = tp, gather_output
+        _shard_param(self.weight, 0, tp)
+        if self.bias is not None:
+            _shard_param(self.bias, 0, tp)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g = self.tp.group
+        x = gather_seq(x, g) if self.tp.sequence_parallel else copy_to_region(x, g)
+        y = F.linear(x, self.weight, self.bias)
+        return gather_last(y, g) if self.gather_output else y
+
+
+class RowParallelLinear(Linear):
+    """y = sum_r x_r W_r^T + b; W_r = columns [r*in/tp, (r+1)*in/tp); x_r already split."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, init_std: float, tp: TensorParallel):
+        super().__init__(_divide(in_features, tp, "input features"), out_features, bias, init_std)
+        self.tp = tp
+        _shard_param(self.weight, 1, tp)
+        if self.bias is not None and tp.sequence_parallel:
+            self.bias.sequence_parallel = True  # added on a sequence shard: its gradient is partial
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g = self.tp.group
+        y = F.linear(x, self.weight)
+        y = reduce_scatter_seq(y, g) if self.tp.sequence_parallel else reduce_from_region(y, g)
+        return y + self.bias if self.bias is not None else y
+
+
+class VocabParallelEmbedding(Embedding):
+    """Rows [r*V/tp, (r+1)*V/tp) of the table on rank r; out-of-range ids contribute zeros."""
+
+    def __init__(self, num_embeddings: int, dim: int, init_std: float, tp: TensorParallel):
+        super().__init__(_divide(num_embeddings, tp, "vocabulary size"), dim, init_std)
+        self.tp = tp
+        self.vocab_start = tp.rank * self.num_embeddings
+        _shard_param(self.weight, 0, tp)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        local = ids - self.vocab_start
+        outside = (local < 0) | (local >= self.num_embeddings)
+        out = F.embedding(local.masked_fill(outside, 0), self.weight)
+        out = out.masked_fill(outside.unsqueeze(-1), 0.0)
+        g = self.tp.group
+        return reduce_scatter_seq(out, g) if self.tp.sequence_parallel else reduce_from_region(out, g)
+
+
+class _VocabParallelCrossEntropy(torch.autograd.Function):
+    """Per-token -log softmax(z)[target] with z split over the tp group along the vocabulary."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, vocab_start: int, group, ignore_index: int):
+        logits = logits.float()
+        # Stable softmax: subtract the global max (one all-reduce of [tokens]).
+        zmax = logits.max(dim=-1).values
+        dist.all_reduce(zmax, op=dist.ReduceOp.MAX, group=group)
+        z = logits - zmax.unsqueeze(-1)
+        # The target's logit lives on exactly one rank; the others contribute 0.
+        local = targets - vocab_start
+        mine = (local >= 0) & (local < z.shape[-1]) & (targets != ignore_index)
+        idx = local.clamp(0, z.shape[-1] - 1).unsqueeze(-1)
+        z_target = torch.where(mine, z.gather(-1, idx).squeeze(-1), torch.zeros_like(zmax))
+        exp = z.exp()
+        sum_exp = exp.sum(dim=-1)
+        both = torch.stack([z_target, sum_exp])  # one all-reduce for both
+        dist.all_reduce(both, group=group)
+        z_target, sum_exp = both
+        loss = sum_exp.log() - z_target
+        valid = targets != ignore_index
+        loss = torch.where(valid, loss, torch.zeros_like(loss))
+        softmax = exp / sum_exp.unsqueeze(-1)
+        ctx.save_for_backward(softmax, mine, idx, valid)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        softmax, mine, idx, valid = ctx.saved_tensors
+        # d loss / d z = softmax - onehot(target), the one-hot only on the rank owning the target.
+        grad = softmax
+        grad.scatter_add_(-1, idx, -mine.to(grad.dtype).unsqueeze(-1))
+        grad.mul_((grad_loss * valid).unsqueeze(-1))
+        return grad, None, None, None, None
+
+
+def vocab_parallel_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, tp: TensorParallel,
+                                 ignore_index: int = -100) -> torch.Tensor:
+    """Per-token loss [*targets.shape] from vocabulary-sharded logits [..., V/tp] (0 where ignored)."""
+    vocab_start = tp.rank * logits.shape[-1]
+    return _VocabParallelCrossEntropy.apply(logits, targets, vocab_start, tp.group, ignore_index)
+
+
+# ---------------------------------------------------------------------------
+# Factories: blocks ask for a "column" or "row" projection; with no tensor
+# parallelism (tp is None) they get the plain primitive, so the single-process
+# model runs no collective code at all.
+# ---------------------------------------------------------------------------
+
+def column_linear(in_features: int, out_features: int, bias: bool, init_std: float,
+                  tp: TensorParallel | None) -> Linear:
+    if tp is None:
+        return Linear(in_features, out_features, bias, init_std)
+    return ColumnParallelLinear(in_features, out_features, bias, init_std, tp)
+
+
+def row_linear(in_features: int, out_features: int, bias: bool, init_std: float,
+               tp: TensorParallel | None) -> Linear:
+    if tp is None:
+        return Linear(in_features, out_features, bias, init_std)
+    return RowParallelLinear(in_features, out_features, bias, init_std, tp)
+
+
+def vocab_embedding(num_embeddings: int, dim: int, init_std: float, tp: TensorParallel | None) -> Embedding:
+    if tp is None:
+        return Embedding(num_embeddings, dim, init_std)
+    return VocabParallelEmbedding(num_embeddings, dim, init_std, tp)
