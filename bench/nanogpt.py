@@ -53,7 +53,7 @@ def our_val_loss(model, val_bin: str, cfg) -> float:
     """nanoGPT's model on the exact val batches nano-train evaluates on (same tokens: both
     prepare tiny Shakespeare identically), so the val losses compare like for like."""
     t = cfg.train
-    sampler = BatchSampler(np.memmap(val_bin, dtype=np.uint16, mode="r"), t.seq_len, t.micro_batch_size,
+    sampler = BatchSampler(np.memmap(val_bin, dtype=np.uint16, mode="r"), t.seq_len, t.batch_size,
                            t.seed, stream=1)  # stream 1 = runtime.components.VAL_STREAM
     model.eval()
     return float(np.mean([model(*sampler.batch(i))[1].item() for i in range(t.eval_steps)]))

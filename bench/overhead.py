@@ -39,7 +39,7 @@ def plain_loop(cfg, steps: int) -> tuple[float, list[float]]:
     t, o, s = cfg.train, cfg.optimizer, cfg.schedule
     torch.manual_seed(t.seed)
     data = prepare_data(cfg.data, t.seq_len, log=lambda *_: None)
-    sampler = BatchSampler(data.tokens("train"), t.seq_len, t.micro_batch_size, t.seed)
+    sampler = BatchSampler(data.tokens("train"), t.seq_len, t.batch_size, t.seed)
     cfg.model.vocab_size, cfg.model.max_seq_len = data.vocab_size, t.seq_len
     model = build_model(cfg.model)
     model.init_weights(t.seed)

@@ -106,7 +106,7 @@ def check_compatible(saved_cfg: dict[str, Any], cfg_dict: dict[str, Any], path: 
     """The model and the data stream must match to continue a run; everything else may change."""
     diffs = []
     for section, keys in (("model", None), ("data", ("path", "tokenizer", "vocab_size", "val_fraction")),
-                          ("train", ("seed", "seq_len", "micro_batch_size", "grad_accum_steps"))):
+                          ("train", ("seed", "seq_len", "batch_size"))):
         old, new = saved_cfg.get(section, {}), cfg_dict[section]
         for key in keys or new.keys():
             if old.get(key) != new.get(key):
@@ -115,3 +115,60 @@ def check_compatible(saved_cfg: dict[str, Any], cfg_dict: dict[str, Any], path: 
         raise CheckpointError(f"checkpoint {path} does not match this config:\n  - " + "\n  - ".join(diffs)
                               + "\nUse the config the run was started with (saved in the checkpoint), "
                               "or start a fresh run without checkpoint.resume.")
+
+
+# ---------------------------------------------------------------------------
+# Layout-independent tensors: a checkpoint stores every tensor whole (as one
+# process would hold it); a tensor-parallel rank gathers its shards on save and
+# keeps its slice on load. The same file therefore resumes under any tp or dp.
+# ---------------------------------------------------------------------------
+
+def gather_full(t: torch.Tensor, shard, group) -> torch.Tensor:
+    """The full tensor from every tp rank's shard (`shard`: layers.Shard or None)."""
+    if shard is None or shard.world == 1:
+        return t.detach().clone()
+    import torch.distributed as dist
+
+    parts = [torch.empty_like(t) for _ in range(shard.world)]
+    dist.all_gather(parts, t.detach().contiguous(), group=group)
+    return torch.cat(parts, dim=shard.dim)
+
+
+def local_slice(full: torch.Tensor, shard) -> torch.Tensor:
+    if shard is None or shard.world == 1:
+        return full
+    size = full.shape[shard.dim] // shard.world
+    return full.narrow(shard.dim, shard.rank * size, size).contiguous()
+
+
+def full_model_state(model: torch.nn.Module, tp_group) -> dict[str, torch.Tensor]:
+    state = model.state_dict(keep_vars=True)
+    return {name: gather_full(t, getattr(t, "shard", None), tp_group) for name, t in state.items()}
+
+
+def load_full_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    own = model.state_dict(keep_vars=True)
+    model.load_state_dict({name: local_slice(state[name], getattr(own[name], "shard", None))
+                           for name in own if name in state}, strict=True)
+
+
+def _optimizer_params(opt: torch.optim.Optimizer) -> list[torch.nn.Parameter]:
+    return [p for group in opt.param_groups for p in group["params"]]
+
+
+def full_optimizer_state(opt: torch.optim.Optimizer, tp_group) -> dict:
+    sd = opt.state_dict()
+    params = _optimizer_params(opt)
+    state = {i: {k: gather_full(v, getattr(params[i], "shard", None), tp_group)
+                 if torch.is_tensor(v) and v.shape == params[i].shape else v
+                 for k, v in s.items()} for i, s in sd["state"].items()}
+    return {"state": state, "param_groups": sd["param_groups"]}
+
+
+def load_full_optimizer_state(opt: torch.optim.Optimizer, sd: dict) -> None:
+    params = _optimizer_params(opt)
+    state = {}
+    for i, s in sd["state"].items():
+        shard = getattr(params[i], "shard", None)
+        state[i] = {k: local_slice(v, shard) if torch.is_tensor(v) and v.dim() > 0 else v for k, v in s.items()}
+    opt.load_state_dict({"state": state, "param_groups": sd["param_groups"]})

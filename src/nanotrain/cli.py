@@ -54,6 +54,15 @@ def cmd_sample(args, overrides) -> int:
     return 0
 
 
+def cmd_verify(args, overrides) -> int:
+    from .verify import verify
+
+    cfg = _config(args, overrides)
+    report = verify(cfg, args.layout, args.steps, args.tolerance, args.precision)
+    print(report.table(args.layout))
+    return 0 if report.ok else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="nanotrain", description="Learning-first distributed LLM training.",
                                 epilog="Any --section.key=value after the subcommand overrides the config, "
@@ -64,6 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
         s = sub.add_parser(name, help=help_)
         s.add_argument("--config", help="TOML config file (see configs/); defaults apply where omitted")
         s.set_defaults(fn=fn)
+    s = sub.add_parser("verify", help="prove a parallel layout trains the same model as one process")
+    s.add_argument("--config", help="TOML config file")
+    s.add_argument("--layout", required=True, help="e.g. tp=2,dp=2 or tp=2,sp (sequence parallel) or dp=2,micro=1")
+    s.add_argument("--steps", type=int, default=10)
+    s.add_argument("--tolerance", type=float, default=1e-5, help="largest relative loss/gradient difference")
+    s.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    s.set_defaults(fn=cmd_verify)
     s = sub.add_parser("sample", help="generate text from a checkpoint")
     s.add_argument("--checkpoint", help="checkpoint folder, its state.pt, or a run's out_dir")
     s.add_argument("--config", help="instead of --checkpoint: sample from the latest checkpoint of this config's run")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import tomllib
 import types
 import typing
@@ -43,15 +44,25 @@ class ModelConfig:
     bias: bool = False
     init_std: float = 0.02
 
+    def ffn_width(self) -> int:
+        """d_ff, or the usual default: 4d for GELU, 8d/3 rounded up to 64 for SwiGLU,
+        which keeps SwiGLU's three matrices at the parameter count of GELU's two."""
+        if self.d_ff:
+            return self.d_ff
+        if self.mlp == "gelu":
+            return 4 * self.d_model
+        return 64 * math.ceil(8 * self.d_model / 3 / 64)
+
 
 @dataclass
 class ParallelConfig:
-    # Sizes of each parallel dimension; their product is the world size.
-    # This version trains on one process: all must be 1 (see validate()).
-    tp: int = 1
-    pp: int = 1
-    dp: int = 1
-    ep: int = 1
+    # Sizes of each parallel dimension; tp * pp * dp is the world size (see parallel/state.py).
+    tp: int = 1  # tensor parallel: each layer's matrices split over tp ranks
+    pp: int = 1  # pipeline parallel (not in this version: must be 1)
+    dp: int = 1  # data parallel: replicas that split the global batch
+    ep: int = 1  # expert parallel (not in this version: must be 1)
+    sequence_parallel: bool = False  # with tp > 1: norms/dropout/residuals split along the sequence
+    bucket_mb: float = 25.0  # data-parallel gradient all-reduce bucket size
 
 
 @dataclass
@@ -117,18 +128,20 @@ class TrainConfig:
     seed: int = 1337
     max_steps: int = 2000
     seq_len: int = 64
-    micro_batch_size: int = 12
-    grad_accum_steps: int = 1
+    batch_size: int = 12  # global batch: sequences per optimizer step, over all dp ranks
+    micro_batch_size: int = 0  # sequences per forward on one rank; 0: batch_size / dp (no accumulation)
     eval_interval: int = 250  # 0: only at the end
     eval_steps: int = 20  # val batches per evaluation
     out_dir: str = "runs/default"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int = 0  # torch intra-op threads; 0: leave PyTorch's default
 
-    @property
-    def global_batch_size(self) -> int:
-        """Sequences per optimizer step (one process: micro-batch x accumulation)."""
-        return self.micro_batch_size * self.grad_accum_steps
+    def micro_batch(self, dp: int) -> int:
+        return self.micro_batch_size or self.batch_size // dp
+
+    def grad_accum_steps(self, dp: int) -> int:
+        """Micro-batches per rank per step: batch_size = micro_batch_size x accumulation x dp."""
+        return self.batch_size // (self.micro_batch(dp) * dp)
 
 
 @dataclass
@@ -316,13 +329,38 @@ def validate(cfg: Config) -> None:
 
     p = cfg.parallel
     for key in ("tp", "pp", "dp", "ep"):
-        v = getattr(p, key)
-        need(v >= 1, f"parallel.{key}={v} must be >= 1.")
-        need(v <= 1, f"parallel.{key}={v}: this version of nano-train trains on one process only; "
-                     f"set parallel.{key}=1.")
+        need(getattr(p, key) >= 1, f"parallel.{key}={getattr(p, key)} must be >= 1.")
+    for key, issue in (("pp", "pipeline"), ("ep", "expert")):
+        need(getattr(p, key) <= 1, f"parallel.{key}={getattr(p, key)}: {issue} parallelism is not in this "
+                                   f"version of nano-train; set parallel.{key}=1.")
+    need(p.bucket_mb > 0, f"parallel.bucket_mb={p.bucket_mb} must be positive.")
+    if p.tp > 1 and m.n_heads > 0:
+        n_kv = m.n_kv_heads or m.n_heads
+        need(m.n_heads % p.tp == 0, f"model.n_heads={m.n_heads} is not divisible by parallel.tp={p.tp}: "
+                                    "each tensor-parallel rank holds n_heads/tp heads; pick a tp that divides it.")
+        need(n_kv % p.tp == 0, f"model.n_kv_heads={n_kv} is not divisible by parallel.tp={p.tp}: each rank "
+                               "holds n_kv_heads/tp KV heads; raise n_kv_heads or lower tp.")
+        d_ff = m.ffn_width()
+        need(d_ff % p.tp == 0, f"the MLP width {d_ff} (model.d_ff) is not divisible by parallel.tp={p.tp}: "
+                               "set model.d_ff to a multiple of tp.")
+    if p.sequence_parallel:
+        need(p.tp > 1, "parallel.sequence_parallel=true needs parallel.tp > 1: it splits the sequence "
+                       "over the tensor-parallel ranks.")
+        need(t.seq_len % p.tp == 0, f"train.seq_len={t.seq_len} is not divisible by parallel.tp={p.tp}: "
+                                    "sequence parallelism gives each rank seq_len/tp positions.")
+    if p.ep > 1 and p.dp % p.ep:
+        errors.append(f"parallel.ep={p.ep} must divide parallel.dp={p.dp}: expert-parallel groups are "
+                      "carved out of the data-parallel ranks.")
 
-    for key in ("max_steps", "seq_len", "micro_batch_size", "grad_accum_steps", "eval_steps"):
+    for key in ("max_steps", "seq_len", "batch_size", "eval_steps"):
         need(getattr(t, key) > 0, f"train.{key}={getattr(t, key)} must be positive.")
+    need(t.micro_batch_size >= 0, f"train.micro_batch_size={t.micro_batch_size} must be >= 0 "
+                                  "(0: train.batch_size / parallel.dp).")
+    per_rank = t.micro_batch(p.dp) * p.dp
+    if t.batch_size > 0 and p.dp > 0 and (per_rank == 0 or t.batch_size % per_rank):
+        errors.append(f"train.batch_size={t.batch_size} is not divisible by train.micro_batch_size="
+                      f"{t.micro_batch(p.dp)} x parallel.dp={p.dp}: the global batch must split into equal "
+                      "micro-batches on every data-parallel rank; change one of the three.")
     need(t.eval_interval >= 0, f"train.eval_interval={t.eval_interval} must be >= 0 (0: evaluate at the end only).")
     need(t.threads >= 0, f"train.threads={t.threads} must be >= 0 (0: PyTorch's default).")
     need(bool(t.out_dir), "train.out_dir is empty: name a folder for the run's outputs.")

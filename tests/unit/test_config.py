@@ -31,7 +31,15 @@ def test_round_trip_through_dict():
     (["--train.seq_len=128", "--model.max_seq_len=64"], ["max_seq_len"]),
     (["--optimizer.lr=-1"], ["optimizer.lr"]),
     (["--schedule.min_lr=1"], ["schedule.min_lr"]),
-    (["--parallel.tp=2"], ["parallel.tp=2", "one process"]),
+    (["--parallel.pp=2"], ["parallel.pp=2", "pipeline"]),
+    (["--parallel.tp=3"], ["n_heads=4", "parallel.tp=3"]),                # heads split over tp
+    (["--parallel.tp=4", "--model.n_kv_heads=2"], ["n_kv_heads=2", "parallel.tp=4"]),
+    (["--parallel.tp=2", "--model.d_ff=101"], ["MLP width 101", "parallel.tp=2"]),
+    (["--parallel.sequence_parallel=true"], ["sequence_parallel", "tp > 1"]),
+    (["--parallel.tp=4", "--parallel.sequence_parallel=true", "--train.seq_len=66", "--model.max_seq_len=66"],
+     ["seq_len=66", "parallel.tp=4"]),
+    (["--parallel.dp=5"], ["batch_size=12", "parallel.dp=5"]),            # global batch over dp
+    (["--parallel.dp=2", "--train.micro_batch_size=4"], ["batch_size=12", "micro_batch_size=4"]),
     (["--data.tokenizer=bpe", "--data.vocab_size=100"], ["data.vocab_size=100", "256"]),
     (["--model.dropout=1.5"], ["model.dropout"]),
     (["max_steps=5"], ["--section.key=value"]),                           # malformed override

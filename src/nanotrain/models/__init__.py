@@ -5,8 +5,9 @@ from .transformer import IGNORE_INDEX, TransformerModel
 __all__ = ["IGNORE_INDEX", "TransformerModel", "build_model"]
 
 
-def build_model(cfg):
-    """Build the model named by cfg.arch (a ModelConfig with vocab_size and max_seq_len resolved)."""
+def build_model(cfg, tp=None):
+    """Build the model named by cfg.arch (a ModelConfig with vocab_size and max_seq_len resolved),
+    tensor-parallel over `tp` (a parallel.tensor_parallel.TensorParallel) when given."""
     if cfg.arch == "transformer":
-        return TransformerModel(cfg)
+        return TransformerModel(cfg, tp)
     raise ValueError(f"unknown model.arch={cfg.arch!r}")

@@ -21,12 +21,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from ..layers import Linear
+from ..parallel.tensor_parallel import TensorParallel, column_linear, row_linear
 from .rope import apply_rope
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    """With tensor parallelism each rank holds n_heads/tp query heads and n_kv_heads/tp KV
+    heads: wq/wk/wv are column-parallel (split by heads), wo row-parallel."""
+
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel | None = None):
         super().__init__()
         self.n_heads = cfg.n_heads
         self.n_kv_heads = cfg.n_kv_heads or cfg.n_heads
@@ -36,20 +39,22 @@ class Attention(nn.Module):
         std = cfg.init_std
         # Separate q/k/v projections (not one fused qkv matrix): with GQA their widths
         # differ, and a tensor-parallel split then cuts each one by heads.
-        self.wq = Linear(cfg.d_model, self.n_heads * self.head_dim, cfg.bias, std)
-        self.wk = Linear(cfg.d_model, self.n_kv_heads * self.head_dim, cfg.bias, std)
-        self.wv = Linear(cfg.d_model, self.n_kv_heads * self.head_dim, cfg.bias, std)
+        self.wq = column_linear(cfg.d_model, self.n_heads * self.head_dim, cfg.bias, std, tp)
+        self.wk = column_linear(cfg.d_model, self.n_kv_heads * self.head_dim, cfg.bias, std, tp)
+        self.wv = column_linear(cfg.d_model, self.n_kv_heads * self.head_dim, cfg.bias, std, tp)
         # GPT-2's scaled init: residual-branch outputs shrink with depth so the
         # residual stream's variance stays O(1) after 2*n_layers additions.
-        self.wo = Linear(self.n_heads * self.head_dim, cfg.d_model, cfg.bias, std / math.sqrt(2 * cfg.n_layers))
+        self.wo = row_linear(self.n_heads * self.head_dim, cfg.d_model, cfg.bias, std / math.sqrt(2 * cfg.n_layers), tp)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
-        B, T, _ = x.shape
         # Head counts come from the projection widths, so a projection that holds
-        # only some heads (tensor parallel) gives a block that computes only those.
-        q = self.wq(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # [B, H, T, hd]
-        k = self.wk(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # [B, Hkv, T, hd]
-        v = self.wv(x).view(B, T, -1, self.head_dim).transpose(1, 2)
+        # only some heads (tensor parallel) gives a block that computes only those;
+        # T comes from q, as with sequence parallelism x holds only T/tp positions.
+        q, k, v = self.wq(x), self.wk(x), self.wv(x)
+        B, T = q.shape[:2]
+        q = q.view(B, T, -1, self.head_dim).transpose(1, 2)  # [B, H, T, hd]
+        k = k.view(B, T, -1, self.head_dim).transpose(1, 2)  # [B, Hkv, T, hd]
+        v = v.view(B, T, -1, self.head_dim).transpose(1, 2)
         out_dtype = v.dtype
         if self.core_dtype is not None:
             q, k, v = q.to(self.core_dtype), k.to(self.core_dtype), v.to(self.core_dtype)

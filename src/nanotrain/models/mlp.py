@@ -9,27 +9,21 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from ..layers import Linear
+from ..parallel.tensor_parallel import TensorParallel, column_linear, row_linear
 
 
 def ffn_width(cfg: ModelConfig) -> int:
-    """d_ff from the config, or the usual default: 4d for GELU, 8d/3 (rounded up to 64) for SwiGLU,
-    which keeps SwiGLU's three matrices at the parameter count of GELU's two."""
-    if cfg.d_ff:
-        return cfg.d_ff
-    if cfg.mlp == "gelu":
-        return 4 * cfg.d_model
-    return 64 * math.ceil(8 * cfg.d_model / 3 / 64)
+    return cfg.ffn_width()
 
 
 class MLP(nn.Module):
-    """x -> W2 gelu(W1 x)."""
+    """x -> W2 gelu(W1 x). Tensor parallel: W1 column-parallel, W2 row-parallel (d_ff split)."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel | None = None):
         super().__init__()
         d_ff = ffn_width(cfg)
-        self.w1 = Linear(cfg.d_model, d_ff, cfg.bias, cfg.init_std)
-        self.w2 = Linear(d_ff, cfg.d_model, cfg.bias, cfg.init_std / math.sqrt(2 * cfg.n_layers))
+        self.w1 = column_linear(cfg.d_model, d_ff, cfg.bias, cfg.init_std, tp)
+        self.w2 = row_linear(d_ff, cfg.d_model, cfg.bias, cfg.init_std / math.sqrt(2 * cfg.n_layers), tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(F.gelu(self.w1(x)))
@@ -38,16 +32,16 @@ class MLP(nn.Module):
 class GatedMLP(nn.Module):
     """x -> W2 (silu(W1 x) * W3 x): SwiGLU, the gate W1 and the up projection W3 side by side."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel | None = None):
         super().__init__()
         d_ff = ffn_width(cfg)
-        self.w1 = Linear(cfg.d_model, d_ff, cfg.bias, cfg.init_std)
-        self.w3 = Linear(cfg.d_model, d_ff, cfg.bias, cfg.init_std)
-        self.w2 = Linear(d_ff, cfg.d_model, cfg.bias, cfg.init_std / math.sqrt(2 * cfg.n_layers))
+        self.w1 = column_linear(cfg.d_model, d_ff, cfg.bias, cfg.init_std, tp)
+        self.w3 = column_linear(cfg.d_model, d_ff, cfg.bias, cfg.init_std, tp)
+        self.w2 = row_linear(d_ff, cfg.d_model, cfg.bias, cfg.init_std / math.sqrt(2 * cfg.n_layers), tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
-def make_mlp(cfg: ModelConfig) -> nn.Module:
-    return MLP(cfg) if cfg.mlp == "gelu" else GatedMLP(cfg)
+def make_mlp(cfg: ModelConfig, tp: TensorParallel | None = None) -> nn.Module:
+    return MLP(cfg, tp) if cfg.mlp == "gelu" else GatedMLP(cfg, tp)

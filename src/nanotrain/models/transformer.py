@@ -15,6 +15,8 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..layers import Embedding, Linear, init_parameters, make_norm
+from ..parallel.collectives import gather_last
+from ..parallel.tensor_parallel import TensorParallel, column_linear, vocab_embedding, vocab_parallel_cross_entropy
 from .attention import Attention
 from .mlp import make_mlp
 from .rope import rope_cache
@@ -23,12 +25,12 @@ IGNORE_INDEX = -100  # targets equal to this take no part in the loss
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel | None = None):
         super().__init__()
         self.attn_norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias)
-        self.attn = Attention(cfg)
+        self.attn = Attention(cfg, tp)
         self.mlp_norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias)
-        self.mlp = make_mlp(cfg)
+        self.mlp = make_mlp(cfg, tp)
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, rope) -> torch.Tensor:
@@ -37,19 +39,25 @@ class Block(nn.Module):
 
 
 class TransformerModel(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    """`tp` (None for one process) makes the projections, the embedding and the head
+    tensor-parallel; the model's code is otherwise the same under every layout."""
+
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel | None = None):
         super().__init__()
         if cfg.vocab_size <= 0 or cfg.max_seq_len <= 0:
             raise ValueError("resolve model.vocab_size and model.max_seq_len before building the model")
-        self.cfg = cfg
-        self.tok_emb = Embedding(cfg.vocab_size, cfg.d_model, cfg.init_std)
+        self.cfg, self.tp = cfg, tp
+        self.sequence_parallel = tp is not None and tp.sequence_parallel
+        self.tok_emb = vocab_embedding(cfg.vocab_size, cfg.d_model, cfg.init_std, tp)
         self.pos_emb = Embedding(cfg.max_seq_len, cfg.d_model, cfg.init_std) if cfg.pos_emb == "learned" else None
         self.dropout = nn.Dropout(cfg.dropout)
         # A ModuleDict keyed by the global layer index keeps parameter names
         # ("layers.3.attn.wq.weight") the same when a pipeline stage holds only some layers.
-        self.layers = nn.ModuleDict({str(i): Block(cfg) for i in range(cfg.n_layers)})
+        self.layers = nn.ModuleDict({str(i): Block(cfg, tp) for i in range(cfg.n_layers)})
         self.norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias)
-        self.head = Linear(cfg.d_model, cfg.vocab_size, bias=False, init_std=cfg.init_std)
+        # Vocabulary-parallel head: each rank computes the logits of its slice of the
+        # vocabulary; the loss never gathers them (vocab_parallel_cross_entropy).
+        self.head = column_linear(cfg.d_model, cfg.vocab_size, False, cfg.init_std, tp)
         if cfg.tie_embeddings:
             self.head.weight = self.tok_emb.weight  # one tensor, named tok_emb.weight
         if cfg.pos_emb == "rope":
@@ -58,6 +66,13 @@ class TransformerModel(nn.Module):
             self.register_buffer("rope_sin", sin, persistent=False)
         else:
             self.rope_cos = self.rope_sin = None
+        if self.sequence_parallel:
+            # Parameters applied to a sequence shard (norms, row-parallel biases, learned
+            # positions) see only this rank's tokens: their gradients are partial sums that
+            # the gradient sync all-reduces over the tp group.
+            for p in self.parameters():
+                if getattr(p, "shard", None) is None:
+                    p.sequence_parallel = True
 
     def init_weights(self, seed: int) -> None:
         init_parameters(self, seed)
@@ -75,18 +90,24 @@ class TransformerModel(nn.Module):
         T = input_ids.shape[1]
         if T > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {T} tokens exceeds model.max_seq_len={self.cfg.max_seq_len}")
-        x = self.tok_emb(input_ids)
+        x = self.tok_emb(input_ids)  # under sequence parallelism: this rank's T/tp positions
         if self.pos_emb is not None:
-            x = x + self.pos_emb.weight[:T]
+            pos = self.pos_emb.weight[:T]
+            if self.sequence_parallel:  # our rows only; the gradient sync sums the shards' parts
+                pos = pos.chunk(self.tp.size)[self.tp.rank]
+            x = x + pos
         x = self.dropout(x)
         rope = (self.rope_cos, self.rope_sin) if self.rope_cos is not None else None
         for layer in self.layers.values():
             x = layer(x, rope)
-        logits = self.head(self.norm(x))
+        logits = self.head(self.norm(x))  # [B, T, V/tp]
         if targets is None:
-            return logits
-        return cross_entropy_sum(logits, targets) / (
-            loss_denominator if loss_denominator is not None else count_targets(targets))
+            return gather_last(logits, self.tp.group) if self.tp is not None else logits
+        if self.tp is None:
+            loss_sum = cross_entropy_sum(logits, targets)
+        else:
+            loss_sum = vocab_parallel_cross_entropy(logits, targets, self.tp).sum()
+        return loss_sum / (loss_denominator if loss_denominator is not None else count_targets(targets))
 
     # -- sizes, for logging and MFU -------------------------------------------------
 
@@ -97,7 +118,7 @@ class TransformerModel(nn.Module):
         """Parameters multiplied against activations: every Linear weight, including the
         output head even when it is tied to the embedding (the lookup itself is not a
         matmul). This N enters the 6N FLOPs per token."""
-        return sum(m.weight.numel() for m in self.modules() if isinstance(m, Linear))
+        return sum(m.weight.numel() for m in self.modules() if isinstance(m, Linear))  # local shard under TP
 
 
 def cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -147,6 +147,11 @@ def init_parallel(p: ParallelConfig, device_type: str = "cpu") -> ParallelState:
     return state
 
 
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
 def destroy_parallel() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -1,8 +1,11 @@
-"""The standard components: one process, token files from `nanotrain prepare`, TransformerModel, AdamW."""
+"""The standard components: token files from `nanotrain prepare`, TransformerModel, AdamW,
+on one process or a tensor x data parallel world started by torchrun."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -11,12 +14,15 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from ..checkpoint import CheckpointManager
-from ..config import Config
+from ..checkpoint import CheckpointManager, full_optimizer_state, load_full_optimizer_state
+from ..config import Config, ConfigError
 from ..data import BatchSampler, prepare_data
 from ..models import build_model
 from ..models.attention import Attention
 from ..optim import build_adamw, lr_at
+from ..parallel.data_parallel import GradSync, clip_grad_norm
+from ..parallel.state import barrier, destroy_parallel, init_parallel
+from ..parallel.tensor_parallel import TensorParallel
 from .contracts import RuntimeComponents, RuntimeContext
 
 VAL_STREAM = 1  # the val sampler draws from its own random stream
@@ -31,25 +37,39 @@ def pick_device(name: str) -> torch.device:
 
 
 class LocalBootstrap:
-    """One process: device, threads, seed, precision, output folder."""
+    """Device, process groups (when launched by torchrun), threads, seed, precision, output folder."""
 
     def setup(self, cfg: Config) -> RuntimeContext:
         device = pick_device(cfg.train.device)
+        if device.type == "cuda" and "LOCAL_RANK" in os.environ:
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+            torch.cuda.set_device(device)
+        try:
+            parallel = init_parallel(cfg.parallel, device.type)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         torch.manual_seed(cfg.train.seed)  # dropout's RNG; data and init have their own seeds
         out_dir = Path(cfg.train.out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
+        if parallel.rank == 0:
+            out_dir.mkdir(parents=True, exist_ok=True)
         autocast = {"fp32": None, "bf16": torch.bfloat16}[cfg.precision.recipe]
-        return RuntimeContext(cfg=cfg, device=device, out_dir=out_dir, autocast_dtype=autocast)
+        return RuntimeContext(cfg=cfg, device=device, out_dir=out_dir, autocast_dtype=autocast,
+                              rank=parallel.rank, world_size=parallel.world_size, parallel=parallel)
 
     def teardown(self, ctx: RuntimeContext) -> None:
-        pass
+        destroy_parallel()
 
 
 @dataclass
 class TokenData:
-    """Batches by step from prepared token files (see nanotrain.data)."""
+    """Batches by step from prepared token files (see nanotrain.data).
+
+    The global batch at a step is the same for every layout; data-parallel rank r
+    takes rows [r*B/dp, (r+1)*B/dp) of it and splits them into micro-batches.
+    Validation batches are split across dp ranks the same way.
+    """
 
     tokenizer: Any
     vocab_size: int
@@ -60,6 +80,8 @@ class TokenData:
     grad_accum_steps: int
     eval_steps: int
     device: torch.device
+    dp_rank: int = 0
+    dp: int = 1
 
     def _to_device(self, xy: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         if self.device.type == "cpu":
@@ -68,26 +90,33 @@ class TokenData:
 
     def micro_batches(self, step: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         mb = self.micro_batch_size
-        return [self._to_device(self.train.batch(step, slice(i * mb, (i + 1) * mb)))
+        first = self.dp_rank * mb * self.grad_accum_steps
+        return [self._to_device(self.train.batch(step, slice(first + i * mb, first + (i + 1) * mb)))
                 for i in range(self.grad_accum_steps)]
 
     def val_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        rows = self.val.batch_size // self.dp
         for i in range(self.eval_steps):
-            yield self._to_device(self.val.batch(i))
+            yield self._to_device(self.val.batch(i, slice(self.dp_rank * rows, (self.dp_rank + 1) * rows)))
 
 
 class TokenDataProvider:
     def build(self, ctx: RuntimeContext) -> TokenData:
-        cfg, t = ctx.cfg, ctx.cfg.train
+        cfg, t, dp = ctx.cfg, ctx.cfg.train, ctx.parallel.dp
         log = print if ctx.is_main else (lambda *a, **k: None)
+        # Rank 0 prepares (writes the token files) while the others wait, then they read them.
+        if not ctx.is_main:
+            barrier()
         prepared = prepare_data(cfg.data, t.seq_len, log=log)
+        if ctx.is_main:
+            barrier()
         return TokenData(
             tokenizer=prepared.tokenizer, vocab_size=prepared.vocab_size,
-            tokens_per_step=t.global_batch_size * t.seq_len,
-            train=BatchSampler(prepared.tokens("train"), t.seq_len, t.global_batch_size, t.seed),
-            val=BatchSampler(prepared.tokens("val"), t.seq_len, t.micro_batch_size, t.seed, stream=VAL_STREAM),
-            micro_batch_size=t.micro_batch_size, grad_accum_steps=t.grad_accum_steps,
-            eval_steps=t.eval_steps, device=ctx.device)
+            tokens_per_step=t.batch_size * t.seq_len,
+            train=BatchSampler(prepared.tokens("train"), t.seq_len, t.batch_size, t.seed),
+            val=BatchSampler(prepared.tokens("val"), t.seq_len, t.batch_size, t.seed, stream=VAL_STREAM),
+            micro_batch_size=t.micro_batch(dp), grad_accum_steps=t.grad_accum_steps(dp),
+            eval_steps=t.eval_steps, device=ctx.device, dp_rank=ctx.parallel.dp_rank, dp=dp)
 
 
 def attention_core_dtype(ctx: RuntimeContext) -> torch.dtype | None:
@@ -104,7 +133,9 @@ class TransformerProvider:
     """Build the model named by model.arch, initialise it from (seed, parameter names), move it."""
 
     def build(self, ctx: RuntimeContext) -> nn.Module:
-        model = build_model(ctx.cfg.model)
+        ps = ctx.parallel
+        tp = None if ps.tp == 1 else TensorParallel(ps.tp_group, ps.tp_rank, ps.tp, ctx.cfg.parallel.sequence_parallel)
+        model = build_model(ctx.cfg.model, tp)
         model.init_weights(ctx.cfg.train.seed)
         core = attention_core_dtype(ctx)
         for module in model.modules():
@@ -114,16 +145,32 @@ class TransformerProvider:
 
 
 class AdamWState:
-    """torch AdamW plus global-norm clipping: the single-process optimizer runtime."""
+    """torch AdamW, data-parallel gradient sync and global-norm clipping.
+
+    Per step the engine calls backward_context(last) around each micro-batch's
+    backward, sync_grads() once, then step(lr).
+    """
 
     def __init__(self, model: nn.Module, ctx: RuntimeContext):
+        ps = ctx.parallel
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.opt = build_adamw(model, ctx.cfg.optimizer, ctx.device)
         self.grad_clip = ctx.cfg.optimizer.grad_clip
+        self.tp_group, self.tp_rank = ps.tp_group, ps.tp_rank
+        self.sync = GradSync(self.params, ps.dp_group, ps.tp_group, ctx.cfg.parallel.bucket_mb)
+
+    @contextlib.contextmanager
+    def backward_context(self, last: bool):
+        """Gradient accumulation: no data-parallel sync until the last micro-batch's backward."""
+        self.sync.sync_enabled = last
+        yield
+
+    def sync_grads(self) -> None:
+        self.sync.finish()
 
     def step(self, lr: float) -> dict[str, float | torch.Tensor]:
-        # clip_grad_norm_ returns the norm *before* clipping; with max_norm=inf it only measures.
-        norm = torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip or float("inf"))
+        # The norm *before* clipping is what we log.
+        norm = clip_grad_norm(self.params, self.grad_clip, self.tp_group, self.tp_rank)
         for group in self.opt.param_groups:
             group["lr"] = lr
         self.opt.step()
@@ -131,10 +178,11 @@ class AdamWState:
         return {"grad_norm": norm}
 
     def state_dict(self) -> dict[str, Any]:
-        return self.opt.state_dict()
+        """Whole (unsharded) moments: every tp rank must call this (it gathers)."""
+        return full_optimizer_state(self.opt, self.tp_group)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.opt.load_state_dict(state)
+        load_full_optimizer_state(self.opt, state)
 
 
 class AdamWRuntime:

@@ -16,7 +16,7 @@ choose components and call `RuntimeEngine(cfg, components).run()`.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Protocol
 
@@ -25,6 +25,7 @@ from torch import nn
 
 from ..checkpoint import CheckpointManager
 from ..config import Config
+from ..parallel.state import ParallelState
 
 
 @dataclass
@@ -37,6 +38,7 @@ class RuntimeContext:
     autocast_dtype: torch.dtype | None = None  # None: compute in fp32
     rank: int = 0
     world_size: int = 1
+    parallel: ParallelState = field(default_factory=ParallelState)
 
     @property
     def is_main(self) -> bool:
@@ -61,6 +63,12 @@ class TrainData(Protocol):
 
 
 class OptimizerState(Protocol):
+    def backward_context(self, last: bool) -> contextlib.AbstractContextManager:
+        """Wraps each micro-batch's backward; `last` marks the one after which gradients sync."""
+
+    def sync_grads(self) -> None:
+        """Finish the gradient reductions (data parallel, sequence parallel) started in backward."""
+
     def step(self, lr: float) -> dict[str, float]:
         """Clip, set the learning rate, update, zero the gradients; return metrics (grad_norm)."""
 

@@ -17,11 +17,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
-from ..checkpoint import check_compatible
+from ..checkpoint import check_compatible, full_model_state, load_full_model_state
 from ..config import Config, ConfigError
 from ..monitoring import build_logger, measure_peak_flops, mfu, plot_loss_curve, transformer_flops_per_token
+from ..parallel.state import all_reduce, barrier
 from .components import default_components, write_run_config
 from .contracts import RuntimeComponents, RuntimeContext, TrainData
 
@@ -48,9 +50,17 @@ class StepMeter:
     def add(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
         self.pending.append((step, torch.stack([loss, grad_norm.to(loss)])))
 
-    def flush(self, step: int) -> tuple[dict[int, float], float, float]:
-        """({step: loss} since the last flush, grad norm at `step`, seconds per step)."""
-        values = torch.stack([v for _, v in self.pending]).tolist()
+    def flush(self, step: int, dp_group=None) -> tuple[dict[int, float], float, float]:
+        """({step: loss} since the last flush, grad norm at `step`, seconds per step).
+
+        Each data-parallel rank holds its share of the global mean loss: one all-reduce
+        sums them (the grad norm, equal on every rank after the sync, is left alone)."""
+        values = torch.stack([v for _, v in self.pending])
+        if dp_group is not None and dist.get_world_size(dp_group) > 1:
+            losses = values[:, 0].contiguous()
+            dist.all_reduce(losses, group=dp_group)
+            values[:, 0] = losses
+        values = values.tolist()
         now = time.perf_counter()
         step_s = (now - self.mark) / (step - self.mark_step)
         self.train_time += now - self.mark
@@ -65,20 +75,28 @@ class StepMeter:
 
 def resolve_model_config(cfg: Config, vocab_size: int) -> None:
     """Fill the model sizes that come from the data: vocab (from the tokenizer) and context length."""
-    m = cfg.model
+    m, tp = cfg.model, cfg.parallel.tp
     if m.vocab_size == 0:
         m.vocab_size = vocab_size
     elif m.vocab_size < vocab_size:
         raise ConfigError(f"model.vocab_size={m.vocab_size} is smaller than the tokenizer's vocabulary "
                           f"({vocab_size}): set model.vocab_size=0 to take it from the tokenizer.")
+    if m.vocab_size % tp:
+        padded = -(-m.vocab_size // tp) * tp
+        raise ConfigError(f"the vocabulary ({m.vocab_size} tokens) is not divisible by parallel.tp={tp}: "
+                          f"set model.vocab_size={padded} (rows past the tokenizer's vocabulary are never "
+                          "targets; Megatron pads the same way).")
     if m.max_seq_len == 0:
         m.max_seq_len = cfg.train.seq_len
 
 
 class RuntimeEngine:
-    def __init__(self, cfg: Config, components: RuntimeComponents | None = None):
+    def __init__(self, cfg: Config, components: RuntimeComponents | None = None, on_grads=None):
+        """on_grads(step, model), if given, sees the synced gradients of each step before
+        clipping (nanotrain verify compares them across layouts)."""
         self.cfg = cfg
         self.c = components or default_components()
+        self.on_grads = on_grads
 
     # -- one optimizer step --------------------------------------------------------
 
@@ -86,26 +104,34 @@ class RuntimeEngine:
                    ctx: RuntimeContext) -> tuple[torch.Tensor, dict]:
         batches = data.micro_batches(step)
         # DESIGN invariant 3: every micro-batch's summed loss is divided by the target
-        # count of the whole global batch, so the accumulated gradient is the gradient
-        # of the global mean loss however the batch is split.
-        denom = sum((y != -100).sum() for _, y in batches).clamp(min=1)
+        # count of the whole global batch (all micro-batches of all dp ranks), so the
+        # accumulated, dp-summed gradient is the gradient of the global mean loss
+        # however the batch is split.
+        denom = sum((y != -100).sum() for _, y in batches)
+        denom = all_reduce(denom, ctx.parallel.dp_group).clamp(min=1)
         total = torch.zeros((), device=ctx.device)
-        for x, y in batches:
+        for i, (x, y) in enumerate(batches):
             with ctx.autocast():
                 loss = model(x, y, loss_denominator=denom)
-            loss.backward()
+            with opt.backward_context(last=i == len(batches) - 1):
+                loss.backward()
             total += loss.detach()
+        opt.sync_grads()
+        if self.on_grads is not None:
+            self.on_grads(step + 1, model)
         return total, opt.step(lr)
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, data: TrainData, ctx: RuntimeContext) -> float:
         model.eval()
-        losses = []
+        sums = torch.zeros(2, dtype=torch.float64, device=ctx.device)  # (loss sum, target count)
         for x, y in data.val_batches():
             with ctx.autocast():
-                losses.append(model(x, y))
+                sums[0] += model(x, y, loss_denominator=1.0).double()
+            sums[1] += (y != -100).sum()
         model.train()
-        return torch.stack(losses).mean().item()
+        all_reduce(sums, ctx.parallel.dp_group)  # each dp rank evaluated its rows
+        return (sums[0] / sums[1]).item()
 
     # -- the run -----------------------------------------------------------------------
 
@@ -160,7 +186,7 @@ class RuntimeEngine:
                 result.final_step = done
                 if not (done % log_cfg.log_interval == 0 or is_eval or is_save):
                     continue
-                losses, norm, step_s = meter.flush(done)
+                losses, norm, step_s = meter.flush(done, ctx.parallel.dp_group)
                 result.losses.update(losses)
                 if not math.isfinite(losses[done]):
                     raise FloatingPointError(f"loss became {losses[done]} at step {done}: lower optimizer.lr, "
@@ -173,8 +199,10 @@ class RuntimeEngine:
                     val_loss = result.val_losses[done] = self.evaluate(model, data, ctx)
                     logger.log(done, {"val_loss": val_loss})
                 if is_save:
-                    path = ckpt.save(done, self._state(model, opt, data, ctx, val_loss))
-                    logger.message(f"saved checkpoint {path}")
+                    state = self._state(model, opt, data, ctx, val_loss)  # every rank: gathers shards
+                    if ctx.is_main:
+                        logger.message(f"saved checkpoint {ckpt.save(done, state)}")
+                    barrier()
                 meter.restart()  # evals and saves stay out of the measured training time
         finally:
             logger.close()  # also on errors: a live progress bar must give the terminal back
@@ -193,7 +221,7 @@ class RuntimeEngine:
         rng = {"torch": torch.get_rng_state()}
         if ctx.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(ctx.device)
-        return {"model": model.state_dict(), "optimizer": opt.state_dict(), "rng": rng,
+        return {"model": full_model_state(model, ctx.parallel.tp_group), "optimizer": opt.state_dict(), "rng": rng,
                 "config": ctx.cfg.to_dict(), "tokenizer": data.tokenizer.to_json(), "val_loss": val_loss}
 
     def _resume(self, path: Path, ckpt, model, opt, ctx: RuntimeContext) -> int:
@@ -203,7 +231,7 @@ class RuntimeEngine:
         if step >= ctx.cfg.train.max_steps:
             raise ConfigError(f"checkpoint {path} is at step {step}, already at train.max_steps="
                               f"{ctx.cfg.train.max_steps}: raise train.max_steps to train further.")
-        model.load_state_dict(state["model"])
+        load_full_model_state(model, state["model"])
         opt.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"]["torch"])
         if "cuda" in state["rng"] and ctx.device.type == "cuda":

@@ -1,0 +1,128 @@
+"""Data parallelism: every dp rank holds the same weights and a different slice of the batch;
+gradients are summed across ranks before the optimizer step.
+
+Gradients are grouped into buckets of about `bucket_mb` megabytes, in reverse
+order of registration (roughly the order backward produces them). A hook on
+each parameter fires once its gradient is complete; when the last gradient of
+a bucket arrives, the bucket is flattened and its all-reduce starts
+asynchronously, while backward goes on computing the earlier layers:
+
+    backward:  [layer 3 grads][layer 2 grads][layer 1 grads][layer 0 grads]
+    comm:                 [all-reduce b0 ][all-reduce b1 ][all-reduce b2 ]...wait
+
+Sum, not mean: each rank's loss is already divided by the token count of the
+*global* batch (DESIGN, invariant 3), so the sum of the ranks' gradients is
+the gradient of the global mean loss.
+
+With gradient accumulation, hooks do nothing until the last micro-batch
+(`sync_enabled` off), as DDP's `no_sync()`. (torch's DistributedDataParallel
+implements the same reducer in C++; bench/dp.py compares the two.)
+
+Sequence parallelism adds one more sum: parameters applied to a sequence shard
+(norms, row-parallel biases) hold partial gradients, summed over the tp group.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass
+class Bucket:
+    params: list[nn.Parameter]
+    ready: int = 0
+    flat: torch.Tensor | None = None
+    handle: dist.Work | None = None
+    sizes: list[int] = field(default_factory=list)
+
+
+class GradSync:
+    def __init__(self, params: list[nn.Parameter], dp_group: dist.ProcessGroup | None,
+                 tp_group: dist.ProcessGroup | None = None, bucket_mb: float = 25.0):
+        self.dp_group, self.tp_group = dp_group, tp_group
+        self.dp = 1 if dp_group is None else dist.get_world_size(dp_group)
+        self.sp_params = [p for p in params if getattr(p, "sequence_parallel", False)]
+        self.sync_enabled = True
+        self.buckets: list[Bucket] = []
+        self._bucket_of: dict[nn.Parameter, Bucket] = {}
+        if self.dp > 1:
+            self._build_buckets([p for p in params if p.requires_grad], bucket_mb * 2**20)
+
+    def _build_buckets(self, params: list[nn.Parameter], bucket_bytes: float) -> None:
+        current, size = [], 0
+        for p in reversed(params):  # backward visits the last layers first
+            current.append(p)
+            size += p.numel() * p.element_size()
+            if size >= bucket_bytes:
+                self.buckets.append(Bucket(current))
+                current, size = [], 0
+        if current:
+            self.buckets.append(Bucket(current))
+        for b in self.buckets:
+            for p in b.params:
+                self._bucket_of[p] = b
+                p.register_post_accumulate_grad_hook(self._on_grad_ready)
+
+    def _on_grad_ready(self, p: nn.Parameter) -> None:
+        if not self.sync_enabled:
+            return
+        bucket = self._bucket_of[p]
+        bucket.ready += 1
+        if bucket.ready == len(bucket.params):
+            self._launch(bucket)
+
+    def _launch(self, b: Bucket) -> None:
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in b.params]
+        b.sizes = [g.numel() for g in grads]
+        b.flat = torch.cat([g.reshape(-1) for g in grads])
+        b.handle = dist.all_reduce(b.flat, group=self.dp_group, async_op=True)
+
+    def finish(self) -> None:
+        """Wait for every bucket (launching any a hook did not: unused parameters), write the
+        summed gradients back, then sum sequence-parallel gradients over tp."""
+        for b in self.buckets:
+            if b.handle is None:
+                self._launch(b)
+            b.handle.wait()
+            for p, chunk in zip(b.params, b.flat.split(b.sizes)):
+                if p.grad is None:
+                    p.grad = chunk.view_as(p).clone()
+                else:
+                    p.grad.copy_(chunk.view_as(p.grad))
+            b.ready, b.flat, b.handle = 0, None, None
+        if self.sp_params and self.tp_group is not None and dist.get_world_size(self.tp_group) > 1:
+            grads = [p.grad for p in self.sp_params]
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            dist.all_reduce(flat, group=self.tp_group)
+            for g, chunk in zip(grads, flat.split([g.numel() for g in grads])):
+                g.copy_(chunk.view_as(g))
+
+
+def clip_grad_norm(params: list[nn.Parameter], max_norm: float, tp_group: dist.ProcessGroup | None,
+                   tp_rank: int = 0) -> torch.Tensor:
+    """Global gradient norm over the *logical* model, then scale every gradient by
+    min(1, max_norm / norm) (torch.nn.utils.clip_grad_norm_'s formula).
+
+    Under tensor parallelism a sharded parameter contributes its shard's squares on
+    every tp rank (the shards add up to the whole), while a replicated one (norms,
+    biases) is counted on tp rank 0 only, so it is counted once. With one tp rank
+    this is exactly clip_grad_norm_'s arithmetic.
+    """
+    grads = [p.grad for p in params if p.grad is not None]
+    tp = 1 if tp_group is None else dist.get_world_size(tp_group)
+    if tp == 1:
+        norms = torch._foreach_norm(grads)
+        total = torch.linalg.vector_norm(torch.stack(norms))
+    else:
+        counted = [p.grad for p in params if p.grad is not None and (p.shard is not None or tp_rank == 0)]
+        squares = torch.stack(torch._foreach_norm(counted)).pow(2).sum() if counted else torch.zeros(())
+        dist.all_reduce(squares, group=tp_group)
+        total = squares.sqrt()
+    if max_norm > 0:
+        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        torch._foreach_mul_(grads, coef)
+    return total

@@ -1,0 +1,135 @@
+"""Layout invariance, checked: train one config under a parallel layout and on one process, and compare.
+
+    nanotrain verify --config configs/shakespeare_char.toml --layout tp=2,dp=2 --steps 10
+
+Both runs use the same config and seed, in fp32 with dropout off (dropout masks
+come from per-process RNG streams, so they differ by layout by design). The
+layout is launched as a local gloo world (parallel/launch.py). Printed: the
+loss of every step under both, their relative difference, and the largest
+relative difference of any parameter's gradient after step 1 (gathered to the
+full tensor from the tensor-parallel shards). Exit status 1 when any exceeds
+the tolerance.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+from dataclasses import dataclass
+
+import torch
+
+from .checkpoint import gather_full
+from .config import Config, ConfigError, set_value, validate
+
+LAYOUT_KEYS = {"tp": "parallel.tp", "dp": "parallel.dp", "pp": "parallel.pp", "ep": "parallel.ep",
+               "sp": "parallel.sequence_parallel", "micro": "train.micro_batch_size"}
+
+
+def parse_layout(layout: str) -> dict[str, str]:
+    """'tp=2,dp=2,sp' -> {'parallel.tp': '2', 'parallel.dp': '2', 'parallel.sequence_parallel': 'true'}."""
+    out = {}
+    for item in filter(None, (x.strip() for x in layout.split(","))):
+        key, _, value = item.partition("=")
+        if key not in LAYOUT_KEYS:
+            raise ConfigError(f"--layout: unknown dimension '{key}'. Use {', '.join(LAYOUT_KEYS)} "
+                              "(for example tp=2,dp=2 or tp=2,sp).")
+        out[LAYOUT_KEYS[key]] = value or "true"
+    return out
+
+
+def layout_config(cfg: Config, layout: dict[str, str]) -> Config:
+    cfg = Config.from_dict(dataclasses.asdict(cfg))
+    for key, value in layout.items():
+        set_value(cfg, key, value, source="--layout")
+    validate(cfg)
+    return cfg
+
+
+def world_size(cfg: Config) -> int:
+    p = cfg.parallel
+    return p.tp * p.pp * p.dp
+
+
+def reference_config(cfg: Config, steps: int, out_dir: str, precision: str = "fp32") -> Config:
+    """The run both sides share: `steps` steps, no dropout, no saves or plots, quiet."""
+    cfg = Config.from_dict(dataclasses.asdict(cfg))
+    for key, value in {"train.max_steps": steps, "train.eval_interval": 0, "train.eval_steps": 1,
+                       "model.dropout": 0.0, "precision.recipe": precision, "checkpoint.save_final": False,
+                       "checkpoint.interval": 0, "checkpoint.resume": "", "logging.progress": "none",
+                       "logging.tensorboard": False, "logging.plot": False, "logging.peak_tflops": 1.0,
+                       "logging.log_interval": 1, "train.out_dir": out_dir}.items():
+        set_value(cfg, key, value, source="verify")
+    if cfg.schedule.decay_steps == 0:  # keep the LR schedule of the full run, not of `steps`
+        cfg.schedule.decay_steps = max(steps, cfg.schedule.warmup_steps + 1)
+    return cfg
+
+
+def train_and_capture(cfg_dict: dict, grad_step: int = 1) -> dict | None:
+    """Run the engine on this process (one rank of a world, or alone); return per-step losses and
+    the full gradients of step `grad_step` on global rank 0 (None on other ranks)."""
+    from .runtime import RuntimeEngine
+
+    cfg = Config.from_dict(cfg_dict)
+    grads: dict[str, torch.Tensor] = {}
+
+    def capture(step, model):
+        if step != grad_step:
+            return
+        tp_group = model.tp.group if getattr(model, "tp", None) is not None else None
+        for name, p in model.named_parameters():
+            grads[name] = gather_full(p.grad, p.shard, tp_group) if p.grad is not None else None
+
+    result = RuntimeEngine(cfg, on_grads=capture).run()
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    return {"losses": result.losses, "grads": grads} if rank == 0 else None
+
+
+@dataclass
+class Report:
+    rows: list[tuple[int, float, float, float]]  # step, reference loss, layout loss, relative diff
+    worst_grad: tuple[str, float]  # parameter, relative diff
+    tolerance: float
+
+    @property
+    def ok(self) -> bool:
+        return max(r[3] for r in self.rows) <= self.tolerance and self.worst_grad[1] <= self.tolerance
+
+    def table(self, layout: str) -> str:
+        lines = [f"{'step':>4}  {'1 process':>12}  {layout:>12}  {'rel diff':>9}"]
+        for step, a, b, d in self.rows:
+            lines.append(f"{step:>4}  {a:>12.7f}  {b:>12.7f}  {d:>9.2e}")
+        name, d = self.worst_grad
+        lines.append(f"largest gradient difference after step 1: {d:.2e} relative ({name})")
+        lines.append(f"tolerance {self.tolerance:.0e}: {'PASS' if self.ok else 'FAIL'}")
+        return "\n".join(lines)
+
+
+def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| / max |b|: relative to the tensor's scale, not element by element
+    (elementwise ratios explode on entries that are zero up to rounding)."""
+    return ((a - b).abs().max() / b.abs().max().clamp(min=1e-30)).item()
+
+
+def compare(ref: dict, other: dict, tolerance: float) -> Report:
+    rows = [(s, ref["losses"][s], other["losses"][s], abs(other["losses"][s] - ref["losses"][s]) / abs(ref["losses"][s]))
+            for s in sorted(ref["losses"])]
+    worst = ("", 0.0)
+    for name, g in ref["grads"].items():
+        if g is None:
+            continue
+        d = rel_diff(other["grads"][name], g)
+        if d >= worst[1]:
+            worst = (name, d)
+    return Report(rows, worst, tolerance)
+
+
+def verify(cfg: Config, layout: str, steps: int = 10, tolerance: float = 1e-5, precision: str = "fp32") -> Report:
+    from .parallel.launch import run_world
+
+    with tempfile.TemporaryDirectory(prefix="nanotrain-verify-") as tmp:
+        ref_cfg = reference_config(cfg, steps, f"{tmp}/reference", precision)
+        par_cfg = layout_config(reference_config(cfg, steps, f"{tmp}/layout", precision), parse_layout(layout))
+        ref = train_and_capture(dataclasses.asdict(ref_cfg))
+        other = run_world(train_and_capture, world_size(par_cfg), dataclasses.asdict(par_cfg))[0]
+    return compare(ref, other, tolerance)
