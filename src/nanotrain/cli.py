@@ -19,7 +19,7 @@ def cmd_train(args, overrides) -> int:
 
     cfg = _config(args, overrides)
     result = RuntimeEngine(cfg).run()
-    if result.val_losses:
+    if result.val_losses and result.rank == 0:
         step, val = max(result.val_losses.items())
         print(f"done: step {result.final_step}, val loss {val:.4f}, {result.tokens_per_s:,.0f} tokens/s, "
               f"outputs in {result.out_dir}")

@@ -13,6 +13,7 @@ nanotrain train ...`); this is its in-process equivalent for one machine.
 
 from __future__ import annotations
 
+import io
 import os
 import queue as queue_module
 import socket
@@ -38,7 +39,11 @@ def _worker(rank: int, world_size: int, port: int, threads: int, fn: Callable, a
     torch.set_num_threads(threads)
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world_size)
-        queue.put((rank, "ok", fn(*args)))
+        # Serialise to bytes: a tensor put on the queue as-is travels as a shared-memory
+        # handle that dies with this process, which may exit before the parent reads it.
+        buf = io.BytesIO()
+        torch.save(fn(*args), buf)
+        queue.put((rank, "ok", buf.getvalue()))
     except BaseException:  # report everything, including KeyboardInterrupt, to the parent
         queue.put((rank, "error", traceback.format_exc()))
     finally:
@@ -70,7 +75,7 @@ def run_world(fn: Callable[..., Any], world_size: int, *args: Any, threads: int 
                 errors.append(f"no result within {timeout_s:.0f}s (ranks that died: {dead or 'none'})")
                 break
             if status == "ok":
-                results[rank] = value
+                results[rank] = torch.load(io.BytesIO(value), weights_only=False)
             else:
                 errors.append(f"--- rank {rank} ---\n{value}")
                 break  # the other ranks may now wait forever on a collective

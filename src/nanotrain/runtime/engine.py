@@ -36,6 +36,7 @@ class RunResult:
     final_step: int = 0
     tokens_per_s: float = 0.0  # mean over the run's training time (evals and saves excluded)
     train_time_s: float = 0.0
+    rank: int = 0  # global rank of the process that returns this result
 
 
 class StepMeter:
@@ -168,7 +169,7 @@ class RuntimeEngine:
                        f"{data.tokens_per_step} tokens/step; device {ctx.device}, precision {cfg.precision.recipe}, "
                        f"peak {peak / 1e12:.2f} TFLOP/s" + (f"; resumed at step {start}" if start else ""))
 
-        result = RunResult(out_dir=ctx.out_dir, final_step=start)
+        result = RunResult(out_dir=ctx.out_dir, final_step=start, rank=ctx.rank)
         meter = StepMeter(start)
         val_loss = None
         model.train()
