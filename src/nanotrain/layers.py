@@ -44,11 +44,15 @@ def _mark(p: nn.Parameter, init: str, std: float = 0.0, shard: Shard | None = No
     return p
 
 
-class Linear(nn.Module):
-    """y = x W^T (+ b). Weight [out_features, in_features], initialised N(0, init_std)."""
+class Linear(nn.Linear):
+    """y = x W^T (+ b). Weight [out_features, in_features], initialised N(0, init_std).
+
+    A subclass of nn.Linear (same attributes, same forward) so that PyTorch's own
+    tools recognise it (DTensor's parallelize_module, FSDP2); only construction
+    differs: no default init here, init_parameters fills the weights."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, init_std: float = 0.02):
-        super().__init__()
+        nn.Module.__init__(self)  # skip nn.Linear's kaiming init: layout-invariant init comes later
         self.in_features, self.out_features = in_features, out_features
         self.weight = _mark(nn.Parameter(torch.empty(out_features, in_features)), "normal", init_std)
         self.bias = _mark(nn.Parameter(torch.empty(out_features)), "zeros") if bias else None
@@ -56,17 +60,20 @@ class Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
 
-    def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}"
 
-
-class Embedding(nn.Module):
-    """Token (or position) lookup table [num_embeddings, dim]."""
+class Embedding(nn.Embedding):
+    """Token (or position) lookup table [num_embeddings, dim] (an nn.Embedding, as Linear above)."""
 
     def __init__(self, num_embeddings: int, dim: int, init_std: float = 0.02):
-        super().__init__()
-        self.num_embeddings, self.dim = num_embeddings, dim
+        nn.Module.__init__(self)
+        self.num_embeddings, self.embedding_dim = num_embeddings, dim
+        self.padding_idx, self.max_norm, self.norm_type = None, None, 2.0
+        self.scale_grad_by_freq, self.sparse = False, False
         self.weight = _mark(nn.Parameter(torch.empty(num_embeddings, dim)), "normal", init_std)
+
+    @property
+    def dim(self) -> int:
+        return self.embedding_dim
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(ids, self.weight)
