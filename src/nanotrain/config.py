@@ -120,7 +120,7 @@ class LoggingConfig:
     progress: Literal["auto", "rich", "plain", "none"] = "auto"
     tensorboard: bool = True
     plot: bool = True
-    peak_tflops: float = 0.0  # 0: measure with a short GEMM probe at start-up
+    peak_tflops: float = 0.0  # per process; 0: measure with a short GEMM probe at start-up
 
 
 @dataclass

@@ -125,6 +125,11 @@ def full_shape(p: nn.Parameter) -> tuple[int, ...]:
     return tuple(shape)
 
 
+def logical_numel(model: nn.Module) -> int:
+    """Parameters of the whole (unsharded) model, counted from this rank's shards."""
+    return sum(p.numel() * (p.shard.world if getattr(p, "shard", None) else 1) for p in model.parameters())
+
+
 def full_init_tensor(p: nn.Parameter, name: str, seed: int) -> torch.Tensor:
     """The full (unsharded) initial value of parameter `name`, in fp32 on CPU."""
     shape = full_shape(p)

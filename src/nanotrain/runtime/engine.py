@@ -22,6 +22,7 @@ from torch import nn
 
 from ..checkpoint import check_compatible, full_model_state, load_full_model_state
 from ..config import Config, ConfigError
+from ..layers import logical_numel
 from ..monitoring import build_logger, measure_peak_flops, mfu, plot_loss_curve, transformer_flops_per_token
 from ..parallel.state import all_reduce, barrier
 from .components import default_components, write_run_config
@@ -161,11 +162,15 @@ class RuntimeEngine:
         if ctx.is_main:
             write_run_config(ctx)
 
-        flops_per_token = transformer_flops_per_token(model.num_matmul_params(), cfg.model.n_layers,
+        # Every matmul weight is split over tp (column/row/vocab-parallel), so the whole
+        # model's count is the local one times tp. MFU compares the run's FLOP/s with the
+        # peak of all its processes: each process probes its own share of the machine.
+        flops_per_token = transformer_flops_per_token(model.num_matmul_params() * ctx.parallel.tp, cfg.model.n_layers,
                                                       cfg.model.d_model, t_cfg.seq_len)
         peak = log_cfg.peak_tflops * 1e12 or measure_peak_flops(ctx.device, ctx.autocast_dtype or torch.float32)
+        peak *= ctx.world_size
         logger = build_logger(log_cfg, ctx.out_dir, t_cfg.max_steps, start, ctx.rank)
-        logger.message(f"model: {model.num_params() / 1e6:.2f}M parameters, {flops_per_token / 1e6:.1f} MFLOP/token; "
+        logger.message(f"model: {logical_numel(model) / 1e6:.2f}M parameters, {flops_per_token / 1e6:.1f} MFLOP/token; "
                        f"{data.tokens_per_step} tokens/step; device {ctx.device}, precision {cfg.precision.recipe}, "
                        f"peak {peak / 1e12:.2f} TFLOP/s" + (f"; resumed at step {start}" if start else ""))
 

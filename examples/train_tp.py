@@ -1,0 +1,34 @@
+"""Tensor parallel (with sequence parallel) x data parallel training.
+
+    torchrun --nproc-per-node 4 examples/train_tp.py --config configs/shakespeare_char.toml \
+        --model.vocab_size=66
+
+tp=2 splits every layer's matrices over 2 ranks (attention by heads, the MLP by
+its hidden width, the vocabulary of the embedding and head); the remaining
+factor of the world is data parallel. The character vocabulary (65) must split
+over tp: --model.vocab_size=66 pads it by one never-used row.
+"""
+
+import os
+import sys
+
+from nanotrain.config import load_config
+from nanotrain.runtime import RuntimeEngine
+
+TP = 2
+
+
+def main(argv: list[str]) -> None:
+    config_path = argv[1] if argv[:1] == ["--config"] else None
+    overrides = argv[2:] if config_path else argv
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world % TP:
+        sys.exit(f"examples/train_tp.py uses tp={TP}: launch an even number of processes "
+                 f"(torchrun --nproc-per-node 4 ...)")
+    cfg = load_config(config_path, [f"--parallel.tp={TP}", f"--parallel.dp={world // TP}",
+                                    "--parallel.sequence_parallel=true", *overrides])
+    RuntimeEngine(cfg).run()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
