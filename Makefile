@@ -5,6 +5,7 @@ PYTHON ?= python3.11
 VENV   := .venv
 PY     := $(VENV)/bin/python
 CONFIG ?= configs/shakespeare_char.toml
+NPROC  ?= 2
 ARGS   ?=
 
 .PHONY: train test setup data bench clean
@@ -24,9 +25,11 @@ setup: $(VENV)/.installed
 data: setup
 	$(PY) -m nanotrain prepare --config $(CONFIG)
 
-# The default demo: train the nanoGPT-sized character model on tiny Shakespeare, then sample from it.
+# The default demo: train the nanoGPT-sized character model on tiny Shakespeare, data parallel
+# over NPROC processes (torchrun, gloo; the same model as one process would train), then sample.
 train: data
-	$(PY) -m nanotrain train --config $(CONFIG) $(ARGS)
+	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --standalone --nproc-per-node $(NPROC) \
+		-m nanotrain train --config $(CONFIG) --parallel.dp=$(NPROC) $(ARGS)
 	$(PY) -m nanotrain sample --config $(CONFIG) --prompt "ROMEO:" --max-new-tokens 300
 
 test: data
