@@ -82,7 +82,7 @@ def train_and_capture(cfg_dict: dict, grad_step: int = 1) -> dict | None:
 
     result = RuntimeEngine(cfg, on_grads=capture).run()
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-    return {"losses": result.losses, "grads": grads} if rank == 0 else None
+    return {"losses": result.losses, "grad_norms": result.grad_norms, "grads": grads} if rank == 0 else None
 
 
 @dataclass
@@ -90,10 +90,11 @@ class Report:
     rows: list[tuple[int, float, float, float]]  # step, reference loss, layout loss, relative diff
     worst_grad: tuple[str, float]  # parameter, relative diff
     tolerance: float
+    worst_norm: float = 0.0  # largest relative difference of the global gradient norm over the steps
 
     @property
     def ok(self) -> bool:
-        return max(r[3] for r in self.rows) <= self.tolerance and self.worst_grad[1] <= self.tolerance
+        return max(max(r[3] for r in self.rows), self.worst_grad[1], self.worst_norm) <= self.tolerance
 
     def table(self, layout: str) -> str:
         lines = [f"{'step':>4}  {'1 process':>12}  {layout:>12}  {'rel diff':>9}"]
@@ -101,6 +102,7 @@ class Report:
             lines.append(f"{step:>4}  {a:>12.7f}  {b:>12.7f}  {d:>9.2e}")
         name, d = self.worst_grad
         lines.append(f"largest gradient difference after step 1: {d:.2e} relative ({name})")
+        lines.append(f"largest global gradient-norm difference (clipping input): {self.worst_norm:.2e} relative")
         lines.append(f"tolerance {self.tolerance:.0e}: {'PASS' if self.ok else 'FAIL'}")
         return "\n".join(lines)
 
@@ -123,7 +125,8 @@ def compare(ref: dict, other: dict, tolerance: float) -> Report:
         d = rel_diff(other["grads"][name], g)
         if d >= worst[1]:
             worst = (name, d)
-    return Report(rows, worst, tolerance)
+    norm = max(abs(other["grad_norms"][s] - n) / n for s, n in ref["grad_norms"].items())
+    return Report(rows, worst, tolerance, norm)
 
 
 def verify(cfg: Config, layout: str, steps: int = 10, tolerance: float = 1e-5, precision: str = "fp32") -> Report:

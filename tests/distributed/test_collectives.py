@@ -78,3 +78,33 @@ def test_rank_layout_matches_megatron_order():
         assert members["tp"] == [rank - t, rank - t + 1]
         assert members["dp"] == [t + 4 * p, t + 2 + 4 * p]
         assert members["pp"] == [t + 2 * d, t + 2 * d + 4]
+
+
+def _tp_init(cfg_dict):
+    from nanotrain.checkpoint import gather_full
+    from nanotrain.config import Config
+    from nanotrain.models import build_model
+    from nanotrain.parallel.tensor_parallel import TensorParallel
+
+    cfg = Config.from_dict(cfg_dict)
+    tp = TensorParallel(dist.group.WORLD, dist.get_rank(), dist.get_world_size(), sequence_parallel=True)
+    model = build_model(cfg.model, tp)
+    model.init_weights(seed=5)
+    shards = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    return shards, {n: gather_full(p, p.shard, dist.group.WORLD) for n, p in model.named_parameters()}
+
+
+def test_tp_shards_are_slices_of_the_single_process_init():
+    import dataclasses
+
+    from nanotrain.config import ModelConfig
+    from nanotrain.models import build_model
+
+    cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=16)
+    ref = build_model(cfg)
+    ref.init_weights(seed=5)
+    for shards, full in run_world(_tp_init, 2, {"model": dataclasses.asdict(cfg)}):
+        assert shards["layers.0.attn.wq.weight"] == (16, 32) and shards["layers.0.attn.wo.weight"] == (32, 16)
+        assert shards["tok_emb.weight"] == (32, 32)
+        for name, p in ref.named_parameters():
+            assert torch.equal(full[name], p.detach()), name

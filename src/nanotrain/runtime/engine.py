@@ -34,6 +34,7 @@ class RunResult:
     out_dir: Path
     losses: dict[int, float] = field(default_factory=dict)  # step (1-based count of updates) -> train loss
     val_losses: dict[int, float] = field(default_factory=dict)
+    grad_norms: dict[int, float] = field(default_factory=dict)  # global norm before clipping
     final_step: int = 0
     tokens_per_s: float = 0.0  # mean over the run's training time (evals and saves excluded)
     train_time_s: float = 0.0
@@ -52,8 +53,8 @@ class StepMeter:
     def add(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
         self.pending.append((step, torch.stack([loss, grad_norm.to(loss)])))
 
-    def flush(self, step: int, dp_group=None) -> tuple[dict[int, float], float, float]:
-        """({step: loss} since the last flush, grad norm at `step`, seconds per step).
+    def flush(self, step: int, dp_group=None) -> tuple[dict[int, float], dict[int, float], float]:
+        """({step: loss}, {step: grad norm}) since the last flush, and seconds per step.
 
         Each data-parallel rank holds its share of the global mean loss: one all-reduce
         sums them (the grad norm, equal on every rank after the sync, is left alone)."""
@@ -67,9 +68,10 @@ class StepMeter:
         step_s = (now - self.mark) / (step - self.mark_step)
         self.train_time += now - self.mark
         losses = {s: v[0] for (s, _), v in zip(self.pending, values)}
+        norms = {s: v[1] for (s, _), v in zip(self.pending, values)}
         self.pending.clear()
         self.mark, self.mark_step = now, step
-        return losses, values[-1][1], step_s
+        return losses, norms, step_s
 
     def restart(self) -> None:
         self.mark = time.perf_counter()
@@ -192,13 +194,14 @@ class RuntimeEngine:
                 result.final_step = done
                 if not (done % log_cfg.log_interval == 0 or is_eval or is_save):
                     continue
-                losses, norm, step_s = meter.flush(done, ctx.parallel.dp_group)
+                losses, norms, step_s = meter.flush(done, ctx.parallel.dp_group)
                 result.losses.update(losses)
+                result.grad_norms.update(norms)
                 if not math.isfinite(losses[done]):
                     raise FloatingPointError(f"loss became {losses[done]} at step {done}: lower optimizer.lr, "
                                              "enable optimizer.grad_clip, or resume from an earlier checkpoint.")
                 tokens_per_s = data.tokens_per_step / step_s
-                logger.log(done, {"loss": losses[done], "lr": lr, "grad_norm": norm,
+                logger.log(done, {"loss": losses[done], "lr": lr, "grad_norm": norms[done],
                                   "tokens_per_s": tokens_per_s, "mfu": mfu(tokens_per_s, flops_per_token, peak),
                                   "step_ms": step_s * 1e3, "tokens": done * data.tokens_per_step})
                 if is_eval:
