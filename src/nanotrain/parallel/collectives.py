@@ -61,18 +61,22 @@ def _gather(x: torch.Tensor, dim: int, group) -> torch.Tensor:
     return torch.cat(parts, dim=dim)
 
 
+# torch 2.13 renamed reduce_scatter_tensor to reduce_scatter_single; older releases have only the former.
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
 def _reduce_scatter(x: torch.Tensor, dim: int, group) -> torch.Tensor:
+    """Sum over the group, then keep this rank's chunk of `dim`, in one collective."""
     n = _size(group)
     if n == 1:
         return x
-    # gloo has no reduce_scatter: all-reduce then keep our chunk. Same result, twice the
-    # bytes; NCCL's reduce_scatter_tensor does it in one pass.
-    if dist.get_backend(group) == "nccl":
-        parts = list(x.movedim(dim, 0).contiguous().chunk(n, dim=0))
-        out = torch.empty_like(parts[0])
-        dist.reduce_scatter_tensor(out, torch.cat(parts, 0), group=group)
-        return out.movedim(0, dim).contiguous()
-    return _split(_all_reduce(x.clone(), group), dim, group)
+    if x.shape[dim] % n:
+        raise ValueError(f"cannot reduce-scatter dim {dim} of size {x.shape[dim]} over {n} ranks")
+    # The collective splits dim 0: move `dim` to the front, scatter, move it back.
+    src = x.movedim(dim, 0).contiguous()
+    out = torch.empty((src.shape[0] // n, *src.shape[1:]), dtype=x.dtype, device=x.device)
+    _reduce_scatter_single(out, src, group=group)
+    return out.movedim(0, dim).contiguous()
 
 
 class _CopyToRegion(torch.autograd.Function):
