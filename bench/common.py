@@ -20,3 +20,26 @@ def table(rows: list[list], header: list[str]) -> str:
     lines = [" | ".join(c.ljust(w) for c, w in zip(r, widths)) for r in cells]
     lines.insert(1, "-+-".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def alternate_rounds(fns: dict, steps: int, rounds: int, barrier) -> tuple[dict, dict]:
+    """Time `steps` calls of each fn(step) -> loss per round, alternating which goes first
+    (machine speed drifts); round 0 warms up and is not timed. Returns (seconds per step
+    per round, every loss) by name. `barrier` lines the ranks of a world up around each run."""
+    import time
+
+    names = list(fns)
+    times = {k: [] for k in names}
+    losses = {k: [] for k in names}
+    step = {k: 0 for k in names}
+    for r in range(rounds + 1):
+        for name in (names if r % 2 == 0 else names[::-1]):
+            barrier()
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                losses[name].append(float(fns[name](step[name])))
+                step[name] += 1
+            barrier()
+            if r > 0:
+                times[name].append((time.perf_counter() - t0) / steps)
+    return times, losses

@@ -19,9 +19,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import statistics
-import time
 
-from common import ROOT, table
+from common import ROOT, alternate_rounds, table
 
 import torch
 import torch.distributed as dist
@@ -85,24 +84,10 @@ def worker(cfg_dict: dict, steps: int, rounds: int, bucket_mb: float) -> dict:
         ddp_opt.zero_grad(set_to_none=True)
         return loss.detach() / world
 
-    times = {"nano-train": [], "DDP": []}
-    losses = {"nano-train": [], "DDP": []}
-    fns = {"nano-train": step_ours, "DDP": step_ddp}
-    step = {"nano-train": 0, "DDP": 0}
-    for r in range(rounds + 1):  # round 0 warms both up and is not timed
-        for name in (("nano-train", "DDP") if r % 2 == 0 else ("DDP", "nano-train")):
-            dist.barrier()
-            t0 = time.perf_counter()
-            for _ in range(steps):
-                loss = fns[name](step[name])
-                step[name] += 1
-                losses[name].append(loss)
-            dist.barrier()
-            if r > 0:
-                times[name].append((time.perf_counter() - t0) / steps)
+    times, losses = alternate_rounds({"nano-train": step_ours, "DDP": step_ddp}, steps, rounds, dist.barrier)
     # Global mean loss per step (sum of the ranks' shares) for both: they must agree.
     for name in losses:
-        stacked = torch.stack(losses[name])
+        stacked = torch.tensor(losses[name])
         dist.all_reduce(stacked)
         losses[name] = stacked.tolist()
     return {"times": times, "losses": losses}

@@ -24,9 +24,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import statistics
-import time
 
-from common import ROOT, table
+from common import ROOT, alternate_rounds, table
 
 import torch
 import torch.distributed as dist
@@ -106,20 +105,7 @@ def worker(cfg_dict: dict, steps: int, rounds: int) -> dict:
         loss = loss.detach()
         return loss.full_tensor() if hasattr(loss, "full_tensor") else loss
 
-    fns = {"nano-train": step_ours, "DTensor": step_theirs}
-    times = {k: [] for k in fns}
-    losses = {k: [] for k in fns}
-    step = {k: 0 for k in fns}
-    for r in range(rounds + 1):  # round 0 warms up and is not timed
-        for name in (("nano-train", "DTensor") if r % 2 == 0 else ("DTensor", "nano-train")):
-            dist.barrier()
-            t0 = time.perf_counter()
-            for _ in range(steps):
-                losses[name].append(float(fns[name](step[name])))
-                step[name] += 1
-            dist.barrier()
-            if r > 0:
-                times[name].append((time.perf_counter() - t0) / steps)
+    times, losses = alternate_rounds({"nano-train": step_ours, "DTensor": step_theirs}, steps, rounds, dist.barrier)
     return {"times": times, "losses": losses}
 
 

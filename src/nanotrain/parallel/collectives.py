@@ -79,109 +79,60 @@ def _reduce_scatter(x: torch.Tensor, dim: int, group) -> torch.Tensor:
     return out.movedim(0, dim).contiguous()
 
 
-class _CopyToRegion(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return x
+def _identity(x: torch.Tensor, group) -> torch.Tensor:
+    return x
+
+
+def _all_reduce_copy(x: torch.Tensor, group) -> torch.Tensor:
+    return _all_reduce(x.clone(), group)  # never reduce in place into a tensor autograd saved
+
+
+class _Collective(torch.autograd.Function):
+    """Applies `forward_fn` and, in backward, its mirror `backward_fn` (the table above)."""
 
     @staticmethod
-    def backward(ctx, grad):
-        return _all_reduce(grad.clone(), ctx.group), None
-
-
-class _ReduceFromRegion(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        return _all_reduce(x.clone(), group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad, None
-
-
-class _SplitLast(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _split(x, -1, group)
+    def forward(ctx, x, group, forward_fn, backward_fn):
+        ctx.group, ctx.backward_fn = group, backward_fn
+        return forward_fn(x, group)
 
     @staticmethod
     def backward(ctx, grad):
-        return _gather(grad, -1, ctx.group), None
+        return ctx.backward_fn(grad, ctx.group), None, None, None
 
 
-class _GatherLast(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _gather(x, -1, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _split(grad, -1, ctx.group), None
+def _pair(forward_fn, backward_fn, doc: str):
+    def collective(x: torch.Tensor, group) -> torch.Tensor:
+        return _Collective.apply(x, group, forward_fn, backward_fn) if _size(group) > 1 else x
+    collective.__doc__ = doc
+    return collective
 
 
-class _ScatterSeq(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _split(x, SEQ_DIM, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _gather(grad, SEQ_DIM, ctx.group), None
+def _split_last(x, group):
+    return _split(x, -1, group)
 
 
-class _GatherSeq(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _gather(x, SEQ_DIM, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        # Every rank's copy of the full sequence fed a different shard of the next
-        # matmul, so each contributes a partial gradient: sum them, keep our rows.
-        return _reduce_scatter(grad, SEQ_DIM, ctx.group), None
+def _gather_last(x, group):
+    return _gather(x, -1, group)
 
 
-class _ReduceScatterSeq(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _reduce_scatter(x, SEQ_DIM, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _gather(grad, SEQ_DIM, ctx.group), None
+def _split_seq(x, group):
+    return _split(x, SEQ_DIM, group)
 
 
-def copy_to_region(x, group):
-    """f: identity forward, all-reduce backward."""
-    return _CopyToRegion.apply(x, group) if _size(group) > 1 else x
+def _gather_seq(x, group):
+    return _gather(x, SEQ_DIM, group)
 
 
-def reduce_from_region(x, group):
-    """g: all-reduce forward, identity backward."""
-    return _ReduceFromRegion.apply(x, group) if _size(group) > 1 else x
+def _reduce_scatter_seq(x, group):
+    return _reduce_scatter(x, SEQ_DIM, group)
 
 
-def split_last(x, group):
-    return _SplitLast.apply(x, group) if _size(group) > 1 else x
-
-
-def gather_last(x, group):
-    return _GatherLast.apply(x, group) if _size(group) > 1 else x
-
-
-def scatter_seq(x, group):
-    return _ScatterSeq.apply(x, group) if _size(group) > 1 else x
-
-
-def gather_seq(x, group):
-    return _GatherSeq.apply(x, group) if _size(group) > 1 else x
-
-
-def reduce_scatter_seq(x, group):
-    return _ReduceScatterSeq.apply(x, group) if _size(group) > 1 else x
+copy_to_region = _pair(_identity, _all_reduce_copy, "f: identity forward, all-reduce backward.")
+reduce_from_region = _pair(_all_reduce_copy, _identity, "g: all-reduce forward, identity backward.")
+split_last = _pair(_split_last, _gather_last, "Keep this rank's slice of the last dim; backward all-gathers.")
+gather_last = _pair(_gather_last, _split_last, "All-gather the last dim; backward keeps this rank's slice.")
+scatter_seq = _pair(_split_seq, _gather_seq, "Keep this rank's sequence chunk; backward all-gathers.")
+# gather_seq's backward: every rank's copy of the full sequence fed a different shard of
+# the next matmul, so each holds a partial gradient: sum them and keep our positions.
+gather_seq = _pair(_gather_seq, _reduce_scatter_seq, "All-gather the sequence; backward reduce-scatters.")
+reduce_scatter_seq = _pair(_reduce_scatter_seq, _gather_seq, "Reduce-scatter the sequence; backward all-gathers.")
