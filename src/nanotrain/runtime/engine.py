@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from ..checkpoint import check_compatible, full_model_state, load_full_model_state
@@ -59,10 +58,7 @@ class StepMeter:
         Each data-parallel rank holds its share of the global mean loss: one all-reduce
         sums them (the grad norm, equal on every rank after the sync, is left alone)."""
         values = torch.stack([v for _, v in self.pending])
-        if dp_group is not None and dist.get_world_size(dp_group) > 1:
-            losses = values[:, 0].contiguous()
-            dist.all_reduce(losses, group=dp_group)
-            values[:, 0] = losses
+        values[:, 0] = all_reduce(values[:, 0].contiguous(), dp_group)
         values = values.tolist()
         now = time.perf_counter()
         step_s = (now - self.mark) / (step - self.mark_step)
