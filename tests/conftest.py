@@ -1,5 +1,6 @@
 """Shared test helpers: a tiny config that trains in a second on the shipped corpus."""
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -7,6 +8,7 @@ import pytest
 from nanotrain.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent / "unit"))  # shared tiny model configs
 CORPUS = ROOT / "data" / "tinyshakespeare.txt"
 
 

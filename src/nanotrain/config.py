@@ -26,7 +26,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    arch: Literal["transformer"] = "transformer"
+    arch: Literal["transformer", "deepseek"] = "transformer"
     vocab_size: int = 0  # 0: take it from the tokenizer
     d_model: int = 128
     n_layers: int = 4
@@ -43,6 +43,41 @@ class ModelConfig:
     dropout: float = 0.0
     bias: bool = False
     init_std: float = 0.02
+    # -- RoPE scaling (YaRN, Peng et al. 2023); used by both attention kinds ------------
+    rope_scaling: Literal["none", "yarn"] = "none"
+    rope_factor: float = 1.0
+    rope_original_max_seq_len: int = 0  # context the model was trained at before scaling
+    rope_beta_fast: float = 32.0
+    rope_beta_slow: float = 1.0
+    rope_mscale: float = 1.0
+    rope_mscale_all_dim: float = 0.0
+    # -- arch = "deepseek": multi-head latent attention (DeepSeek-V2 §2.1) ---------------
+    q_lora_rank: int = 0  # 0: a plain query projection
+    kv_lora_rank: int = 64
+    qk_nope_head_dim: int = 32
+    qk_rope_head_dim: int = 16
+    v_head_dim: int = 32
+    # -- arch = "deepseek": mixture of experts (DeepSeek-V3 §2.1.2) ----------------------
+    first_k_dense_replace: int = 1  # the first k layers keep a dense SwiGLU MLP
+    n_routed_experts: int = 8
+    n_shared_experts: int = 1
+    moe_top_k: int = 2
+    moe_d_ff: int = 128  # width of each expert (and of each shared expert)
+    n_group: int = 1  # group-limited routing: experts in n_group groups, tokens use topk_group
+    topk_group: int = 1
+    score_func: Literal["softmax", "sigmoid"] = "sigmoid"
+    norm_topk_prob: bool = True
+    routed_scaling_factor: float = 1.0
+    bias_update_rate: float = 0.001  # auxiliary-loss-free balancing; 0 turns it off
+    aux_loss_coef: float = 0.0  # sequence-wise auxiliary loss; 0 turns it off
+
+    def rope_scaling_dict(self) -> dict | None:
+        if self.rope_scaling == "none":
+            return None
+        return {"type": self.rope_scaling, "factor": self.rope_factor,
+                "original_max_position": self.rope_original_max_seq_len or self.max_seq_len,
+                "beta_fast": self.rope_beta_fast, "beta_slow": self.rope_beta_slow,
+                "mscale": self.rope_mscale, "mscale_all_dim": self.rope_mscale_all_dim}
 
     def ffn_width(self) -> int:
         """d_ff, or the usual default: 4d for GELU, 8d/3 rounded up to 64 for SwiGLU,
@@ -323,6 +358,24 @@ def validate(cfg: Config) -> None:
     need(0.0 <= m.dropout < 1.0, f"model.dropout={m.dropout} must be in [0, 1).")
     need(m.norm_eps > 0, f"model.norm_eps={m.norm_eps} must be positive.")
     need(m.init_std > 0, f"model.init_std={m.init_std} must be positive.")
+    need(m.rope_scaling == "none" or m.rope_factor >= 1.0,
+         f"model.rope_factor={m.rope_factor} must be >= 1 with model.rope_scaling={m.rope_scaling!r}.")
+    if m.arch == "deepseek":
+        for key in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "n_routed_experts",
+                    "moe_top_k", "moe_d_ff"):
+            need(getattr(m, key) > 0, f"model.{key}={getattr(m, key)} must be positive for model.arch='deepseek'.")
+        need(m.qk_rope_head_dim % 2 == 0, f"model.qk_rope_head_dim={m.qk_rope_head_dim} must be even (RoPE rotates pairs).")
+        need(0 <= m.first_k_dense_replace <= m.n_layers,
+             f"model.first_k_dense_replace={m.first_k_dense_replace} must be between 0 and model.n_layers={m.n_layers}.")
+        need(m.moe_top_k <= m.n_routed_experts,
+             f"model.moe_top_k={m.moe_top_k} exceeds model.n_routed_experts={m.n_routed_experts}.")
+        if m.n_group < 1 or m.n_routed_experts % m.n_group:
+            errors.append(f"model.n_group={m.n_group} must divide model.n_routed_experts={m.n_routed_experts}.")
+        elif not 1 <= m.topk_group <= m.n_group or m.moe_top_k > m.topk_group * (m.n_routed_experts // m.n_group):
+            errors.append(f"model.topk_group={m.topk_group} must be in [1, n_group={m.n_group}] and leave at least "
+                          f"moe_top_k={m.moe_top_k} experts to choose from.")
+        need(m.bias_update_rate >= 0 and m.aux_loss_coef >= 0,
+             "model.bias_update_rate and model.aux_loss_coef must be >= 0 (0 turns each off).")
     need(m.max_seq_len == 0 or m.max_seq_len >= t.seq_len,
          f"train.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len}: raise model.max_seq_len "
          "or set it to 0 (= train.seq_len).")

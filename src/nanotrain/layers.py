@@ -88,7 +88,9 @@ class RMSNorm(nn.Module):
         self.weight = _mark(nn.Parameter(torch.empty(dim)), "ones")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        # In fp32 whatever the input (a bf16 projection output under autocast): the mean of
+        # squares needs the precision, and the fused kernel wants input and weight alike.
+        return F.rms_norm(x.float(), (x.shape[-1],), self.weight, self.eps).to(x.dtype)
 
 
 class LayerNorm(nn.Module):

@@ -10,4 +10,8 @@ def build_model(cfg, tp=None):
     tensor-parallel over `tp` (a parallel.tensor_parallel.TensorParallel) when given."""
     if cfg.arch == "transformer":
         return TransformerModel(cfg, tp)
+    if cfg.arch == "deepseek":
+        from .deepseek import DeepSeekModel  # imported on demand: MLA and MoE are only needed here
+
+        return DeepSeekModel(cfg, tp)
     raise ValueError(f"unknown model.arch={cfg.arch!r}")

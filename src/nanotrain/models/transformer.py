@@ -53,7 +53,7 @@ class TransformerModel(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
         # A ModuleDict keyed by the global layer index keeps parameter names
         # ("layers.3.attn.wq.weight") the same when a pipeline stage holds only some layers.
-        self.layers = nn.ModuleDict({str(i): Block(cfg, tp) for i in range(cfg.n_layers)})
+        self.layers = nn.ModuleDict({str(i): self.make_block(cfg, i, tp) for i in range(cfg.n_layers)})
         self.norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias)
         # Vocabulary-parallel head: each rank computes the logits of its slice of the
         # vocabulary; the loss never gathers them (vocab_parallel_cross_entropy).
@@ -61,7 +61,7 @@ class TransformerModel(nn.Module):
         if cfg.tie_embeddings:
             self.head.weight = self.tok_emb.weight  # one tensor, named tok_emb.weight
         if cfg.pos_emb == "rope":
-            cos, sin = rope_cache(cfg.d_model // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta)
+            cos, sin = rope_cache(self.rope_head_dim(cfg), cfg.max_seq_len, cfg.rope_theta, cfg.rope_scaling_dict())
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
         else:
@@ -73,6 +73,12 @@ class TransformerModel(nn.Module):
             for p in self.parameters():
                 if getattr(p, "shard", None) is None:
                     p.sequence_parallel = True
+
+    def make_block(self, cfg: ModelConfig, index: int, tp: TensorParallel | None) -> nn.Module:
+        return Block(cfg, tp)
+
+    def rope_head_dim(self, cfg: ModelConfig) -> int:
+        return cfg.d_model // cfg.n_heads
 
     def init_weights(self, seed: int) -> None:
         init_parameters(self, seed)

@@ -119,7 +119,11 @@ class RuntimeEngine:
         opt.sync_grads()
         if self.on_grads is not None:
             self.on_grads(step + 1, model)
-        return total, opt.step(lr)
+        stats = opt.step(lr)
+        # Models with state that follows the optimizer step (MoE router biases) update it here.
+        if hasattr(model, "after_optimizer_step"):
+            stats.update(model.after_optimizer_step(ctx.parallel))
+        return total, stats
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, data: TrainData, ctx: RuntimeContext) -> float:
@@ -197,9 +201,10 @@ class RuntimeEngine:
                     raise FloatingPointError(f"loss became {losses[done]} at step {done}: lower optimizer.lr, "
                                              "enable optimizer.grad_clip, or resume from an earlier checkpoint.")
                 tokens_per_s = data.tokens_per_step / step_s
+                model_metrics = {k: v for k, v in stats.items() if k != "grad_norm"}
                 logger.log(done, {"loss": losses[done], "lr": lr, "grad_norm": norms[done],
                                   "tokens_per_s": tokens_per_s, "mfu": mfu(tokens_per_s, flops_per_token, peak),
-                                  "step_ms": step_s * 1e3, "tokens": done * data.tokens_per_step})
+                                  "step_ms": step_s * 1e3, "tokens": done * data.tokens_per_step, **model_metrics})
                 if is_eval:
                     val_loss = result.val_losses[done] = self.evaluate(model, data, ctx)
                     logger.log(done, {"val_loss": val_loss})

@@ -1,0 +1,121 @@
+"""DeepSeekModel: the DeepSeek-V3 decoder, built from the same skeleton as TransformerModel.
+
+    tokens -> embedding -> n_layers x DeepSeekBlock -> RMSNorm -> head -> logits
+
+DeepSeekBlock: x = x + MLA(norm(x)); x = x + FFN(norm(x)), where FFN is a dense
+SwiGLU for the first `first_k_dense_replace` layers and a routed mixture of
+experts (plus shared experts) after them. Only the block differs from
+TransformerModel, so this class overrides just `make_block` (and the RoPE
+dimension: MLA rotates only the decoupled qk_rope_head_dim channels).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..config import ModelConfig
+from ..layers import RMSNorm
+from ..parallel.tensor_parallel import TensorParallel
+from .mla import MLAttention
+from .mlp import GatedMLP
+from .moe import LocalRoutedMoE
+from .transformer import TransformerModel
+
+
+def make_moe(cfg: ModelConfig) -> nn.Module:
+    moe = LocalRoutedMoE(
+        cfg.d_model, cfg.n_routed_experts, cfg.moe_top_k, cfg.moe_d_ff, cfg.n_shared_experts,
+        score_func=cfg.score_func, n_group=cfg.n_group, topk_group=cfg.topk_group,
+        norm_topk_prob=cfg.norm_topk_prob, routed_scaling_factor=cfg.routed_scaling_factor,
+        bias_update_rate=cfg.bias_update_rate, aux_loss_coef=cfg.aux_loss_coef,
+        init_std=cfg.init_std, out_std=cfg.init_std / math.sqrt(2 * cfg.n_layers))
+    # Tokens per expert summed over the micro-batches of one optimizer step (not saved).
+    moe.register_buffer("step_load", torch.zeros(cfg.n_routed_experts, dtype=torch.long), persistent=False)
+    return moe
+
+
+class DeepSeekBlock(nn.Module):
+    def __init__(self, cfg: ModelConfig, index: int, tp: TensorParallel | None = None):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn = MLAttention(cfg.d_model, cfg.n_heads, cfg.q_lora_rank, cfg.kv_lora_rank, cfg.qk_nope_head_dim,
+                                cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.norm_eps, cfg.init_std,
+                                cfg.init_std / math.sqrt(2 * cfg.n_layers), cfg.rope_scaling_dict(), tp)
+        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.is_moe = index >= cfg.first_k_dense_replace
+        self.mlp = make_moe(cfg) if self.is_moe else GatedMLP(cfg, tp)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, rope) -> torch.Tensor:
+        x = x + self.dropout(self.attn(self.attn_norm(x), rope))
+        return x + self.dropout(self.mlp(self.mlp_norm(x)))
+
+
+class DeepSeekModel(TransformerModel):
+    """Under tensor parallelism MLA splits its heads; the experts stay whole on every tp
+    rank (no expert tensor parallelism yet): without sequence parallelism each tp rank
+    routes the same tokens, with it each routes its own sequence shard."""
+
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel | None = None):
+        if tp is not None and tp.sequence_parallel and cfg.aux_loss_coef:
+            raise ValueError("model.aux_loss_coef > 0 needs whole sequences on each rank: turn off "
+                             "parallel.sequence_parallel or set model.aux_loss_coef=0.")
+        super().__init__(cfg, tp)
+
+    def make_block(self, cfg: ModelConfig, index: int, tp: TensorParallel | None) -> nn.Module:
+        return DeepSeekBlock(cfg, index, tp)
+
+    def rope_head_dim(self, cfg: ModelConfig) -> int:
+        return cfg.qk_rope_head_dim
+
+    def moe_layers(self) -> dict[str, nn.Module]:
+        return {name: block.mlp for name, block in self.layers.items() if block.is_moe}
+
+    def num_matmul_params(self) -> int:
+        """Matmul parameters a token *uses* (the 6N of MFU): every Linear (attention, dense
+        MLPs, shared experts, head), each router, and top_k of the n routed experts."""
+        n = super().num_matmul_params()
+        for moe in self.moe_layers().values():
+            expert_params = sum(p.numel() for p in moe.experts.parameters())
+            n += moe.router.weight.numel() + expert_params * moe.top_k // moe.n_experts
+        return n
+
+    @torch.no_grad()
+    def after_optimizer_step(self, parallel) -> dict[str, float]:
+        """Auxiliary-loss-free balancing: each router moves its expert biases towards equal
+        load, using the tokens each expert received during the step, summed over
+        micro-batches here, over data-parallel ranks, and over tp ranks when each routes
+        its own sequence shard, so every replica applies the same update (the one a
+        single process would). Returns the per-layer load figures for the metrics."""
+        from ..parallel.state import all_reduce
+
+        metrics = {}
+        for name, moe in self.moe_layers().items():
+            load = all_reduce(moe.step_load.clone(), parallel.dp_group)
+            if self.sequence_parallel:
+                load = all_reduce(load, parallel.tp_group)
+            moe.router.update_bias(load)
+            moe.step_load.zero_()
+            loadf = load.float()
+            metrics[f"moe/layer{name}/imbalance"] = (loadf.max() / loadf.mean().clamp(min=1e-9)).item()
+            metrics[f"moe/layer{name}/bias_abs_max"] = moe.router.expert_bias.abs().max().item()
+        return metrics
+
+    def forward(self, input_ids, targets=None, loss_denominator=None):
+        out = super().forward(input_ids, targets, loss_denominator)
+        if self.training:
+            for moe in self.moe_layers().values():
+                moe.step_load += moe.last_stats["tokens_per_expert"]
+        if targets is None:
+            return out
+        # The sequence-wise auxiliary loss is a mean over this batch's sequences; weighting
+        # it by this batch's share of the global batch keeps the sum over micro-batches and
+        # ranks equal to the global mean (DESIGN, invariant 3).
+        aux = sum(m.aux_loss for m in self.moe_layers().values())
+        if isinstance(aux, torch.Tensor):
+            share = 1.0 if loss_denominator is None else (targets != -100).sum() / loss_denominator
+            out = out + aux * share
+        return out

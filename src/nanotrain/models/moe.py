@@ -1,0 +1,192 @@
+"""Mixture of experts, DeepSeek-V3 style (DeepSeek-AI 2024, arXiv:2412.19437, §2.1.2).
+
+    y = SharedExperts(x) + Σ_{i ∈ TopK(s + b)} g_i · Expert_i(x)
+
+- TopKRouter: affinities s = softmax|sigmoid(x W^T) in fp32; a bias b picks the
+  experts (aux-loss-free balancing) but the combine weights g come from s alone;
+  optional group-limited routing and sequence-wise auxiliary loss.
+- ExpertMLP: E SwiGLU experts as stacked [E, ...] parameters, run over tokens
+  already sorted by expert (one matmul per expert, on a contiguous slice).
+- LocalRoutedMoE: route -> sort the (token, slot) pairs by expert -> experts ->
+  scale by g -> scatter-add back to tokens, plus shared experts on every token.
+  All experts live on this process; expert parallelism swaps the middle for an
+  all-to-all and keeps the two ends.
+
+Routing follows HF transformers' DeepseekV3TopkRouter so that HF checkpoints
+give the same logits (names map: gate.weight -> router.weight,
+gate.e_score_correction_bias -> router.expert_bias, experts.gate_up_proj ->
+experts.w1|w3, experts.down_proj -> experts.w2, shared_experts.{gate,up,down}_proj
+-> shared_experts.{w1,w3,w2}).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..layers import Linear, _mark
+
+NORM_EPS = 1e-20  # HF's DeepseekV3TopkRouter adds this to the sum of the top-k weights
+
+
+class TopKRouter(nn.Module):
+    """x [N, d] -> (weights [N, k] fp32, expert indices [N, k] int64, aux loss scalar)."""
+
+    def __init__(self, d_model: int, n_experts: int, top_k: int, score_func: str = "softmax",
+                 n_group: int = 1, topk_group: int = 1, norm_topk_prob: bool = True,
+                 routed_scaling_factor: float = 1.0, bias_update_rate: float = 0.0,
+                 aux_loss_coef: float = 0.0, init_std: float = 0.02):
+        super().__init__()
+        if score_func not in ("softmax", "sigmoid"):
+            raise ValueError(f"score_func must be 'softmax' or 'sigmoid', got {score_func!r}")
+        if n_experts % n_group or not 1 <= topk_group <= n_group:
+            raise ValueError(f"n_experts={n_experts} must split into n_group={n_group} groups "
+                             f"and 1 <= topk_group={topk_group} <= n_group")
+        if not 1 <= top_k <= topk_group * (n_experts // n_group):
+            raise ValueError(f"top_k={top_k} must be in [1, experts in the kept groups]")
+        self.n_experts, self.top_k, self.score_func = n_experts, top_k, score_func
+        self.n_group, self.topk_group = n_group, topk_group
+        self.norm_topk_prob, self.routed_scaling_factor = norm_topk_prob, routed_scaling_factor
+        self.bias_update_rate, self.aux_loss_coef = bias_update_rate, aux_loss_coef
+        # The gate is a Linear weight in all but name: kept in fp32 by the optimizer like the rest.
+        self.weight = _mark(nn.Parameter(torch.empty(n_experts, d_model)), "normal", init_std)
+        # b_i of §2.1.2: not learned by gradient but by update_bias, so a buffer, saved in checkpoints.
+        self.register_buffer("expert_bias", torch.zeros(n_experts, dtype=torch.float32))
+
+    def scores(self, x: torch.Tensor) -> torch.Tensor:
+        """Affinities s [N, E] in fp32: routing decisions are too sensitive for bf16, autocast or not."""
+        with torch.autocast(x.device.type, enabled=False):
+            logits = F.linear(x.float(), self.weight.float())
+        return logits.softmax(-1) if self.score_func == "softmax" else logits.sigmoid()
+
+    def select(self, scores: torch.Tensor) -> torch.Tensor:
+        """Indices [N, k] of the top-k experts by biased score, among the topk_group best groups."""
+        biased = scores.detach() + self.expert_bias  # selection is discrete: no gradient through it
+        if self.n_group > 1:
+            n, per_group = biased.shape[0], self.n_experts // self.n_group
+            grouped = biased.view(n, self.n_group, per_group)
+            # A group's score is the sum of its 2 best biased scores (DeepSeek-V3, HF).
+            group_scores = grouped.topk(min(2, per_group), dim=-1).values.sum(-1)
+            keep = group_scores.topk(self.topk_group, dim=-1).indices
+            group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, keep, True)
+            biased = grouped.masked_fill(~group_mask.unsqueeze(-1), float("-inf")).view(n, -1)
+        return biased.topk(self.top_k, dim=-1).indices
+
+    def aux_loss(self, scores: torch.Tensor, indices: torch.Tensor, seq_len: int) -> torch.Tensor:
+        """Sequence-wise balance loss (eq. 17-20), averaged over the sequences of the batch:
+        L = α Σ_i f_i P_i,  f_i = E/(k T) · #{t : i ∈ TopK_t},  P_i = 1/T Σ_t s_it / Σ_j s_jt."""
+        if self.aux_loss_coef == 0.0:
+            return scores.new_zeros(())
+        n_seq = scores.shape[0] // seq_len
+        counts = torch.zeros(n_seq, self.n_experts, device=scores.device)
+        counts.scatter_add_(1, indices.view(n_seq, -1), torch.ones_like(indices.view(n_seq, -1), dtype=counts.dtype))
+        f = counts * self.n_experts / (self.top_k * seq_len)  # 1 for every expert when balanced
+        p = (scores / scores.sum(-1, keepdim=True)).view(n_seq, seq_len, -1).mean(1)
+        return self.aux_loss_coef * (f * p).sum(-1).mean()
+
+    def forward(self, x: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        scores = self.scores(x)
+        indices = self.select(scores)
+        weights = scores.gather(1, indices)  # unbiased: the bias only decides who, never how much
+        if self.norm_topk_prob:
+            weights = weights / (weights.sum(-1, keepdim=True) + NORM_EPS)
+        weights = weights * self.routed_scaling_factor
+        return weights, indices, self.aux_loss(scores, indices, seq_len)
+
+    @torch.no_grad()
+    def update_bias(self, tokens_per_expert: torch.Tensor) -> None:
+        """b_i += γ · sign(mean load - load_i): overloaded experts become less attractive (§2.1.2).
+        Called after the optimizer step with the load summed over the step (and over ranks)."""
+        if self.bias_update_rate == 0.0:
+            return
+        load = tokens_per_expert.to(self.expert_bias.device, torch.float32)
+        self.expert_bias += self.bias_update_rate * torch.sign(load.mean() - load)
+
+
+class ExpertMLP(nn.Module):
+    """E SwiGLU experts, w2(silu(w1 x) * w3 x), stored stacked: w1, w3 [E, d_ff, d], w2 [E, d, d_ff].
+
+    Stacked so that one parameter holds every expert (expert parallelism shards dim 0,
+    init and checkpoints see one logical tensor) and always receives a gradient."""
+
+    def __init__(self, n_experts: int, d_model: int, d_ff: int, init_std: float, out_std: float):
+        super().__init__()
+        self.w1 = _mark(nn.Parameter(torch.empty(n_experts, d_ff, d_model)), "normal", init_std)
+        self.w3 = _mark(nn.Parameter(torch.empty(n_experts, d_ff, d_model)), "normal", init_std)
+        self.w2 = _mark(nn.Parameter(torch.empty(n_experts, d_model, d_ff)), "normal", out_std)
+
+    def forward(self, x_sorted: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """x_sorted [M, d]: expert e's tokens are rows [sum(counts[:e]), sum(counts[:e+1]))."""
+        # split and unbind, not x[a:b] and w1[e]: the backward of each slice or index writes a
+        # zero-filled gradient of the whole tensor (E of them per tensor per step, half the step
+        # time at E=16); split and unbind each have one backward that concatenates the pieces.
+        w1, w3, w2 = self.w1.unbind(0), self.w3.unbind(0), self.w2.unbind(0)
+        outs = []
+        for e, xe in enumerate(x_sorted.split(counts)):
+            if xe.shape[0] == 0:  # an idle expert costs nothing (and its weight gradient stays 0)
+                continue
+            outs.append(F.linear(F.silu(F.linear(xe, w1[e])) * F.linear(xe, w3[e]), w2[e]))
+        if not outs:
+            return x_sorted.new_zeros(x_sorted.shape)
+        return torch.cat(outs)
+
+
+class SwiGLU(nn.Module):
+    """The shared experts: one SwiGLU of width n_shared · d_ff (same math as GatedMLP, explicit sizes)."""
+
+    def __init__(self, d_model: int, d_ff: int, init_std: float, out_std: float):
+        super().__init__()
+        self.w1 = Linear(d_model, d_ff, init_std=init_std)
+        self.w3 = Linear(d_model, d_ff, init_std=init_std)
+        self.w2 = Linear(d_ff, d_model, init_std=out_std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class LocalRoutedMoE(nn.Module):
+    """DeepSeek-V3 MoE FFN with every routed expert on this process: x [B, T, d] -> y [B, T, d].
+
+    After forward: `aux_loss` (with graph; add it to the loss) and `last_stats`
+    (tokens_per_expert [E] int64, aux_loss, both detached) for balancing and monitoring."""
+
+    def __init__(self, d_model: int, n_routed_experts: int, top_k: int, moe_d_ff: int,
+                 n_shared_experts: int = 0, score_func: str = "softmax", n_group: int = 1,
+                 topk_group: int = 1, norm_topk_prob: bool = True, routed_scaling_factor: float = 1.0,
+                 bias_update_rate: float = 0.0, aux_loss_coef: float = 0.0,
+                 init_std: float = 0.02, out_std: float = 0.02):
+        super().__init__()
+        self.n_experts, self.top_k = n_routed_experts, top_k
+        self.router = TopKRouter(d_model, n_routed_experts, top_k, score_func, n_group, topk_group,
+                                 norm_topk_prob, routed_scaling_factor, bias_update_rate,
+                                 aux_loss_coef, init_std)
+        self.experts = ExpertMLP(n_routed_experts, d_model, moe_d_ff, init_std, out_std)
+        self.shared_experts = (SwiGLU(d_model, n_shared_experts * moe_d_ff, init_std, out_std)
+                               if n_shared_experts > 0 else None)
+        self.aux_loss: torch.Tensor | None = None
+        self.last_stats: dict[str, torch.Tensor] = {}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, d = x.shape
+        tokens = x.reshape(B * T, d)
+        weights, indices, aux_loss = self.router(tokens, T)
+
+        # Permute: the N*k (token, slot) assignments, grouped by expert. A stable sort keeps
+        # token order inside each expert, so the result does not depend on sort internals.
+        flat_expert = indices.view(-1)
+        order = torch.argsort(flat_expert, stable=True)
+        token_of = order // self.top_k
+        tokens_per_expert = torch.bincount(flat_expert, minlength=self.n_experts)
+        counts = tokens_per_expert.tolist()  # the one host sync: slice sizes must be Python ints
+
+        expert_out = self.experts(tokens[token_of], counts)
+        # Combine in fp32 (the weights are fp32): a token's k contributions are summed at full precision.
+        contrib = expert_out.float() * weights.view(-1)[order].unsqueeze(-1)
+        routed = torch.zeros(B * T, d, dtype=torch.float32, device=x.device)
+        routed = routed.index_add_(0, token_of, contrib).to(expert_out.dtype)
+
+        y = routed if self.shared_experts is None else routed + self.shared_experts(tokens)
+        self.aux_loss = aux_loss
+        self.last_stats = {"tokens_per_expert": tokens_per_expert.detach(), "aux_loss": aux_loss.detach()}
+        return y.view(B, T, d)
