@@ -8,7 +8,8 @@ import pytest
 from nanotrain.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).resolve().parent / "unit"))  # shared tiny model configs
+for _sub in ("unit", "parity"):  # shared tiny model configs between test files
+    sys.path.insert(0, str(Path(__file__).resolve().parent / _sub))
 CORPUS = ROOT / "data" / "tinyshakespeare.txt"
 
 

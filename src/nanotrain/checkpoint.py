@@ -123,12 +123,14 @@ def check_compatible(saved_cfg: dict[str, Any], cfg_dict: dict[str, Any], path: 
 # keeps its slice on load. The same file therefore resumes under any tp or dp.
 # ---------------------------------------------------------------------------
 
-def gather_full(t: torch.Tensor, shard, group) -> torch.Tensor:
-    """The full tensor from every tp rank's shard (`shard`: layers.Shard or None)."""
+def gather_full(t: torch.Tensor, shard, groups) -> torch.Tensor:
+    """The full tensor from every rank's shard (`shard`: layers.Shard or None; `groups`: the
+    process group of each Shard.axis, e.g. ParallelState.groups(), or one group for all)."""
     if shard is None or shard.world == 1:
         return t.detach().clone()
     import torch.distributed as dist
 
+    group = groups[shard.axis] if isinstance(groups, dict) else groups
     parts = [torch.empty_like(t) for _ in range(shard.world)]
     dist.all_gather(parts, t.detach().contiguous(), group=group)
     return torch.cat(parts, dim=shard.dim)
@@ -141,9 +143,9 @@ def local_slice(full: torch.Tensor, shard) -> torch.Tensor:
     return full.narrow(shard.dim, shard.rank * size, size).contiguous()
 
 
-def full_model_state(model: torch.nn.Module, tp_group) -> dict[str, torch.Tensor]:
+def full_model_state(model: torch.nn.Module, groups) -> dict[str, torch.Tensor]:
     state = model.state_dict(keep_vars=True)
-    return {name: gather_full(t, getattr(t, "shard", None), tp_group) for name, t in state.items()}
+    return {name: gather_full(t, getattr(t, "shard", None), groups) for name, t in state.items()}
 
 
 def load_full_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
@@ -156,10 +158,10 @@ def _optimizer_params(opt: torch.optim.Optimizer) -> list[torch.nn.Parameter]:
     return [p for group in opt.param_groups for p in group["params"]]
 
 
-def full_optimizer_state(opt: torch.optim.Optimizer, tp_group) -> dict:
+def full_optimizer_state(opt: torch.optim.Optimizer, groups) -> dict:
     sd = opt.state_dict()
     params = _optimizer_params(opt)
-    state = {i: {k: gather_full(v, getattr(params[i], "shard", None), tp_group)
+    state = {i: {k: gather_full(v, getattr(params[i], "shard", None), groups)
                  if torch.is_tensor(v) and v.shape == params[i].shape else v
                  for k, v in s.items()} for i, s in sd["state"].items()}
     return {"state": state, "param_groups": sd["param_groups"]}

@@ -70,6 +70,9 @@ class ModelConfig:
     routed_scaling_factor: float = 1.0
     bias_update_rate: float = 0.001  # auxiliary-loss-free balancing; 0 turns it off
     aux_loss_coef: float = 0.0  # sequence-wise auxiliary loss; 0 turns it off
+    # -- arch = "deepseek": multi-token prediction (DeepSeek-V3 §2.2), training only -------
+    mtp_depth: int = 0  # extra tokens predicted per position; 0 turns it off, only 1 is implemented
+    mtp_loss_weight: float = 0.3  # lambda: the MTP loss is lambda / mtp_depth * its cross entropy
 
     def rope_scaling_dict(self) -> dict | None:
         if self.rope_scaling == "none":
@@ -95,7 +98,7 @@ class ParallelConfig:
     tp: int = 1  # tensor parallel: each layer's matrices split over tp ranks
     pp: int = 1  # pipeline parallel (not in this version: must be 1)
     dp: int = 1  # data parallel: replicas that split the global batch
-    ep: int = 1  # expert parallel (not in this version: must be 1)
+    ep: int = 1  # expert parallel: routed experts split over ep ranks carved out of dp (ep divides dp)
     sequence_parallel: bool = False  # with tp > 1: norms/dropout/residuals split along the sequence
     bucket_mb: float = 25.0  # data-parallel gradient all-reduce bucket size
 
@@ -376,6 +379,14 @@ def validate(cfg: Config) -> None:
                           f"moe_top_k={m.moe_top_k} experts to choose from.")
         need(m.bias_update_rate >= 0 and m.aux_loss_coef >= 0,
              "model.bias_update_rate and model.aux_loss_coef must be >= 0 (0 turns each off).")
+    need(m.mtp_depth in (0, 1), f"model.mtp_depth={m.mtp_depth} is not supported: 0 (off) or 1 (one extra "
+                                "token, DeepSeek-V3's setting) are implemented.")
+    need(m.mtp_depth == 0 or m.arch == "deepseek",
+         f"model.mtp_depth={m.mtp_depth} needs model.arch='deepseek' (set model.mtp_depth=0).")
+    need(m.mtp_loss_weight >= 0, f"model.mtp_loss_weight={m.mtp_loss_weight} must be >= 0.")
+    need(not (m.mtp_depth and cfg.parallel.tp > 1 and cfg.parallel.sequence_parallel),
+         "model.mtp_depth > 0 needs whole sequences on each rank: turn off parallel.sequence_parallel "
+         "or set model.mtp_depth=0.")
     need(m.max_seq_len == 0 or m.max_seq_len >= t.seq_len,
          f"train.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len}: raise model.max_seq_len "
          "or set it to 0 (= train.seq_len).")
@@ -383,9 +394,14 @@ def validate(cfg: Config) -> None:
     p = cfg.parallel
     for key in ("tp", "pp", "dp", "ep"):
         need(getattr(p, key) >= 1, f"parallel.{key}={getattr(p, key)} must be >= 1.")
-    for key, issue in (("pp", "pipeline"), ("ep", "expert")):
-        need(getattr(p, key) <= 1, f"parallel.{key}={getattr(p, key)}: {issue} parallelism is not in this "
-                                   f"version of nano-train; set parallel.{key}=1.")
+    need(p.pp <= 1, f"parallel.pp={p.pp}: pipeline parallelism is not in this version of nano-train; "
+                    "set parallel.pp=1.")
+    if p.ep > 1:
+        need(m.arch == "deepseek", f"parallel.ep={p.ep} splits routed experts, which model.arch={m.arch!r} "
+                                   "does not have: use model.arch='deepseek' or parallel.ep=1.")
+        need(m.arch != "deepseek" or m.n_routed_experts % p.ep == 0,
+             f"model.n_routed_experts={m.n_routed_experts} is not divisible by parallel.ep={p.ep}: each "
+             "expert-parallel rank holds n_routed_experts/ep experts.")
     need(p.bucket_mb > 0, f"parallel.bucket_mb={p.bucket_mb} must be positive.")
     if p.tp > 1 and m.n_heads > 0:
         n_kv = m.n_kv_heads or m.n_heads

@@ -28,11 +28,13 @@ from torch import nn
 
 @dataclass(frozen=True)
 class Shard:
-    """This parameter holds slice `rank` of `world` equal parts of dim `dim` of the full tensor."""
+    """This parameter holds slice `rank` of `world` equal parts of dim `dim` of the full tensor,
+    split over the `axis` group ("tp": tensor parallel, "ep": expert parallel)."""
 
     dim: int
     rank: int
     world: int
+    axis: str = "tp"
 
 
 def _mark(p: nn.Parameter, init: str, std: float = 0.0, shard: Shard | None = None) -> nn.Parameter:

@@ -76,9 +76,10 @@ def train_and_capture(cfg_dict: dict, grad_step: int = 1) -> dict | None:
     def capture(step, model):
         if step != grad_step:
             return
-        tp_group = model.tp.group if getattr(model, "tp", None) is not None else None
+        tp, ep = getattr(model, "tp", None), getattr(model, "_ep", None)
+        groups = {"tp": tp.group if tp is not None else None, "ep": ep.group if ep is not None else None}
         for name, p in model.named_parameters():
-            grads[name] = gather_full(p.grad, p.shard, tp_group) if p.grad is not None else None
+            grads[name] = gather_full(p.grad, p.shard, groups) if p.grad is not None else None
 
     result = RuntimeEngine(cfg, on_grads=capture).run()
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0

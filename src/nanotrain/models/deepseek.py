@@ -25,20 +25,27 @@ from .moe import LocalRoutedMoE
 from .transformer import TransformerModel
 
 
-def make_moe(cfg: ModelConfig) -> nn.Module:
-    moe = LocalRoutedMoE(
+def make_moe(cfg: ModelConfig, ep=None) -> nn.Module:
+    """All experts here (ep None), or split over the expert-parallel group."""
+    kind = LocalRoutedMoE
+    extra = {}
+    if ep is not None:
+        from ..parallel.expert_parallel import ExpertParallelMoE
+
+        kind, extra = ExpertParallelMoE, {"ep": ep}
+    moe = kind(
         cfg.d_model, cfg.n_routed_experts, cfg.moe_top_k, cfg.moe_d_ff, cfg.n_shared_experts,
         score_func=cfg.score_func, n_group=cfg.n_group, topk_group=cfg.topk_group,
         norm_topk_prob=cfg.norm_topk_prob, routed_scaling_factor=cfg.routed_scaling_factor,
         bias_update_rate=cfg.bias_update_rate, aux_loss_coef=cfg.aux_loss_coef,
-        init_std=cfg.init_std, out_std=cfg.init_std / math.sqrt(2 * cfg.n_layers))
+        init_std=cfg.init_std, out_std=cfg.init_std / math.sqrt(2 * cfg.n_layers), **extra)
     # Tokens per expert summed over the micro-batches of one optimizer step (not saved).
     moe.register_buffer("step_load", torch.zeros(cfg.n_routed_experts, dtype=torch.long), persistent=False)
     return moe
 
 
 class DeepSeekBlock(nn.Module):
-    def __init__(self, cfg: ModelConfig, index: int, tp: TensorParallel | None = None):
+    def __init__(self, cfg: ModelConfig, index: int, tp: TensorParallel | None = None, ep=None):
         super().__init__()
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.attn = MLAttention(cfg.d_model, cfg.n_heads, cfg.q_lora_rank, cfg.kv_lora_rank, cfg.qk_nope_head_dim,
@@ -46,7 +53,7 @@ class DeepSeekBlock(nn.Module):
                                 cfg.init_std / math.sqrt(2 * cfg.n_layers), cfg.rope_scaling_dict(), tp)
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.is_moe = index >= cfg.first_k_dense_replace
-        self.mlp = make_moe(cfg) if self.is_moe else GatedMLP(cfg, tp)
+        self.mlp = make_moe(cfg, ep) if self.is_moe else GatedMLP(cfg, tp)
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, rope) -> torch.Tensor:
@@ -59,14 +66,25 @@ class DeepSeekModel(TransformerModel):
     rank (no expert tensor parallelism yet): without sequence parallelism each tp rank
     routes the same tokens, with it each routes its own sequence shard."""
 
-    def __init__(self, cfg: ModelConfig, tp: TensorParallel | None = None):
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel | None = None, ep=None):
+        # make_block runs inside TransformerModel.__init__, so the expert-parallel group must
+        # be in place first (a plain attribute, set before nn.Module's bookkeeping exists).
+        object.__setattr__(self, "_ep", ep)
         if tp is not None and tp.sequence_parallel and cfg.aux_loss_coef:
             raise ValueError("model.aux_loss_coef > 0 needs whole sequences on each rank: turn off "
                              "parallel.sequence_parallel or set model.aux_loss_coef=0.")
+        if tp is not None and tp.sequence_parallel and cfg.mtp_depth:
+            raise ValueError("model.mtp_depth > 0 (multi-token prediction) needs whole sequences on each rank: "
+                             "turn off parallel.sequence_parallel or set model.mtp_depth=0.")
         super().__init__(cfg, tp)
+        # Multi-token prediction (training only, models/mtp.py): one more block after the
+        # last layer, sharing tok_emb and head; its parameters are named mtp.*.
+        from .mtp import MTPModule
+
+        self.mtp = MTPModule(cfg, self.make_block, tp) if cfg.mtp_depth else None
 
     def make_block(self, cfg: ModelConfig, index: int, tp: TensorParallel | None) -> nn.Module:
-        return DeepSeekBlock(cfg, index, tp)
+        return DeepSeekBlock(cfg, index, tp, self._ep)
 
     def rope_head_dim(self, cfg: ModelConfig) -> int:
         return cfg.qk_rope_head_dim
@@ -105,7 +123,31 @@ class DeepSeekModel(TransformerModel):
         return metrics
 
     def forward(self, input_ids, targets=None, loss_denominator=None):
-        out = super().forward(input_ids, targets, loss_denominator)
+        use_mtp = self.mtp is not None and self.training and targets is not None
+        if not use_mtp:
+            out = super().forward(input_ids, targets, loss_denominator)
+        else:
+            # MTP starts from the last hidden states before the final norm, which
+            # TransformerModel.forward keeps to itself: the same trunk, written out (no
+            # sequence-parallel branch: __init__ refuses MTP under sequence parallelism).
+            from .mtp import mtp_targets, token_loss_sum
+            from .transformer import count_targets
+
+            T = input_ids.shape[1]
+            if T > self.cfg.max_seq_len:
+                raise ValueError(f"sequence of {T} tokens exceeds model.max_seq_len={self.cfg.max_seq_len}")
+            x = self.tok_emb(input_ids)
+            if self.pos_emb is not None:
+                x = x + self.pos_emb.weight[:T]
+            x = self.dropout(x)
+            rope = (self.rope_cos, self.rope_sin) if self.rope_cos is not None else None
+            for layer in self.layers.values():
+                x = layer(x, rope)
+            denom = loss_denominator if loss_denominator is not None else count_targets(targets)
+            out = token_loss_sum(self.head(self.norm(x)), targets, self.tp) / denom
+            # Same denominator as the main loss (DESIGN, invariant 3), weighted lambda / depth.
+            mtp_logits = self.mtp(x, input_ids, self.tok_emb, self.head, rope)
+            out = out + self.mtp.loss_weight * token_loss_sum(mtp_logits, mtp_targets(targets), self.tp) / denom
         if self.training:
             for moe in self.moe_layers().values():
                 moe.step_load += moe.last_stats["tokens_per_expert"]
@@ -115,6 +157,8 @@ class DeepSeekModel(TransformerModel):
         # it by this batch's share of the global batch keeps the sum over micro-batches and
         # ranks equal to the global mean (DESIGN, invariant 3).
         aux = sum(m.aux_loss for m in self.moe_layers().values())
+        if use_mtp and self.mtp.block.is_moe:
+            aux = aux + self.mtp.block.mlp.aux_loss
         if isinstance(aux, torch.Tensor):
             share = 1.0 if loss_denominator is None else (targets != -100).sum() / loss_denominator
             out = out + aux * share

@@ -180,7 +180,7 @@ class LocalRoutedMoE(nn.Module):
         tokens_per_expert = torch.bincount(flat_expert, minlength=self.n_experts)
         counts = tokens_per_expert.tolist()  # the one host sync: slice sizes must be Python ints
 
-        expert_out = self.experts(tokens[token_of], counts)
+        expert_out = self.run_experts(tokens[token_of], tokens_per_expert, counts)
         # Combine in fp32 (the weights are fp32): a token's k contributions are summed at full precision.
         contrib = expert_out.float() * weights.view(-1)[order].unsqueeze(-1)
         routed = torch.zeros(B * T, d, dtype=torch.float32, device=x.device)
@@ -190,3 +190,8 @@ class LocalRoutedMoE(nn.Module):
         self.aux_loss = aux_loss
         self.last_stats = {"tokens_per_expert": tokens_per_expert.detach(), "aux_loss": aux_loss.detach()}
         return y.view(B, T, d)
+
+    def run_experts(self, x_sorted: torch.Tensor, tokens_per_expert: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """Every expert is here: run them on their contiguous slices. (Expert parallelism
+        overrides this with a dispatch to the experts' ranks and back.)"""
+        return self.experts(x_sorted, counts)

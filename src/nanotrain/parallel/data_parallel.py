@@ -20,6 +20,10 @@ implements the same reducer in C++; bench/dp.py compares the two.)
 
 Sequence parallelism adds one more sum: parameters applied to a sequence shard
 (norms, row-parallel biases) hold partial gradients, summed over the tp group.
+
+Expert parallelism changes whose gradients match: rank r's experts exist only on
+the ranks of its expert-data-parallel group, so expert parameters
+(`p.expert_parallel`) get their own buckets, summed over that group.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from torch import nn
 @dataclass
 class Bucket:
     params: list[nn.Parameter]
+    group: dist.ProcessGroup | None = None  # dp, or expert-dp for expert parameters
     ready: int = 0
     flat: torch.Tensor | None = None
     handle: dist.Work | None = None
@@ -42,27 +47,31 @@ class Bucket:
 
 class GradSync:
     def __init__(self, params: list[nn.Parameter], dp_group: dist.ProcessGroup | None,
-                 tp_group: dist.ProcessGroup | None = None, bucket_mb: float = 25.0):
-        self.dp_group, self.tp_group = dp_group, tp_group
-        self.dp = 1 if dp_group is None else dist.get_world_size(dp_group)
+                 tp_group: dist.ProcessGroup | None = None, bucket_mb: float = 25.0,
+                 edp_group: dist.ProcessGroup | None = None):
+        self.tp_group = tp_group
         self.sp_params = [p for p in params if getattr(p, "sequence_parallel", False)]
         self.sync_enabled = True
         self.buckets: list[Bucket] = []
         self._bucket_of: dict[nn.Parameter, Bucket] = {}
-        if self.dp > 1:
-            self._build_buckets([p for p in params if p.requires_grad], bucket_mb * 2**20)
+        trainable = [p for p in params if p.requires_grad]
+        for group, members in ((dp_group, [p for p in trainable if not getattr(p, "expert_parallel", False)]),
+                               (edp_group, [p for p in trainable if getattr(p, "expert_parallel", False)])):
+            if group is not None and dist.get_world_size(group) > 1 and members:
+                self._build_buckets(members, bucket_mb * 2**20, group)
 
-    def _build_buckets(self, params: list[nn.Parameter], bucket_bytes: float) -> None:
-        current, size = [], 0
+    def _build_buckets(self, params: list[nn.Parameter], bucket_bytes: float, group) -> None:
+        new, current, size = [], [], 0
         for p in reversed(params):  # backward visits the last layers first
             current.append(p)
             size += p.numel() * p.element_size()
             if size >= bucket_bytes:
-                self.buckets.append(Bucket(current))
+                new.append(Bucket(current, group=group))
                 current, size = [], 0
         if current:
-            self.buckets.append(Bucket(current))
-        for b in self.buckets:
+            new.append(Bucket(current, group=group))
+        self.buckets += new
+        for b in new:
             for p in b.params:
                 self._bucket_of[p] = b
                 p.register_post_accumulate_grad_hook(self._on_grad_ready)
@@ -79,7 +88,7 @@ class GradSync:
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in b.params]
         b.sizes = [g.numel() for g in grads]
         b.flat = torch.cat([g.reshape(-1) for g in grads])
-        b.handle = dist.all_reduce(b.flat, group=self.dp_group, async_op=True)
+        b.handle = dist.all_reduce(b.flat, group=b.group, async_op=True)
 
     def finish(self) -> None:
         """Wait for every bucket (launching any a hook did not: unused parameters), write the
@@ -102,27 +111,45 @@ class GradSync:
                 g.copy_(chunk.view_as(g))
 
 
+def all_reduce_copy(t: torch.Tensor, group) -> torch.Tensor:
+    t = t.clone()
+    dist.all_reduce(t, group=group)
+    return t
+
+
 def clip_grad_norm(params: list[nn.Parameter], max_norm: float, tp_group: dist.ProcessGroup | None,
-                   tp_rank: int = 0) -> torch.Tensor:
+                   tp_rank: int = 0, ep_group: dist.ProcessGroup | None = None) -> torch.Tensor:
     """Global gradient norm over the *logical* model, then scale every gradient by
     min(1, max_norm / norm) (torch.nn.utils.clip_grad_norm_'s formula).
 
     Under tensor parallelism a sharded parameter contributes its shard's squares on
     every tp rank (the shards add up to the whole), while a replicated one (norms,
-    biases) is counted on tp rank 0 only, so it is counted once. With one tp rank
-    this is exactly clip_grad_norm_'s arithmetic.
+    biases) is counted on tp rank 0 only, so it is counted once. Expert shards
+    (axis "ep", whole on every tp rank) are counted on tp rank 0 and summed over the
+    ep group. With one rank of each this is exactly clip_grad_norm_'s arithmetic.
     """
     grads = [p.grad for p in params if p.grad is not None]
     tp = 1 if tp_group is None else dist.get_world_size(tp_group)
-    if tp == 1:
+    ep = 1 if ep_group is None else dist.get_world_size(ep_group)
+    if tp == 1 and ep == 1:
         norms = torch._foreach_norm(grads)
         total = torch.linalg.vector_norm(torch.stack(norms))
     else:
-        counted = [p.grad for p in params if p.grad is not None and (p.shard is not None or tp_rank == 0)]
-        squares = torch.stack(torch._foreach_norm(counted)).pow(2).sum() if counted else torch.zeros(())
-        dist.all_reduce(squares, group=tp_group)
-        total = squares.sqrt()
+        def squares(gs):
+            return torch.stack(torch._foreach_norm(gs)).pow(2).sum() if gs else torch.zeros((), device=grads[0].device)
+
+        with_grad = [p for p in params if p.grad is not None]
+        tp_sharded = [p.grad for p in with_grad if p.shard is not None and p.shard.axis == "tp"]
+        replicated = [p.grad for p in with_grad if p.shard is None] if tp_rank == 0 else []
+        experts = [p.grad for p in with_grad if p.shard is not None and p.shard.axis == "ep"] if tp_rank == 0 else []
+        parts = torch.stack([squares(tp_sharded) + squares(replicated), squares(experts)])
+        if ep > 1:
+            parts[1:] = all_reduce_copy(parts[1:], ep_group)
+        total_sq = parts.sum()
+        if tp > 1:
+            dist.all_reduce(total_sq, group=tp_group)
+        total = total_sq.sqrt()
     if max_norm > 0:
-        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)  # clip_grad_norm_'s formula
         torch._foreach_mul_(grads, coef)
     return total

@@ -97,6 +97,10 @@ class ParallelState:
     def prev_stage_rank(self) -> int | None:
         return None if self.is_first_stage else self.global_rank(pp_rank=self.pp_rank - 1)
 
+    def groups(self) -> dict[str, dist.ProcessGroup | None]:
+        """The group of each sharding axis (see layers.Shard.axis)."""
+        return {"tp": self.tp_group, "ep": self.ep_group}
+
     def describe(self) -> str:
         return (f"rank {self.rank}/{self.world_size}: tp {self.tp_rank}/{self.tp}, dp {self.dp_rank}/{self.dp}, "
                 f"pp {self.pp_rank}/{self.pp}, ep {self.ep_rank}/{self.ep}")

@@ -21,6 +21,7 @@ from ..models import build_model
 from ..models.attention import Attention
 from ..optim import build_adamw, lr_at
 from ..parallel.data_parallel import GradSync, clip_grad_norm
+from ..parallel.expert_parallel import ExpertParallel
 from ..parallel.state import barrier, destroy_parallel, init_parallel
 from ..parallel.tensor_parallel import TensorParallel
 from .contracts import RuntimeComponents, RuntimeContext
@@ -135,7 +136,8 @@ class TransformerProvider:
     def build(self, ctx: RuntimeContext) -> nn.Module:
         ps = ctx.parallel
         tp = None if ps.tp == 1 else TensorParallel(ps.tp_group, ps.tp_rank, ps.tp, ctx.cfg.parallel.sequence_parallel)
-        model = build_model(ctx.cfg.model, tp)
+        ep = None if ps.ep == 1 else ExpertParallel(ps.ep_group, ps.ep_rank, ps.ep)
+        model = build_model(ctx.cfg.model, tp, ep)
         model.init_weights(ctx.cfg.train.seed)
         core = attention_core_dtype(ctx)
         for module in model.modules():
@@ -156,8 +158,8 @@ class AdamWState:
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.opt = build_adamw(model, ctx.cfg.optimizer, ctx.device)
         self.grad_clip = ctx.cfg.optimizer.grad_clip
-        self.tp_group, self.tp_rank = ps.tp_group, ps.tp_rank
-        self.sync = GradSync(self.params, ps.dp_group, ps.tp_group, ctx.cfg.parallel.bucket_mb)
+        self.ps = ps
+        self.sync = GradSync(self.params, ps.dp_group, ps.tp_group, ctx.cfg.parallel.bucket_mb, ps.edp_group)
 
     @contextlib.contextmanager
     def backward_context(self, last: bool):
@@ -170,7 +172,7 @@ class AdamWState:
 
     def step(self, lr: float) -> dict[str, float | torch.Tensor]:
         # The norm *before* clipping is what we log.
-        norm = clip_grad_norm(self.params, self.grad_clip, self.tp_group, self.tp_rank)
+        norm = clip_grad_norm(self.params, self.grad_clip, self.ps.tp_group, self.ps.tp_rank, self.ps.ep_group)
         for group in self.opt.param_groups:
             group["lr"] = lr
         self.opt.step()
@@ -179,7 +181,7 @@ class AdamWState:
 
     def state_dict(self) -> dict[str, Any]:
         """Whole (unsharded) moments: every tp rank must call this (it gathers)."""
-        return full_optimizer_state(self.opt, self.tp_group)
+        return full_optimizer_state(self.opt, self.ps.groups())
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         load_full_optimizer_state(self.opt, state)

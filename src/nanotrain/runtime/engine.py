@@ -231,7 +231,7 @@ class RuntimeEngine:
         rng = {"torch": torch.get_rng_state()}
         if ctx.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(ctx.device)
-        return {"model": full_model_state(model, ctx.parallel.tp_group), "optimizer": opt.state_dict(), "rng": rng,
+        return {"model": full_model_state(model, ctx.parallel.groups()), "optimizer": opt.state_dict(), "rng": rng,
                 "config": ctx.cfg.to_dict(), "tokenizer": data.tokenizer.to_json(), "val_loss": val_loss}
 
     def _resume(self, path: Path, ckpt, model, opt, ctx: RuntimeContext) -> int:

@@ -1,0 +1,97 @@
+"""Expert parallelism (GShard, Lepikhin et al. 2020; DeepSeek-V3 §3.2): the routed experts are
+split over the ep group, and tokens travel to their experts and back with two all-to-alls.
+
+    rank 0 (experts 0-3)                               rank 1 (experts 4-7)
+    tokens ─route─► sorted by expert ─┐          ┌─ sorted by expert ◄─route─ tokens
+                                      ├ all-to-all┤
+    experts 0-3 on tokens from 0 and 1┘          └ experts 4-7 on tokens from 0 and 1
+    ... then the reverse all-to-all returns each output to the rank its token came from.
+
+Each rank's tokens are different (ep groups are carved out of the data-parallel ranks),
+so the per-expert token counts are exchanged first (an all-to-all of E integers) to size
+the second. Dropless: every routed token is processed (no capacity factor).
+
+The expert weights are one logical tensor [E, ...] per matrix, of which rank r holds
+experts [r*E/ep, (r+1)*E/ep): `Shard(dim=0, axis="ep")`, so initialisation and
+checkpoints see the single-process tensor. Their gradients sync over the
+expert-data-parallel group (ranks holding the same experts), not over dp.
+(torch offers no expert-parallel module; torchtitan's MoE uses the same two
+all-to-alls around a grouped GEMM.)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from ..layers import Shard
+from ..models.moe import LocalRoutedMoE
+
+
+@dataclass(frozen=True)
+class ExpertParallel:
+    group: dist.ProcessGroup
+    rank: int
+    size: int
+
+
+class _AllToAll(torch.autograd.Function):
+    """all_to_all_single with uneven splits; backward is the same exchange, reversed."""
+
+    @staticmethod
+    def forward(ctx, x, out_splits: list[int], in_splits: list[int], group):
+        ctx.splits, ctx.group = (out_splits, in_splits), group
+        out = x.new_empty((sum(out_splits), *x.shape[1:]))
+        dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        out_splits, in_splits = ctx.splits
+        back = grad.new_empty((sum(in_splits), *grad.shape[1:]))
+        dist.all_to_all_single(back, grad.contiguous(), in_splits, out_splits, group=ctx.group)
+        return back, None, None, None
+
+
+def all_to_all(x, out_splits, in_splits, group):
+    return _AllToAll.apply(x, out_splits, in_splits, group)
+
+
+class ExpertParallelMoE(LocalRoutedMoE):
+    """LocalRoutedMoE whose routed experts live on the ep ranks; routing, shared experts and
+    the combine are unchanged (the router is replicated: every rank routes its own tokens)."""
+
+    def __init__(self, *args, ep: ExpertParallel, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.n_experts % ep.size:
+            raise ValueError(f"model.n_routed_experts={self.n_experts} is not divisible by parallel.ep={ep.size}")
+        self.ep = ep
+        self.n_local = self.n_experts // ep.size
+        for name in ("w1", "w3", "w2"):  # keep this rank's experts only
+            full = getattr(self.experts, name)
+            local = torch.nn.Parameter(torch.empty(self.n_local, *full.shape[1:]))
+            local.init_method, local.init_std = full.init_method, full.init_std
+            local.shard = Shard(0, ep.rank, ep.size, axis="ep")
+            local.expert_parallel = True
+            setattr(self.experts, name, local)
+
+    def run_experts(self, x_sorted: torch.Tensor, tokens_per_expert: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        ep, nl, g = self.ep.size, self.n_local, self.ep.group
+        # 1. How many tokens go from each rank to each expert: send[r, e] = ours for rank r's expert e.
+        send = tokens_per_expert.view(ep, nl)
+        recv = torch.empty_like(send)
+        dist.all_to_all_single(recv, send.contiguous(), group=g)
+        send_rows, recv_rows = send.tolist(), recv.tolist()  # [dest][expert], [source][expert]
+        in_splits, out_splits = [sum(r) for r in send_rows], [sum(r) for r in recv_rows]
+        # 2. Dispatch: x_sorted is already grouped by destination rank (experts are numbered rank-major).
+        received = all_to_all(x_sorted, out_splits, in_splits, g)  # source-major, then local expert
+        # 3. Regroup source-major -> expert-major, run the local experts, and back.
+        chunks = received.split([c for row in recv_rows for c in row])
+        x_local = torch.cat([chunks[s * nl + e] for e in range(nl) for s in range(ep)])
+        y_local = self.experts(x_local, [sum(recv_rows[s][e] for s in range(ep)) for e in range(nl)])
+        y_chunks = y_local.split([recv_rows[s][e] for e in range(nl) for s in range(ep)])
+        y_source_major = torch.cat([y_chunks[e * ep + s] for s in range(ep) for e in range(nl)])
+        # 4. Combine: return each output to the rank (and sorted position) its token came from.
+        return all_to_all(y_source_major, in_splits, out_splits, g)
