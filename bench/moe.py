@@ -7,22 +7,59 @@ most first implementations write (for each expert: mask of its tokens, gather,
 SwiGLU, y += w * out). Timed: one forward + backward, in alternating rounds
 (machine speed drifts), median seconds per step and the ratio.
 
-    python bench/moe.py [--steps 20] [--rounds 6] [--threads 1]
+    python bench/moe.py [--steps 20] [--rounds 6] [--threads 1] [--ep-steps 30]
 
-Later: the same layer with expert parallelism, ep=2 against ep=1, joins this bench.
+Part 2: expert parallelism. configs/deepseek_tiny.toml trained by the RuntimeEngine in a
+gloo world of 2 (1 thread each) as dp=2 with every expert on each rank (ep=1), and as
+dp=2 with the experts split over the two ranks (ep=2, two all-to-alls per MoE layer),
+same batches; median step time of each and the ratio, plus the losses of both.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 from common import ROOT, alternate_rounds, median, table  # noqa: F401  (sets sys.path)
 
 import torch
 import torch.nn.functional as F
 
+from nanotrain.config import Config, load_config
 from nanotrain.layers import init_parameters
 from nanotrain.models.moe import LocalRoutedMoE
+from nanotrain.parallel.launch import run_world
+from nanotrain.runtime import RuntimeEngine
+
+
+def _train(cfg_dict: dict) -> dict:
+    r = RuntimeEngine(Config.from_dict(cfg_dict)).run()
+    return {"step_s": r.train_time_s / r.final_step, "losses": r.losses}
+
+
+def ep_compare(steps: int, rounds: int) -> None:
+    def cfg(ep, i):
+        return dataclasses.asdict(load_config(ROOT / "configs/deepseek_tiny.toml", [
+            f"--data.path={ROOT / 'data/tinyshakespeare.txt'}", "--parallel.dp=2", f"--parallel.ep={ep}",
+            f"--train.max_steps={steps}", "--train.eval_interval=0", "--train.eval_steps=1",
+            "--schedule.warmup_steps=2", "--schedule.decay_steps=1000", "--checkpoint.save_final=false", "--logging.progress=none",
+            "--logging.tensorboard=false", "--logging.plot=false", f"--train.out_dir=/tmp/nanotrain-bench-ep{ep}-{i}"]))
+    times = {1: [], 2: []}
+    for i in range(rounds):
+        for ep in ((1, 2) if i % 2 == 0 else (2, 1)):
+            res = run_world(_train, 2, cfg(ep, i))[0]
+            times[ep].append(res["step_s"])
+            losses = res["losses"]
+            if ep == 1:
+                ep1_losses = losses
+            else:
+                ep2_losses = losses
+    rows = [[f"ep={ep} (dp=2)", median(ts) * 1e3] for ep, ts in times.items()]
+    print(table(rows, ["deepseek_tiny, gloo world of 2", "step ms (median)"]))
+    ratio = median([a / b for a, b in zip(times[2], times[1])])
+    diff = max(abs(ep1_losses[s] - ep2_losses[s]) / abs(ep1_losses[s]) for s in ep1_losses)
+    print(f"ratio ep=2 / ep=1 = {ratio:.3f} (median of {rounds} paired runs of {steps} steps); "
+          f"largest relative loss difference (bf16): {diff:.1e}")
 
 
 def masked_loop(m: LocalRoutedMoE, x: torch.Tensor) -> torch.Tensor:
@@ -55,6 +92,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--ep-steps", type=int, default=30, help="steps per run of part 2; 0 skips it")
+    ap.add_argument("--ep-rounds", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -87,6 +126,9 @@ def main() -> None:
           f"steps={args.steps} rounds={args.rounds}")
     print(table(rows, ["forward+backward", "ms/step (median)", "speed-up vs masked loop"]))
     print(f"max |loss difference|: {max(abs(a - b) for a, b in zip(*losses.values())):.2e}")
+    if args.ep_steps:
+        print()
+        ep_compare(args.ep_steps, args.ep_rounds)
 
 
 if __name__ == "__main__":
