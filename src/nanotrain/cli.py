@@ -1,4 +1,4 @@
-"""The `nanotrain` command: train, prepare, sample. Each subcommand only assembles library pieces."""
+"""The `nanotrain` command: train, prepare, sample, verify, convert. Each subcommand only assembles library pieces."""
 
 from __future__ import annotations
 
@@ -63,6 +63,30 @@ def cmd_verify(args, overrides) -> int:
     return 0 if report.ok else 1
 
 
+def cmd_convert(args, overrides) -> int:
+    from .models.hf import convert_from_hf, convert_to_hf
+
+    if overrides:
+        raise ConfigError(f"convert takes no config overrides, got: {' '.join(overrides)}")
+    if args.to_hf and not args.checkpoint:
+        raise ConfigError("convert --to-hf needs --checkpoint PATH (a training checkpoint or a "
+                          "convert --from-hf folder)")
+    if args.from_hf and args.checkpoint:
+        raise ConfigError("convert --from-hf FOLDER reads FOLDER; --checkpoint goes with --to-hf")
+    try:
+        if args.from_hf:
+            model = convert_from_hf(args.from_hf, args.out)
+            print(f"wrote {args.out}/model.safetensors and nanotrain_config.json "
+                  f"({model.cfg.arch}, {model.num_params():,} parameters)")
+        else:
+            model = convert_to_hf(args.checkpoint, args.out)
+            print(f"wrote Hugging Face config.json and model.safetensors to {args.out} "
+                  f"({model.cfg.arch}, {model.num_params():,} parameters)")
+    except (ValueError, FileNotFoundError) as e:  # CheckpointError is a ValueError
+        raise ConfigError(str(e)) from None
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="nanotrain", description="Learning-first distributed LLM training.",
                                 epilog="Any --section.key=value after the subcommand overrides the config, "
@@ -91,6 +115,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=1337)
     s.add_argument("--device", default="cpu")
     s.set_defaults(fn=cmd_sample)
+    s = sub.add_parser("convert", help="convert weights to or from a Hugging Face checkpoint folder",
+                       description="--from-hf FOLDER --out DIR: an HF Llama/Mistral/DeepSeek-V3 folder -> "
+                                   "DIR/model.safetensors + DIR/nanotrain_config.json (weights and model config, "
+                                   "not a training checkpoint). --to-hf --checkpoint PATH --out DIR: a training "
+                                   "checkpoint (or a --from-hf folder) -> an HF folder transformers can load.")
+    way = s.add_mutually_exclusive_group(required=True)
+    way.add_argument("--from-hf", metavar="FOLDER", help="Hugging Face folder (config.json + *.safetensors)")
+    way.add_argument("--to-hf", action="store_true", help="write a Hugging Face folder from --checkpoint")
+    s.add_argument("--checkpoint", help="with --to-hf: checkpoint folder, its state.pt, a run's out_dir, "
+                                        "or a convert --from-hf folder")
+    s.add_argument("--out", required=True, help="output folder")
+    s.set_defaults(fn=cmd_convert)
     return p
 
 

@@ -9,6 +9,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from nanotrain.models import TransformerModel  # noqa: E402
 from nanotrain.models.hf import load_hf_model, model_config_from_hf, save_hf_model  # noqa: E402
 
 TOL = 1e-4
@@ -75,6 +76,64 @@ def test_roundtrip_matches_transformers(tmp_path, n_kv_heads, tied):
     assert (hf_logits(back, ids) - want).abs().max().item() <= TOL
 
 
+def test_yarn_roundtrip_matches_transformers(tmp_path):
+    """rope_type "yarn" (factor 4 from 16 positions; SEQ=24 runs past the original window)."""
+    yarn = {"rope_type": "yarn", "rope_theta": 500000.0, "factor": 4.0, "original_max_position_embeddings": 16}
+    # initializer_range 0.1: sharp attention, so that positions matter (at 0.02 it is near uniform).
+    hf = random_hf_model(tiny_llama_config(2, False, rope_parameters=dict(yarn), initializer_range=0.1), seed=7)
+    hf.save_pretrained(tmp_path / "hf")
+    ids = torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(0))
+    want = hf_logits(hf, ids)
+
+    ours = load_hf_model(tmp_path / "hf")
+    c = ours.cfg
+    assert (c.rope_scaling, c.rope_factor, c.rope_original_max_seq_len, c.rope_theta) == ("yarn", 4.0, 16, 500000.0)
+    diff = (our_logits(ours, ids) - want).abs().max().item()
+    print(f"max |logit diff| llama yarn import: {diff:.2e}")
+    assert diff <= TOL
+    # The case is sensitive: the same weights with plain RoPE are far off.
+    c.rope_scaling = "none"
+    plain = TransformerModel(c)
+    plain.load_state_dict(ours.state_dict())
+    assert (our_logits(plain.eval(), ids) - want).abs().max().item() > 100 * TOL
+    c.rope_scaling = "yarn"
+
+    save_hf_model(ours, tmp_path / "ours")
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ours", dtype=torch.float32).eval()
+    assert back.config.rope_parameters["rope_type"] == "yarn"
+    diff = (hf_logits(back, ids) - want).abs().max().item()
+    print(f"max |logit diff| llama yarn export: {diff:.2e}")
+    assert diff <= TOL
+
+
+def test_convert_cli_round_trip(tmp_path, capsys):
+    """nanotrain convert --from-hf (HF -> model.safetensors + nanotrain_config.json), then
+    --to-hf from that folder: transformers loads the same model; errors exit 2."""
+    from nanotrain.cli import main
+    from nanotrain.config import Config
+    from nanotrain.models.hf import load_converted
+
+    hf = random_hf_model(tiny_llama_config(2, True), seed=8)
+    hf.save_pretrained(tmp_path / "hf")
+    ids = torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(2))
+    want = hf_logits(hf, ids)
+
+    assert main(["convert", "--from-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "nt")]) == 0
+    assert sorted(p.name for p in (tmp_path / "nt").iterdir()) == ["model.safetensors", "nanotrain_config.json"]
+    saved = Config.from_dict(json.loads((tmp_path / "nt" / "nanotrain_config.json").read_text())).model
+    assert saved.n_kv_heads == 2 and saved.tie_embeddings and saved.rope_theta == 500000.0
+    assert (our_logits(load_converted(tmp_path / "nt"), ids) - want).abs().max().item() <= TOL
+
+    assert main(["convert", "--to-hf", "--checkpoint", str(tmp_path / "nt"), "--out", str(tmp_path / "back")]) == 0
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "back", dtype=torch.float32).eval()
+    assert (hf_logits(back, ids) - want).abs().max().item() <= TOL
+    assert "wrote" in capsys.readouterr().out
+
+    assert main(["convert", "--to-hf", "--out", str(tmp_path / "x")]) == 2
+    assert main(["convert", "--to-hf", "--checkpoint", str(tmp_path / "nope"), "--out", str(tmp_path / "x")]) == 2
+    assert "no checkpoint" in capsys.readouterr().err
+
+
 def test_sharded_checkpoint(tmp_path):
     hf = random_hf_model(tiny_llama_config(2, False), seed=3)
     hf.save_pretrained(tmp_path, max_shard_size="100KB")
@@ -120,9 +179,25 @@ def test_config_mapping():
     assert model_config_from_hf(old).rope_theta == 1234.0
 
 
+def test_yarn_config_mapping():
+    # transformers 4 spelling ("type", top-level rope_theta). Absent factor: max_position_embeddings / original.
+    old = _hf_dict(rope_theta=500000.0, rope_scaling={"type": "yarn", "original_max_position_embeddings": 16,
+                                                      "beta_fast": 16, "mscale_all_dim": 1.0})
+    old.pop("rope_parameters")
+    cfg = model_config_from_hf(old)
+    assert (cfg.rope_scaling, cfg.rope_factor, cfg.rope_original_max_seq_len) == ("yarn", 4.0, 16)
+    assert (cfg.rope_beta_fast, cfg.rope_beta_slow, cfg.rope_mscale, cfg.rope_mscale_all_dim) == (16, 1, 0, 1)
+    assert cfg.rope_theta == 500000.0
+    # Both spellings: rope_scaling wins, as in transformers 5.
+    both = model_config_from_hf(_hf_dict(rope_scaling={"rope_type": "yarn", "factor": 2.0}))
+    assert (both.rope_scaling, both.rope_factor, both.rope_original_max_seq_len) == ("yarn", 2.0, 64)
+
+
 @pytest.mark.parametrize("field,value", [
-    ("rope_scaling", {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}),
+    ("rope_scaling", {"rope_type": "linear", "factor": 4.0}),
     ("rope_parameters", {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0}),
+    ("rope_parameters", {"rope_type": "dynamic", "rope_theta": 500000.0, "factor": 2.0}),
+    ("attention_factor", {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0, "attention_factor": 1.5}),
     ("attention_bias", True),
     ("mlp_bias", True),
     ("hidden_act", "gelu"),
@@ -130,7 +205,10 @@ def test_config_mapping():
 ])
 def test_unsupported_config_raises_with_field_name(field, value):
     with pytest.raises(ValueError, match=field):
-        model_config_from_hf(_hf_dict(**{field: value}))
+        if field == "attention_factor":
+            model_config_from_hf(_hf_dict(rope_parameters=value))
+        else:
+            model_config_from_hf(_hf_dict(**{field: value}))
 
 
 def test_unsupported_model_type_raises():

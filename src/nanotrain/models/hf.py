@@ -1,5 +1,14 @@
-"""Hugging Face interop for the Llama family: load a transformers checkpoint, save one back.
+"""Hugging Face interop: load a transformers checkpoint (Llama, Mistral, DeepSeek-V3), save one back.
 
+    model = load_hf_model("path/to/hf_folder")       # fp32, CPU, eval mode
+    save_hf_model(model, "path/to/out")              # AutoModelForCausalLM can load it
+    convert_from_hf("hf_folder", "out")              # -> out/model.safetensors + out/nanotrain_config.json
+    convert_to_hf("runs/x/checkpoints", "hf_out")    # a training checkpoint (or a convert_from_hf folder) -> HF
+
+Only safetensors files are read and written; transformers itself is not needed.
+
+Llama / Mistral
+---------------
 A TransformerModel built with norm="rmsnorm", mlp="swiglu", pos_emb="rope" and
 bias=False *is* a Llama: the same pre-norm block, the same SwiGLU, the same RoPE.
 Converting is therefore only a renaming of tensors (and of config fields):
@@ -33,23 +42,84 @@ rotate_half layout, so HF's q_proj/k_proj rows already sit where we expect them.
 Config fields map as: vocab_size, hidden_size -> d_model, num_hidden_layers -> n_layers,
 num_attention_heads -> n_heads, num_key_value_heads -> n_kv_heads,
 intermediate_size -> d_ff, max_position_embeddings -> max_seq_len,
-rms_norm_eps -> norm_eps, rope_theta -> rope_theta (transformers 5 keeps it in
-rope_parameters["rope_theta"]), tie_word_embeddings -> tie_embeddings.
+rms_norm_eps -> norm_eps, tie_word_embeddings -> tie_embeddings, and RoPE (below).
 
 What we refuse (a clear ValueError naming the field): biases (attention_bias,
-mlp_bias; hence Qwen2, whose q/k/v projections always have one), RoPE scaling
-(rope_scaling / a rope_type other than "default": Llama 3.1's "llama3", YaRN, ...),
-a head_dim other than hidden_size / num_attention_heads, an activation other than
-silu, and Mistral's sliding window when it is shorter than the context.
+mlp_bias; hence Qwen2, whose q/k/v projections always have one), a head_dim other
+than hidden_size / num_attention_heads, an activation other than silu, Mistral's
+sliding window when it is shorter than the context, and RoPE types other than
+"default" and "yarn" (Llama 3.1's "llama3", "linear", "dynamic", "longrope", ...).
 
-    model = load_hf_model("path/to/hf_folder")       # fp32, CPU, eval mode
-    save_hf_model(model, "path/to/out")              # AutoModelForCausalLM can load it
+RoPE and YaRN (both families)
+-----------------------------
+transformers 4 writes rope_theta + rope_scaling at the top level, transformers 5 a
+rope_parameters dict; like transformers 5 we read rope_scaling when it is set, else
+rope_parameters. rope_type "yarn" maps to model.rope_scaling="yarn" with
+factor -> rope_factor (absent: max_position_embeddings / original),
+original_max_position_embeddings -> rope_original_max_seq_len, beta_fast/beta_slow ->
+rope_beta_fast/rope_beta_slow (absent: 32/1), mscale/mscale_all_dim ->
+rope_mscale/rope_mscale_all_dim (absent: 0, which rope.py and transformers both read
+as "not given"). attention_factor and truncate=false have no ModelConfig field: refused.
+We export rope_parameters (and the same dict as rope_scaling, for transformers 4).
+
+DeepSeek-V3 (model_type "deepseek_v3" <-> arch "deepseek")
+-----------------------------------------------------------
+    HF model.layers.{i}.                           ours layers.{i}.
+    input_layernorm / post_attention_layernorm     attn_norm / mlp_norm
+    self_attn.q_proj (q_lora_rank None)            attn.wq          (rope rows reordered, below)
+    self_attn.q_a_proj, q_a_layernorm, q_b_proj    attn.wq_a, attn.q_norm, attn.wq_b (wq_b: rope rows)
+    self_attn.kv_a_proj_with_mqa                   attn.wkv_a       (its last qk_rope_head_dim rows: rope)
+    self_attn.kv_a_layernorm, kv_b_proj, o_proj    attn.kv_norm, attn.wkv_b, attn.wo
+    mlp.{gate,up,down}_proj      (i < first_k)     mlp.{w1,w3,w2}   (dense GatedMLP)
+    mlp.gate.weight              (MoE layers)      mlp.router.weight
+    mlp.gate.e_score_correction_bias               mlp.router.expert_bias (a buffer)
+    mlp.shared_experts.{gate,up,down}_proj         mlp.shared_experts.{w1,w3,w2}
+    mlp.experts.{j}.{gate,up,down}_proj.weight     mlp.experts.{w1,w3,w2}[j]  (stacked [E, ...])
+
+save_pretrained in transformers 5 writes the per-expert names above (the layout of
+DeepSeek's own checkpoints), although the module holds fused experts.gate_up_proj
+[E, 2*moe_d_ff, d] (gate rows first) and experts.down_proj [E, d, moe_d_ff] in
+memory; we read both layouts and write the per-expert one. Tensors of the
+multi-token-prediction layers (model.layers.{n_layers..n_layers+num_nextn_predict_layers-1},
+layer 61 in V3) are skipped, as transformers does (the import has mtp_depth=0); on export
+a model's training-only mtp.* module is left out, with a warning.
+
+Config: q_lora_rank (None -> 0), kv_lora_rank, qk_nope_head_dim, qk_rope_head_dim,
+v_head_dim copy across; intermediate_size -> d_ff (dense layers), moe_intermediate_size
+-> moe_d_ff, num_experts_per_tok -> moe_top_k, n_routed_experts, n_shared_experts,
+first_k_dense_replace, n_group, topk_group, norm_topk_prob, routed_scaling_factor copy
+across; score_func is "sigmoid" (V3 hard-codes it). num_key_value_heads means nothing
+for MLA (ignored; exported as num_attention_heads). bias_update_rate and aux_loss_coef
+are training settings HF does not store: they keep ModelConfig's defaults.
+
+Two things transformers does that a ModelConfig cannot say, handled here so that
+models/deepseek.py stays as it is:
+
+- rope_interleave (default true, as DeepSeek's checkpoints): the rope channels of
+  q_proj/q_b_proj and kv_a_proj_with_mqa rows come in adjacent pairs. Instead of
+  building MLA with rope_interleaved=True, we reorder those rows once at load time
+  (rope.deinterleave's permutation: evens, then odds), which gives weights for the
+  rotate-half layout that any model built from the ModelConfig alone runs correctly,
+  e.g. after `nanotrain convert`. q.k is unchanged (mla.py). On export we interleave
+  the rows back and write rope_interleave=true, the layout DeepSeek's checkpoints and
+  other inference engines expect.
+- q_a_layernorm / kv_a_layernorm use eps 1e-6 whatever rms_norm_eps says. After
+  building we set `.eps = 1e-6` on each MLAttention's q_norm / kv_norm
+  (`set_mla_norm_eps`); for DeepSeek-V3 itself rms_norm_eps is 1e-6 anyway. Exporting
+  a model whose MLA norms use another eps warns: transformers will use 1e-6.
+
+Refused: attention_bias, hidden_act other than silu, scoring_func other than sigmoid,
+topk_method other than noaux_tc, moe_layer_freq other than 1, and quantization_config
+(the published DeepSeek-V3 weights are FP8 with weight_scale_inv blocks: dequantize
+them to bf16 first).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +127,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..config import ModelConfig
+from ..config import Config, ModelConfig
+from . import build_model
 from .transformer import TransformerModel
 
 # Per-layer names: HF suffix after "model.layers.{i}." -> ours after "layers.{i}.".
@@ -77,12 +148,39 @@ _GLOBAL_NAMES = {
     "model.norm.weight": "norm.weight",
     "lm_head.weight": "head.weight",
 }
+# DeepSeek-V3: one table for every layer kind; whether a name belongs to a layer is
+# decided by our model's state dict (a dense layer has no mlp.router.weight).
+_DS_LAYER_NAMES = {
+    "input_layernorm.weight": "attn_norm.weight",
+    "post_attention_layernorm.weight": "mlp_norm.weight",
+    "self_attn.q_proj.weight": "attn.wq.weight",
+    "self_attn.q_a_proj.weight": "attn.wq_a.weight",
+    "self_attn.q_a_layernorm.weight": "attn.q_norm.weight",
+    "self_attn.q_b_proj.weight": "attn.wq_b.weight",
+    "self_attn.kv_a_proj_with_mqa.weight": "attn.wkv_a.weight",
+    "self_attn.kv_a_layernorm.weight": "attn.kv_norm.weight",
+    "self_attn.kv_b_proj.weight": "attn.wkv_b.weight",
+    "self_attn.o_proj.weight": "attn.wo.weight",
+    "mlp.gate_proj.weight": "mlp.w1.weight",
+    "mlp.up_proj.weight": "mlp.w3.weight",
+    "mlp.down_proj.weight": "mlp.w2.weight",
+    "mlp.gate.weight": "mlp.router.weight",
+    "mlp.gate.e_score_correction_bias": "mlp.router.expert_bias",
+    "mlp.shared_experts.gate_proj.weight": "mlp.shared_experts.w1.weight",
+    "mlp.shared_experts.up_proj.weight": "mlp.shared_experts.w3.weight",
+    "mlp.shared_experts.down_proj.weight": "mlp.shared_experts.w2.weight",
+}
+_DS_EXPERT_RE = re.compile(r"^mlp\.experts\.(\d+)\.(gate|up|down)_proj\.weight$")
+_EXPERT_PROJ = {"gate": "w1", "up": "w3", "down": "w2"}
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 # Tensors some checkpoints carry that are not weights (old transformers saved RoPE's
 # inverse frequencies as a buffer): recomputed from the config, so skipped.
 _IGNORED_RE = re.compile(r"\.rotary_emb\.inv_freq$")
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral")
+HF_MLA_NORM_EPS = 1e-6  # transformers' DeepseekV3Attention: q_a_layernorm / kv_a_layernorm eps
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "deepseek_v3")
+CONFIG_FILE = "nanotrain_config.json"  # written by convert_from_hf next to model.safetensors
+WEIGHTS_FILE = "model.safetensors"
 
 
 # ---------------------------------------------------------------------------
@@ -90,7 +188,7 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral")
 # ---------------------------------------------------------------------------
 
 def hf_to_ours(name: str) -> str | None:
-    """Our parameter name for an HF tensor name; None if it is not one we know."""
+    """Our parameter name for an HF Llama tensor name; None if it is not one we know."""
     if name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[name]
     m = _LAYER_RE.match(name)
@@ -100,7 +198,7 @@ def hf_to_ours(name: str) -> str | None:
 
 
 def ours_to_hf(name: str) -> str:
-    """The HF tensor name for one of our parameter names."""
+    """The HF Llama tensor name for one of our parameter names."""
     for hf, ours in _GLOBAL_NAMES.items():
         if name == ours:
             return hf
@@ -112,36 +210,86 @@ def ours_to_hf(name: str) -> str:
     raise ValueError(f"parameter {name!r} has no Hugging Face Llama counterpart")
 
 
+def ds_ours_to_hf(name: str) -> str:
+    """The HF DeepSeek-V3 tensor name for one of our names (stacked experts: a pattern over j)."""
+    for hf, ours in _GLOBAL_NAMES.items():
+        if name == ours:
+            return hf
+    parts = name.split(".", 2)
+    if len(parts) == 3 and parts[0] == "layers":
+        for hf, ours in _DS_LAYER_NAMES.items():
+            if parts[2] == ours:
+                return f"model.layers.{parts[1]}.{hf}"
+        for proj, ours in _EXPERT_PROJ.items():
+            if parts[2] == f"mlp.experts.{ours}":
+                return f"model.layers.{parts[1]}.mlp.experts.{{j}}.{proj}_proj.weight"
+    raise ValueError(f"parameter {name!r} has no Hugging Face DeepSeek-V3 counterpart")
+
+
 # ---------------------------------------------------------------------------
 # Config
 # ---------------------------------------------------------------------------
 
-def _rope_settings(hf: dict[str, Any]) -> tuple[float, list[str]]:
-    """rope_theta and the problems with the RoPE settings. transformers 4 writes
-    rope_theta + rope_scaling at the top level; transformers 5 writes rope_parameters."""
-    problems = []
-    theta = hf.get("rope_theta")
-    scaling = hf.get("rope_scaling")
-    if scaling:
-        kind = scaling.get("rope_type", scaling.get("type"))
-        if kind != "default" or set(scaling) - {"rope_type", "type", "rope_theta"}:
-            problems.append(f"rope_scaling={scaling!r}: RoPE scaling (YaRN, llama3, linear, ...) is not "
-                            "supported yet; only plain RoPE")
-    params = hf.get("rope_parameters")
-    if params:
-        theta = params.get("rope_theta", theta)
-        kind = params.get("rope_type", params.get("type", "default"))
-        if kind != "default":
-            problems.append(f"rope_parameters.rope_type={kind!r}: RoPE scaling (YaRN, llama3, linear, ...) "
-                            "is not supported yet; only 'default'")
-        partial = params.get("partial_rotary_factor", 1.0)
-        if partial != 1.0:
-            problems.append(f"rope_parameters.partial_rotary_factor={partial!r}: RoPE must rotate the whole head")
-    return float(theta if theta is not None else 10000.0), problems
+def _rope_from_hf(hf: dict[str, Any], max_pos: int, problems: list[str]) -> dict[str, Any]:
+    """ModelConfig's RoPE fields (rope_theta, and the YaRN ones) from an HF config."""
+    scaling = hf.get("rope_scaling") or None
+    params = scaling or hf.get("rope_parameters") or {}
+    source = "rope_scaling" if scaling else "rope_parameters"
+    theta = params.get("rope_theta", hf.get("rope_theta"))
+    out: dict[str, Any] = {"rope_theta": float(theta if theta is not None else 10000.0)}
+    partial = params.get("partial_rotary_factor", hf.get("partial_rotary_factor"))
+    if partial not in (None, 1, 1.0):
+        problems.append(f"{source}.partial_rotary_factor={partial!r}: RoPE must rotate the whole (rope) head")
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind == "default":
+        return out
+    if kind != "yarn":
+        problems.append(f"{source}.rope_type={kind!r}: only plain RoPE ('default') and YaRN ('yarn') are "
+                        f"supported, not {kind!r} (Llama 3.1's 'llama3', 'linear', 'dynamic', 'longrope', ...)")
+        return out
+    # transformers gives a top-level original_max_position_embeddings priority (Phi-3 writes it there).
+    original = hf.get("original_max_position_embeddings") or params.get("original_max_position_embeddings") or max_pos
+    factor = params.get("factor")
+    if factor is None:
+        factor = max_pos / original
+    if factor < 1:
+        problems.append(f"{source}.factor={factor!r}: YaRN's factor must be >= 1")
+    if params.get("attention_factor") is not None:
+        problems.append(f"{source}.attention_factor={params['attention_factor']!r}: an explicit YaRN attention "
+                        "factor is not supported (only the one derived from factor, mscale, mscale_all_dim)")
+    if params.get("truncate", True) is not True:
+        problems.append(f"{source}.truncate={params['truncate']!r}: only YaRN with a truncated correction range")
+    out.update(rope_scaling="yarn", rope_factor=float(factor), rope_original_max_seq_len=int(original),
+               rope_beta_fast=float(params.get("beta_fast") or 32), rope_beta_slow=float(params.get("beta_slow") or 1),
+               # Absent means "not given" to transformers; 0 means the same to rope.py and mla.py.
+               rope_mscale=float(params.get("mscale") or 0.0),
+               rope_mscale_all_dim=float(params.get("mscale_all_dim") or 0.0))
+    return out
+
+
+def _rope_to_hf(cfg: ModelConfig) -> dict[str, Any]:
+    params: dict[str, Any] = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    if cfg.rope_scaling == "yarn":
+        params.update(rope_type="yarn", factor=cfg.rope_factor,
+                      original_max_position_embeddings=cfg.rope_original_max_seq_len or cfg.max_seq_len,
+                      beta_fast=cfg.rope_beta_fast, beta_slow=cfg.rope_beta_slow)
+        if cfg.rope_mscale:
+            params["mscale"] = cfg.rope_mscale
+        if cfg.rope_mscale_all_dim:
+            params["mscale_all_dim"] = cfg.rope_mscale_all_dim
+    elif cfg.rope_scaling != "none":
+        raise ValueError(f"model.rope_scaling={cfg.rope_scaling!r} has no Hugging Face counterpart here")
+    return params
+
+
+def _missing_keys(hf: dict[str, Any], keys: tuple[str, ...], model_type: str) -> None:
+    missing = [k for k in keys if hf.get(k) is None]
+    if missing:
+        raise ValueError(f"{model_type} config.json lacks required fields: {', '.join(missing)}")
 
 
 def model_config_from_hf(hf_config: dict[str, Any]) -> ModelConfig:
-    """A ModelConfig equal to an HF Llama (or plain-RoPE, full-attention Mistral) config.json.
+    """A ModelConfig equal to an HF config.json: Llama, plain full-attention Mistral, or DeepSeek-V3.
 
     Raises ValueError listing every field we cannot honour, with its value."""
     hf = hf_config
@@ -151,6 +299,8 @@ def model_config_from_hf(hf_config: dict[str, Any]) -> ModelConfig:
                 if model_type == "qwen2" else "")
         raise ValueError(f"model_type={model_type!r} is not supported{hint}: "
                          f"expected one of {', '.join(SUPPORTED_MODEL_TYPES)}")
+    if model_type == "deepseek_v3":
+        return _deepseek_config_from_hf(hf)
 
     d_model = hf["hidden_size"]
     n_heads = hf["num_attention_heads"]
@@ -168,8 +318,7 @@ def model_config_from_hf(hf_config: dict[str, Any]) -> ModelConfig:
     if head_dim is not None and head_dim * n_heads != d_model:
         problems.append(f"head_dim={head_dim!r}: must equal hidden_size / num_attention_heads = "
                         f"{d_model}/{n_heads}")
-    rope_theta, rope_problems = _rope_settings(hf)
-    problems += rope_problems
+    rope = _rope_from_hf(hf, max_pos, problems)
     if model_type == "mistral":
         window = hf.get("sliding_window")
         if window is not None and window < max_pos:
@@ -191,46 +340,255 @@ def model_config_from_hf(hf_config: dict[str, Any]) -> ModelConfig:
         norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
         mlp="swiglu",
         pos_emb="rope",
-        rope_theta=rope_theta,
         # Llama's and Mistral's configs default to untied embeddings.
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         dropout=0.0,
         bias=False,
+        **rope,
     )
 
 
-def hf_config_from_model_config(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
-    """A LlamaConfig-compatible config.json dict for a Llama-shaped ModelConfig."""
+def _deepseek_config_from_hf(hf: dict[str, Any]) -> ModelConfig:
+    _missing_keys(hf, ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                       "moe_intermediate_size", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
+                       "v_head_dim", "n_routed_experts", "num_experts_per_tok"), "deepseek_v3")
+    max_pos = hf.get("max_position_embeddings", 4096)
     problems = []
-    for key, want in (("norm", "rmsnorm"), ("mlp", "swiglu"), ("pos_emb", "rope"), ("bias", False)):
-        if getattr(cfg, key) != want:
-            problems.append(f"model.{key}={getattr(cfg, key)!r} (a Llama needs {want!r})")
+    if hf.get("attention_bias", False):
+        problems.append(f"attention_bias={hf['attention_bias']!r}: MLA projections without bias only")
+    act = hf.get("hidden_act", "silu")
+    if act != "silu":
+        problems.append(f"hidden_act={act!r}: the experts must be SwiGLU ('silu')")
+    for key, want in (("scoring_func", "sigmoid"), ("topk_method", "noaux_tc"), ("moe_layer_freq", 1)):
+        if hf.get(key, want) != want:
+            problems.append(f"{key}={hf[key]!r}: DeepSeek-V3 routing needs {want!r}")
+    if hf.get("quantization_config"):
+        method = hf["quantization_config"].get("quant_method", "?")
+        problems.append(f"quantization_config (quant_method={method!r}): quantized weights are not read; "
+                        "dequantize the checkpoint to bf16/fp32 first")
+    rope = _rope_from_hf(hf, max_pos, problems)
     if problems:
-        raise ValueError("this model is not a Llama, cannot save it as one: " + "; ".join(problems))
-    return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+        raise ValueError("unsupported deepseek_v3 config:\n  - " + "\n  - ".join(problems))
+    return ModelConfig(
+        arch="deepseek",
+        vocab_size=hf["vocab_size"],
+        d_model=hf["hidden_size"],
+        n_layers=hf["num_hidden_layers"],
+        n_heads=hf["num_attention_heads"],
+        d_ff=hf["intermediate_size"],
+        max_seq_len=max_pos,
+        norm="rmsnorm",
+        norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        mlp="swiglu",
+        pos_emb="rope",
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        dropout=0.0,
+        bias=False,
+        q_lora_rank=hf.get("q_lora_rank") or 0,
+        kv_lora_rank=hf["kv_lora_rank"],
+        qk_nope_head_dim=hf["qk_nope_head_dim"],
+        qk_rope_head_dim=hf["qk_rope_head_dim"],
+        v_head_dim=hf["v_head_dim"],
+        first_k_dense_replace=hf.get("first_k_dense_replace", 3) or 0,
+        n_routed_experts=hf["n_routed_experts"],
+        n_shared_experts=hf.get("n_shared_experts", 1) or 0,
+        moe_top_k=hf["num_experts_per_tok"],
+        moe_d_ff=hf["moe_intermediate_size"],
+        n_group=hf.get("n_group", 8) or 1,
+        topk_group=hf.get("topk_group", 4) or 1,
+        score_func="sigmoid",
+        norm_topk_prob=bool(hf.get("norm_topk_prob", True)),
+        routed_scaling_factor=float(hf.get("routed_scaling_factor", 2.5)),
+        **rope,
+    )
+
+
+def _check_exportable(cfg: ModelConfig, family: str, keys: tuple[str, ...]) -> None:
+    wants = {"norm": "rmsnorm", "mlp": "swiglu", "pos_emb": "rope", "bias": False}
+    problems = [f"model.{k}={getattr(cfg, k)!r} (a {family} needs {wants[k]!r})"
+                for k in keys if getattr(cfg, k) != wants[k]]
+    if problems:
+        raise ValueError(f"this model is not a {family}, cannot save it as one: " + "; ".join(problems))
+
+
+def hf_config_from_model_config(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+    """A config.json dict for a ModelConfig: LlamaConfig (arch "transformer") or DeepseekV3Config ("deepseek")."""
+    rope = _rope_to_hf(cfg)
+    common = {
         "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.d_model,
-        "intermediate_size": cfg.ffn_width(),
         "num_hidden_layers": cfg.n_layers,
         "num_attention_heads": cfg.n_heads,
-        "num_key_value_heads": cfg.n_kv_heads or cfg.n_heads,
-        "head_dim": cfg.d_model // cfg.n_heads,
         "hidden_act": "silu",
         "max_position_embeddings": cfg.max_seq_len,
         "rms_norm_eps": cfg.norm_eps,
         # Both spellings: transformers 4 reads rope_theta/rope_scaling, 5 reads rope_parameters.
         "rope_theta": cfg.rope_theta,
-        "rope_scaling": None,
-        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        "rope_scaling": dict(rope) if rope["rope_type"] != "default" else None,
+        "rope_parameters": rope,
         "attention_bias": False,
         "attention_dropout": 0.0,
-        "mlp_bias": False,
         "tie_word_embeddings": cfg.tie_embeddings,
         "initializer_range": cfg.init_std,
         "torch_dtype": str(dtype).removeprefix("torch."),
     }
+    if cfg.arch == "deepseek":
+        # The final norm follows model.norm; pos_emb="learned" would add a table HF lacks.
+        _check_exportable(cfg, "DeepSeek-V3", ("norm", "pos_emb", "bias"))
+        if cfg.score_func != "sigmoid":
+            raise ValueError(f"model.score_func={cfg.score_func!r}: DeepSeek-V3 in transformers routes "
+                             "with sigmoid scores only")
+        return {
+            "architectures": ["DeepseekV3ForCausalLM"],
+            "model_type": "deepseek_v3",
+            **common,
+            "num_key_value_heads": cfg.n_heads,  # unused by MLA; transformers divides by it
+            "intermediate_size": cfg.ffn_width(),
+            "moe_intermediate_size": cfg.moe_d_ff,
+            "q_lora_rank": cfg.q_lora_rank or None,
+            "kv_lora_rank": cfg.kv_lora_rank,
+            "qk_nope_head_dim": cfg.qk_nope_head_dim,
+            "qk_rope_head_dim": cfg.qk_rope_head_dim,
+            "v_head_dim": cfg.v_head_dim,
+            "first_k_dense_replace": cfg.first_k_dense_replace,
+            "n_routed_experts": cfg.n_routed_experts,
+            "n_shared_experts": cfg.n_shared_experts,
+            "num_experts_per_tok": cfg.moe_top_k,
+            "n_group": cfg.n_group,
+            "topk_group": cfg.topk_group,
+            "norm_topk_prob": cfg.norm_topk_prob,
+            "routed_scaling_factor": cfg.routed_scaling_factor,
+            "rope_interleave": True,  # save_hf_model interleaves the rope rows back
+            "num_nextn_predict_layers": 0,  # no multi-token-prediction weights
+        }
+    _check_exportable(cfg, "Llama", ("norm", "mlp", "pos_emb", "bias"))
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        **common,
+        "intermediate_size": cfg.ffn_width(),
+        "num_key_value_heads": cfg.n_kv_heads or cfg.n_heads,
+        "head_dim": cfg.d_model // cfg.n_heads,
+        "mlp_bias": False,
+    }
+
+
+# ---------------------------------------------------------------------------
+# DeepSeek-V3 weight layout: rope row order, stacked experts, MLA norm eps
+# ---------------------------------------------------------------------------
+
+def _reorder_rope_rows(w: torch.Tensor, block: int, start: int, rope_dim: int, to_interleaved: bool) -> torch.Tensor:
+    """Rows of w come in blocks of `block` (one per head); rows [start, start+rope_dim) of each
+    block are rope channels. Interleaved -> rotate-half: evens first, then odds (rope.deinterleave);
+    to_interleaved undoes it."""
+    perm = torch.cat([torch.arange(0, rope_dim, 2), torch.arange(1, rope_dim, 2)])
+    if to_interleaved:
+        perm = torch.argsort(perm)
+    w = w.clone()
+    v = w.view(-1, block, *w.shape[1:])
+    v[:, start:start + rope_dim] = v[:, start:start + rope_dim][:, perm]
+    return w
+
+
+def _reorder_mla_rope(state: dict[str, torch.Tensor], cfg: ModelConfig, to_interleaved: bool) -> None:
+    """In place on a state dict (ours): the rope rows of every wq / wq_b and wkv_a."""
+    qk = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
+    for i in range(cfg.n_layers):
+        for name in ("wq", "wq_b"):
+            key = f"layers.{i}.attn.{name}.weight"
+            if key in state:
+                state[key] = _reorder_rope_rows(state[key], qk, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim,
+                                                to_interleaved)
+        key = f"layers.{i}.attn.wkv_a.weight"
+        if key in state:
+            state[key] = _reorder_rope_rows(state[key], cfg.kv_lora_rank + cfg.qk_rope_head_dim, cfg.kv_lora_rank,
+                                            cfg.qk_rope_head_dim, to_interleaved)
+
+
+def set_mla_norm_eps(model: torch.nn.Module, eps: float = HF_MLA_NORM_EPS) -> None:
+    """Give every MLAttention's q_norm / kv_norm this eps (transformers hard-codes 1e-6)."""
+    from .mla import MLAttention
+
+    for module in model.modules():
+        if isinstance(module, MLAttention):
+            for norm in (getattr(module, "q_norm", None), module.kv_norm):
+                if norm is not None:
+                    norm.eps = eps
+
+
+def _mla_norm_eps(model: torch.nn.Module) -> set[float]:
+    from .mla import MLAttention
+
+    return {norm.eps for m in model.modules() if isinstance(m, MLAttention)
+            for norm in (getattr(m, "q_norm", None), m.kv_norm) if norm is not None}
+
+
+def _deepseek_tensors_to_ours(tensors: dict[str, torch.Tensor], cfg: ModelConfig, hf_cfg: dict[str, Any],
+                              expected: dict[str, torch.Tensor]):
+    """(ours, unexpected HF names, missing HF names of partly present stacked experts, keys they cover)."""
+    n_mtp = hf_cfg.get("num_nextn_predict_layers") or 0
+    ours: dict[str, torch.Tensor] = {}
+    unexpected: list[str] = []
+    experts: dict[str, dict[int, torch.Tensor]] = {}  # our stacked key -> {j: HF expert j}
+    for name, t in tensors.items():
+        if _IGNORED_RE.search(name) or (cfg.tie_embeddings and name == "lm_head.weight"):
+            continue
+        if name in _GLOBAL_NAMES:
+            key = _GLOBAL_NAMES[name]
+        elif m := _LAYER_RE.match(name):
+            i, rest = int(m.group(1)), m.group(2)
+            if cfg.n_layers <= i < cfg.n_layers + n_mtp:
+                continue  # a multi-token-prediction module: not modelled (transformers skips it too)
+            if cfg.n_shared_experts == 0 and rest.startswith("mlp.shared_experts.") and t.numel() == 0:
+                continue  # transformers builds a zero-width shared expert when there is none
+            if e := _DS_EXPERT_RE.match(rest):
+                key = f"layers.{i}.mlp.experts.{_EXPERT_PROJ[e.group(2)]}"
+                if key in expected and int(e.group(1)) < cfg.n_routed_experts:
+                    experts.setdefault(key, {})[int(e.group(1))] = t
+                else:
+                    unexpected.append(name)
+                continue
+            if rest == "mlp.experts.gate_up_proj" and f"layers.{i}.mlp.experts.w1" in expected and t.dim() == 3:
+                ours[f"layers.{i}.mlp.experts.w1"], ours[f"layers.{i}.mlp.experts.w3"] = t.chunk(2, dim=1)
+                continue
+            if rest == "mlp.experts.down_proj":
+                key = f"layers.{i}.mlp.experts.w2"
+            else:
+                key = f"layers.{i}.{_DS_LAYER_NAMES[rest]}" if rest in _DS_LAYER_NAMES else None
+        else:
+            key = None
+        if key is None or key not in expected or key in ours:
+            unexpected.append(name)
+        else:
+            ours[key] = t
+    missing, covered = [], set()
+    for key, by_j in experts.items():
+        if key in ours:  # fused and per-expert tensors both present
+            unexpected += [ds_ours_to_hf(key).format(j=j) for j in sorted(by_j)]
+            continue
+        absent = [j for j in range(cfg.n_routed_experts) if j not in by_j]
+        if absent:
+            missing += [ds_ours_to_hf(key).format(j=j) for j in absent]
+            covered.add(key)
+        else:
+            ours[key] = torch.stack([by_j[j] for j in range(cfg.n_routed_experts)])
+    return ours, unexpected, missing, covered
+
+
+def _deepseek_state_to_hf(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    state = dict(state)
+    _reorder_mla_rope(state, cfg, to_interleaved=True)
+    out = {}
+    for key, t in state.items():
+        hf = ds_ours_to_hf(key)
+        if "{j}" in hf:
+            for j, tj in enumerate(t.unbind(0)):
+                out[hf.format(j=j)] = tj
+        else:
+            if key.endswith(("mlp.router.weight", "mlp.router.expert_bias")):
+                t = t.float()  # transformers keeps the router in fp32 (_keep_in_fp32_modules_strict)
+            out[hf] = t
+    return out
 
 
 # ---------------------------------------------------------------------------
@@ -261,18 +619,10 @@ def load_hf_state_dict(folder: str | Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-@torch.no_grad()
-def load_hf_model(folder: str | Path) -> TransformerModel:
-    """A TransformerModel with the weights of an HF Llama checkpoint folder
-    (config.json + safetensors), in fp32 on CPU, in eval mode."""
-    folder = Path(folder)
-    cfg = model_config_from_hf(json.loads((folder / "config.json").read_text()))
-    model = TransformerModel(cfg)
-    expected = model.state_dict()  # with tied embeddings: both tok_emb.weight and head.weight
-
+def _llama_tensors_to_ours(tensors: dict[str, torch.Tensor], cfg: ModelConfig, expected: dict[str, torch.Tensor]):
     ours: dict[str, torch.Tensor] = {}
     unexpected = []
-    for name, t in load_hf_state_dict(folder).items():
+    for name, t in tensors.items():
         if _IGNORED_RE.search(name):
             continue
         if cfg.tie_embeddings and name == "lm_head.weight":
@@ -282,20 +632,44 @@ def load_hf_model(folder: str | Path) -> TransformerModel:
             unexpected.append(name)
         else:
             ours[key] = t
+    return ours, unexpected
+
+
+@torch.no_grad()
+def load_hf_model(folder: str | Path) -> TransformerModel:
+    """Our model (TransformerModel for Llama/Mistral, DeepSeekModel for DeepSeek-V3) with the
+    weights of an HF checkpoint folder (config.json + safetensors), in fp32 on CPU, in eval mode."""
+    folder = Path(folder)
+    hf_cfg = json.loads((folder / "config.json").read_text())
+    cfg = model_config_from_hf(hf_cfg)
+    model = build_model(cfg)
+    expected = model.state_dict()  # with tied embeddings: both tok_emb.weight and head.weight
+    tensors = load_hf_state_dict(folder)
+    if cfg.arch == "deepseek":
+        ours, unexpected, missing, covered = _deepseek_tensors_to_ours(tensors, cfg, hf_cfg, expected)
+        name_of = ds_ours_to_hf
+    else:
+        (ours, unexpected), missing, covered = _llama_tensors_to_ours(tensors, cfg, expected), [], set()
+        name_of = ours_to_hf
     if cfg.tie_embeddings and "tok_emb.weight" in ours:
         ours["head.weight"] = ours["tok_emb.weight"]
-    missing = [ours_to_hf(k) for k in expected
-               if k not in ours and not (cfg.tie_embeddings and k == "head.weight")]
+    missing = [name_of(k) for k in expected if k not in ours and k not in covered
+               and not (cfg.tie_embeddings and k == "head.weight")] + missing
     if missing or unexpected:
         raise ValueError(f"checkpoint {folder} does not match its config.json:"
                          + (f"\n  missing tensors: {', '.join(missing)}" if missing else "")
                          + (f"\n  unexpected tensors: {', '.join(unexpected)}" if unexpected else ""))
-    bad_shapes = [f"{ours_to_hf(k)}: {tuple(t.shape)} in the checkpoint, {tuple(expected[k].shape)} expected"
+    bad_shapes = [f"{name_of(k)}: {tuple(t.shape)} in the checkpoint, {tuple(expected[k].shape)} expected"
                   for k, t in ours.items() if t.shape != expected[k].shape]
     if bad_shapes:
         raise ValueError(f"checkpoint {folder} has tensors of the wrong shape:\n  " + "\n  ".join(bad_shapes))
 
-    model.load_state_dict({k: t.float() for k, t in ours.items()}, strict=True)
+    ours = {k: t.float() for k, t in ours.items()}
+    if cfg.arch == "deepseek" and hf_cfg.get("rope_interleave", True):
+        _reorder_mla_rope(ours, cfg, to_interleaved=False)
+    model.load_state_dict(ours, strict=True)
+    if cfg.arch == "deepseek":
+        set_mla_norm_eps(model)
     return model.eval()
 
 
@@ -305,25 +679,99 @@ def load_hf_model(folder: str | Path) -> TransformerModel:
 
 @torch.no_grad()
 def save_hf_model(model: TransformerModel, folder: str | Path) -> None:
-    """Write config.json and model.safetensors with HF Llama names, so that
-    transformers.AutoModelForCausalLM.from_pretrained(folder) loads the same model.
+    """Write config.json and model.safetensors with HF names (LlamaForCausalLM or
+    DeepseekV3ForCausalLM), so that transformers.AutoModelForCausalLM.from_pretrained(folder)
+    loads the same model.
 
-    Tensors keep the parameters' dtype. With tied embeddings lm_head.weight is left out,
-    as transformers does (it re-ties the head to embed_tokens on load)."""
+    Tensors keep the parameters' dtype (the DeepSeek router: fp32). With tied embeddings
+    lm_head.weight is left out, as transformers does (it re-ties the head on load)."""
     if getattr(model, "tp", None) is not None:
         raise ValueError("save_hf_model needs the whole model: gather a tensor-parallel model first")
     cfg = model.cfg
     dtype = model.tok_emb.weight.dtype
     hf_config = hf_config_from_model_config(cfg, dtype)
-
-    tensors = {}
-    for name, t in model.state_dict().items():
-        if cfg.tie_embeddings and name == "head.weight":
-            continue
-        # safetensors refuses tensors sharing memory and views: give each its own copy.
-        tensors[ours_to_hf(name)] = t.detach().to("cpu").contiguous().clone()
+    state = {name: t.detach().to("cpu") for name, t in model.state_dict().items()
+             if not (cfg.tie_embeddings and name == "head.weight")}
+    if cfg.arch == "deepseek":
+        mtp = [name for name in state if name.startswith("mtp.")]
+        if mtp:
+            warnings.warn(f"the multi-token-prediction module ({len(mtp)} tensors, mtp.*) is training-only and "
+                          "is not exported: num_nextn_predict_layers=0", stacklevel=2)
+            state = {name: t for name, t in state.items() if not name.startswith("mtp.")}
+        eps = _mla_norm_eps(model) - {HF_MLA_NORM_EPS}
+        if eps:
+            warnings.warn(f"MLA q_norm/kv_norm use eps {sorted(eps)}, transformers uses {HF_MLA_NORM_EPS}: "
+                          "the exported model's logits will differ slightly", stacklevel=2)
+        hf_state = _deepseek_state_to_hf(state, cfg)
+    else:
+        hf_state = {ours_to_hf(name): t for name, t in state.items()}
+    # safetensors refuses tensors sharing memory and views: give each its own copy.
+    tensors = {name: t.contiguous().clone() for name, t in hf_state.items()}
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
-    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
+
+
+# ---------------------------------------------------------------------------
+# Convert (the `nanotrain convert` subcommand)
+# ---------------------------------------------------------------------------
+
+@torch.no_grad()
+def convert_from_hf(hf_folder: str | Path, out_dir: str | Path) -> TransformerModel:
+    """HF checkpoint folder -> out_dir/model.safetensors (our parameter names, fp32) and
+    out_dir/nanotrain_config.json ({"model": ModelConfig fields}: Config.from_dict reads it).
+
+    Not a training checkpoint (no optimizer, step or tokenizer: an HF tokenizer.json is not
+    our tokenizer format), so `nanotrain sample` cannot use it; load_converted and
+    `nanotrain convert --to-hf` can. MLA's q/kv norm eps, which a ModelConfig cannot hold,
+    rides in the safetensors metadata and load_converted restores it."""
+    model = load_hf_model(hf_folder)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: t.contiguous().clone() for k, t in model.state_dict().items()
+             if not (model.cfg.tie_embeddings and k == "head.weight")}
+    metadata = {"format": "pt", "nanotrain_source": str(hf_folder)}
+    if model.cfg.arch == "deepseek":
+        metadata["mla_norm_eps"] = repr(HF_MLA_NORM_EPS)
+    save_file(state, str(out / WEIGHTS_FILE), metadata=metadata)
+    (out / CONFIG_FILE).write_text(json.dumps({"model": dataclasses.asdict(model.cfg)}, indent=2) + "\n")
+    return model
+
+
+@torch.no_grad()
+def load_converted(folder: str | Path) -> TransformerModel:
+    """The model convert_from_hf wrote (fp32, CPU, eval mode)."""
+    folder = Path(folder)
+    cfg = Config.from_dict(json.loads((folder / CONFIG_FILE).read_text()), source=str(folder / CONFIG_FILE)).model
+    model = build_model(cfg)
+    with safe_open(str(folder / WEIGHTS_FILE), framework="pt", device="cpu") as f:
+        state = {k: f.get_tensor(k) for k in f.keys()}
+        metadata = f.metadata() or {}
+    if cfg.tie_embeddings and "tok_emb.weight" in state:
+        state["head.weight"] = state["tok_emb.weight"]
+    model.load_state_dict(state, strict=True)
+    if "mla_norm_eps" in metadata:
+        set_mla_norm_eps(model, float(metadata["mla_norm_eps"]))
+    return model.eval()
+
+
+def load_training_checkpoint(path: str | Path) -> TransformerModel:
+    """The model of a nano-train training checkpoint (a checkpoint folder, its state.pt, or a
+    run folder with a `latest`), as sample.load_for_sampling builds it, in eval mode."""
+    from ..checkpoint import load_checkpoint, resolve_checkpoint
+
+    state = load_checkpoint(resolve_checkpoint(path))
+    cfg = Config.from_dict(state["config"], source=f"checkpoint {path}")
+    model = build_model(cfg.model)
+    model.load_state_dict(state["model"])
+    return model.eval()
+
+
+def convert_to_hf(path: str | Path, out_dir: str | Path) -> TransformerModel:
+    """A nano-train training checkpoint, or a folder written by convert_from_hf -> an HF folder."""
+    path = Path(path)
+    model = load_converted(path) if (path / CONFIG_FILE).is_file() else load_training_checkpoint(path)
+    save_hf_model(model, out_dir)
+    return model
