@@ -89,8 +89,12 @@ class DeepSeekModel(TransformerModel):
     def rope_head_dim(self, cfg: ModelConfig) -> int:
         return cfg.qk_rope_head_dim
 
-    def moe_layers(self) -> dict[str, nn.Module]:
-        return {name: block.mlp for name, block in self.layers.items() if block.is_moe}
+    def moe_layers(self, with_mtp: bool = True) -> dict[str, nn.Module]:
+        """Every MoE layer by name, the multi-token-prediction block's included (as "mtp")."""
+        layers = {name: block.mlp for name, block in self.layers.items() if block.is_moe}
+        if with_mtp and self.mtp is not None and self.mtp.block.is_moe:
+            layers["mtp"] = self.mtp.block.mlp
+        return layers
 
     def num_matmul_params(self) -> int:
         """Matmul parameters a token *uses* (the 6N of MFU): every Linear (attention, dense
@@ -148,17 +152,16 @@ class DeepSeekModel(TransformerModel):
             # Same denominator as the main loss (DESIGN, invariant 3), weighted lambda / depth.
             mtp_logits = self.mtp(x, input_ids, self.tok_emb, self.head, rope)
             out = out + self.mtp.loss_weight * token_loss_sum(mtp_logits, mtp_targets(targets), self.tp) / denom
+        ran = self.moe_layers(with_mtp=use_mtp)  # the MTP block runs only in training with targets
         if self.training:
-            for moe in self.moe_layers().values():
+            for moe in ran.values():
                 moe.step_load += moe.last_stats["tokens_per_expert"]
         if targets is None:
             return out
         # The sequence-wise auxiliary loss is a mean over this batch's sequences; weighting
         # it by this batch's share of the global batch keeps the sum over micro-batches and
         # ranks equal to the global mean (DESIGN, invariant 3).
-        aux = sum(m.aux_loss for m in self.moe_layers().values())
-        if use_mtp and self.mtp.block.is_moe:
-            aux = aux + self.mtp.block.mlp.aux_loss
+        aux = sum(m.aux_loss for m in ran.values())
         if isinstance(aux, torch.Tensor):
             share = 1.0 if loss_denominator is None else (targets != -100).sum() / loss_denominator
             out = out + aux * share
