@@ -124,6 +124,9 @@ class DeepSeekModel(TransformerModel):
             loadf = load.float()
             metrics[f"moe/layer{name}/imbalance"] = (loadf.max() / loadf.mean().clamp(min=1e-9)).item()
             metrics[f"moe/layer{name}/bias_abs_max"] = moe.router.expert_bias.abs().max().item()
+            # Whole vectors go to metrics.jsonl (numeric sinks such as TensorBoard skip lists).
+            metrics[f"moe/layer{name}/tokens_per_expert"] = load.tolist()
+            metrics[f"moe/layer{name}/expert_bias"] = moe.router.expert_bias.tolist()
         return metrics
 
     def forward(self, input_ids, targets=None, loss_denominator=None):
