@@ -23,11 +23,10 @@ import dataclasses
 from common import ROOT, alternate_rounds, median, table  # noqa: F401  (sets sys.path)
 
 import torch
-import torch.nn.functional as F
 
 from nanotrain.config import Config, load_config
 from nanotrain.layers import init_parameters
-from nanotrain.models.moe import LocalRoutedMoE
+from nanotrain.models.moe import LocalRoutedMoE, masked_loop_moe
 from nanotrain.parallel.launch import run_world
 from nanotrain.runtime import RuntimeEngine
 
@@ -62,24 +61,6 @@ def ep_compare(steps: int, rounds: int) -> None:
           f"largest relative loss difference (bf16): {diff:.1e}")
 
 
-def masked_loop(m: LocalRoutedMoE, x: torch.Tensor) -> torch.Tensor:
-    """The reference: for each expert, mask the tokens routed to it and add its weighted output."""
-    B, T, d = x.shape
-    tokens = x.reshape(-1, d)
-    w, idx, _ = m.router(tokens, T)
-    ex = m.experts
-    y = torch.zeros_like(tokens)
-    for e in range(m.n_experts):
-        hit = idx == e  # [N, k]
-        mask = hit.any(-1)
-        if not mask.any():
-            continue
-        xe = tokens[mask]
-        out = F.linear(F.silu(F.linear(xe, ex.w1[e])) * F.linear(xe, ex.w3[e]), ex.w2[e])
-        y = y.index_add(0, mask.nonzero().squeeze(1), out * (w * hit).sum(-1)[mask].unsqueeze(-1))
-    return (y + m.shared_experts(tokens)).view(B, T, d)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--d-model", type=int, default=128)
@@ -104,7 +85,7 @@ def main() -> None:
     g = torch.randn(args.batch, args.seq, args.d_model)
 
     # Same function, checked before timing.
-    torch.testing.assert_close(m(x), masked_loop(m, x), rtol=0, atol=1e-6)
+    torch.testing.assert_close(m(x), masked_loop_moe(m, x), rtol=0, atol=1e-6)
 
     def step(forward):
         def run(_step):
@@ -115,7 +96,7 @@ def main() -> None:
             return loss.detach()
         return run
 
-    times, losses = alternate_rounds({"masked loop": step(lambda t: masked_loop(m, t)),
+    times, losses = alternate_rounds({"masked loop": step(lambda t: masked_loop_moe(m, t)),
                                       "sorted (LocalRoutedMoE)": step(m)},
                                      args.steps, args.rounds, barrier=lambda: None)
     base = median(times["masked loop"])

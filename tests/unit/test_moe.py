@@ -3,10 +3,9 @@ sorted-token MoE against a per-expert masked loop (forward and backward)."""
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from nanotrain.layers import init_parameters
-from nanotrain.models.moe import LocalRoutedMoE, TopKRouter
+from nanotrain.models.moe import LocalRoutedMoE, TopKRouter, masked_loop_moe
 
 D, E, K = 16, 8, 3
 
@@ -164,23 +163,6 @@ def moe(**kw) -> LocalRoutedMoE:
     return m
 
 
-def masked_loop_reference(m: LocalRoutedMoE, x: torch.Tensor) -> torch.Tensor:
-    B, T, d = x.shape
-    tokens = x.reshape(-1, d)
-    w, idx, _ = m.router(tokens, T)
-    ex = m.experts
-    y = torch.zeros_like(tokens)
-    for e in range(m.n_experts):
-        hit = idx == e  # [N, k]; at most one slot per token
-        mask = hit.any(-1)
-        if not mask.any():
-            continue
-        xe = tokens[mask]
-        out = F.linear(F.silu(F.linear(xe, ex.w1[e])) * F.linear(xe, ex.w3[e]), ex.w2[e])
-        y = y.index_add(0, mask.nonzero().squeeze(1), out * (w * hit).sum(-1)[mask].unsqueeze(-1))
-    return (y + m.shared_experts(tokens)).view(B, T, d)
-
-
 def check_against_reference(m: LocalRoutedMoE, x: torch.Tensor):
     x1 = x.clone().requires_grad_()
     y = m(x1)
@@ -189,7 +171,7 @@ def check_against_reference(m: LocalRoutedMoE, x: torch.Tensor):
     grads = {n: p.grad.clone() for n, p in m.named_parameters()}
     m.zero_grad()
     x2 = x.clone().requires_grad_()
-    y_ref = masked_loop_reference(m, x2)
+    y_ref = masked_loop_moe(m, x2)
     (y_ref * g).sum().backward()
     torch.testing.assert_close(y, y_ref, rtol=0, atol=1e-6)
     torch.testing.assert_close(x1.grad, x2.grad, rtol=0, atol=1e-5)

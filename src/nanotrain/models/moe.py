@@ -195,3 +195,25 @@ class LocalRoutedMoE(nn.Module):
         """Every expert is here: run them on their contiguous slices. (Expert parallelism
         overrides this with a dispatch to the experts' ranks and back.)"""
         return self.experts(x_sorted, counts)
+
+
+def masked_loop_moe(m: LocalRoutedMoE, x: torch.Tensor) -> torch.Tensor:
+    """The same layer written the straightforward way, for reading and as the reference that
+    tests/unit/test_moe.py and bench/moe.py hold LocalRoutedMoE to: for each expert, mask the
+    tokens routed to it, run it on them and add its weighted output."""
+    B, T, d = x.shape
+    tokens = x.reshape(-1, d)
+    w, idx, _ = m.router(tokens, T)
+    ex = m.experts
+    y = torch.zeros_like(tokens)
+    for e in range(m.n_experts):
+        hit = idx == e  # [N, k]; at most one slot per token
+        mask = hit.any(-1)
+        if not mask.any():
+            continue
+        xe = tokens[mask]
+        out = F.linear(F.silu(F.linear(xe, ex.w1[e])) * F.linear(xe, ex.w3[e]), ex.w2[e])
+        y = y.index_add(0, mask.nonzero().squeeze(1), out * (w * hit).sum(-1)[mask].unsqueeze(-1))
+    if m.shared_experts is not None:
+        y = y + m.shared_experts(tokens)
+    return y.view(B, T, d)
