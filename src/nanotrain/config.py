@@ -70,6 +70,7 @@ class ModelConfig:
     routed_scaling_factor: float = 1.0
     bias_update_rate: float = 0.001  # auxiliary-loss-free balancing; 0 turns it off
     aux_loss_coef: float = 0.0  # sequence-wise auxiliary loss; 0 turns it off
+    moe_capacity_factor: float = 0.0  # 0: dropless; > 0: each expert takes at most factor x its fair share
     # -- arch = "deepseek": multi-token prediction (DeepSeek-V3 §2.2), training only -------
     mtp_depth: int = 0  # extra tokens predicted per position; 0 turns it off, only 1 is implemented
     mtp_loss_weight: float = 0.3  # lambda: the MTP loss is lambda / mtp_depth * its cross entropy
@@ -377,6 +378,8 @@ def validate(cfg: Config) -> None:
         elif not 1 <= m.topk_group <= m.n_group or m.moe_top_k > m.topk_group * (m.n_routed_experts // m.n_group):
             errors.append(f"model.topk_group={m.topk_group} must be in [1, n_group={m.n_group}] and leave at least "
                           f"moe_top_k={m.moe_top_k} experts to choose from.")
+        need(m.moe_capacity_factor >= 0, f"model.moe_capacity_factor={m.moe_capacity_factor} must be >= 0 "
+                                         "(0: dropless).")
         need(m.bias_update_rate >= 0 and m.aux_loss_coef >= 0,
              "model.bias_update_rate and model.aux_loss_coef must be >= 0 (0 turns each off).")
     need(m.mtp_depth in (0, 1), f"model.mtp_depth={m.mtp_depth} is not supported: 0 (off) or 1 (one extra "

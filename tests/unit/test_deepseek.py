@@ -30,7 +30,9 @@ def test_structure_and_causality():
     x2 = x.clone()
     x2[:, 9] = (x2[:, 9] + 1) % 68
     out = model(x2)
-    torch.testing.assert_close(out[:, :9], base[:, :9], rtol=0, atol=0)
+    # Not bit-exact: an expert's matmul over a different set of tokens may round differently.
+    torch.testing.assert_close(out[:, :9], base[:, :9], rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(out[:, 9], base[:, 9])
     # Active matmul parameters count top_k of the routed experts.
     moe = model.layers["1"].mlp
     full = sum(p.numel() for p in moe.experts.parameters())

@@ -3,6 +3,7 @@ sorted-token MoE against a per-expert masked loop (forward and backward)."""
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from nanotrain.layers import init_parameters
 from nanotrain.models.moe import LocalRoutedMoE, TopKRouter, masked_loop_moe
@@ -238,3 +239,37 @@ def test_invalid_arguments():
         with pytest.raises(ValueError):
             TopKRouter(D, E, kw.pop("top_k", 2), **kw)
 
+
+
+def test_capacity_factor_drops_overflow_and_counts_it():
+    torch.manual_seed(0)
+    x = torch.randn(2, 16, 32)
+    dropless = LocalRoutedMoE(32, 4, 2, 16, 1, score_func="sigmoid", init_std=0.2, out_std=0.1)
+    init_parameters(dropless, seed=1)
+    big = LocalRoutedMoE(32, 4, 2, 16, 1, score_func="sigmoid", init_std=0.2, out_std=0.1, capacity_factor=100.0)
+    big.load_state_dict(dropless.state_dict())
+    torch.testing.assert_close(big(x), dropless(x), rtol=0, atol=0)  # capacity never reached
+    assert big.last_stats["dropped"] == 0
+
+    tight = LocalRoutedMoE(32, 4, 2, 16, 1, score_func="sigmoid", init_std=0.2, out_std=0.1, capacity_factor=0.25)
+    tight.load_state_dict(dropless.state_dict())
+    y = tight(x)
+    capacity = 4  # ceil(0.25 * 64 assignments / 4 experts)
+    routed = tight.last_stats["tokens_per_expert"]
+    assert tight.last_stats["dropped"] == int((routed - routed.clamp(max=capacity)).sum()) > 0
+    # Reference: the masked loop over only the first `capacity` tokens (in token order) of each expert.
+    tokens = x.reshape(-1, 32)
+    w, idx, _ = tight.router(tokens, 16)
+    keep = torch.zeros_like(idx, dtype=torch.bool)
+    for e in range(4):
+        rows, slots = (idx == e).nonzero(as_tuple=True)
+        keep[rows[:capacity], slots[:capacity]] = True
+    ex = tight.experts
+    ref = tight.shared_experts(tokens)
+    for e in range(4):
+        hit = (idx == e) & keep
+        mask = hit.any(-1)
+        xe = tokens[mask]
+        out = F.linear(F.silu(F.linear(xe, ex.w1[e])) * F.linear(xe, ex.w3[e]), ex.w2[e])
+        ref = ref.index_add(0, mask.nonzero().squeeze(1), out * (w * hit).sum(-1)[mask].unsqueeze(-1))
+    torch.testing.assert_close(y.reshape(-1, 32), ref, rtol=1e-5, atol=1e-6)

@@ -63,11 +63,13 @@ def test_tensorboard_sink_roundtrip(tmp_path):
 
     sink = TensorBoardSink(tmp_path / "tb")
     sink.log(10, {"loss": 3.0, "lr": 0.5, "note": "skipped"})
-    sink.log(20, {"loss": 2.0, "val_loss": 2.5})
+    sink.log(20, {"loss": 2.0, "val_loss": 2.5, "moe/layer1/tokens_per_expert": [7, 9]})
     sink.close()
     acc = EventAccumulator(str(tmp_path / "tb"))
     acc.Reload()
-    assert sorted(acc.Tags()["scalars"]) == ["train/loss", "train/lr", "val/loss"]
+    assert sorted(acc.Tags()["scalars"]) == ["moe/layer1/tokens_per_expert/0", "moe/layer1/tokens_per_expert/1",
+                                             "train/loss", "train/lr", "val/loss"]
+    assert [(e.step, e.value) for e in acc.Scalars("moe/layer1/tokens_per_expert/1")] == [(20, 9.0)]
     assert [(e.step, e.value) for e in acc.Scalars("train/loss")] == [(10, 3.0), (20, 2.0)]
     assert [(e.step, e.value) for e in acc.Scalars("train/lr")] == [(10, 0.5)]
     assert [(e.step, e.value) for e in acc.Scalars("val/loss")] == [(20, 2.5)]

@@ -111,14 +111,16 @@ def test_causality_of_main_and_mtp_logits():
     x2 = x.clone()
     x2[:, 9] = (x2[:, 9] + 1) % V
     with torch.no_grad():
-        torch.testing.assert_close(model(x2)[:, :9], model(x)[:, :9], rtol=0, atol=0)
+        # Within rounding, not bit for bit: an expert's matmul over a different set of tokens
+        # may round differently.
+        torch.testing.assert_close(model(x2)[:, :9], model(x)[:, :9], rtol=1e-5, atol=1e-6)
         # MTP at position i sees tokens up to t_{i+1}: positions < 8 ignore t_9.
         h, h2 = trunk(model, x), trunk(model, x2)
         a = model.mtp(h[0], x, model.tok_emb, model.head, h[1])
         b = model.mtp(h2[0], x2, model.tok_emb, model.head, h2[1])
     assert a.shape == (2, T - 1, V)
-    torch.testing.assert_close(b[:, :8], a[:, :8], rtol=0, atol=0)
-    assert not torch.equal(b[:, 8], a[:, 8])
+    torch.testing.assert_close(b[:, :8], a[:, :8], rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(b[:, 8], a[:, 8])
 
 
 def test_engine_trains_with_mtp(make_config):

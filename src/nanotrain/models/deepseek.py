@@ -38,9 +38,11 @@ def make_moe(cfg: ModelConfig, ep=None) -> nn.Module:
         score_func=cfg.score_func, n_group=cfg.n_group, topk_group=cfg.topk_group,
         norm_topk_prob=cfg.norm_topk_prob, routed_scaling_factor=cfg.routed_scaling_factor,
         bias_update_rate=cfg.bias_update_rate, aux_loss_coef=cfg.aux_loss_coef,
-        init_std=cfg.init_std, out_std=cfg.init_std / math.sqrt(2 * cfg.n_layers), **extra)
+        init_std=cfg.init_std, out_std=cfg.init_std / math.sqrt(2 * cfg.n_layers),
+        capacity_factor=cfg.moe_capacity_factor, **extra)
     # Tokens per expert summed over the micro-batches of one optimizer step (not saved).
     moe.register_buffer("step_load", torch.zeros(cfg.n_routed_experts, dtype=torch.long), persistent=False)
+    moe.register_buffer("step_dropped", torch.zeros((), dtype=torch.long), persistent=False)
     return moe
 
 
@@ -120,7 +122,12 @@ class DeepSeekModel(TransformerModel):
             if self.sequence_parallel:
                 load = all_reduce(load, parallel.tp_group)
             moe.router.update_bias(load)
+            dropped = all_reduce(moe.step_dropped.clone(), parallel.dp_group)
+            if self.sequence_parallel:
+                dropped = all_reduce(dropped, parallel.tp_group)
+            metrics[f"moe/layer{name}/dropped_tokens"] = int(dropped)
             moe.step_load.zero_()
+            moe.step_dropped.zero_()
             loadf = load.float()
             metrics[f"moe/layer{name}/imbalance"] = (loadf.max() / loadf.mean().clamp(min=1e-9)).item()
             metrics[f"moe/layer{name}/bias_abs_max"] = moe.router.expert_bias.abs().max().item()
@@ -159,6 +166,7 @@ class DeepSeekModel(TransformerModel):
         if self.training:
             for moe in ran.values():
                 moe.step_load += moe.last_stats["tokens_per_expert"]
+                moe.step_dropped += moe.last_stats["dropped"]
         if targets is None:
             return out
         # The sequence-wise auxiliary loss is a mean over this batch's sequences; weighting

@@ -21,6 +21,8 @@ experts.w1|w3, experts.down_proj -> experts.w2, shared_experts.{gate,up,down}_pr
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -155,9 +157,14 @@ class LocalRoutedMoE(nn.Module):
                  n_shared_experts: int = 0, score_func: str = "softmax", n_group: int = 1,
                  topk_group: int = 1, norm_topk_prob: bool = True, routed_scaling_factor: float = 1.0,
                  bias_update_rate: float = 0.0, aux_loss_coef: float = 0.0,
-                 init_std: float = 0.02, out_std: float = 0.02):
+                 init_std: float = 0.02, out_std: float = 0.02, capacity_factor: float = 0.0):
         super().__init__()
         self.n_experts, self.top_k = n_routed_experts, top_k
+        # 0: dropless. Otherwise each expert takes at most ceil(factor * assignments / E) of
+        # this forward's (token, slot) assignments, first come first served in token order;
+        # the rest are dropped (their slot contributes nothing) and counted. The capacity
+        # is per rank and per micro-batch, so which tokens drop depends on the layout.
+        self.capacity_factor = capacity_factor
         self.router = TopKRouter(d_model, n_routed_experts, top_k, score_func, n_group, topk_group,
                                  norm_topk_prob, routed_scaling_factor, bias_update_rate,
                                  aux_loss_coef, init_std)
@@ -178,9 +185,17 @@ class LocalRoutedMoE(nn.Module):
         order = torch.argsort(flat_expert, stable=True)
         token_of = order // self.top_k
         tokens_per_expert = torch.bincount(flat_expert, minlength=self.n_experts)
-        counts = tokens_per_expert.tolist()  # the one host sync: slice sizes must be Python ints
+        kept_per_expert = tokens_per_expert
+        if self.capacity_factor > 0:
+            capacity = math.ceil(self.capacity_factor * flat_expert.numel() / self.n_experts)
+            starts = torch.cumsum(tokens_per_expert, 0) - tokens_per_expert
+            rank_in_expert = torch.arange(order.numel(), device=x.device) - starts[flat_expert[order]]
+            keep = rank_in_expert < capacity
+            order, token_of = order[keep], token_of[keep]
+            kept_per_expert = tokens_per_expert.clamp(max=capacity)
+        counts = kept_per_expert.tolist()  # the one host sync: slice sizes must be Python ints
 
-        expert_out = self.run_experts(tokens[token_of], tokens_per_expert, counts)
+        expert_out = self.run_experts(tokens[token_of], kept_per_expert, counts)
         # Combine in fp32 (the weights are fp32): a token's k contributions are summed at full precision.
         contrib = expert_out.float() * weights.view(-1)[order].unsqueeze(-1)
         routed = torch.zeros(B * T, d, dtype=torch.float32, device=x.device)
@@ -188,7 +203,8 @@ class LocalRoutedMoE(nn.Module):
 
         y = routed if self.shared_experts is None else routed + self.shared_experts(tokens)
         self.aux_loss = aux_loss
-        self.last_stats = {"tokens_per_expert": tokens_per_expert.detach(), "aux_loss": aux_loss.detach()}
+        self.last_stats = {"tokens_per_expert": tokens_per_expert.detach(), "aux_loss": aux_loss.detach(),
+                           "dropped": (tokens_per_expert - kept_per_expert).sum().detach()}
         return y.view(B, T, d)
 
     def run_experts(self, x_sorted: torch.Tensor, tokens_per_expert: torch.Tensor, counts: list[int]) -> torch.Tensor:

@@ -92,10 +92,16 @@ class TensorBoardSink:
         # (add_scalar costs ~35 us each, mostly in that hand-off).
         values = []
         for key, value in metrics.items():
+            tag = self._tags.get(key) or self._tags.setdefault(key, tensorboard_tag(key))
+            if isinstance(value, (list, tuple)):  # a vector (tokens per expert): one scalar per entry
+                for j, v in enumerate(value):
+                    x = _as_number(v)
+                    if x is not None:
+                        values.append(self._Summary.Value(tag=f"{tag}/{j}", simple_value=x))
+                continue
             x = _as_number(value)
             if x is None:
                 continue  # strings and the like: TensorBoard scalars are numbers only
-            tag = self._tags.get(key) or self._tags.setdefault(key, tensorboard_tag(key))
             values.append(self._Summary.Value(tag=tag, simple_value=x))
         if values:
             self._w._get_file_writer().add_summary(self._Summary(value=values), step)
