@@ -1,7 +1,6 @@
 """prepare_data: files written once, reused when unchanged, clear errors before any write."""
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
