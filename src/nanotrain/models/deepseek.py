@@ -141,24 +141,17 @@ class DeepSeekModel(TransformerModel):
         if not use_mtp:
             out = super().forward(input_ids, targets, loss_denominator)
         else:
-            # MTP starts from the last hidden states before the final norm, which
-            # TransformerModel.forward keeps to itself: the same trunk, written out (no
-            # sequence-parallel branch: __init__ refuses MTP under sequence parallelism).
-            from .mtp import mtp_targets, token_loss_sum
-            from .transformer import count_targets
+            # MTP starts from the last hidden states before the final norm: run the trunk
+            # with TransformerModel's own pieces and keep them.
+            from .mtp import mtp_targets
+            from .transformer import count_targets, token_loss_sum
 
-            T = input_ids.shape[1]
-            if T > self.cfg.max_seq_len:
-                raise ValueError(f"sequence of {T} tokens exceeds model.max_seq_len={self.cfg.max_seq_len}")
-            x = self.tok_emb(input_ids)
-            if self.pos_emb is not None:
-                x = x + self.pos_emb.weight[:T]
-            x = self.dropout(x)
-            rope = (self.rope_cos, self.rope_sin) if self.rope_cos is not None else None
+            x = self.embed(input_ids)
+            rope = self.rope_tables()
             for layer in self.layers.values():
                 x = layer(x, rope)
+            out = self.output(x, targets, loss_denominator)
             denom = loss_denominator if loss_denominator is not None else count_targets(targets)
-            out = token_loss_sum(self.head(self.norm(x)), targets, self.tp) / denom
             # Same denominator as the main loss (DESIGN, invariant 3), weighted lambda / depth.
             mtp_logits = self.mtp(x, input_ids, self.tok_emb, self.head, rope)
             out = out + self.mtp.loss_weight * token_loss_sum(mtp_logits, mtp_targets(targets), self.tp) / denom

@@ -33,8 +33,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..layers import Linear, RMSNorm
-from ..parallel.tensor_parallel import TensorParallel, vocab_parallel_cross_entropy
-from .transformer import cross_entropy_sum
+from ..parallel.tensor_parallel import TensorParallel
 
 
 class MTPModule(nn.Module):
@@ -71,11 +70,3 @@ def mtp_targets(targets: torch.Tensor) -> torch.Tensor:
     Same length as the logits (T-1); the last position, whose target would be past the
     batch, is not computed at all."""
     return targets[:, 1:]
-
-
-def token_loss_sum(logits: torch.Tensor, targets: torch.Tensor, tp: TensorParallel | None) -> torch.Tensor:
-    """Summed cross entropy, through the same code path as TransformerModel's main loss
-    (vocabulary-parallel under tp, fp32 softmax otherwise); IGNORE_INDEX targets add 0."""
-    if tp is None:
-        return cross_entropy_sum(logits, targets)
-    return vocab_parallel_cross_entropy(logits, targets, tp).sum()

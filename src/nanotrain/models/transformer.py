@@ -93,27 +93,40 @@ class TransformerModel(nn.Module):
         whatever the layout (DESIGN, invariant 3). Left as None it is this batch's
         own count, i.e. the plain mean.
         """
+        x = self.embed(input_ids)
+        rope = self.rope_tables()
+        for layer in self.layers.values():
+            x = layer(x, rope)
+        return self.output(x, targets, loss_denominator)
+
+    # The pieces of forward, shared by subclasses that need the hidden states
+    # (DeepSeekModel's multi-token prediction) and by pipeline stages, which hold the
+    # same submodules under the same names (parallel/pipeline.py).
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token (and learned position) embeddings; under sequence parallelism this rank's T/tp positions."""
         T = input_ids.shape[1]
         if T > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {T} tokens exceeds model.max_seq_len={self.cfg.max_seq_len}")
-        x = self.tok_emb(input_ids)  # under sequence parallelism: this rank's T/tp positions
+        x = self.tok_emb(input_ids)
         if self.pos_emb is not None:
             pos = self.pos_emb.weight[:T]
             if self.sequence_parallel:  # our rows only; the gradient sync sums the shards' parts
                 pos = pos.chunk(self.tp.size)[self.tp.rank]
             x = x + pos
-        x = self.dropout(x)
-        rope = (self.rope_cos, self.rope_sin) if self.rope_cos is not None else None
-        for layer in self.layers.values():
-            x = layer(x, rope)
+        return self.dropout(x)
+
+    def rope_tables(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        return (self.rope_cos, self.rope_sin) if self.rope_cos is not None else None
+
+    def output(self, x: torch.Tensor, targets: torch.Tensor | None = None,
+               loss_denominator: float | torch.Tensor | None = None) -> torch.Tensor:
+        """Final norm and head: logits (gathered over tp), or the loss given targets."""
         logits = self.head(self.norm(x))  # [B, T, V/tp]
         if targets is None:
             return gather_last(logits, self.tp.group) if self.tp is not None else logits
-        if self.tp is None:
-            loss_sum = cross_entropy_sum(logits, targets)
-        else:
-            loss_sum = vocab_parallel_cross_entropy(logits, targets, self.tp).sum()
-        return loss_sum / (loss_denominator if loss_denominator is not None else count_targets(targets))
+        denom = loss_denominator if loss_denominator is not None else count_targets(targets)
+        return token_loss_sum(logits, targets, self.tp) / denom
 
     # -- sizes, for logging and MFU -------------------------------------------------
 
@@ -125,6 +138,14 @@ class TransformerModel(nn.Module):
         output head even when it is tied to the embedding (the lookup itself is not a
         matmul). This N enters the 6N FLOPs per token."""
         return sum(m.weight.numel() for m in self.modules() if isinstance(m, Linear))  # local shard under TP
+
+
+def token_loss_sum(logits: torch.Tensor, targets: torch.Tensor, tp: TensorParallel | None) -> torch.Tensor:
+    """Summed cross entropy over the targets (IGNORE_INDEX adds 0): vocabulary-parallel under
+    tensor parallelism, never gathering the logits; fp32 softmax otherwise."""
+    if tp is None:
+        return cross_entropy_sum(logits, targets)
+    return vocab_parallel_cross_entropy(logits, targets, tp).sum()
 
 
 def cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -62,9 +62,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..layers import init_parameters
-from ..models.transformer import TransformerModel, count_targets, cross_entropy_sum
-from .collectives import gather_last
-from .tensor_parallel import vocab_parallel_cross_entropy
+from ..models.transformer import TransformerModel
 
 # -- partitioning ---------------------------------------------------------------------
 
@@ -180,31 +178,16 @@ class PipelineStage(nn.Module):
                 loss_denominator: float | torch.Tensor | None = None) -> torch.Tensor:
         """First stage: x is input_ids [B, T]; others: hidden states [B, T, d].
         Last stage: the loss if targets are given (else logits); others: hidden states."""
+        # A stage holds TransformerModel's submodules under the same names, so it runs
+        # TransformerModel's own embed / output code on itself.
         if self.is_first:
-            # The embedding part of TransformerModel.forward (it has no submodule of its own).
-            T = x.shape[1]
-            if T > self.cfg.max_seq_len:
-                raise ValueError(f"sequence of {T} tokens exceeds model.max_seq_len={self.cfg.max_seq_len}")
-            x = self.tok_emb(x)
-            if self.pos_emb is not None:
-                pos = self.pos_emb.weight[:T]
-                if self.sequence_parallel:
-                    pos = pos.chunk(self.tp.size)[self.tp.rank]
-                x = x + pos
-            x = self.dropout(x)
-        rope = (self.rope_cos, self.rope_sin) if self.rope_cos is not None else None
+            x = TransformerModel.embed(self, x)
+        rope = TransformerModel.rope_tables(self)
         for layer in self.layers.values():
             x = layer(x, rope)
         if not self.is_last:
             return x
-        logits = self.head(self.norm(x))
-        if targets is None:
-            return gather_last(logits, self.tp.group) if self.tp is not None else logits
-        if self.tp is None:
-            loss_sum = cross_entropy_sum(logits, targets)
-        else:
-            loss_sum = vocab_parallel_cross_entropy(logits, targets, self.tp).sum()
-        return loss_sum / (loss_denominator if loss_denominator is not None else count_targets(targets))
+        return TransformerModel.output(self, x, targets, loss_denominator)
 
 
 # -- point-to-point -------------------------------------------------------------------
