@@ -84,6 +84,7 @@ class DeepSeekModel(TransformerModel):
         from .mtp import MTPModule
 
         self.mtp = MTPModule(cfg, self.make_block, tp) if cfg.mtp_depth else None
+        self._last_counts: dict[str, torch.Tensor] = {}  # per MoE layer, set by after_optimizer_step
 
     def make_block(self, cfg: ModelConfig, index: int, tp: TensorParallel | None) -> nn.Module:
         return DeepSeekBlock(cfg, index, tp, self._ep)
@@ -108,32 +109,41 @@ class DeepSeekModel(TransformerModel):
         return n
 
     @torch.no_grad()
-    def after_optimizer_step(self, parallel) -> dict[str, float]:
+    def after_optimizer_step(self, parallel) -> None:
         """Auxiliary-loss-free balancing: each router moves its expert biases towards equal
         load, using the tokens each expert received during the step, summed over
         micro-batches here, over data-parallel ranks, and over tp ranks when each routes
         its own sequence shard, so every replica applies the same update (the one a
-        single process would). Returns the per-layer load figures for the metrics."""
+        single process would)."""
         from ..parallel.state import all_reduce
 
-        metrics = {}
-        for name, moe in self.moe_layers().items():
-            load = all_reduce(moe.step_load.clone(), parallel.dp_group)
-            if self.sequence_parallel:
-                load = all_reduce(load, parallel.tp_group)
-            moe.router.update_bias(load)
-            dropped = all_reduce(moe.step_dropped.clone(), parallel.dp_group)
-            if self.sequence_parallel:
-                dropped = all_reduce(dropped, parallel.tp_group)
-            metrics[f"moe/layer{name}/dropped_tokens"] = int(dropped)
+        layers = self.moe_layers()
+        if not layers:
+            return
+        # One collective for every layer: rows of [tokens per expert..., dropped tokens].
+        counts = torch.stack([torch.cat([m.step_load, m.step_dropped.view(1)]) for m in layers.values()])
+        counts = all_reduce(counts, parallel.dp_group)
+        if self.sequence_parallel:
+            counts = all_reduce(counts, parallel.tp_group)
+        for moe, row in zip(layers.values(), counts):
+            moe.router.update_bias(row[:-1])
             moe.step_load.zero_()
             moe.step_dropped.zero_()
+        self._last_counts = dict(zip(layers, counts))
+
+    def step_metrics(self) -> dict[str, float | list]:
+        """Per-layer load figures of the last optimizer step, built only when a report asks
+        (each .item() / .tolist() is a host sync, which a CUDA step should not pay)."""
+        metrics = {}
+        for name, row in self._last_counts.items():
+            load, bias = row[:-1], self.moe_layers()[name].router.expert_bias
             loadf = load.float()
+            metrics[f"moe/layer{name}/dropped_tokens"] = int(row[-1])
             metrics[f"moe/layer{name}/imbalance"] = (loadf.max() / loadf.mean().clamp(min=1e-9)).item()
-            metrics[f"moe/layer{name}/bias_abs_max"] = moe.router.expert_bias.abs().max().item()
-            # Whole vectors go to metrics.jsonl (numeric sinks such as TensorBoard skip lists).
+            metrics[f"moe/layer{name}/bias_abs_max"] = bias.abs().max().item()
+            # Whole vectors go to metrics.jsonl; TensorBoard gets one scalar per entry.
             metrics[f"moe/layer{name}/tokens_per_expert"] = load.tolist()
-            metrics[f"moe/layer{name}/expert_bias"] = moe.router.expert_bias.tolist()
+            metrics[f"moe/layer{name}/expert_bias"] = bias.tolist()
         return metrics
 
     def forward(self, input_ids, targets=None, loss_denominator=None):

@@ -122,7 +122,7 @@ class RuntimeEngine:
         stats = opt.step(lr)
         # Models with state that follows the optimizer step (MoE router biases) update it here.
         if hasattr(model, "after_optimizer_step"):
-            stats.update(model.after_optimizer_step(ctx.parallel))
+            model.after_optimizer_step(ctx.parallel)
         return total, stats
 
     @torch.no_grad()
@@ -201,7 +201,7 @@ class RuntimeEngine:
                     raise FloatingPointError(f"loss became {losses[done]} at step {done}: lower optimizer.lr, "
                                              "enable optimizer.grad_clip, or resume from an earlier checkpoint.")
                 tokens_per_s = data.tokens_per_step / step_s
-                model_metrics = {k: v for k, v in stats.items() if k != "grad_norm"}
+                model_metrics = model.step_metrics() if hasattr(model, "step_metrics") else {}
                 logger.log(done, {"loss": losses[done], "lr": lr, "grad_norm": norms[done],
                                   "tokens_per_s": tokens_per_s, "mfu": mfu(tokens_per_s, flops_per_token, peak),
                                   "step_ms": step_s * 1e3, "tokens": done * data.tokens_per_step, **model_metrics})
