@@ -1,7 +1,7 @@
-"""Pipeline parallelism: partitioning, and GPipe / 1F1B against one process.
+"""Pipeline parallelism: partitioning, timetables, and each schedule against one process.
 
 A tiny model runs a global batch of 8 sequences as 4 micro-batches of 2 through pp
-stages; the summed last-stage loss and every stage's gradients must equal the
+ranks; the summed last-rank loss and every rank's gradients must equal the
 single-process loss and gradients of the same (global) parameter names."""
 
 import pytest
@@ -11,19 +11,24 @@ from nanotrain.config import ModelConfig, ParallelConfig
 from nanotrain.models.transformer import TransformerModel
 from nanotrain.parallel.launch import run_world
 from nanotrain.parallel.pipeline import (
-    P2P,
+    SCHEDULES,
     PipelineStage,
-    gpipe,
-    one_f_one_b,
+    cached_timetable,
+    check_schedule,
+    chunk_layers,
     partition_layers,
+    textbook_bubble,
+    timetable,
 )
+from nanotrain.parallel.pipeline.actions import Action
+from nanotrain.parallel.pipeline.runner import PipelineRunner
 from nanotrain.parallel.state import init_parallel
 
 SEQ, MICRO, N_MICRO, SEED = 16, 2, 4, 1234
 
 
-def make_model():
-    cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=4, n_heads=2, max_seq_len=SEQ, tie_embeddings=False)
+def make_model(n_layers=4, tie=False):
+    cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=n_layers, n_heads=2, max_seq_len=SEQ, tie_embeddings=tie)
     model = TransformerModel(cfg)
     model.init_weights(SEED)
     return model
@@ -35,11 +40,10 @@ def make_batch():
     return ids[:, :-1], ids[:, 1:]
 
 
-def reference():
-    model = make_model()
+def reference(n_layers=4, tie=False):
+    model = make_model(n_layers, tie)
     x, y = make_batch()
-    denom = y.numel()
-    loss = model(x, y, denom)
+    loss = model(x, y, y.numel())
     loss.backward()
     return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
@@ -60,8 +64,7 @@ def test_partition_by_cost_is_contiguous_and_balanced():
     assert parts == [[0], [1, 2, 3]]
     parts = partition_layers(6, 3, costs=[1, 1, 1, 1, 4, 4])
     assert parts == [[0, 1, 2, 3], [4], [5]]
-    flat = [i for p in parts for i in p]
-    assert flat == list(range(6))
+    assert [i for p in parts for i in p] == list(range(6))
 
 
 def test_partition_rejects_too_few_layers():
@@ -69,89 +72,118 @@ def test_partition_rejects_too_few_layers():
         partition_layers(2, 3)
 
 
-def test_tied_embeddings_not_supported_yet():
-    cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=4, n_heads=2, max_seq_len=SEQ, tie_embeddings=True)
-    with pytest.raises(NotImplementedError, match="tie_embeddings"):
-        PipelineStage(TransformerModel(cfg), 0, 2, [0, 1])
+def test_chunks_are_round_robin():
+    # 8 layers, pp 2, v 2: chunks 0..3 = [0,1] [2,3] [4,5] [6,7]; rank 0 holds chunks 0 and 2.
+    assert chunk_layers(8, 2, 2) == [[[0, 1], [4, 5]], [[2, 3], [6, 7]]]
 
 
 def test_stage_keeps_global_names_and_init_matches():
-    full = make_model()
-    full_sd = full.state_dict()
-    for stage_id, layers in enumerate(partition_layers(4, 2)):
+    full_sd = make_model().state_dict()
+    for rank, chunks in enumerate(chunk_layers(4, 2)):
         cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=4, n_heads=2, max_seq_len=SEQ, tie_embeddings=False)
-        stage = PipelineStage(TransformerModel(cfg), stage_id, 2, layers)
+        stage = PipelineStage(TransformerModel(cfg), rank, 2, chunks)
         stage.init_weights(SEED)  # init after wrapping: same weights, drawn from (seed, name)
         sd = stage.state_dict()
         assert set(sd) <= set(full_sd)
         assert all(torch.equal(v, full_sd[k]) for k, v in sd.items())
-        names = set(sd)
-        assert any(n.startswith("tok_emb") for n in names) == (stage_id == 0)
-        assert any(n.startswith("head") for n in names) == (stage_id == 1)
-        assert {n.split(".")[1] for n in names if n.startswith("layers.")} == {str(i) for i in layers}
+        assert any(n.startswith("tok_emb") for n in sd) == (rank == 0)
+        assert any(n.startswith("head") for n in sd) == (rank == 1)
+        assert {n.split(".")[1] for n in sd if n.startswith("layers.")} == {str(i) for i in chunks[0]}
 
 
-def test_single_stage_matches_model():
-    ref_loss, ref_grads = reference()
-    stage = PipelineStage(make_model(), 0, 1, [0, 1, 2, 3])
-    x, y = make_batch()
-    comm = P2P(None, None, (MICRO, SEQ, 32))
-    mbs = list(zip(x.split(MICRO), y.split(MICRO)))
-    loss = one_f_one_b(stage, mbs, y.numel(), comm)
-    assert abs(loss - ref_loss) <= 1e-6 * abs(ref_loss)
-    for n, p in stage.named_parameters():
-        assert (p.grad - ref_grads[n]).abs().max() <= 1e-5 * ref_grads[n].abs().max()
+def test_tied_embedding_copy_on_last_rank():
+    last = PipelineStage(make_model(tie=True), 1, 2, chunk_layers(4, 2)[1])
+    w = dict(last.named_parameters())["tok_emb.weight"]
+    assert last.head.weight is w and w.pipeline_shared and w.pipeline_duplicate
+    first = PipelineStage(make_model(tie=True), 0, 2, chunk_layers(4, 2)[0])
+    w0 = dict(first.named_parameters())["tok_emb.weight"]
+    assert w0.pipeline_shared and not getattr(w0, "pipeline_duplicate", False)
+    assert torch.equal(w0, w)  # same init: both copies start equal
+
+
+# -- timetables (no processes) ------------------------------------------------------------
+
+@pytest.mark.parametrize("name,pp,v,m", [("gpipe", 4, 1, 8), ("1f1b", 4, 1, 8), ("1f1b", 2, 1, 4),
+                                         ("1f1b", 4, 1, 2), ("gpipe", 2, 1, 1)])
+def test_one_chunk_schedules_reach_textbook_bubble(name, pp, v, m):
+    tt = cached_timetable(name, pp, v, m)
+    assert tt.n_slots == 2 * (m + pp - 1)
+    assert tt.bubble() == pytest.approx(textbook_bubble(pp, m))
+
+
+@pytest.mark.parametrize("pp,v,m", [(2, 2, 4), (4, 2, 8), (2, 3, 4), (2, 2, 2), (4, 2, 4)])
+def test_interleaved_bubble_is_smaller(pp, v, m):
+    tt = cached_timetable("interleaved", pp, v, m)
+    # With every chunk's forward or backward one slot, fill and drain are pp - 1 slots of
+    # work 1/v as long: (pp - 1) / (v m + pp - 1), about the textbook's 1/v.
+    assert tt.bubble() == pytest.approx((pp - 1) / (v * m + pp - 1))
+    assert tt.bubble() < textbook_bubble(pp, m)
+
+
+def test_impossible_order_is_caught():
+    # Rank 1 runs a backward before the forward it needs: no slot can ever run it.
+    orders = [[Action("F", 0, 0), Action("B", 0, 0)], [Action("B", 0, 0), Action("F", 0, 0)]]
+    with pytest.raises(ValueError, match="cannot proceed"):
+        timetable(orders)
+
+
+def test_check_schedule_messages():
+    assert check_schedule("1f1b", 2, 1, 4, 4) == []
+    assert check_schedule("interleaved", 2, 2, 4, 4) == []
+    assert any("multiple of parallel.pp" in e for e in check_schedule("interleaved", 2, 2, 3, 4))
+    assert any("pp_virtual_stages >= 2" in e for e in check_schedule("interleaved", 2, 1, 4, 4))
+    assert any("pp_schedule='interleaved'" in e for e in check_schedule("1f1b", 2, 2, 4, 4))
+    assert any("n_layers" in e for e in check_schedule("interleaved", 2, 4, 4, 4))
+    assert any("one of" in e for e in check_schedule("zb", 2, 1, 4, 4))
+    assert set(SCHEDULES) == {"gpipe", "1f1b", "interleaved"}
 
 
 # -- distributed schedules ------------------------------------------------------------------
 
-def _pipeline_run(pp):
-    # Neighbours from ParallelState (Megatron rank order), as the engine will get them.
+def _pipeline_run(pp, schedule, v, n_layers, tie):
     state = init_parallel(ParallelConfig(pp=pp))
-    rank = state.pp_rank
-    layers = partition_layers(4, pp)[rank]
-    stage = PipelineStage(make_model(), rank, pp, layers)
-    comm = P2P.from_state(state, (MICRO, SEQ, 32))
+    stage = PipelineStage(make_model(n_layers, tie), state.pp_rank, pp, chunk_layers(n_layers, pp, v)[state.pp_rank])
+    runner = PipelineRunner.from_state(stage, schedule, state)
     x, y = make_batch()
     mbs = list(zip(x.split(MICRO), y.split(MICRO)))
-    out = {}
-    for name, schedule in (("gpipe", gpipe), ("1f1b", one_f_one_b)):
-        stage.zero_grad(set_to_none=True)
-        stats = {}
-        loss = schedule(stage, mbs, y.numel(), comm, stats)
-        grads = {n: p.grad.clone() for n, p in stage.named_parameters()}
-        out[name] = (loss, grads, stats["max_in_flight"])
-    # Mixed precision: activations and their gradients travel in bf16.
-    stage.zero_grad(set_to_none=True)
-    comm_bf16 = P2P.from_state(state, (MICRO, SEQ, 32), dtype=torch.bfloat16)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        out["bf16_loss"] = one_f_one_b(stage, mbs, y.numel(), comm_bf16)
-    out["bf16_grads_finite"] = all(torch.isfinite(p.grad).all() for p in stage.parameters())
-    return out
+    loss = runner.train_step(mbs, y.numel(), record=True)
+    kinds = {e[0] for e in runner.events}
+    grads = {n: p.grad.clone() for n, p in stage.named_parameters()}
+    with torch.no_grad():
+        eval_sum = runner.forward_only(mbs)
+    return {"loss": loss.item(), "grads": grads, "max_in_flight": stage.max_in_flight, "kinds": kinds,
+            "eval_sum": eval_sum.item()}
 
 
-@pytest.mark.parametrize("pp", [2, 4])
-def test_schedules_match_single_process(pp):
-    ref_loss, ref_grads = reference()
-    results = run_world(_pipeline_run, pp, pp)
-    for name in ("gpipe", "1f1b"):
-        seen = set()
-        for rank, out in enumerate(results):
-            loss, grads, max_in_flight = out[name]
-            if rank == pp - 1:
-                assert abs(loss - ref_loss) <= 1e-6 * abs(ref_loss), (name, loss, ref_loss)
-            else:
-                assert loss == 0.0  # only the last stage computes the loss
-            for n, g in grads.items():
-                ref = ref_grads[n]
-                err = (g - ref).abs().max() / ref.abs().max()
-                assert err <= 1e-5, (name, rank, n, err.item())
-                seen.add(n)
-            # GPipe keeps every micro-batch; 1F1B at most pp - stage (first stage: pp).
-            expect = N_MICRO if name == "gpipe" else min(pp - rank, N_MICRO)
-            assert max_in_flight == expect, (name, rank, max_in_flight)
-            if rank == 0 and name == "1f1b":
-                assert max_in_flight <= pp
-        assert seen == set(ref_grads), f"{name}: parameters not held by any stage"
-    assert abs(results[-1]["bf16_loss"] - ref_loss) <= 2e-2 * abs(ref_loss)
-    assert all(out["bf16_grads_finite"] for out in results)
+@pytest.mark.parametrize("pp,schedule,v,n_layers", [(2, "gpipe", 1, 4), (2, "1f1b", 1, 4), (4, "gpipe", 1, 4),
+                                                    (4, "1f1b", 1, 4), (2, "interleaved", 2, 4)])
+def test_schedules_match_single_process(pp, schedule, v, n_layers):
+    ref_loss, ref_grads = reference(n_layers)
+    results = run_world(_pipeline_run, pp, pp, schedule, v, n_layers, False)
+    seen = set()
+    for rank, out in enumerate(results):
+        if rank == pp - 1:
+            assert out["loss"] == pytest.approx(ref_loss, rel=1e-6)
+            assert out["eval_sum"] == pytest.approx(ref_loss * MICRO * N_MICRO * SEQ, rel=1e-6)
+        else:
+            assert out["loss"] == 0.0 and out["eval_sum"] == 0.0  # only the last rank computes the loss
+        for n, g in out["grads"].items():
+            err = (g - ref_grads[n]).abs().max() / ref_grads[n].abs().max()
+            assert err <= 1e-5, (schedule, rank, n, err.item())
+            seen.add(n)
+        assert {"F", "B"} <= out["kinds"]
+        if schedule == "gpipe":
+            assert out["max_in_flight"] == N_MICRO  # GPipe keeps every micro-batch
+        elif schedule == "1f1b":
+            assert out["max_in_flight"] == min(pp - rank, N_MICRO)  # first rank: pp, not m
+    assert seen == set(ref_grads), "parameters not held by any rank"
+
+
+def test_tied_embeddings_sum_over_the_embedding_group():
+    """Each copy gets the gradient of its own use (lookup on the first rank, head on the
+    last); their sum is the single-process gradient of the tied matrix."""
+    ref_loss, ref_grads = reference(tie=True)
+    results = run_world(_pipeline_run, 2, 2, "1f1b", 1, 4, True)
+    total = results[0]["grads"]["tok_emb.weight"] + results[1]["grads"]["tok_emb.weight"]
+    ref = ref_grads["tok_emb.weight"]
+    assert ((total - ref).abs().max() / ref.abs().max()).item() <= 1e-5

@@ -60,7 +60,14 @@ class DeepSeekBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, rope) -> torch.Tensor:
         x = x + self.dropout(self.attn(self.attn_norm(x), rope))
-        return x + self.dropout(self.mlp(self.mlp_norm(x)))
+        x = x + self.dropout(self.mlp(self.mlp_norm(x)))
+        if self.training and self.is_moe:
+            # Tokens per expert summed over the step's micro-batches, for the bias update
+            # after the optimizer step. Kept here, in the block, so that a pipeline stage
+            # (which runs blocks, not DeepSeekModel.forward) counts its layers too.
+            self.mlp.step_load += self.mlp.last_stats["tokens_per_expert"]
+            self.mlp.step_dropped += self.mlp.last_stats["dropped"]
+        return x
 
 
 class DeepSeekModel(TransformerModel):
@@ -102,7 +109,9 @@ class DeepSeekModel(TransformerModel):
     def num_matmul_params(self) -> int:
         """Matmul parameters a token *uses* (the 6N of MFU): every Linear (attention, dense
         MLPs, shared experts, head), each router, and top_k of the n routed experts."""
-        n = super().num_matmul_params()
+        # TransformerModel's count named explicitly (not super()): pipeline stages borrow this
+        # method for the layers they hold (parallel/pipeline/stage.py).
+        n = TransformerModel.num_matmul_params(self)
         for moe in self.moe_layers().values():
             expert_params = sum(p.numel() for p in moe.experts.parameters())
             n += moe.router.weight.numel() + expert_params * moe.top_k // moe.n_experts
@@ -166,10 +175,6 @@ class DeepSeekModel(TransformerModel):
             mtp_logits = self.mtp(x, input_ids, self.tok_emb, self.head, rope)
             out = out + self.mtp.loss_weight * token_loss_sum(mtp_logits, mtp_targets(targets), self.tp) / denom
         ran = self.moe_layers(with_mtp=use_mtp)  # the MTP block runs only in training with targets
-        if self.training:
-            for moe in ran.values():
-                moe.step_load += moe.last_stats["tokens_per_expert"]
-                moe.step_dropped += moe.last_stats["dropped"]
         if targets is None:
             return out
         # The sequence-wise auxiliary loss is a mean over this batch's sequences; weighting

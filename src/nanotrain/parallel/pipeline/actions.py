@@ -1,0 +1,137 @@
+"""A schedule is, for every pipeline rank, the order of its compute actions.
+
+    Action("F", k, i): forward of micro-batch i through this rank's local chunk k
+    Action("B", k, i): its backward
+
+gpipe.py, one_f_one_b.py and interleaved.py each only produce these orders. Turning
+an order into communication is shared, here: `timetable` plays all ranks' orders
+in unit time slots (each rank runs its next action as soon as the inputs it needs
+were produced in an earlier slot), which tells every rank in which slot each message
+is produced. The runner (runner.py) then exchanges, after each slot, exactly the
+messages produced in it, with one batch_isend_irecv per rank holding both its sends
+and the receives its neighbours' sends match. Both ends agree on the batches by
+construction, so no schedule can deadlock on communication, and a schedule whose
+order is impossible (an action waiting on one that comes later) is caught by the
+play-through, before any process starts.
+
+The play-through is also the textbook picture: with a forward and a backward each
+taking one slot, its idle slots give the schedule's ideal bubble.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+
+@dataclass(frozen=True)
+class Action:
+    kind: str  # "F" or "B"
+    chunk: int  # local chunk index on its rank (0..v-1)
+    mb: int  # micro-batch
+
+
+@dataclass(frozen=True)
+class Message:
+    """Output of `action` (on rank `src`) that `consumer` (on rank `dst`) needs: hidden
+    states for the next chunk's forward, or their gradient for the previous chunk's backward."""
+    src: int
+    dst: int
+    slot: int  # produced (and exchanged) in this slot
+    action: Action  # producer, in src's local chunk numbering
+    consumer: Action  # in dst's local chunk numbering
+
+
+@dataclass
+class Timetable:
+    pp: int
+    v: int
+    slots: list[list[Action | None]]  # slots[rank][t]
+    messages: list[Message] = field(default_factory=list)
+
+    @property
+    def n_slots(self) -> int:
+        return len(self.slots[0])
+
+    def sends(self, rank: int) -> dict[int, list[Message]]:
+        out: dict[int, list[Message]] = {}
+        for m in self.messages:
+            if m.src == rank:
+                out.setdefault(m.slot, []).append(m)
+        return out
+
+    def recvs(self, rank: int) -> dict[int, list[Message]]:
+        out: dict[int, list[Message]] = {}
+        for m in self.messages:
+            if m.dst == rank:
+                out.setdefault(m.slot, []).append(m)
+        return out
+
+    def bubble(self) -> float:
+        """Idle fraction of the play-through (every action one slot): the ideal bubble."""
+        busy = sum(a is not None for row in self.slots for a in row)
+        return 1 - busy / (self.pp * self.n_slots)
+
+
+def timetable(orders: list[list[Action]], v: int = 1) -> Timetable:
+    """Play the per-rank orders in unit slots; raise ValueError if they cannot all finish."""
+    pp = len(orders)
+    n_chunks = pp * v
+
+    def rank_of(c: int) -> int:  # global chunk c = k * pp + rank
+        return c % pp
+
+    def local(c: int) -> int:
+        return c // pp
+
+    def glob(rank: int, k: int) -> int:
+        return k * pp + rank
+
+    done: dict[tuple[str, int, int], int] = {}  # (kind, global chunk, mb) -> slot
+    pos = [0] * pp
+    slots: list[list[Action | None]] = [[] for _ in range(pp)]
+    messages: list[Message] = []
+    t = 0
+    while any(pos[r] < len(orders[r]) for r in range(pp)):
+        ran = []
+        for r in range(pp):
+            if pos[r] == len(orders[r]):
+                slots[r].append(None)
+                continue
+            a = orders[r][pos[r]]
+            c = glob(r, a.chunk)
+            if a.kind == "F":
+                need = [("F", c - 1, a.mb)] if c > 0 else []
+            else:  # a backward needs its own forward, and the gradient from the next chunk
+                need = [("F", c, a.mb)] + ([("B", c + 1, a.mb)] if c < n_chunks - 1 else [])
+            if all(done.get(d, t) < t for d in need):
+                slots[r].append(a)
+                ran.append((r, a, c))
+            else:
+                slots[r].append(None)
+        if not ran:
+            stuck = {r: orders[r][pos[r]] for r in range(pp) if pos[r] < len(orders[r])}
+            raise ValueError(f"pipeline schedule cannot proceed at slot {t}: every rank waits ({stuck})")
+        for r, a, c in ran:
+            done[(a.kind, c, a.mb)] = t
+            pos[r] += 1
+            nxt = c + 1 if a.kind == "F" else c - 1
+            if 0 <= nxt < n_chunks:  # the last chunk's forward ends in the loss, chunk 0's backward at the tokens
+                messages.append(Message(r, rank_of(nxt), t, a, Action(a.kind, local(nxt), a.mb)))
+        t += 1
+    for r in range(pp):  # every action exactly once
+        want = {(a.kind, glob(r, a.chunk), a.mb) for a in orders[r]}
+        if len(want) != len(orders[r]):
+            raise ValueError(f"pipeline rank {r}: an action appears twice in the schedule")
+    return Timetable(pp, v, slots, messages)
+
+
+@lru_cache(maxsize=64)
+def cached_timetable(schedule: str, pp: int, v: int, m: int, forward_only: bool = False) -> Timetable:
+    from . import SCHEDULES, forward_only_order
+
+    if forward_only:
+        orders = [forward_only_order(r, pp, v, m) for r in range(pp)]
+    else:
+        orders = [SCHEDULES[schedule](r, pp, v, m) for r in range(pp)]
+    return timetable(orders, v)

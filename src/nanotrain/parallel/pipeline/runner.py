@@ -1,0 +1,165 @@
+"""Run one pipeline rank's part of a schedule: its time slots, in order.
+
+    for each slot t of the timetable (actions.py):
+        compute this rank's action of slot t, if any:
+            F: wait for the input (received earlier), forward the chunk, keep (input, output)
+            B: wait for the output's gradient, backpropagate, free (input, output)
+        exchange: one batch_isend_irecv with the messages produced in slot t:
+            this rank's output (hidden states, or the gradient of its input) to the rank
+            of the next (previous) chunk, and the receives matching its neighbours' sends
+
+Receives are posted early and waited for only when the action that needs them runs;
+sends are waited for at the end of the step. What crosses ranks is the hidden state
+[micro_batch, seq_len, d_model] in fp32 (the residual stream's dtype), or its shard
+[micro_batch, seq_len / tp, d_model] under sequence parallelism; the receiver knows
+the shape from its own micro-batch (point-to-point carries no metadata).
+
+Megatron's equivalent is schedules.py (forward_backward_pipelining_*), written as
+explicit loops per schedule with send_forward_recv_backward-style pairs; torch's is
+torch.distributed.pipelining's _PipelineScheduleRuntime, which, like this file,
+executes per-rank action lists.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+
+from .actions import Action, cached_timetable
+from .stage import PipelineStage
+
+
+class PipelineRunner:
+    def __init__(self, stage: PipelineStage, schedule: str, peers: list[int], group: dist.ProcessGroup | None,
+                 device: torch.device | str = "cpu",
+                 autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext):
+        """peers[q]: global rank of pipeline rank q in this rank's pipeline (pp group)."""
+        self.stage, self.schedule, self.peers, self.group = stage, schedule, peers, group
+        self.device, self.autocast = torch.device(device), autocast
+        self.events: list[tuple[str, int, int, float, float]] | None = None  # timeline, when recording
+
+    @classmethod
+    def from_state(cls, stage: PipelineStage, schedule: str, state, device="cpu", autocast=contextlib.nullcontext):
+        peers = [state.global_rank(pp_rank=q) for q in range(state.pp)]
+        return cls(stage, schedule, peers, state.pp_group, device, autocast)
+
+    # -- entry points -------------------------------------------------------------------
+
+    def train_step(self, micro_batches: list, loss_denominator, backward_context=None,
+                   record: bool = False) -> torch.Tensor:
+        """Forward and backward every micro-batch; gradients accumulate in the stage's
+        parameters. Returns the summed loss on the last rank (0 elsewhere).
+        backward_context(last) wraps each backward; last=True for the final backward of
+        each chunk, when the chunk's gradients are complete (data-parallel sync hooks)."""
+        return self._run(micro_batches, loss_denominator, backward_context, record, forward_only=False)
+
+    @torch.no_grad()
+    def forward_only(self, micro_batches: list, loss_denominator=1.0) -> torch.Tensor:
+        """Evaluation: the summed loss over the micro-batches on the last rank (0 elsewhere)."""
+        return self._run(micro_batches, loss_denominator, None, False, forward_only=True)
+
+    # -- the slot loop -------------------------------------------------------------------
+
+    def _run(self, micro_batches, denom, backward_context, record, forward_only) -> torch.Tensor:
+        stage, m = self.stage, len(micro_batches)
+        tt = cached_timetable(self.schedule, stage.n_ranks, stage.v, m, forward_only)
+        me = stage.rank
+        sends, recvs = tt.sends(me), tt.recvs(me)
+        mine = [a for a in tt.slots[me] if a is not None]
+        last_backward = {a.chunk: a for a in mine if a.kind == "B"}  # final backward of each chunk
+        shape = self._message_shape(micro_batches[0][0])
+        self.events = [] if record else None
+        t0 = time.perf_counter()
+        self.t0_wall = time.time()  # events are seconds after this wall-clock time (ranks align on it)
+
+        inbox: dict[Action, tuple[dist.Work, torch.Tensor]] = {}  # consumer -> (receive, buffer)
+        outbox: dict[Action, torch.Tensor] = {}  # producer -> what it sends
+        in_flight: list[tuple[dist.Work, torch.Tensor]] = []  # sends not yet known complete
+        acts: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        loss_sum = torch.zeros((), device=self.device)
+        peak = 0
+
+        for t in range(tt.n_slots):
+            a = tt.slots[me][t]
+            if a is not None and a.kind == "F":
+                x = micro_batches[a.mb][0] if stage.is_first_chunk(a.chunk) else self._take(inbox, a, t0)
+                if not (forward_only or stage.is_first_chunk(a.chunk)):
+                    x.requires_grad_()  # a leaf: after backward, x.grad is what the previous rank needs
+                start = time.perf_counter()
+                last = stage.is_last_chunk(a.chunk)
+                with self.autocast():
+                    y = stage(x, a.chunk, micro_batches[a.mb][1] if last else None, denom if last else None)
+                self._event("F", a, start, t0)
+                if last:
+                    loss_sum += y.detach()  # a tensor, not .item(): no host sync per micro-batch
+                else:
+                    outbox[a] = y.detach().float()
+                if not forward_only:
+                    acts[(a.chunk, a.mb)] = (x, y)
+                    peak = max(peak, len(acts))
+            elif a is not None:  # backward
+                x, y = acts.pop((a.chunk, a.mb))
+                grad = None if stage.is_last_chunk(a.chunk) else self._take(inbox, a, t0)
+                ctx = backward_context(a is last_backward[a.chunk]) if backward_context else contextlib.nullcontext()
+                start = time.perf_counter()
+                with ctx:
+                    # The last chunk's output is the scalar loss, whose gradient is implicitly 1.
+                    torch.autograd.backward(y, grad_tensors=None if grad is None else grad.to(y.dtype))
+                self._event("B", a, start, t0)
+                if not stage.is_first_chunk(a.chunk):
+                    outbox[a] = x.grad
+            self._exchange(sends.get(t, ()), recvs.get(t, ()), outbox, inbox, in_flight, shape, t0)
+
+        start = time.perf_counter()
+        for work, _ in in_flight:
+            work.wait()
+        if in_flight:
+            self._event("send", None, start, t0)
+        if not forward_only:
+            stage.max_in_flight = peak
+        return loss_sum
+
+    def _exchange(self, sends, recvs, outbox, inbox, in_flight, shape, t0) -> None:
+        if not (sends or recvs):
+            return
+        start = time.perf_counter()
+        ops, buffers = [], []
+        for msg in sends:
+            tensor = outbox.pop(msg.action).contiguous()
+            ops.append(dist.P2POp(dist.isend, tensor, self.peers[msg.dst], self.group))
+            buffers.append(tensor)  # keep it alive until the send completes
+        for msg in recvs:
+            buf = torch.empty(shape, dtype=torch.float32, device=self.device)
+            ops.append(dist.P2POp(dist.irecv, buf, self.peers[msg.src], self.group))
+            buffers.append(buf)
+        works = dist.batch_isend_irecv(ops)
+        if len(works) != len(ops):  # NCCL may return one work for the whole batch
+            works = works * len(ops) if len(works) == 1 else works
+        for work, buf in zip(works[:len(sends)], buffers[:len(sends)]):
+            in_flight.append((work, buf))
+        for msg, work, buf in zip(recvs, works[len(sends):], buffers[len(sends):]):
+            inbox[msg.consumer] = (work, buf)
+        in_flight[:] = [(w, b) for w, b in in_flight if not w.is_completed()]
+        self._event("comm", None, start, t0)
+
+    def _take(self, inbox, a: Action, t0: float) -> torch.Tensor:
+        work, buf = inbox.pop(a)
+        start = time.perf_counter()
+        work.wait()
+        self._event("wait", a, start, t0)
+        return buf
+
+    def _event(self, kind: str, a: Action | None, start: float, t0: float) -> None:
+        if self.events is not None:
+            self.events.append((kind, -1 if a is None else a.chunk, -1 if a is None else a.mb,
+                                start - t0, time.perf_counter() - t0))
+
+    def _message_shape(self, input_ids: torch.Tensor) -> tuple[int, int, int]:
+        B, T = input_ids.shape
+        if self.stage.sequence_parallel:
+            T //= self.stage.tp.size
+        return (B, T, self.stage.cfg.d_model)
