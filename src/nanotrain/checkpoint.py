@@ -158,19 +158,49 @@ def _optimizer_params(opt: torch.optim.Optimizer) -> list[torch.nn.Parameter]:
     return [p for group in opt.param_groups for p in group["params"]]
 
 
-def full_optimizer_state(opt: torch.optim.Optimizer, groups) -> dict:
+def full_optimizer_state(opt: torch.optim.Optimizer, names: dict, groups) -> dict:
+    """Whole moments keyed by parameter name (`names`: parameter -> name), so that the
+    same file loads whatever the layout: a pipeline stage holds only some parameters,
+    and torch's own state_dict numbers them by position in this process's optimizer."""
     sd = opt.state_dict()
     params = _optimizer_params(opt)
-    state = {i: {k: gather_full(v, getattr(params[i], "shard", None), groups)
-                 if torch.is_tensor(v) and v.shape == params[i].shape else v
-                 for k, v in s.items()} for i, s in sd["state"].items()}
-    return {"state": state, "param_groups": sd["param_groups"]}
+    state = {names[params[i]]: {k: gather_full(v, getattr(params[i], "shard", None), groups)
+                                if torch.is_tensor(v) and v.shape == params[i].shape else v
+                                for k, v in s.items()} for i, s in sd["state"].items()}
+    hyper = [{k: v for k, v in g.items() if k != "params"} for g in sd["param_groups"]]
+    return {"state": state, "param_groups": hyper}
 
 
-def load_full_optimizer_state(opt: torch.optim.Optimizer, sd: dict) -> None:
+def load_full_optimizer_state(opt: torch.optim.Optimizer, names: dict, sd: dict) -> None:
     params = _optimizer_params(opt)
+    if any(not isinstance(k, str) for k in sd["state"]):
+        raise CheckpointError("this checkpoint keys optimizer state by position (an older nano-train): resume "
+                              "it with the version that wrote it, or start a fresh run.")
     state = {}
-    for i, s in sd["state"].items():
-        shard = getattr(params[i], "shard", None)
+    for i, p in enumerate(params):
+        s = sd["state"].get(names[p])
+        if s is None:
+            continue
+        shard = getattr(p, "shard", None)
         state[i] = {k: local_slice(v, shard) if torch.is_tensor(v) and v.dim() > 0 else v for k, v in s.items()}
-    opt.load_state_dict({"state": state, "param_groups": sd["param_groups"]})
+    groups = opt.state_dict()["param_groups"]
+    if len(groups) != len(sd["param_groups"]):
+        raise CheckpointError(f"the checkpoint has {len(sd['param_groups'])} optimizer parameter groups, this "
+                              f"run {len(groups)}: resume with the same optimizer settings.")
+    opt.load_state_dict({"state": state, "param_groups": [{**h, "params": g["params"]}
+                                                          for h, g in zip(sd["param_groups"], groups)]})
+
+
+def merge_over_pipeline(part: dict, pp_group) -> dict:
+    """Every pipeline stage's part of a state, merged by name on every rank of the pp group
+    (each stage holds different parameters; a tied embedding's copies are equal)."""
+    import torch.distributed as dist
+
+    if pp_group is None or dist.get_world_size(pp_group) == 1:
+        return part
+    parts = [None] * dist.get_world_size(pp_group)
+    dist.all_gather_object(parts, part, group=pp_group)
+    merged: dict = {}
+    for p in parts:
+        merged.update(p)
+    return merged

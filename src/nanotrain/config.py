@@ -97,11 +97,17 @@ class ModelConfig:
 class ParallelConfig:
     # Sizes of each parallel dimension; tp * pp * dp is the world size (see parallel/state.py).
     tp: int = 1  # tensor parallel: each layer's matrices split over tp ranks
-    pp: int = 1  # pipeline parallel (not in this version: must be 1)
+    pp: int = 1  # pipeline parallel: the layers split into pp stages, micro-batches streamed through them
     dp: int = 1  # data parallel: replicas that split the global batch
     ep: int = 1  # expert parallel: routed experts split over ep ranks carved out of dp (ep divides dp)
     sequence_parallel: bool = False  # with tp > 1: norms/dropout/residuals split along the sequence
     bucket_mb: float = 25.0  # data-parallel gradient all-reduce bucket size
+    # With pp > 1 (ignored otherwise, like bucket_mb without dp): the schedule
+    # (parallel/pipeline/), chunks of layers per rank (interleaved only), and what balances
+    # the stages: equal layer counts, or equal parameter counts.
+    pp_schedule: Literal["gpipe", "1f1b", "interleaved"] = "1f1b"
+    pp_virtual_stages: int = 1
+    pp_partition: Literal["layers", "params"] = "layers"
 
 
 @dataclass
@@ -160,6 +166,9 @@ class LoggingConfig:
     tensorboard: bool = True
     plot: bool = True
     peak_tflops: float = 0.0  # per process; 0: measure with a short GEMM probe at start-up
+    # With pp > 1: record this step's pipeline timeline (timeline.png, timeline.json and the
+    # measured bubble against the textbook one); 0: never.
+    timeline_step: int = 0
 
 
 @dataclass
@@ -397,8 +406,18 @@ def validate(cfg: Config) -> None:
     p = cfg.parallel
     for key in ("tp", "pp", "dp", "ep"):
         need(getattr(p, key) >= 1, f"parallel.{key}={getattr(p, key)} must be >= 1.")
-    need(p.pp <= 1, f"parallel.pp={p.pp}: pipeline parallelism is not in this version of nano-train; "
-                    "set parallel.pp=1.")
+    need(p.pp_virtual_stages >= 1, f"parallel.pp_virtual_stages={p.pp_virtual_stages} must be >= 1.")
+    if p.pp > 1 and p.pp_virtual_stages >= 1 and t.batch_size > 0 and t.micro_batch(p.dp) > 0:
+        from .parallel.pipeline import check_schedule
+
+        errors += check_schedule(p.pp_schedule, p.pp, p.pp_virtual_stages, t.grad_accum_steps(p.dp), m.n_layers)
+        need(m.mtp_depth == 0, "model.mtp_depth > 0 (multi-token prediction) with parallel.pp > 1 is not "
+                               "implemented: the MTP block needs the embedding on the last stage. Set "
+                               "model.mtp_depth=0 or parallel.pp=1.")
+        need(m.arch != "deepseek" or m.aux_loss_coef == 0,
+             "model.aux_loss_coef > 0 with parallel.pp > 1 is not implemented: each stage's auxiliary loss "
+             "would need its own backward. Use the auxiliary-loss-free balancing (model.aux_loss_coef=0, "
+             "model.bias_update_rate > 0) or parallel.pp=1.")
     if p.ep > 1:
         need(m.arch == "deepseek", f"parallel.ep={p.ep} splits routed experts, which model.arch={m.arch!r} "
                                    "does not have: use model.arch='deepseek' or parallel.ep=1.")
@@ -460,6 +479,7 @@ def validate(cfg: Config) -> None:
     need(c.interval >= 0, f"checkpoint.interval={c.interval} must be >= 0 (0: save at the end only).")
     need(c.keep_last >= 1, f"checkpoint.keep_last={c.keep_last} must be >= 1.")
     need(lg.log_interval >= 1, f"logging.log_interval={lg.log_interval} must be >= 1.")
+    need(lg.timeline_step >= 0, f"logging.timeline_step={lg.timeline_step} must be >= 0 (0: off).")
     need(lg.peak_tflops >= 0, f"logging.peak_tflops={lg.peak_tflops} must be >= 0 (0: measure it).")
 
     if errors:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .checkpoint import gather_full
+from .checkpoint import gather_full, merge_over_pipeline
 from .config import Config, ConfigError, set_value, validate
 
 LAYOUT_KEYS = {"tp": "parallel.tp", "dp": "parallel.dp", "pp": "parallel.pp", "ep": "parallel.ep",
@@ -73,13 +73,12 @@ def train_and_capture(cfg_dict: dict, grad_step: int = 1) -> dict | None:
     cfg = Config.from_dict(cfg_dict)
     grads: dict[str, torch.Tensor] = {}
 
-    def capture(step, model):
+    def capture(step, model, ctx):
         if step != grad_step:
             return
-        tp, ep = getattr(model, "tp", None), getattr(model, "_ep", None)
-        groups = {"tp": tp.group if tp is not None else None, "ep": ep.group if ep is not None else None}
-        for name, p in model.named_parameters():
-            grads[name] = gather_full(p.grad, p.shard, groups) if p.grad is not None else None
+        mine = {name: gather_full(p.grad, p.shard, ctx.parallel.groups()) if p.grad is not None else None
+                for name, p in model.named_parameters()}
+        grads.update(merge_over_pipeline(mine, ctx.parallel.pp_group))  # each stage holds some layers
 
     result = RuntimeEngine(cfg, on_grads=capture).run()
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0

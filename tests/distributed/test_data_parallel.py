@@ -1,6 +1,7 @@
 """Data-parallel gradient sync: buckets start their all-reduce during backward (overlap),
 accumulation defers it, and the result is the sum of the ranks' gradients."""
 
+import pytest
 import torch
 import torch.distributed as dist
 
@@ -43,3 +44,35 @@ def test_buckets_overlap_backward_and_sum_gradients():
             model(torch.full((2, 8), float(r + 1))).sum().backward()
     for g, p in zip(grads0, model.parameters()):
         torch.testing.assert_close(g, p.grad, rtol=1e-6, atol=1e-6)
+
+
+def _idle_experts_run(bucket_mb):
+    """ep=2 (= dp=2): every token is routed to experts 0 and 1, which live on rank 0, so rank 1's
+    experts get no token. Rank 1 must still take part in the backward all-to-alls and in
+    the bucketed gradient sync, in the same order as rank 0."""
+    from nanotrain.parallel.expert_parallel import ExpertParallel, ExpertParallelMoE
+
+    torch.manual_seed(0)
+    rank = dist.get_rank()
+    group = dist.new_group([0, 1])  # ep
+    moe = ExpertParallelMoE(16, 4, 2, 8, n_shared_experts=1, score_func="sigmoid",
+                            ep=ExpertParallel(group, rank, 2))
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, std=0.1, generator=torch.Generator().manual_seed(p.numel()))
+    moe.router.expert_bias[:2] = 100.0  # selection only: experts 0 and 1 always win
+    # Router and shared expert sync over dp: a group of its own (same ranks), as in ParallelState.
+    sync = GradSync(list(moe.parameters()), dist.new_group([0, 1]), bucket_mb=bucket_mb)
+    for _ in range(3):
+        # requires_grad: the output of an earlier layer, as in a model
+        x = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(rank), requires_grad=True)
+        moe(x).square().sum().backward()
+        sync.finish()
+    idle = moe.experts.w1.grad is None or bool((moe.experts.w1.grad == 0).all())
+    return {"experts_idle": idle, "router": moe.router.weight.grad}
+
+
+@pytest.mark.parametrize("bucket_mb", [25.0, 1e-4])  # one bucket; one bucket per parameter
+def test_rank_whose_experts_get_no_tokens_keeps_in_step(bucket_mb):
+    out = run_world(_idle_experts_run, 2, bucket_mb, timeout_s=60)  # a rank skipping a collective hangs
+    assert out[1]["experts_idle"] and not out[0]["experts_idle"]
+    assert torch.equal(out[0]["router"], out[1]["router"])  # synced over dp

@@ -117,6 +117,7 @@ def test_interleaved_bubble_is_smaller(pp, v, m):
     # With every chunk's forward or backward one slot, fill and drain are pp - 1 slots of
     # work 1/v as long: (pp - 1) / (v m + pp - 1), about the textbook's 1/v.
     assert tt.bubble() == pytest.approx((pp - 1) / (v * m + pp - 1))
+    assert tt.bubble() == pytest.approx(textbook_bubble(pp, m, v))
     assert tt.bubble() < textbook_bubble(pp, m)
 
 

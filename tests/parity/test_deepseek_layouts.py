@@ -25,6 +25,7 @@ def config(tmp_path, *extra):
     ("dp=2,micro=2", ["--model.aux_loss_coef=0.01"]),
     ("tp=2", ["--model.aux_loss_coef=0.01"]),
     ("tp=2,dp=2,sp", []),
+    ("tp=2,dp=2,ep=2,sp", []),  # experts whole on each tp rank, fed its sequence shard: tp-summed grads
 ])
 def test_deepseek_layout_matches_one_process(tmp_path, layout, extra):
     report = verify(config(tmp_path, *extra), layout, steps=10, tolerance=1e-5)

@@ -31,7 +31,11 @@ def test_round_trip_through_dict():
     (["--train.seq_len=128", "--model.max_seq_len=64"], ["max_seq_len"]),
     (["--optimizer.lr=-1"], ["optimizer.lr"]),
     (["--schedule.min_lr=1"], ["schedule.min_lr"]),
-    (["--parallel.pp=2"], ["parallel.pp=2", "pipeline"]),
+    (["--parallel.pp=2", "--parallel.pp_schedule=interleaved", "--parallel.pp_virtual_stages=2",
+      "--train.micro_batch_size=4"], ["micro-batches per step (3", "multiple of parallel.pp=2"]),
+    (["--parallel.pp=2", "--parallel.pp_virtual_stages=2"], ["pp_virtual_stages=2", "interleaved"]),
+    (["--parallel.pp=8"], ["n_layers=4", "parallel.pp=8"]),               # a stage per layer at most
+    (["--parallel.pp_schedule=zb"], ["parallel.pp_schedule", "1f1b"]),
     (["--parallel.tp=3"], ["n_heads=4", "parallel.tp=3"]),                # heads split over tp
     (["--parallel.tp=4", "--model.n_kv_heads=2"], ["n_kv_heads=2", "parallel.tp=4"]),
     (["--parallel.tp=2", "--model.d_ff=101"], ["MLP width 101", "parallel.tp=2"]),

@@ -130,7 +130,10 @@ class ExpertMLP(nn.Module):
                 continue
             outs.append(F.linear(F.silu(F.linear(xe, w1[e])) * F.linear(xe, w3[e]), w2[e]))
         if not outs:
-            return x_sorted.new_zeros(x_sorted.shape)
+            # No tokens here (possible on an expert-parallel rank): return an empty output
+            # that is still *connected* to x_sorted. A fresh tensor would cut the graph, and
+            # this rank would skip the backward all-to-alls its ep peers wait in.
+            return x_sorted * 0
         return torch.cat(outs)
 
 

@@ -68,10 +68,12 @@ class TransformerModel(nn.Module):
             self.rope_cos = self.rope_sin = None
         if self.sequence_parallel:
             # Parameters applied to a sequence shard (norms, row-parallel biases, learned
-            # positions) see only this rank's tokens: their gradients are partial sums that
-            # the gradient sync all-reduces over the tp group.
+            # positions, and the experts, which are whole on every tp rank and each route
+            # this rank's tokens) see only this rank's tokens: their gradients are partial
+            # sums that the gradient sync all-reduces over the tp group.
             for p in self.parameters():
-                if getattr(p, "shard", None) is None:
+                shard = getattr(p, "shard", None)
+                if shard is None or shard.axis == "ep":
                     p.sequence_parallel = True
 
     def make_block(self, cfg: ModelConfig, index: int, tp: TensorParallel | None) -> nn.Module:

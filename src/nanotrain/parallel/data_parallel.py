@@ -53,6 +53,7 @@ class GradSync:
         self.sp_params = [p for p in params if getattr(p, "sequence_parallel", False)]
         self.sync_enabled = True
         self.buckets: list[Bucket] = []
+        self._queues: dict = {}  # per group: its buckets not launched yet, in launch order
         self._bucket_of: dict[nn.Parameter, Bucket] = {}
         trainable = [p for p in params if p.requires_grad]
         for group, members in ((dp_group, [p for p in trainable if not getattr(p, "expert_parallel", False)]),
@@ -71,6 +72,7 @@ class GradSync:
         if current:
             new.append(Bucket(current, group=group))
         self.buckets += new
+        self._queues[group] = list(new)
         for b in new:
             for p in b.params:
                 self._bucket_of[p] = b
@@ -81,8 +83,13 @@ class GradSync:
             return
         bucket = self._bucket_of[p]
         bucket.ready += 1
-        if bucket.ready == len(bucket.params):
-            self._launch(bucket)
+        # Launch in bucket order only (as DDP's reducer does): collectives on a group must be
+        # issued in the same order on every rank, and the order in which buckets fill can
+        # differ between ranks (an expert that got no tokens here has no gradient until
+        # finish()). A full bucket waits for the earlier ones of its group.
+        queue = self._queues[bucket.group]
+        while queue and queue[0].ready == len(queue[0].params):
+            self._launch(queue.pop(0))
 
     def _launch(self, b: Bucket) -> None:
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in b.params]
@@ -96,6 +103,7 @@ class GradSync:
         for b in self.buckets:
             if b.handle is None:
                 self._launch(b)
+        for b in self.buckets:
             b.handle.wait()
             for p, chunk in zip(b.params, b.flat.split(b.sizes)):
                 if p.grad is None:
@@ -103,7 +111,11 @@ class GradSync:
                 else:
                     p.grad.copy_(chunk.view_as(p.grad))
             b.ready, b.flat, b.handle = 0, None, None
+        self._queues = {g: [b for b in self.buckets if b.group is g] for g in self._queues}
         if self.sp_params and self.tp_group is not None and dist.get_world_size(self.tp_group) > 1:
+            for p in self.sp_params:  # an expert that saw no token on this rank has no gradient yet
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
             grads = [p.grad for p in self.sp_params]
             flat = torch.cat([g.reshape(-1) for g in grads])
             dist.all_reduce(flat, group=self.tp_group)
@@ -118,7 +130,8 @@ def all_reduce_copy(t: torch.Tensor, group) -> torch.Tensor:
 
 
 def clip_grad_norm(params: list[nn.Parameter], max_norm: float, tp_group: dist.ProcessGroup | None,
-                   tp_rank: int = 0, ep_group: dist.ProcessGroup | None = None) -> torch.Tensor:
+                   tp_rank: int = 0, ep_group: dist.ProcessGroup | None = None,
+                   pp_group: dist.ProcessGroup | None = None) -> torch.Tensor:
     """Global gradient norm over the *logical* model, then scale every gradient by
     min(1, max_norm / norm) (torch.nn.utils.clip_grad_norm_'s formula).
 
@@ -126,17 +139,25 @@ def clip_grad_norm(params: list[nn.Parameter], max_norm: float, tp_group: dist.P
     every tp rank (the shards add up to the whole), while a replicated one (norms,
     biases) is counted on tp rank 0 only, so it is counted once. Expert shards
     (axis "ep", whole on every tp rank) are counted on tp rank 0 and summed over the
-    ep group. With one rank of each this is exactly clip_grad_norm_'s arithmetic.
+    ep group. Pipeline stages hold disjoint layers: their squares add over the pp
+    group, the last stage's copy of a tied embedding left out (it is the first
+    stage's parameter). With one rank of each this is exactly clip_grad_norm_'s
+    arithmetic.
     """
     grads = [p.grad for p in params if p.grad is not None]
     tp = 1 if tp_group is None else dist.get_world_size(tp_group)
     ep = 1 if ep_group is None else dist.get_world_size(ep_group)
-    if tp == 1 and ep == 1:
+    pp = 1 if pp_group is None else dist.get_world_size(pp_group)
+    if pp > 1:
+        params = [p for p in params if not getattr(p, "pipeline_duplicate", False)]
+    if tp == 1 and ep == 1 and pp == 1:
         norms = torch._foreach_norm(grads)
         total = torch.linalg.vector_norm(torch.stack(norms))
     else:
         def squares(gs):
-            return torch.stack(torch._foreach_norm(gs)).pow(2).sum() if gs else torch.zeros((), device=grads[0].device)
+            return torch.stack(torch._foreach_norm(gs)).pow(2).sum() if gs else torch.zeros((), device=device)
+
+        device = grads[0].device if grads else torch.device("cpu")
 
         with_grad = [p for p in params if p.grad is not None]
         tp_sharded = [p.grad for p in with_grad if p.shard is not None and p.shard.axis == "tp"]
@@ -148,6 +169,8 @@ def clip_grad_norm(params: list[nn.Parameter], max_norm: float, tp_group: dist.P
         total_sq = parts.sum()
         if tp > 1:
             dist.all_reduce(total_sq, group=tp_group)
+        if pp > 1:
+            dist.all_reduce(total_sq, group=pp_group)
         total = total_sq.sqrt()
     if max_norm > 0:
         coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)  # clip_grad_norm_'s formula

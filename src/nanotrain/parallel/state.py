@@ -14,6 +14,7 @@ Rank layout (Megatron's order): tp varies fastest, then dp, then pp.
     tp groups: {0,1} {2,3} {4,5} {6,7}   ranks that split one layer's matrices
     dp groups: {0,2} {1,3} {4,6} {5,7}   ranks that hold the same shard, different data
     pp groups: {0,4} {1,5} {2,6} {3,7}   ranks that hold consecutive stages
+    (embedding groups: the first and last rank of each pp group, for tied embeddings)
 
 Expert parallelism is carved out of the dp dimension (ep divides dp):
 dp_rank = edp_rank * ep + ep_rank, so ep groups are runs of ep consecutive dp
@@ -51,6 +52,9 @@ class ParallelState:
     pp_group: dist.ProcessGroup | None = None
     ep_group: dist.ProcessGroup | None = None
     edp_group: dist.ProcessGroup | None = None  # expert-data-parallel
+    # First and last pipeline rank of each pipeline: they sum the gradients of tied
+    # embedding copies (parallel/pipeline/stage.py). None unless pp > 1.
+    embd_group: dist.ProcessGroup | None = None
 
     # -- coordinates ------------------------------------------------------------
 
@@ -145,6 +149,8 @@ def init_parallel(p: ParallelConfig, device_type: str = "cpu") -> ParallelState:
         "ep": [[at(t, k * p.ep + e, q) for e in E] for q in P for t in T for k in edp],
         "edp": [[at(t, k * p.ep + e, q) for k in edp] for q in P for t in T for e in E],
     }
+    if p.pp > 1:
+        groups["embd"] = [[at(t, d, 0), at(t, d, p.pp - 1)] for t in T for d in D]
     for name, ranks in groups.items():
         mine, _ = dist.new_subgroups_by_enumeration(ranks, backend=backend_for(device_type))
         setattr(state, f"{name}_group", mine)

@@ -22,7 +22,8 @@ from ..models.attention import Attention
 from ..optim import build_adamw, lr_at
 from ..parallel.data_parallel import GradSync, clip_grad_norm
 from ..parallel.expert_parallel import ExpertParallel
-from ..parallel.state import barrier, destroy_parallel, init_parallel
+from ..parallel.pipeline import PipelineStage, chunk_layers, layer_costs
+from ..parallel.state import all_reduce, barrier, destroy_parallel, init_parallel
 from ..parallel.tensor_parallel import TensorParallel
 from .contracts import RuntimeComponents, RuntimeContext
 
@@ -139,6 +140,12 @@ class TransformerProvider:
         ep = None if ps.ep == 1 else ExpertParallel(ps.ep_group, ps.ep_rank, ps.ep)
         model = build_model(ctx.cfg.model, tp, ep)
         model.init_weights(ctx.cfg.train.seed)
+        if ps.pp > 1:
+            # This rank keeps its stage's layers (parallel/pipeline/stage.py), under the
+            # single-process parameter names.
+            p = ctx.cfg.parallel
+            chunks = chunk_layers(ctx.cfg.model.n_layers, ps.pp, p.pp_virtual_stages, layer_costs(model, p.pp_partition))
+            model = PipelineStage(model, ps.pp_rank, ps.pp, chunks[ps.pp_rank])
         core = attention_core_dtype(ctx)
         for module in model.modules():
             if isinstance(module, Attention):
@@ -156,10 +163,13 @@ class AdamWState:
     def __init__(self, model: nn.Module, ctx: RuntimeContext):
         ps = ctx.parallel
         self.params = [p for p in model.parameters() if p.requires_grad]
+        self.names = {p: n for n, p in model.named_parameters()}  # checkpoints key moments by name
         self.opt = build_adamw(model, ctx.cfg.optimizer, ctx.device)
         self.grad_clip = ctx.cfg.optimizer.grad_clip
         self.ps = ps
         self.sync = GradSync(self.params, ps.dp_group, ps.tp_group, ctx.cfg.parallel.bucket_mb, ps.edp_group)
+        # Pipeline: copies of a tied embedding on the first and last stage (stage.py).
+        self.shared = [p for p in self.params if getattr(p, "pipeline_shared", False)]
 
     @contextlib.contextmanager
     def backward_context(self, last: bool):
@@ -169,10 +179,15 @@ class AdamWState:
 
     def sync_grads(self) -> None:
         self.sync.finish()
+        # After the data-parallel sum (finish() rewrites .grad): the two copies of a tied
+        # embedding each hold the gradient of their own use; both need the sum.
+        for p in self.shared:
+            all_reduce(p.grad, self.ps.embd_group)
 
     def step(self, lr: float) -> dict[str, float | torch.Tensor]:
         # The norm *before* clipping is what we log.
-        norm = clip_grad_norm(self.params, self.grad_clip, self.ps.tp_group, self.ps.tp_rank, self.ps.ep_group)
+        norm = clip_grad_norm(self.params, self.grad_clip, self.ps.tp_group, self.ps.tp_rank, self.ps.ep_group,
+                              self.ps.pp_group)
         for group in self.opt.param_groups:
             group["lr"] = lr
         self.opt.step()
@@ -181,10 +196,10 @@ class AdamWState:
 
     def state_dict(self) -> dict[str, Any]:
         """Whole (unsharded) moments: every tp rank must call this (it gathers)."""
-        return full_optimizer_state(self.opt, self.ps.groups())
+        return full_optimizer_state(self.opt, self.names, self.ps.groups())
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        load_full_optimizer_state(self.opt, state)
+        load_full_optimizer_state(self.opt, self.names, state)
 
 
 class AdamWRuntime:

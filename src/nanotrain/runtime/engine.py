@@ -19,10 +19,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..checkpoint import check_compatible, full_model_state, load_full_model_state
+from ..checkpoint import check_compatible, full_model_state, load_full_model_state, merge_over_pipeline
 from ..config import Config, ConfigError
 from ..layers import logical_numel
 from ..monitoring import build_logger, measure_peak_flops, mfu, plot_loss_curve, transformer_flops_per_token
+from ..parallel.pipeline.runner import PipelineRunner
 from ..parallel.state import all_reduce, barrier
 from .components import default_components, write_run_config
 from .contracts import RuntimeComponents, RuntimeContext, TrainData
@@ -52,13 +53,17 @@ class StepMeter:
     def add(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
         self.pending.append((step, torch.stack([loss, grad_norm.to(loss)])))
 
-    def flush(self, step: int, dp_group=None) -> tuple[dict[int, float], dict[int, float], float]:
+    def flush(self, step: int, groups=()) -> tuple[dict[int, float], dict[int, float], float]:
         """({step: loss}, {step: grad norm}) since the last flush, and seconds per step.
 
-        Each data-parallel rank holds its share of the global mean loss: one all-reduce
-        sums them (the grad norm, equal on every rank after the sync, is left alone)."""
+        Each data-parallel rank holds its share of the global mean loss, and only the last
+        pipeline stage holds any (the others hold 0): all-reduces over the dp and pp groups
+        sum them (the grad norm, equal on every rank after the sync, is left alone)."""
         values = torch.stack([v for _, v in self.pending])
-        values[:, 0] = all_reduce(values[:, 0].contiguous(), dp_group)
+        losses = values[:, 0].contiguous()
+        for group in groups:
+            all_reduce(losses, group)
+        values[:, 0] = losses
         values = values.tolist()
         now = time.perf_counter()
         step_s = (now - self.mark) / (step - self.mark_step)
@@ -92,11 +97,12 @@ def resolve_model_config(cfg: Config, vocab_size: int) -> None:
 
 class RuntimeEngine:
     def __init__(self, cfg: Config, components: RuntimeComponents | None = None, on_grads=None):
-        """on_grads(step, model), if given, sees the synced gradients of each step before
+        """on_grads(step, model, ctx), if given, sees the synced gradients of each step before
         clipping (nanotrain verify compares them across layouts)."""
         self.cfg = cfg
         self.c = components or default_components()
         self.on_grads = on_grads
+        self.pipeline: PipelineRunner | None = None  # set in run() when parallel.pp > 1
 
     # -- one optimizer step --------------------------------------------------------
 
@@ -109,16 +115,23 @@ class RuntimeEngine:
         # however the batch is split.
         denom = sum((y != -100).sum() for _, y in batches)
         denom = all_reduce(denom, ctx.parallel.dp_group).clamp(min=1)
-        total = torch.zeros((), device=ctx.device)
-        for i, (x, y) in enumerate(batches):
-            with ctx.autocast():
-                loss = model(x, y, loss_denominator=denom)
-            with opt.backward_context(last=i == len(batches) - 1):
-                loss.backward()
-            total += loss.detach()
+        if self.pipeline is not None:
+            # The schedule runs every micro-batch's forward and backward through the stages.
+            record = step + 1 == ctx.cfg.logging.timeline_step
+            total = self.pipeline.train_step(batches, denom, opt.backward_context, record=record)
+            if record:
+                self._write_timeline(ctx, len(batches))
+        else:
+            total = torch.zeros((), device=ctx.device)
+            for i, (x, y) in enumerate(batches):
+                with ctx.autocast():
+                    loss = model(x, y, loss_denominator=denom)
+                with opt.backward_context(last=i == len(batches) - 1):
+                    loss.backward()
+                total += loss.detach()
         opt.sync_grads()
         if self.on_grads is not None:
-            self.on_grads(step + 1, model)
+            self.on_grads(step + 1, model, ctx)
         stats = opt.step(lr)
         # Models with state that follows the optimizer step (MoE router biases) update it here.
         if hasattr(model, "after_optimizer_step"):
@@ -129,12 +142,21 @@ class RuntimeEngine:
     def evaluate(self, model: nn.Module, data: TrainData, ctx: RuntimeContext) -> float:
         model.eval()
         sums = torch.zeros(2, dtype=torch.float64, device=ctx.device)  # (loss sum, target count)
-        for x, y in data.val_batches():
-            with ctx.autocast():
-                sums[0] += model(x, y, loss_denominator=1.0).double()
-            sums[1] += (y != -100).sum()
+        if self.pipeline is not None:
+            batches = list(data.val_batches())  # one micro-batch per val batch, through the stages
+            if ctx.parallel.is_last_stage:  # the only stage that has a loss to count
+                sums[0] = self.pipeline.forward_only(batches).double()
+                sums[1] = sum((y != -100).sum() for _, y in batches)
+            else:
+                self.pipeline.forward_only(batches)
+        else:
+            for x, y in data.val_batches():
+                with ctx.autocast():
+                    sums[0] += model(x, y, loss_denominator=1.0).double()
+                sums[1] += (y != -100).sum()
         model.train()
         all_reduce(sums, ctx.parallel.dp_group)  # each dp rank evaluated its rows
+        all_reduce(sums, ctx.parallel.pp_group)  # the last stage's sums (0 on the others)
         return (sums[0] / sums[1]).item()
 
     # -- the run -----------------------------------------------------------------------
@@ -157,6 +179,9 @@ class RuntimeEngine:
         model = self.c.model.build(ctx)
         opt = self.c.optimizer.build(ctx, model)
         schedule = self.c.schedule.build(ctx)
+        ps = ctx.parallel
+        if ps.pp > 1:
+            self.pipeline = PipelineRunner.from_state(model, cfg.parallel.pp_schedule, ps, ctx.device, ctx.autocast)
 
         start = 0
         if resume_path is not None:
@@ -167,12 +192,15 @@ class RuntimeEngine:
         # Every matmul weight is split over tp (column/row/vocab-parallel), so the whole
         # model's count is the local one times tp. MFU compares the run's FLOP/s with the
         # peak of all its processes: each process probes its own share of the machine.
-        flops_per_token = transformer_flops_per_token(model.num_matmul_params() * ctx.parallel.tp, cfg.model.n_layers,
-                                                      cfg.model.d_model, t_cfg.seq_len)
+        # Pipeline stages hold disjoint layers: their counts add up over the pp group.
+        sizes = all_reduce(torch.tensor([model.num_matmul_params(), logical_numel(model)], dtype=torch.float64),
+                           ps.pp_group).tolist()
+        flops_per_token = transformer_flops_per_token(sizes[0] * ps.tp, cfg.model.n_layers, cfg.model.d_model,
+                                                      t_cfg.seq_len)
         peak = log_cfg.peak_tflops * 1e12 or measure_peak_flops(ctx.device, ctx.autocast_dtype or torch.float32)
         peak *= ctx.world_size
         logger = build_logger(log_cfg, ctx.out_dir, t_cfg.max_steps, start, ctx.rank)
-        logger.message(f"model: {logical_numel(model) / 1e6:.2f}M parameters, {flops_per_token / 1e6:.1f} MFLOP/token; "
+        logger.message(f"model: {sizes[1] / 1e6:.2f}M parameters, {flops_per_token / 1e6:.1f} MFLOP/token; "
                        f"{data.tokens_per_step} tokens/step; device {ctx.device}, precision {cfg.precision.recipe}, "
                        f"peak {peak / 1e12:.2f} TFLOP/s" + (f"; resumed at step {start}" if start else ""))
 
@@ -194,7 +222,7 @@ class RuntimeEngine:
                 result.final_step = done
                 if not (done % log_cfg.log_interval == 0 or is_eval or is_save):
                     continue
-                losses, norms, step_s = meter.flush(done, ctx.parallel.dp_group)
+                losses, norms, step_s = meter.flush(done, (ps.dp_group, ps.pp_group))
                 result.losses.update(losses)
                 result.grad_norms.update(norms)
                 if not math.isfinite(losses[done]):
@@ -202,6 +230,7 @@ class RuntimeEngine:
                                              "enable optimizer.grad_clip, or resume from an earlier checkpoint.")
                 tokens_per_s = data.tokens_per_step / step_s
                 model_metrics = model.step_metrics() if hasattr(model, "step_metrics") else {}
+                model_metrics = merge_over_pipeline(model_metrics, ps.pp_group)  # each stage: its layers
                 logger.log(done, {"loss": losses[done], "lr": lr, "grad_norm": norms[done],
                                   "tokens_per_s": tokens_per_s, "mfu": mfu(tokens_per_s, flops_per_token, peak),
                                   "step_ms": step_s * 1e3, "tokens": done * data.tokens_per_step, **model_metrics})
@@ -231,8 +260,38 @@ class RuntimeEngine:
         rng = {"torch": torch.get_rng_state()}
         if ctx.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(ctx.device)
-        return {"model": full_model_state(model, ctx.parallel.groups()), "optimizer": opt.state_dict(), "rng": rng,
-                "config": ctx.cfg.to_dict(), "tokenizer": data.tokenizer.to_json(), "val_loss": val_loss}
+        # Every tensor whole (gathered over tp/ep), every stage's part merged by name over pp.
+        pp_group = ctx.parallel.pp_group
+        optim = opt.state_dict()
+        optim["state"] = merge_over_pipeline(optim["state"], pp_group)
+        return {"model": merge_over_pipeline(full_model_state(model, ctx.parallel.groups()), pp_group),
+                "optimizer": optim, "rng": rng, "config": ctx.cfg.to_dict(), "tokenizer": data.tokenizer.to_json(),
+                "val_loss": val_loss}
+
+    def _write_timeline(self, ctx: RuntimeContext, n_micro: int) -> None:
+        """The recorded step's intervals from every stage of this pipeline: timeline.png,
+        timeline.json and the bubble, measured and textbook (rank 0 writes)."""
+        import json
+
+        from ..parallel.pipeline import textbook_bubble
+        from ..parallel.pipeline.timeline import RankTimeline, format_bubble, measured_bubble, plot_timeline
+
+        ps, p = ctx.parallel, ctx.cfg.parallel
+        mine = RankTimeline(ps.pp_rank, self.pipeline.t0_wall, self.pipeline.events, p.pp_virtual_stages)
+        timelines = merge_over_pipeline({ps.pp_rank: mine}, ps.pp_group)
+        if not ctx.is_main:
+            return
+        timelines = [timelines[r] for r in range(ps.pp)]
+        measured, textbook = measured_bubble(timelines), textbook_bubble(ps.pp, n_micro, p.pp_virtual_stages)
+        step = ctx.cfg.logging.timeline_step
+        title = f"{p.pp_schedule}, pp={ps.pp}" + (f", v={p.pp_virtual_stages}" if p.pp_virtual_stages > 1 else "") \
+            + f", m={n_micro}, step {step}"
+        plot_timeline(timelines, ctx.out_dir / "timeline.png", title, textbook, measured)
+        (ctx.out_dir / "timeline.json").write_text(json.dumps(
+            {"schedule": p.pp_schedule, "pp": ps.pp, "v": p.pp_virtual_stages, "micro_batches": n_micro,
+             "step": step, "bubble_measured": measured, "bubble_textbook": textbook,
+             "ranks": [{"rank": t.rank, "t0_wall": t.t0_wall, "events": t.events} for t in timelines]}) + "\n")
+        print(format_bubble(measured, textbook) + f"; picture in {ctx.out_dir / 'timeline.png'}", flush=True)
 
     def _resume(self, path: Path, ckpt, model, opt, ctx: RuntimeContext) -> int:
         state = ckpt.load(str(path))

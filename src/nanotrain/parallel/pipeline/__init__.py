@@ -64,8 +64,12 @@ def check_schedule(name: str, pp: int, v: int, m: int, n_layers: int) -> list[st
 
 
 def textbook_bubble(pp: int, m: int, v: int = 1) -> float:
-    """Idle fraction of 1F1B / GPipe, (pp - 1) / (m + pp - 1), divided by v for interleaving."""
-    return (pp - 1) / (m + pp - 1) / v
+    """Idle fraction of a step: (pp - 1) / (m + pp - 1) for GPipe and 1F1B.
+
+    Interleaving makes fill and drain v times shorter: Narayanan et al. give the bubble
+    as (1/v) (pp - 1) / m of the compute time, i.e. (pp - 1) / (v m + pp - 1) of the
+    step, which is about the 1F1B fraction divided by v (exactly so as m grows)."""
+    return (pp - 1) / (v * m + pp - 1)
 
 
 __all__ = ["Action", "PipelineStage", "SCHEDULES", "Timetable", "cached_timetable", "check_schedule",

@@ -1,0 +1,45 @@
+"""4D parallel training: tensor x pipeline x data parallel, with expert parallelism inside dp.
+
+    torchrun --nproc-per-node 8 examples/train_4d.py --config configs/deepseek_tiny.toml
+
+The same run with the CLI:
+
+    torchrun --nproc-per-node 8 -m nanotrain train --config configs/deepseek_tiny.toml \\
+        --parallel.tp=2 --parallel.pp=2 --parallel.dp=2 --parallel.ep=2 --parallel.sequence_parallel=true
+
+8 processes = tp 2 x pp 2 x dp 2 (parallel/state.py draws the grid):
+  - tp=2 splits each layer's matrices (MLA heads, dense MLP width, vocabulary) over 2 ranks,
+    with sequence parallelism between them;
+  - pp=2 puts layers 0-1 on the first stage and 2-3 (+ norm, head, loss) on the second,
+    micro-batches streamed through them by the 1F1B schedule;
+  - dp=2 gives each replica half of the global batch;
+  - ep=2 splits the 8 routed experts of every MoE layer over the 2 dp ranks (4 each),
+    tokens sent to their experts' rank by all-to-all.
+Each is one file in src/nanotrain/parallel/. The result is the model one process would
+train (tests/parity/test_pipeline_layouts.py checks it step by step).
+"""
+
+import os
+import sys
+
+from nanotrain.config import load_config
+from nanotrain.runtime import RuntimeEngine
+
+LAYOUT = {"tp": 2, "pp": 2, "dp": 2, "ep": 2}
+
+
+def main(argv: list[str]) -> None:
+    config_path = argv[1] if argv[:1] == ["--config"] else "configs/deepseek_tiny.toml"
+    overrides = argv[2:] if argv[:1] == ["--config"] else argv
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    need = LAYOUT["tp"] * LAYOUT["pp"] * LAYOUT["dp"]
+    if world != need:
+        sys.exit(f"examples/train_4d.py runs tp={LAYOUT['tp']} x pp={LAYOUT['pp']} x dp={LAYOUT['dp']} = {need} "
+                 f"processes, got {world}: launch with torchrun --nproc-per-node {need}.")
+    layout = [f"--parallel.{k}={v}" for k, v in LAYOUT.items()]
+    cfg = load_config(config_path, [*layout, "--parallel.sequence_parallel=true", *overrides])
+    RuntimeEngine(cfg).run()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,190 @@
+"""What the pipeline ranks did over one step: measured intervals, bubble, picture.
+
+With record=True, PipelineRunner keeps per-rank events (kind, chunk, mb, start, end):
+
+    F, B    forward / backward of micro-batch mb through local chunk `chunk`: compute
+    wait    blocked on the receive an action needs (its chunk and mb)
+    comm    posting one slot's batched send/recv exchange (chunk = mb = -1)
+    send    waiting for the last sends at the end of the step (chunk = mb = -1)
+
+Times are seconds after the runner's t0_wall, a time.time() taken at the start of
+the step on *that* rank; ranks start at slightly different moments, so they are
+aligned on absolute wall time, t0_wall + start. (Clocks of different hosts agree
+only to NTP precision; on one machine they are the same clock.)
+
+The bubble is everything that is not compute, as in the textbook definition: time
+spent waiting for a neighbour, posting messages, and plainly idle all count. The
+textbook value (pp - 1) / (m + pp - 1) assumes free communication; the measured one
+shows what the schedule costs on real hardware.
+
+timetable_timelines() turns a schedule's play-through (actions.py) into the same
+kind of timeline without running any process: the textbook pictures in the docs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from .actions import Action, Timetable
+
+Event = tuple[str, int, int, float, float]  # (kind, chunk, mb, start_s, end_s)
+COMPUTE = ("F", "B")
+
+
+@dataclass
+class RankTimeline:
+    rank: int  # pipeline rank (row in the picture)
+    t0_wall: float  # time.time() at the start of the step; event times are relative to it
+    events: list[Event]
+    v: int = 1  # chunks per rank (interleaved: label bars "F3a", "F3b", ...)
+
+    @classmethod
+    def from_runner(cls, runner) -> RankTimeline:
+        """The timeline a PipelineRunner recorded in its last train_step(record=True)."""
+        return cls(runner.stage.rank, runner.t0_wall, list(runner.events or []), runner.stage.v)
+
+
+def _origin(timelines: list[RankTimeline]) -> float:
+    """Earliest absolute event start over all ranks: time zero of the aligned picture."""
+    starts = [tl.t0_wall + e[3] for tl in timelines for e in tl.events]
+    if not starts:
+        raise ValueError("no pipeline events recorded (run train_step with record=True)")
+    return min(starts)
+
+
+def align(timelines: list[RankTimeline]) -> list[list[Event]]:
+    """Per rank, its events with times in seconds after the earliest event of any rank."""
+    t0 = _origin(timelines)
+    out = []
+    for tl in timelines:
+        shift = tl.t0_wall - t0  # this rank's clock started `shift` seconds after the origin
+        out.append([(k, c, mb, s + shift, e + shift) for k, c, mb, s, e in tl.events])
+    return out
+
+
+def measured_bubble(timelines: list[RankTimeline]) -> float:
+    """Fraction of the step the ranks did not compute: 1 - mean(busy) / span.
+
+    span is from the first event of any rank to the last one to end (absolute times);
+    busy is a rank's summed F and B time. Waiting, communication and idle all count
+    as bubble, as in the textbook definition (anything not compute is bubble)."""
+    aligned = align(timelines)
+    span = max(e for events in aligned for *_, e in events)  # aligned: the earliest start is 0
+    if span <= 0:
+        raise ValueError("pipeline events span no time")
+    busy = [sum(e - s for k, _, _, s, e in events if k in COMPUTE) for events in aligned]
+    return 1 - sum(busy) / len(busy) / span
+
+
+def format_bubble(measured: float, textbook: float | None = None) -> str:
+    """One log line, e.g. 'pipeline bubble: measured 31.2%, textbook 27.3% (...)'."""
+    line = f"pipeline bubble: measured {measured:.1%}"
+    if textbook is not None:
+        line += f", textbook {textbook:.1%} ((pp-1)/(v*m+pp-1), v=1 unless interleaved)"
+    return line
+
+
+def timetable_timelines(tt: Timetable, slot_ms: float = 1.0, backward_cost: float = 2.0) -> list[RankTimeline]:
+    """Synthetic timelines from a schedule's play-through, with no process running.
+
+    A forward lasts slot_ms and a backward backward_cost * slot_ms (real backwards
+    cost about 2x a forward). Each rank runs its actions in the timetable's order,
+    each as soon as the rank is free and its input (a message in tt.messages) has
+    been produced; communication is free. With backward_cost=1 this is exactly the
+    unit-slot play-through (the action in slot t runs over [t, t + 1) * slot_ms);
+    GPipe and 1F1B keep their (pp - 1) / (m + pp - 1) bubble at any backward_cost."""
+    producer: dict[tuple[int, Action], tuple[int, Action]] = {(m.dst, m.consumer): (m.src, m.action)
+                                                                for m in tt.messages}
+    end: dict[tuple[int, Action], float] = {}  # (rank, action) -> end time, ms
+    free = [0.0] * tt.pp  # when each rank finishes its previous action
+    events: list[list[Event]] = [[] for _ in range(tt.pp)]
+    # Slot by slot: an action's producer always ran in an earlier slot, so its end is known.
+    for t in range(tt.n_slots):
+        for r in range(tt.pp):
+            a = tt.slots[r][t]
+            if a is None:
+                continue
+            src = producer.get((r, a))
+            start = max(free[r], end[src] if src else 0.0)
+            free[r] = end[(r, a)] = start + slot_ms * (1.0 if a.kind == "F" else backward_cost)
+            events[r].append((a.kind, a.chunk, a.mb, start / 1e3, free[r] / 1e3))
+    return [RankTimeline(r, 0.0, events[r], tt.v) for r in range(tt.pp)]
+
+
+def _darker(rgb, f: float = 0.6):
+    return tuple(c * f for c in rgb[:3])
+
+
+def plot_timeline(timelines: list[RankTimeline], path: str | Path, title: str = "",
+                  textbook: float | None = None, measured: float | None = None) -> Path:
+    """Draw the step as one row per pipeline rank (rank 0 on top), time in ms; return the PNG's path.
+
+    Forward bars take their micro-batch's colour; backward bars the same colour,
+    darker and hatched. Thin grey bars: waiting on a receive (light) and posting or
+    finishing sends (dark). Blank: the rank had nothing to do."""
+    # Figure + the Agg canvas directly, not pyplot: no display, no global figure state.
+    from matplotlib import colormaps
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
+
+    aligned = align(timelines)
+    span_ms = max(e for events in aligned for *_, e in events) * 1e3 or 1.0
+    n_ranks = len(timelines)
+    # tab10 is qualitative (neighbouring micro-batches look different); its grey is left
+    # out, grey being the colour of waiting.
+    palette = [c for i, c in enumerate(colormaps["tab10"].colors) if i != 7]
+    fontsize, dpi = 8, 120
+    char_px = 0.62 * fontsize * dpi / 72
+    # Wide enough that the shortest compute bar can hold a 3-character label, within
+    # limits: a long real run drops labels rather than growing a huge picture.
+    shortest = min((e - s for events in aligned for k, _, _, s, e in events if k in COMPUTE), default=1.0) * 1e3
+    width = min(max(36 * span_ms / max(shortest, 1e-9) / (0.85 * dpi), 10.0), 24.0)
+
+    fig = Figure(figsize=(width, 1.0 + 0.55 * n_ranks), dpi=dpi)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ax.set_xlim(0, span_ms)
+    px_per_ms = 0.85 * width * dpi / span_ms  # the axes is ~85% of the figure's width
+
+    for tl, events in zip(timelines, aligned):
+        y = n_ranks - 1 - tl.rank  # rank 0 on top
+        for kind, chunk, mb, s, e in events:
+            x, w = s * 1e3, (e - s) * 1e3
+            if kind in COMPUTE:
+                base = palette[mb % len(palette)]
+                fwd = kind == "F"
+                # The hatch takes the edge colour: the micro-batch's own, so it stays faint under the label.
+                ax.barh(y, w, left=x, height=0.8, color=base if fwd else _darker(base),
+                        hatch=None if fwd else "//", edgecolor="white" if fwd else base, linewidth=0.5)
+                label = f"{kind}{mb + 1}" + (chr(ord("a") + chunk) if tl.v > 1 else "")
+                if w * px_per_ms > len(label) * char_px + 4:
+                    ax.text(x + w / 2, y, label, ha="center", va="center", fontsize=fontsize,
+                            color="black" if fwd else "white", fontweight="bold" if not fwd else None)
+            else:  # waiting and messaging: thin, under the row's centre line
+                ax.barh(y - 0.3, w, left=x, height=0.15, color="0.75" if kind == "wait" else "0.4", linewidth=0)
+
+    ax.set_yticks(range(n_ranks), [f"rank {n_ranks - 1 - y}" for y in range(n_ranks)])
+    ax.set_ylim(-0.6, n_ranks - 0.4)
+    ax.set_xlabel("time (ms)")
+    ax.grid(axis="x", alpha=0.3)
+    ax.set_axisbelow(True)
+    parts = [title] if title else []
+    if measured is not None:
+        tb = f" (textbook {textbook:.1%})" if textbook is not None else ""
+        parts.append(f"bubble: measured {measured:.1%}{tb}")
+    elif textbook is not None:
+        parts.append(f"bubble: textbook {textbook:.1%}")
+    ax.set_title(" — ".join(parts))
+    handles = [Patch(color="0.6", label="forward (colour: micro-batch)"),
+               Patch(facecolor=_darker((0.6,) * 3), hatch="//", edgecolor="0.6", label="backward")]
+    if any(k not in COMPUTE for events in aligned for k, *_ in events):
+        handles += [Patch(color="0.75", label="wait (recv)"), Patch(color="0.4", label="comm / send")]
+    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8, frameon=False)
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi, bbox_inches="tight")
+    fig.clear()  # no pyplot figure manager to close; drop the artists now
+    return path
