@@ -8,7 +8,7 @@ CONFIG ?= configs/shakespeare_char.toml
 NPROC  ?= 2
 ARGS   ?=
 
-.PHONY: train test setup data bench clean
+.PHONY: train train-dp test setup data bench clean
 
 $(VENV)/.installed: pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; install Python 3.11 or run make PYTHON=/path/to/python3.11"; exit 1; }
@@ -25,9 +25,16 @@ setup: $(VENV)/.installed
 data: setup
 	$(PY) -m nanotrain prepare --config $(CONFIG)
 
-# The default demo: train the nanoGPT-sized character model on tiny Shakespeare, data parallel
-# over NPROC processes (torchrun, gloo; the same model as one process would train), then sample.
+# The default demo: the DeepSeek-shaped model (MLA + MoE) on tiny Shakespeare in 4D,
+# tp=2 x pp=2 x dp=2 with ep=2: 8 gloo processes under torchrun (about five minutes on
+# 2 cores), then a sample from its checkpoint. `make train-dp` is the nanoGPT-sized
+# character model, data parallel over NPROC processes.
 train: data
+	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --standalone --nproc-per-node 8 \
+		examples/train_4d.py --config configs/deepseek_tiny.toml $(ARGS)
+	$(PY) -m nanotrain sample --config configs/deepseek_tiny.toml --prompt "ROMEO:" --max-new-tokens 300
+
+train-dp: data
 	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --standalone --nproc-per-node $(NPROC) \
 		-m nanotrain train --config $(CONFIG) --parallel.dp=$(NPROC) $(ARGS)
 	$(PY) -m nanotrain sample --config $(CONFIG) --prompt "ROMEO:" --max-new-tokens 300

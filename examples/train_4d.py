@@ -22,7 +22,7 @@ train (tests/parity/test_pipeline_layouts.py checks it step by step).
 import os
 import sys
 
-from nanotrain.config import load_config
+from nanotrain.config import ConfigError, load_config
 from nanotrain.runtime import RuntimeEngine
 
 LAYOUT = {"tp": 2, "pp": 2, "dp": 2, "ep": 2}
@@ -37,8 +37,21 @@ def main(argv: list[str]) -> None:
         sys.exit(f"examples/train_4d.py runs tp={LAYOUT['tp']} x pp={LAYOUT['pp']} x dp={LAYOUT['dp']} = {need} "
                  f"processes, got {world}: launch with torchrun --nproc-per-node {need}.")
     layout = [f"--parallel.{k}={v}" for k, v in LAYOUT.items()]
-    cfg = load_config(config_path, [*layout, "--parallel.sequence_parallel=true", *overrides])
-    RuntimeEngine(cfg).run()
+    # Micro-batches of 2 sequences: each dp rank's 6 sequences go through the pipeline as 3
+    # micro-batches (1F1B needs at least pp of them to overlap the stages). Step 20's
+    # pipeline timeline is drawn to timeline.png.
+    defaults = ["--parallel.sequence_parallel=true", "--train.micro_batch_size=2", "--logging.timeline_step=20"]
+    try:
+        cfg = load_config(config_path, [*layout, *defaults, *overrides])
+    except ConfigError as e:
+        if os.environ.get("RANK", "0") == "0":  # one message, not one per process
+            print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    result = RuntimeEngine(cfg).run()
+    if result.rank == 0 and result.val_losses:
+        step, val = max(result.val_losses.items())
+        print(f"done: step {result.final_step}, val loss {val:.4f}, {result.tokens_per_s:,.0f} tokens/s, "
+              f"outputs in {result.out_dir} (loss.png, timeline.png, metrics.jsonl, checkpoints/)")
 
 
 if __name__ == "__main__":

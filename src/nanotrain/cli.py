@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from .checkpoint import CheckpointError
@@ -136,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.fn(args, overrides)
     except (ConfigError, DataError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every process fails alike: say it once
+            print(f"error: {e}", file=sys.stderr)
         return 2
 
 

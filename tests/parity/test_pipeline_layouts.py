@@ -32,6 +32,8 @@ LAYOUTS = {
     "pp4_gpipe": ("pp=4", ["--parallel.pp_schedule=gpipe"]),
     "pp4_1f1b": ("pp=4", ["--parallel.pp_schedule=1f1b"]),
     "pp2_interleaved_v2": ("pp=2", ["--parallel.pp_schedule=interleaved", "--parallel.pp_virtual_stages=2"]),
+    "pp4_interleaved_v2": ("pp=4", ["--parallel.pp_schedule=interleaved", "--parallel.pp_virtual_stages=2",
+                                    "--model.n_layers=8"]),
     "pp2_tied_embeddings": ("pp=2", ["--model.tie_embeddings=true"]),
     "pp2_by_params_gpt2": ("pp=2", ["--parallel.pp_partition=params", "--model.norm=layernorm",
                                     "--model.mlp=gelu", "--model.pos_emb=learned", "--model.bias=true"]),

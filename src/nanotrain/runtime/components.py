@@ -144,7 +144,8 @@ class TransformerProvider:
             # This rank keeps its stage's layers (parallel/pipeline/stage.py), under the
             # single-process parameter names.
             p = ctx.cfg.parallel
-            chunks = chunk_layers(ctx.cfg.model.n_layers, ps.pp, p.pp_virtual_stages, layer_costs(model, p.pp_partition))
+            costs = layer_costs(model, p.pp_partition)
+            chunks = chunk_layers(ctx.cfg.model.n_layers, ps.pp, p.pp_virtual_stages, costs)
             model = PipelineStage(model, ps.pp_rank, ps.pp, chunks[ps.pp_rank])
         core = attention_core_dtype(ctx)
         for module in model.modules():

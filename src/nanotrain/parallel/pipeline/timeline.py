@@ -188,3 +188,22 @@ def plot_timeline(timelines: list[RankTimeline], path: str | Path, title: str = 
     fig.savefig(path, dpi=dpi, bbox_inches="tight")
     fig.clear()  # no pyplot figure manager to close; drop the artists now
     return path
+
+
+def draw_schedule(name: str, pp: int, m: int, v: int, path: str | Path) -> Path:
+    """The textbook picture of a schedule (no process runs): docs/img/pp_*.png."""
+    from . import cached_timetable, textbook_bubble
+
+    tt = cached_timetable(name, pp, v, m)
+    label = {"gpipe": "GPipe", "1f1b": "1F1B", "interleaved": "interleaved 1F1B"}[name]
+    title = f"{label}, pp={pp}" + (f", v={v}" if v > 1 else "") + f", m={m} (backward = 2 x forward)"
+    timelines = timetable_timelines(tt)
+    return plot_timeline(timelines, path, title, textbook_bubble(pp, m, v), measured_bubble(timelines))
+
+
+if __name__ == "__main__":  # python -m nanotrain.parallel.pipeline.timeline docs/img
+    import sys
+
+    out = Path(sys.argv[1] if len(sys.argv) > 1 else "docs/img")
+    for name, v in (("gpipe", 1), ("1f1b", 1), ("interleaved", 2)):
+        print(draw_schedule(name, 4, 8, v, out / f"pp_{name}.png"))
