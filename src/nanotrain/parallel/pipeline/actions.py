@@ -54,17 +54,17 @@ class Timetable:
         return len(self.slots[0])
 
     def sends(self, rank: int) -> dict[int, list[Message]]:
-        out: dict[int, list[Message]] = {}
-        for m in self.messages:
-            if m.src == rank:
-                out.setdefault(m.slot, []).append(m)
-        return out
+        """Messages this rank sends, by slot."""
+        return self._by_slot(lambda m: m.src == rank)
 
     def recvs(self, rank: int) -> dict[int, list[Message]]:
+        """Messages this rank receives, by the slot in which they are sent."""
+        return self._by_slot(lambda m: m.dst == rank)
+
+    def _by_slot(self, keep) -> dict[int, list[Message]]:
         out: dict[int, list[Message]] = {}
-        for m in self.messages:
-            if m.dst == rank:
-                out.setdefault(m.slot, []).append(m)
+        for m in filter(keep, self.messages):
+            out.setdefault(m.slot, []).append(m)
         return out
 
     def bubble(self) -> float:
