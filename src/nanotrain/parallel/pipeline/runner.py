@@ -69,61 +69,72 @@ class PipelineRunner:
         tt = cached_timetable(self.schedule, stage.n_ranks, stage.v, m, forward_only)
         me = stage.rank
         sends, recvs = tt.sends(me), tt.recvs(me)
-        mine = [a for a in tt.slots[me] if a is not None]
-        last_backward = {a.chunk: a for a in mine if a.kind == "B"}  # final backward of each chunk
+        last_backward = {a.chunk: a for a in tt.slots[me] if a is not None and a.kind == "B"}
         shape = self._message_shape(micro_batches[0][0])
         self.events = [] if record else None
-        t0 = time.perf_counter()
+        self._t0 = time.perf_counter()
         self.t0_wall = time.time()  # events are seconds after this wall-clock time (ranks align on it)
 
         inbox: dict[Action, tuple[dist.Work, torch.Tensor]] = {}  # consumer -> (receive, buffer)
         outbox: dict[Action, torch.Tensor] = {}  # producer -> what it sends
         in_flight: list[tuple[dist.Work, torch.Tensor]] = []  # sends not yet known complete
-        acts: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        acts: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}  # (chunk, mb) -> (input, output)
         loss_sum = torch.zeros((), device=self.device)
         peak = 0
 
         for t in range(tt.n_slots):
             a = tt.slots[me][t]
             if a is not None and a.kind == "F":
-                x = micro_batches[a.mb][0] if stage.is_first_chunk(a.chunk) else self._take(inbox, a, t0)
-                if not (forward_only or stage.is_first_chunk(a.chunk)):
-                    x.requires_grad_()  # a leaf: after backward, x.grad is what the previous rank needs
-                start = time.perf_counter()
-                last = stage.is_last_chunk(a.chunk)
-                with self.autocast():
-                    y = stage(x, a.chunk, micro_batches[a.mb][1] if last else None, denom if last else None)
-                self._event("F", a, start, t0)
-                if last:
+                x, y = self._forward(a, micro_batches, denom, inbox, forward_only)
+                if stage.is_last_chunk(a.chunk):
                     loss_sum += y.detach()  # a tensor, not .item(): no host sync per micro-batch
                 else:
                     outbox[a] = y.detach().float()
                 if not forward_only:
                     acts[(a.chunk, a.mb)] = (x, y)
                     peak = max(peak, len(acts))
-            elif a is not None:  # backward
-                x, y = acts.pop((a.chunk, a.mb))
-                grad = None if stage.is_last_chunk(a.chunk) else self._take(inbox, a, t0)
-                ctx = backward_context(a is last_backward[a.chunk]) if backward_context else contextlib.nullcontext()
-                start = time.perf_counter()
-                with ctx:
-                    # The last chunk's output is the scalar loss, whose gradient is implicitly 1.
-                    torch.autograd.backward(y, grad_tensors=None if grad is None else grad.to(y.dtype))
-                self._event("B", a, start, t0)
-                if not stage.is_first_chunk(a.chunk):
-                    outbox[a] = x.grad
-            self._exchange(sends.get(t, ()), recvs.get(t, ()), outbox, inbox, in_flight, shape, t0)
+            elif a is not None:
+                last = a == last_backward[a.chunk]  # the chunk's gradients are complete after it
+                dx = self._backward(a, *acts.pop((a.chunk, a.mb)), inbox, backward_context, last)
+                if dx is not None:
+                    outbox[a] = dx
+            self._exchange(sends.get(t, ()), recvs.get(t, ()), outbox, inbox, in_flight, shape)
 
         start = time.perf_counter()
         for work, _ in in_flight:
             work.wait()
         if in_flight:
-            self._event("send", None, start, t0)
+            self._event("send", None, start)
         if not forward_only:
             stage.max_in_flight = peak
         return loss_sum
 
-    def _exchange(self, sends, recvs, outbox, inbox, in_flight, shape, t0) -> None:
+    def _forward(self, a: Action, micro_batches, denom, inbox, forward_only) -> tuple[torch.Tensor, torch.Tensor]:
+        """One chunk's forward of one micro-batch: (its input, its output or loss)."""
+        stage = self.stage
+        first, last = stage.is_first_chunk(a.chunk), stage.is_last_chunk(a.chunk)
+        x = micro_batches[a.mb][0] if first else self._take(inbox, a)
+        if not (forward_only or first):
+            x.requires_grad_()  # a leaf: after backward, x.grad is what the previous rank needs
+        start = time.perf_counter()
+        with self.autocast():
+            y = stage(x, a.chunk, micro_batches[a.mb][1] if last else None, denom if last else None)
+        self._event("F", a, start)
+        return x, y
+
+    def _backward(self, a: Action, x, y, inbox, backward_context, last: bool) -> torch.Tensor | None:
+        """One chunk's backward of one micro-batch; returns the gradient of its input (None on chunk 0)."""
+        stage = self.stage
+        grad = None if stage.is_last_chunk(a.chunk) else self._take(inbox, a)
+        ctx = backward_context(last) if backward_context else contextlib.nullcontext()
+        start = time.perf_counter()
+        with ctx:
+            # The last chunk's output is the scalar loss, whose gradient is implicitly 1.
+            torch.autograd.backward(y, grad_tensors=None if grad is None else grad.to(y.dtype))
+        self._event("B", a, start)
+        return None if stage.is_first_chunk(a.chunk) else x.grad
+
+    def _exchange(self, sends, recvs, outbox, inbox, in_flight, shape) -> None:
         if not (sends or recvs):
             return
         start = time.perf_counter()
@@ -144,19 +155,20 @@ class PipelineRunner:
         for msg, work, buf in zip(recvs, works[len(sends):], buffers[len(sends):]):
             inbox[msg.consumer] = (work, buf)
         in_flight[:] = [(w, b) for w, b in in_flight if not w.is_completed()]
-        self._event("comm", None, start, t0)
+        self._event("comm", None, start)
 
-    def _take(self, inbox, a: Action, t0: float) -> torch.Tensor:
+    def _take(self, inbox, a: Action) -> torch.Tensor:
+        """The received input of action a, waiting for it if it has not arrived yet."""
         work, buf = inbox.pop(a)
         start = time.perf_counter()
         work.wait()
-        self._event("wait", a, start, t0)
+        self._event("wait", a, start)
         return buf
 
-    def _event(self, kind: str, a: Action | None, start: float, t0: float) -> None:
+    def _event(self, kind: str, a: Action | None, start: float) -> None:
         if self.events is not None:
             self.events.append((kind, -1 if a is None else a.chunk, -1 if a is None else a.mb,
-                                start - t0, time.perf_counter() - t0))
+                                start - self._t0, time.perf_counter() - self._t0))
 
     def _message_shape(self, input_ids: torch.Tensor) -> tuple[int, int, int]:
         B, T = input_ids.shape
