@@ -144,11 +144,10 @@ class RuntimeEngine:
         sums = torch.zeros(2, dtype=torch.float64, device=ctx.device)  # (loss sum, target count)
         if self.pipeline is not None:
             batches = list(data.val_batches())  # one micro-batch per val batch, through the stages
+            loss_sum = self.pipeline.forward_only(batches)  # 0 except on the last stage
             if ctx.parallel.is_last_stage:  # the only stage that has a loss to count
-                sums[0] = self.pipeline.forward_only(batches).double()
+                sums[0] = loss_sum.double()
                 sums[1] = sum((y != -100).sum() for _, y in batches)
-            else:
-                self.pipeline.forward_only(batches)
         else:
             for x, y in data.val_batches():
                 with ctx.autocast():
