@@ -188,3 +188,23 @@ def test_tied_embeddings_sum_over_the_embedding_group():
     total = results[0]["grads"]["tok_emb.weight"] + results[1]["grads"]["tok_emb.weight"]
     ref = ref_grads["tok_emb.weight"]
     assert ((total - ref).abs().max() / ref.abs().max()).item() <= 1e-5
+
+
+def _bf16_run():
+    state = init_parallel(ParallelConfig(pp=2))
+    stage = PipelineStage(make_model(), state.pp_rank, 2, chunk_layers(4, 2)[state.pp_rank])
+
+    def autocast():
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+
+    runner = PipelineRunner.from_state(stage, "1f1b", state, autocast=autocast)
+    x, y = make_batch()
+    loss = runner.train_step(list(zip(x.split(MICRO), y.split(MICRO))), y.numel())
+    return loss.item(), all(torch.isfinite(p.grad).all() for p in stage.parameters())
+
+
+def test_bf16_autocast_pipeline():
+    """Under bf16 autocast the residual stream stays fp32 and crosses ranks as fp32."""
+    ref_loss, _ = reference()
+    (_, finite0), (loss, finite1) = run_world(_bf16_run, 2)
+    assert loss == pytest.approx(ref_loss, rel=2e-2) and finite0 and finite1

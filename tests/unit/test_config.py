@@ -36,6 +36,8 @@ def test_round_trip_through_dict():
     (["--parallel.pp=2", "--parallel.pp_virtual_stages=2"], ["pp_virtual_stages=2", "interleaved"]),
     (["--parallel.pp=8"], ["n_layers=4", "parallel.pp=8"]),               # a stage per layer at most
     (["--parallel.pp_schedule=zb"], ["parallel.pp_schedule", "1f1b"]),
+    (["--parallel.pp=2", "--model.arch=deepseek", "--model.mtp_depth=1"], ["mtp_depth", "parallel.pp=1"]),
+    (["--parallel.pp=2", "--model.arch=deepseek", "--model.aux_loss_coef=0.01"], ["aux_loss_coef", "pp > 1"]),
     (["--parallel.tp=3"], ["n_heads=4", "parallel.tp=3"]),                # heads split over tp
     (["--parallel.tp=4", "--model.n_kv_heads=2"], ["n_kv_heads=2", "parallel.tp=4"]),
     (["--parallel.tp=2", "--model.d_ff=101"], ["MLP width 101", "parallel.tp=2"]),
