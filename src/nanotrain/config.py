@@ -131,6 +131,9 @@ class OptimizerConfig:
     weight_decay: float = 0.1  # applied to matrices only (not norms, biases)
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
     impl: Literal["auto", "fused", "foreach", "loop"] = "auto"
+    # ZeRO (parallel/zero.py): 0 keeps the whole AdamW state on every dp rank; 1 shards the
+    # fp32 master weights and moments over dp (experts: expert-dp); 2 shards the gradients too.
+    zero_stage: int = 0
 
 
 @dataclass
@@ -460,6 +463,8 @@ def validate(cfg: Config) -> None:
     need(0 <= o.beta1 < 1 and 0 <= o.beta2 < 1, f"optimizer.beta1={o.beta1}, beta2={o.beta2} must be in [0, 1).")
     need(o.eps > 0, f"optimizer.eps={o.eps} must be positive.")
     need(o.weight_decay >= 0, f"optimizer.weight_decay={o.weight_decay} must be >= 0.")
+    need(o.zero_stage in (0, 1, 2), f"optimizer.zero_stage={o.zero_stage} is not a ZeRO stage: use 0 (off), "
+                                    "1 (optimizer state sharded) or 2 (and gradients).")
     need(o.grad_clip >= 0, f"optimizer.grad_clip={o.grad_clip} must be >= 0 (0 disables clipping).")
 
     need(s.warmup_steps >= 0, f"schedule.warmup_steps={s.warmup_steps} must be >= 0.")

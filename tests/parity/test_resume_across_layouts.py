@@ -71,3 +71,25 @@ def test_pipeline_checkpoint_resumes_under_another_pipeline(tmp_path):
 
 def _train_result(cfg_dict):
     return RuntimeEngine(Config.from_dict(cfg_dict)).run()
+
+
+def test_zero_checkpoint_resumes_under_another_stage_and_dp(tmp_path):
+    """Saved under dp=2 with ZeRO-2 (moments gathered from the slices, keyed by name), resumed
+    under dp=4 with ZeRO-1, then on one process without ZeRO: the losses of one process all along."""
+    def cfg(out, *extra):
+        return load_config(None, [
+            f"--data.path={CORPUS}", f"--data.prepared_dir={tmp_path / 'prep'}", f"--train.out_dir={tmp_path / out}",
+            "--model.d_model=32", "--model.n_layers=2", "--model.vocab_size=68", "--train.seq_len=16",
+            "--train.batch_size=8", "--train.eval_interval=0", "--schedule.warmup_steps=2", "--schedule.decay_steps=12",
+            "--precision.recipe=fp32", "--logging.progress=none", "--logging.tensorboard=false",
+            "--logging.plot=false", "--logging.peak_tflops=1", "--parallel.bucket_mb=0.02", *extra])
+
+    straight = RuntimeEngine(cfg("one", "--train.max_steps=12")).run().losses
+    first = run_world(_train, 2, dataclasses.asdict(cfg("par", "--train.max_steps=4", "--parallel.dp=2",
+                                                        "--optimizer.zero_stage=2")))[0]
+    second = run_world(_train, 4, dataclasses.asdict(cfg("par", "--train.max_steps=8", "--parallel.dp=4",
+                                                         "--optimizer.zero_stage=1", "--checkpoint.resume=latest")))[0]
+    third = RuntimeEngine(cfg("par", "--train.max_steps=12", "--checkpoint.resume=latest")).run().losses
+    for losses, steps in ((first, range(1, 5)), (second, range(5, 9)), (third, range(9, 13))):
+        for step in steps:
+            assert losses[step] == pytest.approx(straight[step], rel=1e-5), step

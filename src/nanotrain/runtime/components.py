@@ -25,6 +25,7 @@ from ..parallel.expert_parallel import ExpertParallel
 from ..parallel.pipeline import PipelineStage, chunk_layers, layer_costs
 from ..parallel.state import all_reduce, barrier, destroy_parallel, init_parallel
 from ..parallel.tensor_parallel import TensorParallel
+from ..parallel.zero import ZeroOptimizer
 from .contracts import RuntimeComponents, RuntimeContext
 
 VAL_STREAM = 1  # the val sampler draws from its own random stream
@@ -204,7 +205,10 @@ class AdamWState:
 
 
 class AdamWRuntime:
-    def build(self, ctx: RuntimeContext, model: nn.Module) -> AdamWState:
+    def build(self, ctx: RuntimeContext, model: nn.Module) -> AdamWState | ZeroOptimizer:
+        stage = ctx.cfg.optimizer.zero_stage
+        if stage:
+            return ZeroOptimizer(model, stage, ctx.parallel, ctx.cfg.optimizer, ctx.cfg.parallel.bucket_mb)
         return AdamWState(model, ctx)
 
 

@@ -1,0 +1,335 @@
+"""ZeRO stages 1 and 2 (Rajbhandari et al. 2020): the optimizer's memory split over data-parallel ranks.
+
+Plain data parallelism keeps, on every rank, the fp32 master weights and both AdamW
+moments of the whole model: 12 bytes per parameter, replicated dp times. ZeRO gives
+each of the dp ranks 1/dp of them:
+
+  stage 1: gradients all-reduced (data_parallel.GradSync, unchanged); each rank updates
+           only its shard of the master weights and moments, then the updated weights
+           are all-gathered into every rank's parameters.
+  stage 2: gradients reduce-scattered instead, bucket by bucket as backward produces
+           them, so each rank keeps only its shard of the gradients too (summed over the
+           micro-batches of the step in the shard; the full gradient of a bucket lives
+           only until its reduce-scatter is posted).
+
+Layout. Parameters that are synced over the same group (dp, or expert-dp for experts)
+and handled alike (weight decay or not; sequence-parallel partial sums; the pipeline
+copy of a tied embedding) are laid end to end in *buckets* of about bucket_mb. Each
+bucket is one contiguous flat fp32 tensor, padded to a multiple of the group size,
+and the parameters become views into it, so the all-gather writes the model directly.
+Rank r owns the r-th 1/size slice of every bucket:
+
+    bucket 0   [ layers.3.mlp.w2 | layers.3.mlp.w1 | ...           |pad]
+    rank 0     [=========]
+    rank 1                [=========]
+    ...                              (each rank: its slice of every bucket)
+
+The master weights (an fp32 copy of the owned slices, owned by the optimizer) and the
+moments exist for the owned slices only. The global gradient norm is summed from the
+owned gradient slices, each parameter's part counted by the tensor-parallel rules of
+data_parallel.clip_grad_norm, over dp, then tp, ep and pp.
+
+Checkpoints hold whole moments keyed by parameter name, exactly as without ZeRO, so a
+run resumes under any zero stage or dp size.
+
+(torch's versions: ZeroRedundancyOptimizer shards stage 1 by whole parameters; FSDP2's
+fully_shard also shards the parameters (stage 3). bench/zero.py compares.)
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..checkpoint import gather_full, local_slice
+from .data_parallel import GradSync
+from .state import all_reduce
+
+# torch 2.13 names (reduce_scatter_tensor / all_gather_into_tensor in older releases).
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+@dataclass
+class FlatBucket:
+    params: list[nn.Parameter]
+    group: dist.ProcessGroup
+    size: int  # ranks in the group
+    rank: int
+    flat: torch.Tensor  # every parameter of the bucket, end to end (+ padding): the parameters are views
+    offsets: list[int] = field(default_factory=list)
+    ready: int = 0
+
+    @property
+    def shard_numel(self) -> int:
+        return self.flat.numel() // self.size
+
+    def owned(self) -> slice:
+        n = self.shard_numel
+        return slice(self.rank * n, (self.rank + 1) * n)
+
+    def overlaps(self):
+        """(parameter, start, end) of each parameter's part inside this rank's slice, relative to the slice."""
+        lo, hi = self.rank * self.shard_numel, (self.rank + 1) * self.shard_numel
+        for p, off in zip(self.params, self.offsets):
+            a, b = max(off, lo), min(off + p.numel(), hi)
+            if a < b:
+                yield p, a - lo, b - lo
+
+    def flat_grads(self) -> torch.Tensor:
+        """The bucket's gradients end to end, zero where a parameter has none (an idle expert)."""
+        parts = [p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel(), device=self.flat.device)
+                 for p in self.params]
+        pad = self.flat.numel() - sum(p.numel() for p in self.params)
+        if pad:
+            parts.append(torch.zeros(pad, device=self.flat.device))
+        return torch.cat(parts)
+
+
+@dataclass
+class Category:
+    """Parameters handled alike: one sync group, one weight decay, one extra gradient sum."""
+    buckets: list[FlatBucket]
+    decay: bool
+    sum_group: dist.ProcessGroup | None = None  # tp (sequence parallel) or the embedding group, after dp
+
+
+def _category_key(p: nn.Parameter):
+    return (bool(getattr(p, "expert_parallel", False)), p.dim() >= 2, bool(getattr(p, "sequence_parallel", False)),
+            bool(getattr(p, "pipeline_shared", False)))
+
+
+class ZeroOptimizer:
+    """AdamW with its state sharded over the data-parallel group: ZeRO stage 1 or 2.
+
+    The same interface as runtime.components.AdamWState: backward_context(last) around
+    each backward, sync_grads() once per step, step(lr), state_dict() / load_state_dict().
+    """
+
+    def __init__(self, model: nn.Module, stage: int, ps, cfg, bucket_mb: float = 25.0):
+        if stage not in (1, 2):
+            raise ValueError(f"optimizer.zero_stage={stage}: ZeRO stages 1 and 2 are implemented here")
+        self.stage, self.ps, self.cfg = stage, ps, cfg
+        self.names = {p: n for n, p in model.named_parameters()}
+        params = [p for p in model.parameters() if p.requires_grad]
+        groups = {False: ps.dp_group, True: ps.edp_group}
+        # Reverse registration order: backward produces the last layers' gradients first.
+        by_key: dict[tuple, list[nn.Parameter]] = {}
+        for p in reversed(params):
+            by_key.setdefault(_category_key(p), []).append(p)
+        self.categories: list[Category] = []
+        for (expert, decay, sp, shared), members in by_key.items():
+            group = groups[expert]
+            sum_group = ps.embd_group if shared else (ps.tp_group if sp and ps.tp > 1 else None)
+            self.categories.append(Category(self._bucketize(members, group, bucket_mb * 2**20), decay, sum_group))
+        self.buckets = [b for c in self.categories for b in c.buckets]
+        # Master weights: fp32 copies of this rank's slices; AdamW runs on them only.
+        self.master = {id(b): b.flat[b.owned()].detach().clone().float() for b in self.buckets}
+        self.grad = {id(b): torch.zeros_like(self.master[id(b)]) for b in self.buckets}  # owned gradient slices
+        self.opt = torch.optim.AdamW(
+            [{"params": [self.master[id(b)] for b in c.buckets], "weight_decay": cfg.weight_decay if c.decay else 0.0}
+             for c in self.categories],
+            lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, foreach=True)
+        if stage == 1:  # the all-reduce of data_parallel.py, then each rank reads its slices
+            self.sync = GradSync(params, ps.dp_group, ps.tp_group, bucket_mb, ps.edp_group)
+        else:
+            self._queues = {}
+            self._pending: list[tuple[dist.Work, torch.Tensor, FlatBucket]] = []
+            for b in self.buckets:
+                self._queues.setdefault(b.group, []).append(b)
+            self._order = {g: list(q) for g, q in self._queues.items()}
+            self._bucket_of = {p: b for b in self.buckets for p in b.params}
+            for p in params:
+                p.register_post_accumulate_grad_hook(self._on_grad_ready)
+
+    # -- layout -------------------------------------------------------------------------
+
+    @staticmethod
+    def _bucketize(params: list[nn.Parameter], group, bucket_bytes: float) -> list[FlatBucket]:
+        size = dist.get_world_size(group) if group is not None else 1
+        rank = dist.get_rank(group) if group is not None else 0
+        chunks, current, nbytes = [], [], 0
+        for p in params:
+            current.append(p)
+            nbytes += p.numel() * 4
+            if nbytes >= bucket_bytes:
+                chunks.append(current)
+                current, nbytes = [], 0
+        if current:
+            chunks.append(current)
+        buckets = []
+        for members in chunks:
+            total = sum(p.numel() for p in members)
+            padded = -(-total // size) * size  # equal slices for every rank
+            flat = torch.zeros(padded, dtype=torch.float32, device=members[0].device)
+            b = FlatBucket(members, group, size, rank, flat)
+            off = 0
+            for p in members:
+                flat[off:off + p.numel()].copy_(p.detach().reshape(-1))
+                p.data = flat[off:off + p.numel()].view_as(p)  # the parameter now lives in the bucket
+                b.offsets.append(off)
+                off += p.numel()
+            buckets.append(b)
+        return buckets
+
+    # -- gradients ----------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def backward_context(self, last: bool):
+        if self.stage == 1:
+            self.sync.sync_enabled = last
+            yield
+            return
+        # Stage 2 reduces every backward's gradients (no full gradient is kept between
+        # micro-batches). Buckets a backward did not fill (experts that got no token, the
+        # other chunks of an interleaved pipeline stage) are sent after it, zero-filled,
+        # so every rank posts the same reduce-scatters in the same order.
+        yield
+        for queue in self._queues.values():
+            while queue:
+                self._launch(queue.pop(0))
+        self._queues = {g: list(q) for g, q in self._order.items()}
+
+    def _on_grad_ready(self, p: nn.Parameter) -> None:
+        b = self._bucket_of[p]
+        b.ready += 1
+        queue = self._queues[b.group]
+        while queue and queue[0].ready == len(queue[0].params):  # in order, as GradSync
+            self._launch(queue.pop(0))
+
+    def _launch(self, b: FlatBucket) -> None:
+        flat = b.flat_grads()
+        for p in b.params:
+            p.grad = None  # the full gradient is not kept: only this rank's slice, after the reduce-scatter
+        out = torch.empty(b.shard_numel, device=flat.device)
+        work = _reduce_scatter(out, flat, group=b.group, async_op=True) if b.size > 1 else None
+        if work is None:
+            out.copy_(flat)
+        self._pending.append((work, out, b))
+        b.ready = 0
+
+    def sync_grads(self) -> None:
+        """This rank's summed gradient slices, in self.grad (and, for stage 1, full .grad too)."""
+        if self.stage == 1:
+            self.sync.finish()
+            for b in self.buckets:  # tied embedding copies of a pipeline: summed after dp, as AdamWState
+                for p in b.params:
+                    if getattr(p, "pipeline_shared", False):
+                        all_reduce(p.grad, self.ps.embd_group)
+            for b in self.buckets:
+                self.grad[id(b)].copy_(b.flat_grads()[b.owned()])
+            return
+        for work, out, b in self._pending:
+            if work is not None:
+                work.wait()
+            self.grad[id(b)] += out
+        self._pending.clear()
+        for c in self.categories:  # sums that come after dp: tp for sequence-parallel grads, tied copies
+            if c.sum_group is not None:
+                for b in c.buckets:
+                    all_reduce(self.grad[id(b)], c.sum_group)
+
+    def _grad_norm(self) -> torch.Tensor:
+        """Global norm of the logical model's gradient, from the owned slices (see clip_grad_norm)."""
+        ps = self.ps
+        device = self.buckets[0].flat.device
+        slices = {"dp": [], "edp": []}
+        for b in self.buckets:
+            g = self.grad[id(b)]
+            kind = "edp" if getattr(b.params[0], "expert_parallel", False) else "dp"
+            for p, lo, hi in b.overlaps():
+                shard = getattr(p, "shard", None)
+                if getattr(p, "pipeline_duplicate", False):
+                    continue
+                if (shard is None or shard.axis == "ep") and ps.tp_rank != 0:
+                    continue  # replicated over tp: counted once, on tp rank 0
+                slices[kind].append(g[lo:hi])
+        parts = torch.stack([torch.stack(torch._foreach_norm(s)).pow(2).sum() if s else torch.zeros((), device=device)
+                             for s in (slices["dp"], slices["edp"])])
+        parts[0:1] = all_reduce(parts[0:1].clone(), ps.dp_group)  # each dp rank holds different slices
+        parts[1:2] = all_reduce(parts[1:2].clone(), ps.edp_group)
+        parts[1:2] = all_reduce(parts[1:2].clone(), ps.ep_group)  # each ep rank holds different experts
+        total = parts.sum()
+        all_reduce(total, ps.tp_group)
+        all_reduce(total, ps.pp_group)
+        return total.sqrt()
+
+    # -- the step -----------------------------------------------------------------------
+
+    def step(self, lr: float) -> dict[str, torch.Tensor]:
+        norm = self._grad_norm()
+        clip = self.cfg.grad_clip
+        coef = torch.clamp(clip / (norm + 1e-6), max=1.0) if clip > 0 else None  # clip_grad_norm_'s formula
+        for b in self.buckets:
+            g = self.grad[id(b)]
+            self.master[id(b)].grad = g * coef if coef is not None else g
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        self.opt.step()
+        for b in self.buckets:  # every rank's updated slices into every rank's parameters
+            mine = self.master[id(b)]
+            if b.size > 1:
+                _all_gather(b.flat, mine.to(b.flat.dtype), group=b.group)
+            else:
+                b.flat.copy_(mine)
+            self.grad[id(b)].zero_()
+            self.master[id(b)].grad = None
+            for p in b.params:
+                p.grad = None
+        return {"grad_norm": norm}
+
+    def state_bytes(self) -> dict[str, int]:
+        """Bytes of optimizer state and gradient slices this rank holds (tests, benchmarks)."""
+        opt = sum(t.numel() * t.element_size() for s in self.opt.state.values() for t in s.values()
+                  if torch.is_tensor(t) and t.dim() > 0)
+        master = sum(t.numel() * t.element_size() for t in self.master.values())
+        grads = sum(t.numel() * t.element_size() for t in self.grad.values())
+        return {"optimizer": opt + master, "grad_shards": grads}
+
+    # -- checkpoints: whole moments by name, as runtime.components.AdamWState ---------------
+
+    def state_dict(self) -> dict:
+        groups = self.ps.groups()
+        out: dict[str, dict] = {}
+        for b in self.buckets:
+            state = self.opt.state.get(self.master[id(b)], {})
+            full = {k: self._gather_bucket(v, b) for k, v in state.items() if torch.is_tensor(v) and v.dim() > 0}
+            for p, off in zip(b.params, b.offsets):
+                entry = {"step": state["step"].clone()} if "step" in state else {}
+                for k, flat in full.items():
+                    local = flat[off:off + p.numel()].view_as(p)
+                    entry[k] = gather_full(local, getattr(p, "shard", None), groups)
+                out[self.names[p]] = entry
+        hyper = {c.decay: {k: v for k, v in g.items() if k != "params"}
+                 for c, g in zip(self.categories, self.opt.param_groups)}
+        decay = hyper.get(True) or {**hyper[False], "weight_decay": self.cfg.weight_decay}
+        no_decay = hyper.get(False) or {**decay, "weight_decay": 0.0}
+        return {"state": out, "param_groups": [decay, no_decay]}  # AdamWState's two groups
+
+    def load_state_dict(self, sd: dict) -> None:
+        for b in self.buckets:
+            saved = [sd["state"].get(self.names[p]) for p in b.params]
+            if not all(saved):
+                continue
+            master = self.master[id(b)]
+            state = {"step": saved[0]["step"].clone()} if "step" in saved[0] else {}
+            for k in ("exp_avg", "exp_avg_sq"):
+                flat = torch.zeros_like(b.flat)
+                for p, off, s in zip(b.params, b.offsets, saved):
+                    flat[off:off + p.numel()] = local_slice(s[k], getattr(p, "shard", None)).reshape(-1)
+                state[k] = flat[b.owned()].clone()
+            self.opt.state[master] = state
+        for b in self.buckets:  # master weights follow the (loaded) parameters
+            self.master[id(b)].copy_(b.flat[b.owned()])
+
+    @staticmethod
+    def _gather_bucket(shard: torch.Tensor, b: FlatBucket) -> torch.Tensor:
+        if b.size == 1:
+            return shard
+        full = torch.empty(b.flat.numel(), dtype=shard.dtype, device=shard.device)
+        _all_gather(full, shard.contiguous(), group=b.group)
+        return full
