@@ -10,7 +10,8 @@ Layout on disk:
 A checkpoint is first written under a temporary name and renamed into place
 only when complete (a rename within one file system is atomic), then `latest`
 is replaced the same way. A crash mid-save leaves the previous checkpoint and
-`latest` intact. Only the newest `keep_last` are kept.
+`latest` intact. Only the newest `keep_last` are kept. With
+checkpoint.async_save the write happens on a background thread (save_async).
 
 The data position is the step: the sampler's batch at step s depends only on
 (seed, s), so restoring the step restores the data stream.
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +45,36 @@ class CheckpointManager:
     def __init__(self, directory: str | Path, keep_last: int = 3):
         self.dir = Path(directory)
         self.keep_last = keep_last
+        self._writer: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def save_async(self, step: int, state: dict[str, Any]) -> Path:
+        """save() on a background thread, so training goes on while the file is written.
+
+        The state is snapshotted first (every tensor copied to the CPU): the optimizer
+        steps in place while the thread writes. One write at a time: a second save
+        waits for the first. wait() before exit (the engine does)."""
+        self.wait()
+        snapshot = _snapshot(state)
+
+        def write():
+            try:
+                self.save(step, snapshot)
+            except BaseException as e:  # re-raised by the next wait()
+                self._error = e
+
+        self._writer = threading.Thread(target=write, name=f"checkpoint-step-{step}", daemon=False)
+        self._writer.start()
+        return self.dir / f"step_{step:08d}"
+
+    def wait(self) -> None:
+        """Block until a background save has finished; raise its error, if any."""
+        if self._writer is not None:
+            self._writer.join()
+            self._writer = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise CheckpointError(f"saving a checkpoint in the background failed: {error}") from error
 
     def save(self, step: int, state: dict[str, Any]) -> Path:
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -70,6 +102,17 @@ class CheckpointManager:
 
     def load(self, spec: str) -> dict[str, Any]:
         return load_checkpoint(self.resolve(spec))
+
+
+def _snapshot(obj):
+    """A deep copy whose tensors are CPU clones (nothing shared with the live run)."""
+    if torch.is_tensor(obj):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _snapshot(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_snapshot(v) for v in obj)
+    return obj
 
 
 def resolve_checkpoint(path: str | Path) -> Path:

@@ -160,6 +160,7 @@ class CheckpointConfig:
     keep_last: int = 3
     resume: str = ""  # "": fresh run; "latest" or a checkpoint path: continue it
     save_final: bool = True
+    async_save: bool = False  # write on a background thread while training goes on (rank 0)
 
 
 @dataclass

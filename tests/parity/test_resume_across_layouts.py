@@ -93,3 +93,25 @@ def test_zero_checkpoint_resumes_under_another_stage_and_dp(tmp_path):
     for losses, steps in ((first, range(1, 5)), (second, range(5, 9)), (third, range(9, 13))):
         for step in steps:
             assert losses[step] == pytest.approx(straight[step], rel=1e-5), step
+
+
+def test_expert_parallel_checkpoint_resumes_without_it(tmp_path):
+    """Saved under dp=2 x ep=2 (each rank holds half the experts; the file holds them whole,
+    with the router biases), resumed on one process: the losses of one process all along."""
+    from test_deepseek import TINY  # noqa: E402  (tests/unit is on sys.path through conftest)
+
+    def cfg(out, *extra):
+        return load_config(None, [
+            *TINY, f"--data.path={CORPUS}", f"--data.prepared_dir={tmp_path / 'prep'}",
+            f"--train.out_dir={tmp_path / out}", "--train.seq_len=16", "--train.batch_size=8",
+            "--train.eval_interval=0", "--schedule.warmup_steps=2", "--schedule.decay_steps=10",
+            "--model.bias_update_rate=0.01", "--precision.recipe=fp32", "--logging.progress=none",
+            "--logging.tensorboard=false", "--logging.plot=false", "--logging.peak_tflops=1", *extra])
+
+    straight = RuntimeEngine(cfg("one", "--train.max_steps=10")).run().losses
+    first = run_world(_train, 2, dataclasses.asdict(cfg("par", "--train.max_steps=5", "--parallel.dp=2",
+                                                        "--parallel.ep=2")))[0]
+    resumed = RuntimeEngine(cfg("par", "--train.max_steps=10", "--checkpoint.resume=latest")).run().losses
+    for losses, steps in ((first, range(1, 6)), (resumed, range(6, 11))):
+        for step in steps:
+            assert losses[step] == pytest.approx(straight[step], rel=1e-5), step

@@ -238,12 +238,16 @@ class RuntimeEngine:
                     logger.log(done, {"val_loss": val_loss})
                 if is_save:
                     state = self._state(model, opt, data, ctx, val_loss)  # every rank: gathers shards
-                    if ctx.is_main:
+                    if ctx.is_main and cfg.checkpoint.async_save:
+                        logger.message(f"saving checkpoint {ckpt.save_async(done, state)} in the background")
+                    elif ctx.is_main:
                         logger.message(f"saved checkpoint {ckpt.save(done, state)}")
                     barrier()
                 meter.restart()  # evals and saves stay out of the measured training time
         finally:
             logger.close()  # also on errors: a live progress bar must give the terminal back
+            if ctx.is_main:
+                ckpt.wait()  # a background save must be complete (or its error raised) before we return
 
         if ctx.is_main and log_cfg.plot and (ctx.out_dir / "metrics.jsonl").exists():
             plot_loss_curve(ctx.out_dir / "metrics.jsonl", ctx.out_dir / "loss.png",
