@@ -139,7 +139,10 @@ class ZeroOptimizer:
         else:
             self._queues = {}
             self._pending: list[tuple[dist.Work, torch.Tensor, FlatBucket]] = []
-            for b in self.buckets:
+            # Post each group's buckets in the order backward fills them (the position of their
+            # first parameter in backward order), whatever category they belong to.
+            backward_pos = {p: i for i, p in enumerate(reversed(params))}
+            for b in sorted(self.buckets, key=lambda b: backward_pos[b.params[0]]):
                 self._queues.setdefault(b.group, []).append(b)
             self._order = {g: list(q) for g, q in self._queues.items()}
             self._bucket_of = {p: b for b in self.buckets for p in b.params}
