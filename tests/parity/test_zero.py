@@ -30,6 +30,7 @@ def deepseek_config(tmp_path, *extra):
 
 LAYOUTS = {
     "dp2_zero1": ("dp=2,zero=1", dense_config, []),
+    "tp2_dp2_zero1_sp": ("tp=2,dp=2,zero=1,sp", dense_config, []),  # whole .grad tp-summed too
     "dp2_zero2": ("dp=2,zero=2", dense_config, []),
     "dp4_zero1": ("dp=4,zero=1,micro=2", dense_config, []),
     "dp4_zero2_accum": ("dp=4,zero=2,micro=1", dense_config, []),  # 2 micro-batches: slices accumulate
@@ -82,15 +83,18 @@ def _state_bytes(cfg_dict):
 @pytest.mark.parametrize("dp", [2, 4])
 @pytest.mark.parametrize("stage", [1, 2])
 def test_state_is_divided_by_dp(tmp_path, dp, stage):
-    """Per rank: master weights + moments (12 bytes per parameter unsharded) and, for stage 2,
-    gradient slices (4 bytes) are the replicated amount / dp, up to one bucket's padding."""
+    """Per rank: moments (8 bytes per parameter unsharded), master slices (4) and gradient
+    slices (4) are the replicated amount / dp, up to one bucket's padding."""
     cfg = dense_config(tmp_path, f"--parallel.dp={dp}", f"--optimizer.zero_stage={stage}",
                        "--train.micro_batch_size=0", "--parallel.bucket_mb=0.05")
     out = run_world(_state_bytes, dp, dataclasses.asdict(cfg))
     for rank_out in out:
         n, b = rank_out["params"], rank_out["bytes"]
         slack = rank_out["buckets"] * (dp - 1) * 4  # padding: < dp elements per bucket
-        assert 12 * n / dp <= b["optimizer"] <= 12 * n / dp + 3 * slack
+        # Moments 8 bytes per parameter / dp; the fp32 master slices are the parameters' own
+        # storage here (views), 4 bytes / dp; gradient slices 4 bytes / dp.
+        assert 8 * n / dp <= b["moments"] <= 8 * n / dp + 2 * slack
+        assert 4 * n / dp <= b["master"] <= 4 * n / dp + slack
         assert 4 * n / dp <= b["grad_shards"] <= 4 * n / dp + slack
     # Unsharded, for scale: AdamW's two moments alone are 8 bytes per parameter on every rank.
     plain = run_world(_state_bytes, 2, dataclasses.asdict(dense_config(tmp_path, "--parallel.dp=2",

@@ -46,7 +46,6 @@ import torch.distributed as dist
 from torch import nn
 
 from ..checkpoint import gather_full, local_slice
-from .data_parallel import GradSync
 from .state import all_reduce
 
 # torch 2.13 names (reduce_scatter_tensor / all_gather_into_tensor in older releases).
@@ -63,6 +62,14 @@ class FlatBucket:
     flat: torch.Tensor  # every parameter of the bucket, end to end (+ padding): the parameters are views
     offsets: list[int] = field(default_factory=list)
     ready: int = 0
+    grad_flat: torch.Tensor | None = None  # stage 1: the gradients, end to end (their .grad are views)
+
+    def attach_grads(self) -> None:
+        """Stage 1: make each parameter's .grad a view into grad_flat, so that backward
+        accumulates straight into the buffer the all-reduce sends (DDP's gradient_as_bucket_view)."""
+        for p, off in zip(self.params, self.offsets):
+            if p.grad is None or p.grad.data_ptr() != self.grad_flat[off:].data_ptr():
+                p.grad = self.grad_flat[off:off + p.numel()].view_as(p)
 
     @property
     def shard_numel(self) -> int:
@@ -127,27 +134,33 @@ class ZeroOptimizer:
             sum_group = ps.embd_group if shared else (ps.tp_group if sp and ps.tp > 1 else None)
             self.categories.append(Category(self._bucketize(members, group, bucket_mb * 2**20), decay, sum_group))
         self.buckets = [b for c in self.categories for b in c.buckets]
-        # Master weights: fp32 copies of this rank's slices; AdamW runs on them only.
-        self.master = {id(b): b.flat[b.owned()].detach().clone().float() for b in self.buckets}
-        self.grad = {id(b): torch.zeros_like(self.master[id(b)]) for b in self.buckets}  # owned gradient slices
+        # Master weights: this rank's fp32 slices, the only ones AdamW updates. The parameters
+        # are fp32 here, so the slices of the buckets themselves serve (no copy; the all-gather
+        # then runs in place). Parameters in a low-precision dtype would need fp32 copies.
+        self.master = {id(b): b.flat[b.owned()] for b in self.buckets}
+        if stage == 1:  # whole gradients in flat buffers; this rank reads its slices
+            for b in self.buckets:
+                b.grad_flat = torch.zeros_like(b.flat)
+                b.attach_grads()
+            self.grad = {id(b): b.grad_flat[b.owned()] for b in self.buckets}
+        else:  # only this rank's gradient slices, summed over the step's micro-batches
+            self.grad = {id(b): torch.zeros_like(self.master[id(b)]) for b in self.buckets}
         self.opt = torch.optim.AdamW(
             [{"params": [self.master[id(b)] for b in c.buckets], "weight_decay": cfg.weight_decay if c.decay else 0.0}
              for c in self.categories],
             lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, foreach=True)
-        if stage == 1:  # the all-reduce of data_parallel.py, then each rank reads its slices
-            self.sync = GradSync(params, ps.dp_group, ps.tp_group, bucket_mb, ps.edp_group)
-        else:
-            self._queues = {}
-            self._pending: list[tuple[dist.Work, torch.Tensor, FlatBucket]] = []
-            # Post each group's buckets in the order backward fills them (the position of their
-            # first parameter in backward order), whatever category they belong to.
-            backward_pos = {p: i for i, p in enumerate(reversed(params))}
-            for b in sorted(self.buckets, key=lambda b: backward_pos[b.params[0]]):
-                self._queues.setdefault(b.group, []).append(b)
-            self._order = {g: list(q) for g, q in self._queues.items()}
-            self._bucket_of = {p: b for b in self.buckets for p in b.params}
-            for p in params:
-                p.register_post_accumulate_grad_hook(self._on_grad_ready)
+        self.sync_enabled = True
+        self._queues = {}
+        self._pending: list[tuple[dist.Work | None, torch.Tensor | None, FlatBucket]] = []
+        # Post each group's buckets in the order backward fills them (the position of their
+        # first parameter in backward order), whatever category they belong to.
+        backward_pos = {p: i for i, p in enumerate(reversed(params))}
+        for b in sorted(self.buckets, key=lambda b: backward_pos[b.params[0]]):
+            self._queues.setdefault(b.group, []).append(b)
+        self._order = {g: list(q) for g, q in self._queues.items()}
+        self._bucket_of = {p: b for b in self.buckets for p in b.params}
+        for p in params:
+            p.register_post_accumulate_grad_hook(self._on_grad_ready)
 
     # -- layout -------------------------------------------------------------------------
 
@@ -183,21 +196,26 @@ class ZeroOptimizer:
 
     @contextlib.contextmanager
     def backward_context(self, last: bool):
+        """Stage 1 syncs on the last micro-batch only (gradients accumulate whole in the
+        buffers until then, as with DDP's no_sync). Stage 2 reduces every backward's
+        gradients, so no whole gradient is kept between micro-batches. Either way, buckets
+        a synced backward did not fill (experts that got no token, the other chunks of an
+        interleaved pipeline stage) are posted after it, so every rank posts the same
+        collectives in the same order."""
+        self.sync_enabled = last or self.stage == 2
         if self.stage == 1:
-            self.sync.sync_enabled = last
-            yield
-            return
-        # Stage 2 reduces every backward's gradients (no full gradient is kept between
-        # micro-batches). Buckets a backward did not fill (experts that got no token, the
-        # other chunks of an interleaved pipeline stage) are sent after it, zero-filled,
-        # so every rank posts the same reduce-scatters in the same order.
+            for b in self.buckets:
+                b.attach_grads()
         yield
-        for queue in self._queues.values():
-            while queue:
-                self._launch(queue.pop(0))
-        self._queues = {g: list(q) for g, q in self._order.items()}
+        if self.sync_enabled:
+            for queue in self._queues.values():
+                while queue:
+                    self._launch(queue.pop(0))
+            self._queues = {g: list(q) for g, q in self._order.items()}
 
     def _on_grad_ready(self, p: nn.Parameter) -> None:
+        if not self.sync_enabled:
+            return
         b = self._bucket_of[p]
         b.ready += 1
         queue = self._queues[b.group]
@@ -205,6 +223,11 @@ class ZeroOptimizer:
             self._launch(queue.pop(0))
 
     def _launch(self, b: FlatBucket) -> None:
+        b.ready = 0
+        if self.stage == 1:  # all-reduce the buffer in place; every rank then reads its slice
+            work = dist.all_reduce(b.grad_flat, group=b.group, async_op=True) if b.size > 1 else None
+            self._pending.append((work, None, b))
+            return
         flat = b.flat_grads()
         for p in b.params:
             p.grad = None  # the full gradient is not kept: only this rank's slice, after the reduce-scatter
@@ -213,28 +236,20 @@ class ZeroOptimizer:
         if work is None:
             out.copy_(flat)
         self._pending.append((work, out, b))
-        b.ready = 0
 
     def sync_grads(self) -> None:
-        """This rank's summed gradient slices, in self.grad (and, for stage 1, full .grad too)."""
-        if self.stage == 1:
-            self.sync.finish()
-            for b in self.buckets:  # tied embedding copies of a pipeline: summed after dp, as AdamWState
-                for p in b.params:
-                    if getattr(p, "pipeline_shared", False):
-                        all_reduce(p.grad, self.ps.embd_group)
-            for b in self.buckets:
-                self.grad[id(b)].copy_(b.flat_grads()[b.owned()])
-            return
+        """Wait for the reductions; then this rank's summed gradient slices are in self.grad
+        (stage 1: views of the whole, all-reduced gradients; stage 2: the only copy)."""
         for work, out, b in self._pending:
             if work is not None:
                 work.wait()
-            self.grad[id(b)] += out
+            if out is not None:
+                self.grad[id(b)] += out
         self._pending.clear()
         for c in self.categories:  # sums that come after dp: tp for sequence-parallel grads, tied copies
             if c.sum_group is not None:
-                for b in c.buckets:
-                    all_reduce(self.grad[id(b)], c.sum_group)
+                for b in c.buckets:  # stage 1: the whole buffer, so that every .grad is the true gradient
+                    all_reduce(b.grad_flat if self.stage == 1 else self.grad[id(b)], c.sum_group)
 
     def _grad_norm(self) -> torch.Tensor:
         """Global norm of the logical model's gradient, from the owned slices (see clip_grad_norm)."""
@@ -273,25 +288,23 @@ class ZeroOptimizer:
         for group in self.opt.param_groups:
             group["lr"] = lr
         self.opt.step()
-        for b in self.buckets:  # every rank's updated slices into every rank's parameters
-            mine = self.master[id(b)]
+        for b in self.buckets:  # every rank's updated slice into every rank's parameters, in place
             if b.size > 1:
-                _all_gather(b.flat, mine.to(b.flat.dtype), group=b.group)
-            else:
-                b.flat.copy_(mine)
-            self.grad[id(b)].zero_()
+                _all_gather(b.flat, self.master[id(b)], group=b.group)
             self.master[id(b)].grad = None
-            for p in b.params:
-                p.grad = None
+            if self.stage == 1:
+                b.grad_flat.zero_()  # the .grad views stay; the next backward accumulates into them
+            else:
+                self.grad[id(b)].zero_()
         return {"grad_norm": norm}
 
     def state_bytes(self) -> dict[str, int]:
         """Bytes of optimizer state and gradient slices this rank holds (tests, benchmarks)."""
-        opt = sum(t.numel() * t.element_size() for s in self.opt.state.values() for t in s.values()
-                  if torch.is_tensor(t) and t.dim() > 0)
-        master = sum(t.numel() * t.element_size() for t in self.master.values())
+        moments = sum(t.numel() * t.element_size() for s in self.opt.state.values() for t in s.values()
+                      if torch.is_tensor(t) and t.dim() > 0)
+        master = sum(t.numel() * t.element_size() for t in self.master.values())  # views of the parameters here
         grads = sum(t.numel() * t.element_size() for t in self.grad.values())
-        return {"optimizer": opt + master, "grad_shards": grads}
+        return {"moments": moments, "master": master, "grad_shards": grads}
 
     # -- checkpoints: whole moments by name, as runtime.components.AdamWState ---------------
 
@@ -326,8 +339,6 @@ class ZeroOptimizer:
                     flat[off:off + p.numel()] = local_slice(s[k], getattr(p, "shard", None)).reshape(-1)
                 state[k] = flat[b.owned()].clone()
             self.opt.state[master] = state
-        for b in self.buckets:  # master weights follow the (loaded) parameters
-            self.master[id(b)].copy_(b.flat[b.owned()])
 
     @staticmethod
     def _gather_bucket(shard: torch.Tensor, b: FlatBucket) -> torch.Tensor:
