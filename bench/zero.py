@@ -31,7 +31,7 @@ of the per-round paired ratios.
 
 Memory, per rank (rank 0 printed), measured separately in a fresh world per implementation
 (3 steps, so peak RSS is that implementation's own): bytes of parameters + gradients +
-optimizer state (moments, and for ours the fp32 master slices) held at the optimizer step of
+optimizer state (moments; our fp32 master slices are the parameters themselves) held at the step of
 step 3 (after backward and the gradient sync, when all three exist), counted from the actual
 tensors by distinct storage (a view counts its whole storage once: flat buckets, padding
 included; DTensors by their local shards), and peak RSS (ru_maxrss) of the process as a
@@ -143,7 +143,7 @@ def worker(mcfg: dict, a: dict, names: list[str], probe: bool) -> dict:
             opt.sync_grads()
             params = list(model.parameters())
             count(name, s, params, [p.grad for p in params] + list(opt.grad.values()),
-                  list(opt.master.values()) + state_tensors(opt.opt))
+                  state_tensors(opt.opt))  # the fp32 master slices are views of the parameters' buckets
             opt.step(LR)
             return loss.detach()
         return step
