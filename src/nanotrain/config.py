@@ -161,6 +161,9 @@ class CheckpointConfig:
     resume: str = ""  # "": fresh run; "latest" or a checkpoint path: continue it
     save_final: bool = True
     async_save: bool = False  # write on a background thread while training goes on (rank 0)
+    # Start from these weights (fresh optimizer, step 0): a Hugging Face folder, a
+    # `nanotrain convert --from-hf` folder, or a training checkpoint. "": initialise from seed.
+    init_from: str = ""
 
 
 @dataclass
@@ -483,6 +486,9 @@ def validate(cfg: Config) -> None:
          "(the byte alphabet); 2048 to 32768 are usual.")
 
     need(c.interval >= 0, f"checkpoint.interval={c.interval} must be >= 0 (0: save at the end only).")
+    need(not (c.init_from and c.resume), "checkpoint.init_from and checkpoint.resume are both set: resume "
+                                        "continues a run (weights, optimizer, step); init_from starts a new one "
+                                        "from weights. Keep one.")
     need(c.keep_last >= 1, f"checkpoint.keep_last={c.keep_last} must be >= 1.")
     need(lg.log_interval >= 1, f"logging.log_interval={lg.log_interval} must be >= 1.")
     need(lg.timeline_step >= 0, f"logging.timeline_step={lg.timeline_step} must be >= 0 (0: off).")

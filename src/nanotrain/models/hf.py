@@ -775,3 +775,43 @@ def convert_to_hf(path: str | Path, out_dir: str | Path) -> TransformerModel:
     model = load_converted(path) if (path / CONFIG_FILE).is_file() else load_training_checkpoint(path)
     save_hf_model(model, out_dir)
     return model
+
+
+def load_any(path: str | Path) -> TransformerModel:
+    """The model in a Hugging Face folder, a convert_from_hf folder or a training checkpoint."""
+    path = Path(path)
+    if (path / CONFIG_FILE).is_file():
+        return load_converted(path)
+    if (path / "config.json").is_file():
+        return load_hf_model(path)
+    return load_training_checkpoint(path)
+
+
+IGNORED_FOR_INIT = ("dropout", "init_std")  # training settings, not the weights' shape or meaning
+
+
+@torch.no_grad()
+def init_from(model: torch.nn.Module, cfg: ModelConfig, path: str | Path, groups) -> None:
+    """Load the weights at `path` into `model` (this rank's shards and layers of it: the
+    names are the single-process ones), after checking that they describe the same model."""
+    from ..checkpoint import load_full_model_state
+
+    try:
+        source = load_any(path)
+    except (OSError, ValueError, KeyError) as e:
+        raise ValueError(f"checkpoint.init_from={path}: cannot read weights there ({e}). Point it at a Hugging "
+                         "Face folder, a `nanotrain convert --from-hf` folder or a training checkpoint.") from None
+    def resolved(c: ModelConfig) -> dict[str, Any]:  # 0 means "the usual value" for these two
+        return {**dataclasses.asdict(c), "n_kv_heads": c.n_kv_heads or c.n_heads, "d_ff": c.ffn_width()}
+
+    mine, theirs = resolved(cfg), resolved(source.cfg)
+    ignored = IGNORED_FOR_INIT + (("max_seq_len",) if cfg.pos_emb == "rope" else ())  # RoPE has no weights per position
+    diffs = [f"model.{k}: weights have {theirs[k]!r}, config has {mine[k]!r}" for k in mine
+             if k not in ignored and mine[k] != theirs.get(k)]
+    if diffs:
+        raise ValueError(f"checkpoint.init_from={path} holds a different model:\n  - " + "\n  - ".join(diffs)
+                         + "\nSet these model.* values to the weights' (or drop init_from).")
+    load_full_model_state(model, source.state_dict())
+    eps = _mla_norm_eps(source)
+    if eps:  # DeepSeek-V3's q/kv norm eps (a ModelConfig cannot hold it) follows the weights
+        set_mla_norm_eps(model, eps.pop())

@@ -176,6 +176,13 @@ class RuntimeEngine:
         data = self.c.data.build(ctx)
         resolve_model_config(cfg, data.vocab_size)
         model = self.c.model.build(ctx)
+        if cfg.checkpoint.init_from:  # weights from elsewhere, then a fresh run from step 0
+            from ..models.hf import init_from
+
+            try:
+                init_from(model, cfg.model, cfg.checkpoint.init_from, ctx.parallel.groups())
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
         opt = self.c.optimizer.build(ctx, model)
         schedule = self.c.schedule.build(ctx)
         ps = ctx.parallel
