@@ -40,6 +40,7 @@ LAYOUTS = {
     "tp2_pp2": ("tp=2,pp=2", []),
     "tp2_pp2_sp": ("tp=2,pp=2,sp", []),
     "pp2_dp2": ("pp=2,dp=2,micro=1", []),
+    "pp2_v2_dp2": ("pp=2,dp=2", ["--parallel.pp_schedule=interleaved", "--parallel.pp_virtual_stages=2"]),
 }
 
 

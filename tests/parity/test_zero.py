@@ -38,6 +38,11 @@ LAYOUTS = {
     "tp2_dp2_zero2_sp": ("tp=2,dp=2,zero=2,sp", dense_config, []),
     "pp2_dp2_zero2_tied": ("pp=2,dp=2,zero=2", dense_config, ["--model.tie_embeddings=true"]),
     "ep2_dp2_zero2": ("dp=2,ep=2,zero=2", deepseek_config, []),
+    # Interleaved: a chunk's gradients are complete after its own last backward, not the step's.
+    "pp2_v2_dp2_zero1": ("pp=2,dp=2,zero=1", dense_config, ["--parallel.pp_schedule=interleaved",
+                                                            "--parallel.pp_virtual_stages=2"]),
+    "pp2_v2_dp2_zero2": ("pp=2,dp=2,zero=2", dense_config, ["--parallel.pp_schedule=interleaved",
+                                                            "--parallel.pp_virtual_stages=2"]),
     "4d_zero1": ("tp=2,pp=2,dp=2,ep=2,zero=1,micro=2", deepseek_config, []),
     "4d_zero2_sp": ("tp=2,pp=2,dp=2,ep=2,zero=2,sp,micro=2", deepseek_config, []),
 }

@@ -197,21 +197,25 @@ class ZeroOptimizer:
     @contextlib.contextmanager
     def backward_context(self, last: bool):
         """Stage 1 syncs on the last micro-batch only (gradients accumulate whole in the
-        buffers until then, as with DDP's no_sync). Stage 2 reduces every backward's
-        gradients, so no whole gradient is kept between micro-batches. Either way, buckets
-        a synced backward did not fill (experts that got no token, the other chunks of an
-        interleaved pipeline stage) are posted after it, so every rank posts the same
-        collectives in the same order."""
+        buffers until then, as with DDP's no_sync; `last` is per chunk in an interleaved
+        pipeline). Stage 2 reduces every backward's gradients, so no whole gradient is kept
+        between micro-batches, and posts the buckets that backward did not fill (experts that
+        got no token, the other chunks of an interleaved stage) right after it; stage 1 posts
+        them in sync_grads(). Either way every rank posts the same collectives in the same order."""
         self.sync_enabled = last or self.stage == 2
         if self.stage == 1:
             for b in self.buckets:
                 b.attach_grads()
         yield
-        if self.sync_enabled:
-            for queue in self._queues.values():
-                while queue:
-                    self._launch(queue.pop(0))
-            self._queues = {g: list(q) for g, q in self._order.items()}
+        if self.stage == 2:
+            self._post_rest()
+
+    def _post_rest(self) -> None:
+        """Post every bucket not posted yet, in order; reset the queues for the next round."""
+        for queue in self._queues.values():
+            while queue:
+                self._launch(queue.pop(0))
+        self._queues = {g: list(q) for g, q in self._order.items()}
 
     def _on_grad_ready(self, p: nn.Parameter) -> None:
         if not self.sync_enabled:
@@ -240,6 +244,8 @@ class ZeroOptimizer:
     def sync_grads(self) -> None:
         """Wait for the reductions; then this rank's summed gradient slices are in self.grad
         (stage 1: views of the whole, all-reduced gradients; stage 2: the only copy)."""
+        if self.stage == 1:  # every chunk's gradients are complete now
+            self._post_rest()
         for work, out, b in self._pending:
             if work is not None:
                 work.wait()
