@@ -15,14 +15,21 @@ def _train(cfg_dict):
     return RuntimeEngine(Config.from_dict(cfg_dict)).run().losses
 
 
+def run_config(tmp_path, out, *args):
+    """A quiet fp32 run on the shipped corpus, writing under tmp_path/out; args: the model and the rest."""
+    return load_config(None, [
+        f"--data.path={CORPUS}", f"--data.prepared_dir={tmp_path / 'prep'}", f"--train.out_dir={tmp_path / out}",
+        "--train.seq_len=16", "--train.batch_size=8", "--train.eval_interval=0", "--schedule.warmup_steps=2",
+        "--precision.recipe=fp32", "--logging.progress=none", "--logging.tensorboard=false", "--logging.plot=false",
+        "--logging.peak_tflops=1", *args])
+
+
+SMALL = ["--model.d_model=32", "--model.n_layers=2", "--model.vocab_size=68", "--schedule.decay_steps=12"]
+
+
 def test_tp2_dp2_checkpoint_resumes_on_one_process(tmp_path):
     def cfg(out, *extra):
-        return load_config(None, [
-            f"--data.path={CORPUS}", f"--data.prepared_dir={tmp_path / 'prep'}", f"--train.out_dir={tmp_path / out}",
-            "--model.d_model=32", "--model.n_layers=2", "--model.vocab_size=68", "--train.seq_len=16",
-            "--train.batch_size=8", "--train.eval_interval=0", "--schedule.warmup_steps=2", "--schedule.decay_steps=12",
-            "--precision.recipe=fp32", "--logging.progress=none", "--logging.tensorboard=false",
-            "--logging.plot=false", "--logging.peak_tflops=1", *extra])
+        return run_config(tmp_path, out, *SMALL, *extra)
 
     straight = RuntimeEngine(cfg("one", "--train.max_steps=12")).run().losses
     parallel = cfg("par", "--train.max_steps=6", "--parallel.tp=2", "--parallel.dp=2",
@@ -42,13 +49,8 @@ def test_pipeline_checkpoint_resumes_under_another_pipeline(tmp_path):
     import json
 
     def cfg(out, *extra):
-        return load_config(None, [
-            f"--data.path={CORPUS}", f"--data.prepared_dir={tmp_path / 'prep'}", f"--train.out_dir={tmp_path / out}",
-            "--model.d_model=32", "--model.n_layers=4", "--model.vocab_size=68", "--model.tie_embeddings=true",
-            "--train.seq_len=16", "--train.batch_size=8", "--train.micro_batch_size=2", "--train.eval_interval=3",
-            "--train.eval_steps=2", "--schedule.warmup_steps=2", "--schedule.decay_steps=12",
-            "--precision.recipe=fp32", "--logging.progress=none", "--logging.tensorboard=false",
-            "--logging.plot=false", "--logging.peak_tflops=1", *extra])
+        return run_config(tmp_path, out, *SMALL, "--model.n_layers=4", "--model.tie_embeddings=true",
+                          "--train.micro_batch_size=2", "--train.eval_interval=3", "--train.eval_steps=2", *extra)
 
     one = RuntimeEngine(cfg("one", "--train.max_steps=12")).run()
     first = run_world(_train_result, 4, dataclasses.asdict(
@@ -77,12 +79,7 @@ def test_zero_checkpoint_resumes_under_another_stage_and_dp(tmp_path):
     """Saved under dp=2 with ZeRO-2 (moments gathered from the slices, keyed by name), resumed
     under dp=4 with ZeRO-1, then on one process without ZeRO: the losses of one process all along."""
     def cfg(out, *extra):
-        return load_config(None, [
-            f"--data.path={CORPUS}", f"--data.prepared_dir={tmp_path / 'prep'}", f"--train.out_dir={tmp_path / out}",
-            "--model.d_model=32", "--model.n_layers=2", "--model.vocab_size=68", "--train.seq_len=16",
-            "--train.batch_size=8", "--train.eval_interval=0", "--schedule.warmup_steps=2", "--schedule.decay_steps=12",
-            "--precision.recipe=fp32", "--logging.progress=none", "--logging.tensorboard=false",
-            "--logging.plot=false", "--logging.peak_tflops=1", "--parallel.bucket_mb=0.02", *extra])
+        return run_config(tmp_path, out, *SMALL, "--parallel.bucket_mb=0.02", *extra)
 
     straight = RuntimeEngine(cfg("one", "--train.max_steps=12")).run().losses
     first = run_world(_train, 2, dataclasses.asdict(cfg("par", "--train.max_steps=4", "--parallel.dp=2",
@@ -101,12 +98,7 @@ def test_expert_parallel_checkpoint_resumes_without_it(tmp_path):
     from test_deepseek import TINY  # noqa: E402  (tests/unit is on sys.path through conftest)
 
     def cfg(out, *extra):
-        return load_config(None, [
-            *TINY, f"--data.path={CORPUS}", f"--data.prepared_dir={tmp_path / 'prep'}",
-            f"--train.out_dir={tmp_path / out}", "--train.seq_len=16", "--train.batch_size=8",
-            "--train.eval_interval=0", "--schedule.warmup_steps=2", "--schedule.decay_steps=10",
-            "--model.bias_update_rate=0.01", "--precision.recipe=fp32", "--logging.progress=none",
-            "--logging.tensorboard=false", "--logging.plot=false", "--logging.peak_tflops=1", *extra])
+        return run_config(tmp_path, out, *TINY, "--schedule.decay_steps=10", "--model.bias_update_rate=0.01", *extra)
 
     straight = RuntimeEngine(cfg("one", "--train.max_steps=10")).run().losses
     first = run_world(_train, 2, dataclasses.asdict(cfg("par", "--train.max_steps=5", "--parallel.dp=2",
