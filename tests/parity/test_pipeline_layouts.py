@@ -12,18 +12,15 @@ from nanotrain.config import load_config
 from nanotrain.verify import verify
 
 from test_deepseek import TINY  # noqa: E402  (tests/unit is on sys.path through conftest)
+from test_tp_dp import config as tp_dp_config  # noqa: E402
 
 TOL = 1e-5
 
 
 def config(tmp_path, *extra):
-    # 4 layers: up to 4 stages, or 2 stages x 2 chunks; 8 sequences in micro-batches of 2.
-    return load_config(None, [
-        f"--data.path={CORPUS}", f"--data.prepared_dir={tmp_path / 'prep'}", f"--train.out_dir={tmp_path / 'run'}",
-        "--model.d_model=32", "--model.n_layers=4", "--model.n_heads=4", "--model.vocab_size=68",
-        "--model.norm=rmsnorm", "--model.mlp=swiglu", "--model.pos_emb=rope",
-        "--train.seq_len=16", "--train.batch_size=8", "--train.micro_batch_size=2",
-        "--schedule.warmup_steps=2", "--optimizer.lr=3e-3", "--logging.progress=none", *extra])
+    # test_tp_dp's model with 4 layers (up to 4 stages, or 2 stages x 2 chunks) and
+    # micro-batches of 2 sequences (4 per step on one rank).
+    return tp_dp_config(tmp_path, "--model.n_layers=4", "--train.micro_batch_size=2", *extra)
 
 
 LAYOUTS = {

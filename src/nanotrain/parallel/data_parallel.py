@@ -129,6 +129,16 @@ def all_reduce_copy(t: torch.Tensor, group) -> torch.Tensor:
     return t
 
 
+def counted_in_norm(p: nn.Parameter, tp_rank: int) -> bool:
+    """Whether this rank's copy of p counts in the global gradient norm: a tp shard on every tp
+    rank (the shards add up to the whole), anything whole over tp (replicated parameters,
+    experts) on tp rank 0 only, and never the last pipeline stage's copy of a tied embedding."""
+    if getattr(p, "pipeline_duplicate", False):
+        return False
+    shard = getattr(p, "shard", None)
+    return tp_rank == 0 or (shard is not None and shard.axis == "tp")
+
+
 def clip_grad_norm(params: list[nn.Parameter], max_norm: float, tp_group: dist.ProcessGroup | None,
                    tp_rank: int = 0, ep_group: dist.ProcessGroup | None = None,
                    pp_group: dist.ProcessGroup | None = None) -> torch.Tensor:
@@ -148,8 +158,6 @@ def clip_grad_norm(params: list[nn.Parameter], max_norm: float, tp_group: dist.P
     tp = 1 if tp_group is None else dist.get_world_size(tp_group)
     ep = 1 if ep_group is None else dist.get_world_size(ep_group)
     pp = 1 if pp_group is None else dist.get_world_size(pp_group)
-    if pp > 1:
-        params = [p for p in params if not getattr(p, "pipeline_duplicate", False)]
     if tp == 1 and ep == 1 and pp == 1:
         norms = torch._foreach_norm(grads)
         total = torch.linalg.vector_norm(torch.stack(norms))
@@ -159,11 +167,10 @@ def clip_grad_norm(params: list[nn.Parameter], max_norm: float, tp_group: dist.P
 
         device = grads[0].device if grads else torch.device("cpu")
 
-        with_grad = [p for p in params if p.grad is not None]
-        tp_sharded = [p.grad for p in with_grad if p.shard is not None and p.shard.axis == "tp"]
-        replicated = [p.grad for p in with_grad if p.shard is None] if tp_rank == 0 else []
-        experts = [p.grad for p in with_grad if p.shard is not None and p.shard.axis == "ep"] if tp_rank == 0 else []
-        parts = torch.stack([squares(tp_sharded) + squares(replicated), squares(experts)])
+        counted = [p for p in params if p.grad is not None and counted_in_norm(p, tp_rank)]
+        dense = [p.grad for p in counted if p.shard is None or p.shard.axis == "tp"]
+        experts = [p.grad for p in counted if p.shard is not None and p.shard.axis == "ep"]
+        parts = torch.stack([squares(dense), squares(experts)])
         if ep > 1:
             parts[1:] = all_reduce_copy(parts[1:], ep_group)
         total_sq = parts.sum()

@@ -46,6 +46,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..checkpoint import gather_full, local_slice
+from .data_parallel import counted_in_norm
 from .state import all_reduce
 
 # torch 2.13 names (reduce_scatter_tensor / all_gather_into_tensor in older releases).
@@ -265,13 +266,7 @@ class ZeroOptimizer:
         for b in self.buckets:
             g = self.grad[id(b)]
             kind = "edp" if getattr(b.params[0], "expert_parallel", False) else "dp"
-            for p, lo, hi in b.overlaps():
-                shard = getattr(p, "shard", None)
-                if getattr(p, "pipeline_duplicate", False):
-                    continue
-                if (shard is None or shard.axis == "ep") and ps.tp_rank != 0:
-                    continue  # replicated over tp: counted once, on tp rank 0
-                slices[kind].append(g[lo:hi])
+            slices[kind] += [g[lo:hi] for p, lo, hi in b.overlaps() if counted_in_norm(p, ps.tp_rank)]
         parts = torch.stack([torch.stack(torch._foreach_norm(s)).pow(2).sum() if s else torch.zeros((), device=device)
                              for s in (slices["dp"], slices["edp"])])
         parts[0:1] = all_reduce(parts[0:1].clone(), ps.dp_group)  # each dp rank holds different slices
