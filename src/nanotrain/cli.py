@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     s.set_defaults(fn=cmd_verify)
     s = sub.add_parser("sample", help="generate text from a checkpoint")
-    s.add_argument("--checkpoint", help="checkpoint folder, its state.pt, or a run's out_dir")
+    s.add_argument("--checkpoint", help="checkpoint folder, its metadata.json, or a run's out_dir")
     s.add_argument("--config", help="instead of --checkpoint: sample from the latest checkpoint of this config's run")
     s.add_argument("--prompt", default="", help="text to continue (default: a newline)")
     s.add_argument("--max-new-tokens", type=int, default=200)
@@ -124,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     way = s.add_mutually_exclusive_group(required=True)
     way.add_argument("--from-hf", metavar="FOLDER", help="Hugging Face folder (config.json + *.safetensors)")
     way.add_argument("--to-hf", action="store_true", help="write a Hugging Face folder from --checkpoint")
-    s.add_argument("--checkpoint", help="with --to-hf: checkpoint folder, its state.pt, a run's out_dir, "
+    s.add_argument("--checkpoint", help="with --to-hf: checkpoint folder, its metadata.json, a run's out_dir, "
                                         "or a convert --from-hf folder")
     s.add_argument("--out", required=True, help="output folder")
     s.set_defaults(fn=cmd_convert)

@@ -1,5 +1,6 @@
-"""A checkpoint stores whole tensors, so a run saved under tp=2 x dp=2 (sequence parallel)
-continues on one process with the losses of a run that was on one process all along."""
+"""A checkpoint records every tensor as boxes of the single-process tensor, so a run saved
+under one layout continues under another with the losses of a run that was on one process
+all along (and, at the same layout, with exactly the losses it would have had)."""
 
 import dataclasses
 
@@ -43,9 +44,9 @@ def test_tp2_dp2_checkpoint_resumes_on_one_process(tmp_path):
 
 
 def test_pipeline_checkpoint_resumes_under_another_pipeline(tmp_path):
-    """Saved under tp=2 x pp=2 (each stage writes its layers' weights and moments, merged by
-    name), resumed under pp=4 with interleaving off: the losses of one process all along.
-    Tied embeddings: the first and last stage each hold a copy; the file holds it once."""
+    """Saved under tp=2 x pp=2 (each stage writes its shards of its layers' weights and moments),
+    resumed under pp=4 with interleaving off: the losses of one process all along.
+    Tied embeddings: the first and last stage each hold a copy; one of them writes it."""
     import json
 
     def cfg(out, *extra):
@@ -76,20 +77,50 @@ def _train_result(cfg_dict):
 
 
 def test_zero_checkpoint_resumes_under_another_stage_and_dp(tmp_path):
-    """Saved under dp=2 with ZeRO-2 (moments gathered from the slices, keyed by name), resumed
-    under dp=4 with ZeRO-1, then on one process without ZeRO: the losses of one process all along."""
+    """Saved under dp=4 with ZeRO-2 (each rank writes its slices of the moments, cut into
+    boxes of the parameters), resumed under dp=2 with ZeRO-1 (other slices), then on one
+    process without ZeRO: the losses of one process all along."""
     def cfg(out, *extra):
         return run_config(tmp_path, out, *SMALL, "--parallel.bucket_mb=0.02", *extra)
 
     straight = RuntimeEngine(cfg("one", "--train.max_steps=12")).run().losses
-    first = run_world(_train, 2, dataclasses.asdict(cfg("par", "--train.max_steps=4", "--parallel.dp=2",
+    first = run_world(_train, 4, dataclasses.asdict(cfg("par", "--train.max_steps=4", "--parallel.dp=4",
                                                         "--optimizer.zero_stage=2")))[0]
-    second = run_world(_train, 4, dataclasses.asdict(cfg("par", "--train.max_steps=8", "--parallel.dp=4",
+    second = run_world(_train, 2, dataclasses.asdict(cfg("par", "--train.max_steps=8", "--parallel.dp=2",
                                                          "--optimizer.zero_stage=1", "--checkpoint.resume=latest")))[0]
     third = RuntimeEngine(cfg("par", "--train.max_steps=12", "--checkpoint.resume=latest")).run().losses
     for losses, steps in ((first, range(1, 5)), (second, range(5, 9)), (third, range(9, 13))):
         for step in steps:
             assert losses[step] == pytest.approx(straight[step], rel=1e-5), step
+
+
+def test_pipeline_checkpoint_resumes_without_pipeline(tmp_path):
+    """Saved under pp=2 x dp=2 (each stage writes its layers), resumed under dp=2 alone."""
+    def cfg(out, *extra):
+        return run_config(tmp_path, out, *SMALL, "--train.micro_batch_size=2", *extra)
+
+    straight = RuntimeEngine(cfg("one", "--train.max_steps=12")).run().losses
+    first = run_world(_train, 4, dataclasses.asdict(cfg("par", "--train.max_steps=6", "--parallel.pp=2",
+                                                        "--parallel.dp=2")))[0]
+    resumed = run_world(_train, 2, dataclasses.asdict(cfg("par", "--train.max_steps=12", "--parallel.dp=2",
+                                                          "--checkpoint.resume=latest")))[0]
+    for losses, steps in ((first, range(1, 7)), (resumed, range(7, 13))):
+        for step in steps:
+            assert losses[step] == pytest.approx(straight[step], rel=1e-5), step
+
+
+def test_same_layout_resume_is_bit_exact(tmp_path):
+    """tp=2 x dp=2 with sequence parallelism and ZeRO-2, saved at step 4 and resumed at the
+    same layout: every loss equals the uninterrupted run's exactly."""
+    def cfg(out, *extra):
+        return dataclasses.asdict(run_config(tmp_path, out, *SMALL, "--parallel.tp=2", "--parallel.dp=2",
+                                             "--parallel.sequence_parallel=true", "--optimizer.zero_stage=2",
+                                             "--parallel.bucket_mb=0.02", *extra))
+
+    straight = run_world(_train, 4, cfg("straight", "--train.max_steps=8"))[0]
+    first = run_world(_train, 4, cfg("par", "--train.max_steps=4"))[0]
+    resumed = run_world(_train, 4, cfg("par", "--train.max_steps=8", "--checkpoint.resume=latest"))[0]
+    assert {**first, **resumed} == straight
 
 
 def test_expert_parallel_checkpoint_resumes_without_it(tmp_path):

@@ -1,5 +1,6 @@
-"""Checkpoint safety: a save killed half-way leaves the previous checkpoint and `latest` usable;
-asynchronous saves resume bit for bit."""
+"""Checkpoint safety: a training run killed in the middle of a save leaves the previous
+checkpoint and `latest` usable, and the run resumes from it bit for bit; asynchronous
+saves resume bit for bit too."""
 
 import os
 import signal
@@ -8,43 +9,63 @@ import sys
 import textwrap
 import time
 
-from nanotrain.checkpoint import CheckpointManager, load_checkpoint
+import torch
+
+from conftest import tiny_config
+from nanotrain.checkpoint import CheckpointManager, load_checkpoint, whole
 from nanotrain.runtime import RuntimeEngine
 
-# A child that saves step 1, then starts saving step 2 with a torch.save that writes half of
-# the file and hangs: the parent kills it there (SIGKILL: no cleanup runs).
+# A training run that saves at step 5, then at step 10 writes half of its shard file and
+# hangs there: the parent kills it (SIGKILL: no cleanup runs).
 CHILD = textwrap.dedent("""
-    import sys, time, torch
-    from nanotrain import checkpoint
-    mgr = checkpoint.CheckpointManager(sys.argv[1], keep_last=3)
-    mgr.save(1, {"model": {"w": torch.ones(1000)}})
-    real_save = torch.save
-    def half_save(obj, path):
+    import sys, time
+    sys.path.insert(0, sys.argv[1])
+    from conftest import tiny_config
+    from pathlib import Path
+    from nanotrain.checkpoint import manager
+    from nanotrain.runtime import RuntimeEngine
+
+    real_save, calls = manager.save_file, []
+    def save_file(tensors, path):
+        calls.append(path)
+        if len(calls) == 1:
+            return real_save(tensors, path)
         with open(path, "wb") as f:
-            f.write(b"PK\\x03\\x04 half a file")
+            f.write(b"half a safetensors file")
             f.flush()
         print("writing", flush=True)
-        time.sleep(60)
-    checkpoint.torch.save = half_save
-    mgr.save(2, {"model": {"w": torch.zeros(1000)}})
+        time.sleep(120)
+    manager.save_file = save_file
+    RuntimeEngine(tiny_config(Path(sys.argv[2]), *sys.argv[3:])).run()
 """)
 
+ARGS = ["--train.max_steps=10", "--checkpoint.interval=5", "--train.eval_interval=0", "--schedule.decay_steps=20"]
 
-def test_kill_during_save_keeps_previous_checkpoint(tmp_path):
-    child = subprocess.Popen([sys.executable, "-c", CHILD, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+
+def test_kill_during_save_then_resume(tmp_path):
+    tests_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    child = subprocess.Popen([sys.executable, "-c", CHILD, tests_dir, str(tmp_path), *ARGS],
+                             stdout=subprocess.PIPE, text=True)
     try:
-        assert child.stdout.readline().strip() == "writing"  # step 2 is half written now
+        line = child.stdout.readline().strip()
+        while line and line != "writing":  # the run's own output before the save
+            line = child.stdout.readline().strip()
+        assert line == "writing"  # step 10 is half written now
         os.kill(child.pid, signal.SIGKILL)
     finally:
         child.wait(timeout=30)
-    assert (tmp_path / "latest").read_text().strip() == "step_00000001"
-    assert not (tmp_path / "step_00000002").exists()  # the half-written one never became visible
-    mgr = CheckpointManager(tmp_path)
-    state = mgr.load("latest")
-    assert state["step"] == 1 and float(state["model"]["w"].sum()) == 1000
-    # The run can save again; the leftover temporary folder is replaced.
-    mgr.save(2, {"model": {"w": 2 * state["model"]["w"]}})
-    assert load_checkpoint(mgr.resolve("latest"))["step"] == 2
+    ckpts = tmp_path / "run" / "checkpoints"
+    assert (ckpts / "latest").read_text().strip() == "step_00000005"
+    assert not (ckpts / "step_00000010").exists()  # the half-written one never became visible
+    assert (ckpts / ".tmp_step_00000010").exists()
+    assert load_checkpoint(ckpts).step == 5
+
+    # Resuming continues from step 5 exactly as a run that was never killed.
+    straight = RuntimeEngine(tiny_config(tmp_path / "straight", *ARGS)).run().losses
+    resumed = RuntimeEngine(tiny_config(tmp_path, *ARGS, "--checkpoint.resume=latest")).run()
+    assert resumed.losses == {s: straight[s] for s in range(6, 11)}  # exact float equality
+    assert (ckpts / "latest").read_text().strip() == "step_00000010"
+    assert not (ckpts / ".tmp_step_00000010").exists()  # the leftover was replaced
 
 
 def test_async_save_resumes_bit_exact(make_config):
@@ -60,13 +81,19 @@ def test_async_save_resumes_bit_exact(make_config):
 
 def test_async_snapshot_is_not_the_live_state(tmp_path):
     """The optimizer steps in place while the thread writes: the file holds the values at save time."""
-    import torch
-
     mgr = CheckpointManager(tmp_path)
-    live = {"step": torch.tensor(1.0), "w": torch.ones(3)}
-    mgr.save_async(1, {"optimizer": live})
-    live["step"] += 1
-    live["w"].mul_(5)
+    step, w = torch.tensor(1.0), torch.ones(3)
+    mgr.save_async(1, [whole("optim/step", step), whole("model/w", w)], {})
+    step += 1
+    w.mul_(5)
     mgr.wait()
-    saved = load_checkpoint(mgr.resolve("latest"))["optimizer"]
-    assert float(saved["step"]) == 1.0 and saved["w"].tolist() == [1.0, 1.0, 1.0]
+    saved = load_checkpoint(tmp_path)
+    assert float(saved.full("optim/step")) == 1.0 and saved.full("model/w").tolist() == [1.0, 1.0, 1.0]
+
+
+def test_keep_last(tmp_path):
+    mgr = CheckpointManager(tmp_path, keep_last=2)
+    for step in (1, 2, 3):
+        mgr.save(step, [whole("model/w", torch.full((2,), float(step)))], {})
+    assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_00000002", "step_00000003"]
+    assert load_checkpoint(tmp_path).full("model/w").tolist() == [3.0, 3.0]

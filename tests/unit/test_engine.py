@@ -83,14 +83,25 @@ def test_resume_errors(make_config):
 
 
 def test_damaged_checkpoint_is_reported(make_config):
+    import json
+
     result = run(make_config("--train.max_steps=5", "--schedule.decay_steps=20"))
-    state = result.out_dir / "checkpoints" / "step_00000005" / "state.pt"
-    state.write_bytes(state.read_bytes()[:100])
+    folder = result.out_dir / "checkpoints" / "step_00000005"
+    shard, meta = folder / "rank_00000.safetensors", folder / "metadata.json"
+    good = shard.read_bytes()
+    shard.write_bytes(good[:100])
     with pytest.raises(CheckpointError, match="damaged"):
         run(make_config("--checkpoint.resume=latest"))
-    torch.save({"format_version": 99}, state)
+    shard.unlink()
+    with pytest.raises(CheckpointError, match=r"missing 1 shard file\(s\): rank_00000.safetensors"):
+        run(make_config("--checkpoint.resume=latest"))
+    shard.write_bytes(good)
+    saved = json.loads(meta.read_text())
+    meta.write_text(json.dumps({**saved, "format_version": 99}))
     with pytest.raises(CheckpointError, match="format version 99"):
         run(make_config("--checkpoint.resume=latest"))
+    meta.write_text(json.dumps(saved))
+    assert run(make_config("--checkpoint.resume=latest", "--train.max_steps=6")).final_step == 6
 
 
 def test_non_finite_loss_stops_the_run(make_config):

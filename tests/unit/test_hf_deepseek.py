@@ -14,7 +14,7 @@ transformers = pytest.importorskip("transformers")
 
 from safetensors.torch import load_file, save_file  # noqa: E402
 
-from nanotrain.checkpoint import CheckpointManager  # noqa: E402
+from nanotrain.checkpoint import CheckpointManager, model_pieces  # noqa: E402
 from nanotrain.cli import main  # noqa: E402
 from nanotrain.config import Config, ModelConfig, load_config  # noqa: E402
 from nanotrain.models import build_model  # noqa: E402
@@ -202,7 +202,7 @@ def test_training_checkpoint_to_hf_and_convert_round_trip(tmp_path, capsys):
     with torch.no_grad():
         model.layers["1"].mlp.router.expert_bias.copy_(torch.tensor([0.1, -0.2, 0.05, 0.0]))
     model.eval()
-    CheckpointManager(tmp_path / "ckpt").save(7, {"model": model.state_dict(), "config": cfg.to_dict()})
+    CheckpointManager(tmp_path / "ckpt").save(7, model_pieces(model), {"config": cfg.to_dict()})
     ids = ids_batch(2)
     want = our_logits(model, ids)
 

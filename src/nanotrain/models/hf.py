@@ -758,14 +758,14 @@ def load_converted(folder: str | Path) -> TransformerModel:
 
 
 def load_training_checkpoint(path: str | Path) -> TransformerModel:
-    """The model of a nano-train training checkpoint (a checkpoint folder, its state.pt, or a
+    """The model of a nano-train training checkpoint (a checkpoint folder, its metadata.json, or a
     run folder with a `latest`), as sample.load_for_sampling builds it, in eval mode."""
-    from ..checkpoint import load_checkpoint, resolve_checkpoint
+    from ..checkpoint import load_checkpoint
 
-    state = load_checkpoint(resolve_checkpoint(path))
-    cfg = Config.from_dict(state["config"], source=f"checkpoint {path}")
+    reader = load_checkpoint(path)
+    cfg = Config.from_dict(reader.objects["config"], source=f"checkpoint {path}")
     model = build_model(cfg.model)
-    model.load_state_dict(state["model"])
+    model.load_state_dict(reader.full_state("model/"))
     return model.eval()
 
 

@@ -29,8 +29,9 @@ moments exist for the owned slices only. The global gradient norm is summed from
 owned gradient slices, each parameter's part counted by the tensor-parallel rules of
 data_parallel.clip_grad_norm, over dp, then tp, ep and pp.
 
-Checkpoints hold whole moments keyed by parameter name, exactly as without ZeRO, so a
-run resumes under any zero stage or dp size.
+Checkpoints record each rank's slices as boxes of the logical parameters (the moments of
+a slice that spans parameters are cut at their boundaries), so a run resumes under any
+zero stage, dp size or layout (checkpoint/pieces.py).
 
 (torch's versions: ZeroRedundancyOptimizer shards stage 1 by whole parameters; FSDP2's
 fully_shard also shards the parameters (stage 3). bench/zero.py compares.)
@@ -45,7 +46,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..checkpoint import gather_full, local_slice
+from ..checkpoint import CheckpointReader, Piece, flat_pieces, whole
 from .data_parallel import counted_in_norm
 from .state import all_reduce
 
@@ -81,12 +82,13 @@ class FlatBucket:
         return slice(self.rank * n, (self.rank + 1) * n)
 
     def overlaps(self):
-        """(parameter, start, end) of each parameter's part inside this rank's slice, relative to the slice."""
+        """(parameter, start, end, first) of each parameter's part inside this rank's slice:
+        [start, end) relative to the slice, holding the parameter's elements from `first` on."""
         lo, hi = self.rank * self.shard_numel, (self.rank + 1) * self.shard_numel
         for p, off in zip(self.params, self.offsets):
             a, b = max(off, lo), min(off + p.numel(), hi)
             if a < b:
-                yield p, a - lo, b - lo
+                yield p, a - lo, b - lo, a - off
 
     def flat_grads(self) -> torch.Tensor:
         """The bucket's gradients end to end, zero where a parameter has none (an idle expert)."""
@@ -115,7 +117,7 @@ class ZeroOptimizer:
     """AdamW with its state sharded over the data-parallel group: ZeRO stage 1 or 2.
 
     The same interface as runtime.components.AdamWState: backward_context(last) around
-    each backward, sync_grads() once per step, step(lr), state_dict() / load_state_dict().
+    each backward, sync_grads() once per step, step(lr), pieces() / load_pieces().
     """
 
     def __init__(self, model: nn.Module, stage: int, ps, cfg, bucket_mb: float = 25.0):
@@ -266,7 +268,7 @@ class ZeroOptimizer:
         for b in self.buckets:
             g = self.grad[id(b)]
             kind = "edp" if getattr(b.params[0], "expert_parallel", False) else "dp"
-            slices[kind] += [g[lo:hi] for p, lo, hi in b.overlaps() if counted_in_norm(p, ps.tp_rank)]
+            slices[kind] += [g[lo:hi] for p, lo, hi, _ in b.overlaps() if counted_in_norm(p, ps.tp_rank)]
         parts = torch.stack([torch.stack(torch._foreach_norm(s)).pow(2).sum() if s else torch.zeros((), device=device)
                              for s in (slices["dp"], slices["edp"])])
         parts[0:1] = all_reduce(parts[0:1].clone(), ps.dp_group)  # each dp rank holds different slices
@@ -307,44 +309,36 @@ class ZeroOptimizer:
         grads = sum(t.numel() * t.element_size() for t in self.grad.values())
         return {"moments": moments, "master": master, "grad_shards": grads}
 
-    # -- checkpoints: whole moments by name, as runtime.components.AdamWState ---------------
+    # -- checkpoints: each rank's slices, as boxes of the logical parameters --------------
 
-    def state_dict(self) -> dict:
-        groups = self.ps.groups()
-        out: dict[str, dict] = {}
-        for b in self.buckets:
-            state = self.opt.state.get(self.master[id(b)], {})
-            full = {k: self._gather_bucket(v, b) for k, v in state.items() if torch.is_tensor(v) and v.dim() > 0}
-            for p, off in zip(b.params, b.offsets):
-                entry = {"step": state["step"].clone()} if "step" in state else {}
-                for k, flat in full.items():
-                    local = flat[off:off + p.numel()].view_as(p)
-                    entry[k] = gather_full(local, getattr(p, "shard", None), groups)
-                out[self.names[p]] = entry
-        hyper = {c.decay: {k: v for k, v in g.items() if k != "params"}
-                 for c, g in zip(self.categories, self.opt.param_groups)}
-        decay = hyper.get(True) or {**hyper[False], "weight_decay": self.cfg.weight_decay}
-        no_decay = hyper.get(False) or {**decay, "weight_decay": 0.0}
-        return {"state": out, "param_groups": [decay, no_decay]}  # AdamWState's two groups
+    def _moment_pieces(self, b: FlatBucket, state: dict) -> list[Piece]:
+        """This rank's slice of the moments of bucket b, cut at parameter boundaries into
+        boxes of each parameter (checkpoint.flat_pieces); the padding is not saved."""
+        return [piece for p, lo, hi, first in b.overlaps() for k in ("exp_avg", "exp_avg_sq")
+                for piece in flat_pieces(f"optim/{k}/{self.names[p]}", state[k][lo:hi], p, first, first + hi - lo)]
 
-    def load_state_dict(self, sd: dict) -> None:
+    def pieces(self) -> list[Piece]:
+        """The moments this rank owns and the step count. The master weights are the owned
+        slices of the fp32 parameters (no copy), so they are saved once, as model/ tensors."""
+        out, step = [], None
         for b in self.buckets:
-            saved = [sd["state"].get(self.names[p]) for p in b.params]
-            if not all(saved):
-                continue
+            state = self.opt.state.get(self.master[id(b)])
+            if state:
+                out += self._moment_pieces(b, state)
+                step = state["step"]
+        if step is not None:
+            out.append(whole("optim/step", step))
+        return out
+
+    def load_pieces(self, reader: CheckpointReader) -> None:
+        """This rank's slices of the saved moments, whatever layout and stage wrote them."""
+        if not reader.has("optim/step"):  # a weights-only checkpoint: fresh moments
+            return
+        step = reader.full("optim/step")
+        for b in self.buckets:
             master = self.master[id(b)]
-            state = {"step": saved[0]["step"].clone()} if "step" in saved[0] else {}
-            for k in ("exp_avg", "exp_avg_sq"):
-                flat = torch.zeros_like(b.flat)
-                for p, off, s in zip(b.params, b.offsets, saved):
-                    flat[off:off + p.numel()] = local_slice(s[k], getattr(p, "shard", None)).reshape(-1)
-                state[k] = flat[b.owned()].clone()
+            state = {"step": step.clone(), "exp_avg": torch.zeros_like(master), "exp_avg_sq": torch.zeros_like(master)}
+            for piece in self._moment_pieces(b, state):
+                if reader.has(piece.name):  # saved by plain AdamW before this parameter's first gradient: none
+                    reader.fill(piece)
             self.opt.state[master] = state
-
-    @staticmethod
-    def _gather_bucket(shard: torch.Tensor, b: FlatBucket) -> torch.Tensor:
-        if b.size == 1:
-            return shard
-        full = torch.empty(b.flat.numel(), dtype=shard.dtype, device=shard.device)
-        _all_gather(full, shard.contiguous(), group=b.group)
-        return full

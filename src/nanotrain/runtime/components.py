@@ -14,7 +14,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from ..checkpoint import CheckpointManager, full_optimizer_state, load_full_optimizer_state
+from ..checkpoint import CheckpointManager, CheckpointReader, Piece, sharded, whole
 from ..config import Config, ConfigError
 from ..data import BatchSampler, prepare_data
 from ..models import build_model
@@ -29,6 +29,7 @@ from ..parallel.zero import ZeroOptimizer
 from .contracts import RuntimeComponents, RuntimeContext
 
 VAL_STREAM = 1  # the val sampler draws from its own random stream
+MOMENTS = ("exp_avg", "exp_avg_sq")  # AdamW's per-parameter state, besides the step count
 
 
 def pick_device(name: str) -> torch.device:
@@ -196,12 +197,34 @@ class AdamWState:
         self.opt.zero_grad(set_to_none=True)
         return {"grad_norm": norm}
 
-    def state_dict(self) -> dict[str, Any]:
-        """Whole (unsharded) moments: every tp rank must call this (it gathers)."""
-        return full_optimizer_state(self.opt, self.names, self.ps.groups())
+    # -- checkpoints: the moments as boxes of the logical parameters (checkpoint/pieces.py) --
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        load_full_optimizer_state(self.opt, self.names, state)
+    def _moment_pieces(self, p: nn.Parameter, state: dict) -> list[Piece]:
+        return [sharded(f"optim/{k}/{self.names[p]}", state[k], getattr(p, "shard", None)) for k in MOMENTS]
+
+    def pieces(self) -> list[Piece]:
+        """Each moment has its parameter's box (a tp/ep shard, or whole); plus the step count.
+        The parameters are fp32 here and serve as the master weights (saved under model/)."""
+        out, steps = [], []
+        for p in self.params:
+            state = self.opt.state.get(p)
+            if state:  # a parameter that never had a gradient has no moments yet
+                out += self._moment_pieces(p, state)
+                steps.append(state["step"])
+        if steps:
+            out.append(whole("optim/step", max(steps, key=float)))
+        return out
+
+    def load_pieces(self, reader: CheckpointReader) -> None:
+        if not reader.has("optim/step"):  # a weights-only checkpoint: fresh moments
+            return
+        step = reader.full("optim/step")
+        for p in self.params:
+            if reader.has(f"optim/exp_avg/{self.names[p]}"):
+                state = {"step": step.clone(), "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
+                for piece in self._moment_pieces(p, state):
+                    reader.fill(piece)
+                self.opt.state[p] = state
 
 
 class AdamWRuntime:

@@ -23,7 +23,7 @@ from typing import Any, Iterator, Protocol
 import torch
 from torch import nn
 
-from ..checkpoint import CheckpointManager
+from ..checkpoint import CheckpointManager, CheckpointReader, Piece
 from ..config import Config
 from ..parallel.state import ParallelState
 
@@ -72,9 +72,11 @@ class OptimizerState(Protocol):
     def step(self, lr: float) -> dict[str, float]:
         """Clip, set the learning rate, update, zero the gradients; return metrics (grad_norm)."""
 
-    def state_dict(self) -> dict[str, Any]: ...
+    def pieces(self) -> list[Piece]:
+        """The optimizer state this rank holds, as boxes of logical tensors (checkpoint/pieces.py)."""
 
-    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+    def load_pieces(self, reader: CheckpointReader) -> None:
+        """Restore this rank's part of the optimizer state from a checkpoint of any layout."""
 
 
 class Bootstrap(Protocol):

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..checkpoint import check_compatible, full_model_state, load_full_model_state, merge_over_pipeline
+from ..checkpoint import CheckpointReader, check_compatible, merge_over_pipeline, model_pieces, whole
 from ..config import Config, ConfigError
 from ..layers import logical_numel
 from ..monitoring import build_logger, measure_peak_flops, mfu, plot_loss_curve, transformer_flops_per_token
@@ -191,7 +191,7 @@ class RuntimeEngine:
 
         start = 0
         if resume_path is not None:
-            start = self._resume(resume_path, ckpt, model, opt, ctx)
+            start = self._resume(resume_path, ckpt, model, opt, schedule, ctx)
         if ctx.is_main:
             write_run_config(ctx)
 
@@ -243,18 +243,12 @@ class RuntimeEngine:
                 if is_eval:
                     val_loss = result.val_losses[done] = self.evaluate(model, data, ctx)
                     logger.log(done, {"val_loss": val_loss})
-                if is_save:
-                    state = self._state(model, opt, data, ctx, val_loss)  # every rank: gathers shards
-                    if ctx.is_main and cfg.checkpoint.async_save:
-                        logger.message(f"saving checkpoint {ckpt.save_async(done, state)} in the background")
-                    elif ctx.is_main:
-                        logger.message(f"saved checkpoint {ckpt.save(done, state)}")
-                    barrier()
+                if is_save:  # every rank writes its own part
+                    self._save(done, model, opt, data, schedule, ckpt, ctx, val_loss, logger)
                 meter.restart()  # evals and saves stay out of the measured training time
         finally:
             logger.close()  # also on errors: a live progress bar must give the terminal back
-            if ctx.is_main:
-                ckpt.wait()  # a background save must be complete (or its error raised) before we return
+            ckpt.wait()  # a background save must be complete (or its error raised) before we return
 
         if ctx.is_main and log_cfg.plot and (ctx.out_dir / "metrics.jsonl").exists():
             plot_loss_curve(ctx.out_dir / "metrics.jsonl", ctx.out_dir / "loss.png",
@@ -266,17 +260,31 @@ class RuntimeEngine:
 
     # -- checkpoints ---------------------------------------------------------------
 
-    def _state(self, model, opt, data, ctx, val_loss) -> dict:
-        rng = {"torch": torch.get_rng_state()}
+    def _save(self, step, model, opt, data, schedule, ckpt, ctx: RuntimeContext, val_loss, logger) -> None:
+        """Every rank passes the boxes it holds (checkpoint/pieces.py): its shards and stage of
+        the model, its slices of the optimizer state, its RNG state. Each box is written once."""
+        cfg, ps = ctx.cfg, ctx.parallel
+        pieces = model_pieces(model) + opt.pieces() + [whole(f"rng/torch/rank{ctx.rank}", torch.get_rng_state())]
         if ctx.device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state(ctx.device)
-        # Every tensor whole (gathered over tp/ep), every stage's part merged by name over pp.
-        pp_group = ctx.parallel.pp_group
-        optim = opt.state_dict()
-        optim["state"] = merge_over_pipeline(optim["state"], pp_group)
-        return {"model": merge_over_pipeline(full_model_state(model, ctx.parallel.groups()), pp_group),
-                "optimizer": optim, "rng": rng, "config": ctx.cfg.to_dict(), "tokenizer": data.tokenizer.to_json(),
-                "val_loss": val_loss}
+            pieces.append(whole(f"rng/cuda/rank{ctx.rank}", torch.cuda.get_rng_state(ctx.device)))
+        objects = {
+            "config": cfg.to_dict(), "val_loss": val_loss,
+            "lr_schedule": {"step": step, "next_lr": schedule.lr(step)},  # the lr the continuation starts with
+            # The data position: the batch at step s is a function of (seed, s) (data/sampler.py).
+            "data": {"step": step, "samples_seen": step * cfg.train.batch_size, "tokens_seen": step * data.tokens_per_step},
+            "loss_scaler": None,  # fp16 dynamic loss scaling (issue 7) stores its scale here
+            "layout": {"world_size": ctx.world_size, "tp": ps.tp, "pp": ps.pp, "dp": ps.dp, "ep": ps.ep,
+                       "sequence_parallel": cfg.parallel.sequence_parallel, "zero_stage": cfg.optimizer.zero_stage,
+                       "micro_batch_size": cfg.train.micro_batch(ps.dp)}}
+        tokenizer = data.tokenizer.to_json() if ctx.is_main else None
+        t = time.perf_counter()
+        if cfg.checkpoint.async_save:
+            path = ckpt.save_async(step, pieces, objects, tokenizer)
+            logger.message(f"saving checkpoint {path} in the background")
+        else:
+            path = ckpt.save(step, pieces, objects, tokenizer)
+            barrier()  # rank 0 has committed it
+            logger.message(f"saved checkpoint {path} ({time.perf_counter() - t:.2f} s)")
 
     def _write_timeline(self, ctx: RuntimeContext, n_micro: int) -> None:
         """The recorded step's intervals from every stage of this pipeline: timeline.png,
@@ -303,16 +311,33 @@ class RuntimeEngine:
              "ranks": [{"rank": t.rank, "t0_wall": t.t0_wall, "events": t.events} for t in timelines]}) + "\n")
         print(format_bubble(measured, textbook) + f"; picture in {ctx.out_dir / 'timeline.png'}", flush=True)
 
-    def _resume(self, path: Path, ckpt, model, opt, ctx: RuntimeContext) -> int:
-        state = ckpt.load(str(path))
-        check_compatible(state["config"], ctx.cfg.to_dict(), path)
-        step = state["step"]
+    def _resume(self, path: Path, ckpt, model, opt, schedule, ctx: RuntimeContext) -> int:
+        reader: CheckpointReader = ckpt.load(str(path))
+        check_compatible(reader.objects["config"], ctx.cfg.to_dict(), path)
+        step = reader.step
         if step >= ctx.cfg.train.max_steps:
             raise ConfigError(f"checkpoint {path} is at step {step}, already at train.max_steps="
                               f"{ctx.cfg.train.max_steps}: raise train.max_steps to train further.")
-        load_full_model_state(model, state["model"])
-        opt.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["rng"]["torch"])
-        if "cuda" in state["rng"] and ctx.device.type == "cuda":
-            torch.cuda.set_rng_state(state["rng"]["cuda"], ctx.device)
+        # The boxes this layout holds, read from whatever boxes the saving layout wrote.
+        for piece in model_pieces(model):
+            reader.fill(piece)
+        opt.load_pieces(reader)
+        for kind in ("torch", "cuda"):  # this rank's generator, or rank 0's if the world was smaller
+            if kind == "cuda" and ctx.device.type != "cuda":
+                continue
+            name = next((n for n in (f"rng/{kind}/rank{ctx.rank}", f"rng/{kind}/rank0") if reader.has(n)), None)
+            if name is not None:
+                if kind == "torch":
+                    torch.set_rng_state(reader.full(name))
+                else:
+                    torch.cuda.set_rng_state(reader.full(name), ctx.device)
+        if ctx.is_main:
+            saved = reader.objects.get("layout", {})
+            print(f"resuming from {path} (step {step}; written by {saved.get('world_size')} processes: "
+                  + ", ".join(f"{k}={saved[k]}" for k in ("tp", "pp", "dp", "ep", "zero_stage") if k in saved) + ")",
+                  flush=True)
+            planned, now = reader.objects.get("lr_schedule", {}).get("next_lr"), schedule.lr(step)
+            if planned is not None and not math.isclose(planned, now, rel_tol=1e-9, abs_tol=1e-12):
+                print(f"note: the learning-rate schedule changed: the saved run would continue at lr {planned:.3g}, "
+                      f"this config gives {now:.3g} at step {step}", flush=True)
         return step

@@ -1,0 +1,157 @@
+"""Pieces: what one rank holds of a logical (single-process) tensor, and where it sits in it.
+
+A checkpoint never stores "rank 3's tensor". It stores boxes of logical tensors:
+
+    model/layers.0.attn.wo.weight  shape [64, 64]
+        rank 0 holds [0:64, 0:32]   (tp rank 0 of a row-parallel weight)
+        rank 1 holds [0:64, 32:64]
+
+Saving writes each box once; loading under another layout asks, for every box the new
+rank holds, which saved boxes overlap it (storage.CheckpointReader.fill). The same
+functions list the pieces for saving and the destinations for loading, so whatever a
+layout can hold it can also restore.
+
+ZeRO slices are flat ranges of a bucket, not boxes of a parameter: a flat range of a
+row-major tensor splits into at most 2·ndim - 1 boxes (flat_range_boxes), each of them a
+contiguous run of the range, so a ZeRO rank's moments are pieces too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass
+class Piece:
+    name: str  # logical name: "model/<param>", "optim/exp_avg/<param>", "optim/step", "rng/torch/rank3"
+    tensor: torch.Tensor  # this rank's data; shape == sizes. Loading writes into it in place
+    offsets: tuple[int, ...]  # where the box starts in the logical tensor
+    shape: tuple[int, ...]  # the logical tensor's shape
+
+    @property
+    def sizes(self) -> tuple[int, ...]:
+        return tuple(self.tensor.shape)
+
+    @property
+    def key(self) -> tuple:
+        return (self.name, self.offsets, self.sizes)
+
+
+def whole(name: str, t: torch.Tensor) -> Piece:
+    """A tensor every rank holds whole (a replicated parameter, a step counter)."""
+    return Piece(name, t, (0,) * t.dim(), tuple(t.shape))
+
+
+def sharded(name: str, t: torch.Tensor, shard, local_offsets: tuple[int, ...] | None = None,
+            local_shape: tuple[int, ...] | None = None) -> Piece:
+    """A box of a tensor-/expert-parallel shard: `t` sits at `local_offsets` of this rank's
+    shard (of shape `local_shape`), which is part `shard.rank` of `shard.world` along shard.dim."""
+    local_shape = tuple(local_shape or t.shape)
+    offsets = list(local_offsets or (0,) * t.dim())
+    shape = list(local_shape)
+    if shard is not None and shard.world > 1:
+        dim = shard.dim % len(shape)
+        offsets[dim] += shard.rank * local_shape[dim]
+        shape[dim] *= shard.world
+    return Piece(name, t, tuple(offsets), tuple(shape))
+
+
+def flat_range_boxes(shape: tuple[int, ...], start: int, end: int) -> list[tuple[tuple[int, ...], tuple[int, ...], int]]:
+    """The boxes (offsets, sizes, flat start) that make up elements [start, end) of a
+    row-major tensor of `shape`, in order; each box is a contiguous run of the range."""
+    if start >= end:
+        return []
+    if len(shape) == 0:
+        return [((), (), 0)]
+    inner = 1
+    for s in shape[1:]:
+        inner *= s
+    first, last = start // inner, (end - 1) // inner
+    if start % inner == 0 and end % inner == 0 or len(shape) == 1:  # whole rows only
+        return [((first,) + (0,) * (len(shape) - 1), (last - first + 1,) + tuple(shape[1:]), start)]
+    boxes = []
+
+    def row(i: int, a: int, b: int):  # part of row i: recurse into it
+        for offs, sizes, s in flat_range_boxes(shape[1:], a - i * inner, b - i * inner):
+            boxes.append(((i,) + offs, (1,) + sizes, s + i * inner))
+
+    if first == last:
+        row(first, start, end)
+        return boxes
+    head_end = (first + 1) * inner
+    if start % inner:
+        row(first, start, head_end)
+        first += 1
+    tail_start = last * inner
+    full_end = tail_start if end % inner else end
+    if first * inner < full_end:
+        boxes.append(((first,) + (0,) * (len(shape) - 1), ((full_end // inner) - first,) + tuple(shape[1:]),
+                      first * inner))
+    if end % inner:
+        row(last, tail_start, end)
+    return boxes
+
+
+def flat_pieces(name: str, flat: torch.Tensor, p: nn.Parameter, start: int, end: int) -> list[Piece]:
+    """Pieces of a flat buffer `flat` that holds elements [start, end) of parameter p's
+    (local, possibly sharded) tensor, as boxes of the logical tensor."""
+    shard = getattr(p, "shard", None)
+    out = []
+    for offsets, sizes, s in flat_range_boxes(tuple(p.shape), start, end):
+        n = 1
+        for x in sizes:
+            n *= x
+        out.append(sharded(name, flat[s - start:s - start + n].view(sizes), shard, offsets, tuple(p.shape)))
+    return out
+
+
+def model_pieces(model: nn.Module) -> list[Piece]:
+    """Every persistent tensor of the model (parameters and buffers) under its single-process name."""
+    return [sharded("model/" + name, t.detach(), getattr(t, "shard", None))
+            for name, t in model.state_dict(keep_vars=True).items()]
+
+
+# ---------------------------------------------------------------------------
+# Whole tensors across ranks (verify, init_from, HF export).
+# ---------------------------------------------------------------------------
+
+def gather_full(t: torch.Tensor, shard, groups) -> torch.Tensor:
+    """The full tensor from every rank's shard (`shard`: layers.Shard or None; `groups`: the
+    process group of each Shard.axis, e.g. ParallelState.groups(), or one group for all)."""
+    if shard is None or shard.world == 1:
+        return t.detach().clone()
+    group = groups[shard.axis] if isinstance(groups, dict) else groups
+    parts = [torch.empty_like(t) for _ in range(shard.world)]
+    dist.all_gather(parts, t.detach().contiguous(), group=group)
+    return torch.cat(parts, dim=shard.dim)
+
+
+def local_slice(full: torch.Tensor, shard) -> torch.Tensor:
+    if shard is None or shard.world == 1:
+        return full
+    size = full.shape[shard.dim] // shard.world
+    return full.narrow(shard.dim, shard.rank * size, size).contiguous()
+
+
+def load_full_model_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Whole tensors by name -> this rank's shards of them (strict: every tensor must be there)."""
+    own = model.state_dict(keep_vars=True)
+    model.load_state_dict({name: local_slice(state[name], getattr(own[name], "shard", None))
+                           for name in own if name in state}, strict=True)
+
+
+def merge_over_pipeline(part: dict, pp_group) -> dict:
+    """Every pipeline stage's part of a dict, merged by key on every rank of the pp group
+    (each stage holds different layers)."""
+    if pp_group is None or dist.get_world_size(pp_group) == 1:
+        return part
+    parts = [None] * dist.get_world_size(pp_group)
+    dist.all_gather_object(parts, part, group=pp_group)
+    merged: dict = {}
+    for p in parts:
+        merged.update(p)
+    return merged

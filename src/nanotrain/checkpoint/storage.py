@@ -1,0 +1,189 @@
+"""The on-disk format (version 2): one safetensors file per rank plus one index.
+
+    step_00000500/
+        metadata.json            format version, step, the layout that wrote it, the LR
+                                 schedule, loss scaler, data position, config; and for every
+                                 logical tensor: its shape, dtype and the boxes that hold it
+        tokenizer.json
+        rank_00000.safetensors   the boxes rank 0 wrote (each box written by one rank only)
+        rank_00001.safetensors
+        ...
+
+metadata.json, tensors section:
+
+    "model/layers.0.attn.wo.weight": {"shape": [64, 64], "dtype": "float32", "chunks": [
+        {"file": "rank_00000.safetensors", "key": "model/layers.0.attn.wo.weight@0,0", "offsets": [0, 0], "sizes": [64, 32]},
+        {"file": "rank_00001.safetensors", "key": "model/layers.0.attn.wo.weight@0,32", "offsets": [0, 32], "sizes": [64, 32]}]}
+
+Reading a box copies in the overlap of every chunk that intersects it (safetensors reads
+slices of a file without loading the rest). This is what torch.distributed.checkpoint
+does with DTensor/ShardedTensor metadata; nano-train spells it out because ZeRO's flat
+slices are not DTensor placements, and because a learner can open the JSON and see where
+every slice of every tensor went.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from .pieces import Piece
+
+FORMAT_VERSION = 2
+METADATA = "metadata.json"
+TOKENIZER = "tokenizer.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: the message says what is wrong and what to do."""
+
+
+def rank_file(rank: int) -> str:
+    return f"rank_{rank:05d}.safetensors"
+
+
+def chunk_key(name: str, offsets) -> str:
+    """A box's key in its rank file (a rank may hold several boxes of one tensor under ZeRO)."""
+    return f"{name}@{','.join(map(str, offsets))}"
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def build_metadata(entries: list[tuple], owners: dict[tuple, int]) -> dict[str, dict]:
+    """The tensors section from every rank's (name, offsets, sizes, shape, dtype) entries and
+    the rank that writes each box."""
+    tensors: dict[str, dict] = {}
+    for name, offsets, sizes, shape, dtype in entries:
+        key = (name, offsets, sizes)
+        t = tensors.setdefault(name, {"shape": list(shape), "dtype": dtype, "chunks": []})
+        if list(shape) != t["shape"]:
+            raise CheckpointError(f"ranks disagree on the shape of {name}: {t['shape']} and {list(shape)}")
+        if key in owners:
+            rank = owners.pop(key)
+            t["chunks"].append({"file": rank_file(rank), "key": chunk_key(name, offsets),
+                                "offsets": list(offsets), "sizes": list(sizes)})
+    return tensors
+
+
+def read_metadata(folder: Path) -> dict[str, Any]:
+    path = folder / METADATA
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"cannot read {path}: {e}. The checkpoint is incomplete or damaged; resume from "
+                              "an earlier one.") from None
+    version = meta.get("format_version")
+    if version != FORMAT_VERSION:
+        raise CheckpointError(f"checkpoint {folder} has format version {version}, this nano-train reads version "
+                              f"{FORMAT_VERSION}. Resume it with the nano-train version that wrote it.")
+    return meta
+
+
+class CheckpointReader:
+    """A complete checkpoint folder: its objects, and any box of any logical tensor."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        if (self.folder / "state.pt").is_file() and not (self.folder / METADATA).is_file():
+            raise CheckpointError(f"checkpoint {self.folder} is in format version 1 (one state.pt), this "
+                                  f"nano-train reads version {FORMAT_VERSION}. Resume it with the nano-train version "
+                                  "that wrote it, or start from its weights with an older `nanotrain convert --to-hf`.")
+        self.meta = read_metadata(self.folder)
+        self.tensors: dict[str, dict] = self.meta["tensors"]
+        files = sorted({c["file"] for t in self.tensors.values() for c in t["chunks"]})
+        missing = [f for f in files if not (self.folder / f).is_file()]
+        if missing:
+            held = {f: sorted(n for n, t in self.tensors.items() if any(c["file"] == f for c in t["chunks"]))
+                    for f in missing}
+            raise CheckpointError(
+                f"checkpoint {self.folder} is missing {len(missing)} shard file(s): "
+                + "; ".join(f"{f} (holds parts of {len(h)} tensors, e.g. {h[0]})" for f, h in held.items())
+                + ". Copy the whole checkpoint folder, or resume from an earlier checkpoint.")
+        self._open: dict[str, Any] = {}
+
+    @property
+    def step(self) -> int:
+        return self.meta["step"]
+
+    @property
+    def objects(self) -> dict[str, Any]:
+        return self.meta["objects"]
+
+    def tokenizer_json(self) -> str:
+        return (self.folder / TOKENIZER).read_text()
+
+    def has(self, name: str) -> bool:
+        return name in self.tensors
+
+    def _file(self, name: str):
+        if name not in self._open:
+            self._open[name] = safe_open(str(self.folder / name), framework="pt", device="cpu")
+        return self._open[name]
+
+    @torch.no_grad()
+    def fill(self, piece: Piece) -> None:
+        """Copy the saved values of piece's box into piece.tensor (any layout wrote them)."""
+        meta = self.tensors.get(piece.name)
+        if meta is None:
+            raise CheckpointError(f"checkpoint {self.folder} has no tensor {piece.name}: it was saved from a "
+                                  "different model or optimizer. Resume with the config it was written with.")
+        if tuple(meta["shape"]) != piece.shape:
+            raise CheckpointError(f"{piece.name} has shape {meta['shape']} in checkpoint {self.folder}, this "
+                                  f"run's model has {list(piece.shape)}: resume with the config it was written with.")
+        covered = 0
+        for chunk in meta["chunks"]:
+            lo = [max(a, b) for a, b in zip(piece.offsets, chunk["offsets"])]
+            hi = [min(a + s, b + t) for a, s, b, t in zip(piece.offsets, piece.sizes, chunk["offsets"], chunk["sizes"])]
+            if any(a >= b for a, b in zip(lo, hi)):
+                continue
+            src = self._read(chunk, tuple(slice(a - o, b - o) for a, b, o in zip(lo, hi, chunk["offsets"])))
+            dst = piece.tensor
+            for d, (a, b, o) in enumerate(zip(lo, hi, piece.offsets)):
+                dst = dst.narrow(d, a - o, b - a)
+            dst.copy_(src)
+            covered += src.numel()
+        if covered != piece.tensor.numel():
+            raise CheckpointError(f"checkpoint {self.folder} holds {covered} of the {piece.tensor.numel()} values "
+                                  f"of {piece.name} at {list(piece.offsets)}+{list(piece.sizes)}: a shard is "
+                                  "missing or damaged. Resume from an earlier checkpoint.")
+
+    def _read(self, chunk: dict, box: tuple[slice, ...]) -> torch.Tensor:
+        try:
+            f = self._file(chunk["file"])
+            return f.get_slice(chunk["key"])[box] if box else f.get_tensor(chunk["key"])
+        except Exception as e:  # a truncated or overwritten file (safetensors' own error types)
+            raise CheckpointError(f"cannot read {chunk['key']} from {self.folder / chunk['file']}: {e}. The file is "
+                                  "damaged; resume from an earlier checkpoint.") from None
+
+    def full(self, name: str) -> torch.Tensor:
+        """A whole logical tensor, assembled from its boxes."""
+        meta = self.tensors[name]
+        t = torch.empty(meta["shape"], dtype=getattr(torch, meta["dtype"]))
+        self.fill(Piece(name, t, (0,) * t.dim(), tuple(t.shape)))
+        return t
+
+    def full_state(self, prefix: str) -> dict[str, torch.Tensor]:
+        """Every tensor under `prefix` ("model/"), whole, keyed by the rest of its name."""
+        return {n[len(prefix):]: self.full(n) for n in self.tensors if n.startswith(prefix)}
+
+
+def check_compatible(saved_cfg: dict[str, Any], cfg_dict: dict[str, Any], path: Path) -> None:
+    """The model and the data stream must match to continue a run; the layout, zero stage,
+    micro-batches and the rest may change."""
+    diffs = []
+    for section, keys in (("model", None), ("data", ("path", "tokenizer", "vocab_size", "val_fraction")),
+                          ("train", ("seed", "seq_len", "batch_size"))):
+        old, new = saved_cfg.get(section, {}), cfg_dict[section]
+        for key in keys or new.keys():
+            if old.get(key) != new.get(key):
+                diffs.append(f"{section}.{key}: checkpoint has {old.get(key)!r}, config has {new.get(key)!r}")
+    if diffs:
+        raise CheckpointError(f"checkpoint {path} does not match this config:\n  - " + "\n  - ".join(diffs)
+                              + "\nUse the config the run was started with (saved in the checkpoint), "
+                              "or start a fresh run without checkpoint.resume.")
