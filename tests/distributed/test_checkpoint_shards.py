@@ -1,0 +1,86 @@
+"""What a sharded save writes: every rank its own file, every value once, every box named
+by its place in the logical tensor; and what a damaged folder says."""
+
+import dataclasses
+import json
+import math
+
+import pytest
+import torch
+
+from nanotrain.checkpoint import CheckpointError, CheckpointReader, load_checkpoint
+from nanotrain.config import Config
+from nanotrain.parallel.launch import run_world
+from nanotrain.runtime import RuntimeEngine
+from test_resume_across_layouts import SMALL, run_config
+
+
+def _train_and_shards(cfg_dict):
+    """Train, then return this rank's tensor-parallel shards of two weights, and its moments."""
+    cfg = Config.from_dict(cfg_dict)
+    engine = RuntimeEngine(cfg)
+    kept = {}
+    original = engine.train_step
+
+    def train_step(step, model, data, opt, lr, ctx):
+        out = original(step, model, data, opt, lr, ctx)
+        if step + 1 == cfg.train.max_steps:  # after the last update: what the final save writes
+            params = dict(model.named_parameters())
+            kept["wo"] = params["layers.0.attn.wo.weight"].detach().clone()
+            kept["norm"] = params["layers.0.attn_norm.weight"].detach().clone()
+            kept["tp_rank"] = ctx.parallel.tp_rank
+        return out
+
+    engine.train_step = train_step
+    engine.run()
+    return kept
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("shards")
+    cfg = run_config(tmp, "run", *SMALL, "--train.max_steps=3", "--parallel.tp=2", "--parallel.dp=2",
+                     "--optimizer.zero_stage=2", "--parallel.bucket_mb=0.01")
+    ranks = run_world(_train_and_shards, 4, dataclasses.asdict(cfg))
+    return tmp / "run" / "checkpoints" / "step_00000003", ranks
+
+
+def test_each_rank_writes_its_file_and_each_value_once(saved):
+    folder, _ = saved
+    meta = json.loads((folder / "metadata.json").read_text())
+    assert meta["format_version"] == 2 and meta["step"] == 3 and meta["world_size"] == 4
+    assert meta["objects"]["layout"] == {"world_size": 4, "tp": 2, "pp": 1, "dp": 2, "ep": 1, "sequence_parallel": False,
+                                         "zero_stage": 2, "micro_batch_size": 4}
+    assert meta["objects"]["data"] == {"step": 3, "samples_seen": 24, "tokens_seen": 384}
+    assert sorted(p.name for p in folder.glob("rank_*.safetensors")) == [f"rank_0000{r}.safetensors" for r in range(4)]
+    for name, t in meta["tensors"].items():
+        # The boxes tile the tensor: no value is missing and none is written twice.
+        assert sum(math.prod(c["sizes"]) for c in t["chunks"]) == math.prod(t["shape"]), name
+    wo = meta["tensors"]["model/layers.0.attn.wo.weight"]  # row-parallel: split along its input dim
+    assert sorted(c["offsets"] for c in wo["chunks"]) == [[0, 0], [0, 16]]
+    assert all(c["sizes"] == [32, 16] for c in wo["chunks"])
+    assert len(meta["tensors"]["model/layers.0.attn_norm.weight"]["chunks"]) == 1  # replicated: written once
+    # ZeRO-2 over dp=2 on each tp rank: each moment's boxes come from more than one rank.
+    files = {c["file"] for n, t in meta["tensors"].items() if n.startswith("optim/exp_avg/") for c in t["chunks"]}
+    assert len(files) == 4
+    assert {f"rng/torch/rank{r}" for r in range(4)} <= set(meta["tensors"])
+
+
+def test_reading_whole_tensors_from_boxes(saved):
+    folder, ranks = saved
+    reader = load_checkpoint(folder)
+    by_tp = {r["tp_rank"]: r for r in ranks}
+    assert torch.equal(reader.full("model/layers.0.attn.wo.weight"), torch.cat([by_tp[0]["wo"], by_tp[1]["wo"]], 1))
+    assert torch.equal(reader.full("model/layers.0.attn_norm.weight"), ranks[0]["norm"])
+    assert reader.full("optim/step").item() == 3
+
+
+def test_missing_shard_is_named(saved, tmp_path):
+    import shutil
+
+    folder, _ = saved
+    copy = tmp_path / "step_00000003"
+    shutil.copytree(folder, copy)
+    (copy / "rank_00002.safetensors").unlink()
+    with pytest.raises(CheckpointError, match=r"missing 1 shard file\(s\): rank_00002.safetensors"):
+        CheckpointReader(copy)
