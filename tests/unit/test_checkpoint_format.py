@@ -5,7 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from nanotrain.checkpoint import CheckpointError, CheckpointManager, Piece, flat_pieces, flat_range_boxes, load_checkpoint
+from nanotrain.checkpoint import (CheckpointError, CheckpointManager, Piece, flat_pieces, flat_range_boxes,
+                                  load_checkpoint)
 from nanotrain.layers import Shard
 
 

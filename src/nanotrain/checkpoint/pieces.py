@@ -60,7 +60,10 @@ def sharded(name: str, t: torch.Tensor, shard, local_offsets: tuple[int, ...] | 
     return Piece(name, t, tuple(offsets), tuple(shape))
 
 
-def flat_range_boxes(shape: tuple[int, ...], start: int, end: int) -> list[tuple[tuple[int, ...], tuple[int, ...], int]]:
+Box = tuple[tuple[int, ...], tuple[int, ...], int]  # (offsets, sizes, flat position of its first element)
+
+
+def flat_range_boxes(shape: tuple[int, ...], start: int, end: int) -> list[Box]:
     """The boxes (offsets, sizes, flat start) that make up elements [start, end) of a
     row-major tensor of `shape`, in order; each box is a contiguous run of the range."""
     if start >= end:

@@ -12,8 +12,10 @@
 metadata.json, tensors section:
 
     "model/layers.0.attn.wo.weight": {"shape": [64, 64], "dtype": "float32", "chunks": [
-        {"file": "rank_00000.safetensors", "key": "model/layers.0.attn.wo.weight@0,0", "offsets": [0, 0], "sizes": [64, 32]},
-        {"file": "rank_00001.safetensors", "key": "model/layers.0.attn.wo.weight@0,32", "offsets": [0, 32], "sizes": [64, 32]}]}
+        {"file": "rank_00000.safetensors", "key": "model/layers.0.attn.wo.weight@0,0",
+         "offsets": [0, 0], "sizes": [64, 32]},
+        {"file": "rank_00001.safetensors", "key": "model/layers.0.attn.wo.weight@0,32",
+         "offsets": [0, 32], "sizes": [64, 32]}]}
 
 Reading a box copies in the overlap of every chunk that intersects it (safetensors reads
 slices of a file without loading the rest). This is what torch.distributed.checkpoint

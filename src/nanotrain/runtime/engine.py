@@ -271,7 +271,8 @@ class RuntimeEngine:
             "config": cfg.to_dict(), "val_loss": val_loss,
             "lr_schedule": {"step": step, "next_lr": schedule.lr(step)},  # the lr the continuation starts with
             # The data position: the batch at step s is a function of (seed, s) (data/sampler.py).
-            "data": {"step": step, "samples_seen": step * cfg.train.batch_size, "tokens_seen": step * data.tokens_per_step},
+            "data": {"step": step, "samples_seen": step * cfg.train.batch_size,
+                     "tokens_seen": step * data.tokens_per_step},
             "loss_scaler": None,  # fp16 dynamic loss scaling (issue 7) stores its scale here
             "layout": {"world_size": ctx.world_size, "tp": ps.tp, "pp": ps.pp, "dp": ps.dp, "ep": ps.ep,
                        "sequence_parallel": cfg.parallel.sequence_parallel, "zero_stage": cfg.optimizer.zero_stage,
