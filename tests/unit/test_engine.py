@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import torch
 
 from nanotrain.checkpoint import CheckpointError
 from nanotrain.config import ConfigError

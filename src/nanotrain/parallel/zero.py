@@ -137,6 +137,7 @@ class ZeroOptimizer:
             sum_group = ps.embd_group if shared else (ps.tp_group if sp and ps.tp > 1 else None)
             self.categories.append(Category(self._bucketize(members, group, bucket_mb * 2**20), decay, sum_group))
         self.buckets = [b for c in self.categories for b in c.buckets]
+        self.has_experts = any(getattr(p, "expert_parallel", False) for p in params)
         # Master weights: this rank's fp32 slices, the only ones AdamW updates. The parameters
         # are fp32 here, so the slices of the buckets themselves serve (no copy; the all-gather
         # then runs in place). Parameters in a low-precision dtype would need fp32 copies.
@@ -272,8 +273,9 @@ class ZeroOptimizer:
         parts = torch.stack([torch.stack(torch._foreach_norm(s)).pow(2).sum() if s else torch.zeros((), device=device)
                              for s in (slices["dp"], slices["edp"])])
         parts[0:1] = all_reduce(parts[0:1].clone(), ps.dp_group)  # each dp rank holds different slices
-        parts[1:2] = all_reduce(parts[1:2].clone(), ps.edp_group)
-        parts[1:2] = all_reduce(parts[1:2].clone(), ps.ep_group)  # each ep rank holds different experts
+        if self.has_experts:  # (without experts the edp sum would be one more collective, of zeros)
+            parts[1:2] = all_reduce(parts[1:2].clone(), ps.edp_group)
+            parts[1:2] = all_reduce(parts[1:2].clone(), ps.ep_group)  # each ep rank holds different experts
         total = parts.sum()
         all_reduce(total, ps.tp_group)
         all_reduce(total, ps.pp_group)
