@@ -138,3 +138,22 @@ def test_expert_parallel_checkpoint_resumes_without_it(tmp_path):
     for losses, steps in ((first, range(1, 6)), (resumed, range(6, 11))):
         for step in steps:
             assert losses[step] == pytest.approx(straight[step], rel=1e-5), step
+
+
+def test_4d_zero2_checkpoint_resumes_on_one_process(tmp_path):
+    """Saved by 8 processes at tp=2 x pp=2 x dp=2 x ep=2 with sequence parallelism and ZeRO-2
+    (every tensor cut four ways at once), resumed on one process without ZeRO."""
+    from test_deepseek import TINY  # noqa: E402
+
+    def cfg(out, *extra):
+        return run_config(tmp_path, out, *TINY, "--schedule.decay_steps=8", "--model.bias_update_rate=0.01",
+                          "--parallel.bucket_mb=0.02", *extra)
+
+    straight = RuntimeEngine(cfg("one", "--train.max_steps=8")).run().losses
+    first = run_world(_train, 8, dataclasses.asdict(cfg(
+        "par", "--train.max_steps=4", "--parallel.tp=2", "--parallel.pp=2", "--parallel.dp=2", "--parallel.ep=2",
+        "--parallel.sequence_parallel=true", "--optimizer.zero_stage=2", "--train.micro_batch_size=2")))[0]
+    resumed = RuntimeEngine(cfg("par", "--train.max_steps=8", "--checkpoint.resume=latest")).run().losses
+    for losses, steps in ((first, range(1, 5)), (resumed, range(5, 9))):
+        for step in steps:
+            assert losses[step] == pytest.approx(straight[step], rel=1e-5), step
