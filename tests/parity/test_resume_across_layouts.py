@@ -28,19 +28,23 @@ def run_config(tmp_path, out, *args):
 SMALL = ["--model.d_model=32", "--model.n_layers=2", "--model.vocab_size=68", "--schedule.decay_steps=12"]
 
 
-def test_tp2_dp2_checkpoint_resumes_on_one_process(tmp_path):
-    def cfg(out, *extra):
-        return run_config(tmp_path, out, *SMALL, *extra)
+def check_resume_chain(cfg, *segments):
+    """segments: (world size, last step, layout args...). The first trains from scratch, each
+    next one resumes the previous one's latest checkpoint; every step's loss must be that of
+    a run on one process all along (cfg(out, *args) builds the config)."""
+    straight = RuntimeEngine(cfg("one", f"--train.max_steps={segments[-1][1]}")).run().losses
+    done = 0
+    for i, (world, last, *args) in enumerate(segments):
+        c = cfg("par", f"--train.max_steps={last}", *args, *(["--checkpoint.resume=latest"] if i else []))
+        losses = RuntimeEngine(c).run().losses if world == 1 else run_world(_train, world, dataclasses.asdict(c))[0]
+        for step in range(done + 1, last + 1):
+            assert losses[step] == pytest.approx(straight[step], rel=1e-5), (i, step)
+        done = last
 
-    straight = RuntimeEngine(cfg("one", "--train.max_steps=12")).run().losses
-    parallel = cfg("par", "--train.max_steps=6", "--parallel.tp=2", "--parallel.dp=2",
-                   "--parallel.sequence_parallel=true")
-    first = run_world(_train, 4, dataclasses.asdict(parallel))[0]
-    resumed = RuntimeEngine(cfg("par", "--train.max_steps=12", "--checkpoint.resume=latest")).run().losses
-    for step in range(1, 7):
-        assert first[step] == pytest.approx(straight[step], rel=1e-5)
-    for step in range(7, 13):
-        assert resumed[step] == pytest.approx(straight[step], rel=1e-5)
+
+def test_tp2_dp2_checkpoint_resumes_on_one_process(tmp_path):
+    check_resume_chain(lambda out, *extra: run_config(tmp_path, out, *SMALL, *extra),
+                       (4, 6, "--parallel.tp=2", "--parallel.dp=2", "--parallel.sequence_parallel=true"), (1, 12))
 
 
 def test_pipeline_checkpoint_resumes_under_another_pipeline(tmp_path):
@@ -80,33 +84,15 @@ def test_zero_checkpoint_resumes_under_another_stage_and_dp(tmp_path):
     """Saved under dp=4 with ZeRO-2 (each rank writes its slices of the moments, cut into
     boxes of the parameters), resumed under dp=2 with ZeRO-1 (other slices), then on one
     process without ZeRO: the losses of one process all along."""
-    def cfg(out, *extra):
-        return run_config(tmp_path, out, *SMALL, "--parallel.bucket_mb=0.02", *extra)
-
-    straight = RuntimeEngine(cfg("one", "--train.max_steps=12")).run().losses
-    first = run_world(_train, 4, dataclasses.asdict(cfg("par", "--train.max_steps=4", "--parallel.dp=4",
-                                                        "--optimizer.zero_stage=2")))[0]
-    second = run_world(_train, 2, dataclasses.asdict(cfg("par", "--train.max_steps=8", "--parallel.dp=2",
-                                                         "--optimizer.zero_stage=1", "--checkpoint.resume=latest")))[0]
-    third = RuntimeEngine(cfg("par", "--train.max_steps=12", "--checkpoint.resume=latest")).run().losses
-    for losses, steps in ((first, range(1, 5)), (second, range(5, 9)), (third, range(9, 13))):
-        for step in steps:
-            assert losses[step] == pytest.approx(straight[step], rel=1e-5), step
+    check_resume_chain(lambda out, *extra: run_config(tmp_path, out, *SMALL, "--parallel.bucket_mb=0.02", *extra),
+                       (4, 4, "--parallel.dp=4", "--optimizer.zero_stage=2"),
+                       (2, 8, "--parallel.dp=2", "--optimizer.zero_stage=1"), (1, 12))
 
 
 def test_pipeline_checkpoint_resumes_without_pipeline(tmp_path):
     """Saved under pp=2 x dp=2 (each stage writes its layers), resumed under dp=2 alone."""
-    def cfg(out, *extra):
-        return run_config(tmp_path, out, *SMALL, "--train.micro_batch_size=2", *extra)
-
-    straight = RuntimeEngine(cfg("one", "--train.max_steps=12")).run().losses
-    first = run_world(_train, 4, dataclasses.asdict(cfg("par", "--train.max_steps=6", "--parallel.pp=2",
-                                                        "--parallel.dp=2")))[0]
-    resumed = run_world(_train, 2, dataclasses.asdict(cfg("par", "--train.max_steps=12", "--parallel.dp=2",
-                                                          "--checkpoint.resume=latest")))[0]
-    for losses, steps in ((first, range(1, 7)), (resumed, range(7, 13))):
-        for step in steps:
-            assert losses[step] == pytest.approx(straight[step], rel=1e-5), step
+    check_resume_chain(lambda out, *extra: run_config(tmp_path, out, *SMALL, "--train.micro_batch_size=2", *extra),
+                       (4, 6, "--parallel.pp=2", "--parallel.dp=2"), (2, 12, "--parallel.dp=2"))
 
 
 def test_same_layout_resume_is_bit_exact(tmp_path):
@@ -130,16 +116,9 @@ def test_expert_parallel_checkpoint_resumes_without_it(tmp_path):
     with the router biases), resumed on one process: the losses of one process all along."""
     from test_deepseek import TINY  # noqa: E402  (tests/unit is on sys.path through conftest)
 
-    def cfg(out, *extra):
-        return run_config(tmp_path, out, *TINY, "--schedule.decay_steps=10", "--model.bias_update_rate=0.01", *extra)
-
-    straight = RuntimeEngine(cfg("one", "--train.max_steps=10")).run().losses
-    first = run_world(_train, 2, dataclasses.asdict(cfg("par", "--train.max_steps=5", "--parallel.dp=2",
-                                                        "--parallel.ep=2")))[0]
-    resumed = RuntimeEngine(cfg("par", "--train.max_steps=10", "--checkpoint.resume=latest")).run().losses
-    for losses, steps in ((first, range(1, 6)), (resumed, range(6, 11))):
-        for step in steps:
-            assert losses[step] == pytest.approx(straight[step], rel=1e-5), step
+    check_resume_chain(lambda out, *extra: run_config(tmp_path, out, *TINY, "--schedule.decay_steps=10",
+                                                      "--model.bias_update_rate=0.01", *extra),
+                       (2, 5, "--parallel.dp=2", "--parallel.ep=2"), (1, 10))
 
 
 def test_4d_zero2_checkpoint_resumes_on_one_process(tmp_path):
@@ -147,15 +126,9 @@ def test_4d_zero2_checkpoint_resumes_on_one_process(tmp_path):
     (every tensor cut four ways at once), resumed on one process without ZeRO."""
     from test_deepseek import TINY  # noqa: E402
 
-    def cfg(out, *extra):
-        return run_config(tmp_path, out, *TINY, "--schedule.decay_steps=8", "--model.bias_update_rate=0.01",
-                          "--parallel.bucket_mb=0.02", *extra)
-
-    straight = RuntimeEngine(cfg("one", "--train.max_steps=8")).run().losses
-    first = run_world(_train, 8, dataclasses.asdict(cfg(
-        "par", "--train.max_steps=4", "--parallel.tp=2", "--parallel.pp=2", "--parallel.dp=2", "--parallel.ep=2",
-        "--parallel.sequence_parallel=true", "--optimizer.zero_stage=2", "--train.micro_batch_size=2")))[0]
-    resumed = RuntimeEngine(cfg("par", "--train.max_steps=8", "--checkpoint.resume=latest")).run().losses
-    for losses, steps in ((first, range(1, 5)), (resumed, range(5, 9))):
-        for step in steps:
-            assert losses[step] == pytest.approx(straight[step], rel=1e-5), step
+    check_resume_chain(lambda out, *extra: run_config(tmp_path, out, *TINY, "--schedule.decay_steps=8",
+                                                      "--model.bias_update_rate=0.01", "--parallel.bucket_mb=0.02",
+                                                      *extra),
+                       (8, 4, "--parallel.tp=2", "--parallel.pp=2", "--parallel.dp=2", "--parallel.ep=2",
+                        "--parallel.sequence_parallel=true", "--optimizer.zero_stage=2", "--train.micro_batch_size=2"),
+                       (1, 8))
