@@ -34,8 +34,10 @@ Memory, per rank (rank 0 printed), measured separately in a fresh world per impl
 optimizer state (moments; our fp32 master slices are the parameters themselves) held at the step of
 step 3 (after backward and the gradient sync, when all three exist), counted from the actual
 tensors by distinct storage (a view counts its whole storage once: flat buckets, padding
-included; DTensors by their local shards), and peak RSS (ru_maxrss) of the process as a
-coarse second figure (it includes torch itself, ~the same for all).
+included; DTensors by their local shards); peak RSS (ru_maxrss) of the process (it includes
+torch itself, ~the same for all); and the peak RSS above the RSS just before the model was
+built: the most the implementation ever held at once, transient buffers included (FSDP2's
+all-gathered parameters during forward and backward, our gradient buckets in flight).
 
 Goal: ours / peer <= 1.0 in time, and no more memory than the peer.
 """
@@ -192,6 +194,7 @@ def worker(mcfg: dict, a: dict, names: list[str], probe: bool) -> dict:
 
     makers = {"ours1": lambda: make_ours("ours1", 1), "zro": make_zro,
               "ours2": lambda: make_ours("ours2", 2), "fsdp2": make_fsdp2}
+    rss_start = current_rss()  # before the model exists: the peak above it is the implementation's own
     fns = {n: makers[n]() for n in names}
     times, losses = alternate_rounds(fns, a["steps"], a["rounds"], dist.barrier)
     for name in losses:  # global mean loss per step: the sum of the ranks' shares
@@ -199,7 +202,14 @@ def worker(mcfg: dict, a: dict, names: list[str], probe: bool) -> dict:
         dist.all_reduce(stacked)
         losses[name] = stacked.tolist()
     return {"times": times, "losses": losses, "memory": memory,
-            "rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}  # kB on Linux
+            "rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # kB on Linux
+            "rss_start": rss_start}
+
+
+def current_rss() -> int:
+    """Resident bytes of this process now (Linux)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
 
 
 def main() -> None:
@@ -228,7 +238,7 @@ def main() -> None:
     mem = {}
     for n in names:
         r = run_world(worker, args.dp, mcfg, mem_a, [n], True)[0]
-        mem[n] = dict(r["memory"][n], rss=r["rss"])
+        mem[n] = dict(r["memory"][n], rss=r["rss"], rss_peak=r["rss"] - r["rss_start"])
         mem[n]["total"] = mem[n]["params"] + mem[n]["grads"] + mem[n]["optimizer"]
 
     n_params = sum(p.numel() for p in TransformerModel(ModelConfig(**mcfg)).parameters())
@@ -256,16 +266,17 @@ def main() -> None:
         m = mem[n]
         rows.append([LABELS[n], f"{statistics.median(times[n]) * 1e3:.1f}", f"{m['params'] / MB:.2f}",
                      f"{m['grads'] / MB:.2f}", f"{m['optimizer'] / MB:.2f}", f"{m['total'] / MB:.2f}",
-                     f"{m['rss'] / MB:.0f}"])
+                     f"{m['rss'] / MB:.0f}", f"{m['rss_peak'] / MB:.1f}"])
     print(table(rows, ["implementation", "step ms (median)", "params MB", "grads MB", "opt state MB",
-                       "total MB", "peak RSS MB"]))
+                       "total MB", "peak RSS MB", "peak RSS above start MB"]))
     print(f"\nmemory is per rank (rank 0), at the optimizer step (after backward + gradient sync), "
           f"from distinct tensor storages; fp32 model = {4 * n_params / MB:.2f} MB")
     for ours, peer, label in PAIRS:
         ratio = statistics.median(o / p for o, p in zip(times[ours], times[peer]))
         mo, mp = mem[ours], mem[peer]
         print(f"ours / {label} = {ratio:.2f} (time), {mo['total'] / mp['total']:.2f} (state bytes)"
-              f"   [optimizer state alone {mo['optimizer'] / mp['optimizer']:.2f}, peak RSS {mo['rss'] / mp['rss']:.2f}]")
+              f"   [optimizer state alone {mo['optimizer'] / mp['optimizer']:.2f}, peak RSS {mo['rss'] / mp['rss']:.2f}, "
+              f"peak RSS above start {mo['rss_peak'] / mp['rss_peak']:.2f}]")
     print(f"(time: median of {args.rounds} paired round(s); goal <= 1.0 and no more memory than the peer)")
     if not ok:
         print("WARNING: losses differ by more than 1e-5 relative: the comparison is not like for like")

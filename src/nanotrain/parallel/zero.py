@@ -9,8 +9,9 @@ each of the dp ranks 1/dp of them:
            are all-gathered into every rank's parameters.
   stage 2: gradients reduce-scattered instead, bucket by bucket as backward produces
            them, so each rank keeps only its shard of the gradients too (summed over the
-           micro-batches of the step in the shard; the full gradient of a bucket lives
-           only until its reduce-scatter is posted).
+           micro-batches of the step in the shard). Each gradient is copied into its
+           bucket's staging buffer as soon as backward produces it, and dropped; the
+           buffer lives until its reduce-scatter is done (DeepSpeed's IPG bucket).
 
 Layout. Parameters that are synced over the same group (dp, or expert-dp for experts)
 and handled alike (weight decay or not; sequence-parallel partial sums; the pipeline
@@ -65,6 +66,7 @@ class FlatBucket:
     offsets: list[int] = field(default_factory=list)
     ready: int = 0
     grad_flat: torch.Tensor | None = None  # stage 1: the gradients, end to end (their .grad are views)
+    staging: torch.Tensor | None = None  # stage 2: this backward's gradients, copied in as they arrive
 
     def attach_grads(self) -> None:
         """Stage 1: make each parameter's .grad a view into grad_flat, so that backward
@@ -90,14 +92,14 @@ class FlatBucket:
             if a < b:
                 yield p, a - lo, b - lo, a - off
 
-    def flat_grads(self) -> torch.Tensor:
-        """The bucket's gradients end to end, zero where a parameter has none (an idle expert)."""
-        parts = [p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel(), device=self.flat.device)
-                 for p in self.params]
-        pad = self.flat.numel() - sum(p.numel() for p in self.params)
-        if pad:
-            parts.append(torch.zeros(pad, device=self.flat.device))
-        return torch.cat(parts)
+    def stage_grad(self, p: nn.Parameter, offset: int) -> None:
+        """Stage 2: copy p's fresh gradient into the bucket's staging buffer and drop it, so the
+        whole gradients of a bucket exist once (DeepSpeed's IPG bucket); zeros where a
+        parameter gets none (an idle expert) and in the padding."""
+        if self.staging is None:
+            self.staging = torch.zeros_like(self.flat)
+        self.staging[offset:offset + p.numel()].copy_(p.grad.reshape(-1))
+        p.grad = None
 
 
 @dataclass
@@ -155,7 +157,8 @@ class ZeroOptimizer:
             lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, foreach=True)
         self.sync_enabled = True
         self._queues = {}
-        self._pending: list[tuple[dist.Work | None, torch.Tensor | None, FlatBucket]] = []
+        # (work, this rank's reduced slice (stage 2), bucket, the buffer sent: alive until the work is done)
+        self._pending: list[tuple[dist.Work | None, torch.Tensor | None, FlatBucket, torch.Tensor | None]] = []
         # Post each group's buckets in the order backward fills them (the position of their
         # first parameter in backward order), whatever category they belong to.
         backward_pos = {p: i for i, p in enumerate(reversed(params))}
@@ -163,6 +166,7 @@ class ZeroOptimizer:
             self._queues.setdefault(b.group, []).append(b)
         self._order = {g: list(q) for g, q in self._queues.items()}
         self._bucket_of = {p: b for b in self.buckets for p in b.params}
+        self._offset_of = {p: off for b in self.buckets for p, off in zip(b.params, b.offsets)}
         for p in params:
             p.register_post_accumulate_grad_hook(self._on_grad_ready)
 
@@ -225,6 +229,8 @@ class ZeroOptimizer:
         if not self.sync_enabled:
             return
         b = self._bucket_of[p]
+        if self.stage == 2:
+            b.stage_grad(p, self._offset_of[p])
         b.ready += 1
         queue = self._queues[b.group]
         while queue and queue[0].ready == len(queue[0].params):  # in order, as GradSync
@@ -234,23 +240,22 @@ class ZeroOptimizer:
         b.ready = 0
         if self.stage == 1:  # all-reduce the buffer in place; every rank then reads its slice
             work = dist.all_reduce(b.grad_flat, group=b.group, async_op=True) if b.size > 1 else None
-            self._pending.append((work, None, b))
+            self._pending.append((work, None, b, None))
             return
-        flat = b.flat_grads()
-        for p in b.params:
-            p.grad = None  # the full gradient is not kept: only this rank's slice, after the reduce-scatter
+        flat = b.staging if b.staging is not None else torch.zeros_like(b.flat)  # zeros: nothing arrived
+        b.staging = None  # freed once the reduce-scatter is done: only this rank's slice is kept
         out = torch.empty(b.shard_numel, device=flat.device)
         work = _reduce_scatter(out, flat, group=b.group, async_op=True) if b.size > 1 else None
         if work is None:
             out.copy_(flat)
-        self._pending.append((work, out, b))
+        self._pending.append((work, out, b, flat))
 
     def sync_grads(self) -> None:
         """Wait for the reductions; then this rank's summed gradient slices are in self.grad
         (stage 1: views of the whole, all-reduced gradients; stage 2: the only copy)."""
         if self.stage == 1:  # every chunk's gradients are complete now
             self._post_rest()
-        for work, out, b in self._pending:
+        for work, out, b, *_ in self._pending:
             if work is not None:
                 work.wait()
             if out is not None:
