@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import tomllib
 import types
 import typing
@@ -110,15 +111,37 @@ class ParallelConfig:
     pp_partition: Literal["layers", "params"] = "layers"
 
 
+LOW_BIT_RECIPES = ("fp8_tensorwise", "fp8_deepseek", "nvfp4", "mxfp4")
+RECIPES = ("fp32", "bf16") + LOW_BIT_RECIPES
+
+
 @dataclass
 class PrecisionConfig:
     # fp32: everything in fp32. bf16: parameters and optimizer in fp32, matmuls
     # under torch.autocast(bfloat16) (no loss scaling needed: bf16 has fp32's range).
-    recipe: Literal["fp32", "bf16"] = "bf16"
+    # The low-bit recipes (precision/recipes.py) run every linear layer's three GEMMs with
+    # quantised operands (emulated exactly on CPU) and everything else under bf16 autocast.
+    recipe: Literal["fp32", "bf16", "fp8_tensorwise", "fp8_deepseek", "nvfp4", "mxfp4"] = "bf16"
     # dtype of RoPE + softmax(QK^T)V under bf16. auto: fp32 on CPU (PyTorch's bf16
     # flash-attention backward is ~3x slower than fp32 on CPUs without AMX; measured in
     # docs/performance.md), the autocast dtype on CUDA (flash attention's fast path).
     attention: Literal["auto", "fp32", "autocast"] = "auto"
+    # Per-module recipes: "pattern=recipe", pattern a glob on module names ("layers.0.*",
+    # "*.mlp.*") or a regex after "re:"; the last match wins. On the command line: comma-separated.
+    overrides: list[str] = field(default_factory=list)
+    # Under a low-bit recipe these modules stay in bf16: DeepSeek-V3 keeps the output head
+    # (with the embedding, router, norms and attention core, which are not linear layers here).
+    low_bit_exclude: list[str] = field(default_factory=lambda: ["head"])
+    # fp8_tensorwise: scale from the amax history of the last amax_history_len steps
+    # (delayed, Transformer Engine's default) or from this tensor (current); fp8_margin
+    # keeps 2^margin of headroom below the format's largest value.
+    fp8_scaling: Literal["delayed", "current"] = "delayed"
+    amax_history_len: int = 16
+    fp8_margin: int = 0
+    # nvfp4: 16x16 weight blocks (one quantised weight for forward and dgrad) and the
+    # random Hadamard transform on the weight-gradient GEMM's inputs.
+    nvfp4_2d_weights: bool = True
+    nvfp4_hadamard: bool = True
 
 
 @dataclass
@@ -272,6 +295,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             except ValueError:
                 pass
         raise ConfigError(f"{key} must be a number, got {value!r}.")
+    if origin is list:  # from TOML a list; from the command line "a,b,c" ("" is the empty list)
+        (item,) = typing.get_args(tp)
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise ConfigError(f"{key} must be a list, got {value!r}.")
+        return [_coerce(v, item, key) for v in value]
     if tp is str:
         if isinstance(value, str):
             return value
@@ -484,6 +514,19 @@ def validate(cfg: Config) -> None:
     need(d.tokenizer != "bpe" or 256 < d.vocab_size <= 2**32 - 1,
          f"data.vocab_size={d.vocab_size} is too small for byte-level BPE: it needs more than 256 "
          "(the byte alphabet); 2048 to 32768 are usual.")
+
+    pr = cfg.precision
+    for item in pr.overrides:
+        pattern, _, recipe = item.rpartition("=")
+        need(bool(pattern) and recipe in RECIPES, f"precision.overrides: {item!r} must be 'pattern=recipe' with "
+                                                  f"recipe one of {', '.join(RECIPES)} (e.g. 'head=bf16').")
+        if pattern.startswith("re:"):
+            try:
+                re.compile(pattern[3:])
+            except re.error as e:
+                errors.append(f"precision.overrides: {item!r} is not a valid regex ({e}).")
+    need(pr.amax_history_len >= 1, f"precision.amax_history_len={pr.amax_history_len} must be >= 1.")
+    need(pr.fp8_margin >= 0, f"precision.fp8_margin={pr.fp8_margin} must be >= 0.")
 
     need(c.interval >= 0, f"checkpoint.interval={c.interval} must be >= 0 (0: save at the end only).")
     need(not (c.init_from and c.resume), "checkpoint.init_from and checkpoint.resume are both set: resume "

@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .precision.policy import gemm
+
 
 @dataclass(frozen=True)
 class Shard:
@@ -51,7 +53,12 @@ class Linear(nn.Linear):
 
     A subclass of nn.Linear (same attributes, same forward) so that PyTorch's own
     tools recognise it (DTensor's parallelize_module, FSDP2); only construction
-    differs: no default init here, init_parameters fills the weights."""
+    differs: no default init here, init_parameters fills the weights. The GEMM runs in
+    the recipe the precision policy gave this module (precision/policy.py)."""
+
+    uses_gemm_recipe = True
+    gemm_recipe = None  # None: F.linear under the active autocast
+    gemm_state = None
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, init_std: float = 0.02):
         nn.Module.__init__(self)  # skip nn.Linear's kaiming init: layout-invariant init comes later
@@ -60,7 +67,7 @@ class Linear(nn.Linear):
         self.bias = _mark(nn.Parameter(torch.empty(out_features)), "zeros") if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return gemm(self, x, self.weight, self.bias)
 
 
 class Embedding(nn.Embedding):

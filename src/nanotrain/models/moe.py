@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..layers import Linear, _mark
+from ..precision.policy import gemm
 
 NORM_EPS = 1e-20  # HF's DeepseekV3TopkRouter adds this to the sum of the top-k weights
 
@@ -110,7 +111,12 @@ class ExpertMLP(nn.Module):
     """E SwiGLU experts, w2(silu(w1 x) * w3 x), stored stacked: w1, w3 [E, d_ff, d], w2 [E, d, d_ff].
 
     Stacked so that one parameter holds every expert (expert parallelism shards dim 0,
-    init and checkpoints see one logical tensor) and always receives a gradient."""
+    init and checkpoints see one logical tensor) and always receives a gradient. Each
+    expert's GEMMs run in the recipe the precision policy gave this module."""
+
+    uses_gemm_recipe = True
+    gemm_recipe = None
+    gemm_state = None
 
     def __init__(self, n_experts: int, d_model: int, d_ff: int, init_std: float, out_std: float):
         super().__init__()
@@ -128,7 +134,8 @@ class ExpertMLP(nn.Module):
         for e, xe in enumerate(x_sorted.split(counts)):
             if xe.shape[0] == 0:  # an idle expert costs nothing (and its weight gradient stays 0)
                 continue
-            outs.append(F.linear(F.silu(F.linear(xe, w1[e])) * F.linear(xe, w3[e]), w2[e]))
+            h = F.silu(gemm(self, xe, w1[e], site="w1")) * gemm(self, xe, w3[e], site="w3")
+            outs.append(gemm(self, h, w2[e], site="w2"))
         if not outs:
             # No tokens here (possible on an expert-parallel rank): return an empty output
             # that is still *connected* to x_sorted. A fresh tensor would cut the graph, and

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..layers import Embedding, Linear, Shard
+from ..precision.policy import gemm
 from .collectives import (copy_to_region, gather_last, gather_seq, reduce_from_region, reduce_scatter_seq)
 
 
@@ -72,7 +73,7 @@ class ColumnParallelLinear(Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         g = self.tp.group
         x = gather_seq(x, g) if self.tp.sequence_parallel else copy_to_region(x, g)
-        y = F.linear(x, self.weight, self.bias)
+        y = gemm(self, x, self.weight, self.bias)
         return gather_last(y, g) if self.gather_output else y
 
 
@@ -88,7 +89,7 @@ class RowParallelLinear(Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         g = self.tp.group
-        y = F.linear(x, self.weight)
+        y = gemm(self, x, self.weight)
         y = reduce_scatter_seq(y, g) if self.tp.sequence_parallel else reduce_from_region(y, g)
         return y + self.bias if self.bias is not None else y
 

@@ -26,6 +26,7 @@ from ..parallel.pipeline import PipelineStage, chunk_layers, layer_costs
 from ..parallel.state import all_reduce, barrier, destroy_parallel, init_parallel
 from ..parallel.tensor_parallel import TensorParallel
 from ..parallel.zero import ZeroOptimizer
+from ..precision.policy import apply_policy
 from .contracts import RuntimeComponents, RuntimeContext
 
 VAL_STREAM = 1  # the val sampler draws from its own random stream
@@ -58,7 +59,8 @@ class LocalBootstrap:
         out_dir = Path(cfg.train.out_dir)
         if parallel.rank == 0:
             out_dir.mkdir(parents=True, exist_ok=True)
-        autocast = {"fp32": None, "bf16": torch.bfloat16}[cfg.precision.recipe]
+        # The low-bit recipes quantise the linear layers' GEMMs themselves; the rest runs in bf16.
+        autocast = None if cfg.precision.recipe == "fp32" else torch.bfloat16
         return RuntimeContext(cfg=cfg, device=device, out_dir=out_dir, autocast_dtype=autocast,
                               rank=parallel.rank, world_size=parallel.world_size, parallel=parallel)
 
@@ -153,6 +155,7 @@ class TransformerProvider:
         for module in model.modules():
             if isinstance(module, Attention):
                 module.core_dtype = core
+        model.gemm_policy = apply_policy(model, ctx.cfg.precision)  # which recipe each GEMM runs in
         return model.to(ctx.device)
 
 

@@ -25,6 +25,7 @@ from ..layers import logical_numel
 from ..monitoring import build_logger, measure_peak_flops, mfu, plot_loss_curve, transformer_flops_per_token
 from ..parallel.pipeline.runner import PipelineRunner
 from ..parallel.state import all_reduce, barrier
+from ..precision.policy import describe_policy
 from .components import default_components, write_run_config
 from .contracts import RuntimeComponents, RuntimeContext, TrainData
 
@@ -209,6 +210,8 @@ class RuntimeEngine:
         logger.message(f"model: {sizes[1] / 1e6:.2f}M parameters, {flops_per_token / 1e6:.1f} MFLOP/token; "
                        f"{data.tokens_per_step} tokens/step; device {ctx.device}, precision {cfg.precision.recipe}, "
                        f"peak {peak / 1e12:.2f} TFLOP/s" + (f"; resumed at step {start}" if start else ""))
+        if cfg.precision.recipe not in ("fp32", "bf16") or cfg.precision.overrides:
+            logger.message("precision policy: " + describe_policy(getattr(model, "gemm_policy", {})))
 
         result = RunResult(out_dir=ctx.out_dir, final_step=start, rank=ctx.rank)
         meter = StepMeter(start)

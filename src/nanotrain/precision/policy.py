@@ -1,0 +1,129 @@
+"""The precision policy: which recipe each GEMM of the model runs in.
+
+`precision.recipe` names the default; `precision.overrides` puts chosen modules in
+another, by name pattern (a glob like "layers.0.*" or "*.mlp.*", or a regex after "re:"):
+
+    recipe = "fp8_deepseek"
+    overrides = ["layers.0.*=bf16"]      # the first block in bf16 too
+    low_bit_exclude = ["head"]           # (default) DeepSeek-V3 keeps the output head in bf16
+
+The model's modules know nothing of this: after the model is built, apply_policy()
+gives every module that runs GEMMs (layers.Linear and its tensor-parallel subclasses,
+moe.ExpertMLP) a `gemm_recipe`, and their forward calls gemm() below. A module left at
+None runs F.linear under whatever autocast is active: that is the bf16 and fp16 path
+(torch.autocast) and the fp32 path (no autocast). Embedding lookups, norms, softmax
+and the router's scores are not GEMMs of a linear layer and follow autocast (the
+attention core has its own setting, precision.attention).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections import Counter
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .recipes import NVFP4, DelayedScaling, Fp8DeepSeek, Fp8Tensorwise, MXFP4, Recipe
+
+LOW_BIT = ("fp8_tensorwise", "fp8_deepseek", "nvfp4", "mxfp4")
+AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class AutocastOverride(Recipe):
+    """A module kept at fp32 (autocast off) or at bf16/fp16 (autocast to it) inside a run
+    whose default is another recipe."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def linear(self, x, weight, bias, state):
+        device = x.device.type
+        if self.name == "fp32":
+            with torch.autocast(device, enabled=False):
+                return F.linear(x.float(), weight.float(), None if bias is None else bias.float())
+        with torch.autocast(device, dtype=AUTOCAST[self.name]):
+            return F.linear(x, weight, bias)
+
+
+def build_recipe(name: str, p) -> Recipe | None:
+    """The recipe object for a name; None for the autocast-only recipes at the run's default."""
+    if name == "fp8_tensorwise":
+        return Fp8Tensorwise(p.fp8_scaling, p.fp8_margin)
+    if name == "fp8_deepseek":
+        return Fp8DeepSeek()
+    if name == "nvfp4":
+        return NVFP4(p.nvfp4_2d_weights, p.nvfp4_hadamard)
+    if name == "mxfp4":
+        return MXFP4()
+    return None
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, str]]:
+    """["pattern=recipe", ...] -> [(pattern, recipe)]; config.validate checks them."""
+    return [tuple(item.rsplit("=", 1)) for item in overrides]
+
+
+def matches(pattern: str, name: str) -> bool:
+    if pattern.startswith("re:"):
+        return re.search(pattern[3:], name) is not None
+    return fnmatch.fnmatchcase(name, pattern)
+
+
+def recipe_name_for(name: str, p) -> str:
+    """The recipe of module `name`: the last matching override, else bf16 for a module in
+    precision.low_bit_exclude under a low-bit recipe, else precision.recipe."""
+    chosen = p.recipe
+    if chosen in LOW_BIT and any(matches(pattern, name) for pattern in p.low_bit_exclude):
+        chosen = "bf16"
+    for pattern, recipe in parse_overrides(p.overrides):
+        if matches(pattern, name):
+            chosen = recipe
+    return chosen
+
+
+def runs_gemms(module: nn.Module) -> bool:
+    return getattr(module, "uses_gemm_recipe", False)
+
+
+def apply_policy(model: nn.Module, p) -> dict[str, str]:
+    """Give every GEMM-running module its recipe; return {module name: recipe name}."""
+    chosen = {}
+    shared: dict[str, Recipe | None] = {}
+    for name, module in model.named_modules():
+        if not runs_gemms(module):
+            continue
+        recipe = recipe_name_for(name, p)
+        chosen[name] = recipe
+        if recipe == p.recipe:
+            if recipe not in shared:  # one recipe object per run (NVFP4's generator is shared)
+                shared[recipe] = build_recipe(recipe, p)
+            module.gemm_recipe = shared[recipe]
+        else:
+            module.gemm_recipe = build_recipe(recipe, p) if recipe in LOW_BIT else AutocastOverride(recipe)
+        delayed = recipe == "fp8_tensorwise" and p.fp8_scaling == "delayed"
+        module.gemm_state = DelayedScaling(p.amax_history_len) if delayed else None
+    return chosen
+
+
+def describe_policy(chosen: dict[str, str]) -> str:
+    """One line for the log: how many GEMM modules run in each recipe, with examples."""
+    counts = Counter(chosen.values())
+    parts = []
+    for recipe, n in counts.most_common():
+        names = [k for k, v in chosen.items() if v == recipe]
+        parts.append(f"{recipe}: {n} module(s) ({', '.join(names[:3])}{', ...' if n > 3 else ''})")
+    return "; ".join(parts)
+
+
+def gemm(module: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+         site: str = "") -> torch.Tensor:
+    """x Wᵀ + b in the module's recipe (F.linear under the active autocast if it has none).
+    `site` names the weight when a module runs several (delayed scaling keeps one history each)."""
+    recipe = getattr(module, "gemm_recipe", None)
+    if recipe is None:
+        return F.linear(x, weight, bias)
+    state = module.gemm_state
+    return recipe.linear(x, weight, bias, state.at(site) if state is not None and site else state)

@@ -1,0 +1,201 @@
+"""GEMM recipes: how each of a linear layer's three matmuls quantises its two operands.
+
+A linear layer y = x Wᵀ runs three GEMMs per step. Written with the reduction
+dimension last in both operands (the layout every scaling block runs along):
+
+    forward  y  = x   · Wᵀ     operands x   [M, K] and W   [N, K]   (reduce over K)
+    dgrad    dx = dy  · W      operands dy  [M, N] and Wᵀ  [K, N]   (reduce over N)
+    wgrad    dW = dyᵀ · x      operands dyᵀ [N, M] and xᵀ  [K, M]   (reduce over M, the tokens)
+
+A recipe says, for each of the six operands, how to turn it into q · s (scaling.py).
+`gemm(a, b)` is then (q_a s_a)(q_b s_b)ᵀ computed in fp32: on CPU that is exactly
+what the low-bit tensor cores compute (products of grid values, fp32 accumulation),
+and on CUDA the fp8 tensorwise recipe calls torch._scaled_mm instead.
+
+    recipe           x (fwd)         W (fwd, dgrad)      dy (dgrad)         dyᵀ, xᵀ (wgrad)
+    fp8_tensorwise   e4m3, tensor    e4m3, tensor        e5m2, tensor       e5m2 / e4m3, tensor
+    fp8_deepseek     e4m3, 1x128     e4m3, 128x128       e4m3, 1x128        e4m3, 1x128 along tokens
+    nvfp4            e2m1, 1x16      e2m1, 1x16 (16x16)  e2m1, 1x16, SR     e2m1, 1x16, SR (+ Hadamard)
+    mxfp4            e2m1, 1x32      e2m1, 1x32          e2m1, 1x32         e2m1, 1x32
+
+(SR: stochastic rounding. Hadamard: the NVFP4 recipe's random Hadamard transform of
+both wgrad operands along the token dimension, which spreads outliers over a block and
+cancels in the product, since H Hᵀ = I.)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from .formats import E4M3, E5M2
+from .scaling import blockwise, mxfp4, nvfp4, tensorwise
+
+ROLES = ("x", "w", "dy", "w_t", "dy_t", "x_t")  # forward: (x, w); dgrad: (dy, w_t); wgrad: (dy_t, x_t)
+
+
+@dataclass
+class DelayedScaling:
+    """Transformer Engine's delayed scaling: the scale comes from the largest amax of the
+    last `history_len` steps, known before this step's tensor is (one fewer pass over it
+    on hardware), and this step's amax joins the history afterwards."""
+
+    history_len: int = 16
+    histories: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def amax(self, role: str, x: torch.Tensor) -> torch.Tensor:
+        current = x.detach().abs().max().float()
+        hist = self.histories.get(role)
+        if hist is None:  # the first step has no history: current scaling
+            self.histories[role] = hist = torch.zeros(self.history_len)
+            hist[0] = current
+            return current
+        scale_from = hist.max()
+        self.histories[role] = torch.cat([current.reshape(1), hist[:-1]])  # newest first
+        return scale_from
+
+    def at(self, site: str) -> "_Site":
+        """The histories of one weight of a module that runs several (an expert layer's w1, w2, w3)."""
+        return _Site(self, site)
+
+
+@dataclass
+class _Site:
+    scaling: DelayedScaling
+    site: str
+
+    def amax(self, role: str, x: torch.Tensor) -> torch.Tensor:
+        return self.scaling.amax(f"{self.site}/{role}", x)
+
+
+class Recipe:
+    """How to quantise each GEMM operand (see the table above). `name` as in precision.recipe."""
+
+    name = "fp32"
+
+    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+               state: DelayedScaling | None) -> torch.Tensor:
+        """y = x Wᵀ + b with this recipe's three GEMMs (forward here, dgrad and wgrad in backward)."""
+        return QuantizedLinear.apply(x, weight, bias, self, state)
+
+    def quant(self, t: torch.Tensor, role: str, state: DelayedScaling | None) -> torch.Tensor:
+        """t (reduction dimension last) as the dequantised q · s of this recipe."""
+        return t
+
+    def gemm(self, a: torch.Tensor, b: torch.Tensor, roles: tuple[str, str], state=None) -> torch.Tensor:
+        return self.quant(a, roles[0], state) @ self.quant(b, roles[1], state).t()
+
+
+class Fp8Tensorwise(Recipe):
+    """e4m3 forward, e5m2 gradients (the "hybrid" format), one scale per tensor: current
+    scaling (this tensor's amax) or delayed scaling (DelayedScaling), `margin` powers of 2
+    of headroom."""
+
+    name = "fp8_tensorwise"
+
+    def __init__(self, scaling: str = "delayed", margin: int = 0):
+        self.scaling, self.margin = scaling, margin
+
+    def quant(self, t, role, state):
+        fmt = E5M2 if role.startswith("dy") else E4M3
+        amax = state.amax(role, t) if self.scaling == "delayed" and state is not None else None
+        q, s = tensorwise(t, fmt, amax=amax, margin=self.margin)
+        return q * s
+
+
+class Fp8DeepSeek(Recipe):
+    """DeepSeek-V3's recipe: e4m3 everywhere; activations and gradients in 1x128 tiles
+    along the reduction dimension (so in wgrad, along the tokens), weights in 128x128 blocks."""
+
+    name = "fp8_deepseek"
+
+    def quant(self, t, role, state):
+        q, s = blockwise(t, E4M3, (128, 128) if role in ("w", "w_t") else (1, 128))
+        return q * s
+
+
+class NVFP4(Recipe):
+    """NVFP4: e2m1 in 1x16 blocks with e4m3 block scales and an fp32 tensor scale; gradients
+    rounded stochastically; optionally 16x16 weight blocks (the same quantised weight for
+    forward and dgrad) and a random Hadamard transform on the wgrad operands."""
+
+    name = "nvfp4"
+
+    def __init__(self, two_d_weights: bool = True, hadamard: bool = True, seed: int = 0):
+        self.two_d, self.hadamard = two_d_weights, hadamard
+        self.generator = torch.Generator().manual_seed(seed)  # stochastic rounding and Hadamard signs
+
+    def quant(self, t, role, state):
+        rounding = "stochastic" if role.startswith("dy") else "nearest"
+        q, s = nvfp4(t, rounding, two_d=self.two_d and role in ("w", "w_t"), generator=self.generator)
+        return q * s
+
+    def gemm(self, a, b, roles, state=None):
+        if self.hadamard and roles == ("dy_t", "x_t"):
+            signs = torch.where(torch.rand(16, generator=self.generator) < 0.5, -1.0, 1.0)
+            a, b = hadamard_16(a, signs), hadamard_16(b, signs)
+        return super().gemm(a, b, roles, state)
+
+
+class MXFP4(Recipe):
+    """MXFP4: e2m1 in 1x32 blocks with power-of-two scales, for every operand."""
+
+    name = "mxfp4"
+
+    def quant(self, t, role, state):
+        q, s = mxfp4(t)
+        return q * s
+
+
+def hadamard_16(t: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
+    """t's last dimension, in blocks of 16, times the random orthonormal matrix diag(signs)·H₁₆/4
+    (zero-padded to a multiple of 16: the padding multiplies zeros in both operands)."""
+    n = t.shape[-1]
+    pad = -n % 16
+    x = torch.nn.functional.pad(t, (0, pad)).reshape(*t.shape[:-1], -1, 16)
+    x = (x * signs) @ _H16  # the padded length stays: both operands carry it, and H Hᵀ = I over it
+    return x.reshape(*t.shape[:-1], n + pad)
+
+
+def _sylvester(n: int) -> torch.Tensor:
+    h = torch.ones(1, 1)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h / math.sqrt(n)
+
+
+_H16 = _sylvester(16)
+
+RECIPES = {r.name: r for r in (Fp8Tensorwise, Fp8DeepSeek, NVFP4, MXFP4)}
+
+
+class QuantizedLinear(torch.autograd.Function):
+    """A linear layer whose three GEMMs go through a recipe, in fp32 with autocast off
+    (the recipe decides every rounding). The output takes the autocast dtype if autocast
+    is on (a low-bit GEMM writes bf16 on hardware too), else the input's."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, recipe: Recipe, state):
+        device = x.device.type
+        out_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        with torch.autocast(device, enabled=False):
+            x2 = x.reshape(-1, x.shape[-1]).float()
+            y = recipe.gemm(x2, weight.float(), ("x", "w"), state)
+            if bias is not None:
+                y = y + bias.float()
+        ctx.save_for_backward(x2, weight)
+        ctx.recipe, ctx.state, ctx.has_bias, ctx.x_shape, ctx.x_dtype = recipe, state, bias is not None, x.shape, x.dtype
+        return y.reshape(*x.shape[:-1], -1).to(out_dtype)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, weight = ctx.saved_tensors
+        recipe, state = ctx.recipe, ctx.state
+        with torch.autocast(dy.device.type, enabled=False):
+            dy2 = dy.reshape(-1, dy.shape[-1]).float()
+            dx = recipe.gemm(dy2, weight.float().t(), ("dy", "w_t"), state)  # [M, N] x [K, N]ᵀ
+            dw = recipe.gemm(dy2.t(), x2.t(), ("dy_t", "x_t"), state)  # [N, M] x [K, M]ᵀ
+            db = dy2.sum(0) if ctx.has_bias else None
+        return dx.reshape(ctx.x_shape).to(ctx.x_dtype), dw.to(weight.dtype), db, None, None
