@@ -186,7 +186,8 @@ class QuantizedLinear(torch.autograd.Function):
             if bias is not None:
                 y = y + bias.float()
         ctx.save_for_backward(x2, weight)
-        ctx.recipe, ctx.state, ctx.has_bias, ctx.x_shape, ctx.x_dtype = recipe, state, bias is not None, x.shape, x.dtype
+        ctx.recipe, ctx.state, ctx.has_bias = recipe, state, bias is not None
+        ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
         return y.reshape(*x.shape[:-1], -1).to(out_dtype)
 
     @staticmethod
