@@ -112,7 +112,7 @@ class ParallelConfig:
 
 
 LOW_BIT_RECIPES = ("fp8_tensorwise", "fp8_deepseek", "nvfp4", "mxfp4")
-RECIPES = ("fp32", "bf16") + LOW_BIT_RECIPES
+RECIPES = ("fp32", "bf16", "fp16") + LOW_BIT_RECIPES
 
 
 @dataclass
@@ -121,7 +121,8 @@ class PrecisionConfig:
     # under torch.autocast(bfloat16) (no loss scaling needed: bf16 has fp32's range).
     # The low-bit recipes (precision/recipes.py) run every linear layer's three GEMMs with
     # quantised operands (emulated exactly on CPU) and everything else under bf16 autocast.
-    recipe: Literal["fp32", "bf16", "fp8_tensorwise", "fp8_deepseek", "nvfp4", "mxfp4"] = "bf16"
+    # fp16: matmuls under torch.autocast(float16), with dynamic loss scaling (loss_scale_*).
+    recipe: Literal["fp32", "bf16", "fp16", "fp8_tensorwise", "fp8_deepseek", "nvfp4", "mxfp4"] = "bf16"
     # dtype of RoPE + softmax(QK^T)V under bf16. auto: fp32 on CPU (PyTorch's bf16
     # flash-attention backward is ~3x slower than fp32 on CPUs without AMX; measured in
     # docs/performance.md), the autocast dtype on CUDA (flash attention's fast path).
@@ -142,6 +143,13 @@ class PrecisionConfig:
     # random Hadamard transform on the weight-gradient GEMM's inputs.
     nvfp4_2d_weights: bool = True
     nvfp4_hadamard: bool = True
+    # fp16 dynamic loss scaling (precision/loss_scaling.py): the first scale; x growth after
+    # growth_interval clean steps; x backoff after `hysteresis` overflowing (skipped) steps.
+    loss_scale_init: float = 65536.0
+    loss_scale_growth_interval: int = 1000
+    loss_scale_backoff: float = 0.5
+    loss_scale_hysteresis: int = 2
+    loss_scale_min: float = 1.0
 
 
 @dataclass
@@ -527,6 +535,11 @@ def validate(cfg: Config) -> None:
                 errors.append(f"precision.overrides: {item!r} is not a valid regex ({e}).")
     need(pr.amax_history_len >= 1, f"precision.amax_history_len={pr.amax_history_len} must be >= 1.")
     need(pr.fp8_margin >= 0, f"precision.fp8_margin={pr.fp8_margin} must be >= 0.")
+    need(pr.loss_scale_init >= pr.loss_scale_min > 0, f"precision.loss_scale_init={pr.loss_scale_init} and "
+         f"loss_scale_min={pr.loss_scale_min} must satisfy init >= min > 0.")
+    need(0 < pr.loss_scale_backoff < 1, f"precision.loss_scale_backoff={pr.loss_scale_backoff} must be in (0, 1).")
+    need(pr.loss_scale_growth_interval >= 1 and pr.loss_scale_hysteresis >= 1,
+         "precision.loss_scale_growth_interval and loss_scale_hysteresis must be >= 1.")
 
     need(c.interval >= 0, f"checkpoint.interval={c.interval} must be >= 0 (0: save at the end only).")
     need(not (c.init_from and c.resume), "checkpoint.init_from and checkpoint.resume are both set: resume "

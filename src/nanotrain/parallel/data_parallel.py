@@ -141,9 +141,11 @@ def counted_in_norm(p: nn.Parameter, tp_rank: int) -> bool:
 
 def clip_grad_norm(params: list[nn.Parameter], max_norm: float, tp_group: dist.ProcessGroup | None,
                    tp_rank: int = 0, ep_group: dist.ProcessGroup | None = None,
-                   pp_group: dist.ProcessGroup | None = None) -> torch.Tensor:
+                   pp_group: dist.ProcessGroup | None = None, loss_scale: float = 1.0) -> torch.Tensor:
     """Global gradient norm over the *logical* model, then scale every gradient by
-    min(1, max_norm / norm) (torch.nn.utils.clip_grad_norm_'s formula).
+    min(1, max_norm / norm) (torch.nn.utils.clip_grad_norm_'s formula). With fp16 loss
+    scaling the gradients hold loss_scale times the true ones: the norm returned is the
+    true one (inf or NaN if any gradient overflowed), and the same pass divides it out.
 
     Under tensor parallelism a sharded parameter contributes its shard's squares on
     every tp rank (the shards add up to the whole), while a replicated one (norms,
@@ -179,7 +181,10 @@ def clip_grad_norm(params: list[nn.Parameter], max_norm: float, tp_group: dist.P
         if pp > 1:
             dist.all_reduce(total_sq, group=pp_group)
         total = total_sq.sqrt()
+    total = total / loss_scale
     if max_norm > 0:
-        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)  # clip_grad_norm_'s formula
+        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0) / loss_scale  # clip_grad_norm_'s formula
         torch._foreach_mul_(grads, coef)
+    elif loss_scale != 1.0:
+        torch._foreach_mul_(grads, 1.0 / loss_scale)
     return total

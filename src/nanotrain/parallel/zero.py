@@ -288,10 +288,17 @@ class ZeroOptimizer:
 
     # -- the step -----------------------------------------------------------------------
 
-    def step(self, lr: float) -> dict[str, torch.Tensor]:
-        norm = self._grad_norm()
+    def step(self, lr: float, loss_scale: float | None = None) -> dict[str, torch.Tensor]:
+        """loss_scale (fp16): divided out of the gradients with the clipping; a step whose
+        global norm is not finite (the same on every rank) is skipped."""
+        norm = self._grad_norm() / (loss_scale or 1.0)
+        if loss_scale is not None and not torch.isfinite(norm):
+            self._zero_grads()
+            return {"grad_norm": norm, "skipped": True}
         clip = self.cfg.grad_clip
         coef = torch.clamp(clip / (norm + 1e-6), max=1.0) if clip > 0 else None  # clip_grad_norm_'s formula
+        if loss_scale is not None:
+            coef = 1.0 / loss_scale if coef is None else coef / loss_scale
         for b in self.buckets:
             g = self.grad[id(b)]
             self.master[id(b)].grad = g * coef if coef is not None else g
@@ -302,11 +309,15 @@ class ZeroOptimizer:
             if b.size > 1:
                 _all_gather(b.flat, self.master[id(b)], group=b.group)
             self.master[id(b)].grad = None
+        self._zero_grads()
+        return {"grad_norm": norm, "skipped": False}
+
+    def _zero_grads(self) -> None:
+        for b in self.buckets:
             if self.stage == 1:
                 b.grad_flat.zero_()  # the .grad views stay; the next backward accumulates into them
             else:
                 self.grad[id(b)].zero_()
-        return {"grad_norm": norm}
 
     def state_bytes(self) -> dict[str, int]:
         """Bytes of optimizer state and gradient slices this rank holds (tests, benchmarks)."""

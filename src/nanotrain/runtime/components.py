@@ -60,7 +60,8 @@ class LocalBootstrap:
         if parallel.rank == 0:
             out_dir.mkdir(parents=True, exist_ok=True)
         # The low-bit recipes quantise the linear layers' GEMMs themselves; the rest runs in bf16.
-        autocast = None if cfg.precision.recipe == "fp32" else torch.bfloat16
+        recipe = cfg.precision.recipe
+        autocast = None if recipe == "fp32" else torch.float16 if recipe == "fp16" else torch.bfloat16
         return RuntimeContext(cfg=cfg, device=device, out_dir=out_dir, autocast_dtype=autocast,
                               rank=parallel.rank, world_size=parallel.world_size, parallel=parallel)
 
@@ -190,15 +191,20 @@ class AdamWState:
         for p in self.shared:
             all_reduce(p.grad, self.ps.embd_group)
 
-    def step(self, lr: float) -> dict[str, float | torch.Tensor]:
+    def step(self, lr: float, loss_scale: float | None = None) -> dict[str, float | torch.Tensor]:
+        """loss_scale (fp16): the gradients hold that multiple of the true ones; a step whose
+        global norm is not finite is skipped (the norm is the same on every rank)."""
         # The norm *before* clipping is what we log.
         norm = clip_grad_norm(self.params, self.grad_clip, self.ps.tp_group, self.ps.tp_rank, self.ps.ep_group,
-                              self.ps.pp_group)
+                              self.ps.pp_group, loss_scale or 1.0)
+        if loss_scale is not None and not torch.isfinite(norm):
+            self.opt.zero_grad(set_to_none=True)
+            return {"grad_norm": norm, "skipped": True}
         for group in self.opt.param_groups:
             group["lr"] = lr
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
-        return {"grad_norm": norm}
+        return {"grad_norm": norm, "skipped": False}
 
     # -- checkpoints: the moments as boxes of the logical parameters (checkpoint/pieces.py) --
 

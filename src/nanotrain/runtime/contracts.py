@@ -69,8 +69,10 @@ class OptimizerState(Protocol):
     def sync_grads(self) -> None:
         """Finish the gradient reductions (data parallel, sequence parallel) started in backward."""
 
-    def step(self, lr: float) -> dict[str, float]:
-        """Clip, set the learning rate, update, zero the gradients; return metrics (grad_norm)."""
+    def step(self, lr: float, loss_scale: float | None = None) -> dict[str, float]:
+        """Unscale (fp16: the gradients hold loss_scale times the true ones) and clip, set the
+        learning rate, update, zero the gradients; return metrics: grad_norm (the true global
+        norm before clipping) and skipped (fp16: the norm was not finite, nothing was updated)."""
 
     def pieces(self) -> list[Piece]:
         """The optimizer state this rank holds, as boxes of logical tensors (checkpoint/pieces.py)."""

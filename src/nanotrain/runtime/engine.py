@@ -25,6 +25,7 @@ from ..layers import logical_numel
 from ..monitoring import build_logger, measure_peak_flops, mfu, plot_loss_curve, transformer_flops_per_token
 from ..parallel.pipeline.runner import PipelineRunner
 from ..parallel.state import all_reduce, barrier
+from ..precision.loss_scaling import LossScaler
 from ..precision.policy import describe_policy
 from .components import default_components, write_run_config
 from .contracts import RuntimeComponents, RuntimeContext, TrainData
@@ -104,6 +105,10 @@ class RuntimeEngine:
         self.c = components or default_components()
         self.on_grads = on_grads
         self.pipeline: PipelineRunner | None = None  # set in run() when parallel.pp > 1
+        p = cfg.precision
+        self.scaler = LossScaler(p.loss_scale_init, p.loss_scale_growth_interval, p.loss_scale_backoff,
+                                 hysteresis=p.loss_scale_hysteresis, min_scale=p.loss_scale_min) \
+            if p.recipe == "fp16" else None
 
     # -- one optimizer step --------------------------------------------------------
 
@@ -116,6 +121,11 @@ class RuntimeEngine:
         # however the batch is split.
         denom = sum((y != -100).sum() for _, y in batches)
         denom = all_reduce(denom, ctx.parallel.dp_group).clamp(min=1)
+        # fp16: the loss times the loss scale S (a smaller denominator), so every gradient is S times
+        # the true one; the optimizer divides S out.
+        scale = self.scaler.scale if self.scaler is not None else None
+        if scale is not None:
+            denom = denom / scale
         if self.pipeline is not None:
             # The schedule runs every micro-batch's forward and backward through the stages.
             record = step + 1 == ctx.cfg.logging.timeline_step
@@ -133,7 +143,12 @@ class RuntimeEngine:
         opt.sync_grads()
         if self.on_grads is not None:
             self.on_grads(step + 1, model, ctx)
-        stats = opt.step(lr)
+        stats = opt.step(lr, scale)
+        if scale is not None:
+            total = total / scale
+            self.scaler.update(stats["skipped"], step + 1)
+            if stats["skipped"]:
+                return total, stats  # nothing was updated: no MoE bias step either
         # Models with state that follows the optimizer step (MoE router biases) update it here.
         if hasattr(model, "after_optimizer_step"):
             model.after_optimizer_step(ctx.parallel)
@@ -204,7 +219,9 @@ class RuntimeEngine:
                            ps.pp_group).tolist()
         flops_per_token = transformer_flops_per_token(sizes[0] * ps.tp, cfg.model.n_layers, cfg.model.d_model,
                                                       t_cfg.seq_len)
-        peak = log_cfg.peak_tflops * 1e12 or measure_peak_flops(ctx.device, ctx.autocast_dtype or torch.float32)
+        # fp16's peak is taken as bf16's: equal on tensor-core GPUs, and CPUs have no fast fp16 GEMM to probe.
+        probe = torch.bfloat16 if ctx.autocast_dtype == torch.float16 else ctx.autocast_dtype or torch.float32
+        peak = log_cfg.peak_tflops * 1e12 or measure_peak_flops(ctx.device, probe)
         peak *= ctx.world_size
         logger = build_logger(log_cfg, ctx.out_dir, t_cfg.max_steps, start, ctx.rank)
         logger.message(f"model: {sizes[1] / 1e6:.2f}M parameters, {flops_per_token / 1e6:.1f} MFLOP/token; "
@@ -234,12 +251,14 @@ class RuntimeEngine:
                 losses, norms, step_s = meter.flush(done, (ps.dp_group, ps.pp_group))
                 result.losses.update(losses)
                 result.grad_norms.update(norms)
-                if not math.isfinite(losses[done]):
+                if not math.isfinite(losses[done]) and self.scaler is None:  # fp16: skipped, counted
                     raise FloatingPointError(f"loss became {losses[done]} at step {done}: lower optimizer.lr, "
                                              "enable optimizer.grad_clip, or resume from an earlier checkpoint.")
                 tokens_per_s = data.tokens_per_step / step_s
                 model_metrics = model.step_metrics() if hasattr(model, "step_metrics") else {}
                 model_metrics = merge_over_pipeline(model_metrics, ps.pp_group)  # each stage: its layers
+                if self.scaler is not None:
+                    model_metrics.update(loss_scale=self.scaler.scale, skipped_steps=self.scaler.skipped)
                 logger.log(done, {"loss": losses[done], "lr": lr, "grad_norm": norms[done],
                                   "tokens_per_s": tokens_per_s, "mfu": mfu(tokens_per_s, flops_per_token, peak),
                                   "step_ms": step_s * 1e3, "tokens": done * data.tokens_per_step, **model_metrics})
@@ -276,7 +295,7 @@ class RuntimeEngine:
             # The data position: the batch at step s is a function of (seed, s) (data/sampler.py).
             "data": {"step": step, "samples_seen": step * cfg.train.batch_size,
                      "tokens_seen": step * data.tokens_per_step},
-            "loss_scaler": None,  # fp16 dynamic loss scaling (issue 7) stores its scale here
+            "loss_scaler": self.scaler.state_dict() if self.scaler is not None else None,  # fp16
             "layout": {"world_size": ctx.world_size, "tp": ps.tp, "pp": ps.pp, "dp": ps.dp, "ep": ps.ep,
                        "sequence_parallel": cfg.parallel.sequence_parallel, "zero_stage": cfg.optimizer.zero_stage,
                        "micro_batch_size": cfg.train.micro_batch(ps.dp)}}
@@ -326,6 +345,8 @@ class RuntimeEngine:
         for piece in model_pieces(model):
             reader.fill(piece)
         opt.load_pieces(reader)
+        if self.scaler is not None and reader.objects.get("loss_scaler"):
+            self.scaler.load_state_dict(reader.objects["loss_scaler"])
         for kind in ("torch", "cuda"):  # this rank's generator, or rank 0's if the world was smaller
             if kind == "cuda" and ctx.device.type != "cuda":
                 continue
