@@ -110,3 +110,18 @@ def test_policy_config_errors():
         load_config(None, ["--precision.overrides=re:(head=bf16"])
     with pytest.raises(ConfigError, match="precision.recipe='fp6'"):
         load_config(None, ["--precision.recipe=fp6"])
+
+
+def test_delayed_scaling_records_training_gemms_only():
+    """Through the layer: forward and backward GEMMs add to their histories; an evaluation
+    forward (no grad) reads them and adds nothing."""
+    d = DelayedScaling(history_len=4)
+    recipe = Fp8Tensorwise("delayed")
+    x, w = X.clone().requires_grad_(), W.clone().requires_grad_()
+    for _ in range(2):
+        recipe.linear(x, w, None, d).backward(DY)
+    with torch.no_grad():
+        recipe.linear(X * 100, W, None, d)
+    assert set(d.histories) == {"x", "w", "dy", "w_t", "dy_t", "x_t"}
+    assert all((h > 0).sum() == 2 for h in d.histories.values())
+    assert d.histories["x"][0] == X.abs().max()  # not the evaluation's 100x

@@ -127,3 +127,41 @@ def gemm(module: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: torch.T
         return F.linear(x, weight, bias)
     state = module.gemm_state
     return recipe.linear(x, weight, bias, state.at(site) if state is not None and site else state)
+
+
+def state_pieces(model: nn.Module, rank: int) -> list:
+    """What a resumed run needs to round exactly as before: the delayed-scaling amax histories
+    and the stochastic-rounding generators. Both belong to this rank's shards (a tp shard has
+    its own amax), so they are saved per rank, like the RNG state, and restored only by a
+    rank of the same number (any other starts afresh: the first step scales by its own amax)."""
+    from ..checkpoint import whole
+
+    out, seen = [], set()
+    for name, module in model.named_modules():
+        if not runs_gemms(module):
+            continue
+        state = getattr(module, "gemm_state", None)
+        if state is not None:
+            out += [whole(f"precision/rank{rank}/{name}/amax/{key}", hist) for key, hist in state.histories.items()]
+        generator = getattr(module.gemm_recipe, "generator", None)
+        if generator is not None and id(generator) not in seen:  # one generator, shared by many modules
+            seen.add(id(generator))
+            out.append(whole(f"precision/rank{rank}/{name}/generator", generator.get_state()))
+    return out
+
+
+def load_state(model: nn.Module, reader, rank: int) -> None:
+    """Restore what state_pieces saved, where this rank saved it."""
+    seen = set()
+    for name, module in model.named_modules():
+        if not runs_gemms(module):
+            continue
+        state = getattr(module, "gemm_state", None)
+        prefix = f"precision/rank{rank}/{name}/amax/"
+        if state is not None:
+            state.histories = {n[len(prefix):]: reader.full(n) for n in reader.tensors if n.startswith(prefix)}
+        generator = getattr(module.gemm_recipe, "generator", None)
+        key = f"precision/rank{rank}/{name}/generator"
+        if generator is not None and id(generator) not in seen and reader.has(key):
+            seen.add(id(generator))
+            generator.set_state(reader.full(key))

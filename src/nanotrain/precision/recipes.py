@@ -40,34 +40,38 @@ ROLES = ("x", "w", "dy", "w_t", "dy_t", "x_t")  # forward: (x, w); dgrad: (dy, w
 class DelayedScaling:
     """Transformer Engine's delayed scaling: the scale comes from the largest amax of the
     last `history_len` steps, known before this step's tensor is (one fewer pass over it
-    on hardware), and this step's amax joins the history afterwards."""
+    on hardware), and this step's amax joins the history afterwards. Evaluation (no grad)
+    reads the history without adding to it: it must not change how training rounds."""
 
     history_len: int = 16
     histories: dict[str, torch.Tensor] = field(default_factory=dict)
 
-    def amax(self, role: str, x: torch.Tensor) -> torch.Tensor:
+    def amax(self, role: str, x: torch.Tensor, record: bool = True) -> torch.Tensor:
         current = x.detach().abs().max().float()
         hist = self.histories.get(role)
         if hist is None:  # the first step has no history: current scaling
-            self.histories[role] = hist = torch.zeros(self.history_len)
-            hist[0] = current
+            if record:
+                self.histories[role] = torch.cat([current.reshape(1), torch.zeros(self.history_len - 1)])
             return current
-        scale_from = hist.max()
-        self.histories[role] = torch.cat([current.reshape(1), hist[:-1]])  # newest first
-        return scale_from
+        if record:
+            self.histories[role] = torch.cat([current.reshape(1), hist[:-1]])  # newest first
+        return hist.max()
 
-    def at(self, site: str) -> "_Site":
+    def at(self, site: str) -> "_View":
         """The histories of one weight of a module that runs several (an expert layer's w1, w2, w3)."""
-        return _Site(self, site)
+        return _View(self, site + "/")
 
 
 @dataclass
-class _Site:
+class _View:
+    """Delayed scaling for one weight site, or read-only (an evaluation forward)."""
+
     scaling: DelayedScaling
-    site: str
+    prefix: str = ""
+    record: bool = True
 
     def amax(self, role: str, x: torch.Tensor) -> torch.Tensor:
-        return self.scaling.amax(f"{self.site}/{role}", x)
+        return self.scaling.amax(self.prefix + role, x, self.record)
 
 
 class Recipe:
@@ -78,6 +82,8 @@ class Recipe:
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                state: DelayedScaling | None) -> torch.Tensor:
         """y = x Wᵀ + b with this recipe's three GEMMs (forward here, dgrad and wgrad in backward)."""
+        if state is not None and not torch.is_grad_enabled():  # evaluation: read the amax history, add nothing
+            state = _View(state.scaling, state.prefix, False) if isinstance(state, _View) else _View(state, "", False)
         return QuantizedLinear.apply(x, weight, bias, self, state)
 
     def quant(self, t: torch.Tensor, role: str, state: DelayedScaling | None) -> torch.Tensor:

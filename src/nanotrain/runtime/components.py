@@ -26,7 +26,7 @@ from ..parallel.pipeline import PipelineStage, chunk_layers, layer_costs
 from ..parallel.state import all_reduce, barrier, destroy_parallel, init_parallel
 from ..parallel.tensor_parallel import TensorParallel
 from ..parallel.zero import ZeroOptimizer
-from ..precision.policy import apply_policy
+from ..precision.policy import AUTOCAST, apply_policy
 from .contracts import RuntimeComponents, RuntimeContext
 
 VAL_STREAM = 1  # the val sampler draws from its own random stream
@@ -61,7 +61,7 @@ class LocalBootstrap:
             out_dir.mkdir(parents=True, exist_ok=True)
         # The low-bit recipes quantise the linear layers' GEMMs themselves; the rest runs in bf16.
         recipe = cfg.precision.recipe
-        autocast = None if recipe == "fp32" else torch.float16 if recipe == "fp16" else torch.bfloat16
+        autocast = None if recipe == "fp32" else AUTOCAST.get(recipe, torch.bfloat16)
         return RuntimeContext(cfg=cfg, device=device, out_dir=out_dir, autocast_dtype=autocast,
                               rank=parallel.rank, world_size=parallel.world_size, parallel=parallel)
 

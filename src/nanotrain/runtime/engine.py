@@ -26,7 +26,8 @@ from ..monitoring import build_logger, measure_peak_flops, mfu, plot_loss_curve,
 from ..parallel.pipeline.runner import PipelineRunner
 from ..parallel.state import all_reduce, barrier
 from ..precision.loss_scaling import LossScaler
-from ..precision.policy import describe_policy
+from ..precision.policy import describe_policy, load_state as load_precision_state
+from ..precision.policy import state_pieces as precision_state_pieces
 from .components import default_components, write_run_config
 from .contracts import RuntimeComponents, RuntimeContext, TrainData
 
@@ -287,6 +288,7 @@ class RuntimeEngine:
         the model, its slices of the optimizer state, its RNG state. Each box is written once."""
         cfg, ps = ctx.cfg, ctx.parallel
         pieces = model_pieces(model) + opt.pieces() + [whole(f"rng/torch/rank{ctx.rank}", torch.get_rng_state())]
+        pieces += precision_state_pieces(model, ctx.rank)  # amax histories, stochastic-rounding generators
         if ctx.device.type == "cuda":
             pieces.append(whole(f"rng/cuda/rank{ctx.rank}", torch.cuda.get_rng_state(ctx.device)))
         objects = {
@@ -345,6 +347,7 @@ class RuntimeEngine:
         for piece in model_pieces(model):
             reader.fill(piece)
         opt.load_pieces(reader)
+        load_precision_state(model, reader, ctx.rank)
         if self.scaler is not None and reader.objects.get("loss_scaler"):
             self.scaler.load_state_dict(reader.objects["loss_scaler"])
         for kind in ("torch", "cuda"):  # this rank's generator, or rank 0's if the world was smaller
