@@ -143,6 +143,11 @@ class PrecisionConfig:
     # random Hadamard transform on the weight-gradient GEMM's inputs.
     nvfp4_2d_weights: bool = True
     nvfp4_hadamard: bool = True
+    # Expert parallelism: send the tokens to their experts (dispatch) and the outputs back
+    # (combine) as e4m3 with one fp32 scale per 128 values, as DeepSeek-V3 does for dispatch.
+    # The gradients' exchanges in backward stay full precision.
+    moe_dispatch_fp8: bool = False
+    moe_combine_fp8: bool = False
     # fp16 dynamic loss scaling (precision/loss_scaling.py): the first scale; x growth after
     # growth_interval clean steps; x backoff after `hysteresis` overflowing (skipped) steps.
     loss_scale_init: float = 65536.0
