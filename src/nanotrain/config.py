@@ -111,7 +111,7 @@ class ParallelConfig:
     pp_partition: Literal["layers", "params"] = "layers"
 
 
-LOW_BIT_RECIPES = ("fp8_tensorwise", "fp8_deepseek", "nvfp4", "mxfp4")
+LOW_BIT_RECIPES = ("fp8_tensorwise", "fp8_deepseek", "fp8_custom", "nvfp4", "mxfp4")
 RECIPES = ("fp32", "bf16", "fp16") + LOW_BIT_RECIPES
 
 
@@ -122,7 +122,7 @@ class PrecisionConfig:
     # The low-bit recipes (precision/recipes.py) run every linear layer's three GEMMs with
     # quantised operands (emulated exactly on CPU) and everything else under bf16 autocast.
     # fp16: matmuls under torch.autocast(float16), with dynamic loss scaling (loss_scale_*).
-    recipe: Literal["fp32", "bf16", "fp16", "fp8_tensorwise", "fp8_deepseek", "nvfp4", "mxfp4"] = "bf16"
+    recipe: Literal["fp32", "bf16", "fp16", "fp8_tensorwise", "fp8_deepseek", "fp8_custom", "nvfp4", "mxfp4"] = "bf16"
     # dtype of RoPE + softmax(QK^T)V under bf16. auto: fp32 on CPU (PyTorch's bf16
     # flash-attention backward is ~3x slower than fp32 on CPUs without AMX; measured in
     # docs/performance.md), the autocast dtype on CUDA (flash attention's fast path).
@@ -139,6 +139,13 @@ class PrecisionConfig:
     fp8_scaling: Literal["delayed", "current"] = "delayed"
     amax_history_len: int = 16
     fp8_margin: int = 0
+    # fp8_custom: one scale per tensor, channel (row), 1x128 tile or 128x128 block, chosen for
+    # activations, weights and gradients; the gradients' format and rounding.
+    fp8_x_scaling: Literal["tensor", "channel", "tile", "block"] = "tile"
+    fp8_w_scaling: Literal["tensor", "channel", "tile", "block"] = "block"
+    fp8_grad_scaling: Literal["tensor", "channel", "tile", "block"] = "tile"
+    fp8_grad_format: Literal["e4m3", "e5m2"] = "e4m3"
+    fp8_grad_rounding: Literal["nearest", "stochastic"] = "nearest"
     # nvfp4: 16x16 weight blocks (one quantised weight for forward and dgrad) and the
     # random Hadamard transform on the weight-gradient GEMM's inputs.
     nvfp4_2d_weights: bool = True

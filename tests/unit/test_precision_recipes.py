@@ -125,3 +125,25 @@ def test_delayed_scaling_records_training_gemms_only():
     assert set(d.histories) == {"x", "w", "dy", "w_t", "dy_t", "x_t"}
     assert all((h > 0).sum() == 2 for h in d.histories.values())
     assert d.histories["x"][0] == X.abs().max()  # not the evaluation's 100x
+
+
+def test_fp8_custom_granularities():
+    from nanotrain.precision.recipes import Fp8Custom, scaled
+    from nanotrain.precision import E4M3, quantize
+
+    # The DeepSeek-V3 choice, spelled out, is the fp8_deepseek recipe exactly.
+    assert all(torch.equal(a, b) for a, b in zip(run(Fp8Custom("tile", "block", "tile")), run(Fp8DeepSeek())))
+    # Per channel: one scale per row (the reduction dimension is last), from that row's amax.
+    rows = scaled(X, E4M3, "channel")
+    for i in (0, 17, 63):
+        s = X[i].abs().max() / 448
+        assert torch.equal(rows[i], quantize(X[i] / s, E4M3) * s)
+    exact = run(None)
+    for gran in ("tensor", "channel", "tile", "block"):
+        errors = [rel(g, e) for g, e in zip(run(Fp8Custom(gran, gran, gran)), exact)]
+        assert max(errors) < 0.05, (gran, errors)
+    e5m2 = [rel(g, e) for g, e in zip(run(Fp8Custom(grad_format="e5m2")), exact)]
+    assert e5m2[0] < 0.05 and 0.05 < e5m2[1] < 0.08  # gradients lose a mantissa bit
+    sr = run(Fp8Custom(grad_rounding="stochastic"))
+    nearest = run(Fp8Custom())
+    assert torch.equal(sr[0], nearest[0]) and not torch.equal(sr[1], nearest[1])  # only gradients change

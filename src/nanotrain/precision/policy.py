@@ -26,9 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .recipes import NVFP4, DelayedScaling, Fp8DeepSeek, Fp8Tensorwise, MXFP4, Recipe
+from .recipes import NVFP4, DelayedScaling, Fp8Custom, Fp8DeepSeek, Fp8Tensorwise, MXFP4, Recipe
 
-LOW_BIT = ("fp8_tensorwise", "fp8_deepseek", "nvfp4", "mxfp4")
+LOW_BIT = ("fp8_tensorwise", "fp8_deepseek", "fp8_custom", "nvfp4", "mxfp4")
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -54,6 +54,8 @@ def build_recipe(name: str, p) -> Recipe | None:
         return Fp8Tensorwise(p.fp8_scaling, p.fp8_margin)
     if name == "fp8_deepseek":
         return Fp8DeepSeek()
+    if name == "fp8_custom":
+        return Fp8Custom(p.fp8_x_scaling, p.fp8_w_scaling, p.fp8_grad_scaling, p.fp8_grad_format, p.fp8_grad_rounding)
     if name == "nvfp4":
         return NVFP4(p.nvfp4_2d_weights, p.nvfp4_hadamard)
     if name == "mxfp4":

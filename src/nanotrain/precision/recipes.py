@@ -15,6 +15,7 @@ and on CUDA the fp8 tensorwise recipe calls torch._scaled_mm instead.
     recipe           x (fwd)         W (fwd, dgrad)      dy (dgrad)         dyᵀ, xᵀ (wgrad)
     fp8_tensorwise   e4m3, tensor    e4m3, tensor        e5m2, tensor       e5m2 / e4m3, tensor
     fp8_deepseek     e4m3, 1x128     e4m3, 128x128       e4m3, 1x128        e4m3, 1x128 along tokens
+    fp8_custom       e4m3, chosen    e4m3, chosen        chosen format, granularity and rounding
     nvfp4            e2m1, 1x16      e2m1, 1x16 (16x16)  e2m1, 1x16, SR     e2m1, 1x16, SR (+ Hadamard)
     mxfp4            e2m1, 1x32      e2m1, 1x32          e2m1, 1x32         e2m1, 1x32
 
@@ -122,6 +123,42 @@ class Fp8DeepSeek(Recipe):
         return q * s
 
 
+GRANULARITY = {"tile": (1, 128), "block": (128, 128)}  # "tensor" and "channel" (one row) are handled below
+
+
+def scaled(t: torch.Tensor, fmt, granularity: str, rounding: str = "nearest", generator=None) -> torch.Tensor:
+    """t as q · s with one scale per tensor, per channel (a row: the GEMM's reduction dimension
+    is last, so this is the rowwise scaling torchao calls per-channel), per 1x128 tile or per
+    128x128 block."""
+    if granularity == "tensor":
+        q, s = tensorwise(t, fmt, rounding=rounding, generator=generator)
+    else:
+        block = (1, t.shape[-1]) if granularity == "channel" else GRANULARITY[granularity]
+        q, s = blockwise(t, fmt, block, rounding, generator)
+    return q * s
+
+
+class Fp8Custom(Recipe):
+    """fp8 with the granularity of each operand kind chosen: activations (x, and xᵀ in wgrad),
+    weights, gradients (dy, dyᵀ); the gradients' format (e4m3 or e5m2) and rounding.
+    fp8_deepseek is (tile, block, tile, e4m3); torchao's rowwise recipe is (channel, channel,
+    channel)."""
+
+    name = "fp8_custom"
+
+    def __init__(self, x: str = "tile", w: str = "block", grad: str = "tile", grad_format: str = "e4m3",
+                 grad_rounding: str = "nearest", seed: int = 0):
+        self.granularity = {"x": x, "x_t": x, "w": w, "w_t": w, "dy": grad, "dy_t": grad}
+        self.grad_fmt = E5M2 if grad_format == "e5m2" else E4M3
+        self.grad_rounding = grad_rounding
+        self.generator = torch.Generator().manual_seed(seed) if grad_rounding == "stochastic" else None
+
+    def quant(self, t, role, state):
+        grad = role.startswith("dy")
+        return scaled(t, self.grad_fmt if grad else E4M3, self.granularity[role],
+                      self.grad_rounding if grad else "nearest", self.generator)
+
+
 class NVFP4(Recipe):
     """NVFP4: e2m1 in 1x16 blocks with e4m3 block scales and an fp32 tensor scale; gradients
     rounded stochastically; optionally 16x16 weight blocks (the same quantised weight for
@@ -174,7 +211,7 @@ def _sylvester(n: int) -> torch.Tensor:
 
 _H16 = _sylvester(16)
 
-RECIPES = {r.name: r for r in (Fp8Tensorwise, Fp8DeepSeek, NVFP4, MXFP4)}
+RECIPES = {r.name: r for r in (Fp8Tensorwise, Fp8DeepSeek, Fp8Custom, NVFP4, MXFP4)}
 
 
 class QuantizedLinear(torch.autograd.Function):
