@@ -147,3 +147,15 @@ def test_fp8_custom_granularities():
     sr = run(Fp8Custom(grad_rounding="stochastic"))
     nearest = run(Fp8Custom())
     assert torch.equal(sr[0], nearest[0]) and not torch.equal(sr[1], nearest[1])  # only gradients change
+
+
+def test_training_log_names_every_modules_recipe(make_config):
+    import json
+
+    from nanotrain.runtime import RuntimeEngine
+
+    result = RuntimeEngine(make_config("--precision.recipe=mxfp4", "--precision.overrides=layers.1.mlp.*=fp32",
+                                       "--train.max_steps=2", "--schedule.decay_steps=20")).run()
+    policy = json.loads((result.out_dir / "precision_policy.json").read_text())
+    assert policy["layers.0.mlp.w1"] == "mxfp4" and policy["layers.1.mlp.w2"] == "fp32" and policy["head"] == "bf16"
+    assert len(policy) == 2 * 7 + 1  # wq wk wv wo w1 w2 w3 per block, and the head

@@ -11,6 +11,7 @@ engine is the same for one process and for a 4D layout.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -229,7 +230,11 @@ class RuntimeEngine:
                        f"{data.tokens_per_step} tokens/step; device {ctx.device}, precision {cfg.precision.recipe}, "
                        f"peak {peak / 1e12:.2f} TFLOP/s" + (f"; resumed at step {start}" if start else ""))
         if cfg.precision.recipe not in ("fp32", "bf16") or cfg.precision.overrides:
-            logger.message("precision policy: " + describe_policy(getattr(model, "gemm_policy", {})))
+            policy = merge_over_pipeline(getattr(model, "gemm_policy", {}), ps.pp_group)  # each stage: its modules
+            path = ctx.out_dir / "precision_policy.json"
+            if ctx.is_main:
+                path.write_text(json.dumps(policy, indent=1) + "\n")
+            logger.message(f"precision policy: {describe_policy(policy)}; every module in {path}")
 
         result = RunResult(out_dir=ctx.out_dir, final_step=start, rank=ctx.rank)
         meter = StepMeter(start)
@@ -314,8 +319,6 @@ class RuntimeEngine:
     def _write_timeline(self, ctx: RuntimeContext, n_micro: int) -> None:
         """The recorded step's intervals from every stage of this pipeline: timeline.png,
         timeline.json and the bubble, measured and textbook (rank 0 writes)."""
-        import json
-
         from ..parallel.pipeline import textbook_bubble
         from ..parallel.pipeline.timeline import RankTimeline, format_bubble, measured_bubble, plot_timeline
 
