@@ -4,7 +4,7 @@ fp32, 10 steps; tolerance 1e-5 relative as in test_tp_dp.py."""
 import pytest
 
 from test_deepseek_layouts import config
-from nanotrain.verify import verify
+from test_tp_dp import check_layout
 
 
 @pytest.mark.parametrize("layout, extra", [
@@ -15,8 +15,7 @@ from nanotrain.verify import verify
     ("ep=2,dp=2", ["--model.mtp_depth=1"]),  # the MTP block's MoE is expert-parallel and balanced too
 ])
 def test_expert_parallel_matches_one_process(tmp_path, layout, extra):
-    report = verify(config(tmp_path, "--model.aux_loss_coef=0.01", *extra), layout, steps=10, tolerance=1e-5)
-    assert report.ok, report.table(layout)
+    check_layout(config(tmp_path, "--model.aux_loss_coef=0.01", *extra), layout, 1e-5)
 
 
 def _train_dropping(cfg_dict):

@@ -9,10 +9,9 @@ import pytest
 
 from conftest import CORPUS
 from nanotrain.config import load_config
-from nanotrain.verify import verify
 
 from test_deepseek import TINY  # noqa: E402  (tests/unit is on sys.path through conftest)
-from test_tp_dp import config as tp_dp_config  # noqa: E402
+from test_tp_dp import check_layout, config as tp_dp_config  # noqa: E402
 
 TOL = 1e-5
 
@@ -44,10 +43,7 @@ LAYOUTS = {
 @pytest.mark.parametrize("name", LAYOUTS)
 def test_pipeline_layout_matches_one_process(tmp_path, name):
     layout, extra = LAYOUTS[name]
-    report = verify(config(tmp_path, *extra), layout, steps=10, tolerance=TOL)
-    print(report.table(layout))
-    assert len(report.rows) == 10
-    assert report.ok, report.table(layout)
+    check_layout(config(tmp_path, *extra), layout, TOL)
 
 
 def test_4d_deepseek_matches_one_process(tmp_path):
@@ -56,7 +52,4 @@ def test_4d_deepseek_matches_one_process(tmp_path):
                              f"--train.out_dir={tmp_path / 'run'}", "--model.n_layers=4", "--train.seq_len=16",
                              "--train.batch_size=8", "--train.micro_batch_size=2", "--schedule.warmup_steps=2",
                              "--optimizer.lr=3e-3", "--model.bias_update_rate=0.01", "--logging.progress=none"])
-    layout = "tp=2,pp=2,dp=2,ep=2"
-    report = verify(cfg, layout, steps=10, tolerance=TOL)
-    print(report.table(layout))
-    assert report.ok, report.table(layout)
+    check_layout(cfg, "tp=2,pp=2,dp=2,ep=2", TOL)

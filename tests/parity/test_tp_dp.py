@@ -39,16 +39,21 @@ LAYOUTS = {
 }
 
 
-@pytest.mark.parametrize("name", LAYOUTS)
-def test_layout_matches_one_process(tmp_path, name):
-    layout, extra = LAYOUTS[name]
-    report = verify(config(tmp_path, *extra), layout, steps=10, tolerance=TOL)
+def check_layout(cfg, layout: str, tolerance: float = TOL):
+    """10 steps of `layout` against one process (nanotrain verify); fails with the side-by-side table."""
+    report = verify(cfg, layout, steps=10, tolerance=tolerance)
     print(report.table(layout))
     assert len(report.rows) == 10
     assert report.ok, report.table(layout)
+    return report
+
+
+@pytest.mark.parametrize("name", LAYOUTS)
+def test_layout_matches_one_process(tmp_path, name):
+    layout, extra = LAYOUTS[name]
+    check_layout(config(tmp_path, *extra), layout)
 
 
 def test_accumulation_alone_matches(tmp_path):
     """One process, 4 micro-batches of 2 vs one batch of 8."""
-    report = verify(config(tmp_path), "micro=2", steps=10, tolerance=TOL)
-    assert report.ok, report.table("micro=2")
+    check_layout(config(tmp_path), "micro=2")
