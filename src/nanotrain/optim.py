@@ -15,6 +15,15 @@ from torch import nn
 from .config import OptimizerConfig, ScheduleConfig
 
 
+MOMENTS = ("exp_avg", "exp_avg_sq")  # torch AdamW's per-parameter state, besides the step count
+
+
+def adamw_state(step: torch.Tensor, like: torch.Tensor) -> dict[str, torch.Tensor]:
+    """torch AdamW's state for a tensor shaped like `like`, at `step`, with zero moments (a
+    checkpoint's values are then copied in: optimizer state is restored, not re-derived)."""
+    return {"step": step.clone(), **{k: torch.zeros_like(like) for k in MOMENTS}}
+
+
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]

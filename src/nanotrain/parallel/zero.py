@@ -48,6 +48,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..checkpoint import CheckpointReader, Piece, flat_pieces, whole
+from ..optim import MOMENTS, adamw_state
 from .data_parallel import counted_in_norm
 from .state import all_reduce
 
@@ -332,7 +333,7 @@ class ZeroOptimizer:
     def _moment_pieces(self, b: FlatBucket, state: dict) -> list[Piece]:
         """This rank's slice of the moments of bucket b, cut at parameter boundaries into
         boxes of each parameter (checkpoint.flat_pieces); the padding is not saved."""
-        return [piece for p, lo, hi, first in b.overlaps() for k in ("exp_avg", "exp_avg_sq")
+        return [piece for p, lo, hi, first in b.overlaps() for k in MOMENTS
                 for piece in flat_pieces(f"optim/{k}/{self.names[p]}", state[k][lo:hi], p, first, first + hi - lo)]
 
     def pieces(self) -> list[Piece]:
@@ -355,7 +356,7 @@ class ZeroOptimizer:
         step = reader.full("optim/step")
         for b in self.buckets:
             master = self.master[id(b)]
-            state = {"step": step.clone(), "exp_avg": torch.zeros_like(master), "exp_avg_sq": torch.zeros_like(master)}
+            state = adamw_state(step, master)
             for piece in self._moment_pieces(b, state):
                 if reader.has(piece.name):  # saved by plain AdamW before this parameter's first gradient: none
                     reader.fill(piece)

@@ -19,7 +19,7 @@ from ..config import Config, ConfigError
 from ..data import BatchSampler, prepare_data
 from ..models import build_model
 from ..models.attention import Attention
-from ..optim import build_adamw, lr_at
+from ..optim import MOMENTS, adamw_state, build_adamw, lr_at
 from ..parallel.data_parallel import GradSync, clip_grad_norm
 from ..parallel.expert_parallel import ExpertParallel
 from ..parallel.pipeline import PipelineStage, chunk_layers, layer_costs
@@ -30,7 +30,6 @@ from ..precision.policy import AUTOCAST, apply_policy
 from .contracts import RuntimeComponents, RuntimeContext
 
 VAL_STREAM = 1  # the val sampler draws from its own random stream
-MOMENTS = ("exp_avg", "exp_avg_sq")  # AdamW's per-parameter state, besides the step count
 
 
 def pick_device(name: str) -> torch.device:
@@ -232,7 +231,7 @@ class AdamWState:
         step = reader.full("optim/step")
         for p in self.params:
             if reader.has(f"optim/exp_avg/{self.names[p]}"):
-                state = {"step": step.clone(), "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
+                state = adamw_state(step, p)
                 for piece in self._moment_pieces(p, state):
                     reader.fill(piece)
                 self.opt.state[p] = state
