@@ -72,7 +72,8 @@ def quantize(x: torch.Tensor, fmt: FloatFormat, rounding: str = "nearest",
     if rounding == "nearest":
         steps = torch.round(scaled)  # half to even
     elif rounding == "stochastic":
-        u = torch.rand(x.shape, generator=generator, device=x.device)
+        # The generator may live on the CPU (the recipes' own): draw there, use on x's device.
+        u = torch.rand(x.shape, generator=generator, device=generator.device if generator else x.device).to(x.device)
         steps = torch.floor(scaled + u)
     else:
         raise ValueError(f"rounding={rounding!r}: use 'nearest' or 'stochastic'")

@@ -52,7 +52,7 @@ class DelayedScaling:
         hist = self.histories.get(role)
         if hist is None:  # the first step has no history: current scaling
             if record:
-                self.histories[role] = torch.cat([current.reshape(1), torch.zeros(self.history_len - 1)])
+                self.histories[role] = torch.cat([current.reshape(1), current.new_zeros(self.history_len - 1)])
             return current
         if record:
             self.histories[role] = torch.cat([current.reshape(1), hist[:-1]])  # newest first
@@ -177,7 +177,7 @@ class NVFP4(Recipe):
 
     def gemm(self, a, b, roles, state=None):
         if self.hadamard and roles == ("dy_t", "x_t"):
-            signs = torch.where(torch.rand(16, generator=self.generator) < 0.5, -1.0, 1.0)
+            signs = torch.where(torch.rand(16, generator=self.generator) < 0.5, -1.0, 1.0).to(a.device)
             a, b = hadamard_16(a, signs), hadamard_16(b, signs)
         return super().gemm(a, b, roles, state)
 
@@ -198,7 +198,7 @@ def hadamard_16(t: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
     n = t.shape[-1]
     pad = -n % 16
     x = torch.nn.functional.pad(t, (0, pad)).reshape(*t.shape[:-1], -1, 16)
-    x = (x * signs) @ _H16  # the padded length stays: both operands carry it, and H Hᵀ = I over it
+    x = (x * signs) @ _H16.to(x.device)  # the padded length stays: both operands carry it, and H Hᵀ = I over it
     return x.reshape(*t.shape[:-1], n + pad)
 
 
