@@ -155,6 +155,26 @@ class PrecisionConfig:
     # The gradients' exchanges in backward stay full precision.
     moe_dispatch_fp8: bool = False
     moe_combine_fp8: bool = False
+    # The dtypes of the copies of each weight (precision/master.py): the model's parameters, the
+    # optimizer's master weights, the master gradients (accumulated over micro-batches, reduced
+    # over dp and clipped in it), AdamW's two moments. master_owner=optimizer: the model keeps
+    # param_dtype parameters and the optimizer a master_dtype copy (sharded by ZeRO); module: the
+    # model's parameters are the master (master_dtype) and autocast casts them per GEMM.
+    # master_rounding: how a bf16/fp16 master takes its update (nearest, stochastic, kahan).
+    param_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    master_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    grad_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    exp_avg_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    exp_avg_sq_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    master_owner: Literal["optimizer", "module"] = "optimizer"
+    master_rounding: Literal["nearest", "stochastic", "kahan"] = "nearest"
+    # Persistent low-bit weights (precision/lowbit.py): linear weights whose parameter name matches
+    # a pattern of lowbit_weights (glob or "re:" regex) and none of lowbit_exclude are stored as
+    # fp8 (e4m3) or NF4 codes with per-tensor or per-channel scales; the optimizer keeps the master.
+    lowbit_weights: list[str] = field(default_factory=list)
+    lowbit_exclude: list[str] = field(default_factory=list)
+    lowbit_format: Literal["fp8", "nf4"] = "fp8"
+    lowbit_scaling: Literal["tensor", "channel"] = "channel"
     # fp16 dynamic loss scaling (precision/loss_scaling.py): the first scale; x growth after
     # growth_interval clean steps; x backoff after `hysteresis` overflowing (skipped) steps.
     loss_scale_init: float = 65536.0
@@ -545,6 +565,35 @@ def validate(cfg: Config) -> None:
                 re.compile(pattern[3:])
             except re.error as e:
                 errors.append(f"precision.overrides: {item!r} is not a valid regex ({e}).")
+    for key in ("lowbit_weights", "lowbit_exclude"):
+        for pattern in getattr(pr, key):
+            if pattern.startswith("re:"):
+                try:
+                    re.compile(pattern[3:])
+                except re.error as e:
+                    errors.append(f"precision.{key}: {pattern!r} is not a valid regex ({e}).")
+    storage = pr.param_dtype if pr.master_owner == "optimizer" else pr.master_dtype
+    need(storage == "fp32" or pr.recipe != "fp32",
+         f"precision.recipe=fp32 with {storage} parameters: the fp32 recipe computes in fp32. Pick a recipe that "
+         "computes in low precision (bf16, fp16, fp8_*, nvfp4, mxfp4), or keep precision.param_dtype=fp32.")
+    need("fp16" not in (storage, pr.grad_dtype) or pr.recipe == "fp16",
+         f"precision: fp16 parameters or gradients (param_dtype={pr.param_dtype}, grad_dtype={pr.grad_dtype}) "
+         "need loss scaling: use precision.recipe=fp16, or bf16 (fp32's range) for those dtypes.")
+    need(pr.master_dtype in (pr.param_dtype, "fp32"),
+         f"precision.master_dtype={pr.master_dtype} with param_dtype={pr.param_dtype}: the master is the copy the "
+         "update goes into, so it is fp32 or the parameters' own dtype. Use master_dtype=fp32 or "
+         f"{pr.param_dtype}.")
+    compute = {"bf16": "bf16", "fp16": "fp16"}.get(pr.recipe, "bf16" if pr.recipe != "fp32" else "fp32")
+    need(pr.master_owner == "optimizer" or pr.param_dtype in (pr.master_dtype, compute),
+         f"precision.master_owner=module keeps the parameters in master_dtype={pr.master_dtype} and casts them "
+         f"to the compute dtype of recipe {pr.recipe} ({compute}) per GEMM, so param_dtype={pr.param_dtype} cannot "
+         f"hold: set param_dtype={compute}, or master_owner=optimizer for a stored {pr.param_dtype} copy.")
+    need(pr.master_rounding == "nearest" or pr.master_dtype != "fp32",
+         f"precision.master_rounding={pr.master_rounding} rounds a bf16/fp16 master, and master_dtype is fp32: "
+         "set precision.master_dtype=bf16 (and param_dtype=bf16), or master_rounding=nearest.")
+    need(not pr.lowbit_weights or o.zero_stage == 0,
+         f"precision.lowbit_weights with optimizer.zero_stage={o.zero_stage}: a low-bit weight's fp32 master is "
+         "kept whole on every dp rank (stage 0). Use optimizer.zero_stage=0, or drop precision.lowbit_weights.")
     need(pr.amax_history_len >= 1, f"precision.amax_history_len={pr.amax_history_len} must be >= 1.")
     need(pr.fp8_margin >= 0, f"precision.fp8_margin={pr.fp8_margin} must be >= 0.")
     need(pr.loss_scale_init >= pr.loss_scale_min > 0, f"precision.loss_scale_init={pr.loss_scale_init} and "

@@ -99,7 +99,7 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # In fp32 whatever the input (a bf16 projection output under autocast): the mean of
         # squares needs the precision, and the fused kernel wants input and weight alike.
-        return F.rms_norm(x.float(), (x.shape[-1],), self.weight, self.eps).to(x.dtype)
+        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
 
 
 class LayerNorm(nn.Module):
@@ -112,7 +112,9 @@ class LayerNorm(nn.Module):
         self.bias = _mark(nn.Parameter(torch.empty(dim)), "zeros") if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps)
+        # Weights in the input's dtype (the fused kernel wants them alike; bf16 parameters and an fp32 input).
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.layer_norm(x, (x.shape[-1],), self.weight.to(x.dtype), bias, self.eps)
 
 
 def make_norm(kind: str, dim: int, eps: float, bias: bool = False) -> nn.Module:

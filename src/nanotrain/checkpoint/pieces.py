@@ -112,10 +112,11 @@ def flat_pieces(name: str, flat: torch.Tensor, p: nn.Parameter, start: int, end:
     return out
 
 
-def model_pieces(model: nn.Module) -> list[Piece]:
-    """Every persistent tensor of the model (parameters and buffers) under its single-process name."""
+def model_pieces(model: nn.Module, skip: set[str] = frozenset()) -> list[Piece]:
+    """Every persistent tensor of the model (parameters and buffers) under its single-process name;
+    `skip`: the names whose full-precision value the optimizer holds and saves (master copies)."""
     return [sharded("model/" + name, t.detach(), getattr(t, "shard", None))
-            for name, t in model.state_dict(keep_vars=True).items()]
+            for name, t in model.state_dict(keep_vars=True).items() if name not in skip]
 
 
 # ---------------------------------------------------------------------------

@@ -34,6 +34,21 @@ Checkpoints record each rank's slices as boxes of the logical parameters (the mo
 a slice that spans parameters are cut at their boundaries), so a run resumes under any
 zero stage, dp size or layout (checkpoint/pieces.py).
 
+Stage 0 is the same machinery unsharded: every rank owns the whole of every bucket, the
+gradients are all-reduced, and every rank runs the whole update. The runtime uses it for
+plain data parallelism when the precision policy asks for what torch's AdamW cannot do:
+master weights, master gradients or moments in dtypes of their own, or persistent
+low-bit weights (precision/master.py, precision/lowbit.py).
+
+Mixed precision. The buckets hold the model's parameters in their storage dtype
+(precision.param_dtype); the master slices are copies in master_dtype when that differs
+(then the all-gather after the step carries param_dtype: half the bytes of fp32 for bf16);
+the gradients are accumulated and reduced in grad_dtype. Where a gradient's dtype differs
+from its buffer's, a hook adds each backward's gradient into the buffer and drops it
+(Megatron's main_grad) instead of making .grad a view of it. Persistent low-bit weights
+(stage 0) live in buckets of their own whose flat buffer is the fp32 master; the model
+keeps only the quantised codes, rewritten after each step.
+
 (torch's versions: ZeroRedundancyOptimizer shards stage 1 by whole parameters; FSDP2's
 fully_shard also shards the parameters (stage 3). bench/zero.py compares.)
 """
@@ -49,6 +64,7 @@ from torch import nn
 
 from ..checkpoint import CheckpointReader, Piece, flat_pieces, whole
 from ..optim import MOMENTS, adamw_state
+from ..precision.master import Dtypes, MixedAdamW
 from .data_parallel import counted_in_norm
 from .state import all_reduce
 
@@ -64,43 +80,50 @@ class FlatBucket:
     size: int  # ranks in the group
     rank: int
     flat: torch.Tensor  # every parameter of the bucket, end to end (+ padding): the parameters are views
+    shards: int = 1  # slices the bucket is cut into: the group size under ZeRO, 1 at stage 0
+    lowbit: bool = False  # flat is the fp32 master of persistent low-bit weights (the model keeps codes)
     offsets: list[int] = field(default_factory=list)
     ready: int = 0
-    grad_flat: torch.Tensor | None = None  # stage 1: the gradients, end to end (their .grad are views)
+    grad_flat: torch.Tensor | None = None  # stages 0/1: the gradients, end to end
     staging: torch.Tensor | None = None  # stage 2: this backward's gradients, copied in as they arrive
 
     def attach_grads(self) -> None:
-        """Stage 1: make each parameter's .grad a view into grad_flat, so that backward
-        accumulates straight into the buffer the all-reduce sends (DDP's gradient_as_bucket_view)."""
+        """Stages 0/1 when gradient and buffer dtypes agree: make each parameter's .grad a view
+        into grad_flat, so that backward accumulates straight into the buffer the all-reduce
+        sends (DDP's gradient_as_bucket_view)."""
         for p, off in zip(self.params, self.offsets):
             if p.grad is None or p.grad.data_ptr() != self.grad_flat[off:].data_ptr():
                 p.grad = self.grad_flat[off:off + p.numel()].view_as(p)
 
     @property
     def shard_numel(self) -> int:
-        return self.flat.numel() // self.size
+        return self.flat.numel() // self.shards
+
+    @property
+    def index(self) -> int:
+        """Which slice this rank owns (the only one at stage 0)."""
+        return self.rank if self.shards > 1 else 0
 
     def owned(self) -> slice:
         n = self.shard_numel
-        return slice(self.rank * n, (self.rank + 1) * n)
+        return slice(self.index * n, (self.index + 1) * n)
 
     def overlaps(self):
         """(parameter, start, end, first) of each parameter's part inside this rank's slice:
         [start, end) relative to the slice, holding the parameter's elements from `first` on."""
-        lo, hi = self.rank * self.shard_numel, (self.rank + 1) * self.shard_numel
+        lo, hi = self.index * self.shard_numel, (self.index + 1) * self.shard_numel
         for p, off in zip(self.params, self.offsets):
             a, b = max(off, lo), min(off + p.numel(), hi)
             if a < b:
                 yield p, a - lo, b - lo, a - off
 
-    def stage_grad(self, p: nn.Parameter, offset: int) -> None:
-        """Stage 2: copy p's fresh gradient into the bucket's staging buffer and drop it, so the
-        whole gradients of a bucket exist once (DeepSpeed's IPG bucket); zeros where a
+    def stage_grad(self, grad: torch.Tensor, offset: int, grad_dtype: torch.dtype) -> None:
+        """Stage 2: copy a fresh gradient into the bucket's staging buffer (the caller drops it),
+        so the whole gradients of a bucket exist once (DeepSpeed's IPG bucket); zeros where a
         parameter gets none (an idle expert) and in the padding."""
         if self.staging is None:
-            self.staging = torch.zeros_like(self.flat)
-        self.staging[offset:offset + p.numel()].copy_(p.grad.reshape(-1))
-        p.grad = None
+            self.staging = torch.zeros(self.flat.numel(), dtype=grad_dtype, device=self.flat.device)
+        self.staging[offset:offset + grad.numel()].copy_(grad.reshape(-1))
 
 
 @dataclass
@@ -113,49 +136,71 @@ class Category:
 
 def _category_key(p: nn.Parameter):
     return (bool(getattr(p, "expert_parallel", False)), p.dim() >= 2, bool(getattr(p, "sequence_parallel", False)),
-            bool(getattr(p, "pipeline_shared", False)))
+            bool(getattr(p, "pipeline_shared", False)), getattr(p, "lowbit", None) is not None)
 
 
 class ZeroOptimizer:
-    """AdamW with its state sharded over the data-parallel group: ZeRO stage 1 or 2.
+    """AdamW over flat buckets: ZeRO stage 1 or 2 (state sharded over the data-parallel group),
+    or stage 0 (replicated), with the precision policy's dtypes (precision/master.py).
 
     The same interface as runtime.components.AdamWState: backward_context(last) around
     each backward, sync_grads() once per step, step(lr), pieces() / load_pieces().
     """
 
-    def __init__(self, model: nn.Module, stage: int, ps, cfg, bucket_mb: float = 25.0):
-        if stage not in (1, 2):
-            raise ValueError(f"optimizer.zero_stage={stage}: ZeRO stages 1 and 2 are implemented here")
+    def __init__(self, model: nn.Module, stage: int, ps, cfg, bucket_mb: float = 25.0,
+                 dtypes: Dtypes | None = None, seed: int = 0):
+        if stage not in (0, 1, 2):
+            raise ValueError(f"optimizer.zero_stage={stage}: ZeRO stages 0 (off), 1 and 2 are implemented here")
         self.stage, self.ps, self.cfg = stage, ps, cfg
+        self.dtypes = dt = dtypes or Dtypes()
         self.names = {p: n for n, p in model.named_parameters()}
         params = [p for p in model.parameters() if p.requires_grad]
+        if stage > 0 and any(getattr(p, "lowbit", None) is not None for p in params):
+            raise ValueError("precision.lowbit_weights with optimizer.zero_stage>0: the low-bit weights' masters are "
+                             "not sharded. Use optimizer.zero_stage=0, or drop precision.lowbit_weights.")
         groups = {False: ps.dp_group, True: ps.edp_group}
         # Reverse registration order: backward produces the last layers' gradients first.
         by_key: dict[tuple, list[nn.Parameter]] = {}
         for p in reversed(params):
             by_key.setdefault(_category_key(p), []).append(p)
         self.categories: list[Category] = []
-        for (expert, decay, sp, shared), members in by_key.items():
+        initial: dict[int, torch.Tensor] = {}  # each bucket's fp32 values before the cast to storage
+        for (expert, decay, sp, shared, lowbit), members in by_key.items():
             group = groups[expert]
             sum_group = ps.embd_group if shared else (ps.tp_group if sp and ps.tp > 1 else None)
-            self.categories.append(Category(self._bucketize(members, group, bucket_mb * 2**20), decay, sum_group))
+            self.categories.append(Category(self._bucketize(members, group, bucket_mb * 2**20, stage > 0, lowbit,
+                                                            dt.storage, initial), decay, sum_group))
         self.buckets = [b for c in self.categories for b in c.buckets]
         self.has_experts = any(getattr(p, "expert_parallel", False) for p in params)
-        # Master weights: this rank's fp32 slices, the only ones AdamW updates. The parameters
-        # are fp32 here, so the slices of the buckets themselves serve (no copy; the all-gather
-        # then runs in place). Parameters in a low-precision dtype would need fp32 copies.
-        self.master = {id(b): b.flat[b.owned()] for b in self.buckets}
-        if stage == 1:  # whole gradients in flat buffers; this rank reads its slices
+        # Master weights: this rank's slices, the only ones AdamW updates. In the storage dtype
+        # they are the slices of the buckets themselves (no copy; the all-gather then runs in
+        # place); in another dtype, copies made from the initial fp32 values.
+        self.master = {}
+        for b in self.buckets:
+            if b.lowbit or dt.master == b.flat.dtype:
+                self.master[id(b)] = b.flat[b.owned()]
+            else:
+                self.master[id(b)] = initial[id(b)][b.owned()].to(dt.master)
+        del initial
+        # Gradients: whole buffers at stages 0/1, this rank's slices at stage 2, in grad_dtype.
+        # .grad is a view into the buffer where the dtypes agree; otherwise hooks add into it.
+        self.grad_views = stage < 2 and all(dt.grad == b.flat.dtype and not b.lowbit for b in self.buckets)
+        if stage < 2:
             for b in self.buckets:
-                b.grad_flat = torch.zeros_like(b.flat)
-                b.attach_grads()
+                b.grad_flat = torch.zeros(b.flat.numel(), dtype=dt.grad, device=b.flat.device)
+                if self.grad_views:
+                    b.attach_grads()
             self.grad = {id(b): b.grad_flat[b.owned()] for b in self.buckets}
-        else:  # only this rank's gradient slices, summed over the step's micro-batches
-            self.grad = {id(b): torch.zeros_like(self.master[id(b)]) for b in self.buckets}
-        self.opt = torch.optim.AdamW(
-            [{"params": [self.master[id(b)] for b in c.buckets], "weight_decay": cfg.weight_decay if c.decay else 0.0}
-             for c in self.categories],
-            lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, foreach=True)
+        else:
+            self.grad = {id(b): torch.zeros(b.shard_numel, dtype=dt.grad, device=b.flat.device)
+                         for b in self.buckets}
+        groups_ = [{"params": [self.master[id(b)] for b in c.buckets],
+                    "weight_decay": cfg.weight_decay if c.decay else 0.0} for c in self.categories]
+        if dt.torch_adamw:  # fp32 masters and moments: torch's AdamW
+            self.opt = torch.optim.AdamW(groups_, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, foreach=True)
+        else:
+            self.opt = MixedAdamW(groups_, cfg.lr, (cfg.beta1, cfg.beta2), cfg.eps, dt.exp_avg, dt.exp_avg_sq,
+                                  dt.rounding, seed=seed + ps.rank)
         self.sync_enabled = True
         self._queues = {}
         # (work, this rank's reduced slice (stage 2), bucket, the buffer sent: alive until the work is done)
@@ -169,14 +214,24 @@ class ZeroOptimizer:
         self._bucket_of = {p: b for b in self.buckets for p in b.params}
         self._offset_of = {p: off for b in self.buckets for p, off in zip(b.params, b.offsets)}
         for p in params:
-            p.register_post_accumulate_grad_hook(self._on_grad_ready)
+            if getattr(p, "lowbit", None) is not None:  # its gradient arrives from the dequantised copy
+                p.lowbit.deliver = lambda g, p=p: self._on_grad(p, g)
+            else:
+                p.register_post_accumulate_grad_hook(self._on_autograd)
+        # Parameters whose logical value lives in a master copy, not in the model (checkpoints).
+        self.mastered = {self.names[p] for b in self.buckets if not self._master_is_storage(b) for p in b.params}
+
+    def _master_is_storage(self, b: FlatBucket) -> bool:
+        return not b.lowbit and self.master[id(b)].dtype == b.flat.dtype
 
     # -- layout -------------------------------------------------------------------------
 
     @staticmethod
-    def _bucketize(params: list[nn.Parameter], group, bucket_bytes: float) -> list[FlatBucket]:
+    def _bucketize(params: list[nn.Parameter], group, bucket_bytes: float, sharded: bool, lowbit: bool,
+                   storage: torch.dtype, initial: dict) -> list[FlatBucket]:
         size = dist.get_world_size(group) if group is not None else 1
         rank = dist.get_rank(group) if group is not None else 0
+        shards = size if sharded else 1
         chunks, current, nbytes = [], [], 0
         for p in params:
             current.append(p)
@@ -189,15 +244,22 @@ class ZeroOptimizer:
         buckets = []
         for members in chunks:
             total = sum(p.numel() for p in members)
-            padded = -(-total // size) * size  # equal slices for every rank
-            flat = torch.zeros(padded, dtype=torch.float32, device=members[0].device)
-            b = FlatBucket(members, group, size, rank, flat)
-            off = 0
+            padded = -(-total // shards) * shards  # equal slices for every rank
+            fp32 = torch.zeros(padded, dtype=torch.float32, device=members[0].device)
+            off, offsets = 0, []
             for p in members:
-                flat[off:off + p.numel()].copy_(p.detach().reshape(-1))
-                p.data = flat[off:off + p.numel()].view_as(p)  # the parameter now lives in the bucket
-                b.offsets.append(off)
+                fp32[off:off + p.numel()].copy_(p.detach().reshape(-1))
+                offsets.append(off)
                 off += p.numel()
+            flat = fp32 if lowbit or storage == torch.float32 else fp32.to(storage)
+            b = FlatBucket(members, group, size, rank, flat, shards, lowbit, offsets)
+            initial[id(b)] = fp32
+            for p, off in zip(members, offsets):
+                if lowbit:  # the model keeps the codes; the fp32 values live on here as the master
+                    p.lowbit.store(fp32[off:off + p.numel()].view(p.shape))
+                    p.data = torch.zeros(1, dtype=torch.float32, device=p.device).expand(p.shape)
+                else:
+                    p.data = flat[off:off + p.numel()].view_as(p)  # the parameter now lives in the bucket
             buckets.append(b)
         return buckets
 
@@ -205,14 +267,14 @@ class ZeroOptimizer:
 
     @contextlib.contextmanager
     def backward_context(self, last: bool):
-        """Stage 1 syncs on the last micro-batch only (gradients accumulate whole in the
+        """Stages 0/1 sync on the last micro-batch only (gradients accumulate whole in the
         buffers until then, as with DDP's no_sync; `last` is per chunk in an interleaved
         pipeline). Stage 2 reduces every backward's gradients, so no whole gradient is kept
         between micro-batches, and posts the buckets that backward did not fill (experts that
-        got no token, the other chunks of an interleaved stage) right after it; stage 1 posts
+        got no token, the other chunks of an interleaved stage) right after it; stages 0/1 post
         them in sync_grads(). Either way every rank posts the same collectives in the same order."""
         self.sync_enabled = last or self.stage == 2
-        if self.stage == 1:
+        if self.grad_views:
             for b in self.buckets:
                 b.attach_grads()
         yield
@@ -226,12 +288,24 @@ class ZeroOptimizer:
                 self._launch(queue.pop(0))
         self._queues = {g: list(q) for g, q in self._order.items()}
 
-    def _on_grad_ready(self, p: nn.Parameter) -> None:
+    def _on_autograd(self, p: nn.Parameter) -> None:
+        grad = p.grad
+        if not self.grad_views:
+            p.grad = None  # its values go into the bucket's buffer below
+        self._on_grad(p, grad)
+
+    def _on_grad(self, p: nn.Parameter, grad: torch.Tensor) -> None:
+        """p's gradient of this backward is complete: put it where the bucket's reduction reads it,
+        and post the buckets that are full."""
+        b, off = self._bucket_of[p], self._offset_of[p]
+        if self.stage == 2:
+            if not self.sync_enabled:
+                return
+            b.stage_grad(grad, off, self.dtypes.grad)
+        elif not self.grad_views:  # accumulate over the micro-batches in grad_dtype (Megatron's main_grad)
+            b.grad_flat[off:off + p.numel()].add_(grad.reshape(-1))
         if not self.sync_enabled:
             return
-        b = self._bucket_of[p]
-        if self.stage == 2:
-            b.stage_grad(p, self._offset_of[p])
         b.ready += 1
         queue = self._queues[b.group]
         while queue and queue[0].ready == len(queue[0].params):  # in order, as GradSync
@@ -239,13 +313,14 @@ class ZeroOptimizer:
 
     def _launch(self, b: FlatBucket) -> None:
         b.ready = 0
-        if self.stage == 1:  # all-reduce the buffer in place; every rank then reads its slice
+        if self.stage < 2:  # all-reduce the buffer in place; every rank then reads its slice (stage 0: all of it)
             work = dist.all_reduce(b.grad_flat, group=b.group, async_op=True) if b.size > 1 else None
             self._pending.append((work, None, b, None))
             return
-        flat = b.staging if b.staging is not None else torch.zeros_like(b.flat)  # zeros: nothing arrived
+        flat = b.staging if b.staging is not None else torch.zeros(b.flat.numel(), dtype=self.dtypes.grad,
+                                                                   device=b.flat.device)  # nothing arrived
         b.staging = None  # freed once the reduce-scatter is done: only this rank's slice is kept
-        out = torch.empty(b.shard_numel, device=flat.device)
+        out = torch.empty(b.shard_numel, dtype=flat.dtype, device=flat.device)
         work = _reduce_scatter(out, flat, group=b.group, async_op=True) if b.size > 1 else None
         if work is None:
             out.copy_(flat)
@@ -253,8 +328,8 @@ class ZeroOptimizer:
 
     def sync_grads(self) -> None:
         """Wait for the reductions; then this rank's summed gradient slices are in self.grad
-        (stage 1: views of the whole, all-reduced gradients; stage 2: the only copy)."""
-        if self.stage == 1:  # every chunk's gradients are complete now
+        (stages 0/1: views of the whole, all-reduced gradients; stage 2: the only copy)."""
+        if self.stage < 2:  # every chunk's gradients are complete now
             self._post_rest()
         for work, out, b, *_ in self._pending:
             if work is not None:
@@ -264,8 +339,8 @@ class ZeroOptimizer:
         self._pending.clear()
         for c in self.categories:  # sums that come after dp: tp for sequence-parallel grads, tied copies
             if c.sum_group is not None:
-                for b in c.buckets:  # stage 1: the whole buffer, so that every .grad is the true gradient
-                    all_reduce(b.grad_flat if self.stage == 1 else self.grad[id(b)], c.sum_group)
+                for b in c.buckets:  # stages 0/1: the whole buffer, so that every .grad is the true gradient
+                    all_reduce(b.grad_flat if self.stage < 2 else self.grad[id(b)], c.sum_group)
 
     def _grad_norm(self) -> torch.Tensor:
         """Global norm of the logical model's gradient, from the owned slices (see clip_grad_norm)."""
@@ -275,12 +350,15 @@ class ZeroOptimizer:
         for b in self.buckets:
             g = self.grad[id(b)]
             kind = "edp" if getattr(b.params[0], "expert_parallel", False) else "dp"
-            slices[kind] += [g[lo:hi] for p, lo, hi, _ in b.overlaps() if counted_in_norm(p, ps.tp_rank)]
+            slices[kind] += [g[lo:hi].float() for p, lo, hi, _ in b.overlaps() if counted_in_norm(p, ps.tp_rank)]
         parts = torch.stack([torch.stack(torch._foreach_norm(s)).pow(2).sum() if s else torch.zeros((), device=device)
                              for s in (slices["dp"], slices["edp"])])
-        parts[0:1] = all_reduce(parts[0:1].clone(), ps.dp_group)  # each dp rank holds different slices
+        sharded = self.stage > 0
+        if sharded:  # each dp rank holds different slices
+            parts[0:1] = all_reduce(parts[0:1].clone(), ps.dp_group)
         if self.has_experts:  # (without experts the edp sum would be one more collective, of zeros)
-            parts[1:2] = all_reduce(parts[1:2].clone(), ps.edp_group)
+            if sharded:
+                parts[1:2] = all_reduce(parts[1:2].clone(), ps.edp_group)
             parts[1:2] = all_reduce(parts[1:2].clone(), ps.ep_group)  # each ep rank holds different experts
         total = parts.sum()
         all_reduce(total, ps.tp_group)
@@ -302,62 +380,111 @@ class ZeroOptimizer:
             coef = 1.0 / loss_scale if coef is None else coef / loss_scale
         for b in self.buckets:
             g = self.grad[id(b)]
-            self.master[id(b)].grad = g * coef if coef is not None else g
+            g = g * coef if coef is not None else g
+            master = self.master[id(b)]
+            if isinstance(self.opt, MixedAdamW):  # reads the gradient in its own dtype
+                self.opt.grads[master] = g
+            else:  # torch's AdamW: .grad in the master's dtype
+                master.grad = g if g.dtype == master.dtype else g.to(master.dtype)
         for group in self.opt.param_groups:
             group["lr"] = lr
         self.opt.step()
-        for b in self.buckets:  # every rank's updated slice into every rank's parameters, in place
-            if b.size > 1:
-                _all_gather(b.flat, self.master[id(b)], group=b.group)
+        for b in self.buckets:
+            self._write_back(b)
             self.master[id(b)].grad = None
         self._zero_grads()
         return {"grad_norm": norm, "skipped": False}
 
+    def _write_back(self, b: FlatBucket) -> None:
+        """The updated masters into the model: every rank's slice into every rank's parameters
+        (in place when the master is the storage), cast to the storage dtype, or re-quantised."""
+        master = self.master[id(b)]
+        if b.lowbit:
+            for p, off in zip(b.params, b.offsets):
+                p.lowbit.store(b.flat[off:off + p.numel()].view(p.shape))
+        elif b.shards > 1:
+            _all_gather(b.flat, master if self._master_is_storage(b) else master.to(b.flat.dtype), group=b.group)
+        elif not self._master_is_storage(b):
+            b.flat.copy_(master)
+
     def _zero_grads(self) -> None:
         for b in self.buckets:
-            if self.stage == 1:
-                b.grad_flat.zero_()  # the .grad views stay; the next backward accumulates into them
+            if self.stage < 2:
+                b.grad_flat.zero_()  # any .grad views stay; the next backward accumulates into them
             else:
                 self.grad[id(b)].zero_()
 
     def state_bytes(self) -> dict[str, int]:
-        """Bytes of optimizer state and gradient slices this rank holds (tests, benchmarks)."""
-        moments = sum(t.numel() * t.element_size() for s in self.opt.state.values() for t in s.values()
-                      if torch.is_tensor(t) and t.dim() > 0)
-        master = sum(t.numel() * t.element_size() for t in self.master.values())  # views of the parameters here
-        grads = sum(t.numel() * t.element_size() for t in self.grad.values())
-        return {"moments": moments, "master": master, "grad_shards": grads}
+        """Bytes this rank holds per kind (tests, benchmarks): the model's parameters, the master
+        copies (0 where the master is the storage), gradients, moments, Kahan compensation."""
+        def size(ts):
+            return sum(t.numel() * t.element_size() for t in ts)
+
+        moments = size(t for s in self.opt.state.values() for t in s.values() if torch.is_tensor(t) and t.dim() > 0)
+        params = sum(p.lowbit.nbytes() if getattr(p, "lowbit", None) is not None else p.numel() * p.element_size()
+                     for b in self.buckets for p in b.params)
+        master = size(self.master[id(b)] for b in self.buckets if not self._master_is_storage(b))
+        comp = size(getattr(self.opt, "compensation", {}).values())
+        grads = size(self.grad.values()) if self.stage == 2 else size(b.grad_flat for b in self.buckets)
+        return {"params": params, "master": master, "grads": grads, "moments": moments, "compensation": comp,
+                "grad_shards": size(self.grad.values())}
 
     # -- checkpoints: each rank's slices, as boxes of the logical parameters --------------
 
-    def _moment_pieces(self, b: FlatBucket, state: dict) -> list[Piece]:
-        """This rank's slice of the moments of bucket b, cut at parameter boundaries into
-        boxes of each parameter (checkpoint.flat_pieces); the padding is not saved."""
-        return [piece for p, lo, hi, first in b.overlaps() for k in MOMENTS
-                for piece in flat_pieces(f"optim/{k}/{self.names[p]}", state[k][lo:hi], p, first, first + hi - lo)]
+    def _slice_pieces(self, prefix: str, b: FlatBucket, flat_slice: torch.Tensor) -> list[Piece]:
+        """This rank's slice of a per-bucket tensor (moments, masters), cut at parameter
+        boundaries into boxes of each parameter (checkpoint.flat_pieces); the padding is not saved."""
+        return [piece for p, lo, hi, first in b.overlaps()
+                for piece in flat_pieces(f"{prefix}{self.names[p]}", flat_slice[lo:hi], p, first, first + hi - lo)]
+
+    def _state_pieces(self, b: FlatBucket, state: dict) -> list[Piece]:
+        out = [piece for k in MOMENTS for piece in self._slice_pieces(f"optim/{k}/", b, state[k])]
+        comp = getattr(self.opt, "compensation", {}).get(self.master[id(b)])
+        if comp is not None:
+            out += self._slice_pieces("optim/kahan/", b, comp)
+        return out
 
     def pieces(self) -> list[Piece]:
-        """The moments this rank owns and the step count. The master weights are the owned
-        slices of the fp32 parameters (no copy), so they are saved once, as model/ tensors."""
+        """The moments this rank owns and the step count; the master copies, as the model's
+        logical weights (model/NAME, in full precision) where they are not the parameters
+        themselves (those are saved with the model); the stochastic-rounding generator."""
         out, step = [], None
         for b in self.buckets:
             state = self.opt.state.get(self.master[id(b)])
             if state:
-                out += self._moment_pieces(b, state)
+                out += self._state_pieces(b, state)
                 step = state["step"]
+            if not self._master_is_storage(b):
+                out += self._slice_pieces("model/", b, self.master[id(b)])
         if step is not None:
             out.append(whole("optim/step", step))
+        generator = getattr(self.opt, "generator", None)
+        if generator is not None:
+            out.append(whole(f"precision/rank{self.ps.rank}/master_generator", generator.get_state()))
         return out
 
     def load_pieces(self, reader: CheckpointReader) -> None:
-        """This rank's slices of the saved moments, whatever layout and stage wrote them."""
+        """This rank's slices of the saved moments and masters, whatever layout and stage wrote them."""
+        for b in self.buckets:  # masters first: any checkpoint has the model's weights
+            if not self._master_is_storage(b):
+                for piece in self._slice_pieces("model/", b, self.master[id(b)]):
+                    reader.fill(piece)
+                self._write_back(b)
+        generator = getattr(self.opt, "generator", None)
+        key = f"precision/rank{self.ps.rank}/master_generator"
+        if generator is not None and reader.has(key):
+            generator.set_state(reader.full(key))
         if not reader.has("optim/step"):  # a weights-only checkpoint: fresh moments
             return
         step = reader.full("optim/step")
         for b in self.buckets:
             master = self.master[id(b)]
-            state = adamw_state(step, master)
-            for piece in self._moment_pieces(b, state):
-                if reader.has(piece.name):  # saved by plain AdamW before this parameter's first gradient: none
+            state = self.opt.new_state(step, master) if isinstance(self.opt, MixedAdamW) else adamw_state(step, master)
+            if isinstance(self.opt, MixedAdamW):
+                self.opt.kahan_buffer(master)  # created here so that a saved compensation is read into it
+            for piece in self._state_pieces(b, state):
+                # Absent: moments saved by plain AdamW before this parameter's first gradient, or a
+                # compensation the saving run did not keep; both start from zero.
+                if reader.has(piece.name):
                     reader.fill(piece)
             self.opt.state[master] = state

@@ -106,8 +106,20 @@ def apply_policy(model: nn.Module, p) -> dict[str, str]:
         else:
             module.gemm_recipe = build_recipe(recipe, p) if recipe in LOW_BIT else AutocastOverride(recipe)
         delayed = recipe == "fp8_tensorwise" and p.fp8_scaling == "delayed"
-        module.gemm_state = DelayedScaling(p.amax_history_len) if delayed else None
+        group = tp_group(module) if recipe in TENSOR_AMAX else None
+        module.gemm_state = DelayedScaling(p.amax_history_len, delayed=delayed, group=group) \
+            if delayed or group is not None else None
     return chosen
+
+
+TENSOR_AMAX = ("fp8_tensorwise", "fp8_custom", "nvfp4")  # recipes with a scale over a whole tensor
+
+
+def tp_group(module: nn.Module):
+    """The tensor-parallel group of a sharded linear layer (ColumnParallelLinear and
+    RowParallelLinear keep theirs as .tp), over which a per-tensor amax is reduced."""
+    tp = getattr(module, "tp", None)
+    return tp.group if isinstance(module, nn.Linear) and tp is not None and tp.size > 1 else None
 
 
 def describe_policy(chosen: dict[str, str]) -> str:
@@ -124,6 +136,9 @@ def gemm(module: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: torch.T
          site: str = "") -> torch.Tensor:
     """x Wᵀ + b in the module's recipe (F.linear under the active autocast if it has none).
     `site` names the weight when a module runs several (delayed scaling keeps one history each)."""
+    lowbit = getattr(module, "lowbit", None)
+    if lowbit is not None and weight is module.weight:  # a persistent low-bit weight (lowbit.py): its codes
+        weight = lowbit.compute_weight()
     recipe = getattr(module, "gemm_recipe", None)
     if recipe is None:
         return F.linear(x, weight, bias)

@@ -30,6 +30,7 @@ import math
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 
 from .formats import E4M3, E5M2
 from .scaling import blockwise, mxfp4, nvfp4, tensorwise
@@ -42,13 +43,25 @@ class DelayedScaling:
     """Transformer Engine's delayed scaling: the scale comes from the largest amax of the
     last `history_len` steps, known before this step's tensor is (one fewer pass over it
     on hardware), and this step's amax joins the history afterwards. Evaluation (no grad)
-    reads the history without adding to it: it must not change how training rounds."""
+    reads the history without adding to it: it must not change how training rounds.
+
+    With delayed=False it only reduces the current amax (current scaling). `group`: the
+    tensor-parallel group of a sharded layer. Each rank sees a shard of a weight (and, in a
+    row-parallel layer, of the activations), so its own amax would give each shard its own
+    scale and the layout would round differently from one process; as Transformer Engine
+    does, the amax is the max over the group, so every shard uses the whole tensor's scale."""
 
     history_len: int = 16
     histories: dict[str, torch.Tensor] = field(default_factory=dict)
+    delayed: bool = True
+    group: object = None  # a torch.distributed process group, or None
 
     def amax(self, role: str, x: torch.Tensor, record: bool = True) -> torch.Tensor:
         current = x.detach().abs().max().float()
+        if self.group is not None:
+            dist.all_reduce(current, op=dist.ReduceOp.MAX, group=self.group)
+        if not self.delayed:
+            return current
         hist = self.histories.get(role)
         if hist is None:  # the first step has no history: current scaling
             if record:
@@ -107,7 +120,7 @@ class Fp8Tensorwise(Recipe):
 
     def quant(self, t, role, state):
         fmt = E5M2 if role.startswith("dy") else E4M3
-        amax = state.amax(role, t) if self.scaling == "delayed" and state is not None else None
+        amax = state.amax(role, t) if state is not None else None  # delayed, or reduced over tp
         q, s = tensorwise(t, fmt, amax=amax, margin=self.margin)
         return q * s
 
@@ -126,12 +139,13 @@ class Fp8DeepSeek(Recipe):
 GRANULARITY = {"tile": (1, 128), "block": (128, 128)}  # "tensor" and "channel" (one row) are handled below
 
 
-def scaled(t: torch.Tensor, fmt, granularity: str, rounding: str = "nearest", generator=None) -> torch.Tensor:
+def scaled(t: torch.Tensor, fmt, granularity: str, rounding: str = "nearest", generator=None,
+           amax: torch.Tensor | None = None) -> torch.Tensor:
     """t as q · s with one scale per tensor, per channel (a row: the GEMM's reduction dimension
     is last, so this is the rowwise scaling torchao calls per-channel), per 1x128 tile or per
     128x128 block."""
     if granularity == "tensor":
-        q, s = tensorwise(t, fmt, rounding=rounding, generator=generator)
+        q, s = tensorwise(t, fmt, amax=amax, rounding=rounding, generator=generator)
     else:
         block = (1, t.shape[-1]) if granularity == "channel" else GRANULARITY[granularity]
         q, s = blockwise(t, fmt, block, rounding, generator)
@@ -155,8 +169,10 @@ class Fp8Custom(Recipe):
 
     def quant(self, t, role, state):
         grad = role.startswith("dy")
+        tensor = self.granularity[role] == "tensor"
+        amax = state.amax(role, t) if tensor and state is not None else None  # reduced over tp
         return scaled(t, self.grad_fmt if grad else E4M3, self.granularity[role],
-                      self.grad_rounding if grad else "nearest", self.generator)
+                      self.grad_rounding if grad else "nearest", self.generator, amax)
 
 
 class NVFP4(Recipe):
@@ -172,7 +188,8 @@ class NVFP4(Recipe):
 
     def quant(self, t, role, state):
         rounding = "stochastic" if role.startswith("dy") else "nearest"
-        q, s = nvfp4(t, rounding, two_d=self.two_d and role in ("w", "w_t"), generator=self.generator)
+        amax = state.amax(role, t) if state is not None else None  # the tensor scale's amax, reduced over tp
+        q, s = nvfp4(t, rounding, two_d=self.two_d and role in ("w", "w_t"), generator=self.generator, amax=amax)
         return q * s
 
     def gemm(self, a, b, roles, state=None):

@@ -69,15 +69,16 @@ def blockwise(x: torch.Tensor, fmt: FloatFormat, block: tuple[int, int] = (1, 12
 
 
 def nvfp4(x: torch.Tensor, rounding: str = "nearest", two_d: bool = False,
-          generator=None) -> tuple[torch.Tensor, torch.Tensor]:
+          generator=None, amax: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """NVFP4: e2m1 values in 1x16 blocks (16x16 with two_d, for weights), each block scale
     stored in e4m3, on top of one fp32 scale per tensor that brings the block scales
     into e4m3's range: s_tensor = amax / (6 · 448), s_block = e4m3(block amax / 6 / s_tensor)."""
     x = x.float()
-    s_tensor = torch.clamp(x.abs().max(), min=_TINY) / (E2M1.max * E4M3.max)
+    amax_tensor = x.abs().max() if amax is None else amax  # (amax: the whole tensor's, under tp)
+    s_tensor = torch.clamp(amax_tensor, min=_TINY) / (E2M1.max * E4M3.max)
     xb, size = _blocks(x, 16 if two_d else 1, 16)
-    amax = xb.abs().amax(dim=(-3, -1), keepdim=True)
-    s_block = quantize(amax / E2M1.max / s_tensor, E4M3)  # the stored (rounded) block scale
+    block_amax = xb.abs().amax(dim=(-3, -1), keepdim=True)
+    s_block = quantize(block_amax / E2M1.max / s_tensor, E4M3)  # the stored (rounded) block scale
     scale = torch.where(s_block > 0, s_block * s_tensor, torch.ones_like(s_block)).expand_as(xb)
     q = quantize(xb / scale, E2M1, rounding, generator)
     return _unblock(q, size, x.shape), _unblock(scale, size, x.shape)

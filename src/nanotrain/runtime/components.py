@@ -26,6 +26,8 @@ from ..parallel.pipeline import PipelineStage, chunk_layers, layer_costs
 from ..parallel.state import all_reduce, barrier, destroy_parallel, init_parallel
 from ..parallel.tensor_parallel import TensorParallel
 from ..parallel.zero import ZeroOptimizer
+from ..precision.lowbit import apply_lowbit
+from ..precision.master import Dtypes
 from ..precision.policy import AUTOCAST, apply_policy
 from .contracts import RuntimeComponents, RuntimeContext
 
@@ -158,7 +160,12 @@ class TransformerProvider:
             if isinstance(module, Attention):
                 module.core_dtype = core
         model.gemm_policy = apply_policy(model, ctx.cfg.precision)  # which recipe each GEMM runs in
-        return model.to(ctx.device)
+        model = model.to(ctx.device)
+        try:  # persistent fp8/NF4 weights; the optimizer moves the values into them
+            model.lowbit_weights = apply_lowbit(model, ctx.cfg.precision)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        return model
 
 
 class AdamWState:
@@ -240,8 +247,12 @@ class AdamWState:
 class AdamWRuntime:
     def build(self, ctx: RuntimeContext, model: nn.Module) -> AdamWState | ZeroOptimizer:
         stage = ctx.cfg.optimizer.zero_stage
-        if stage:
-            return ZeroOptimizer(model, stage, ctx.parallel, ctx.cfg.optimizer, ctx.cfg.parallel.bucket_mb)
+        dtypes = Dtypes.from_config(ctx.cfg.precision)
+        # torch's AdamW when every copy is fp32; the flat-bucket optimizer for ZeRO, for master
+        # weights, gradients or moments in other dtypes, and for persistent low-bit weights.
+        if stage or not dtypes.all_fp32 or getattr(model, "lowbit_weights", None):
+            return ZeroOptimizer(model, stage, ctx.parallel, ctx.cfg.optimizer, ctx.cfg.parallel.bucket_mb,
+                                 dtypes, seed=ctx.cfg.train.seed)
         return AdamWState(model, ctx)
 
 

@@ -27,6 +27,7 @@ from ..monitoring import build_logger, measure_peak_flops, mfu, plot_loss_curve,
 from ..parallel.pipeline.runner import PipelineRunner
 from ..parallel.state import all_reduce, barrier
 from ..precision.loss_scaling import LossScaler
+from ..precision.master import Dtypes
 from ..precision.policy import describe_policy, load_state as load_precision_state
 from ..precision.policy import state_pieces as precision_state_pieces
 from .components import default_components, write_run_config
@@ -202,10 +203,12 @@ class RuntimeEngine:
             except ValueError as e:
                 raise ConfigError(str(e)) from None
         opt = self.c.optimizer.build(ctx, model)
+        self.model, self.optimizer = model, opt  # for inspection after run() (tests, notebooks)
         schedule = self.c.schedule.build(ctx)
         ps = ctx.parallel
         if ps.pp > 1:
             self.pipeline = PipelineRunner.from_state(model, cfg.parallel.pp_schedule, ps, ctx.device, ctx.autocast)
+            self.pipeline.dtype = Dtypes.from_config(cfg.precision).storage  # what the stages send
 
         start = 0
         if resume_path is not None:
@@ -292,7 +295,8 @@ class RuntimeEngine:
         """Every rank passes the boxes it holds (checkpoint/pieces.py): its shards and stage of
         the model, its slices of the optimizer state, its RNG state. Each box is written once."""
         cfg, ps = ctx.cfg, ctx.parallel
-        pieces = model_pieces(model) + opt.pieces() + [whole(f"rng/torch/rank{ctx.rank}", torch.get_rng_state())]
+        # Where the optimizer keeps a master copy (precision.master_owner=optimizer), it saves the master.
+        pieces = model_pieces(model, getattr(opt, "mastered", set())) + opt.pieces() + [whole(f"rng/torch/rank{ctx.rank}", torch.get_rng_state())]
         pieces += precision_state_pieces(model, ctx.rank)  # amax histories, stochastic-rounding generators
         if ctx.device.type == "cuda":
             pieces.append(whole(f"rng/cuda/rank{ctx.rank}", torch.cuda.get_rng_state(ctx.device)))
@@ -347,9 +351,9 @@ class RuntimeEngine:
             raise ConfigError(f"checkpoint {path} is at step {step}, already at train.max_steps="
                               f"{ctx.cfg.train.max_steps}: raise train.max_steps to train further.")
         # The boxes this layout holds, read from whatever boxes the saving layout wrote.
-        for piece in model_pieces(model):
+        for piece in model_pieces(model, getattr(opt, "mastered", set())):
             reader.fill(piece)
-        opt.load_pieces(reader)
+        opt.load_pieces(reader)  # and the masters, written back into the model
         load_precision_state(model, reader, ctx.rank)
         if self.scaler is not None and reader.objects.get("loss_scaler"):
             self.scaler.load_state_dict(reader.objects["loss_scaler"])

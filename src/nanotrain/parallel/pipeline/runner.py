@@ -10,7 +10,7 @@
 
 Receives are posted early and waited for only when the action that needs them runs;
 sends are waited for at the end of the step. What crosses ranks is the hidden state
-[micro_batch, seq_len, d_model] in fp32 (the residual stream's dtype), or its shard
+[micro_batch, seq_len, d_model] in the residual stream's dtype (fp32, or bf16 parameters'), or its shard
 [micro_batch, seq_len / tp, d_model] under sequence parallelism; the receiver knows
 the shape from its own micro-batch (point-to-point carries no metadata).
 
@@ -41,6 +41,7 @@ class PipelineRunner:
         self.stage, self.schedule, self.peers, self.group = stage, schedule, peers, group
         self.device, self.autocast = torch.device(device), autocast
         self.events: list[tuple[str, int, int, float, float]] | None = None  # timeline, when recording
+        self.dtype = torch.float32  # the residual stream's: the parameters' storage dtype (precision.param_dtype)
 
     @classmethod
     def from_state(cls, stage: PipelineStage, schedule: str, state, device="cpu", autocast=contextlib.nullcontext):
@@ -144,7 +145,7 @@ class PipelineRunner:
             ops.append(dist.P2POp(dist.isend, tensor, self.peers[msg.dst], self.group))
             buffers.append(tensor)  # keep it alive until the send completes
         for msg in recvs:
-            buf = torch.empty(shape, dtype=torch.float32, device=self.device)
+            buf = torch.empty(shape, dtype=self.dtype, device=self.device)
             ops.append(dist.P2POp(dist.irecv, buf, self.peers[msg.src], self.group))
             buffers.append(buf)
         works = dist.batch_isend_irecv(ops)

@@ -1,0 +1,143 @@
+"""Master weights, gradients and moments in their own dtypes (precision/master.py, parallel/zero.py stage 0)."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from conftest import tiny_config
+from nanotrain.config import ConfigError, load_config
+from nanotrain.parallel.zero import ZeroOptimizer
+from nanotrain.precision.master import BF16, FP16, Dtypes, MixedAdamW, round_into
+from nanotrain.runtime import RuntimeEngine
+from nanotrain.runtime.components import default_components
+
+
+def _pair(dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(37, 5, generator=g).to(dtype), torch.randn(11, generator=g).to(dtype)]
+
+
+def test_mixed_adamw_in_fp32_is_torch_adamw():
+    """Same operations in the same order: with every dtype fp32 it is torch's foreach AdamW."""
+    ours, ref = _pair(), [nn_p.clone().requires_grad_() for nn_p in _pair()]
+    opt = MixedAdamW([{"params": ours, "weight_decay": 0.1}], 3e-3, (0.9, 0.99), 1e-8)
+    torch_opt = torch.optim.AdamW([{"params": ref, "weight_decay": 0.1}], lr=3e-3, betas=(0.9, 0.99), eps=1e-8,
+                                  foreach=True)
+    for step in range(6):
+        grads = _pair(seed=100 + step)
+        opt.grads = dict(zip(ours, grads))
+        opt.step()
+        for p, g in zip(ref, grads):
+            p.grad = g.clone()
+        torch_opt.step()
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b.detach(), rtol=1e-6, atol=1e-7)
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(opt.state[a]["exp_avg_sq"], torch_opt.state[b]["exp_avg_sq"])
+
+
+def _small_updates(rounding: str, steps: int = 200, lr: float = 1e-4) -> torch.Tensor:
+    """A bf16 master at 1.0, gradient +1 every step: Adam moves it by ~lr a step, 40x below
+    half of bf16's spacing under 1.0 (2^-9)."""
+    w = torch.ones(4000, dtype=torch.bfloat16)
+    opt = MixedAdamW([{"params": [w], "weight_decay": 0.0}], lr, (0.9, 0.99), 1e-8, rounding=rounding, seed=1)
+    for _ in range(steps):
+        opt.grads = {w: torch.ones_like(w)}
+        opt.step()
+    return w.float() + (opt.compensation[w].float() if rounding == "kahan" else 0)
+
+
+def test_bf16_master_nearest_loses_small_updates_stochastic_and_kahan_keep_them():
+    exact = 1.0 - 200 * 1e-4  # each Adam step here is lr * m̂ / (√v̂ + eps) = lr (to 1e-8)
+    assert torch.equal(_small_updates("nearest"), torch.ones(4000))  # every update rounded away
+    kahan = _small_updates("kahan")
+    # weight + compensation: the fp32 result within 1% of the distance moved (0.02); the bf16
+    # compensation itself rounds (measured: 1e-4)
+    assert kahan.sub(exact).abs().max() < 2e-4
+    sr = _small_updates("stochastic")
+    assert abs(sr.mean().item() - exact) < 5 * sr.std().item() / 4000 ** 0.5 + 1e-4  # unbiased
+    assert sr.std() > 0  # and really random
+
+
+@pytest.mark.parametrize("fmt,dtype", [(BF16, torch.bfloat16), (FP16, torch.float16)])
+def test_round_into_nearest_is_the_cast_and_stochastic_is_unbiased(fmt, dtype):
+    x = torch.randn(200000) * 3
+    near = torch.empty(x.shape, dtype=dtype)
+    round_into(near, x)
+    assert torch.equal(near, x.to(dtype))
+    sr = torch.empty(x.shape, dtype=dtype)
+    round_into(sr, x, "stochastic", torch.Generator().manual_seed(0))
+    _, e = torch.frexp(x.abs())
+    spacing = torch.ldexp(torch.ones_like(x), torch.clamp(e - 1, min=fmt.min_exp) - fmt.man_bits)
+    err = (sr.float() - x) / spacing  # in units of the format's spacing at x
+    assert err.abs().max() < 1  # one of the two neighbours
+    assert (sr != near).any()  # not always the nearest
+    assert abs(err.mean().item()) < 5 * err.std().item() / len(x) ** 0.5  # unbiased
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--precision.recipe=fp32", "--precision.param_dtype=bf16"], "fp32 recipe computes in fp32"),
+    (["--precision.param_dtype=fp16"], "need loss scaling"),
+    (["--precision.master_rounding=stochastic"], "master_dtype is fp32"),
+    (["--precision.param_dtype=bf16", "--precision.master_dtype=fp16"], "master_dtype=fp16 with param_dtype=bf16"),
+    (["--precision.master_owner=module", "--precision.param_dtype=fp16", "--precision.recipe=bf16"],
+     "master_owner=module"),
+    (["--precision.lowbit_weights=layers.*", "--optimizer.zero_stage=1"], "zero_stage=0"),
+    (["--precision.lowbit_weights=re:(("], "not a valid regex"),
+])
+def test_bad_dtype_combinations_are_named(args, needle):
+    with pytest.raises(ConfigError, match=needle.replace("(", r"\(")):
+        load_config(None, ["--data.path=x.txt", *args])
+
+
+ARGS = ["--train.max_steps=8", "--train.eval_interval=8", "--train.eval_steps=2", "--checkpoint.save_final=false",
+        "--precision.recipe=bf16"]
+BF16_PARAMS = ["--precision.param_dtype=bf16"]
+COMBOS = {  # name: (flags, bytes per parameter: model parameters, master copy, gradients, moments, compensation)
+    "bf16 params, fp32 master/grads/moments": (BF16_PARAMS, (2, 4, 4, 8, 0)),
+    "bf16 params, fp32 master, bf16 grads and moments": (
+        BF16_PARAMS + ["--precision.grad_dtype=bf16", "--precision.exp_avg_dtype=bf16",
+                       "--precision.exp_avg_sq_dtype=bf16"], (2, 4, 2, 4, 0)),
+    "bf16 master (stochastic), bf16 grads, fp32 moments": (
+        BF16_PARAMS + ["--precision.master_dtype=bf16", "--precision.master_rounding=stochastic",
+                       "--precision.grad_dtype=bf16"], (2, 0, 2, 8, 0)),
+    "bf16 master (kahan), bf16 everything": (
+        BF16_PARAMS + ["--precision.master_dtype=bf16", "--precision.master_rounding=kahan",
+                       "--precision.grad_dtype=bf16", "--precision.exp_avg_dtype=bf16",
+                       "--precision.exp_avg_sq_dtype=bf16"], (2, 0, 2, 4, 2)),
+}
+
+
+@pytest.mark.parametrize("name", list(COMBOS))
+def test_each_copy_takes_its_dtype(name, tmp_path):
+    """The bytes each copy holds after a step are numel x the dtype asked for (state_bytes
+    counts the real tensors), and the run trains."""
+    flags, per_param = COMBOS[name]
+    engine = RuntimeEngine(tiny_config(tmp_path, *ARGS, *flags))
+    held = {}
+    engine.on_grads = lambda step, model, ctx: held.update(model=model)
+    result = engine.run()
+    model = held["model"]
+    numel = sum(p.numel() for p in model.parameters())
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    opt = engine.optimizer
+    got = opt.state_bytes()
+    assert [got[k] for k in ("params", "master", "grads", "moments", "compensation")] == \
+        [b * numel for b in per_param]
+    assert result.losses[8] < result.losses[1]
+
+
+class _Stage0:
+    def build(self, ctx, model):
+        return ZeroOptimizer(model, 0, ctx.parallel, ctx.cfg.optimizer, ctx.cfg.parallel.bucket_mb, Dtypes())
+
+
+def test_stage0_flat_optimizer_in_fp32_trains_as_torch_adamw(tmp_path):
+    """The flat-bucket optimizer with every dtype fp32 (built directly: the runtime picks torch's
+    AdamW then) gives the losses of the torch AdamW run."""
+    base = RuntimeEngine(tiny_config(tmp_path / "a", *ARGS)).run()
+    flat = RuntimeEngine(tiny_config(tmp_path / "b", *ARGS),
+                         dataclasses.replace(default_components(), optimizer=_Stage0())).run()
+    for s in range(1, 9):
+        assert flat.losses[s] == pytest.approx(base.losses[s], rel=1e-5)
