@@ -141,3 +141,18 @@ def test_stage0_flat_optimizer_in_fp32_trains_as_torch_adamw(tmp_path):
                          dataclasses.replace(default_components(), optimizer=_Stage0())).run()
     for s in range(1, 9):
         assert flat.losses[s] == pytest.approx(base.losses[s], rel=1e-5)
+
+
+@pytest.mark.parametrize("flags", [
+    BF16_PARAMS,  # the fp32 master is saved as the model's weights, the bf16 parameters are cast from it
+    BF16_PARAMS + ["--precision.master_dtype=bf16", "--precision.master_rounding=stochastic"],  # + the generator
+    BF16_PARAMS + ["--precision.master_dtype=bf16", "--precision.master_rounding=kahan",
+                   "--precision.exp_avg_sq_dtype=bf16"],  # + the compensation
+], ids=["fp32-master", "bf16-stochastic", "bf16-kahan"])
+def test_mixed_dtype_resume_is_bit_exact(flags, make_config):
+    common = [*flags, "--precision.recipe=bf16", "--checkpoint.interval=5", "--schedule.decay_steps=20"]
+    straight = RuntimeEngine(make_config(*common, "--train.max_steps=10",
+                                         "--train.out_dir=" + str(make_config().train.out_dir) + "_a")).run()
+    RuntimeEngine(make_config(*common, "--train.max_steps=5")).run()
+    resumed = RuntimeEngine(make_config(*common, "--train.max_steps=10", "--checkpoint.resume=latest")).run()
+    assert {s: resumed.losses[s] for s in range(6, 11)} == {s: straight.losses[s] for s in range(6, 11)}

@@ -296,7 +296,8 @@ class RuntimeEngine:
         the model, its slices of the optimizer state, its RNG state. Each box is written once."""
         cfg, ps = ctx.cfg, ctx.parallel
         # Where the optimizer keeps a master copy (precision.master_owner=optimizer), it saves the master.
-        pieces = model_pieces(model, getattr(opt, "mastered", set())) + opt.pieces() + [whole(f"rng/torch/rank{ctx.rank}", torch.get_rng_state())]
+        pieces = model_pieces(model, getattr(opt, "mastered", set())) + opt.pieces()
+        pieces.append(whole(f"rng/torch/rank{ctx.rank}", torch.get_rng_state()))
         pieces += precision_state_pieces(model, ctx.rank)  # amax histories, stochastic-rounding generators
         if ctx.device.type == "cuda":
             pieces.append(whole(f"rng/cuda/rank{ctx.rank}", torch.cuda.get_rng_state(ctx.device)))

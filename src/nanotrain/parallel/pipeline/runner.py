@@ -90,7 +90,7 @@ class PipelineRunner:
                 if stage.is_last_chunk(a.chunk):
                     loss_sum += y.detach()  # a tensor, not .item(): no host sync per micro-batch
                 else:
-                    outbox[a] = y.detach().float()
+                    outbox[a] = y.detach().to(self.dtype)
                 if not forward_only:
                     acts[(a.chunk, a.mb)] = (x, y)
                     peak = max(peak, len(acts))
