@@ -83,21 +83,25 @@ def _state_bytes(cfg_dict):
 
 
 @pytest.mark.parametrize("dp", [2, 4])
-@pytest.mark.parametrize("stage", [1, 2])
-def test_state_is_divided_by_dp(tmp_path, dp, stage):
-    """Per rank: moments (8 bytes per parameter unsharded), master slices (4) and gradient
-    slices (4) are the replicated amount / dp, up to one bucket's padding."""
+@pytest.mark.parametrize("stage,params", [(1, "fp32"), (2, "fp32"), (2, "bf16")])
+def test_state_is_divided_by_dp(tmp_path, dp, stage, params):
+    """Per rank: moments (8 bytes per parameter unsharded) and gradient slices (4) are the
+    replicated amount / dp, up to one bucket's padding. fp32 parameters are their own master
+    (the master slices are views of them: no copy); bf16 parameters (2 bytes, whole on every
+    rank) get fp32 master slices, 4 bytes / dp."""
+    extra = ["--precision.param_dtype=bf16", "--precision.recipe=bf16"] if params == "bf16" else []
     cfg = dense_config(tmp_path, f"--parallel.dp={dp}", f"--optimizer.zero_stage={stage}",
-                       "--train.micro_batch_size=0", "--parallel.bucket_mb=0.05")
+                       "--train.micro_batch_size=0", "--parallel.bucket_mb=0.05", *extra)
     out = run_world(_state_bytes, dp, dataclasses.asdict(cfg))
     for rank_out in out:
         n, b = rank_out["params"], rank_out["bytes"]
         slack = rank_out["buckets"] * (dp - 1) * 4  # padding: < dp elements per bucket
-        # Moments 8 bytes per parameter / dp; the fp32 master slices are the parameters' own
-        # storage here (views), 4 bytes / dp; gradient slices 4 bytes / dp.
         assert 8 * n / dp <= b["moments"] <= 8 * n / dp + 2 * slack
-        assert 4 * n / dp <= b["master"] <= 4 * n / dp + slack
         assert 4 * n / dp <= b["grad_shards"] <= 4 * n / dp + slack
+        if params == "fp32":
+            assert b["master"] == 0 and b["params"] == 4 * n
+        else:
+            assert 4 * n / dp <= b["master"] <= 4 * n / dp + slack and b["params"] == 2 * n
     # Unsharded, for scale: AdamW's two moments alone are 8 bytes per parameter on every rank.
     plain = run_world(_state_bytes, 2, dataclasses.asdict(dense_config(tmp_path, "--parallel.dp=2",
                                                                         "--train.micro_batch_size=0")))[0]
