@@ -137,6 +137,10 @@ class PrecisionConfig:
     # (delayed, Transformer Engine's default) or from this tensor (current); fp8_margin
     # keeps 2^margin of headroom below the format's largest value.
     fp8_scaling: Literal["delayed", "current"] = "delayed"
+    # fp8_tensorwise's GEMMs: torch._scaled_mm on the fp8 codes on CUDA with fp8 GEMMs (sm_89+)
+    # when the dimensions are multiples of 16, else the exact emulation (auto); always
+    # _scaled_mm (scaled_mm; this torch build also has a CPU kernel), or always the emulation.
+    fp8_gemm: Literal["auto", "scaled_mm", "emulated"] = "auto"
     amax_history_len: int = 16
     fp8_margin: int = 0
     # fp8_custom: one scale per tensor, channel (row), 1x128 tile or 128x128 block, chosen for

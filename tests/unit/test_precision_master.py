@@ -156,3 +156,17 @@ def test_mixed_dtype_resume_is_bit_exact(flags, make_config):
     RuntimeEngine(make_config(*common, "--train.max_steps=5")).run()
     resumed = RuntimeEngine(make_config(*common, "--train.max_steps=10", "--checkpoint.resume=latest")).run()
     assert {s: resumed.losses[s] for s in range(6, 11)} == {s: straight.losses[s] for s in range(6, 11)}
+
+
+def test_module_owned_master_keeps_fp32_parameters_and_casts_per_gemm(tmp_path):
+    """master_owner=module: the model's parameters are the (fp32) master and autocast gives each
+    GEMM its bf16 copy, so param_dtype=bf16 stores nothing in bf16: the same run as the default
+    bf16 recipe, bit for bit; master_owner=optimizer stores bf16 parameters instead."""
+    default = RuntimeEngine(tiny_config(tmp_path / "a", *ARGS)).run()
+    engine = RuntimeEngine(tiny_config(tmp_path / "b", *ARGS, "--precision.master_owner=module", *BF16_PARAMS))
+    module = engine.run()
+    assert all(p.dtype == torch.float32 for p in engine.model.parameters())
+    assert module.losses == default.losses
+    stored = RuntimeEngine(tiny_config(tmp_path / "c", *ARGS, *BF16_PARAMS))
+    stored.run()
+    assert all(p.dtype == torch.bfloat16 for p in stored.model.parameters())

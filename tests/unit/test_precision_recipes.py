@@ -5,7 +5,8 @@ import torch
 
 from nanotrain.config import ConfigError, load_config
 from nanotrain.precision.policy import apply_policy, describe_policy, recipe_name_for
-from nanotrain.precision.recipes import MXFP4, NVFP4, DelayedScaling, Fp8DeepSeek, Fp8Tensorwise, hadamard_16
+from nanotrain.precision.recipes import (MXFP4, NVFP4, DelayedScaling, Fp8DeepSeek, Fp8Tensorwise, hadamard_16,
+                                        scaled_mm_available, use_scaled_mm)
 
 G = torch.Generator().manual_seed(0)
 X = torch.randn(64, 256, generator=G)
@@ -159,3 +160,25 @@ def test_training_log_names_every_modules_recipe(make_config):
     policy = json.loads((result.out_dir / "precision_policy.json").read_text())
     assert policy["layers.0.mlp.w1"] == "mxfp4" and policy["layers.1.mlp.w2"] == "fp32" and policy["head"] == "bf16"
     assert len(policy) == 2 * 7 + 1  # wq wk wv wo w1 w2 w3 per block, and the head
+
+
+needs_scaled_mm = pytest.mark.skipif(not scaled_mm_available(torch.device("cpu")),
+                                     reason="this torch build has no CPU kernel for torch._scaled_mm")
+
+
+@needs_scaled_mm
+def test_scaled_mm_path_is_the_emulation():
+    """torch._scaled_mm (the hardware fp8 GEMM; this build also runs it on CPU) multiplies the
+    same fp8 codes and applies the same scales: y, dx and dW equal the emulation's up to the
+    order of the fp32 sums."""
+    emulated = run(Fp8Tensorwise("current", 0, "emulated"))
+    fp8 = run(Fp8Tensorwise("current", 0, "scaled_mm"))
+    for a, b in zip(fp8, emulated):
+        assert rel(a, b) < 1e-6
+    assert not use_scaled_mm("auto", X, W)  # auto: CUDA only (the CPU kernel is slower than the emulation)
+
+
+@needs_scaled_mm
+def test_scaled_mm_names_shapes_it_cannot_take():
+    with pytest.raises(RuntimeError, match="multiples of 16"):
+        Fp8Tensorwise("current", 0, "scaled_mm").linear(torch.randn(5, 32), torch.randn(16, 32), None, None)

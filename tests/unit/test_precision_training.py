@@ -16,8 +16,8 @@ ARGS = ["--train.max_steps=200", "--train.eval_interval=200", "--train.eval_step
         "--schedule.warmup_steps=20", "--optimizer.lr=3e-3", "--checkpoint.save_final=false"]
 
 
-def train(tmp, recipe):
-    result = RuntimeEngine(tiny_config(tmp / recipe, f"--precision.recipe={recipe}", *ARGS)).run()
+def train(tmp, recipe, *flags):
+    result = RuntimeEngine(tiny_config(tmp / recipe, f"--precision.recipe={recipe}", *ARGS, *flags)).run()
     return sum(result.losses[s] for s in range(191, 201)) / 10, result.val_losses[200]
 
 
@@ -32,6 +32,23 @@ def test_recipe_trains_like_bf16(recipe, bf16, tmp_path):
     assert loss == pytest.approx(bf16[0], rel=0.05) and val == pytest.approx(bf16[1], rel=0.05)
     assert loss < 2.9  # it learned (step 1: 4.2)
     assert (loss, val) != bf16  # the recipe did change the arithmetic
+
+
+STORAGE = {  # weights, master and optimizer state in low precision, under the bf16 recipe
+    "bf16-params-fp32-master": ["--precision.param_dtype=bf16", "--precision.grad_dtype=bf16"],
+    "bf16-master-stochastic-all-bf16": ["--precision.param_dtype=bf16", "--precision.master_dtype=bf16",
+                                        "--precision.master_rounding=stochastic", "--precision.grad_dtype=bf16",
+                                        "--precision.exp_avg_dtype=bf16", "--precision.exp_avg_sq_dtype=bf16"],
+    "nf4-weights": ["--precision.lowbit_weights=layers.*.weight", "--precision.lowbit_format=nf4"],
+}
+
+
+@pytest.mark.parametrize("name", list(STORAGE))
+def test_low_precision_storage_trains_like_bf16(name, bf16, tmp_path):
+    loss, val = train(tmp_path, "bf16", *STORAGE[name])
+    print(f"{name}: {loss:.3f} / {val:.3f} (bf16 {bf16[0]:.3f} / {bf16[1]:.3f})")
+    assert loss == pytest.approx(bf16[0], rel=0.05) and val == pytest.approx(bf16[1], rel=0.05)
+    assert (loss, val) != bf16
 
 
 @pytest.mark.parametrize("recipe", ["fp8_tensorwise", "nvfp4"])

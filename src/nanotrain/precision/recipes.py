@@ -115,14 +115,71 @@ class Fp8Tensorwise(Recipe):
 
     name = "fp8_tensorwise"
 
-    def __init__(self, scaling: str = "delayed", margin: int = 0):
-        self.scaling, self.margin = scaling, margin
+    def __init__(self, scaling: str = "delayed", margin: int = 0, gemm: str = "auto"):
+        self.scaling, self.margin, self.gemm_impl = scaling, margin, gemm
 
-    def quant(self, t, role, state):
+    def codes(self, t, role, state) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the fp8 grid values of t / s, in fp32; the one scale s)."""
         fmt = E5M2 if role.startswith("dy") else E4M3
         amax = state.amax(role, t) if state is not None else None  # delayed, or reduced over tp
         q, s = tensorwise(t, fmt, amax=amax, margin=self.margin)
+        return q, s.reshape(-1)[:1]
+
+    def quant(self, t, role, state):
+        q, s = self.codes(t, role, state)
         return q * s
+
+    def gemm(self, a, b, roles, state=None):
+        """On hardware with fp8 GEMMs, torch._scaled_mm multiplies the fp8 codes and applies both
+        scales to the fp32 accumulator; otherwise the emulation (the same grid values, so the
+        same products, summed in another order)."""
+        if not use_scaled_mm(self.gemm_impl, a, b):
+            return super().gemm(a, b, roles, state)
+        qa, sa = self.codes(a, roles[0], state)
+        qb, sb = self.codes(b, roles[1], state)
+        fa, fb = (E5M2 if r.startswith("dy") else E4M3 for r in roles)
+        # a row-major [M, K], b column-major [K, N] (the transpose of our [N, K]), as cuBLASLt wants.
+        return torch._scaled_mm(qa.to(fa.torch_dtype).contiguous(), qb.to(fb.torch_dtype).contiguous().t(),
+                                scale_a=sa, scale_b=sb, out_dtype=torch.float32)
+
+
+_SCALED_MM_WORKS: dict[str, bool] = {}
+
+
+def scaled_mm_available(device: torch.device) -> bool:
+    """Whether torch._scaled_mm runs fp8 GEMMs on this kind of device (CUDA with fp8 tensor
+    cores, sm_89+; this build's CPU kernel), probed once with a tiny e4m3 x e5m2 product."""
+    kind = device.type
+    if kind not in _SCALED_MM_WORKS:
+        try:
+            a = torch.ones(16, 16, device=device).to(torch.float8_e4m3fn)
+            b = torch.ones(16, 16, device=device).to(torch.float8_e5m2)
+            one = torch.ones(1, device=device)
+            y = torch._scaled_mm(a, b.t(), scale_a=one, scale_b=one, out_dtype=torch.float32)
+            _SCALED_MM_WORKS[kind] = bool((y == 16).all())
+        except (RuntimeError, AttributeError, NotImplementedError):
+            _SCALED_MM_WORKS[kind] = False
+    return _SCALED_MM_WORKS[kind]
+
+
+def use_scaled_mm(choice: str, a: torch.Tensor, b: torch.Tensor) -> bool:
+    """precision.fp8_gemm: "emulated", "scaled_mm" (an error where unavailable), or "auto":
+    scaled_mm on CUDA where available and the shapes suit it (every dimension a multiple of
+    16, as cuBLASLt requires), the emulation otherwise. (This build's CPU kernel gives the same
+    result as the emulation but ran 2.6x slower in bench/precision.py, so auto leaves it out.)"""
+    if choice == "emulated":
+        return False
+    fits = a.shape[0] % 16 == 0 and b.shape[0] % 16 == 0 and a.shape[1] % 16 == 0
+    if choice == "scaled_mm":
+        if not scaled_mm_available(a.device):
+            raise RuntimeError(f"precision.fp8_gemm=scaled_mm, but torch._scaled_mm cannot run fp8 GEMMs on "
+                               f"{a.device.type} here: use precision.fp8_gemm=auto or emulated.")
+        if not fits:
+            raise RuntimeError(f"precision.fp8_gemm=scaled_mm needs GEMM dimensions that are multiples of 16, "
+                               f"got [{a.shape[0]}, {a.shape[1]}] x [{b.shape[0]}, {b.shape[1]}]ᵀ: use fp8_gemm=auto "
+                               "(emulates those) or change the model's widths or the micro-batch tokens.")
+        return True
+    return fits and a.device.type == "cuda" and scaled_mm_available(a.device)
 
 
 class Fp8DeepSeek(Recipe):
