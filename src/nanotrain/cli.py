@@ -88,6 +88,22 @@ def cmd_convert(args, overrides) -> int:
     return 0
 
 
+def cmd_report(args, overrides) -> int:
+    from pathlib import Path
+
+    from .monitoring.report import write_report
+
+    if overrides:
+        raise ConfigError(f"report takes run folders, not config overrides: {' '.join(overrides)}")
+    out = Path(args.out) if args.out else Path(args.runs[0]) / "report.html"
+    try:
+        path = write_report([Path(r) for r in args.runs], out)
+    except FileNotFoundError as e:
+        raise ConfigError(str(e)) from None
+    print(f"wrote {path} ({len(args.runs)} run(s))")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="nanotrain", description="Learning-first distributed LLM training.",
                                 epilog="Any --section.key=value after the subcommand overrides the config, "
@@ -128,6 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
                                         "or a convert --from-hf folder")
     s.add_argument("--out", required=True, help="output folder")
     s.set_defaults(fn=cmd_convert)
+    s = sub.add_parser("report", help="an HTML page with the health plots of one or more runs, side by side")
+    s.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders (train.out_dir) holding metrics.jsonl")
+    s.add_argument("--out", help="the HTML file (default: RUN_DIR/report.html of the first run)")
+    s.set_defaults(fn=cmd_report)
     return p
 
 

@@ -246,6 +246,22 @@ class LoggingConfig:
 
 
 @dataclass
+class MonitoringConfig:
+    # How much of the run's health to report (monitoring/monitor.py): off (loss, lr, gradient
+    # norm, throughput only), minimal (+ loss EMA/spikes, data, time split, memory), standard
+    # (+ gradient, weight and update norms per block, update ratios, clip rate and
+    # optimizer-state checks, on logging steps), debug (+ every tensor's update ratio).
+    mode: Literal["off", "minimal", "standard", "debug"] = "standard"
+    ema_beta: float = 0.9  # the loss EMA's decay; the spike ratio is loss / the EMA before it
+    # Blocks whose attention logits/entropy, residual stream and norm outputs are watched on
+    # logging steps (monitoring/internals.py); empty: the first, middle and last (debug: all).
+    sentinel_blocks: list[int] = field(default_factory=list)
+    # A step whose gradient norm is not finite: stop the run naming the step, or skip the
+    # update (no change to weights or optimizer state) and count it (skipped_nonfinite).
+    nonfinite: Literal["stop", "skip"] = "stop"
+
+
+@dataclass
 class TrainConfig:
     seed: int = 1337
     max_steps: int = 2000
@@ -276,6 +292,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    monitoring: MonitoringConfig = field(default_factory=MonitoringConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
@@ -611,6 +628,10 @@ def validate(cfg: Config) -> None:
                                         "continues a run (weights, optimizer, step); init_from starts a new one "
                                         "from weights. Keep one.")
     need(c.keep_last >= 1, f"checkpoint.keep_last={c.keep_last} must be >= 1.")
+    need(all(0 <= b < m.n_layers for b in cfg.monitoring.sentinel_blocks),
+         f"monitoring.sentinel_blocks={cfg.monitoring.sentinel_blocks}: block indices run from 0 to "
+         f"model.n_layers-1={m.n_layers - 1}.")
+    need(0 <= cfg.monitoring.ema_beta < 1, f"monitoring.ema_beta={cfg.monitoring.ema_beta} must be in [0, 1).")
     need(lg.log_interval >= 1, f"logging.log_interval={lg.log_interval} must be >= 1.")
     need(lg.timeline_step >= 0, f"logging.timeline_step={lg.timeline_step} must be >= 0 (0: off).")
     need(lg.peak_tflops >= 0, f"logging.peak_tflops={lg.peak_tflops} must be >= 0 (0: measure it).")

@@ -43,6 +43,8 @@ def make_moe(cfg: ModelConfig, ep=None) -> nn.Module:
     # Tokens per expert summed over the micro-batches of one optimizer step (not saved).
     moe.register_buffer("step_load", torch.zeros(cfg.n_routed_experts, dtype=torch.long), persistent=False)
     moe.register_buffer("step_dropped", torch.zeros((), dtype=torch.long), persistent=False)
+    # The router's normalised entropy summed over the step's tokens, and the token count (monitoring).
+    moe.register_buffer("step_entropy", torch.zeros(2, dtype=torch.float64), persistent=False)
     return moe
 
 
@@ -67,6 +69,7 @@ class DeepSeekBlock(nn.Module):
             # (which runs blocks, not DeepSeekModel.forward) counts its layers too.
             self.mlp.step_load += self.mlp.last_stats["tokens_per_expert"]
             self.mlp.step_dropped += self.mlp.last_stats["dropped"]
+            self.mlp.step_entropy += self.mlp.last_stats["router_entropy"]
         return x
 
 
@@ -129,15 +132,18 @@ class DeepSeekModel(TransformerModel):
         layers = self.moe_layers()
         if not layers:
             return
-        # One collective for every layer: rows of [tokens per expert..., dropped tokens].
-        counts = torch.stack([torch.cat([m.step_load, m.step_dropped.view(1)]) for m in layers.values()])
+        # One collective for every layer: rows of [tokens per expert..., dropped tokens, router
+        # entropy sum, tokens routed] (float64: exact for counts below 2^53).
+        counts = torch.stack([torch.cat([m.step_load.double(), m.step_dropped.view(1).double(), m.step_entropy])
+                              for m in layers.values()])
         counts = all_reduce(counts, parallel.dp_group)
         if self.sequence_parallel:
             counts = all_reduce(counts, parallel.tp_group)
         for moe, row in zip(layers.values(), counts):
-            moe.router.update_bias(row[:-1])
+            moe.router.update_bias(row[:-3])
             moe.step_load.zero_()
             moe.step_dropped.zero_()
+            moe.step_entropy.zero_()
         self._last_counts = dict(zip(layers, counts))
 
     def step_metrics(self) -> dict[str, float | list]:
@@ -145,9 +151,11 @@ class DeepSeekModel(TransformerModel):
         (each .item() / .tolist() is a host sync, which a CUDA step should not pay)."""
         metrics = {}
         for name, row in self._last_counts.items():
-            load, bias = row[:-1], self.moe_layers()[name].router.expert_bias
+            load, bias = row[:-3].long(), self.moe_layers()[name].router.expert_bias
             loadf = load.float()
-            metrics[f"moe/layer{name}/dropped_tokens"] = int(row[-1])
+            metrics[f"moe/layer{name}/dropped_tokens"] = int(row[-3])
+            # 1: every token spreads its scores evenly over the experts; 0: each picks one for sure.
+            metrics[f"moe/layer{name}/router_entropy"] = (row[-2] / row[-1].clamp(min=1)).item()
             metrics[f"moe/layer{name}/imbalance"] = (loadf.max() / loadf.mean().clamp(min=1e-9)).item()
             metrics[f"moe/layer{name}/bias_abs_max"] = bias.abs().max().item()
             # Whole vectors go to metrics.jsonl; TensorBoard gets one scalar per entry.

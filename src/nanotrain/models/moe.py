@@ -90,6 +90,7 @@ class TopKRouter(nn.Module):
 
     def forward(self, x: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         scores = self.scores(x)
+        self.last_scores = scores.detach()  # read by the MoE layer's monitoring figures
         indices = self.select(scores)
         weights = scores.gather(1, indices)  # unbiased: the bias only decides who, never how much
         if self.norm_topk_prob:
@@ -188,6 +189,11 @@ class LocalRoutedMoE(nn.Module):
         B, T, d = x.shape
         tokens = x.reshape(B * T, d)
         weights, indices, aux_loss = self.router(tokens, T)
+        with torch.no_grad():  # monitoring: how decided the router is (normalised entropy of its scores)
+            p = self.router.last_scores / self.router.last_scores.sum(-1, keepdim=True).clamp(min=1e-20)
+            h = -(p * p.clamp(min=1e-20).log()).sum(-1) / math.log(self.n_experts)
+            router_entropy = torch.stack([h.double().sum(), torch.tensor(float(h.numel()), dtype=torch.float64,
+                                                                         device=h.device)])
 
         # Permute: the N*k (token, slot) assignments, grouped by expert. A stable sort keeps
         # token order inside each expert, so the result does not depend on sort internals.
@@ -214,7 +220,8 @@ class LocalRoutedMoE(nn.Module):
         y = routed if self.shared_experts is None else routed + self.shared_experts(tokens)
         self.aux_loss = aux_loss
         self.last_stats = {"tokens_per_expert": tokens_per_expert.detach(), "aux_loss": aux_loss.detach(),
-                           "dropped": (tokens_per_expert - kept_per_expert).sum().detach()}
+                           "dropped": (tokens_per_expert - kept_per_expert).sum().detach(),
+                           "router_entropy": router_entropy}
         return y.view(B, T, d)
 
     def run_experts(self, x_sorted: torch.Tensor, tokens_per_expert: torch.Tensor, counts: list[int]) -> torch.Tensor:

@@ -367,11 +367,12 @@ class ZeroOptimizer:
 
     # -- the step -----------------------------------------------------------------------
 
-    def step(self, lr: float, loss_scale: float | None = None) -> dict[str, torch.Tensor]:
-        """loss_scale (fp16): divided out of the gradients with the clipping; a step whose
-        global norm is not finite (the same on every rank) is skipped."""
+    def step(self, lr: float, loss_scale: float | None = None, skip_nonfinite: bool = False) -> dict:
+        """loss_scale (fp16): divided out of the gradients with the clipping. With skip_nonfinite
+        (fp16, or monitoring.nonfinite=skip) a step whose global norm is not finite (the same
+        on every rank) is skipped."""
         norm = self._grad_norm() / (loss_scale or 1.0)
-        if loss_scale is not None and not torch.isfinite(norm):
+        if skip_nonfinite and not torch.isfinite(norm):
             self._zero_grads()
             return {"grad_norm": norm, "skipped": True}
         clip = self.cfg.grad_clip
@@ -406,6 +407,11 @@ class ZeroOptimizer:
             _all_gather(b.flat, master if self._master_is_storage(b) else master.to(b.flat.dtype), group=b.group)
         elif not self._master_is_storage(b):
             b.flat.copy_(master)
+
+    def grad_parts(self) -> list[tuple[str, torch.Tensor]]:
+        """(parameter name, this rank's part of its summed gradient) for the monitor: the parts
+        inside this rank's slices (ZeRO-1/2: summed over dp they make the whole)."""
+        return [(self.names[p], self.grad[id(b)][lo:hi]) for b in self.buckets for p, lo, hi, _ in b.overlaps()]
 
     def _zero_grads(self) -> None:
         for b in self.buckets:

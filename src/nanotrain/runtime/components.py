@@ -199,13 +199,15 @@ class AdamWState:
         for p in self.shared:
             all_reduce(p.grad, self.ps.embd_group)
 
-    def step(self, lr: float, loss_scale: float | None = None) -> dict[str, float | torch.Tensor]:
-        """loss_scale (fp16): the gradients hold that multiple of the true ones; a step whose
-        global norm is not finite is skipped (the norm is the same on every rank)."""
+    def step(self, lr: float, loss_scale: float | None = None,
+             skip_nonfinite: bool = False) -> dict[str, float | torch.Tensor]:
+        """loss_scale (fp16): the gradients hold that multiple of the true ones. With
+        skip_nonfinite (fp16, or monitoring.nonfinite=skip) a step whose global norm is not
+        finite is skipped (the norm is the same on every rank)."""
         # The norm *before* clipping is what we log.
         norm = clip_grad_norm(self.params, self.grad_clip, self.ps.tp_group, self.ps.tp_rank, self.ps.ep_group,
                               self.ps.pp_group, loss_scale or 1.0)
-        if loss_scale is not None and not torch.isfinite(norm):
+        if skip_nonfinite and not torch.isfinite(norm):
             self.opt.zero_grad(set_to_none=True)
             return {"grad_norm": norm, "skipped": True}
         for group in self.opt.param_groups:

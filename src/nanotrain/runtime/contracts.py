@@ -69,10 +69,12 @@ class OptimizerState(Protocol):
     def sync_grads(self) -> None:
         """Finish the gradient reductions (data parallel, sequence parallel) started in backward."""
 
-    def step(self, lr: float, loss_scale: float | None = None) -> dict[str, float]:
+    def step(self, lr: float, loss_scale: float | None = None, skip_nonfinite: bool = False) -> dict[str, float]:
         """Unscale (fp16: the gradients hold loss_scale times the true ones) and clip, set the
         learning rate, update, zero the gradients; return metrics: grad_norm (the true global
-        norm before clipping) and skipped (fp16: the norm was not finite, nothing was updated)."""
+        norm before clipping) and skipped (skip_nonfinite and the norm was not finite: nothing
+        was updated). The monitor also reads `grad_parts()` where the gradients are not whole
+        in each parameter's .grad (ZeRO slices), and the moments in `.opt.state`."""
 
     def pieces(self) -> list[Piece]:
         """The optimizer state this rank holds, as boxes of logical tensors (checkpoint/pieces.py)."""

@@ -24,6 +24,7 @@ from ..checkpoint import CheckpointReader, check_compatible, merge_over_pipeline
 from ..config import Config, ConfigError
 from ..layers import logical_numel
 from ..monitoring import build_logger, measure_peak_flops, mfu, plot_loss_curve, transformer_flops_per_token
+from ..monitoring.monitor import TrainingMonitor, timed
 from ..parallel.pipeline.runner import PipelineRunner
 from ..parallel.state import all_reduce, barrier
 from ..precision.loss_scaling import LossScaler
@@ -116,19 +117,28 @@ class RuntimeEngine:
     # -- one optimizer step --------------------------------------------------------
 
     def train_step(self, step: int, model: nn.Module, data: TrainData, opt, lr: float,
-                   ctx: RuntimeContext) -> tuple[torch.Tensor, dict]:
+                   ctx: RuntimeContext, report: bool = False) -> tuple[torch.Tensor, dict]:
+        """One optimizer step. report: a logging step, on which the monitor reads the gradients
+        and the weights around the update (monitoring.mode standard or debug)."""
+        monitor = self.monitor
+        clock = timed()
         batches = data.micro_batches(step)
+        monitor.add_time("data", clock())
+        clock = timed()
         # DESIGN invariant 3: every micro-batch's summed loss is divided by the target
         # count of the whole global batch (all micro-batches of all dp ranks), so the
         # accumulated, dp-summed gradient is the gradient of the global mean loss
         # however the batch is split.
         denom = sum((y != -100).sum() for _, y in batches)
         denom = all_reduce(denom, ctx.parallel.dp_group).clamp(min=1)
+        self.targets = denom  # the monitor reports the fraction of ignored targets
         # fp16: the loss times the loss scale S (a smaller denominator), so every gradient is S times
         # the true one; the optimizer divides S out.
         scale = self.scaler.scale if self.scaler is not None else None
         if scale is not None:
             denom = denom / scale
+        if report:
+            monitor.arm()  # the sentinel blocks' internals, during this step's forward passes
         if self.pipeline is not None:
             # The schedule runs every micro-batch's forward and backward through the stages.
             record = step + 1 == ctx.cfg.logging.timeline_step
@@ -143,15 +153,23 @@ class RuntimeEngine:
                 with opt.backward_context(last=i == len(batches) - 1):
                     loss.backward()
                 total += loss.detach()
+        monitor.disarm()
+        monitor.add_time("compute", clock())
+        clock = timed()
         opt.sync_grads()
         if self.on_grads is not None:
             self.on_grads(step + 1, model, ctx)
-        stats = opt.step(lr, scale)
+        if report:
+            monitor.before_update(scale)
+        skip = scale is not None or ctx.cfg.monitoring.nonfinite == "skip"
+        stats = opt.step(lr, scale, skip_nonfinite=skip)
+        monitor.add_time("optimizer", clock())
+        monitor.after_step(stats["grad_norm"], stats["skipped"] and scale is None)
         if scale is not None:
             total = total / scale
             self.scaler.update(stats["skipped"], step + 1)
-            if stats["skipped"]:
-                return total, stats  # nothing was updated: no MoE bias step either
+        if stats["skipped"]:
+            return total, stats  # nothing was updated: no MoE bias step either
         # Models with state that follows the optimizer step (MoE router biases) update it here.
         if hasattr(model, "after_optimizer_step"):
             model.after_optimizer_step(ctx.parallel)
@@ -204,6 +222,7 @@ class RuntimeEngine:
                 raise ConfigError(str(e)) from None
         opt = self.c.optimizer.build(ctx, model)
         self.model, self.optimizer = model, opt  # for inspection after run() (tests, notebooks)
+        self.monitor = TrainingMonitor(cfg, ctx, model, opt)
         schedule = self.c.schedule.build(ctx)
         ps = ctx.parallel
         if ps.pp > 1:
@@ -244,36 +263,39 @@ class RuntimeEngine:
         val_loss = None
         model.train()
         try:
+            last_report = start
             for step in range(start, t_cfg.max_steps):
                 lr = schedule.lr(step)
-                loss, stats = self.train_step(step, model, data, opt, lr, ctx)
                 done = step + 1
-                meter.add(done, loss, stats["grad_norm"])
-
                 is_last = done == t_cfg.max_steps
                 is_eval = is_last or (t_cfg.eval_interval and done % t_cfg.eval_interval == 0)
                 is_save = (cfg.checkpoint.interval and done % cfg.checkpoint.interval == 0) or \
                     (is_last and cfg.checkpoint.save_final)
+                report = done % log_cfg.log_interval == 0 or is_eval or is_save
+                loss, stats = self.train_step(step, model, data, opt, lr, ctx, report)
+                meter.add(done, loss, stats["grad_norm"])
                 result.final_step = done
-                if not (done % log_cfg.log_interval == 0 or is_eval or is_save):
+                if not report:
                     continue
                 losses, norms, step_s = meter.flush(done, (ps.dp_group, ps.pp_group))
                 result.losses.update(losses)
                 result.grad_norms.update(norms)
-                if not math.isfinite(losses[done]) and self.scaler is None:  # fp16: skipped, counted
-                    raise FloatingPointError(f"loss became {losses[done]} at step {done}: lower optimizer.lr, "
-                                             "enable optimizer.grad_clip, or resume from an earlier checkpoint.")
+                self._check_finite(losses, norms)
                 tokens_per_s = data.tokens_per_step / step_s
+                health = self.monitor.report(losses, norms[done], done - last_report, self.targets,
+                                             data.tokens_per_step)
+                last_report = done
                 model_metrics = model.step_metrics() if hasattr(model, "step_metrics") else {}
                 model_metrics = merge_over_pipeline(model_metrics, ps.pp_group)  # each stage: its layers
                 if self.scaler is not None:
                     model_metrics.update(loss_scale=self.scaler.scale, skipped_steps=self.scaler.skipped)
                 logger.log(done, {"loss": losses[done], "lr": lr, "grad_norm": norms[done],
                                   "tokens_per_s": tokens_per_s, "mfu": mfu(tokens_per_s, flops_per_token, peak),
-                                  "step_ms": step_s * 1e3, "tokens": done * data.tokens_per_step, **model_metrics})
+                                  "step_ms": step_s * 1e3, "tokens": done * data.tokens_per_step, **health,
+                                  **model_metrics})
                 if is_eval:
                     val_loss = result.val_losses[done] = self.evaluate(model, data, ctx)
-                    logger.log(done, {"val_loss": val_loss})
+                    logger.log(done, {"val_loss": val_loss, **self.monitor.val_metrics(val_loss)})
                 if is_save:  # every rank writes its own part
                     self._save(done, model, opt, data, schedule, ckpt, ctx, val_loss, logger)
                 meter.restart()  # evals and saves stay out of the measured training time
@@ -320,6 +342,19 @@ class RuntimeEngine:
             path = ckpt.save(step, pieces, objects, tokenizer)
             barrier()  # rank 0 has committed it
             logger.message(f"saved checkpoint {path} ({time.perf_counter() - t:.2f} s)")
+
+    def _check_finite(self, losses: dict[int, float], norms: dict[int, float]) -> None:
+        """Stop at the first step whose loss or gradient norm is not finite, naming it (an fp16
+        overflow, or monitoring.nonfinite=skip, skipped that step's update instead: counted)."""
+        if self.scaler is not None or self.cfg.monitoring.nonfinite == "skip":
+            return
+        for step in sorted(losses):
+            if not (math.isfinite(losses[step]) and math.isfinite(norms[step])):
+                what = "loss" if not math.isfinite(losses[step]) else "gradient norm"
+                value = losses[step] if what == "loss" else norms[step]
+                raise FloatingPointError(f"{what} became {value} at step {step}: lower optimizer.lr, enable "
+                                         "optimizer.grad_clip, resume from an earlier checkpoint, or set "
+                                         "monitoring.nonfinite=skip to skip such steps.")
 
     def _write_timeline(self, ctx: RuntimeContext, n_micro: int) -> None:
         """The recorded step's intervals from every stage of this pipeline: timeline.png,

@@ -1,0 +1,61 @@
+"""What the training-health monitor costs: step time with monitoring.mode off, minimal,
+standard and debug, in one run (CPU).
+
+    python bench/monitoring.py [--steps 100] [--rounds 3] [--log-interval 10] [--config ...]
+
+Each mode trains the same model (the config's, same init and batches) through the
+RuntimeEngine for --steps steps, evaluation and checkpoints off, logging every
+--log-interval steps (the standard and debug figures are computed on logging steps
+only). Rounds alternate the order of the modes (this machine's speed drifts); each
+figure is the median over rounds of the engine's training time per step. The peer is
+"off": the engine's own loss / lr / gradient-norm / throughput logging, which any
+training loop has. The issue's budget: standard at most 5% above off.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+
+from common import ROOT, table  # noqa: F401  (sets sys.path)
+
+from nanotrain.config import load_config
+from nanotrain.runtime import RuntimeEngine
+
+MODES = ["off", "minimal", "standard", "debug"]
+
+
+def run(config: str, mode: str, steps: int, log_interval: int, out: str) -> float:
+    cfg = load_config(config, [f"--monitoring.mode={mode}", f"--train.max_steps={steps}", "--train.eval_interval=0",
+                               "--train.eval_steps=1", "--checkpoint.save_final=false", f"--train.out_dir={out}",
+                               f"--logging.log_interval={log_interval}", "--logging.progress=none",
+                               "--logging.tensorboard=false", "--logging.plot=false", "--schedule.warmup_steps=2",
+                               f"--schedule.decay_steps={max(steps, 3)}", "--logging.peak_tflops=1"])
+    result = RuntimeEngine(cfg).run()
+    return result.train_time_s / steps
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--log-interval", type=int, default=10)
+    ap.add_argument("--config", default=str(ROOT / "configs" / "shakespeare_char.toml"))
+    args = ap.parse_args()
+    times: dict[str, list[float]] = {m: [] for m in MODES}
+    with tempfile.TemporaryDirectory() as tmp:
+        run(args.config, "off", 5, args.log_interval, f"{tmp}/warmup")  # data prepared, threads warm
+        for r in range(args.rounds):
+            for mode in (MODES if r % 2 == 0 else MODES[::-1]):
+                times[mode].append(run(args.config, mode, args.steps, args.log_interval, f"{tmp}/{mode}_{r}"))
+    med = {m: statistics.median(v) for m, v in times.items()}
+    rows = [[m, f"{med[m] * 1e3:.2f}", f"{med[m] / med['off']:.3f}", f"{(med[m] / med['off'] - 1) * 100:+.1f}%"]
+            for m in MODES]
+    print(f"monitoring cost, {args.config}, {args.steps} steps, logging every {args.log_interval}, "
+          f"{args.rounds} rounds (median)\n")
+    print(table(rows, ["mode", "ms/step", "vs off", "overhead"]))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,138 @@
+"""Inside the blocks: attention logits and entropy, residual-stream and norm-output scale.
+
+On a logging step the monitor arms a few *sentinel* blocks (monitoring.sentinel_blocks;
+by default the first, middle and last; every block in debug mode) for that step's
+forward passes:
+
+  attention      max logit q·k/√d over the allowed (causal) positions: growing logits
+                 saturate the softmax (the "attention entropy collapse" of Zhai et al.
+                 2023); mean normalised entropy of each query's attention row (1: it
+                 attends evenly over its prefix, 0: to one position). The first row,
+                 which has a single position to attend to, is left out.
+  residual       RMS of the block's output, and the fraction of entries above 10x their
+                 token's RMS (massive activations, Sun et al. 2024; per token, so the
+                 figure does not depend on how the batch is split).
+  norms          RMS and max |a| of the block's two norm outputs (what the projections see).
+
+Each figure is kept as sums and counts (or a max) and reduced over the whole world,
+so it is the one-process value: attention heads are split over tp (their sums add),
+the residual stream is whole on every tp rank unless sequence parallelism splits it
+(then it is counted on tp rank 0 only), data-parallel ranks see different sequences,
+pipeline stages different blocks.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from . import health
+
+SUMS = ("ent_sum", "ent_n", "res_sq", "res_n", "res_out", "norm_sq", "norm_n")
+MAXES = ("attn_max", "norm_max")
+
+
+def attention_stats(q: torch.Tensor, k: torch.Tensor, scale: float) -> dict[str, torch.Tensor]:
+    """q [B, H, T, d], k [B, Hkv, T, d] (GQA: each kv head serves H/Hkv query heads)."""
+    if k.shape[1] != q.shape[1]:
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    s = (q.float() @ k.float().transpose(-1, -2)) * scale  # [B, H, T, T]
+    T = s.shape[-1]
+    allowed = torch.ones(T, T, dtype=torch.bool, device=s.device).tril()
+    s = s.masked_fill(~allowed, float("-inf"))
+    ent = health.entropy(s, normalised=True)[..., 1:]  # row 0 attends to one position only
+    return {"attn_max": s.max(), "ent_sum": ent.double().sum(), "ent_n": torch.tensor(float(ent.numel()))}
+
+
+def residual_stats(x: torch.Tensor, k: float = 10.0) -> dict[str, torch.Tensor]:
+    x = x.detach().float()
+    token_rms = x.pow(2).mean(-1, keepdim=True).sqrt()
+    return {"res_sq": x.double().pow(2).sum(), "res_n": torch.tensor(float(x.numel())),
+            "res_out": (x.abs() > k * token_rms).double().sum()}
+
+
+def norm_stats(a: torch.Tensor) -> dict[str, torch.Tensor]:
+    a = a.detach().float()
+    return {"norm_sq": a.double().pow(2).sum(), "norm_n": torch.tensor(float(a.numel())), "norm_max": a.abs().max()}
+
+
+class Internals:
+    def __init__(self, model: nn.Module, sentinels: list[int], tp_rank: int, sequence_parallel: bool):
+        self.model, self.sentinels = model, sentinels
+        self.replicated_resid = not sequence_parallel and tp_rank != 0  # count the stream once over tp
+        self._handles: list = []
+        self._acc: dict[int, dict[str, torch.Tensor]] = {}
+
+    def _blocks(self):
+        layers = getattr(self.model, "layers", {})
+        return [(i, layers[str(i)]) for i in self.sentinels if str(i) in layers]
+
+    def _add(self, i: int, stats: dict[str, torch.Tensor]) -> None:
+        acc = self._acc.setdefault(i, {})
+        for key, v in stats.items():
+            v = v.detach().double().cpu()
+            acc[key] = torch.maximum(acc[key], v) if key in MAXES and key in acc else acc.get(key, 0) + v
+
+    def arm(self) -> None:
+        """Hook the sentinel blocks this rank holds for the next forward passes."""
+        self._acc = {}
+        for i, block in self._blocks():
+            attn = getattr(block, "attn", None)
+            if attn is not None:
+                attn.probe = lambda q, k, scale, i=i: self._add(i, attention_stats(q, k, scale))
+            if not self.replicated_resid:
+                self._handles.append(block.register_forward_hook(
+                    lambda m, args, out, i=i: self._add(i, residual_stats(out))))
+                for name in ("attn_norm", "mlp_norm"):
+                    norm = getattr(block, name, None)
+                    if norm is not None:
+                        self._handles.append(norm.register_forward_hook(
+                            lambda m, args, out, i=i: self._add(i, norm_stats(out))))
+
+    def disarm(self) -> None:
+        for _, block in self._blocks():
+            if getattr(block, "attn", None) is not None:
+                block.attn.probe = None
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def collect(self) -> dict[str, float]:
+        """Reduce over every rank; the figures of each sentinel block (every rank calls this)."""
+        n = len(self.sentinels)
+        sums = torch.zeros(n, len(SUMS), dtype=torch.float64)
+        maxes = torch.full((n, len(MAXES)), float("-inf"), dtype=torch.float64)
+        for row, i in enumerate(self.sentinels):
+            acc = self._acc.get(i, {})
+            for j, key in enumerate(SUMS):
+                sums[row, j] = float(acc.get(key, 0.0))
+            for j, key in enumerate(MAXES):
+                if key in acc:
+                    maxes[row, j] = float(acc[key])
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(sums)
+            dist.all_reduce(maxes, op=dist.ReduceOp.MAX)
+        self._acc = {}
+        out = {}
+        for row, i in enumerate(self.sentinels):
+            s = dict(zip(SUMS, sums[row].tolist()))
+            m = dict(zip(MAXES, maxes[row].tolist()))
+            if s["res_n"] == 0:  # not run this step (a stage that holds no block of these)
+                continue
+            p = f"internals/layers.{i}/"
+            out[p + "attn_max_logit"] = m["attn_max"]
+            out[p + "attn_entropy"] = s["ent_sum"] / max(s["ent_n"], 1)
+            out[p + "resid_rms"] = (s["res_sq"] / s["res_n"]) ** 0.5
+            out[p + "resid_outlier_rate"] = s["res_out"] / s["res_n"]
+            out[p + "norm_rms"] = (s["norm_sq"] / max(s["norm_n"], 1)) ** 0.5
+            out[p + "norm_max_abs"] = m["norm_max"]
+        return out
+
+
+def default_sentinels(n_layers: int, chosen: list[int], mode: str) -> list[int]:
+    if mode == "debug":
+        return list(range(n_layers))
+    if chosen:
+        return sorted(set(chosen))
+    return sorted({0, n_layers // 2, n_layers - 1})

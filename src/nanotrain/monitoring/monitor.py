@@ -1,0 +1,267 @@
+"""TrainingMonitor: the health of a run, as the same figures under every parallel layout.
+
+monitoring.mode:
+  minimal   loss (raw, EMA, spike ratio, perplexity), val loss and the train-val gap, data
+            (tokens seen, tokens per update, fraction of ignored targets), time (data wait,
+            forward+backward, optimizer; tokens/s, MFU) and memory.
+  standard  + optimisation on logging steps: global gradient norm before clipping, clip
+            coefficient and clip rate, parameter norm, update-to-weight ratio (global, p50,
+            p95, max over tensors), per-block gradient, weight and update norms, the first/last
+            block gradient ratio, and whether every optimizer state is finite.
+  debug     + the per-tensor update ratios themselves.
+
+Cross-shard sums. A figure such as "the norm of layers.3.attn.wq's gradient" is a figure
+of the logical (one-process) tensor. Each rank adds the squares of what it holds, under
+the rule data_parallel.clip_grad_norm uses: a tp shard counts on every tp rank (the shards
+add up to the whole), anything whole over tp counts on tp rank 0 only, an expert shard is
+summed over the ep group, a ZeRO slice of a gradient over the dp (or expert-dp) group, and
+pipeline stages hold different tensors, summed over pp. So every rank ends with the value
+one process would compute (tests/parity/test_monitoring_layouts.py checks it at tp=2 with
+sequence parallelism, pp=2, dp=2 with ZeRO-2 and ep=2).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..parallel.data_parallel import counted_in_norm
+from ..parallel.state import all_reduce
+from . import health
+from .internals import Internals, default_sentinels
+
+_BLOCK = re.compile(r"^(?:layers|mtp)\.(\d+)\.")
+
+
+def block_of(name: str) -> str:
+    """The block a parameter belongs to: "layers.3", or the part outside the blocks."""
+    m = _BLOCK.match(name)
+    if m:
+        return name[:m.end() - 1]
+    return name.split(".")[0]  # tok_emb, pos_emb, norm, head
+
+
+def process_memory(device: torch.device) -> dict[str, float]:
+    """This process's memory in MB: resident set on CPU; allocated and reserved on CUDA."""
+    if device.type == "cuda":
+        return {"mem/allocated_mb": torch.cuda.memory_allocated(device) / 2**20,
+                "mem/reserved_mb": torch.cuda.memory_reserved(device) / 2**20}
+    try:
+        with open("/proc/self/statm") as f:
+            pages = int(f.read().split()[1])
+        import os
+        return {"mem/rss_mb": pages * os.sysconf("SC_PAGE_SIZE") / 2**20}
+    except (OSError, ValueError, IndexError):
+        import resource
+        return {"mem/rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10}
+
+
+class TrainingMonitor:
+    def __init__(self, cfg, ctx, model: nn.Module, opt):
+        self.cfg, self.mode = cfg.monitoring, cfg.monitoring.mode
+        self.ps, self.device = ctx.parallel, ctx.device
+        self.grad_clip = cfg.optimizer.grad_clip
+        self.model, self.opt = model, opt
+        self.loss_ema: float | None = None
+        self.clipped = torch.zeros((), device=ctx.device)  # a tensor: no host sync per step
+        self.steps = self.skipped = 0
+        self.timing = {"data": 0.0, "compute": 0.0, "optimizer": 0.0}
+        self._before: dict[str, torch.Tensor] | None = None
+        self._grad_sq: torch.Tensor | None = None
+        self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        # One index of logical names for the whole world (stages hold different ones).
+        local = list(self.params)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            everyone = [None] * dist.get_world_size()
+            dist.all_gather_object(everyone, local)
+            local = [n for names in everyone for n in names]
+        self.names = sorted(set(local), key=lambda n: (_order_key(n), n))
+        self.index = {n: i for i, n in enumerate(self.names)}
+        self.blocks = list(dict.fromkeys(block_of(n) for n in self.names))
+        sentinels = default_sentinels(cfg.model.n_layers, self.cfg.sentinel_blocks, self.mode)
+        sp = bool(getattr(model, "sequence_parallel", False))
+        self.internals = Internals(model, sentinels, self.ps.tp_rank, sp) if self.deep else None
+
+    def arm(self) -> None:
+        """Before a logging step's forward passes: watch inside the sentinel blocks."""
+        if self.internals is not None:
+            self.internals.arm()
+
+    def disarm(self) -> None:
+        if self.internals is not None:
+            self.internals.disarm()
+
+    # -- per step (cheap) -------------------------------------------------------------
+
+    def add_time(self, kind: str, seconds: float) -> None:
+        self.timing[kind] += seconds
+
+    def after_step(self, grad_norm: torch.Tensor, skipped: bool) -> None:
+        """Every step: count clipped steps (clip_grad_norm_ scales when norm + 1e-6 > max_norm)
+        and steps skipped for a non-finite gradient (monitoring.nonfinite=skip)."""
+        self.steps += 1
+        self.skipped += int(skipped)
+        if self.grad_clip > 0:
+            self.clipped += (grad_norm.detach().to(self.clipped) + 1e-6 > self.grad_clip).float()
+
+    def loss_metrics(self, losses: dict[int, float]) -> dict[str, float]:
+        """EMA, spike ratio and perplexity from each step's loss since the last report."""
+        out = {}
+        for step in sorted(losses):
+            loss = losses[step]
+            spike = health.spike_ratio(loss, self.loss_ema)
+            self.loss_ema = health.ema(self.loss_ema, loss, self.cfg.ema_beta)
+            out = {"loss_ema": self.loss_ema, "loss_spike": spike, "perplexity": health.perplexity(loss)}
+        return out
+
+    def time_metrics(self, steps: int) -> dict[str, float]:
+        out = {f"time/{k}_ms": v / max(steps, 1) * 1e3 for k, v in self.timing.items()}
+        self.timing = dict.fromkeys(self.timing, 0.0)
+        return {**out, **process_memory(self.device)}
+
+    def report(self, losses: dict[int, float], grad_norm: float, steps: int, targets: torch.Tensor,
+               tokens_per_step: int) -> dict:
+        """Everything this mode reports at a logging step (`steps` since the last one)."""
+        if self.mode == "off":
+            return {}
+        out = self.loss_metrics(losses)
+        out.update(self.time_metrics(steps))
+        out["ignored_targets"] = 1.0 - targets.item() / tokens_per_step  # targets: the non-ignored count
+        out["tokens_per_update"] = tokens_per_step
+        out.update(self.update_metrics(grad_norm))
+        if self.internals is not None:
+            out.update(self.internals.collect())
+        return out
+
+    def val_metrics(self, val_loss: float) -> dict[str, float]:
+        """The train-val gap: val loss minus the train loss EMA (> 0 and growing: overfitting)."""
+        if self.mode == "off" or self.loss_ema is None:
+            return {}
+        return {"train_val_gap": val_loss - self.loss_ema}
+
+    # -- logging steps (standard mode): norms across shards ---------------------------
+
+    @property
+    def deep(self) -> bool:
+        return self.mode in ("standard", "debug")
+
+    def before_update(self, loss_scale: float | None = None) -> None:
+        """Called between the gradient sync and the optimizer step of a logging step: the
+        gradients' squares per logical tensor (fp16: the loss scale divided out), and the
+        weights before the update."""
+        if not self.deep:
+            return
+        self._grad_sq = self._reduce(self._squares(self.opt_grads()), grads=True) / (loss_scale or 1.0) ** 2
+        self._before = {n: w.detach().float().clone() for n, w in self._weights()}
+
+    def update_metrics(self, grad_norm: float) -> dict[str, float | list]:
+        """After the step: parameter and update norms, ratios, per-block figures."""
+        if not self.deep or self._before is None:
+            return {}
+        weights = dict(self._weights())
+        w_sq = self._reduce(self._squares([(n, w) for n, w in weights.items()]))
+        u_sq = self._reduce(self._squares([(n, weights[n].float() - b) for n, b in self._before.items()]))
+        g_sq = self._grad_sq
+        self._before = self._grad_sq = None
+        ratios = health.update_ratio(u_sq.sqrt(), w_sq.sqrt())
+        p50, p95 = health.quantiles(ratios)
+        out: dict[str, float | list] = {
+            "param_norm": w_sq.sum().sqrt().item(),
+            "update_ratio": health.update_ratio(u_sq.sum().sqrt(), w_sq.sum().sqrt()).item(),
+            "update_ratio_p50": p50, "update_ratio_p95": p95, "update_ratio_max": ratios.max().item(),
+            "clip_coef": health.clip_coefficient(grad_norm, self.grad_clip),
+            "clip_rate": self.clipped.item() / max(self.steps, 1),
+            "skipped_nonfinite": self.skipped,
+            "optimizer_state_finite": float(self._states_finite()),
+        }
+        if not math.isfinite(out["param_norm"]):
+            raise FloatingPointError("a parameter became non-finite (parameter norm "
+                                     f"{out['param_norm']}): lower optimizer.lr, enable optimizer.grad_clip, or "
+                                     "resume from an earlier checkpoint.")
+        per_block = {}
+        for kind, sq in (("grad", g_sq), ("weight", w_sq), ("update", u_sq)):
+            sums = torch.zeros(len(self.blocks), dtype=torch.float64)
+            sums.index_add_(0, self._block_index(), sq)
+            per_block[kind] = sums.sqrt()
+            for b, v in zip(self.blocks, sums.sqrt().tolist()):
+                out[f"blocks/{b}/{kind}_norm"] = v
+        layers = [i for i, b in enumerate(self.blocks) if b.startswith("layers.")]
+        if layers:
+            first, last = per_block["grad"][layers[0]], per_block["grad"][layers[-1]]
+            out["grad_depth_ratio"] = (first / last.clamp(min=1e-30)).item()  # first / last block
+        if self.mode == "debug":
+            out.update({f"update_ratio/{n}": r for n, r in zip(self.names, ratios.tolist())})
+        return out
+
+    # -- the pieces -------------------------------------------------------------------
+
+    def _weights(self):
+        """(name, tensor) of the weights this rank holds, as used (a low-bit weight dequantised)."""
+        for n, p in self.params.items():
+            store = getattr(p, "lowbit", None)
+            yield n, (store.dequantize() if store is not None else p)
+
+    def opt_grads(self):
+        """(name, this rank's part of the gradient) from the optimizer (whole, or ZeRO slices)."""
+        parts = getattr(self.opt, "grad_parts", None)
+        if parts is not None:
+            return parts()
+        return [(n, p.grad) for n, p in self.params.items() if p.grad is not None]
+
+    def _squares(self, named) -> torch.Tensor:
+        """[2, N] float64: this rank's squares per logical name, dense row 0, experts row 1,
+        counted by the tensor-parallel rule (see the module docstring)."""
+        sq = torch.zeros(2, len(self.names), dtype=torch.float64)
+        for n, t in named:
+            p = self.params[n]
+            if not counted_in_norm(p, self.ps.tp_rank):
+                continue
+            expert = getattr(p, "shard", None) is not None and p.shard.axis == "ep"
+            sq[int(expert), self.index[n]] += t.detach().double().pow(2).sum().cpu()
+        return sq
+
+    def _reduce(self, sq: torch.Tensor, grads: bool = False) -> torch.Tensor:
+        """The logical squares from every rank's: experts over ep; ZeRO gradient slices over
+        dp (dense) or expert-dp; then tp and pp. Returns [N]."""
+        ps = self.ps
+        sliced = grads and getattr(self.opt, "stage", 0) > 0
+        if sliced:
+            sq[0] = all_reduce(sq[0].clone(), ps.dp_group)
+            sq[1] = all_reduce(sq[1].clone(), ps.edp_group)
+        sq[1] = all_reduce(sq[1].clone(), ps.ep_group)
+        total = sq.sum(0)
+        all_reduce(total, ps.tp_group)
+        all_reduce(total, ps.pp_group)
+        return total
+
+    def _block_index(self) -> torch.Tensor:
+        pos = {b: i for i, b in enumerate(self.blocks)}
+        return torch.tensor([pos[block_of(n)] for n in self.names])
+
+    def _states_finite(self) -> bool:
+        states = [t for s in getattr(self.opt, "opt").state.values() for t in s.values()
+                  if torch.is_tensor(t) and t.dim() > 0]
+        ok = torch.tensor(float(all(torch.isfinite(torch.stack(torch._foreach_norm(states))).tolist())
+                                if states else 1.0))
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+        return bool(ok.item())
+
+
+def _order_key(name: str) -> tuple:
+    """Embedding first, then the blocks in depth order, then the rest."""
+    m = _BLOCK.match(name)
+    if m:
+        return (1 if name.startswith("layers.") else 2, int(m.group(1)))
+    return (0, 0) if "emb" in name else (3, 0)
+
+
+def timed():
+    """A perf_counter stopwatch: t = timed(); ...; seconds = t()."""
+    start = time.perf_counter()
+    return lambda: time.perf_counter() - start

@@ -1,0 +1,203 @@
+"""`nanotrain report RUN_DIR [RUN_DIR ...]`: one static HTML page with the health plots of
+one or more runs, overlaid so that runs compare side by side.
+
+Everything comes from each run's metrics.jsonl (and config.json): loss and val loss,
+learning rate, gradient norm with the clip threshold, update-to-weight ratios, per-block
+gradient norms, MoE load imbalance and the last tokens-per-expert, and the step time
+split into data wait, forward+backward and optimizer. The plots are PNGs embedded in
+the page (base64), so the file can be mailed or opened offline.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def read_run(run_dir: Path) -> dict:
+    """{"name", "train": [row...], "val": [row...], "config": {...}} of one run folder."""
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: pass a run folder (train.out_dir) of a run that logged.")
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    by_step: dict[int, dict] = {}
+    val: dict[int, dict] = {}
+    for row in rows:  # a resumed run appends: the last value per step wins
+        (val if "val_loss" in row and "loss" not in row else by_step)[row["step"]] = row
+    config = json.loads((run_dir / "config.json").read_text()) if (run_dir / "config.json").exists() else {}
+    name = run_dir.resolve().name
+    if name in ("run", "runs", "out"):  # tests' and many users' folder names: say which run
+        name = f"{run_dir.resolve().parent.name}/{name}"
+    return {"name": name, "train":
+            [by_step[s] for s in sorted(by_step)], "val": [val[s] for s in sorted(val)], "config": config}
+
+
+def _series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
+    pts = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def _png(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def _line_plot(runs, keys: list[str], title: str, log: bool = False, hline: float | None = None) -> str | None:
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    drawn = False
+    for i, run in enumerate(runs):
+        for j, key in enumerate(keys):
+            rows = run["val"] if key == "val_loss" else run["train"]
+            x, y = _series(rows, key)
+            if x:
+                style = ["-", "--", ":", "-."][j % 4]
+                label = key if len(runs) == 1 else f"{run['name']}: {key}"
+                ax.plot(x, y, style, color=f"C{i}", label=label, marker="o" if key == "val_loss" else None, ms=3)
+                drawn = True
+    if not drawn:
+        plt.close(fig)
+        return None
+    if hline:
+        ax.axhline(hline, color="grey", lw=0.8, ls="--", label="clip threshold")
+    if log:
+        ax.set_yscale("log")
+    ax.set_title(title)
+    ax.set_xlabel("step")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return _png(fig)
+
+
+def _block_plot(run) -> str | None:
+    keys = [k for k in (run["train"][-1] if run["train"] else {}) if k.startswith("blocks/") and
+            k.endswith("/grad_norm")]
+    if not keys:
+        return None
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    for i, key in enumerate(keys):
+        x, y = _series(run["train"], key)
+        ax.plot(x, y, color=plt.cm.viridis(i / max(len(keys) - 1, 1)), label=key.split("/")[1])
+    ax.set_yscale("log")
+    ax.set_title(f"{run['name']}: gradient norm per block (dark: first)")
+    ax.set_xlabel("step")
+    ax.legend(fontsize=6, ncol=2)
+    ax.grid(alpha=0.3)
+    return _png(fig)
+
+
+def _expert_plot(run) -> str | None:
+    last = run["train"][-1] if run["train"] else {}
+    loads = {k: v for k, v in last.items() if k.endswith("/tokens_per_expert") and isinstance(v, list)}
+    if not loads:
+        return None
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.4))
+    for key in sorted(k for k in last if k.endswith("/imbalance")):
+        a.plot(*_series(run["train"], key), label=key.split("/")[1])
+    a.set_title("load imbalance (max / mean tokens per expert)")
+    a.set_xlabel("step")
+    a.legend(fontsize=7)
+    width = 0.8 / len(loads)
+    for i, (key, load) in enumerate(sorted(loads.items())):
+        b.bar([e + i * width for e in range(len(load))], load, width, label=key.split("/")[1])
+    b.set_title(f"tokens per expert at step {last['step']}")
+    b.set_xlabel("expert")
+    b.legend(fontsize=7)
+    fig.suptitle(run["name"])
+    return _png(fig)
+
+
+def _time_plot(runs) -> str | None:
+    parts = ("time/data_ms", "time/compute_ms", "time/optimizer_ms")
+    means = []
+    for run in runs:
+        rows = [r for r in run["train"] if all(k in r for k in parts)][1:] or run["train"][-1:]  # skip warm-up
+        if not rows or not all(k in rows[-1] for k in parts):
+            return None
+        means.append([sum(r[k] for r in rows) / len(rows) for k in parts])
+    fig, ax = plt.subplots(figsize=(6.4, 0.6 + 0.5 * len(runs)))
+    left = [0.0] * len(runs)
+    for j, label in enumerate(("data wait", "forward + backward", "optimizer (sync + step)")):
+        vals = [m[j] for m in means]
+        ax.barh([r["name"] for r in runs], vals, left=left, label=label, color=f"C{j}")
+        left = [a + b for a, b in zip(left, vals)]
+    ax.set_xlabel("ms per step (mean over the logged steps)")
+    ax.set_title("where a step's time goes")
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.45 - 0.1 / len(runs)), ncol=3)
+    return _png(fig)
+
+
+def _summary(runs) -> str:
+    heads = ["run", "steps", "final loss", "val loss", "tokens/s", "MFU", "grad norm", "update ratio", "clip rate"]
+    rows = []
+    for run in runs:
+        last = run["train"][-1] if run["train"] else {}
+        val = run["val"][-1]["val_loss"] if run["val"] else None
+
+        def fmt(v, spec=".4g"):
+            return "" if v is None else format(v, spec)
+        rows.append([run["name"], str(last.get("step", "")), fmt(last.get("loss")), fmt(val),
+                     fmt(last.get("tokens_per_s"), ",.0f"), fmt(last.get("mfu"), ".1%"), fmt(last.get("grad_norm")),
+                     fmt(last.get("update_ratio"), ".2e"), fmt(last.get("clip_rate"), ".0%")])
+    cells = "".join(f"<th>{h}</th>" for h in heads)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table><tr>{cells}</tr>{body}</table>"
+
+
+def _config_diff(runs) -> str:
+    """The config keys whose values differ between the runs."""
+    if len(runs) < 2:
+        return ""
+    flat = [{f"{s}.{k}": v for s, d in r["config"].items() if isinstance(d, dict) for k, v in d.items()}
+            for r in runs]
+    keys = sorted(k for k in set().union(*flat) if len({json.dumps(f.get(k)) for f in flat}) > 1
+                  and not k.endswith(("out_dir", "prepared_dir")))
+    if not keys:
+        return "<p>The configs are the same.</p>"
+    head = "<th>key</th>" + "".join(f"<th>{html.escape(r['name'])}</th>" for r in runs)
+    body = "".join(f"<tr><td>{k}</td>" + "".join(f"<td>{html.escape(json.dumps(f.get(k)))}</td>" for f in flat)
+                   + "</tr>" for k in keys)
+    return f"<h2>What differs</h2><table><tr>{head}</tr>{body}</table>"
+
+
+def write_report(run_dirs: list[Path], out: Path) -> Path:
+    runs = [read_run(Path(d)) for d in run_dirs]
+    names = [r["name"] for r in runs]
+    for i, r in enumerate(runs):  # distinct labels even for folders of the same name
+        if names.count(r["name"]) > 1:
+            r["name"] = f"{r['name']} ({i + 1})"
+    clip = next((r["config"].get("optimizer", {}).get("grad_clip") for r in runs if r["config"]), None)
+    plots = [
+        ("Loss", _line_plot(runs, ["loss", "loss_ema", "val_loss"], "loss (train, EMA, val)")),
+        ("Learning rate", _line_plot(runs, ["lr"], "learning rate")),
+        ("Gradient norm", _line_plot(runs, ["grad_norm"], "global gradient norm before clipping", log=True,
+                                     hline=clip or None)),
+        ("Update-to-weight ratio", _line_plot(runs, ["update_ratio", "update_ratio_p50", "update_ratio_p95",
+                                                     "update_ratio_max"], "||ΔW|| / ||W|| (global and over tensors)",
+                                              log=True)),
+        ("Parameter norm", _line_plot(runs, ["param_norm"], "global parameter norm")),
+        ("Time split", _time_plot(runs)),
+        ("Throughput", _line_plot(runs, ["tokens_per_s"], "tokens/s")),
+    ]
+    plots += [(f"Blocks: {r['name']}", _block_plot(r)) for r in runs]
+    plots += [(f"Experts: {r['name']}", _expert_plot(r)) for r in runs]
+    figures = "".join(f"<figure><figcaption>{html.escape(t)}</figcaption><img src='data:image/png;base64,{p}'>"
+                      "</figure>" for t, p in plots if p)
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>nano-train report</title>
+<style>body{{font-family:sans-serif;margin:2em}}figure{{display:inline-block;margin:0.5em}}
+table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:2px 8px;font-size:0.9em}}</style></head>
+<body><h1>nano-train report: {html.escape(", ".join(r["name"] for r in runs))}</h1>
+{_summary(runs)}{_config_diff(runs)}<h2>Plots</h2>{figures}</body></html>"""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(page)
+    return out
