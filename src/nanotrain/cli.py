@@ -104,6 +104,19 @@ def cmd_report(args, overrides) -> int:
     return 0
 
 
+def cmd_inspect(args, overrides) -> int:
+    import json
+
+    from .inspection.report import inspect_model, markdown, model_config
+
+    if args.config and args.hf_config:
+        raise ConfigError("inspect takes --config (ours) or --hf-config (Hugging Face config.json), not both")
+    m, seq = model_config(args.config, args.hf_config, overrides, args.seq_len)
+    result = inspect_model(m, seq)
+    print(json.dumps(result, indent=1) if args.json else markdown(result))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="nanotrain", description="Learning-first distributed LLM training.",
                                 epilog="Any --section.key=value after the subcommand overrides the config, "
@@ -144,6 +157,12 @@ def build_parser() -> argparse.ArgumentParser:
                                         "or a convert --from-hf folder")
     s.add_argument("--out", required=True, help="output folder")
     s.set_defaults(fn=cmd_convert)
+    s = sub.add_parser("inspect", help="a model's parameters (per kind, total and active) and FLOPs per token")
+    s.add_argument("--config", help="one of our TOML configs (plus --section.key=value overrides)")
+    s.add_argument("--hf-config", help="a Hugging Face config.json (Llama family, DeepSeek-V3)")
+    s.add_argument("--seq-len", type=int, help="context length for the FLOPs (default: the config's)")
+    s.add_argument("--json", action="store_true", help="one JSON object instead of the markdown tables")
+    s.set_defaults(fn=cmd_inspect)
     s = sub.add_parser("report", help="an HTML page with the health plots of one or more runs, side by side")
     s.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders (train.out_dir) holding metrics.jsonl")
     s.add_argument("--out", help="the HTML file (default: RUN_DIR/report.html of the first run)")

@@ -22,8 +22,9 @@ from torch import nn
 
 from ..checkpoint import CheckpointReader, check_compatible, merge_over_pipeline, model_pieces, whole
 from ..config import Config, ConfigError
-from ..layers import logical_numel
-from ..monitoring import build_logger, measure_peak_flops, mfu, plot_loss_curve, transformer_flops_per_token
+from ..inspection.counts import flops_per_token as logical_flops_per_token
+from ..inspection.counts import meta_model
+from ..monitoring import build_logger, measure_peak_flops, mfu, plot_loss_curve
 from ..monitoring.monitor import TrainingMonitor, timed
 from ..parallel.pipeline.runner import PipelineRunner
 from ..parallel.state import all_reduce, barrier
@@ -235,20 +236,20 @@ class RuntimeEngine:
         if ctx.is_main:
             write_run_config(ctx)
 
-        # Every matmul weight is split over tp (column/row/vocab-parallel), so the whole
-        # model's count is the local one times tp. MFU compares the run's FLOP/s with the
-        # peak of all its processes: each process probes its own share of the machine.
-        # Pipeline stages hold disjoint layers: their counts add up over the pp group.
-        sizes = all_reduce(torch.tensor([model.num_matmul_params(), logical_numel(model)], dtype=torch.float64),
-                           ps.pp_group).tolist()
-        flops_per_token = transformer_flops_per_token(sizes[0] * ps.tp, cfg.model.n_layers, cfg.model.d_model,
-                                                      t_cfg.seq_len)
+        # FLOPs per token of the logical model (inspection/counts.py, the count `nanotrain inspect`
+        # prints: every matmul a token runs, attention's included), from a copy on the meta
+        # device, so the layout does not enter. MFU compares the run's FLOP/s with the peak of
+        # all its processes: each process probes its own share of the machine.
+        logical = meta_model(cfg.model)
+        n_params = sum(p.numel() for p in logical.parameters())
+        flops_per_token = logical_flops_per_token(logical, cfg.model, t_cfg.seq_len)["train"]
+        del logical
         # fp16's peak is taken as bf16's: equal on tensor-core GPUs, and CPUs have no fast fp16 GEMM to probe.
         probe = torch.bfloat16 if ctx.autocast_dtype == torch.float16 else ctx.autocast_dtype or torch.float32
         peak = log_cfg.peak_tflops * 1e12 or measure_peak_flops(ctx.device, probe)
         peak *= ctx.world_size
         logger = build_logger(log_cfg, ctx.out_dir, t_cfg.max_steps, start, ctx.rank)
-        logger.message(f"model: {sizes[1] / 1e6:.2f}M parameters, {flops_per_token / 1e6:.1f} MFLOP/token; "
+        logger.message(f"model: {n_params / 1e6:.2f}M parameters, {flops_per_token / 1e6:.1f} MFLOP/token; "
                        f"{data.tokens_per_step} tokens/step; device {ctx.device}, precision {cfg.precision.recipe}, "
                        f"peak {peak / 1e12:.2f} TFLOP/s" + (f"; resumed at step {start}" if start else ""))
         if cfg.precision.recipe not in ("fp32", "bf16") or cfg.precision.overrides:
