@@ -23,11 +23,12 @@ pipeline stages different blocks.
 
 from __future__ import annotations
 
+import time
+
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from . import health
 
 SUMS = ("ent_sum", "ent_n", "res_sq", "res_n", "res_out", "norm_sq", "norm_n")
 MAXES = ("attn_max", "norm_max")
@@ -41,7 +42,11 @@ def attention_stats(q: torch.Tensor, k: torch.Tensor, scale: float) -> dict[str,
     T = s.shape[-1]
     allowed = torch.ones(T, T, dtype=torch.bool, device=s.device).tril()
     s = s.masked_fill(~allowed, float("-inf"))
-    ent = health.entropy(s, normalised=True)[..., 1:]  # row 0 attends to one position only
+    # health.entropy(s, normalised=True), written for the causal square (row t has t+1
+    # positions), with fewer passes over the B·H·T² scores: this runs inside the forward.
+    logp = torch.log_softmax(s, dim=-1)
+    ent = -(logp.exp() * logp.masked_fill(~allowed, 0.0)).sum(-1)[..., 1:]  # row 0 attends to one position
+    ent = ent / torch.log(torch.arange(2, T + 1, device=s.device, dtype=ent.dtype))
     return {"attn_max": s.max(), "ent_sum": ent.double().sum(), "ent_n": torch.tensor(float(ent.numel()))}
 
 
@@ -63,10 +68,17 @@ class Internals:
         self.replicated_resid = not sequence_parallel and tp_rank != 0  # count the stream once over tp
         self._handles: list = []
         self._acc: dict[int, dict[str, torch.Tensor]] = {}
+        self.spent = 0.0  # seconds inside the hooks (bench/monitoring.py reports it)
+        self.armed = False
 
     def _blocks(self):
         layers = getattr(self.model, "layers", {})
         return [(i, layers[str(i)]) for i in self.sentinels if str(i) in layers]
+
+    def _timed(self, i: int, fn, *args) -> None:
+        start = time.perf_counter()
+        self._add(i, fn(*args))
+        self.spent += time.perf_counter() - start
 
     def _add(self, i: int, stats: dict[str, torch.Tensor]) -> None:
         acc = self._acc.setdefault(i, {})
@@ -76,21 +88,24 @@ class Internals:
 
     def arm(self) -> None:
         """Hook the sentinel blocks this rank holds for the next forward passes."""
-        self._acc = {}
+        self._acc, self.armed = {}, True
         for i, block in self._blocks():
             attn = getattr(block, "attn", None)
             if attn is not None:
-                attn.probe = lambda q, k, scale, i=i: self._add(i, attention_stats(q, k, scale))
+                attn.probe = lambda q, k, scale, i=i: self._timed(i, attention_stats, q, k, scale)
             if not self.replicated_resid:
                 self._handles.append(block.register_forward_hook(
-                    lambda m, args, out, i=i: self._add(i, residual_stats(out))))
+                    lambda m, args, out, i=i: self._timed(i, residual_stats, out)))
                 for name in ("attn_norm", "mlp_norm"):
                     norm = getattr(block, name, None)
                     if norm is not None:
                         self._handles.append(norm.register_forward_hook(
-                            lambda m, args, out, i=i: self._add(i, norm_stats(out))))
+                            lambda m, args, out, i=i: self._timed(i, norm_stats, out)))
 
     def disarm(self) -> None:
+        if not self.armed:
+            return
+        self.armed = False
         for _, block in self._blocks():
             if getattr(block, "attn", None) is not None:
                 block.attn.probe = None
@@ -100,6 +115,12 @@ class Internals:
 
     def collect(self) -> dict[str, float]:
         """Reduce over every rank; the figures of each sentinel block (every rank calls this)."""
+        start = time.perf_counter()
+        out = self._collect()
+        self.spent += time.perf_counter() - start
+        return out
+
+    def _collect(self) -> dict[str, float]:
         n = len(self.sentinels)
         sums = torch.zeros(n, len(SUMS), dtype=torch.float64)
         maxes = torch.full((n, len(MAXES)), float("-inf"), dtype=torch.float64)

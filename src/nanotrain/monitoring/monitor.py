@@ -70,6 +70,7 @@ class TrainingMonitor:
         self.loss_ema: float | None = None
         self.clipped = torch.zeros((), device=ctx.device)  # a tensor: no host sync per step
         self.steps = self.skipped = 0
+        self.spent = 0.0  # seconds in the monitor's own work (besides its timers), for bench/monitoring.py
         self.timing = {"data": 0.0, "compute": 0.0, "optimizer": 0.0}
         self._before: dict[str, torch.Tensor] | None = None
         self._grad_sq: torch.Tensor | None = None
@@ -107,7 +108,7 @@ class TrainingMonitor:
         self.steps += 1
         self.skipped += int(skipped)
         if self.grad_clip > 0:
-            self.clipped += (grad_norm.detach().to(self.clipped) + 1e-6 > self.grad_clip).float()
+            self.clipped += grad_norm.detach() + 1e-6 > self.grad_clip
 
     def loss_metrics(self, losses: dict[int, float]) -> dict[str, float]:
         """EMA, spike ratio and perplexity from each step's loss since the last report."""
@@ -129,14 +130,20 @@ class TrainingMonitor:
         """Everything this mode reports at a logging step (`steps` since the last one)."""
         if self.mode == "off":
             return {}
+        start = time.perf_counter()
         out = self.loss_metrics(losses)
         out.update(self.time_metrics(steps))
         out["ignored_targets"] = 1.0 - targets.item() / tokens_per_step  # targets: the non-ignored count
         out["tokens_per_update"] = tokens_per_step
+        self.spent += time.perf_counter() - start
         out.update(self.update_metrics(grad_norm))
         if self.internals is not None:
             out.update(self.internals.collect())
         return out
+
+    def own_seconds(self) -> float:
+        """Time spent computing the monitor's figures so far (its hooks included)."""
+        return self.spent + (self.internals.spent if self.internals is not None else 0.0)
 
     def val_metrics(self, val_loss: float) -> dict[str, float]:
         """The train-val gap: val loss minus the train loss EMA (> 0 and growing: overfitting)."""
@@ -156,16 +163,27 @@ class TrainingMonitor:
         weights before the update."""
         if not self.deep:
             return
+        start = time.perf_counter()
         self._grad_sq = self._reduce(self._squares(self.opt_grads()), grads=True) / (loss_scale or 1.0) ** 2
         self._before = {n: w.detach().float().clone() for n, w in self._weights()}
+        self.spent += time.perf_counter() - start
 
     def update_metrics(self, grad_norm: float) -> dict[str, float | list]:
         """After the step: parameter and update norms, ratios, per-block figures."""
         if not self.deep or self._before is None:
             return {}
+        start = time.perf_counter()
+        try:
+            return self._update_metrics(grad_norm)
+        finally:
+            self.spent += time.perf_counter() - start
+
+    def _update_metrics(self, grad_norm: float) -> dict[str, float | list]:
         weights = dict(self._weights())
-        w_sq = self._reduce(self._squares([(n, w) for n, w in weights.items()]))
-        u_sq = self._reduce(self._squares([(n, weights[n].float() - b) for n, b in self._before.items()]))
+        w_sq = self._reduce(self._squares(weights.items()))
+        names = list(self._before)
+        updates = torch._foreach_sub([weights[n].float() for n in names], [self._before[n] for n in names])
+        u_sq = self._reduce(self._squares(zip(names, updates)))
         g_sq = self._grad_sq
         self._before = self._grad_sq = None
         ratios = health.update_ratio(u_sq.sqrt(), w_sq.sqrt())
@@ -215,14 +233,20 @@ class TrainingMonitor:
 
     def _squares(self, named) -> torch.Tensor:
         """[2, N] float64: this rank's squares per logical name, dense row 0, experts row 1,
-        counted by the tensor-parallel rule (see the module docstring)."""
+        counted by the tensor-parallel rule (see the module docstring). One multi-tensor
+        norm over all of them (torch._foreach_norm), not a pass per tensor."""
         sq = torch.zeros(2, len(self.names), dtype=torch.float64)
+        rows, cols, tensors = [], [], []
         for n, t in named:
             p = self.params[n]
             if not counted_in_norm(p, self.ps.tp_rank):
                 continue
-            expert = getattr(p, "shard", None) is not None and p.shard.axis == "ep"
-            sq[int(expert), self.index[n]] += t.detach().double().pow(2).sum().cpu()
+            rows.append(int(getattr(p, "shard", None) is not None and p.shard.axis == "ep"))
+            cols.append(self.index[n])
+            tensors.append(t.detach() if t.dtype == torch.float32 else t.detach().float())
+        if tensors:
+            norms = torch.stack(torch._foreach_norm(tensors)).double().cpu()
+            sq.index_put_((torch.tensor(rows), torch.tensor(cols)), norms.pow(2), accumulate=True)
         return sq
 
     def _reduce(self, sq: torch.Tensor, grads: bool = False) -> torch.Tensor:
