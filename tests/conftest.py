@@ -28,3 +28,16 @@ def tiny_config(tmp_path: Path, *overrides: str):
 @pytest.fixture
 def make_config(tmp_path):
     return lambda *overrides: tiny_config(tmp_path, *overrides)
+
+
+def straight_and_resumed(build, *common, stop: int = 5, end: int = 10):
+    """Train `end` steps in one go, and `stop` steps then a resume from the checkpoint at
+    `stop` to `end` (common must save there: --checkpoint.interval). build(*overrides) makes
+    the config (make_config, or a wrapper of it). Returns both runs' results."""
+    from nanotrain.runtime import RuntimeEngine
+
+    straight = RuntimeEngine(build(*common, f"--train.max_steps={end}",
+                                   f"--train.out_dir={build().train.out_dir}_straight")).run()
+    RuntimeEngine(build(*common, f"--train.max_steps={stop}")).run()
+    resumed = RuntimeEngine(build(*common, f"--train.max_steps={end}", "--checkpoint.resume=latest")).run()
+    return straight, resumed

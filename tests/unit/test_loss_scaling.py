@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 
+from conftest import straight_and_resumed
 from nanotrain.precision.loss_scaling import LossScaler
 from nanotrain.runtime import RuntimeEngine
 
@@ -53,10 +54,7 @@ def test_injected_inf_skips_the_step_and_lowers_the_scale(make_config):
 
 def test_fp16_resume_restores_the_scaler(make_config):
     common = ["--checkpoint.interval=5", "--precision.loss_scale_growth_interval=3"]
-    straight = RuntimeEngine(fp16(make_config, *common, "--train.out_dir=" + str(make_config().train.out_dir) + "_a",
-                                  "--train.max_steps=10")).run()
-    RuntimeEngine(fp16(make_config, *common, "--train.max_steps=5")).run()
-    resumed = RuntimeEngine(fp16(make_config, *common, "--train.max_steps=10", "--checkpoint.resume=latest")).run()
+    straight, resumed = straight_and_resumed(lambda *a: fp16(make_config, *a), *common)
     assert {s: resumed.losses[s] for s in range(6, 11)} == {s: straight.losses[s] for s in range(6, 11)}
     last = json.loads((resumed.out_dir / "metrics.jsonl").read_text().splitlines()[-2])
     assert last["loss_scale"] == 1024 * 2 ** 3  # grew at steps 3, 6 and 9, across the resume

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import tiny_config
+from conftest import straight_and_resumed, tiny_config
 from nanotrain.checkpoint import CheckpointReader
 from nanotrain.precision.lowbit import NF4_LEVELS, LowBitWeight
 from nanotrain.runtime import RuntimeEngine
@@ -86,10 +86,7 @@ def test_lowbit_weights_train_and_the_model_keeps_only_codes(fmt, tmp_path):
 def test_lowbit_resume_is_bit_exact(make_config):
     common = ["--precision.lowbit_weights=layers.*.weight", "--precision.lowbit_format=nf4",
               "--checkpoint.interval=5", "--schedule.decay_steps=20"]
-    straight = RuntimeEngine(make_config(*common, "--train.max_steps=10",
-                                         "--train.out_dir=" + str(make_config().train.out_dir) + "_a")).run()
-    RuntimeEngine(make_config(*common, "--train.max_steps=5")).run()
-    resumed = RuntimeEngine(make_config(*common, "--train.max_steps=10", "--checkpoint.resume=latest")).run()
+    straight, resumed = straight_and_resumed(make_config, *common)
     assert {s: resumed.losses[s] for s in range(6, 11)} == {s: straight.losses[s] for s in range(6, 11)}
 
 

@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 import torch
 
-from conftest import tiny_config
+from conftest import straight_and_resumed, tiny_config
 from nanotrain.config import ConfigError, load_config
 from nanotrain.parallel.zero import ZeroOptimizer
 from nanotrain.precision.master import BF16, FP16, Dtypes, MixedAdamW, round_into
@@ -151,10 +151,7 @@ def test_stage0_flat_optimizer_in_fp32_trains_as_torch_adamw(tmp_path):
 ], ids=["fp32-master", "bf16-stochastic", "bf16-kahan"])
 def test_mixed_dtype_resume_is_bit_exact(flags, make_config):
     common = [*flags, "--precision.recipe=bf16", "--checkpoint.interval=5", "--schedule.decay_steps=20"]
-    straight = RuntimeEngine(make_config(*common, "--train.max_steps=10",
-                                         "--train.out_dir=" + str(make_config().train.out_dir) + "_a")).run()
-    RuntimeEngine(make_config(*common, "--train.max_steps=5")).run()
-    resumed = RuntimeEngine(make_config(*common, "--train.max_steps=10", "--checkpoint.resume=latest")).run()
+    straight, resumed = straight_and_resumed(make_config, *common)
     assert {s: resumed.losses[s] for s in range(6, 11)} == {s: straight.losses[s] for s in range(6, 11)}
 
 

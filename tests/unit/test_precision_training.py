@@ -8,7 +8,7 @@ fp8_deepseek 2.505 / 2.543, nvfp4 2.559 / 2.602, mxfp4 2.517 / 2.549: all within
 
 import pytest
 
-from conftest import tiny_config
+from conftest import straight_and_resumed, tiny_config
 from nanotrain.runtime import RuntimeEngine
 
 ARGS = ["--train.max_steps=200", "--train.eval_interval=200", "--train.eval_steps=8", "--model.d_model=64",
@@ -56,8 +56,5 @@ def test_low_bit_resume_is_bit_exact(recipe, make_config):
     """The amax histories (delayed scaling) and the stochastic-rounding generator travel in
     the checkpoint: a resumed run rounds exactly as the uninterrupted one."""
     common = [f"--precision.recipe={recipe}", "--checkpoint.interval=5", "--schedule.decay_steps=20"]
-    straight = RuntimeEngine(make_config(*common, "--train.max_steps=10",
-                                         "--train.out_dir=" + str(make_config().train.out_dir) + "_a")).run()
-    RuntimeEngine(make_config(*common, "--train.max_steps=5")).run()
-    resumed = RuntimeEngine(make_config(*common, "--train.max_steps=10", "--checkpoint.resume=latest")).run()
+    straight, resumed = straight_and_resumed(make_config, *common)
     assert {s: resumed.losses[s] for s in range(6, 11)} == {s: straight.losses[s] for s in range(6, 11)}
