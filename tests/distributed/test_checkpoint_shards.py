@@ -22,8 +22,8 @@ def _train_and_shards(cfg_dict):
     kept = {}
     original = engine.train_step
 
-    def train_step(step, model, data, opt, lr, ctx):
-        out = original(step, model, data, opt, lr, ctx)
+    def train_step(step, model, data, opt, lr, ctx, *rest):
+        out = original(step, model, data, opt, lr, ctx, *rest)
         if step + 1 == cfg.train.max_steps:  # after the last update: what the final save writes
             params = dict(model.named_parameters())
             kept["wo"] = params["layers.0.attn.wo.weight"].detach().clone()
