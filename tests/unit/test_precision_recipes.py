@@ -34,7 +34,7 @@ BOUNDS = {"fp8_tensorwise": (0.05, 0.08, 0.08), "fp8_deepseek": (0.05, 0.05, 0.0
           "nvfp4": (0.2, 0.23, 0.23), "mxfp4": (0.22, 0.22, 0.22)}
 
 
-@pytest.mark.parametrize("recipe", [Fp8Tensorwise("current"), Fp8DeepSeek(), NVFP4(), MXFP4()], ids=lambda r: r.name)
+@pytest.mark.parametrize("recipe", [Fp8Tensorwise(), Fp8DeepSeek(), NVFP4(), MXFP4()], ids=lambda r: r.name)
 def test_forward_and_backward_against_fp32(recipe):
     exact = run(None)
     got = run(recipe)
@@ -48,7 +48,7 @@ def test_fp8_tensorwise_is_the_float8_product():
         s = t.abs().max() / 448
         return (t / s).to(torch.float8_e4m3fn).float() * s
 
-    y, _, _ = run(Fp8Tensorwise("current"))
+    y, _, _ = run(Fp8Tensorwise())
     assert torch.allclose(y, q(X) @ q(W).t(), rtol=1e-6, atol=1e-6)
 
 
@@ -59,7 +59,7 @@ def test_blockwise_scaling_contains_an_outlier_channel():
     x = X.clone()
     x[:, 7] *= 1e6
     rest = slice(128, 256)  # the tiles without the outlier
-    err = {r.name: rel(r.quant(x, "x", None)[:, rest], x[:, rest]) for r in (Fp8Tensorwise("current"), Fp8DeepSeek())}
+    err = {r.name: rel(r.quant(x, "x", None)[:, rest], x[:, rest]) for r in (Fp8Tensorwise(), Fp8DeepSeek())}
     assert err["fp8_deepseek"] < 0.05 < 0.3 < err["fp8_tensorwise"], err
 
 
@@ -76,7 +76,7 @@ def test_delayed_scaling_uses_the_history():
     amaxes = [d.amax("x", torch.tensor([v])).item() for v in (2.0, 1.0, 5.0, 1.0, 1.0, 1.0, 1.0)]
     # step 1: no history, its own amax; then the max of the last 3 steps before this one.
     assert amaxes == [2.0, 2.0, 2.0, 5.0, 5.0, 5.0, 1.0]
-    q, _ = Fp8Tensorwise("delayed").quant(torch.tensor([1.0, 10.0]), "x", d.at("w1")), None
+    q, _ = Fp8Tensorwise().quant(torch.tensor([1.0, 10.0]), "x", d.at("w1")), None
     assert torch.isfinite(q).all()
 
 
@@ -117,7 +117,7 @@ def test_delayed_scaling_records_training_gemms_only():
     """Through the layer: forward and backward GEMMs add to their histories; an evaluation
     forward (no grad) reads them and adds nothing."""
     d = DelayedScaling(history_len=4)
-    recipe = Fp8Tensorwise("delayed")
+    recipe = Fp8Tensorwise()
     x, w = X.clone().requires_grad_(), W.clone().requires_grad_()
     for _ in range(2):
         recipe.linear(x, w, None, d).backward(DY)
@@ -171,8 +171,8 @@ def test_scaled_mm_path_is_the_emulation():
     """torch._scaled_mm (the hardware fp8 GEMM; this build also runs it on CPU) multiplies the
     same fp8 codes and applies the same scales: y, dx and dW equal the emulation's up to the
     order of the fp32 sums."""
-    emulated = run(Fp8Tensorwise("current", 0, "emulated"))
-    fp8 = run(Fp8Tensorwise("current", 0, "scaled_mm"))
+    emulated = run(Fp8Tensorwise(0, "emulated"))
+    fp8 = run(Fp8Tensorwise(0, "scaled_mm"))
     for a, b in zip(fp8, emulated):
         assert rel(a, b) < 1e-6
     assert not use_scaled_mm("auto", X, W)  # auto: CUDA only (the CPU kernel is slower than the emulation)
@@ -181,4 +181,4 @@ def test_scaled_mm_path_is_the_emulation():
 @needs_scaled_mm
 def test_scaled_mm_names_shapes_it_cannot_take():
     with pytest.raises(RuntimeError, match="multiples of 16"):
-        Fp8Tensorwise("current", 0, "scaled_mm").linear(torch.randn(5, 32), torch.randn(16, 32), None, None)
+        Fp8Tensorwise(0, "scaled_mm").linear(torch.randn(5, 32), torch.randn(16, 32), None, None)

@@ -51,7 +51,7 @@ class AutocastOverride(Recipe):
 def build_recipe(name: str, p) -> Recipe | None:
     """The recipe object for a name; None for the autocast-only recipes at the run's default."""
     if name == "fp8_tensorwise":
-        return Fp8Tensorwise(p.fp8_scaling, p.fp8_margin, p.fp8_gemm)
+        return Fp8Tensorwise(p.fp8_margin, p.fp8_gemm)  # fp8_scaling: the module's gemm_state
     if name == "fp8_deepseek":
         return Fp8DeepSeek()
     if name == "fp8_custom":

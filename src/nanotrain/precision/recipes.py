@@ -109,14 +109,15 @@ class Recipe:
 
 
 class Fp8Tensorwise(Recipe):
-    """e4m3 forward, e5m2 gradients (the "hybrid" format), one scale per tensor: current
-    scaling (this tensor's amax) or delayed scaling (DelayedScaling), `margin` powers of 2
-    of headroom."""
+    """e4m3 forward, e5m2 gradients (the "hybrid" format), one scale per tensor, `margin`
+    powers of 2 of headroom. The amax comes from the state a module passes: delayed scaling
+    or the tp-reduced current amax (DelayedScaling, given by policy.apply_policy), or with no
+    state this tensor's own (current scaling)."""
 
     name = "fp8_tensorwise"
 
-    def __init__(self, scaling: str = "delayed", margin: int = 0, gemm: str = "auto"):
-        self.scaling, self.margin, self.gemm_impl = scaling, margin, gemm
+    def __init__(self, margin: int = 0, gemm: str = "auto"):
+        self.margin, self.gemm_impl = margin, gemm
 
     def codes(self, t, role, state) -> tuple[torch.Tensor, torch.Tensor]:
         """(the fp8 grid values of t / s, in fp32; the one scale s)."""
