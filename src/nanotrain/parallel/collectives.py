@@ -61,8 +61,10 @@ def _gather(x: torch.Tensor, dim: int, group) -> torch.Tensor:
     return torch.cat(parts, dim=dim)
 
 
-# torch 2.13 renamed reduce_scatter_tensor to reduce_scatter_single; older releases have only the former.
-_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+def _reduce_scatter_single(*args, **kwargs):
+    """torch 2.13 renamed reduce_scatter_tensor to reduce_scatter_single; older releases have only
+    the former. Looked up at each call, so that monitoring/comm.py's meter sees it."""
+    return (getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor)(*args, **kwargs)
 
 
 def _reduce_scatter(x: torch.Tensor, dim: int, group) -> torch.Tensor:

@@ -68,9 +68,15 @@ from ..precision.master import Dtypes, MixedAdamW
 from .data_parallel import counted_in_norm
 from .state import all_reduce
 
-# torch 2.13 names (reduce_scatter_tensor / all_gather_into_tensor in older releases).
-_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
-_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+# torch 2.13 names (reduce_scatter_tensor / all_gather_into_tensor in older releases). Looked up
+# at each call, so that monitoring/comm.py's meter sees them.
+def _reduce_scatter(*args, **kwargs):
+    return (getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor)(*args, **kwargs)
+
+
+def _all_gather(*args, **kwargs):
+    return (getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor)(*args, **kwargs)
 
 
 @dataclass

@@ -1,0 +1,149 @@
+"""Communication per optimizer step, per parallel group, for a layout: what each collective of
+this code base moves, written out (the counterpart of monitoring/comm.py, which counts the same
+messages around the real calls; tests/distributed/test_inspection_memory.py checks they agree).
+
+Message sizes follow nccl-tests (see monitoring/comm.py): an all-reduce's tensor, an
+all-gather's whole output, a reduce-scatter's whole input, what a rank hands an all-to-all,
+what it sends to a pipeline neighbour. The bytes on the wire per rank follow (ring algorithms):
+
+    all-reduce 2 (n-1)/n x size     all-gather, reduce-scatter, all-to-all (n-1)/n x size     send 1 x size
+
+Per micro-batch (N tokens on a rank, N_s = N / tp under sequence parallelism; c bytes per
+element of the compute dtype, r of the residual stream and of the gradients flowing into it):
+
+tp   each column-parallel linear gathers its own input: an all-gather of N x in_features (r)
+     forward and a reduce-scatter backward under sequence parallelism; without it, an
+     all-reduce of the input's gradient backward (Megatron's f). Each row-parallel linear
+     (attention's wo, the MLP's w2): a reduce-scatter (SP) or all-reduce forward of N x d (c),
+     and under SP an all-gather backward. The vocabulary-parallel embedding: the same as a row
+     linear, in r; the head: a column linear; the loss: two all-reduces of N and 2N fp32
+     (the max logit; the target logit and the sum of exponentials).
+     After backward, under SP: an all-reduce of the gradients of the weights that saw only
+     this rank's tokens (norms, and everything not split over tp).
+dp   the gradients of the weights synced over dp (experts: over expert-dp, `edp`), once per
+     step: all-reduce of a bucket (no ZeRO, or ZeRO-1) or reduce-scatter (ZeRO-2), then for
+     ZeRO an all-gather of the updated parameters (param dtype). ZeRO pads each bucket to a
+     multiple of the group size.
+ep   per MoE layer: the token counts (E int64), dispatch (N·k tokens of d, r) and combine
+     (c) forward, the same two backward; balanced routing assumed (each rank receives as many
+     tokens as it sends; the real figure moves with the router's imbalance).
+pp   one send per micro-batch and chunk boundary: N_s x d (param dtype) forward from every stage
+     but the last, the same backward from every stage but the first.
+embd the tied embedding's gradient, summed over the first and last stage.
+
+Scalars (the loss, the gradient norm's partial sums, the loss denominator) are left out: a
+few bytes each.
+"""
+
+from __future__ import annotations
+
+from ..config import ModelConfig
+from .memory import BYTES, Layout, rank_model, stage_layers
+
+WIRE = {"all_reduce": lambda n: 2 * (n - 1) / n, "all_gather": lambda n: (n - 1) / n,
+        "reduce_scatter": lambda n: (n - 1) / n, "all_to_all": lambda n: (n - 1) / n, "send": lambda n: 1.0}
+
+
+def _col(t: dict, sp: bool, n: int, width: int, b: int) -> None:
+    """A column-parallel linear's input: N x width elements of b bytes."""
+    if sp:
+        t["all_gather"] += n * width * b
+        t["reduce_scatter"] += n * width * b
+    else:
+        t["all_reduce"] += n * width * b
+
+
+def _row(t: dict, sp: bool, n: int, d: int, b: int) -> None:
+    """A row-parallel linear's output (or the vocabulary-parallel embedding's)."""
+    if sp:
+        t["reduce_scatter"] += n * d * b
+        t["all_gather"] += n * d * b
+    else:
+        t["all_reduce"] += n * d * b
+
+
+def tp_per_micro_batch(m: ModelConfig, layout: Layout, layers: list[int], first: bool, last: bool,
+                       c: int, r: int) -> dict[str, int]:
+    t = {"all_reduce": 0, "all_gather": 0, "reduce_scatter": 0}
+    if layout.tp == 1:
+        return t
+    n, d, sp = layout.micro_batch_size * layout.seq_len, m.d_model, layout.sp
+    if first:
+        _row(t, sp, n, d, r)
+    for i in layers:
+        if m.arch == "deepseek":
+            ac = c if c < r else r  # the low-rank projections' outputs are in the compute dtype
+            if m.q_lora_rank:
+                _col(t, sp, n, m.q_lora_rank, ac)
+            else:
+                _col(t, sp, n, d, r)
+            _col(t, sp, n, m.kv_lora_rank, ac)  # wkv_b
+            _col(t, sp, n, m.qk_rope_head_dim, ac)  # k_R, shared by every head
+            _row(t, sp, n, d, c)
+            if i < m.first_k_dense_replace:
+                _col(t, sp, n, d, r)
+                _col(t, sp, n, d, r)
+                _row(t, sp, n, d, c)
+        else:
+            for _ in range(3 + (2 if m.mlp == "swiglu" else 1)):  # wq, wk, wv; w1 (and w3)
+                _col(t, sp, n, d, r)
+            _row(t, sp, n, d, c)
+            _row(t, sp, n, d, c)
+    if last:
+        _col(t, sp, n, d, r)
+        t["all_reduce"] += 3 * n * 4
+    return t
+
+
+def comm_per_step(m: ModelConfig, layout: Layout, precision, pp_rank: int = 0) -> dict[str, dict[str, int]]:
+    """{group: {collective: bytes}} that one rank of stage pp_rank moves in one optimizer step."""
+    c = 4 if precision.recipe == "fp32" else 2
+    r = BYTES[precision.param_dtype]
+    c = min(c, r)
+    grad_b, param_b = BYTES[precision.grad_dtype], BYTES[precision.param_dtype]
+    layers = stage_layers(m, layout, pp_rank)
+    first, last = pp_rank == 0, pp_rank == layout.pp - 1
+    mb = layout.micro_batches
+    out: dict[str, dict[str, int]] = {}
+
+    tp = {k: v * mb for k, v in tp_per_micro_batch(m, layout, layers, first, last, c, r).items()}
+    model = rank_model(m, layout, pp_rank)
+    params = list(model.parameters())
+    if layout.tp > 1 and layout.sp:  # once per step: the weights that saw only this rank's tokens
+        tp["all_reduce"] += sum(p.numel() for p in params if getattr(p, "shard", None) is None
+                                or p.shard.axis == "ep") * grad_b
+    if layout.tp > 1:
+        out["tp"] = tp
+
+    dense = sum(p.numel() for p in params if not getattr(p, "expert_parallel", False))
+    expert = sum(p.numel() for p in params if getattr(p, "expert_parallel", False))
+    for group, size, numel in (("dp", layout.dp, dense), ("edp", layout.dp // layout.ep, expert)):
+        if size == 1 or numel == 0:
+            continue
+        padded = -(-numel // size) * size if layout.zero_stage else numel
+        sync = "reduce_scatter" if layout.zero_stage == 2 else "all_reduce"
+        out[group] = {sync: padded * grad_b}
+        if layout.zero_stage:
+            out[group]["all_gather"] = padded * param_b
+
+    if layout.ep > 1 and m.arch == "deepseek":
+        n = layout.micro_batch_size * layout.seq_len // (layout.tp if layout.sp else 1)
+        a = n * m.moe_top_k
+        moe = sum(1 for i in layers if i >= m.first_k_dense_replace)
+        out["ep"] = {"all_to_all": mb * moe * (m.n_routed_experts * 8 + 2 * a * m.d_model * (r + c))}
+
+    if layout.pp > 1:
+        n = layout.micro_batch_size * layout.seq_len // (layout.tp if layout.sp else 1)
+        chunks = layout.pp_virtual_stages
+        sends = chunks * 2 - (1 if last else 0) - (1 if first else 0)
+        out["pp"] = {"send": mb * sends * n * m.d_model * param_b}
+        if m.tie_embeddings and (first or last):
+            out["embd"] = {"all_reduce": m.vocab_size // layout.tp * m.d_model * grad_b}
+    return out
+
+
+def wire_bytes(groups: dict[str, dict[str, int]], layout: Layout) -> dict[str, float]:
+    """Bytes each rank puts on the wire per step, per group (ring algorithms)."""
+    sizes = {"tp": layout.tp, "dp": layout.dp, "edp": layout.dp // layout.ep, "ep": layout.ep,
+             "pp": layout.pp, "embd": 2}
+    return {g: sum(WIRE[op](sizes[g]) * b for op, b in ops.items()) for g, ops in groups.items()}

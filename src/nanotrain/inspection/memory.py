@@ -1,0 +1,336 @@
+"""Memory per rank for a layout, before anything runs (Megatron's theoretical memory, for this code).
+
+    memory(rank) = weights + gradients + master copies + optimizer moments      (static)
+                 + activations per micro-batch x micro-batches in flight        (per step)
+
+Static: the rank's own model is built on the meta device (its tp shard of each matrix, its
+ep share of the experts, its pipeline stage's layers), so the parameter counts are exact.
+Each copy then takes the bytes of its dtype (precision.*_dtype), and ZeRO divides what it
+shards by dp (experts by expert-dp): stage 1 the master copies and moments, stage 2 the
+gradients too (ZeRO paper, Rajbhandari et al. 2020, Figure 1).
+
+Activations: the tensors autograd saves for backward, written out per module for the way
+these modules compute (Korthikanti et al. 2022 do the same for Megatron's, §4.1). N tokens
+per micro-batch on this rank (b x s), N_s = N / tp where sequence parallelism splits the
+sequence; c bytes per element of the compute dtype, r of the residual stream (the parameter
+dtype). Under autocast (c < r) every linear keeps its own c-byte copy of its input and of its
+weight. Each line is checked against the tensors autograd really saves
+(inspection/measure.py; tests/distributed/test_inspection_memory.py).
+
+In flight: GPipe keeps all m micro-batches, 1F1B keeps pp - stage (at most m), interleaved
+1F1B keeps Megatron's warm-up count of chunks (2 (pp - stage - 1) + (v - 1) pp + 1).
+Full recomputation (Korthikanti's "full": keep each block's input, recompute the rest during
+backward) would keep N_s·d·r per layer and one layer's activations: the report shows that
+figure for planning; nanotrain does not recompute yet.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..config import Config, ModelConfig
+from .counts import kind_of
+
+BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+
+
+@dataclass
+class Layout:
+    tp: int = 1
+    pp: int = 1
+    dp: int = 1
+    ep: int = 1
+    sp: bool = False
+    zero_stage: int = 0
+    micro_batch_size: int = 1
+    seq_len: int = 2048
+    micro_batches: int = 1  # per optimizer step on each rank (gradient accumulation)
+    pp_schedule: str = "1f1b"
+    pp_virtual_stages: int = 1
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> Layout:
+        p, t = cfg.parallel, cfg.train
+        mbs = t.micro_batch_size or t.batch_size // p.dp
+        return cls(tp=p.tp, pp=p.pp, dp=p.dp, ep=p.ep, sp=p.sequence_parallel and p.tp > 1,
+                   zero_stage=cfg.optimizer.zero_stage, micro_batch_size=mbs, seq_len=t.seq_len,
+                   micro_batches=max(1, t.batch_size // (p.dp * mbs)), pp_schedule=p.pp_schedule,
+                   pp_virtual_stages=p.pp_virtual_stages)
+
+    @property
+    def world(self) -> int:
+        return self.tp * self.pp * self.dp
+
+
+def parse_layout(text: str) -> dict[str, int | bool]:
+    """'tp=8,pp=16,ep=64,dp=128,sp' -> {"tp": 8, "pp": 16, "ep": 64, "dp": 128, "sp": True}."""
+    out: dict[str, int | bool] = {}
+    for part in filter(None, (s.strip() for s in text.split(","))):
+        key, _, value = part.partition("=")
+        if key in ("sp", "sequence_parallel") and not value:
+            out["sp"] = True
+            continue
+        if key not in ("tp", "pp", "dp", "ep", "zero", "sp") or not value.isdigit():
+            raise ValueError(f"--layout {text!r}: {part!r} is not one of tp=N, pp=N, dp=N, ep=N, zero=N, sp "
+                             "(for example --layout tp=8,pp=16,dp=64,ep=64,zero=1,sp)")
+        out[key] = bool(int(value)) if key == "sp" else int(value)
+    return out
+
+
+# -- static memory -------------------------------------------------------------------
+
+
+def rank_model(m: ModelConfig, layout: Layout, pp_rank: int = 0):
+    """The parameters of one rank (tp rank 0, ep rank 0, stage pp_rank), on the meta device."""
+    from ..models import build_model
+    from ..parallel.expert_parallel import ExpertParallel
+    from ..parallel.pipeline.stage import PipelineStage, chunk_layers
+    from ..parallel.tensor_parallel import TensorParallel
+
+    tp = TensorParallel(None, 0, layout.tp, layout.sp) if layout.tp > 1 else None
+    ep = ExpertParallel(None, 0, layout.ep) if layout.ep > 1 else None
+    with torch.device("meta"):
+        model = build_model(m, tp, ep)
+        if layout.pp > 1:
+            chunks = chunk_layers(m.n_layers, layout.pp, layout.pp_virtual_stages)
+            model = PipelineStage(model, pp_rank, layout.pp, chunks[pp_rank])
+    return model
+
+
+def _sharded(numel: int, n: int) -> int:
+    return math.ceil(numel / n)  # ZeRO pads a bucket to a multiple of its group size
+
+
+def static_bytes(model, layout: Layout, precision) -> dict[str, int]:
+    """Weights, gradients, master copies and AdamW moments of this rank, in bytes."""
+    dense = sum(p.numel() for p in model.parameters() if not getattr(p, "expert_parallel", False))
+    expert = sum(p.numel() for p in model.parameters() if getattr(p, "expert_parallel", False))
+    param_b, grad_b = BYTES[precision.param_dtype], BYTES[precision.grad_dtype]
+    moment_b = BYTES[precision.exp_avg_dtype] + BYTES[precision.exp_avg_sq_dtype]
+    edp = layout.dp // layout.ep
+    stage = layout.zero_stage
+
+    def share(n_dense: int, n_expert: int) -> int:
+        return _sharded(n_dense, layout.dp) + _sharded(n_expert, edp) if stage >= 1 else n_dense + n_expert
+
+    n = dense + expert
+    master_needed = precision.param_dtype != "fp32" and precision.master_owner == "optimizer"
+    return {
+        "weights": n * param_b,
+        "gradients": (share(dense, expert) if stage >= 2 else n) * grad_b,
+        "master": share(dense, expert) * BYTES[precision.master_dtype] if master_needed else 0,
+        "optimizer": share(dense, expert) * moment_b,
+    }
+
+
+# -- activations -------------------------------------------------------------------------
+
+
+@dataclass
+class Widths:
+    """What one micro-batch on one rank looks like: token counts and bytes per element."""
+    n: int  # tokens through the matmuls (b x s)
+    ns: int  # tokens through the norms and the residual stream (n / tp under sequence parallelism)
+    batch: int
+    seq: int
+    tp: int
+    ep: int
+    c: int  # bytes per element of the compute dtype
+    r: int  # bytes per element of the residual stream (the parameter dtype)
+    a: int  # bytes per element in the attention core (precision.attention: fp32 on CPU under bf16)
+
+    @property
+    def autocast(self) -> bool:
+        return self.c < self.r
+
+
+def _inputs(w: Widths, d_in: int, weights: list[int]) -> int:
+    """Linears that read one input. Under autocast each keeps its own c-byte copy of the input and
+    of its weight; otherwise they share the input tensor itself (r bytes; the all-gathered N
+    tokens under sequence parallelism, not the norm's N_s)."""
+    if w.autocast:
+        return sum(w.n * d_in * w.c + weight * w.c for weight in weights)
+    return w.n * d_in * w.r
+
+
+def _norm(w: Widths, n: int, d: int, kind: str) -> int:
+    """RMSNorm (F.rms_norm in fp32): its fp32 input, 1/rms per token, the normalised input.
+    LayerNorm: its input, mean and 1/std per token."""
+    if kind == "rmsnorm":
+        return n * (2 * d * 4 + 4)
+    return n * (d * w.r + 8)
+
+
+def _rope(w: Widths, dim: int) -> int:
+    """cos and sin [T, dim], cast to the compute dtype (a view of the tables in fp32)."""
+    return 2 * w.seq * dim * w.c if w.autocast else 0
+
+
+def _flash(w: Widths, h: int, h_kv: int, d_qk: int, d_v: int) -> int:
+    """Flash kernels (GPU; CPU when d_qk = d_v) save q, k, v, the output and the log-sum-exp of
+    each row (fp32). An fp32 core under autocast hands wo a c-byte copy of the output."""
+    out_copy = w.n * h * d_v * w.c if w.a != w.c else 0
+    return w.a * w.n * (h * (d_qk + d_v) + h_kv * (d_qk + d_v)) + 4 * w.batch * h * w.seq + out_copy
+
+
+def dense_attention_bytes(m: ModelConfig, w: Widths) -> int:
+    d, hd = m.d_model, m.d_model // m.n_heads
+    h, h_kv = m.n_heads // w.tp, (m.n_kv_heads or m.n_heads) // w.tp
+    total = _norm(w, w.ns, d, m.norm) + _inputs(w, d, [d * h * hd, d * h_kv * hd, d * h_kv * hd])
+    total += _rope(w, hd) if m.pos_emb == "rope" and w.a == w.c else 0
+    total += _flash(w, h, h_kv, hd, hd)
+    return total + (h * hd * d * w.c if w.autocast else 0)  # wo: a weight copy; its input is the output
+
+
+def dense_mlp_bytes(m: ModelConfig, w: Widths, d_ff: int) -> int:
+    d, f = m.d_model, d_ff // w.tp
+    gated = m.mlp == "swiglu"
+    total = _norm(w, w.ns, d, m.norm) + _inputs(w, d, [d * f] * (2 if gated else 1))
+    inner = 4 if gated else 2  # SwiGLU: W1 x, silu(W1 x), W3 x, the product; GELU: W1 x, gelu(W1 x)
+    return total + inner * w.n * f * w.c + (f * d * w.c if w.autocast else 0)
+
+
+def mla_bytes(m: ModelConfig, w: Widths, math_path: bool) -> int:
+    d, h = m.d_model, m.n_heads // w.tp
+    nope, rope, dv = m.qk_nope_head_dim, m.qk_rope_head_dim, m.v_head_dim
+    dqk, kv_a = nope + rope, m.kv_lora_rank + rope
+    total = _norm(w, w.ns, d, "rmsnorm")
+    if m.q_lora_rank:
+        total += _inputs(w, d, [d * m.q_lora_rank, d * kv_a]) + _norm(w, w.n, m.q_lora_rank, "rmsnorm")
+        total += _inputs(w, m.q_lora_rank, [m.q_lora_rank * h * dqk])
+    else:
+        total += _inputs(w, d, [d * h * dqk, d * kv_a])
+    # kv_norm keeps its input, a view of wkv_a's whole output [N, kv_lora + rope], as fp32
+    total += (w.n * m.kv_lora_rank * 4 if w.autocast else w.n * kv_a * w.c) + w.n * 4 + w.n * m.kv_lora_rank * 4
+    total += _inputs(w, m.kv_lora_rank, [m.kv_lora_rank * h * (nope + dv)]) if w.autocast else \
+        w.n * m.kv_lora_rank * w.r
+    total += _rope(w, rope) if w.a == w.c else 0
+    if math_path:  # scaled q, k, a copy of v, the T x T probabilities (fp32 under CPU autocast); the output
+        a = 4 if w.autocast else w.a  # copied for wo
+        total += a * (2 * w.n * h * dqk + w.n * h * dv + w.batch * h * w.seq * w.seq) + w.n * h * dv * w.c
+    else:  # v is a view of the [N, h, nope + v] projection
+        total += w.a * w.n * h * (2 * dqk + nope + dv) + w.c * w.n * h * dv + 4 * w.batch * h * w.seq
+    return total + (h * dv * d * w.c if w.autocast else 0)
+
+
+def moe_bytes(m: ModelConfig, w: Widths) -> int:
+    """Router, dispatch, routed experts (balanced load: N·k / E tokens per expert) and shared experts."""
+    d, e, k, f = m.d_model, m.n_routed_experts, m.moe_top_k, m.moe_d_ff
+    a = w.n * k  # (token, slot) assignments; under ep each rank receives as many as it sends, on average
+    total = _norm(w, w.ns, d, "rmsnorm")
+    total += w.n * d * max(w.r, 4)  # the router's input: it scores in fp32 (and shares it when not autocast)
+    total += w.n * (e * 4 + k * 8 + 4 + k * 4)  # scores, chosen experts, their sum, the weights
+    total += a * (8 + 8 + 4) + 2 * a * d * 4  # order, token of each slot, weights; outputs in fp32
+    total += a * d * w.r + 4 * a * f * w.c  # tokens gathered for the experts; their SwiGLUs
+    if w.autocast:  # c-byte copies of each local expert's three weights
+        total += e // w.ep * 3 * d * f * w.c
+    if m.n_shared_experts:
+        fs = m.n_shared_experts * f
+        total += 4 * w.n * fs * w.c + (2 * w.n * d * w.c + 3 * d * fs * w.c if w.autocast else 0)
+    return total
+
+
+def block_bytes(m: ModelConfig, w: Widths, layer: int, math_path: bool) -> dict[str, int]:
+    from ..models.mlp import ffn_width
+
+    if m.arch == "deepseek":
+        attn = mla_bytes(m, w, math_path)
+        dense = layer < m.first_k_dense_replace
+        mlp = dense_mlp_bytes(_swiglu(m), w, m.d_ff or ffn_width(m)) if dense else moe_bytes(m, w)
+        return {"attention": attn, "dense_mlp" if dense else "moe": mlp}
+    return {"attention": dense_attention_bytes(m, w), "dense_mlp": dense_mlp_bytes(m, w, ffn_width(m))}
+
+
+def _swiglu(m: ModelConfig) -> ModelConfig:
+    from dataclasses import replace
+
+    return replace(m, mlp="swiglu")
+
+
+def ends_bytes(m: ModelConfig, w: Widths, first: bool, last: bool) -> dict[str, int]:
+    """The embedding (its token ids) and the final norm, head and loss."""
+    out = {}
+    if first:
+        out["embedding"] = w.n * 8
+    if last:
+        v = m.vocab_size // w.tp
+        head = _norm(w, w.ns, m.d_model, m.norm) + _inputs(w, m.d_model, [m.d_model * v])
+        out["head_and_loss"] = head + w.n * v * 4 + w.n * 8 + 4  # fp32 logits kept by the softmax, targets
+    return out
+
+
+def in_flight(layout: Layout, pp_rank: int) -> int:
+    """Micro-batches (chunks, interleaved) whose activations a stage holds at its peak."""
+    m, pp, v = layout.micro_batches, layout.pp, layout.pp_virtual_stages
+    if pp == 1:
+        return 1
+    if layout.pp_schedule == "gpipe":
+        return m
+    if layout.pp_schedule == "interleaved":
+        return min(m * v, 2 * (pp - pp_rank - 1) + (v - 1) * pp + 1)
+    return min(m, pp - pp_rank)
+
+
+def attention_bytes_per_element(precision, device: str) -> int:
+    """The attention core's dtype (runtime/components.attention_core_dtype): fp32 when asked, and
+    by default on CPU under a 16-bit recipe; otherwise the compute dtype."""
+    c = 4 if precision.recipe == "fp32" else 2
+    if c == 4 or precision.attention == "fp32" or (precision.attention == "auto" and device == "cpu"):
+        return 4
+    return c
+
+
+def activation_bytes(m: ModelConfig, layout: Layout, precision, layers: list[int], first: bool, last: bool,
+                     device: str = "cuda") -> dict[str, int]:
+    """Activations of one micro-batch on one rank, per kind of module."""
+    c = 4 if precision.recipe == "fp32" else 2
+    r = BYTES[precision.param_dtype]
+    n = layout.micro_batch_size * layout.seq_len
+    w = Widths(n=n, ns=n // layout.tp if layout.sp else n, batch=layout.micro_batch_size, seq=layout.seq_len,
+               tp=layout.tp, ep=layout.ep, c=min(c, r), r=r, a=attention_bytes_per_element(precision, device))
+    math_path = device == "cpu" and m.arch == "deepseek" and \
+        m.qk_nope_head_dim + m.qk_rope_head_dim != m.v_head_dim
+    out: dict[str, int] = {}
+    for i in layers:
+        for kind, b in block_bytes(m, w, i, math_path).items():
+            out[kind] = out.get(kind, 0) + b
+    for kind, b in ends_bytes(m, w, first, last).items():
+        out[kind] = out.get(kind, 0) + b
+    return out
+
+
+def stage_layers(m: ModelConfig, layout: Layout, pp_rank: int) -> list[int]:
+    from ..parallel.pipeline.stage import chunk_layers
+
+    if layout.pp == 1:
+        return list(range(m.n_layers))
+    return [i for chunk in chunk_layers(m.n_layers, layout.pp, layout.pp_virtual_stages)[pp_rank] for i in chunk]
+
+
+def memory_per_rank(m: ModelConfig, layout: Layout, precision, device: str = "cuda") -> list[dict]:
+    """One entry per pipeline stage (every tp, dp and ep rank of a stage holds the same amount)."""
+    out = []
+    for stage in range(layout.pp):
+        model = rank_model(m, layout, stage)
+        static = static_bytes(model, layout, precision)
+        layers = stage_layers(m, layout, stage)
+        per_mb = activation_bytes(m, layout, precision, layers, stage == 0, stage == layout.pp - 1, device)
+        flight = in_flight(layout, stage)
+        n_local = max(1, len(layers) // layout.pp_virtual_stages)
+        act = sum(per_mb.values()) * flight // max(1, layout.pp_virtual_stages if layout.pp_schedule ==
+                                                      "interleaved" else 1)
+        w = layout.micro_batch_size * layout.seq_len // (layout.tp if layout.sp else 1)
+        recompute = w * m.d_model * BYTES[precision.param_dtype] * len(layers) * flight + \
+            max(per_mb.values(), default=0) // max(1, n_local)
+        params_by_kind: dict[str, int] = {}
+        for name, p in model.named_parameters():
+            params_by_kind[kind_of(name)] = params_by_kind.get(kind_of(name), 0) + p.numel()
+        out.append({"stage": stage, "layers": len(layers), "params": sum(p.numel() for p in model.parameters()),
+                    **static, "activations_per_micro_batch": sum(per_mb.values()),
+                    "activations_by_kind": per_mb, "in_flight": flight, "activations": act,
+                    "activations_full_recompute": recompute,
+                    "total": sum(static.values()) + act})
+    return out
