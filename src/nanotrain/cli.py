@@ -1,4 +1,5 @@
-"""The `nanotrain` command: train, prepare, sample, verify, convert. Each subcommand only assembles library pieces."""
+"""The `nanotrain` command: train, prepare, sample, verify, convert, inspect, report, weights. Each subcommand
+only assembles library pieces."""
 
 from __future__ import annotations
 
@@ -104,16 +105,52 @@ def cmd_report(args, overrides) -> int:
     return 0
 
 
+def cmd_weights(args, overrides) -> int:
+    from .inspection.weights import checkpoint_stats, compare_checkpoints, markdown, to_json, write_weights
+
+    if overrides:
+        raise ConfigError(f"weights takes checkpoint folders, not config overrides: {' '.join(overrides)}")
+    if args.ckpt2:
+        result = compare_checkpoints(args.ckpt, args.ckpt2, args.optimizer)
+    else:
+        result = checkpoint_stats(args.ckpt, args.optimizer)
+    print(to_json(result) if args.json else markdown(result).rstrip("\n"))
+    if args.out:  # to stderr: stdout stays one JSON document with --json
+        print("wrote " + ", ".join(map(str, write_weights(result, args.out))), file=sys.stderr)
+    return 0
+
+
 def cmd_inspect(args, overrides) -> int:
     import json
 
-    from .inspection.report import inspect_model, markdown, model_config
+    from .inspection.hardware import get_accelerator
+    from .inspection.memory import parse_layout
+    from .inspection.report import inspect_model, markdown, model_config, plan_layout, write_report
 
     if args.config and args.hf_config:
         raise ConfigError("inspect takes --config (ours) or --hf-config (Hugging Face config.json), not both")
+    if args.micro_batch_size < 0 or args.micro_batches < 0:
+        raise ConfigError("--micro-batch-size and --micro-batches must be positive (0: the config's)")
     m, seq = model_config(args.config, args.hf_config, overrides, args.seq_len)
-    result = inspect_model(m, seq)
+    # The run's config (--config), or the defaults (--hf-config: the model is HF's, the other keys
+    # still apply); --layout changes its parallel sizes for the memory and communication plan.
+    cfg = load_config(args.config, [o for o in overrides if not o.startswith("--model.")] if args.hf_config
+                      else overrides)
+    try:
+        layout = parse_layout(args.layout or "")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    dp = layout.get("dp", cfg.parallel.dp)
+    t = cfg.train
+    mbs = args.micro_batch_size or (1 if args.hf_config else t.micro_batch_size or max(1, t.batch_size // dp))
+    micro_batches = args.micro_batches or (None if args.hf_config else max(1, t.batch_size // (dp * mbs)))
+    hardware = get_accelerator(args.hardware)
+    result = inspect_model(m, seq, hardware=hardware, micro_batch_size=mbs, dtype=args.dtype)
+    result["plan"] = plan_layout(m, seq, cfg, layout, mbs, micro_batches, hardware)
+    result["memory_per_rank_bytes"] = result["plan"]["memory_per_rank_bytes"]
     print(json.dumps(result, indent=1) if args.json else markdown(result))
+    if args.out:  # to stderr: stdout stays one JSON document with --json
+        print("wrote " + ", ".join(map(str, write_report(result, args.out))), file=sys.stderr)
     return 0
 
 
@@ -162,11 +199,28 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--hf-config", help="a Hugging Face config.json (Llama family, DeepSeek-V3)")
     s.add_argument("--seq-len", type=int, help="context length for the FLOPs (default: the config's)")
     s.add_argument("--json", action="store_true", help="one JSON object instead of the markdown tables")
+    s.add_argument("--hardware", default="h100",
+                   help="roofline device: a100, h100, h200, b200, mi300x, or cpu (this machine, measured)")
+    s.add_argument("--layout", help="parallel sizes, e.g. tp=8,pp=16,dp=64,ep=64,zero=1,sp (default: the config's)")
+    s.add_argument("--micro-batch-size", type=int, default=0,
+                   help="sequences per micro-batch on one rank (memory, communication, roofline); "
+                        "default: the config's, 1 for --hf-config")
+    s.add_argument("--micro-batches", type=int, default=0,
+                   help="micro-batches per optimizer step on one rank (default: the config's; pp for --hf-config)")
+    s.add_argument("--dtype", default="bf16", choices=["bf16", "fp8"], help="matmul operand format for the roofline")
+    s.add_argument("--out", metavar="DIR", help="also write DIR/report.md, roofline.png and intensity.png")
     s.set_defaults(fn=cmd_inspect)
     s = sub.add_parser("report", help="an HTML page with the health plots of one or more runs, side by side")
     s.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders (train.out_dir) holding metrics.jsonl")
     s.add_argument("--out", help="the HTML file (default: RUN_DIR/report.html of the first run)")
     s.set_defaults(fn=cmd_report)
+    s = sub.add_parser("weights", help="per-tensor weight statistics of a checkpoint, or how two checkpoints differ")
+    s.add_argument("ckpt", metavar="CKPT", help="checkpoint folder (step_N), or a run folder (its latest checkpoint)")
+    s.add_argument("ckpt2", metavar="CKPT2", nargs="?", help="a second checkpoint: compare it against CKPT")
+    s.add_argument("--out", metavar="DIR", help="also write DIR/weights.md, weights.json and weights.png (histograms)")
+    s.add_argument("--json", action="store_true", help="one JSON object instead of the markdown tables")
+    s.add_argument("--optimizer", action="store_true", help="also Adam's moments (optim/exp_avg, optim/exp_avg_sq)")
+    s.set_defaults(fn=cmd_weights)
     return p
 
 

@@ -259,6 +259,11 @@ class MonitoringConfig:
     # A step whose gradient norm is not finite: stop the run naming the step, or skip the
     # update (no change to weights or optimizer state) and count it (skipped_nonfinite).
     nonfinite: Literal["stop", "skip"] = "stop"
+    # The probe batch (monitoring/probe.py): this many fixed val sequences, the same on every
+    # layout, whose loss, output entropy and top-1/top-5 mass are logged (standard and debug);
+    # 0: off. probe_interval: every that many steps (0: at every evaluation, train.eval_interval).
+    probe_batch: int = 4
+    probe_interval: int = 0
 
 
 @dataclass
@@ -632,6 +637,9 @@ def validate(cfg: Config) -> None:
          f"monitoring.sentinel_blocks={cfg.monitoring.sentinel_blocks}: block indices run from 0 to "
          f"model.n_layers-1={m.n_layers - 1}.")
     need(0 <= cfg.monitoring.ema_beta < 1, f"monitoring.ema_beta={cfg.monitoring.ema_beta} must be in [0, 1).")
+    need(cfg.monitoring.probe_batch >= 0, f"monitoring.probe_batch={cfg.monitoring.probe_batch} must be >= 0 (0: off).")
+    need(cfg.monitoring.probe_interval >= 0, f"monitoring.probe_interval={cfg.monitoring.probe_interval} must be "
+                                             ">= 0 (0: at every evaluation).")
     need(lg.log_interval >= 1, f"logging.log_interval={lg.log_interval} must be >= 1.")
     need(lg.timeline_step >= 0, f"logging.timeline_step={lg.timeline_step} must be >= 0 (0: off).")
     need(lg.peak_tflops >= 0, f"logging.peak_tflops={lg.peak_tflops} must be >= 0 (0: measure it).")

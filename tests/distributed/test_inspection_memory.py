@@ -6,6 +6,8 @@ backward during one step. Three layouts, one with ZeRO-2 and expert parallelism.
 from __future__ import annotations
 
 import dataclasses
+import json
+from pathlib import Path
 
 import pytest
 
@@ -70,7 +72,12 @@ def _measure(cfg_dict) -> dict:
 
     engine = MeasuredEngine(Config.from_dict(cfg_dict))
     engine.run()
-    return {"rank": int(os.environ["RANK"]), **engine.measured, "comm": engine.comm, "comm_ops": engine.comm_ops}
+    rank = int(os.environ["RANK"])
+    logged = {}
+    if rank == 0:  # what the monitor logged at the last step: bytes and seconds per group, per step
+        lines = (Path(engine.cfg.train.out_dir) / "metrics.jsonl").read_text().splitlines()
+        logged = {k: v for line in lines for k, v in json.loads(line).items() if k.startswith(("comm/", "time/"))}
+    return {"rank": rank, **engine.measured, "comm": engine.comm, "comm_ops": engine.comm_ops, "logged": logged}
 
 
 LAYOUTS = {  # name: (arch options, layout options)
@@ -109,3 +116,6 @@ def test_memory_per_rank_matches_a_world_of_8(tmp_path, name):
             # scalars (loss, gradient-norm parts) are not in the estimate: at most a few hundred bytes
             assert predicted.get(group, 0) == pytest.approx(r["comm"].get(group, 0), rel=TOL, abs=512), \
                 (r["rank"], group)
+            if r["rank"] == 0:  # the training monitor's own meter: the same bytes, and the time they took
+                assert r["logged"][f"comm/{group}_mb"] * 2**20 == pytest.approx(r["comm"][group], rel=TOL, abs=4096)
+                assert r["logged"][f"time/comm_{group}_ms"] > 0

@@ -101,7 +101,7 @@ def test_report_page_compares_runs(tmp_path):
     assert main(["report", str(tmp_path / "a" / "run"), str(tmp_path / "b" / "run"), "--out", str(out)]) == 0
     page = out.read_text()
     assert page.count("<img src='data:image/png;base64,") >= 7  # loss, lr, grad norm, ratios, ..., blocks x2
-    for caption in ("Loss", "Gradient norm", "Update-to-weight ratio", "Time split"):
+    for caption in ("Loss", "Gradient norm", "Update-to-weight ratio", "Time split", "Probe batch"):
         assert f"<figcaption>{caption}</figcaption>" in page
     assert "optimizer.lr" in page and "0.003" in page  # the config difference is named
     assert main(["report", str(tmp_path / "nothing")]) == 2  # a folder without metrics: a clear error

@@ -38,7 +38,7 @@ few bytes each.
 from __future__ import annotations
 
 from ..config import ModelConfig
-from .memory import BYTES, Layout, rank_model, stage_layers
+from .memory import BYTES, Layout, rank_model, stage_layers, stage_parameters
 
 WIRE = {"all_reduce": lambda n: 2 * (n - 1) / n, "all_gather": lambda n: (n - 1) / n,
         "reduce_scatter": lambda n: (n - 1) / n, "all_to_all": lambda n: (n - 1) / n, "send": lambda n: 1.0}
@@ -95,20 +95,22 @@ def tp_per_micro_batch(m: ModelConfig, layout: Layout, layers: list[int], first:
     return t
 
 
-def comm_per_step(m: ModelConfig, layout: Layout, precision, pp_rank: int = 0) -> dict[str, dict[str, int]]:
-    """{group: {collective: bytes}} that one rank of stage pp_rank moves in one optimizer step."""
+def comm_per_step(m: ModelConfig, layout: Layout, precision, pp_rank: int = 0,
+                  model=None) -> dict[str, dict[str, int]]:
+    """{group: {collective: bytes}} that one rank of stage pp_rank moves in one optimizer step
+    (model: memory.rank_model's, to reuse one already built)."""
     c = 4 if precision.recipe == "fp32" else 2
     r = BYTES[precision.param_dtype]
     c = min(c, r)
     grad_b, param_b = BYTES[precision.grad_dtype], BYTES[precision.param_dtype]
-    layers = stage_layers(m, layout, pp_rank)
+    model = model if model is not None else rank_model(m, layout)
+    layers = stage_layers(m, layout, pp_rank, model)
     first, last = pp_rank == 0, pp_rank == layout.pp - 1
     mb = layout.micro_batches
     out: dict[str, dict[str, int]] = {}
 
     tp = {k: v * mb for k, v in tp_per_micro_batch(m, layout, layers, first, last, c, r).items()}
-    model = rank_model(m, layout, pp_rank)
-    params = list(model.parameters())
+    params = stage_parameters(model, m, layout, pp_rank)
     if layout.tp > 1 and layout.sp:  # once per step: the weights that saw only this rank's tokens
         tp["all_reduce"] += sum(p.numel() for p in params if getattr(p, "shard", None) is None
                                 or p.shard.axis == "ep") * grad_b

@@ -32,7 +32,6 @@ from dataclasses import dataclass
 import torch
 
 from ..config import Config, ModelConfig
-from .counts import kind_of
 
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
@@ -50,6 +49,7 @@ class Layout:
     micro_batches: int = 1  # per optimizer step on each rank (gradient accumulation)
     pp_schedule: str = "1f1b"
     pp_virtual_stages: int = 1
+    pp_partition: str = "layers"
 
     @classmethod
     def from_config(cls, cfg: Config) -> Layout:
@@ -58,7 +58,7 @@ class Layout:
         return cls(tp=p.tp, pp=p.pp, dp=p.dp, ep=p.ep, sp=p.sequence_parallel and p.tp > 1,
                    zero_stage=cfg.optimizer.zero_stage, micro_batch_size=mbs, seq_len=t.seq_len,
                    micro_batches=max(1, t.batch_size // (p.dp * mbs)), pp_schedule=p.pp_schedule,
-                   pp_virtual_stages=p.pp_virtual_stages)
+                   pp_virtual_stages=p.pp_virtual_stages, pp_partition=p.pp_partition)
 
     @property
     def world(self) -> int:
@@ -83,31 +83,51 @@ def parse_layout(text: str) -> dict[str, int | bool]:
 # -- static memory -------------------------------------------------------------------
 
 
-def rank_model(m: ModelConfig, layout: Layout, pp_rank: int = 0):
-    """The parameters of one rank (tp rank 0, ep rank 0, stage pp_rank), on the meta device."""
+def rank_model(m: ModelConfig, layout: Layout):
+    """The whole model as tp rank 0 and ep rank 0 hold it (their shard of each matrix, their share
+    of the experts), on the meta device: shapes, no storage."""
     from ..models import build_model
     from ..parallel.expert_parallel import ExpertParallel
-    from ..parallel.pipeline.stage import PipelineStage, chunk_layers
     from ..parallel.tensor_parallel import TensorParallel
 
     tp = TensorParallel(None, 0, layout.tp, layout.sp) if layout.tp > 1 else None
     ep = ExpertParallel(None, 0, layout.ep) if layout.ep > 1 else None
     with torch.device("meta"):
-        model = build_model(m, tp, ep)
-        if layout.pp > 1:
-            chunks = chunk_layers(m.n_layers, layout.pp, layout.pp_virtual_stages)
-            model = PipelineStage(model, pp_rank, layout.pp, chunks[pp_rank])
-    return model
+        return build_model(m, tp, ep)
+
+
+def stage_parameters(model, m: ModelConfig, layout: Layout, pp_rank: int) -> list:
+    """The parameters pipeline stage pp_rank keeps (parallel/pipeline/stage.py's rule, by name:
+    its layers; the embeddings on the first stage; norm and head on the last, which also keeps
+    its copy of a tied embedding)."""
+    if layout.pp == 1:
+        return list(model.parameters())
+    layers = {str(i) for i in stage_layers(m, layout, pp_rank, model)}
+    first, last = pp_rank == 0, pp_rank == layout.pp - 1
+    keep = []
+    for name, p in model.named_parameters():
+        top = name.split(".")[0]
+        if top == "layers":
+            ok = name.split(".")[1] in layers
+        elif top in ("tok_emb", "pos_emb"):
+            ok = first or (last and top == "tok_emb" and m.tie_embeddings)
+        elif top in ("norm", "head"):
+            ok = last
+        else:
+            ok = True
+        if ok:
+            keep.append(p)
+    return keep
 
 
 def _sharded(numel: int, n: int) -> int:
     return math.ceil(numel / n)  # ZeRO pads a bucket to a multiple of its group size
 
 
-def static_bytes(model, layout: Layout, precision) -> dict[str, int]:
-    """Weights, gradients, master copies and AdamW moments of this rank, in bytes."""
-    dense = sum(p.numel() for p in model.parameters() if not getattr(p, "expert_parallel", False))
-    expert = sum(p.numel() for p in model.parameters() if getattr(p, "expert_parallel", False))
+def static_bytes(params: list, layout: Layout, precision) -> dict[str, int]:
+    """Weights, gradients, master copies and AdamW moments of one rank, in bytes."""
+    dense = sum(p.numel() for p in params if not getattr(p, "expert_parallel", False))
+    expert = sum(p.numel() for p in params if getattr(p, "expert_parallel", False))
     param_b, grad_b = BYTES[precision.param_dtype], BYTES[precision.grad_dtype]
     moment_b = BYTES[precision.exp_avg_dtype] + BYTES[precision.exp_avg_sq_dtype]
     edp = layout.dp // layout.ep
@@ -302,33 +322,39 @@ def activation_bytes(m: ModelConfig, layout: Layout, precision, layers: list[int
     return out
 
 
-def stage_layers(m: ModelConfig, layout: Layout, pp_rank: int) -> list[int]:
-    from ..parallel.pipeline.stage import chunk_layers
+def stage_layers(m: ModelConfig, layout: Layout, pp_rank: int, model=None) -> list[int]:
+    """The layers of stage pp_rank, as the runtime assigns them (runtime/components.py); balancing by
+    parameter count (parallel.pp_partition=params) needs the model."""
+    from ..parallel.pipeline.stage import chunk_layers, layer_costs
 
     if layout.pp == 1:
         return list(range(m.n_layers))
-    return [i for chunk in chunk_layers(m.n_layers, layout.pp, layout.pp_virtual_stages)[pp_rank] for i in chunk]
+    costs = layer_costs(model, layout.pp_partition) if model is not None else None
+    chunks = chunk_layers(m.n_layers, layout.pp, layout.pp_virtual_stages, costs)
+    return [i for chunk in chunks[pp_rank] for i in chunk]
 
 
 def memory_per_rank(m: ModelConfig, layout: Layout, precision, device: str = "cuda") -> list[dict]:
     """One entry per pipeline stage (every tp, dp and ep rank of a stage holds the same amount)."""
     out = []
+    model = rank_model(m, layout)
     for stage in range(layout.pp):
-        model = rank_model(m, layout, stage)
-        static = static_bytes(model, layout, precision)
-        layers = stage_layers(m, layout, stage)
+        params = stage_parameters(model, m, layout, stage)
+        static = static_bytes(params, layout, precision)
+        layers = stage_layers(m, layout, stage, model)
         per_mb = activation_bytes(m, layout, precision, layers, stage == 0, stage == layout.pp - 1, device)
         flight = in_flight(layout, stage)
-        n_local = max(1, len(layers) // layout.pp_virtual_stages)
-        act = sum(per_mb.values()) * flight // max(1, layout.pp_virtual_stages if layout.pp_schedule ==
-                                                      "interleaved" else 1)
-        w = layout.micro_batch_size * layout.seq_len // (layout.tp if layout.sp else 1)
-        recompute = w * m.d_model * BYTES[precision.param_dtype] * len(layers) * flight + \
-            max(per_mb.values(), default=0) // max(1, n_local)
-        params_by_kind: dict[str, int] = {}
-        for name, p in model.named_parameters():
-            params_by_kind[kind_of(name)] = params_by_kind.get(kind_of(name), 0) + p.numel()
-        out.append({"stage": stage, "layers": len(layers), "params": sum(p.numel() for p in model.parameters()),
+        chunk_layers = max(1, len(layers) // layout.pp_virtual_stages)
+        if layout.pp_schedule == "interleaved":  # in flight counts chunks, each a 1/v share of the stage
+            act = sum(per_mb.values()) * flight // layout.pp_virtual_stages
+        else:
+            act = sum(per_mb.values()) * flight
+        # Full recomputation: each layer's input (N_s x d), kept for every micro-batch in flight,
+        # plus one chunk's activations, rebuilt during its backward.
+        n_s = layout.micro_batch_size * layout.seq_len // (layout.tp if layout.sp else 1)
+        recompute = n_s * m.d_model * BYTES[precision.param_dtype] * len(layers) * flight + \
+            sum(per_mb.values()) * chunk_layers // max(1, len(layers))
+        out.append({"stage": stage, "layers": len(layers), "params": sum(p.numel() for p in params),
                     **static, "activations_per_micro_batch": sum(per_mb.values()),
                     "activations_by_kind": per_mb, "in_flight": flight, "activations": act,
                     "activations_full_recompute": recompute,

@@ -1,12 +1,18 @@
-"""`nanotrain inspect`: a model's parameters and FLOPs, from a config, before it runs."""
+"""`nanotrain inspect`: a model's parameters, FLOPs, memory per rank and communication for a layout,
+and its roofline, from a config, before it runs."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 
-from ..config import ConfigError, ModelConfig, load_config
+from ..config import Config, ConfigError, ModelConfig, load_config
+from .comm import comm_per_step, wire_bytes
 from .counts import KINDS, flops_per_token, meta_model, param_counts
+from .hardware import Accelerator
+from .memory import Layout, memory_per_rank, rank_model
+from .roofline import DTYPE_BYTES, PHASES, plot_intensity, plot_roofline, roofline
 
 
 def model_config(config: str | None, hf_config: str | None, overrides: list[str], seq_len: int | None
@@ -35,15 +41,113 @@ def model_config(config: str | None, hf_config: str | None, overrides: list[str]
     return m, seq
 
 
-def inspect_model(m: ModelConfig, seq_len: int) -> dict:
+def inspect_model(m: ModelConfig, seq_len: int, *, hardware: Accelerator | None = None, micro_batch_size: int = 1,
+                  dtype: str = "bf16") -> dict:
+    """Counts and FLOPs; with hardware, also the roofline of one micro-batch (roofline.py)."""
     model = meta_model(m)
     counts = param_counts(model, m)
     flops = flops_per_token(model, m, seq_len)
-    return {"arch": m.arch, "seq_len": seq_len, "params_total": counts["all"]["total"],
-            "params_active": counts["all"]["active"], "params_active_matmul": counts["all"]["active_matmul"],
-            "params_by_kind": {k: v for k, v in counts.items() if k != "all"},
-            "flops_per_token": flops["train"], "flops_per_token_prefill": flops["prefill"],
-            "flops_per_token_decode": flops["decode"], "train_flops_by_kind": flops["train_per_kind"]}
+    r = {"arch": m.arch, "seq_len": seq_len, "params_total": counts["all"]["total"],
+         "params_active": counts["all"]["active"], "params_active_matmul": counts["all"]["active_matmul"],
+         "params_by_kind": {k: v for k, v in counts.items() if k != "all"},
+         "flops_per_token": flops["train"], "flops_per_token_prefill": flops["prefill"],
+         "flops_per_token_decode": flops["decode"], "train_flops_by_kind": flops["train_per_kind"]}
+    if hardware is not None:
+        r["roofline"] = roofline(m, seq_len, hardware, micro_batch_size, DTYPE_BYTES[dtype], model)
+    return r
+
+
+def plan_layout(m: ModelConfig, seq_len: int, cfg: Config, layout: dict, micro_batch_size: int,
+                micro_batches: int | None, hardware: Accelerator | None) -> dict:
+    """Memory per rank and communication per step for a layout (inspection/memory.py, comm.py).
+
+    cfg supplies what the layout text does not: precision (dtypes), ZeRO stage, pipeline schedule."""
+    p = cfg.parallel
+    lay = Layout(tp=layout.get("tp", p.tp), pp=layout.get("pp", p.pp), dp=layout.get("dp", p.dp),
+                 ep=layout.get("ep", p.ep), zero_stage=layout.get("zero", cfg.optimizer.zero_stage),
+                 micro_batch_size=micro_batch_size, seq_len=seq_len, pp_schedule=p.pp_schedule,
+                 pp_virtual_stages=p.pp_virtual_stages, pp_partition=p.pp_partition)
+    lay.sp = bool(layout.get("sp", p.sequence_parallel)) and lay.tp > 1
+    lay.micro_batches = micro_batches or max(lay.pp, 1)
+    _check_layout(m, lay)
+    device = "cpu" if hardware is not None and hardware.name.startswith("cpu") else "cuda"
+    try:  # the model refuses what it cannot run (e.g. an auxiliary loss under sequence parallelism)
+        stages = memory_per_rank(m, lay, cfg.precision, device)
+        model = rank_model(m, lay)
+    except ValueError as e:
+        raise ConfigError(f"--layout: {e}") from None
+    comm = [comm_per_step(m, lay, cfg.precision, s, model) for s in range(lay.pp)]
+    link = hardware.interconnect_bandwidth if hardware is not None else None
+    for stage, groups in zip(stages, comm):
+        stage["comm_bytes"] = {g: sum(ops.values()) for g, ops in groups.items()}
+        stage["comm_by_collective"] = groups
+        stage["comm_wire_bytes"] = wire_bytes(groups, lay)
+        if link:
+            stage["comm_seconds_at_link"] = {g: b / link for g, b in stage["comm_wire_bytes"].items()}
+    worst = max(stages, key=lambda st: st["total"])
+    out = {"layout": asdict(lay), "world_size": lay.world, "precision": {
+        k: getattr(cfg.precision, k) for k in ("recipe", "param_dtype", "master_dtype", "grad_dtype", "exp_avg_dtype",
+                                                "exp_avg_sq_dtype")},
+        "memory_per_rank_bytes": worst["total"], "stages": stages}
+    if hardware is not None:
+        out["fits"] = worst["total"] <= hardware.hbm_bytes
+    return out
+
+
+def _check_layout(m: ModelConfig, lay: Layout) -> None:
+    problems = []
+    if m.n_heads % lay.tp:
+        problems.append(f"tp={lay.tp} does not divide the {m.n_heads} attention heads")
+    if m.vocab_size % lay.tp:
+        problems.append(f"tp={lay.tp} does not divide the vocabulary ({m.vocab_size}): pad it")
+    if lay.pp * lay.pp_virtual_stages > m.n_layers:
+        problems.append(f"pp={lay.pp} x {lay.pp_virtual_stages} chunks is more than the {m.n_layers} layers")
+    if lay.dp % lay.ep:
+        problems.append(f"ep={lay.ep} must divide dp={lay.dp} (experts are split over data-parallel ranks)")
+    if lay.ep > 1 and (m.arch != "deepseek" or m.n_routed_experts % lay.ep):
+        problems.append(f"ep={lay.ep} needs a model whose routed experts it divides")
+    if lay.zero_stage not in (0, 1, 2):
+        problems.append(f"zero={lay.zero_stage}: ZeRO stages are 0, 1 and 2")
+    if problems:
+        raise ConfigError("--layout: " + "; ".join(problems) + ".")
+
+
+def layout_markdown(plan: dict) -> list[str]:
+    lay = plan["layout"]
+    name = ", ".join(f"{k}={lay[k]}" for k in ("tp", "pp", "dp", "ep") if lay[k] > 1) or "one process"
+    pr = plan["precision"]
+    lines = [f"## Memory per rank: {name}{' with sequence parallelism' if lay['sp'] else ''}, ZeRO-{lay['zero_stage']}",
+             "", f"{plan['world_size']} ranks; micro-batch {lay['micro_batch_size']} x {lay['seq_len']} tokens, "
+             f"{lay['micro_batches']} micro-batches per step ({lay['pp_schedule']} when pp > 1); "
+             f"recipe {pr['recipe']}, "
+             f"parameters {pr['param_dtype']}, master {pr['master_dtype']}, gradients {pr['grad_dtype']}, moments "
+             f"{pr['exp_avg_dtype']}/{pr['exp_avg_sq_dtype']}. Every tp, dp and ep rank of a stage holds the same "
+             "amount (expert ranks up to the router's imbalance). Activations are what autograd keeps for backward "
+             "(temporaries inside an op are not counted); full recomputation is a planning figure: nanotrain does not "
+             "recompute yet.", "",
+             "| stage | layers | weights | gradients | master | optimizer | activations / micro-batch | in flight "
+             "| activations | with full recompute | total |",
+             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for st in plan["stages"]:
+        lines.append(f"| {st['stage']} | {st['layers']} | {_bytes(st['weights'])} | {_bytes(st['gradients'])} | "
+                     f"{_bytes(st['master'])} | {_bytes(st['optimizer'])} | "
+                     f"{_bytes(st['activations_per_micro_batch'])} "
+                     f"| {st['in_flight']} | {_bytes(st['activations'])} | {_bytes(st['activations_full_recompute'])} "
+                     f"| **{_bytes(st['total'])}** |")
+    if "fits" in plan:
+        lines += ["", f"Largest rank: {_bytes(plan['memory_per_rank_bytes'])}: "
+                  f"{'fits' if plan['fits'] else 'does **not** fit'} in the device memory."]
+    lines += ["", "## Communication per optimizer step (one rank of each stage)", "",
+              "Message sizes as nccl-tests counts them; on the wire, per rank, with ring algorithms; the time is the "
+              "wire bytes over the scale-up link (a lower bound: it assumes every group is inside one node).", "",
+              "| stage | group | collectives | bytes | on the wire | time at link |",
+              "| ---: | --- | --- | ---: | ---: | ---: |"]
+    for st in plan["stages"]:
+        for g, ops in st["comm_by_collective"].items():
+            t = st.get("comm_seconds_at_link", {}).get(g)
+            lines.append(f"| {st['stage']} | {g} | {', '.join(ops)} | {_bytes(st['comm_bytes'][g])} | "
+                         f"{_bytes(st['comm_wire_bytes'][g])} | {_seconds(t) if t else ''} |")
+    return lines
 
 
 def _n(x: float) -> str:
@@ -53,7 +157,7 @@ def _n(x: float) -> str:
     return f"{x:.0f}"
 
 
-def markdown(r: dict) -> str:
+def markdown(r: dict, images: bool = False) -> str:
     lines = [f"# {r['arch']} model, sequence length {r['seq_len']}", "",
              f"Parameters: **{_n(r['params_total'])}** total, **{_n(r['params_active'])}** active per token "
              f"({_n(r['params_active_matmul'])} without the embedding lookup).", "",
@@ -72,4 +176,75 @@ def markdown(r: dict) -> str:
               "| training FLOPs by kind | per token | share |", "| --- | ---: | ---: |"]
     for kind, f in sorted(r["train_flops_by_kind"].items(), key=lambda kv: -kv[1]):
         lines.append(f"| {kind} | {_n(f)} | {f / r['flops_per_token']:.1%} |")
+    if "plan" in r:
+        lines += ["", *layout_markdown(r["plan"])]
+    if "roofline" in r:
+        lines += ["", *roofline_markdown(r["roofline"], images)]
     return "\n".join(lines) + "\n"
+
+
+def _bytes(x: float) -> str:
+    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if abs(x) >= size:
+            return f"{x / size:.2f} {unit}"
+    return f"{x:.0f} B"
+
+
+def _rate(x: float, unit: str) -> str:
+    """FLOP/s or B/s with an SI prefix: 989 TFLOP/s on an H100, 90 GFLOP/s on a busy CPU."""
+    for prefix, size in (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6)):
+        if abs(x) >= size:
+            return f"{x / size:.3g} {prefix}{unit}/s"
+    return f"{x:.3g} {unit}/s"
+
+
+def _seconds(x: float) -> str:
+    for unit, size in (("s", 1.0), ("ms", 1e-3), ("µs", 1e-6)):
+        if x >= size:
+            return f"{x / size:.3g} {unit}"
+    return f"{x * 1e9:.3g} ns"
+
+
+def roofline_markdown(rf: dict, images: bool = False) -> list[str]:
+    """The roofline section: where each (phase, kind) sits against the hardware's ridge point."""
+    hw = rf["hardware"]
+    b, t = rf["micro_batch_size"], rf["seq_len"]
+    lines = [f"## Roofline: {hw['name']}, {rf['dtype']}", "",
+             f"Peak {_rate(rf['peak_flops'], 'FLOP')} ({rf['dtype']} dense matmul), memory "
+             f"{_rate(rf['bandwidth'], 'B')}: ridge point **{rf['ridge_point']:.0f} FLOP/byte**. Below it a "
+             "kernel waits for memory, above it for the matmul units. Bytes are the ideal-cache lower bound "
+             "(weights once, activations in and out once), so times are lower bounds and attainable FLOP/s upper "
+             f"bounds. Phases, for a micro-batch of {b}: training step = forward + backward of {b} x {t} tokens; "
+             f"prefill = forward of {b} x {t} tokens; decode = one new token per sequence, {t} positions in each "
+             "KV cache. "
+             "One device runs the whole model here; sharding it over g devices divides FLOPs and bytes alike, so "
+             "the intensities stay and the times divide by g.", "",
+             "| phase | tokens | FLOPs | bytes | intensity (FLOP/B) | time lower bound | tokens/s at most "
+             "| MFU at most |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for ph in PHASES:
+        d = rf["phases"][ph]
+        lines.append(f"| {ph} | {d['tokens']} | {_n(d['flops'])} | {_bytes(d['bytes'])} | {d['intensity']:.1f} | "
+                     f"{_seconds(d['time_s'])} | {d['tokens_per_s']:,.0f} | {d['utilization_bound']:.1%} |")
+    lines += ["", "| phase | kind | FLOPs | bytes | intensity (FLOP/B) | bound | attainable |",
+              "| --- | --- | ---: | ---: | ---: | --- | ---: |"]
+    for ph in PHASES:
+        for kind, p in sorted(rf["phases"][ph]["kinds"].items(), key=lambda kv: -kv[1]["flops"]):
+            lines.append(f"| {ph} | {kind} | {_n(p['flops'])} | {_bytes(p['bytes'])} | {p['intensity']:.1f} | "
+                         f"{p['bound']} | {_rate(p['attainable_flops'], 'FLOP')} |")
+    lines += [f"\n{note}" for note in rf.get("notes", [])]
+    if images:
+        lines += ["", "![roofline](roofline.png)", "", "![arithmetic intensity per kind](intensity.png)"]
+    return lines
+
+
+def write_report(r: dict, out: str | Path) -> list[Path]:
+    """DIR/report.md (the markdown with the figures embedded by relative path) and the PNGs."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    if "roofline" in r:
+        for name, plot in (("roofline.png", plot_roofline), ("intensity.png", plot_intensity)):
+            plot(r["roofline"], out / name)
+            written.append(out / name)
+    (out / "report.md").write_text(markdown(r, images=True), encoding="utf-8")
+    return [out / "report.md", *written]

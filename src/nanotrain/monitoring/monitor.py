@@ -3,7 +3,8 @@
 monitoring.mode:
   minimal   loss (raw, EMA, spike ratio, perplexity), val loss and the train-val gap, data
             (tokens seen, tokens per update, fraction of ignored targets), time (data wait,
-            forward+backward, optimizer; tokens/s, MFU) and memory.
+            forward+backward, optimizer, and communication per parallel group, timed around
+            the collectives: monitoring/comm.py; tokens/s, MFU) and memory.
   standard  + optimisation on logging steps: global gradient norm before clipping, clip
             coefficient and clip rate, parameter norm, update-to-weight ratio (global, p50,
             p95, max over tensors), per-block gradient, weight and update norms, the first/last
@@ -22,6 +23,7 @@ sequence parallelism, pp=2, dp=2 with ZeRO-2 and ep=2).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 import time
@@ -33,6 +35,7 @@ from torch import nn
 from ..parallel.data_parallel import counted_in_norm
 from ..parallel.state import all_reduce
 from . import health
+from .comm import CommMeter
 from .internals import Internals, default_sentinels
 
 _BLOCK = re.compile(r"^(?:layers|mtp)\.(\d+)\.")
@@ -72,6 +75,10 @@ class TrainingMonitor:
         self.steps = self.skipped = 0
         self.spent = 0.0  # seconds in the monitor's own work (besides its timers), for bench/monitoring.py
         self.timing = {"data": 0.0, "compute": 0.0, "optimizer": 0.0}
+        # Seconds and bytes per parallel group, around the collectives themselves (monitoring/comm.py);
+        # the compute and optimizer times above are reported without them.
+        self.comm = CommMeter.for_state(self.ps) if self.mode != "off" and ctx.world_size > 1 else None
+        self._comm_mark = 0.0
         self._before: dict[str, torch.Tensor] | None = None
         self._grad_sq: torch.Tensor | None = None
         self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
@@ -99,7 +106,16 @@ class TrainingMonitor:
 
     # -- per step (cheap) -------------------------------------------------------------
 
+    def metering(self):
+        """Around a training step: wrap the torch.distributed calls in the communication meter."""
+        return self.comm.installed() if self.comm is not None else contextlib.nullcontext()
+
     def add_time(self, kind: str, seconds: float) -> None:
+        """A phase of the step took `seconds`; the collectives inside it are counted apart."""
+        if self.comm is not None:
+            spent = sum(self.comm.seconds.values())
+            seconds -= spent - self._comm_mark
+            self._comm_mark = spent
         self.timing[kind] += seconds
 
     def after_step(self, grad_norm: torch.Tensor, skipped: bool) -> None:
@@ -121,8 +137,15 @@ class TrainingMonitor:
         return out
 
     def time_metrics(self, steps: int) -> dict[str, float]:
-        out = {f"time/{k}_ms": v / max(steps, 1) * 1e3 for k, v in self.timing.items()}
+        steps = max(steps, 1)
+        out = {f"time/{k}_ms": v / steps * 1e3 for k, v in self.timing.items()}
         self.timing = dict.fromkeys(self.timing, 0.0)
+        if self.comm is not None:  # per parallel group: time in (or waiting for) collectives, and bytes
+            for group, seconds in sorted(self.comm.seconds.items()):
+                out[f"time/comm_{group}_ms"] = seconds / steps * 1e3
+                out[f"comm/{group}_mb"] = self.comm.bytes[group] / steps / 2**20
+            self.comm.reset()
+            self._comm_mark = 0.0
         return {**out, **process_memory(self.device)}
 
     def report(self, losses: dict[int, float], grad_norm: float, steps: int, targets: torch.Tensor,

@@ -3,8 +3,8 @@ one or more runs, overlaid so that runs compare side by side.
 
 Everything comes from each run's metrics.jsonl (and config.json): loss and val loss,
 learning rate, gradient norm with the clip threshold, update-to-weight ratios, per-block
-gradient norms, MoE load imbalance and the last tokens-per-expert, and the step time
-split into data wait, forward+backward and optimizer. The plots are PNGs embedded in
+gradient norms, MoE load imbalance and the last tokens-per-expert, the step time split
+into data wait, forward+backward and optimizer, and the probe batch's figures. The plots are PNGs embedded in
 the page (base64), so the file can be mailed or opened offline.
 """
 
@@ -32,7 +32,8 @@ def read_run(run_dir: Path) -> dict:
     by_step: dict[int, dict] = {}
     val: dict[int, dict] = {}
     for row in rows:  # a resumed run appends: the last value per step wins
-        (val if "val_loss" in row and "loss" not in row else by_step)[row["step"]] = row
+        # Records without a train loss (evaluations, the probe batch) are the "val" rows.
+        (val if "loss" not in row else by_step).setdefault(row["step"], {}).update(row)
     config = json.loads((run_dir / "config.json").read_text()) if (run_dir / "config.json").exists() else {}
     name = run_dir.resolve().name
     if name in ("run", "runs", "out"):  # tests' and many users' folder names: say which run
@@ -58,12 +59,13 @@ def _line_plot(runs, keys: list[str], title: str, log: bool = False, hline: floa
     drawn = False
     for i, run in enumerate(runs):
         for j, key in enumerate(keys):
-            rows = run["val"] if key == "val_loss" else run["train"]
+            evaluated = key == "val_loss" or key.startswith("probe/")
+            rows = run["val"] if evaluated else run["train"]
             x, y = _series(rows, key)
             if x:
                 style = ["-", "--", ":", "-."][j % 4]
                 label = key if len(runs) == 1 else f"{run['name']}: {key}"
-                ax.plot(x, y, style, color=f"C{i}", label=label, marker="o" if key == "val_loss" else None, ms=3)
+                ax.plot(x, y, style, color=f"C{i}", label=label, marker="o" if evaluated else None, ms=3)
                 drawn = True
     if not drawn:
         plt.close(fig)
@@ -138,20 +140,29 @@ def _time_plot(runs) -> str | None:
 
 
 def _summary(runs) -> str:
-    heads = ["run", "steps", "final loss", "val loss", "tokens/s", "MFU", "grad norm", "update ratio", "clip rate"]
+    heads = ["run", "steps", "final loss", "val loss", "tokens/s", "MFU", "grad norm", "update ratio", "clip rate",
+             "probe batch"]
     rows = []
     for run in runs:
         last = run["train"][-1] if run["train"] else {}
-        val = run["val"][-1]["val_loss"] if run["val"] else None
+        val = next((r["val_loss"] for r in reversed(run["val"]) if "val_loss" in r), None)
 
         def fmt(v, spec=".4g"):
             return "" if v is None else format(v, spec)
         rows.append([run["name"], str(last.get("step", "")), fmt(last.get("loss")), fmt(val),
                      fmt(last.get("tokens_per_s"), ",.0f"), fmt(last.get("mfu"), ".1%"), fmt(last.get("grad_norm")),
-                     fmt(last.get("update_ratio"), ".2e"), fmt(last.get("clip_rate"), ".0%")])
+                     fmt(last.get("update_ratio"), ".2e"), fmt(last.get("clip_rate"), ".0%"),
+                     (_probe_hash(run) or "")[:12]])
     cells = "".join(f"<th>{h}</th>" for h in heads)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows)
-    return f"<table><tr>{cells}</tr>{body}</table>"
+    note = ""
+    if len({_probe_hash(r) for r in runs if _probe_hash(r)}) > 1:  # sha256 of the probe's tokens
+        note = "<p>The runs probed different batches (probe batch column): their probe figures do not compare.</p>"
+    return f"<table><tr>{cells}</tr>{body}</table>{note}"
+
+
+def _probe_hash(run) -> str | None:
+    return next((r["probe/hash"] for r in run["val"] if "probe/hash" in r), None)
 
 
 def _config_diff(runs) -> str:
@@ -188,6 +199,9 @@ def write_report(run_dirs: list[Path], out: Path) -> Path:
         ("Parameter norm", _line_plot(runs, ["param_norm"], "global parameter norm")),
         ("Time split", _time_plot(runs)),
         ("Throughput", _line_plot(runs, ["tokens_per_s"], "tokens/s")),
+        ("Probe batch", _line_plot(runs, ["probe/loss", "probe/entropy"], "probe batch: loss, output entropy (nats)")),
+        ("Probe confidence", _line_plot(runs, ["probe/top1_mass", "probe/top5_mass"],
+                                        "probe batch: probability of the top 1 and top 5 tokens")),
     ]
     plots += [(f"Blocks: {r['name']}", _block_plot(r)) for r in runs]
     plots += [(f"Experts: {r['name']}", _expert_plot(r)) for r in runs]

@@ -32,6 +32,7 @@ from ..precision.policy import AUTOCAST, apply_policy
 from .contracts import RuntimeComponents, RuntimeContext
 
 VAL_STREAM = 1  # the val sampler draws from its own random stream
+PROBE_STREAM = 2  # and the probe batch (monitoring/probe.py) from another
 
 
 def pick_device(name: str) -> torch.device:
@@ -106,6 +107,11 @@ class TokenData:
         rows = self.val.batch_size // self.dp
         for i in range(self.eval_steps):
             yield self._to_device(self.val.batch(i, slice(self.dp_rank * rows, (self.dp_rank + 1) * rows)))
+
+    def probe_batch(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """n fixed val sequences, whole on every rank: a function of (seed, seq_len, val tokens) only."""
+        sampler = BatchSampler(self.val.tokens, self.val.seq_len, n, self.val.seed, stream=PROBE_STREAM)
+        return self._to_device(sampler.batch(0))
 
 
 class TokenDataProvider:

@@ -61,6 +61,9 @@ class TrainData(Protocol):
     def val_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """The fixed validation batches (the same ones at every evaluation)."""
 
+    # Optional: probe_batch(n) -> (inputs, targets), n fixed val sequences, the same on every
+    # rank and layout (monitoring/probe.py; without it the probe is off, with a message).
+
 
 class OptimizerState(Protocol):
     def backward_context(self, last: bool) -> contextlib.AbstractContextManager:

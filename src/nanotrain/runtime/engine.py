@@ -26,6 +26,7 @@ from ..inspection.counts import flops_per_token as logical_flops_per_token
 from ..inspection.counts import meta_model
 from ..monitoring import build_logger, measure_peak_flops, mfu, plot_loss_curve
 from ..monitoring.monitor import TrainingMonitor, timed
+from ..monitoring.probe import Probe, check_resume
 from ..parallel.pipeline.runner import PipelineRunner
 from ..parallel.state import all_reduce, barrier
 from ..precision.loss_scaling import LossScaler
@@ -110,6 +111,7 @@ class RuntimeEngine:
         self.c = components or default_components()
         self.on_grads = on_grads
         self.pipeline: PipelineRunner | None = None  # set in run() when parallel.pp > 1
+        self.probe: Probe | None = None  # set in run(): the probe batch (monitoring/probe.py), if on
         p = cfg.precision
         self.scaler = LossScaler(p.loss_scale_init, p.loss_scale_growth_interval, p.loss_scale_backoff,
                                  hysteresis=p.loss_scale_hysteresis, min_scale=p.loss_scale_min) \
@@ -120,7 +122,13 @@ class RuntimeEngine:
     def train_step(self, step: int, model: nn.Module, data: TrainData, opt, lr: float,
                    ctx: RuntimeContext, report: bool = False) -> tuple[torch.Tensor, dict]:
         """One optimizer step. report: a logging step, on which the monitor reads the gradients
-        and the weights around the update (monitoring.mode standard or debug)."""
+        and the weights around the update (monitoring.mode standard or debug). The monitor's
+        meter times and counts every collective of the step, per parallel group."""
+        with self.monitor.metering():
+            return self._train_step(step, model, data, opt, lr, ctx, report)
+
+    def _train_step(self, step: int, model: nn.Module, data: TrainData, opt, lr: float,
+                    ctx: RuntimeContext, report: bool) -> tuple[torch.Tensor, dict]:
         monitor = self.monitor
         clock = timed()
         batches = data.micro_batches(step)
@@ -212,6 +220,7 @@ class RuntimeEngine:
         resume_path = ckpt.resolve(cfg.checkpoint.resume) if cfg.checkpoint.resume else None  # fail fast
 
         data = self.c.data.build(ctx)
+        self.probe = Probe.build(cfg, data, ctx.is_main)
         resolve_model_config(cfg, data.vocab_size)
         model = self.c.model.build(ctx)
         if cfg.checkpoint.init_from:  # weights from elsewhere, then a fresh run from step 0
@@ -259,6 +268,8 @@ class RuntimeEngine:
                 path.write_text(json.dumps(policy, indent=1) + "\n")
             logger.message(f"precision policy: {describe_policy(policy)}; every module in {path}")
 
+        if self.probe is not None:  # its hash, and its figures before this run's first step
+            logger.log(start, {"probe/hash": self.probe.hash, **self.probe.measure(model, self.pipeline, ctx)})
         result = RunResult(out_dir=ctx.out_dir, final_step=start, rank=ctx.rank)
         meter = StepMeter(start)
         val_loss = None
@@ -272,7 +283,8 @@ class RuntimeEngine:
                 is_eval = is_last or (t_cfg.eval_interval and done % t_cfg.eval_interval == 0)
                 is_save = (cfg.checkpoint.interval and done % cfg.checkpoint.interval == 0) or \
                     (is_last and cfg.checkpoint.save_final)
-                report = done % log_cfg.log_interval == 0 or is_eval or is_save
+                is_probe = self.probe is not None and self.probe.due(done, is_last)
+                report = done % log_cfg.log_interval == 0 or is_eval or is_save or is_probe
                 loss, stats = self.train_step(step, model, data, opt, lr, ctx, report)
                 meter.add(done, loss, stats["grad_norm"])
                 result.final_step = done
@@ -294,9 +306,12 @@ class RuntimeEngine:
                                   "tokens_per_s": tokens_per_s, "mfu": mfu(tokens_per_s, flops_per_token, peak),
                                   "step_ms": step_s * 1e3, "tokens": done * data.tokens_per_step, **health,
                                   **model_metrics})
+                probed = self.probe.measure(model, self.pipeline, ctx) if is_probe else {}
                 if is_eval:
                     val_loss = result.val_losses[done] = self.evaluate(model, data, ctx)
-                    logger.log(done, {"val_loss": val_loss, **self.monitor.val_metrics(val_loss)})
+                    logger.log(done, {"val_loss": val_loss, **self.monitor.val_metrics(val_loss), **probed})
+                elif probed:
+                    logger.log(done, probed)
                 if is_save:  # every rank writes its own part
                     self._save(done, model, opt, data, schedule, ckpt, ctx, val_loss, logger)
                 meter.restart()  # evals and saves stay out of the measured training time
@@ -331,6 +346,7 @@ class RuntimeEngine:
             "data": {"step": step, "samples_seen": step * cfg.train.batch_size,
                      "tokens_seen": step * data.tokens_per_step},
             "loss_scaler": self.scaler.state_dict() if self.scaler is not None else None,  # fp16
+            "probe": self.probe.state() if self.probe is not None else None,  # its hash, checked on resume
             "layout": {"world_size": ctx.world_size, "tp": ps.tp, "pp": ps.pp, "dp": ps.dp, "ep": ps.ep,
                        "sequence_parallel": cfg.parallel.sequence_parallel, "zero_stage": cfg.optimizer.zero_stage,
                        "micro_batch_size": cfg.train.micro_batch(ps.dp)}}
@@ -383,6 +399,7 @@ class RuntimeEngine:
     def _resume(self, path: Path, ckpt, model, opt, schedule, ctx: RuntimeContext) -> int:
         reader: CheckpointReader = ckpt.load(str(path))
         check_compatible(reader.objects["config"], ctx.cfg.to_dict(), path)
+        check_resume(reader.objects.get("probe"), self.probe, path, ctx.is_main)
         step = reader.step
         if step >= ctx.cfg.train.max_steps:
             raise ConfigError(f"checkpoint {path} is at step {step}, already at train.max_steps="

@@ -1,0 +1,90 @@
+"""inspection/memory.py's activation formulas against the tensors autograd really saves, one
+process, for each kind of block and both compute dtypes; the layout flags of `nanotrain inspect`.
+(The layouts themselves, against a gloo world of 8: tests/distributed/test_inspection_memory.py.)"""
+
+import json
+
+import pytest
+import torch
+
+from nanotrain.cli import main
+from nanotrain.config import ModelConfig, PrecisionConfig
+from nanotrain.inspection.measure import SavedTensorMeter
+from nanotrain.inspection.memory import Layout, activation_bytes, in_flight, parse_layout
+from nanotrain.models import build_model
+
+B, T, LAYERS = 4, 32, 3
+CASES = {
+    "llama": {},
+    "gpt2": {"mlp": "gelu", "norm": "layernorm", "pos_emb": "learned", "bias": True},
+    "gqa": {"n_kv_heads": 2},
+    "deepseek": {"arch": "deepseek"},
+    "deepseek_q_lora": {"arch": "deepseek", "q_lora_rank": 32},
+}
+
+
+def saved_bytes(m: ModelConfig, recipe: str) -> int:
+    torch.manual_seed(0)
+    model = build_model(m)
+    model.init_weights(0)
+    if recipe == "bf16":  # as the runtime sets it on CPU (precision.attention=auto)
+        for module in model.modules():
+            if hasattr(module, "core_dtype"):
+                module.core_dtype = torch.float32
+    x, y = torch.randint(0, m.vocab_size, (B, T)), torch.randint(0, m.vocab_size, (B, T))
+    meter = SavedTensorMeter(model)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=recipe == "bf16")
+    with meter.counting(), autocast:
+        loss = model(x, y, loss_denominator=B * T)
+    loss.backward()
+    assert meter.live <= 2 * B * T * 8  # freed by backward: only the batch's ids, still referenced here
+    return meter.peak
+
+
+@pytest.mark.parametrize("recipe", ["fp32", "bf16"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_activation_formula_equals_the_saved_tensors(case, recipe):
+    m = ModelConfig(vocab_size=96, d_model=64, n_layers=LAYERS, n_heads=4, max_seq_len=T, **CASES[case])
+    measured = saved_bytes(m, recipe)
+    estimate = activation_bytes(m, Layout(micro_batch_size=B, seq_len=T), PrecisionConfig(recipe=recipe),
+                                list(range(LAYERS)), True, True, device="cpu")
+    # Exact for these (every expert receives tokens: its weight copy is counted under autocast).
+    assert sum(estimate.values()) == pytest.approx(measured, rel=0.01), estimate
+
+
+def test_in_flight_micro_batches_per_schedule():
+    lay = Layout(pp=4, micro_batches=8)
+    assert [in_flight(lay, s) for s in range(4)] == [4, 3, 2, 1]  # 1F1B: pp - stage
+    lay.pp_schedule = "gpipe"
+    assert in_flight(lay, 3) == 8  # every forward before any backward
+    assert in_flight(Layout(pp=4, micro_batches=2), 0) == 2  # never more than there are
+
+
+def test_parse_layout_and_its_errors():
+    assert parse_layout("tp=8,pp=16,ep=64,dp=128,zero=1,sp") == {"tp": 8, "pp": 16, "ep": 64, "dp": 128, "zero": 1,
+                                                                 "sp": True}
+    with pytest.raises(ValueError, match="tp=N"):
+        parse_layout("tensor=8")
+
+
+def test_inspect_prints_memory_per_rank(tmp_path, capsys):
+    args = ["inspect", "--config", "configs/deepseek_tiny.toml", "--model.vocab_size=64", "--seq-len", "64",
+            "--layout", "tp=2,pp=2,dp=4,ep=2,zero=2", "--micro-batch-size", "2", "--micro-batches", "4", "--json"]
+    assert main(args) == 0
+    r = json.loads(capsys.readouterr().out)
+    plan = r["plan"]
+    assert plan["world_size"] == 16 and len(plan["stages"]) == 2
+    assert r["memory_per_rank_bytes"] == max(s["total"] for s in plan["stages"]) > 0
+    first, last = plan["stages"]
+    assert first["in_flight"] == 2 and last["in_flight"] == 1
+    assert set(first["comm_bytes"]) >= {"tp", "dp", "pp", "ep"}
+    # ZeRO-2 with fp32 copies: gradients and moments sharded over dp (experts over expert-dp)
+    assert first["gradients"] < first["weights"] and first["optimizer"] < 2 * first["weights"]
+    assert main(args[:-1] + ["--out", str(tmp_path)]) == 0
+    assert "## Memory per rank" in (tmp_path / "report.md").read_text()
+
+
+def test_inspect_names_an_impossible_layout(capsys):
+    assert main(["inspect", "--config", "configs/deepseek_tiny.toml", "--model.vocab_size=64",
+                 "--layout", "tp=3"]) == 2
+    assert "tp=3 does not divide" in capsys.readouterr().err
