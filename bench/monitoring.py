@@ -2,6 +2,7 @@
 standard and debug, in one run (CPU).
 
     python bench/monitoring.py [--steps 100] [--rounds 3] [--log-interval 10] [--config ...]
+                               [--layout tp=2]     # a gloo world: the communication meter's cost too
 
 Each mode trains the same model (the config's, same init and batches) through the
 RuntimeEngine for --steps steps, evaluation and checkpoints off, logging every
@@ -15,29 +16,42 @@ Two measures, because this machine's speed drifts by several percent between run
 step-time ratio (the real cost, noisy) and the monitor's own time per step, timed
 inside it (its figures, its hooks on the sentinel blocks, its collectives), as a
 fraction of the off step (precise; what the monitoring adds besides the noise).
+With --layout the modes run in a gloo world of that layout (rank 0's times): there the
+monitor also times every collective per group (monitoring/comm.py), a cost that lands in
+the step time (not in its own time), so read the step-time ratio.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import tempfile
 
 from common import ROOT, table  # noqa: F401  (sets sys.path)
 
-from nanotrain.config import load_config
+from nanotrain.config import Config, load_config
+from nanotrain.inspection.memory import parse_layout
+from nanotrain.parallel.launch import run_world
 from nanotrain.runtime import RuntimeEngine
 
 MODES = ["off", "minimal", "standard", "debug"]
 
 
-def run(config: str, mode: str, steps: int, log_interval: int, out: str) -> tuple[float, float]:
+def run(config: str, mode: str, steps: int, log_interval: int, out: str, layout: list[str]) -> tuple[float, float]:
     cfg = load_config(config, [f"--monitoring.mode={mode}", f"--train.max_steps={steps}", "--train.eval_interval=0",
                                "--train.eval_steps=1", "--checkpoint.save_final=false", f"--train.out_dir={out}",
                                f"--logging.log_interval={log_interval}", "--logging.progress=none",
                                "--logging.tensorboard=false", "--logging.plot=false", "--schedule.warmup_steps=2",
-                               f"--schedule.decay_steps={max(steps, 3)}", "--logging.peak_tflops=1"])
-    engine = RuntimeEngine(cfg)
+                               f"--schedule.decay_steps={max(steps, 3)}", "--logging.peak_tflops=1", *layout])
+    world = cfg.parallel.tp * cfg.parallel.pp * cfg.parallel.dp
+    if world == 1:
+        return _train(dataclasses.asdict(cfg), steps)
+    return run_world(_train, world, dataclasses.asdict(cfg), steps)[0]
+
+
+def _train(cfg_dict: dict, steps: int) -> tuple[float, float]:
+    engine = RuntimeEngine(Config.from_dict(cfg_dict))
     result = engine.run()
     return result.train_time_s / steps, engine.monitor.own_seconds() / steps
 
@@ -48,21 +62,27 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--log-interval", type=int, default=10)
     ap.add_argument("--config", default=str(ROOT / "configs" / "shakespeare_char.toml"))
+    ap.add_argument("--layout", default="", help="e.g. tp=2 or dp=2,zero=2: run in a gloo world of that layout")
     args = ap.parse_args()
+    sizes = parse_layout(args.layout)
+    layout = [f"--parallel.{k}={v}" for k, v in sizes.items() if k in ("tp", "pp", "dp", "ep")]
+    layout += [f"--optimizer.zero_stage={sizes['zero']}"] if "zero" in sizes else []
+    layout += ["--parallel.sequence_parallel=true"] if sizes.get("sp") else []
     times: dict[str, list[float]] = {m: [] for m in MODES}
     own: dict[str, list[float]] = {m: [] for m in MODES}
     with tempfile.TemporaryDirectory() as tmp:
-        run(args.config, "off", 5, args.log_interval, f"{tmp}/warmup")  # data prepared, threads warm
+        run(args.config, "off", 5, args.log_interval, f"{tmp}/warmup", layout)  # data prepared, threads warm
         for r in range(args.rounds):
             for mode in (MODES if r % 2 == 0 else MODES[::-1]):
-                step_s, own_s = run(args.config, mode, args.steps, args.log_interval, f"{tmp}/{mode}_{r}")
+                step_s, own_s = run(args.config, mode, args.steps, args.log_interval, f"{tmp}/{mode}_{r}", layout)
                 times[mode].append(step_s)
                 own[mode].append(own_s)
     med = {m: statistics.median(v) for m, v in times.items()}
     mine = {m: statistics.median(v) for m, v in own.items()}
     rows = [[m, f"{med[m] * 1e3:.2f}", f"{med[m] / med['off']:.3f}", f"{mine[m] * 1e3:.3f}",
              f"{mine[m] / med['off'] * 100:.2f}%"] for m in MODES]
-    print(f"monitoring cost, {args.config}, {args.steps} steps, logging every {args.log_interval}, "
+    print(f"monitoring cost, {args.config}{' layout ' + args.layout if args.layout else ''}, {args.steps} steps, "
+          f"logging every {args.log_interval}, "
           f"{args.rounds} rounds (median)\n")
     print(table(rows, ["mode", "ms/step", "vs off", "monitor's own ms/step", "own time / off step"]))
 

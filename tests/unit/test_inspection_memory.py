@@ -1,6 +1,6 @@
 """inspection/memory.py's activation formulas against the tensors autograd really saves, one
 process, for each kind of block and both compute dtypes; the layout flags of `nanotrain inspect`.
-(The layouts themselves, against a gloo world of 8: tests/distributed/test_inspection_memory.py.)"""
+(The layouts themselves, against a gloo world of 8: tests/distributed/test_inspection_world.py.)"""
 
 import json
 

@@ -1,6 +1,6 @@
 """Communication per optimizer step, per parallel group, for a layout: what each collective of
 this code base moves, written out (the counterpart of monitoring/comm.py, which counts the same
-messages around the real calls; tests/distributed/test_inspection_memory.py checks they agree).
+messages around the real calls; tests/distributed/test_inspection_world.py checks they agree).
 
 Message sizes follow nccl-tests (see monitoring/comm.py): an all-reduce's tensor, an
 all-gather's whole output, a reduce-scatter's whole input, what a rank hands an all-to-all,

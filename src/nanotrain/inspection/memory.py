@@ -15,7 +15,7 @@ per micro-batch on this rank (b x s), N_s = N / tp where sequence parallelism sp
 sequence; c bytes per element of the compute dtype, r of the residual stream (the parameter
 dtype). Under autocast (c < r) every linear keeps its own c-byte copy of its input and of its
 weight. Each line is checked against the tensors autograd really saves
-(inspection/measure.py; tests/distributed/test_inspection_memory.py).
+(inspection/measure.py; tests/distributed/test_inspection_world.py).
 
 In flight: GPipe keeps all m micro-batches, 1F1B keeps pp - stage (at most m), interleaved
 1F1B keeps Megatron's warm-up count of chunks (2 (pp - stage - 1) + (v - 1) pp + 1).

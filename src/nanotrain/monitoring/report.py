@@ -119,23 +119,34 @@ def _expert_plot(run) -> str | None:
     return _png(fig)
 
 
+COMM_GROUPS = ("tp", "dp", "pp", "ep", "edp", "embd", "world")
+
+
 def _time_plot(runs) -> str | None:
-    parts = ("time/data_ms", "time/compute_ms", "time/optimizer_ms")
+    """Stacked bars: data wait, compute, optimizer, then the time in each group's collectives."""
+    parts = ["time/data_ms", "time/compute_ms", "time/optimizer_ms"]
+    labels = ["data wait", "forward + backward", "optimizer"]
+    present = {k for run in runs for r in run["train"] for k in r}
+    for g in COMM_GROUPS:
+        if f"time/comm_{g}_ms" in present:
+            parts.append(f"time/comm_{g}_ms")
+            labels.append(f"comm {g}")
     means = []
     for run in runs:
-        rows = [r for r in run["train"] if all(k in r for k in parts)][1:] or run["train"][-1:]  # skip warm-up
-        if not rows or not all(k in rows[-1] for k in parts):
+        rows = [r for r in run["train"] if all(k in r for k in parts[:3])][1:] or run["train"][-1:]  # skip warm-up
+        if not rows or not all(k in rows[-1] for k in parts[:3]):
             return None
-        means.append([sum(r[k] for r in rows) / len(rows) for k in parts])
+        means.append([sum(r.get(k, 0.0) for r in rows) / len(rows) for k in parts])
     fig, ax = plt.subplots(figsize=(6.4, 0.6 + 0.5 * len(runs)))
     left = [0.0] * len(runs)
-    for j, label in enumerate(("data wait", "forward + backward", "optimizer (sync + step)")):
+    for j, label in enumerate(labels):
         vals = [m[j] for m in means]
-        ax.barh([r["name"] for r in runs], vals, left=left, label=label, color=f"C{j}")
+        ax.barh([r["name"] for r in runs], vals, left=left, label=label, color=f"C{j}",
+                hatch="//" if label.startswith("comm") else None)
         left = [a + b for a, b in zip(left, vals)]
     ax.set_xlabel("ms per step (mean over the logged steps)")
-    ax.set_title("where a step's time goes")
-    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.45 - 0.1 / len(runs)), ncol=3)
+    ax.set_title("where a step's time goes (communication timed around the collectives)")
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.45 - 0.1 / len(runs)), ncol=4)
     return _png(fig)
 
 
