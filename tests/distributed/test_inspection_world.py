@@ -29,7 +29,7 @@ def _config(tmp_path, *extra) -> Config:
         f"--data.path={CORPUS}", f"--data.prepared_dir={tmp_path / 'prep'}", f"--train.out_dir={tmp_path / 'run'}",
         # the character tokenizer's 65 symbols, padded to a multiple of tp
         "--model.vocab_size=66", "--model.d_model=64", "--model.n_heads=4", "--model.n_layers=4", "--train.seq_len=32",
-        "--train.max_steps=2", "--train.eval_interval=0", "--checkpoint.save_final=false",
+        "--train.max_steps=2", "--train.eval_interval=0", "--train.eval_steps=1", "--checkpoint.save_final=false",
         "--logging.progress=none", "--logging.tensorboard=false", "--logging.plot=false",
         "--logging.peak_tflops=1", "--monitoring.mode=minimal", "--schedule.warmup_steps=1", *extra])
 
@@ -84,8 +84,10 @@ LAYOUTS = {  # name: (arch options, layout options)
     "tp2_sp_pp2_dp2_zero1_1f1b": ([], ["--parallel.tp=2", "--parallel.sequence_parallel=true", "--parallel.pp=2",
                                        "--parallel.dp=2", "--optimizer.zero_stage=1", "--train.batch_size=8",
                                        "--train.micro_batch_size=1"]),
-    "tp2_dp4_zero2_bf16": ([], ["--parallel.tp=2", "--parallel.dp=4", "--optimizer.zero_stage=2",
-                                "--precision.recipe=bf16", "--train.batch_size=16"]),
+    # bf16 parameters, fp32 master slices (ZeRO-sharded), fp32 gradients and moments
+    "tp2_dp4_zero2_bf16_params": ([], ["--parallel.tp=2", "--parallel.dp=4", "--optimizer.zero_stage=2",
+                                       "--precision.recipe=bf16", "--precision.param_dtype=bf16",
+                                       "--train.batch_size=16"]),
     "deepseek_tp2_dp4_ep2_zero2": (["--model.arch=deepseek", "--model.n_routed_experts=4", "--model.moe_top_k=2",
                                     "--model.moe_d_ff=64", "--model.kv_lora_rank=32"],
                                    ["--parallel.tp=2", "--parallel.dp=4", "--parallel.ep=2",

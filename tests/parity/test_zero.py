@@ -82,8 +82,9 @@ def _state_bytes(cfg_dict):
         c.bootstrap.teardown(ctx)
 
 
-@pytest.mark.parametrize("dp", [2, 4])
-@pytest.mark.parametrize("stage,params", [(1, "fp32"), (2, "fp32"), (2, "bf16")])
+# Two of the combinations: the bytes of every stage and dtype, exactly, for three layouts in a
+# world of 8, are in tests/distributed/test_inspection_world.py (against inspection/memory.py).
+@pytest.mark.parametrize("dp,stage,params", [(2, 1, "fp32"), (4, 2, "bf16")])
 def test_state_is_divided_by_dp(tmp_path, dp, stage, params):
     """Per rank: moments (8 bytes per parameter unsharded) and gradient slices (4) are the
     replicated amount / dp, up to one bucket's padding. fp32 parameters are their own master
@@ -102,6 +103,8 @@ def test_state_is_divided_by_dp(tmp_path, dp, stage, params):
             assert b["master"] == 0 and b["params"] == 4 * n
         else:
             assert 4 * n / dp <= b["master"] <= 4 * n / dp + slack and b["params"] == 2 * n
+    if dp != 2:
+        return
     # Unsharded, for scale: AdamW's two moments alone are 8 bytes per parameter on every rank.
     plain = run_world(_state_bytes, 2, dataclasses.asdict(dense_config(tmp_path, "--parallel.dp=2",
                                                                         "--train.micro_batch_size=0")))[0]
