@@ -51,13 +51,27 @@ def _worker(rank: int, world_size: int, port: int, threads: int, fn: Callable, a
             dist.destroy_process_group()
 
 
+def _context():
+    """Processes forked from a forkserver that has imported torch and nanotrain once: a world
+    starts in about 0.1 s instead of the seconds that every spawned process spends importing
+    torch (the test suite starts a few hundred worlds). The server is a clean process that only
+    imported modules (no threads, no CUDA, no process group), forked, as torchrun's processes
+    would be started fresh. Where there is no forkserver (Windows), plain spawn."""
+    if "forkserver" not in mp.get_all_start_methods():
+        return mp.get_context("spawn")
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "torch.distributed", "nanotrain.runtime"])
+    return ctx
+
+
 def run_world(fn: Callable[..., Any], world_size: int, *args: Any, threads: int = 1,
               timeout_s: float = 300.0) -> list[Any]:
     """Run fn(*args) on every rank of a fresh gloo world; return [result of rank 0, rank 1, ...].
 
-    fn must be importable (a module-level function): processes are spawned, not forked.
+    fn must be importable (a module-level function): the processes start from a clean server
+    (see _context), not from a fork of the caller.
     """
-    ctx = mp.get_context("spawn")
+    ctx = _context()
     queue = ctx.Queue()
     port = free_port()
     procs = [ctx.Process(target=_worker, args=(r, world_size, port, threads, fn, args, queue), daemon=True)
