@@ -76,7 +76,8 @@ def _measure(cfg_dict) -> dict:
     logged = {}
     if rank == 0:  # what the monitor logged at the last step: bytes and seconds per group, per step
         lines = (Path(engine.cfg.train.out_dir) / "metrics.jsonl").read_text().splitlines()
-        logged = {k: v for line in lines for k, v in json.loads(line).items() if k.startswith(("comm/", "time/"))}
+        logged = {k: v for line in lines for k, v in json.loads(line).items()
+                  if k.startswith(("comm/", "time/")) or k == "step_ms"}
     return {"rank": rank, **engine.measured, "comm": engine.comm, "comm_ops": engine.comm_ops, "logged": logged}
 
 
@@ -109,6 +110,10 @@ def test_memory_per_rank_matches_a_world_of_8(tmp_path, name):
         for key in ("weights", "gradients", "master", "optimizer", "activations"):
             print(f"{name} rank {r['rank']} {key}: estimate {e[key]} measured {r[key]}")
             assert e[key] == pytest.approx(r[key], rel=TOL, abs=64), (r["rank"], key)
+        if r["rank"] == 0:  # the time split: exposed communication apart from compute, adding up to the step
+            times = {k: v for k, v in r["logged"].items() if k.startswith("time/")}
+            assert min(times.values()) >= 0, times
+            assert 0.5 * r["logged"]["step_ms"] <= sum(times.values()) <= 1.05 * r["logged"]["step_ms"], times
         total = sum(r[k] for k in ("weights", "gradients", "master", "optimizer", "activations"))
         assert e["total"] == pytest.approx(total, rel=TOL)
         predicted = {g: sum(ops.values()) for g, ops in comm_per_step(cfg.model, layout, cfg.precision, stage).items()}

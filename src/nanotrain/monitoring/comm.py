@@ -3,12 +3,15 @@
 While a `CommMeter` is installed, the torch.distributed functions the parallel code calls
 (all_reduce, all_gather, reduce-scatter, all-to-all, the pipeline's batched send/recv) are
 wrapped: each call adds its message size to the group it ran on (tp, dp, pp, ep, edp, embd;
-"world" for the default group) and the seconds until it completed. An async call
+"world" for the default group) and the seconds the caller spent blocked in it. An async call
 (async_op=True: the data-parallel buckets overlapping backward, ZeRO's reduce-scatter, the
-pipeline's sends) is timed from its launch to the end of its wait(), so what is measured is the
-time the step spent in, or waiting for, communication; transfers hidden behind compute cost
-nothing. (torch.profiler records the same calls as `record_param_comms` events; this keeps
-the counting in a few readable lines and runs on every logging step.)
+pipeline's sends and receives) counts its launch and then the time its wait() blocks. So what
+is measured is the exposed communication, the time the step could not compute: a transfer
+hidden behind the backward costs nothing, and a pipeline stage waiting for its neighbour's
+activations (the bubble) shows as pp time. On CUDA, NCCL runs on its own stream and these
+host-side times show only the launches; timing the GPU's side needs CUDA events (or
+torch.profiler). torch.profiler records the same calls as `record_param_comms` events; this
+keeps the counting in a few readable lines and runs on every step.
 
 Bytes are the message size as nccl-tests reports it: the tensor an all-reduce sums, the whole
 gathered output of an all-gather, the whole input of a reduce-scatter, what this rank hands to
@@ -57,16 +60,15 @@ def _nbytes(value) -> int:
 
 
 class _TimedWork:
-    """An async collective's handle: its wait() adds the time from launch to completion."""
+    """An async collective's handle: its wait() adds the time the caller spends blocked in it."""
 
-    def __init__(self, work, meter: CommMeter, group: str, start: float):
-        self._work, self._meter, self._group, self._start = work, meter, group, start
+    def __init__(self, work, meter: CommMeter, group: str):
+        self._work, self._meter, self._group = work, meter, group
 
     def wait(self, *args, **kwargs):
+        start = time.perf_counter()
         out = self._work.wait(*args, **kwargs)
-        if self._start is not None:
-            self._meter.seconds[self._group] += time.perf_counter() - self._start
-            self._start = None
+        self._meter.seconds[self._group] += time.perf_counter() - start
         return out
 
     def __getattr__(self, name):
@@ -118,12 +120,12 @@ class CommMeter:
                 out = fn(*args, **kwargs)
             finally:
                 self._depth.n = depth
+                self.seconds[g] += time.perf_counter() - start  # the call itself (all of it, if blocking)
             if out is None:
-                self.seconds[g] += time.perf_counter() - start
                 return out
-            if isinstance(out, list):  # batch_isend_irecv: one handle per op, timed through the last
-                return [_TimedWork(w, self, g, start if i == len(out) - 1 else None) for i, w in enumerate(out)]
-            return _TimedWork(out, self, g, start)
+            if isinstance(out, list):  # batch_isend_irecv: one handle per op
+                return [_TimedWork(w, self, g) for w in out]
+            return _TimedWork(out, self, g)
 
         return metered
 

@@ -106,9 +106,17 @@ class TrainingMonitor:
 
     # -- per step (cheap) -------------------------------------------------------------
 
+    @contextlib.contextmanager
     def metering(self):
         """Around a training step: wrap the torch.distributed calls in the communication meter."""
-        return self.comm.installed() if self.comm is not None else contextlib.nullcontext()
+        if self.comm is None:
+            yield
+            return
+        # Collectives after the step's last phase (the MoE bias update) are communication time, and
+        # no phase's: the next step's phases start from here.
+        self._comm_mark = sum(self.comm.seconds.values())
+        with self.comm.installed():
+            yield
 
     def add_time(self, kind: str, seconds: float) -> None:
         """A phase of the step took `seconds`; the collectives inside it are counted apart."""
