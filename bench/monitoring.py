@@ -2,7 +2,7 @@
 standard and debug, in one run (CPU).
 
     python bench/monitoring.py [--steps 100] [--rounds 3] [--log-interval 10] [--config ...]
-                               [--layout tp=2]     # a gloo world: the communication meter's cost too
+                               [--layout tp=2 --model.vocab_size=66]   # a gloo world: the comm meter's cost too
 
 Each mode trains the same model (the config's, same init and batches) through the
 RuntimeEngine for --steps steps, evaluation and checkpoints off, logging every
@@ -63,11 +63,12 @@ def main() -> None:
     ap.add_argument("--log-interval", type=int, default=10)
     ap.add_argument("--config", default=str(ROOT / "configs" / "shakespeare_char.toml"))
     ap.add_argument("--layout", default="", help="e.g. tp=2 or dp=2,zero=2: run in a gloo world of that layout")
-    args = ap.parse_args()
+    args, overrides = ap.parse_known_args()  # the rest: config overrides (--model.vocab_size=66 for tp=2)
     sizes = parse_layout(args.layout)
     layout = [f"--parallel.{k}={v}" for k, v in sizes.items() if k in ("tp", "pp", "dp", "ep")]
     layout += [f"--optimizer.zero_stage={sizes['zero']}"] if "zero" in sizes else []
     layout += ["--parallel.sequence_parallel=true"] if sizes.get("sp") else []
+    layout += overrides
     times: dict[str, list[float]] = {m: [] for m in MODES}
     own: dict[str, list[float]] = {m: [] for m in MODES}
     with tempfile.TemporaryDirectory() as tmp:
