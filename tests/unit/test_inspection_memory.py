@@ -20,6 +20,7 @@ CASES = {
     "gqa": {"n_kv_heads": 2},
     "deepseek": {"arch": "deepseek"},
     "deepseek_q_lora": {"arch": "deepseek", "q_lora_rank": 32},
+    "deepseek_mtp": {"arch": "deepseek", "mtp_depth": 1},
 }
 
 

@@ -27,7 +27,7 @@ figure for planning; nanotrain does not recompute yet.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -161,10 +161,16 @@ class Widths:
     c: int  # bytes per element of the compute dtype
     r: int  # bytes per element of the residual stream (the parameter dtype)
     a: int  # bytes per element in the attention core (precision.attention: fp32 on CPU under bf16)
+    weights_cast: bool = False  # weights stored wider than c, activations already in c (DeepSeek's MTP block)
 
     @property
     def autocast(self) -> bool:
+        """The residual stream is wider than the compute dtype: each linear casts its input."""
         return self.c < self.r
+
+    @property
+    def casts_weights(self) -> bool:
+        return self.autocast or self.weights_cast
 
 
 def _inputs(w: Widths, d_in: int, weights: list[int]) -> int:
@@ -173,7 +179,7 @@ def _inputs(w: Widths, d_in: int, weights: list[int]) -> int:
     tokens under sequence parallelism, not the norm's N_s)."""
     if w.autocast:
         return sum(w.n * d_in * w.c + weight * w.c for weight in weights)
-    return w.n * d_in * w.r
+    return w.n * d_in * w.r + (sum(weights) * w.c if w.casts_weights else 0)
 
 
 def _norm(w: Widths, n: int, d: int, kind: str) -> int:
@@ -202,7 +208,7 @@ def dense_attention_bytes(m: ModelConfig, w: Widths) -> int:
     total = _norm(w, w.ns, d, m.norm) + _inputs(w, d, [d * h * hd, d * h_kv * hd, d * h_kv * hd])
     total += _rope(w, hd) if m.pos_emb == "rope" and w.a == w.c else 0
     total += _flash(w, h, h_kv, hd, hd)
-    return total + (h * hd * d * w.c if w.autocast else 0)  # wo: a weight copy; its input is the output
+    return total + (h * hd * d * w.c if w.casts_weights else 0)  # wo: a weight copy; its input is the output
 
 
 def dense_mlp_bytes(m: ModelConfig, w: Widths, d_ff: int) -> int:
@@ -210,7 +216,7 @@ def dense_mlp_bytes(m: ModelConfig, w: Widths, d_ff: int) -> int:
     gated = m.mlp == "swiglu"
     total = _norm(w, w.ns, d, m.norm) + _inputs(w, d, [d * f] * (2 if gated else 1))
     inner = 4 if gated else 2  # SwiGLU: W1 x, silu(W1 x), W3 x, the product; GELU: W1 x, gelu(W1 x)
-    return total + inner * w.n * f * w.c + (f * d * w.c if w.autocast else 0)
+    return total + inner * w.n * f * w.c + (f * d * w.c if w.casts_weights else 0)
 
 
 def mla_bytes(m: ModelConfig, w: Widths, math_path: bool) -> int:
@@ -224,16 +230,16 @@ def mla_bytes(m: ModelConfig, w: Widths, math_path: bool) -> int:
     else:
         total += _inputs(w, d, [d * h * dqk, d * kv_a])
     # kv_norm keeps its input, a view of wkv_a's whole output [N, kv_lora + rope], as fp32
-    total += (w.n * m.kv_lora_rank * 4 if w.autocast else w.n * kv_a * w.c) + w.n * 4 + w.n * m.kv_lora_rank * 4
-    total += _inputs(w, m.kv_lora_rank, [m.kv_lora_rank * h * (nope + dv)]) if w.autocast else \
-        w.n * m.kv_lora_rank * w.r
+    # (in a 16-bit compute dtype, its fp32 copy of the compressed part only)
+    total += (w.n * m.kv_lora_rank * 4 if w.c < 4 else w.n * kv_a * w.c) + w.n * 4 + w.n * m.kv_lora_rank * 4
+    total += _inputs(w, m.kv_lora_rank, [m.kv_lora_rank * h * (nope + dv)])
     total += _rope(w, rope) if w.a == w.c else 0
     if math_path:  # scaled q, k, a copy of v, the T x T probabilities (fp32 under CPU autocast); the output
-        a = 4 if w.autocast else w.a  # copied for wo
+        a = 4 if w.c < 4 else w.a  # copied for wo
         total += a * (2 * w.n * h * dqk + w.n * h * dv + w.batch * h * w.seq * w.seq) + w.n * h * dv * w.c
     else:  # v is a view of the [N, h, nope + v] projection
         total += w.a * w.n * h * (2 * dqk + nope + dv) + w.c * w.n * h * dv + 4 * w.batch * h * w.seq
-    return total + (h * dv * d * w.c if w.autocast else 0)
+    return total + (h * dv * d * w.c if w.casts_weights else 0)
 
 
 def moe_bytes(m: ModelConfig, w: Widths) -> int:
@@ -245,11 +251,15 @@ def moe_bytes(m: ModelConfig, w: Widths) -> int:
     total += w.n * (e * 4 + k * 8 + 4 + k * 4)  # scores, chosen experts, their sum, the weights
     total += a * (8 + 8 + 4) + 2 * a * d * 4  # order, token of each slot, weights; outputs in fp32
     total += a * d * w.r + 4 * a * f * w.c  # tokens gathered for the experts; their SwiGLUs
-    if w.autocast:  # c-byte copies of each local expert's three weights
+    if w.casts_weights:  # c-byte copies of each local expert's three weights
         total += e // w.ep * 3 * d * f * w.c
     if m.n_shared_experts:
         fs = m.n_shared_experts * f
-        total += 4 * w.n * fs * w.c + (2 * w.n * d * w.c + 3 * d * fs * w.c if w.autocast else 0)
+        total += 4 * w.n * fs * w.c + (3 * d * fs * w.c if w.casts_weights else 0)
+        if w.autocast:  # w1 and w3 each cast the input
+            total += 2 * w.n * d * w.c
+        elif w.r < 4:  # a 16-bit input: the router kept an fp32 copy, the experts keep the input itself
+            total += w.n * d * w.r
     return total
 
 
@@ -265,21 +275,39 @@ def block_bytes(m: ModelConfig, w: Widths, layer: int, math_path: bool) -> dict[
 
 
 def _swiglu(m: ModelConfig) -> ModelConfig:
-    from dataclasses import replace
-
     return replace(m, mlp="swiglu")
 
 
-def ends_bytes(m: ModelConfig, w: Widths, first: bool, last: bool) -> dict[str, int]:
-    """The embedding (its token ids) and the final norm, head and loss."""
+def ends_bytes(m: ModelConfig, w: Widths, first: bool, last: bool, math_path: bool = False) -> dict[str, int]:
+    """The embedding (its token ids), the final norm, head and loss, and DeepSeek's MTP module."""
     out = {}
     if first:
         out["embedding"] = w.n * 8
     if last:
-        v = m.vocab_size // w.tp
-        head = _norm(w, w.ns, m.d_model, m.norm) + _inputs(w, m.d_model, [m.d_model * v])
-        out["head_and_loss"] = head + w.n * v * 4 + w.n * 8 + 4  # fp32 logits kept by the softmax, targets
+        out["head_and_loss"] = _head_and_loss(m, w)
+        for _ in range(m.mtp_depth):
+            out["mtp"] = out.get("mtp", 0) + _mtp_bytes(m, w, math_path)
     return out
+
+
+def _mtp_bytes(m: ModelConfig, w: Widths, math_path: bool) -> int:
+    """One MTP module on T - 1 positions (models/mtp.py): the hidden state's norm (its input is the
+    main model's last hidden state, already counted), the next token's embedding and its norm, their
+    concatenation projected back to d, one block, the final norm, the shared head and its loss. The
+    projection's output is in the compute dtype, so the block's residual stream is too (its weights
+    are still cast under autocast; the head's cast weight is autocast's cached one)."""
+    n, d = w.batch * (w.seq - 1), m.d_model
+    outer = replace(w, n=n, ns=n, seq=w.seq - 1)
+    inner = replace(outer, r=w.c, weights_cast=w.casts_weights)
+    total = n * (d * 4 + 4) + _norm(outer, n, d, m.norm) + _inputs(outer, 2 * d, [2 * d * d])
+    total += sum(block_bytes(m, inner, m.n_layers, math_path).values()) + _norm(inner, n, d, m.norm)
+    return total + n * d * w.c + n * m.vocab_size // w.tp * 4 + n * 8 + 4
+
+
+def _head_and_loss(m: ModelConfig, w: Widths) -> int:
+    v = m.vocab_size // w.tp
+    head = _norm(w, w.ns, m.d_model, m.norm) + _inputs(w, m.d_model, [m.d_model * v])
+    return head + w.n * v * 4 + w.n * 8 + 4  # fp32 logits kept by the softmax, targets
 
 
 def in_flight(layout: Layout, pp_rank: int) -> int:
@@ -317,7 +345,7 @@ def activation_bytes(m: ModelConfig, layout: Layout, precision, layers: list[int
     for i in layers:
         for kind, b in block_bytes(m, w, i, math_path).items():
             out[kind] = out.get(kind, 0) + b
-    for kind, b in ends_bytes(m, w, first, last).items():
+    for kind, b in ends_bytes(m, w, first, last, math_path).items():
         out[kind] = out.get(kind, 0) + b
     return out
 
