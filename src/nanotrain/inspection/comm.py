@@ -70,7 +70,8 @@ def tp_per_micro_batch(m: ModelConfig, layout: Layout, layers: list[int], first:
     n, d, sp = layout.micro_batch_size * layout.seq_len, m.d_model, layout.sp
     if first:
         _row(t, sp, n, d, r)
-    for i in layers:
+    mtp = [m.n_layers] * m.mtp_depth if last else []  # DeepSeek's MTP block (on T - 1 positions: ~ N)
+    for i in [*layers, *mtp]:
         if m.arch == "deepseek":
             ac = c if c < r else r  # the low-rank projections' outputs are in the compute dtype
             if m.q_lora_rank:
@@ -89,7 +90,7 @@ def tp_per_micro_batch(m: ModelConfig, layout: Layout, layers: list[int], first:
                 _col(t, sp, n, d, r)
             _row(t, sp, n, d, c)
             _row(t, sp, n, d, c)
-    if last:
+    for _ in range(1 + len(mtp) if last else 0):  # the head (shared by MTP) and the loss
         _col(t, sp, n, d, r)
         t["all_reduce"] += 3 * n * 4
     return t

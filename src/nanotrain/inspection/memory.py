@@ -111,8 +111,8 @@ def stage_parameters(model, m: ModelConfig, layout: Layout, pp_rank: int) -> lis
             ok = name.split(".")[1] in layers
         elif top in ("tok_emb", "pos_emb"):
             ok = first or (last and top == "tok_emb" and m.tie_embeddings)
-        elif top in ("norm", "head"):
-            ok = last
+        elif top in ("norm", "head", "mtp"):  # MTP beside the head (as DeepSeek-V3 places it; nanotrain's
+            ok = last                           # runtime refuses MTP with pp > 1 for now)
         else:
             ok = True
         if ok:
