@@ -54,10 +54,10 @@ class MeasuredEngine(RuntimeEngine):
 
     def _grads(self, step, model, ctx) -> None:
         if step == MEASURED_STEP + 1:
-            self.measured.update(static_bytes(model, self.optimizer))
+            self.measured.update(measured_static_bytes(model, self.optimizer))
 
 
-def static_bytes(model, opt) -> dict[str, int]:
+def measured_static_bytes(model, opt) -> dict[str, int]:
     if hasattr(opt, "state_bytes"):  # the flat-bucket (ZeRO) optimizer keeps its own books
         s = opt.state_bytes()
         return {"weights": s["params"], "gradients": s["grads"], "master": s["master"],

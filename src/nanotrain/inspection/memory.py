@@ -362,10 +362,11 @@ def stage_layers(m: ModelConfig, layout: Layout, pp_rank: int, model=None) -> li
     return [i for chunk in chunks[pp_rank] for i in chunk]
 
 
-def memory_per_rank(m: ModelConfig, layout: Layout, precision, device: str = "cuda") -> list[dict]:
-    """One entry per pipeline stage (every tp, dp and ep rank of a stage holds the same amount)."""
+def memory_per_rank(m: ModelConfig, layout: Layout, precision, device: str = "cuda", model=None) -> list[dict]:
+    """One entry per pipeline stage (every tp, dp and ep rank of a stage holds the same amount).
+    model: rank_model's, to reuse one already built."""
     out = []
-    model = rank_model(m, layout)
+    model = model if model is not None else rank_model(m, layout)
     for stage in range(layout.pp):
         params = stage_parameters(model, m, layout, stage)
         static = static_bytes(params, layout, precision)

@@ -72,8 +72,8 @@ def plan_layout(m: ModelConfig, seq_len: int, cfg: Config, layout: dict, micro_b
     _check_layout(m, lay)
     device = "cpu" if hardware is not None and hardware.name.startswith("cpu") else "cuda"
     try:  # the model refuses what it cannot run (e.g. an auxiliary loss under sequence parallelism)
-        stages = memory_per_rank(m, lay, cfg.precision, device)
         model = rank_model(m, lay)
+        stages = memory_per_rank(m, lay, cfg.precision, device, model)
     except ValueError as e:
         raise ConfigError(f"--layout: {e}") from None
     comm = [comm_per_step(m, lay, cfg.precision, s, model) for s in range(lay.pp)]
