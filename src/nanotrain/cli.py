@@ -142,7 +142,7 @@ def cmd_inspect(args, overrides) -> int:
         raise ConfigError(str(e)) from None
     dp = layout.get("dp", cfg.parallel.dp)
     t = cfg.train
-    mbs = args.micro_batch_size or (1 if args.hf_config else t.micro_batch_size or max(1, t.batch_size // dp))
+    mbs = args.micro_batch_size or (1 if args.hf_config else max(1, t.micro_batch(dp)))
     micro_batches = args.micro_batches or (None if args.hf_config else max(1, t.batch_size // (dp * mbs)))
     hardware = get_accelerator(args.hardware)
     result = inspect_model(m, seq, hardware=hardware, micro_batch_size=mbs, dtype=args.dtype)

@@ -49,7 +49,6 @@ class MeasuredEngine(RuntimeEngine):
             out = super().train_step(step, model, data, opt, lr, ctx, report)
         self.measured["activations"] = meter.peak
         self.comm = dict(comm.bytes)
-        self.comm_ops = dict(comm.ops)
         return out
 
     def _grads(self, step, model, ctx) -> None:
@@ -78,7 +77,7 @@ def _measure(cfg_dict) -> dict:
         lines = (Path(engine.cfg.train.out_dir) / "metrics.jsonl").read_text().splitlines()
         logged = {k: v for line in lines for k, v in json.loads(line).items()
                   if k.startswith(("comm/", "time/")) or k == "step_ms"}
-    return {"rank": rank, **engine.measured, "comm": engine.comm, "comm_ops": engine.comm_ops, "logged": logged}
+    return {"rank": rank, **engine.measured, "comm": engine.comm, "logged": logged}
 
 
 LAYOUTS = {  # name: (arch options, layout options)

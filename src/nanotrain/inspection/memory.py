@@ -54,10 +54,9 @@ class Layout:
     @classmethod
     def from_config(cls, cfg: Config) -> Layout:
         p, t = cfg.parallel, cfg.train
-        mbs = t.micro_batch_size or t.batch_size // p.dp
         return cls(tp=p.tp, pp=p.pp, dp=p.dp, ep=p.ep, sp=p.sequence_parallel and p.tp > 1,
-                   zero_stage=cfg.optimizer.zero_stage, micro_batch_size=mbs, seq_len=t.seq_len,
-                   micro_batches=max(1, t.batch_size // (p.dp * mbs)), pp_schedule=p.pp_schedule,
+                   zero_stage=cfg.optimizer.zero_stage, micro_batch_size=t.micro_batch(p.dp), seq_len=t.seq_len,
+                   micro_batches=max(1, t.grad_accum_steps(p.dp)), pp_schedule=p.pp_schedule,
                    pp_virtual_stages=p.pp_virtual_stages, pp_partition=p.pp_partition)
 
     @property

@@ -1,4 +1,4 @@
-"""Communication, measured around the real collectives: calls, bytes and seconds per parallel group.
+"""Communication, measured around the real collectives: bytes and seconds per parallel group.
 
 While a `CommMeter` is installed, the torch.distributed functions the parallel code calls
 (all_reduce, all_gather, reduce-scatter, all-to-all, the pipeline's batched send/recv) are
@@ -78,10 +78,8 @@ class _TimedWork:
 class CommMeter:
     def __init__(self, names: dict[str, dist.ProcessGroup | None]):
         self.names = {id(g): n for n, g in names.items() if g is not None}
-        self.calls: dict[str, int] = defaultdict(int)
         self.bytes: dict[str, int] = defaultdict(int)
         self.seconds: dict[str, float] = defaultdict(float)
-        self.ops: dict[tuple[str, str], int] = defaultdict(int)  # (group, collective) -> bytes
         self._depth = threading.local()
 
     @classmethod
@@ -93,7 +91,7 @@ class CommMeter:
         return "world" if group is None else self.names.get(id(group), "other")
 
     def reset(self) -> None:
-        for d in (self.calls, self.bytes, self.seconds, self.ops):
+        for d in (self.bytes, self.seconds):
             d.clear()
 
     def _wrap(self, name: str, fn):
@@ -111,9 +109,7 @@ class CommMeter:
             payload = kwargs.get(key, args[position] if len(args) > position else None)
             g = self.group_name(group)
             size = _nbytes(payload)
-            self.calls[g] += 1
             self.bytes[g] += size
-            self.ops[(g, name)] += size
             start = time.perf_counter()
             self._depth.n = depth + 1
             try:
