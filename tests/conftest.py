@@ -21,7 +21,9 @@ def tiny_config(tmp_path: Path, *overrides: str):
             "--train.max_steps=20", "--train.eval_interval=10", "--train.eval_steps=2",
             "--schedule.warmup_steps=5", "--logging.log_interval=5", "--logging.progress=none",
             "--logging.peak_tflops=1", "--logging.tensorboard=false", "--logging.plot=false",
-            "--train.threads=1"]
+            "--train.threads=1",
+            # bf16 as every test was written for; recipe=auto is machine-dependent (test_machine.py)
+            "--precision.recipe=bf16"]
     return load_config(None, base + list(overrides))
 
 

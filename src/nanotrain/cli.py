@@ -145,6 +145,9 @@ def cmd_inspect(args, overrides) -> int:
     mbs = args.micro_batch_size or (1 if args.hf_config else max(1, t.micro_batch(dp)))
     micro_batches = args.micro_batches or (None if args.hf_config else max(1, t.batch_size // (dp * mbs)))
     hardware = get_accelerator(args.hardware)
+    if cfg.precision.recipe == "auto":  # what a run on that hardware would pick (runtime/machine.py)
+        fast_bf16 = hardware.fp32_flops is None or hardware.bf16_flops >= hardware.fp32_flops
+        cfg.precision.recipe = "bf16" if fast_bf16 else "fp32"
     result = inspect_model(m, seq, hardware=hardware, micro_batch_size=mbs, dtype=args.dtype)
     result["plan"] = plan_layout(m, seq, cfg, layout, mbs, micro_batches, hardware)
     result["memory_per_rank_bytes"] = result["plan"]["memory_per_rank_bytes"]

@@ -117,12 +117,16 @@ RECIPES = ("fp32", "bf16", "fp16") + LOW_BIT_RECIPES
 
 @dataclass
 class PrecisionConfig:
+    # auto (default): bf16 where this device multiplies bf16 at least as fast as fp32 (CUDA with bf16;
+    # CPUs with AMX or AVX512-BF16, timed at start-up), else fp32 (AVX2-only CPUs, where bf16 is ~100x
+    # slower); one log line says which and why (runtime/machine.py).
     # fp32: everything in fp32. bf16: parameters and optimizer in fp32, matmuls
     # under torch.autocast(bfloat16) (no loss scaling needed: bf16 has fp32's range).
     # The low-bit recipes (precision/recipes.py) run every linear layer's three GEMMs with
     # quantised operands (emulated exactly on CPU) and everything else under bf16 autocast.
     # fp16: matmuls under torch.autocast(float16), with dynamic loss scaling (loss_scale_*).
-    recipe: Literal["fp32", "bf16", "fp16", "fp8_tensorwise", "fp8_deepseek", "fp8_custom", "nvfp4", "mxfp4"] = "bf16"
+    recipe: Literal["auto", "fp32", "bf16", "fp16", "fp8_tensorwise", "fp8_deepseek", "fp8_custom", "nvfp4",
+                    "mxfp4"] = "auto"
     # dtype of RoPE + softmax(QK^T)V under bf16. auto: fp32 on CPU (PyTorch's bf16
     # flash-attention backward is ~3x slower than fp32 on CPUs without AMX; measured in
     # docs/performance.md), the autocast dtype on CUDA (flash attention's fast path).
@@ -239,7 +243,9 @@ class LoggingConfig:
     progress: Literal["auto", "rich", "plain", "none"] = "auto"
     tensorboard: bool = True
     plot: bool = True
-    peak_tflops: float = 0.0  # per process; 0: measure with a short GEMM probe at start-up
+    # The matmul peak of one GPU, or of one CPU node (all its cores), in the dtype the run computes in,
+    # for the MFU; 0: the datasheet (known GPUs) or a short torch.mm probe on rank 0 (runtime/machine.py).
+    peak_tflops: float = 0.0
     # With pp > 1: record this step's pipeline timeline (timeline.png, timeline.json and the
     # measured bubble against the textbook one); 0: never.
     timeline_step: int = 0
@@ -599,6 +605,10 @@ def validate(cfg: Config) -> None:
                 except re.error as e:
                     errors.append(f"precision.{key}: {pattern!r} is not a valid regex ({e}).")
     storage = pr.param_dtype if pr.master_owner == "optimizer" else pr.master_dtype
+    need(pr.recipe != "auto" or (storage == "fp32" and pr.param_dtype == "fp32"),
+         f"precision.recipe=auto with {pr.param_dtype} parameters: auto picks fp32 on CPUs without fast bf16, "
+         "and fp32 computes with fp32 parameters. Name the recipe (precision.recipe=bf16), or keep "
+         "precision.param_dtype=fp32.")
     need(storage == "fp32" or pr.recipe != "fp32",
          f"precision.recipe=fp32 with {storage} parameters: the fp32 recipe computes in fp32. Pick a recipe that "
          "computes in low precision (bf16, fp16, fp8_*, nvfp4, mxfp4), or keep precision.param_dtype=fp32.")

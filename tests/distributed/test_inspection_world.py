@@ -31,7 +31,8 @@ def _config(tmp_path, *extra) -> Config:
         "--model.vocab_size=66", "--model.d_model=64", "--model.n_heads=4", "--model.n_layers=4", "--train.seq_len=32",
         "--train.max_steps=2", "--train.eval_interval=0", "--train.eval_steps=1", "--checkpoint.save_final=false",
         "--logging.progress=none", "--logging.tensorboard=false", "--logging.plot=false",
-        "--logging.peak_tflops=1", "--monitoring.mode=minimal", "--schedule.warmup_steps=1", *extra])
+        "--logging.peak_tflops=1", "--monitoring.mode=minimal", "--schedule.warmup_steps=1",
+        "--precision.recipe=bf16", *extra])
 
 
 class MeasuredEngine(RuntimeEngine):

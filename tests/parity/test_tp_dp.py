@@ -17,7 +17,7 @@ def config(tmp_path, *extra):
     return load_config(None, [
         f"--data.path={CORPUS}", f"--data.prepared_dir={tmp_path / 'prep'}", f"--train.out_dir={tmp_path / 'run'}",
         "--model.d_model=32", "--model.n_layers=2", "--model.n_heads=4", "--model.vocab_size=68",
-        "--model.norm=rmsnorm", "--model.mlp=swiglu", "--model.pos_emb=rope",
+        "--model.norm=rmsnorm", "--model.mlp=swiglu", "--model.pos_emb=rope", "--precision.recipe=bf16",
         "--train.seq_len=16", "--train.batch_size=8", "--schedule.warmup_steps=2", "--optimizer.lr=3e-3",
         "--logging.progress=none", *extra])
 

@@ -38,7 +38,7 @@ few bytes each.
 from __future__ import annotations
 
 from ..config import ModelConfig
-from .memory import BYTES, Layout, rank_model, stage_layers, stage_parameters
+from .memory import BYTES, Layout, compute_bytes, rank_model, stage_layers, stage_parameters
 
 WIRE = {"all_reduce": lambda n: 2 * (n - 1) / n, "all_gather": lambda n: (n - 1) / n,
         "reduce_scatter": lambda n: (n - 1) / n, "all_to_all": lambda n: (n - 1) / n, "send": lambda n: 1.0}
@@ -100,7 +100,7 @@ def comm_per_step(m: ModelConfig, layout: Layout, precision, pp_rank: int = 0,
                   model=None) -> dict[str, dict[str, int]]:
     """{group: {collective: bytes}} that one rank of stage pp_rank moves in one optimizer step
     (model: memory.rank_model's, to reuse one already built)."""
-    c = 4 if precision.recipe == "fp32" else 2
+    c = compute_bytes(precision)
     r = BYTES[precision.param_dtype]
     c = min(c, r)
     grad_b, param_b = BYTES[precision.grad_dtype], BYTES[precision.param_dtype]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import time
 from dataclasses import asdict, dataclass
 
@@ -31,7 +32,10 @@ class Accelerator:
     hbm_bandwidth: float  # B/s
     interconnect_bandwidth: float | None  # scale-up link, B/s per GPU per direction; None: none
     source: str = ""
-    fp32_flops: float | None = None  # measured CPU only: a GPU trains its matmuls in bf16 or fp8
+    fp32_flops: float | None = None  # plain fp32 (CUDA cores on a GPU; what torch.mm reaches on a CPU)
+    fp16_flops: float | None = None  # None: as bf16 (equal on every tensor-core GPU listed)
+    tf32_flops: float | None = None  # fp32 inputs on tensor cores (torch's float32_matmul_precision "high")
+    cuda_names: tuple[str, ...] = ()  # substrings of torch.cuda.get_device_name() that mean this device
 
     def peak_flops(self, dtype_bytes: int) -> float:
         """The matmul peak for operands of dtype_bytes (2: bf16, 1: fp8, 4: fp32)."""
@@ -40,6 +44,11 @@ class Accelerator:
             raise ConfigError(f"{self.name} has no {dtype_bytes * 8}-bit matmul peak in the hardware table "
                               f"(fp8 needs Hopper or newer, or MI300X): use --dtype bf16.")
         return peak
+
+    def flops(self, dtype: str) -> float | None:
+        """The dense matmul peak in dtype "bf16", "fp16", "fp8", "tf32" or "fp32"; None where unknown."""
+        return {"bf16": self.bf16_flops, "fp16": self.fp16_flops or self.bf16_flops, "fp8": self.fp8_flops,
+                "tf32": self.tf32_flops, "fp32": self.fp32_flops}[dtype]
 
     def ridge_point(self, dtype_bytes: int) -> float:
         """FLOPs per byte where the roof turns flat: below it a kernel waits for memory."""
@@ -50,26 +59,54 @@ class Accelerator:
 
 
 ACCELERATORS: dict[str, Accelerator] = {
-    # NVIDIA A100 Tensor Core GPU datasheet (SXM4 80GB): BF16 312 TFLOPS dense (624 sparse),
-    # HBM2e 2,039 GB/s, NVLink 3 600 GB/s bidirectional. No fp8 on Ampere.
+    # NVIDIA A100 Tensor Core GPU datasheet (SXM4 80GB): BF16/FP16 312 TFLOPS dense (624 sparse), TF32 156
+    # (312 sparse), FP32 19.5; HBM2e 2,039 GB/s, NVLink 3 600 GB/s bidirectional. No fp8 on Ampere.
+    # The PCIe card has the same tensor peaks (at a lower power limit).
     "a100": Accelerator("A100-80GB SXM", 312 * TFLOPS, None, 80 * GB, 2.039 * TB, 300 * GB,
-                        "NVIDIA A100 datasheet (SXM4 80GB)"),
-    # NVIDIA H100 datasheet (SXM5): BF16 989 TFLOPS dense (1,979 sparse), FP8 1,979 dense
-    # (3,958 sparse), 80 GB HBM3 at 3.35 TB/s, NVLink 4 900 GB/s bidirectional.
+                        "NVIDIA A100 datasheet (SXM4 80GB)", fp32_flops=19.5 * TFLOPS, tf32_flops=156 * TFLOPS,
+                        cuda_names=("A100",)),
+    # NVIDIA H100 datasheet (SXM5): BF16/FP16 989 TFLOPS dense (1,979 sparse), FP8 1,979 dense (3,958
+    # sparse), TF32 495 (989 sparse), FP32 67; 80 GB HBM3 at 3.35 TB/s, NVLink 4 900 GB/s bidirectional.
     "h100": Accelerator("H100 SXM", 989.4 * TFLOPS, 1978.9 * TFLOPS, 80 * GB, 3.35 * TB, 450 * GB,
-                        "NVIDIA H100 datasheet (SXM5)"),
+                        "NVIDIA H100 datasheet (SXM5)", fp32_flops=66.9 * TFLOPS, tf32_flops=494.7 * TFLOPS,
+                        cuda_names=("H100 80GB HBM3", "H100 SXM", "H100")),
+    # The same datasheet, PCIe card: BF16/FP16 756 dense, FP8 1,513, TF32 378, FP32 51; 2 TB/s, NVLink bridge
+    # 600 GB/s bidirectional. Matched before the SXM part: its device name says "PCIe".
+    "h100_pcie": Accelerator("H100 PCIe", 756.5 * TFLOPS, 1513 * TFLOPS, 80 * GB, 2.0 * TB, 300 * GB,
+                             "NVIDIA H100 datasheet (PCIe)", fp32_flops=51.2 * TFLOPS, tf32_flops=378 * TFLOPS,
+                             cuda_names=("H100 PCIe",)),
     # NVIDIA H200 datasheet (SXM): the H100's compute, 141 GB HBM3e at 4.8 TB/s, NVLink 900 GB/s.
     "h200": Accelerator("H200 SXM", 989.4 * TFLOPS, 1978.9 * TFLOPS, 141 * GB, 4.8 * TB, 450 * GB,
-                        "NVIDIA H200 datasheet (SXM)"),
+                        "NVIDIA H200 datasheet (SXM)", fp32_flops=66.9 * TFLOPS, tf32_flops=494.7 * TFLOPS,
+                        cuda_names=("H200",)),
     # NVIDIA HGX B200 datasheet, per GPU at 1,000 W: BF16 4.5 PFLOPS and FP8 9 PFLOPS *sparse*,
-    # so 2.25 and 4.5 dense; 180 GB HBM3e at 7.7 TB/s; NVLink 5 1.8 TB/s bidirectional.
+    # so 2.25 and 4.5 dense; TF32 2.2 sparse (1.1 dense), FP32 75; 180 GB HBM3e at 7.7 TB/s;
+    # NVLink 5 1.8 TB/s bidirectional.
     "b200": Accelerator("B200 (HGX)", 2250 * TFLOPS, 4500 * TFLOPS, 180 * GB, 7.7 * TB, 900 * GB,
-                        "NVIDIA HGX B200 datasheet (per GPU)"),
+                        "NVIDIA HGX B200 datasheet (per GPU)", fp32_flops=75 * TFLOPS, tf32_flops=1100 * TFLOPS,
+                        cuda_names=("B200",)),
+    # NVIDIA L4 datasheet: BF16/FP16 242 TFLOPS and FP8 485 *sparse*, so 121 and 242.5 dense; TF32 60 dense
+    # (120 sparse), FP32 30.3; 24 GB GDDR6 at 300 GB/s; PCIe only (64 GB/s each way, Gen4 x16).
+    "l4": Accelerator("L4", 121 * TFLOPS, 242.5 * TFLOPS, 24 * GB, 0.3 * TB, 32 * GB,
+                      "NVIDIA L4 datasheet", fp32_flops=30.3 * TFLOPS, tf32_flops=60 * TFLOPS, cuda_names=("L4",)),
     # AMD Instinct MI300X datasheet: BF16 1,307.4 TFLOPS dense (2,614.9 sparse), FP8 2,614.9 dense,
-    # 192 GB HBM3 at 5.3 TB/s; 7 Infinity Fabric links of 128 GB/s bidirectional (64 each way).
+    # TF32 653.7, FP32 163.4; 192 GB HBM3 at 5.3 TB/s; 7 Infinity Fabric links of 128 GB/s
+    # bidirectional (64 each way).
     "mi300x": Accelerator("MI300X", 1307.4 * TFLOPS, 2614.9 * TFLOPS, 192 * GB, 5.3 * TB, 448 * GB,
-                          "AMD Instinct MI300X datasheet"),
+                          "AMD Instinct MI300X datasheet", fp32_flops=163.4 * TFLOPS, tf32_flops=653.7 * TFLOPS,
+                          cuda_names=("MI300X",)),
 }
+
+
+def accelerator_for_device_name(device_name: str) -> Accelerator | None:
+    """The table's entry for a torch.cuda.get_device_name() ("NVIDIA H100 80GB HBM3", "NVIDIA L4"), or None
+    for a device the table does not know. The longest matching name wins ("H100 PCIe" over "H100")."""
+    best, length = None, 0
+    for acc in ACCELERATORS.values():
+        for part in acc.cuda_names:  # whole words: "L4" is not the L40S
+            if re.search(rf"(?<![\w]){re.escape(part)}(?![\w])", device_name, re.IGNORECASE) and len(part) > length:
+                best, length = acc, len(part)
+    return best
 
 
 def known_names() -> list[str]:
@@ -98,15 +135,38 @@ def _best_seconds(fn, repeats: int) -> float:
     return best
 
 
-def measure_matmul_flops(dtype, sizes: tuple[int, ...] = (256, 512, 1024), repeats: int = 3) -> float:
-    """The best FLOP/s of torch.mm on square matrices (2 n^3 FLOPs each): a peak as software sees it."""
+def measure_matmul_flops(dtype, sizes: tuple[int, ...] = (256, 512, 1024), repeats: int = 3,
+                         device="cpu", budget_s: float = 0.05) -> float:
+    """The best FLOP/s of torch.mm on square matrices (2 n^3 FLOPs each): a peak as software sees it.
+
+    Sizes grow until one product takes longer than budget_s: on a CPU without bf16 units a 1024^3
+    bf16 product takes seconds (AVX2: ~0.001 TFLOP/s), and the small sizes already show the rate.
+    On CUDA each timing runs 10 products between synchronisations (kernels are asynchronous)."""
     import torch
 
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    # A private generator: drawing from the global RNG would shift the dropout masks of a run that
+    # probes after restoring its RNG state, breaking bit-exact resume.
+    g = torch.Generator(device=device).manual_seed(0)
     best = 0.0
     for n in sizes:
-        a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
-        torch.mm(a, b)  # warm up: the first call picks and may JIT a kernel
-        best = max(best, 2 * n ** 3 / _best_seconds(lambda: torch.mm(a, b), repeats))
+        a = torch.randn(n, n, device=device, generator=g).to(dtype)
+        b = torch.randn(n, n, device=device, generator=g).to(dtype)
+        c = torch.empty(n, n, device=device, dtype=dtype)
+        calls = 10 if cuda else 1
+
+        def run():
+            for _ in range(calls):
+                torch.mm(a, b, out=c)
+            if cuda:
+                torch.cuda.synchronize(device)
+
+        run()  # warm up: the first call picks and may JIT a kernel
+        seconds = _best_seconds(run, repeats)
+        best = max(best, 2 * n ** 3 * calls / seconds)
+        if seconds > budget_s:
+            break
     return best
 
 

@@ -321,10 +321,18 @@ def in_flight(layout: Layout, pp_rank: int) -> int:
     return min(m, pp - pp_rank)
 
 
+def compute_bytes(precision) -> int:
+    """Bytes per element of what the run computes in: 4 for the fp32 recipe, 2 for every other."""
+    if precision.recipe == "auto":  # a programming error: callers resolve it (cli.cmd_inspect, the runtime)
+        raise ValueError("precision.recipe=auto is chosen by the device at start-up: resolve it to bf16 or fp32 "
+                         "before planning memory or communication")
+    return 4 if precision.recipe == "fp32" else 2
+
+
 def attention_bytes_per_element(precision, device: str) -> int:
     """The attention core's dtype (runtime/components.attention_core_dtype): fp32 when asked, and
     by default on CPU under a 16-bit recipe; otherwise the compute dtype."""
-    c = 4 if precision.recipe == "fp32" else 2
+    c = compute_bytes(precision)
     if c == 4 or precision.attention == "fp32" or (precision.attention == "auto" and device == "cpu"):
         return 4
     return c
@@ -333,7 +341,7 @@ def attention_bytes_per_element(precision, device: str) -> int:
 def activation_bytes(m: ModelConfig, layout: Layout, precision, layers: list[int], first: bool, last: bool,
                      device: str = "cuda") -> dict[str, int]:
     """Activations of one micro-batch on one rank, per kind of module."""
-    c = 4 if precision.recipe == "fp32" else 2
+    c = compute_bytes(precision)
     r = BYTES[precision.param_dtype]
     n = layout.micro_batch_size * layout.seq_len
     w = Widths(n=n, ns=n // layout.tp if layout.sp else n, batch=layout.micro_batch_size, seq=layout.seq_len,

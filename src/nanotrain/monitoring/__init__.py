@@ -1,6 +1,6 @@
 """Monitoring: MFU accounting, metric sinks (console, JSONL, TensorBoard) and the loss plot."""
 
-from nanotrain.monitoring.mfu import measure_peak_flops, mfu, transformer_flops_per_token
+from nanotrain.monitoring.mfu import mfu, transformer_flops_per_token
 from nanotrain.monitoring.plot import plot_loss_curve
 from nanotrain.monitoring.sinks import (
     ConsoleProgress,
@@ -19,7 +19,6 @@ __all__ = [
     "NullLogger",
     "TensorBoardSink",
     "build_logger",
-    "measure_peak_flops",
     "mfu",
     "plot_loss_curve",
     "tensorboard_tag",

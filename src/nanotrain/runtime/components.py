@@ -30,6 +30,7 @@ from ..precision.lowbit import apply_lowbit
 from ..precision.master import Dtypes
 from ..precision.policy import AUTOCAST, apply_policy
 from .contracts import RuntimeComponents, RuntimeContext
+from .machine import resolve_precision
 
 VAL_STREAM = 1  # the val sampler draws from its own random stream
 PROBE_STREAM = 2  # and the probe batch (monitoring/probe.py) from another
@@ -57,6 +58,8 @@ class LocalBootstrap:
             raise ConfigError(str(e)) from None
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
+        # precision.recipe=auto becomes bf16 or fp32 here, from the device (runtime/machine.py).
+        machine, lines = resolve_precision(cfg, device)
         torch.manual_seed(cfg.train.seed)  # dropout's RNG; data and init have their own seeds
         out_dir = Path(cfg.train.out_dir)
         if parallel.rank == 0:
@@ -65,7 +68,8 @@ class LocalBootstrap:
         recipe = cfg.precision.recipe
         autocast = None if recipe == "fp32" else AUTOCAST.get(recipe, torch.bfloat16)
         return RuntimeContext(cfg=cfg, device=device, out_dir=out_dir, autocast_dtype=autocast,
-                              rank=parallel.rank, world_size=parallel.world_size, parallel=parallel)
+                              rank=parallel.rank, world_size=parallel.world_size, parallel=parallel,
+                              machine=machine, startup_lines=lines)
 
     def teardown(self, ctx: RuntimeContext) -> None:
         destroy_parallel()

@@ -26,6 +26,7 @@ from torch import nn
 from ..checkpoint import CheckpointManager, CheckpointReader, Piece
 from ..config import Config
 from ..parallel.state import ParallelState
+from .machine import Machine
 
 
 @dataclass
@@ -39,6 +40,8 @@ class RuntimeContext:
     rank: int = 0
     world_size: int = 1
     parallel: ParallelState = field(default_factory=ParallelState)
+    machine: Machine | None = None  # the device, cores, threads and matmul rates (runtime/machine.py)
+    startup_lines: list[str] = field(default_factory=list)  # what the bootstrap decided, for rank 0's log
 
     @property
     def is_main(self) -> bool:

@@ -24,7 +24,7 @@ from ..checkpoint import CheckpointReader, check_compatible, merge_over_pipeline
 from ..config import Config, ConfigError
 from ..inspection.counts import flops_per_token as logical_flops_per_token
 from ..inspection.counts import meta_model
-from ..monitoring import build_logger, measure_peak_flops, mfu, plot_loss_curve
+from ..monitoring import build_logger, mfu, plot_loss_curve
 from ..monitoring.monitor import TrainingMonitor, timed
 from ..monitoring.probe import Probe, check_resume
 from ..parallel.pipeline.runner import PipelineRunner
@@ -35,6 +35,7 @@ from ..precision.policy import describe_policy, load_state as load_precision_sta
 from ..precision.policy import state_pieces as precision_state_pieces
 from .components import default_components, write_run_config
 from .contracts import RuntimeComponents, RuntimeContext, TrainData
+from .machine import compute_dtype, job_peak, probe_machine
 
 
 @dataclass
@@ -247,20 +248,23 @@ class RuntimeEngine:
 
         # FLOPs per token of the logical model (inspection/counts.py, the count `nanotrain inspect`
         # prints: every matmul a token runs, attention's included), from a copy on the meta
-        # device, so the layout does not enter. MFU compares the run's FLOP/s with the peak of
-        # all its processes: each process probes its own share of the machine.
+        # device, so the layout does not enter. The MFU divides the whole job's FLOP/s by the whole
+        # job's peak: every GPU's, or every CPU node's (runtime/machine.py: probed once, not per rank).
         logical = meta_model(cfg.model)
         n_params = sum(p.numel() for p in logical.parameters())
         flops_per_token = logical_flops_per_token(logical, cfg.model, t_cfg.seq_len)["train"]
         del logical
-        # fp16's peak is taken as bf16's: equal on tensor-core GPUs, and CPUs have no fast fp16 GEMM to probe.
-        probe = torch.bfloat16 if ctx.autocast_dtype == torch.float16 else ctx.autocast_dtype or torch.float32
-        peak = log_cfg.peak_tflops * 1e12 or measure_peak_flops(ctx.device, probe)
-        peak *= ctx.world_size
+        machine = ctx.machine
+        if machine is None or not (machine.rates or log_cfg.peak_tflops):  # a bootstrap of one's own
+            machine = probe_machine(ctx.device)
+        dtype = compute_dtype(cfg.precision.recipe, ctx.device, cfg.precision.fp8_gemm)
+        peak, peak_source = job_peak(machine, dtype, log_cfg.peak_tflops)
         logger = build_logger(log_cfg, ctx.out_dir, t_cfg.max_steps, start, ctx.rank)
+        for line in ctx.startup_lines or [machine.describe()]:
+            logger.message(line)
         logger.message(f"model: {n_params / 1e6:.2f}M parameters, {flops_per_token / 1e6:.1f} MFLOP/token; "
-                       f"{data.tokens_per_step} tokens/step; device {ctx.device}, precision {cfg.precision.recipe}, "
-                       f"peak {peak / 1e12:.2f} TFLOP/s" + (f"; resumed at step {start}" if start else ""))
+                       f"{data.tokens_per_step} tokens/step; precision {cfg.precision.recipe}; MFU peak "
+                       f"{peak / 1e12:.3g} TFLOP/s ({peak_source})" + (f"; resumed at step {start}" if start else ""))
         if cfg.precision.recipe not in ("fp32", "bf16") or cfg.precision.overrides:
             policy = merge_over_pipeline(getattr(model, "gemm_policy", {}), ps.pp_group)  # each stage: its modules
             path = ctx.out_dir / "precision_policy.json"
