@@ -1,5 +1,6 @@
 """Shared test helpers: a tiny config that trains in a second on the shipped corpus."""
 
+import os
 import sys
 from pathlib import Path
 
@@ -13,6 +14,15 @@ for _sub in ("unit", "parity"):  # shared tiny model configs between test files
 CORPUS = ROOT / "data" / "tinyshakespeare.txt"
 
 
+def pytest_addoption(parser):
+    parser.addoption("--train-device", default="cpu", choices=["cpu", "cuda"],
+                     help="train.device of the engine runs built by tiny_config (bench/gpu_check.sh passes cuda)")
+
+
+def pytest_configure(config):
+    os.environ["NANOTRAIN_TEST_DEVICE"] = config.getoption("--train-device")
+
+
 def tiny_config(tmp_path: Path, *overrides: str):
     """A 2-layer, 32-wide model on tiny Shakespeare; everything it writes goes under tmp_path."""
     base = [f"--data.path={CORPUS}", f"--data.prepared_dir={tmp_path / 'prepared'}",
@@ -23,7 +33,7 @@ def tiny_config(tmp_path: Path, *overrides: str):
             "--logging.peak_tflops=1", "--logging.tensorboard=false", "--logging.plot=false",
             "--train.threads=1",
             # bf16 as every test was written for; recipe=auto is machine-dependent (test_machine.py)
-            "--precision.recipe=bf16"]
+            "--precision.recipe=bf16", f"--train.device={os.environ.get('NANOTRAIN_TEST_DEVICE', 'cpu')}"]
     return load_config(None, base + list(overrides))
 
 
