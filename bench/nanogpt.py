@@ -4,14 +4,17 @@
 
 Runs, one after the other:
   1. nanoGPT's train.py for the README's CPU command (bench/nanogpt_ref.py re-implements it: fp32),
-  2. `nanotrain train --config configs/shakespeare_char.toml` in bf16 (its default),
-  3. the same in fp32,
-  4. the same in nanoGPT's exact GPT-2 layout (learned positions instead of RoPE), bf16,
-  5. the same with the Llama block (RMSNorm, SwiGLU, RoPE), bf16 (--llama),
-and prints wall time (whole run: data, evals, checkpoints included), step time
+  2. `nanotrain train --config configs/shakespeare_char.toml` as shipped: precision.recipe=auto, which
+     is bf16 on a CPU with bf16 units (AMX, AVX512-BF16) and fp32 on an AVX2-only one,
+  3. the same config in the other of fp32 and bf16 (--other; bf16 is skipped where it is slower
+     than fp32: on AVX2 it would take half an hour),
+  4. the same in nanoGPT's exact GPT-2 layout (learned positions instead of RoPE) (--gpt2),
+  5. the same with the Llama block (RMSNorm, SwiGLU, RoPE) (--llama),
+and prints the CPU it ran on, wall time (whole run: data, evals, checkpoints included), step time
 and final val loss of each, with ratios against nanoGPT.
 
-Targets (issue 2): nano-train's val loss <= 1.88 and wall time <= nanoGPT's.
+Targets (issues 2 and 16): with the shipped config, val loss <= 1.88 in no more wall time than
+nanoGPT's, on either kind of CPU.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from nanogpt_ref import prepare_char_data, run_nanogpt
 from nanotrain.config import load_config
 from nanotrain.data import BatchSampler
 from nanotrain.runtime import RuntimeEngine
+from nanotrain.runtime.machine import probe_machine
 
 
 GPT2_LAYOUT = ["--model.norm=layernorm", "--model.mlp=gelu", "--model.pos_emb=learned"]
@@ -36,6 +40,7 @@ LLAMA_LAYOUT = ["--model.norm=rmsnorm", "--model.mlp=swiglu", "--model.pos_emb=r
 
 
 def run_ours(steps: int, recipe: str, out_dir: str, extra: list[str] = ()) -> dict:
+    """One nano-train run; "recipe" is the resolved one (auto becomes bf16 or fp32 at start-up)."""
     cfg = load_config(ROOT / "configs/shakespeare_char.toml", [*extra,
         f"--train.max_steps={steps}", f"--precision.recipe={recipe}", f"--train.out_dir={out_dir}",
         f"--data.path={ROOT / 'data/tinyshakespeare.txt'}", "--logging.progress=plain",
@@ -45,7 +50,7 @@ def run_ours(steps: int, recipe: str, out_dir: str, extra: list[str] = ()) -> di
     wall = time.perf_counter() - t0
     val = result.val_losses[max(result.val_losses)]
     return {"wall_s": wall, "val_loss": val, "fixed_val_loss": val,
-            "iter_ms": result.train_time_s / steps * 1e3}
+            "iter_ms": result.train_time_s / steps * 1e3, "recipe": cfg.precision.recipe}
 
 
 @torch.no_grad()
@@ -62,23 +67,34 @@ def our_val_loss(model, val_bin: str, cfg) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=2000)
-    ap.add_argument("--skip-fp32", action="store_true")
-    ap.add_argument("--llama", action="store_true", help="also run the Llama block")
+    ap.add_argument("--other", action="store_true", help="also the other of fp32 and bf16")
+    ap.add_argument("--gpt2", action="store_true", help="also nanoGPT's exact block (learned positions)")
+    ap.add_argument("--llama", action="store_true", help="also the Llama block")
     args = ap.parse_args()
     tmp = tempfile.mkdtemp(prefix="nanotrain-vs-nanogpt-")
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    machine = probe_machine(torch.device("cpu"))
+    print(f"{machine.describe()}; torch {torch.__version__}; matmul fp32 {machine.rates['fp32'] / 1e12:.3g} "
+          f"TFLOP/s, bf16 {machine.rates['bf16'] / 1e12:.3g} TFLOP/s")
     ref_data = prepare_char_data(str(ROOT / "data/tinyshakespeare.txt"), f"{tmp}/nanogpt")
     ref = run_nanogpt(ref_data, max_iters=args.steps, quiet=True)
     ref["fixed_val_loss"] = our_val_loss(ref["model"], f"{ref_data}/val.bin",
                                          load_config(ROOT / "configs/shakespeare_char.toml"))
-    runs = {"nanoGPT (fp32, reference)": ref, "nano-train bf16": run_ours(args.steps, "bf16", f"{tmp}/bf16")}
-    if not args.skip_fp32:
-        runs["nano-train fp32"] = run_ours(args.steps, "fp32", f"{tmp}/fp32")
-    runs["nano-train bf16, learned positions (nanoGPT's exact layout)"] = run_ours(
-        args.steps, "bf16", f"{tmp}/gpt2", GPT2_LAYOUT)
+    runs = {"nanoGPT (fp32, reference)": ref}
+    default = run_ours(args.steps, "auto", f"{tmp}/default")
+    runs[f"nano-train, shipped config (auto: {default['recipe']})"] = default
+    if args.other:
+        other = "fp32" if default["recipe"] == "bf16" else "bf16"
+        if other == "bf16" and machine.rates["bf16"] < machine.rates["fp32"]:
+            print(f"skipped bf16: this CPU's bf16 matmul is {machine.rates['fp32'] / machine.rates['bf16']:.0f}x "
+                  "slower than fp32")
+        else:
+            runs[f"nano-train, {other}"] = run_ours(args.steps, other, f"{tmp}/{other}")
+    if args.gpt2:
+        runs["nano-train, learned positions (nanoGPT's exact block)"] = run_ours(
+            args.steps, "auto", f"{tmp}/gpt2", GPT2_LAYOUT)
     if args.llama:
-        runs["nano-train bf16, Llama block"] = run_ours(args.steps, "bf16", f"{tmp}/llama", LLAMA_LAYOUT)
+        runs["nano-train, Llama block"] = run_ours(args.steps, "auto", f"{tmp}/llama", LLAMA_LAYOUT)
 
     rows = [[name, r["wall_s"], r["wall_s"] / ref["wall_s"], r["iter_ms"], r["fixed_val_loss"]]
             for name, r in runs.items()]

@@ -46,10 +46,12 @@ def test_buckets_overlap_backward_and_sum_gradients():
         torch.testing.assert_close(g, p.grad, rtol=1e-6, atol=1e-6)
 
 
-def _idle_experts_run(bucket_mb):
+def _idle_experts_run(bucket_mb, autocast=False):
     """ep=2 (= dp=2): every token is routed to experts 0 and 1, which live on rank 0, so rank 1's
     experts get no token. Rank 1 must still take part in the backward all-to-alls and in
-    the bucketed gradient sync, in the same order as rank 0."""
+    the bucketed gradient sync, in the same order as rank 0. Under bf16 autocast rank 0's experts
+    give bf16 outputs and rank 1 computes none: both must still exchange bf16 (gloo aborted the
+    whole job on the size mismatch, in make train's demo)."""
     from nanotrain.parallel.expert_parallel import ExpertParallel, ExpertParallelMoE
 
     torch.manual_seed(0)
@@ -65,14 +67,17 @@ def _idle_experts_run(bucket_mb):
     for _ in range(3):
         # requires_grad: the output of an earlier layer, as in a model
         x = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(rank), requires_grad=True)
-        moe(x).square().sum().backward()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y = moe(x)
+        y.float().square().sum().backward()
         sync.finish()
     idle = moe.experts.w1.grad is None or bool((moe.experts.w1.grad == 0).all())
     return {"experts_idle": idle, "router": moe.router.weight.grad}
 
 
-@pytest.mark.parametrize("bucket_mb", [25.0, 1e-4])  # one bucket; one bucket per parameter
-def test_rank_whose_experts_get_no_tokens_keeps_in_step(bucket_mb):
-    out = run_world(_idle_experts_run, 2, bucket_mb, timeout_s=60)  # a rank skipping a collective hangs
+@pytest.mark.parametrize("bucket_mb,autocast", [(25.0, False), (1e-4, False), (25.0, True)],
+                         ids=["one_bucket", "bucket_per_parameter", "bf16_autocast"])
+def test_rank_whose_experts_get_no_tokens_keeps_in_step(bucket_mb, autocast):
+    out = run_world(_idle_experts_run, 2, bucket_mb, autocast, timeout_s=60)  # a rank skipping a collective hangs
     assert out[1]["experts_idle"] and not out[0]["experts_idle"]
     assert torch.equal(out[0]["router"], out[1]["router"])  # synced over dp

@@ -74,6 +74,16 @@ class _AllToAll(torch.autograd.Function):
         return exchange(grad, in_splits, out_splits, ctx.group), None, None, None, None
 
 
+def combine_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the expert outputs travel back in: the same on every rank, whatever tokens it got.
+    Under autocast the experts' GEMMs give the autocast dtype, but a rank whose experts received no
+    token computes nothing and would send (and expect back) its input's dtype: gloo matches messages
+    by their bytes, and the mismatched element size aborts the job (the router sends a micro-batch's
+    every token to one rank's experts now and then early in training)."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
 def all_to_all(x, out_splits, in_splits, group, fp8: bool = False):
     return _AllToAll.apply(x, out_splits, in_splits, group, fp8)
 
@@ -113,4 +123,4 @@ class ExpertParallelMoE(LocalRoutedMoE):
         y_chunks = y_local.split([recv_rows[s][e] for e in range(nl) for s in range(ep)])
         y_source_major = torch.cat([y_chunks[e * ep + s] for s in range(ep) for e in range(nl)])
         # 4. Combine: return each output to the rank (and sorted position) its token came from.
-        return all_to_all(y_source_major, in_splits, out_splits, g, self.ep.combine_fp8)
+        return all_to_all(y_source_major.to(combine_dtype(x_sorted)), in_splits, out_splits, g, self.ep.combine_fp8)
