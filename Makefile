@@ -8,7 +8,7 @@ CONFIG ?= configs/shakespeare_char.toml
 NPROC  ?= 2
 ARGS   ?=
 
-.PHONY: train train-dp test setup data bench clean
+.PHONY: train train-dp test test-avx2 setup data bench clean
 
 $(VENV)/.installed: pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; install Python 3.11 or run make PYTHON=/path/to/python3.11"; exit 1; }
@@ -41,6 +41,12 @@ train-dp: data
 
 test: data
 	$(PY) -m pytest -q $(ARGS)
+
+# The suite as an AVX2-only CPU runs it (no AVX-512, no bf16 units), on any x86 CPU: oneDNN, MKL and
+# PyTorch's own kernels are told to use AVX2 at most. Their rounding and speed are then the AVX2
+# machine's (a bf16 matmul ~100x slower than fp32), so both kinds of CPU can be tested on one machine.
+test-avx2: data
+	MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 $(PY) -m pytest -q $(ARGS)
 
 bench: setup
 	$(PY) bench/overhead.py
