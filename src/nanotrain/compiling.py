@@ -38,6 +38,7 @@ compiled run (nanotrain verify ... --train.compile=true compiles both sides).
 from __future__ import annotations
 
 import functools
+import os
 import time
 import types
 from typing import Callable
@@ -118,6 +119,7 @@ def compile_blocks(model: nn.Module, world_size: int = 1) -> list[str]:
     from torch._dynamo.utils import counters
 
     mark_eager()
+    separate_cache_by_isa()
     # A fresh cache per run: compiled code of an earlier run in this process (tests, notebooks)
     # would count against the recompile limit below, and in compile_stats().
     torch._dynamo.reset()
@@ -139,6 +141,20 @@ def compile_blocks(model: nn.Module, world_size: int = 1) -> list[str]:
         block.compile(dynamic=False)
         names.append(f"layers.{name}")
     return names
+
+
+def separate_cache_by_isa() -> str:
+    """Point inductor's on-disk cache at a folder of its own per ATen CPU capability (AVX512,
+    AVX2, ...), inside the one it would use. torch 2.13's cache does not key its kernels on it:
+    a cache filled under ATEN_CPU_CAPABILITY=avx2 (how CI's AVX2-only CPUs are emulated here)
+    and read by a default AVX-512 process corrupted the heap, and the reverse gave NaN losses."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    base = os.environ.get("TORCHINDUCTOR_CACHE_DIR") or default_cache_dir()
+    mine = f"cpu-{torch.backends.cpu.get_cpu_capability().lower()}"
+    if os.path.basename(os.path.normpath(base)) != mine:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(base, mine)
+    return os.environ["TORCHINDUCTOR_CACHE_DIR"]
 
 
 @torch.no_grad()

@@ -66,3 +66,16 @@ def test_compile_errors_print_one_line_from_the_cli(tmp_path, capsys):
                      f"--train.out_dir={tmp_path / 'run'}", "--train.compile=true"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.count("\n") == 0 and err.startswith("error: train.compile=true needs a C++ compiler")
+
+
+def test_inductor_cache_has_a_folder_per_cpu_capability(tmp_path, monkeypatch):
+    """Kernels cached under one ATen CPU capability and loaded under another broke runs (NaN,
+    heap corruption) in torch 2.13: each capability gets its own folder, once."""
+    import torch
+
+    from nanotrain.compiling import separate_cache_by_isa
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    mine = tmp_path / f"cpu-{torch.backends.cpu.get_cpu_capability().lower()}"
+    assert separate_cache_by_isa() == str(mine)
+    assert separate_cache_by_isa() == str(mine)  # not nested again on the next run
