@@ -62,6 +62,8 @@ def test_compiled_matches_eager_with_bounded_recompiles(tmp_path):
                              on_grads=lambda step, model, ctx: stats.__setitem__(step, compile_stats())).run()
     print(f"compile stats after step 1: {stats[1]}, step 8: {stats[8]}, step 16: {stats[16]}; "
           f"start-up compile {compiled.compile_s:.1f} s")
+    worst = max(abs(compiled.losses[s] - eager.losses[s]) / eager.losses[s] for s in eager.losses)
+    print(f"compiled vs eager: largest loss difference {worst:.1e} relative")
     assert compiled.compile_s > 0
     assert stats[16] == stats[8]  # nothing recompiles once every variant has been met
     assert stats[16]["recompiles"] <= 6
