@@ -43,3 +43,25 @@ def alternate_rounds(fns: dict, steps: int, rounds: int, barrier) -> tuple[dict,
             if r > 0:
                 times[name].append((time.perf_counter() - t0) / steps)
     return times, losses
+
+
+def cpu_kind() -> str:
+    """This machine's CPU for a benchmark's header: the model name and the matrix/vector
+    extensions that decide its bf16 and fp32 speed (/proc/cpuinfo on Linux)."""
+    import platform
+
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
+    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
+    if "amx_bf16" in flags:
+        kind = "amx_bf16 (AMX tiles)"
+    elif "avx512_bf16" in flags:
+        kind = "avx512_bf16 (no AMX)"
+    elif "avx2" in flags:
+        kind = "only avx2 (no AVX-512, no AMX)"
+    else:
+        kind = "no avx2"
+    return f"{name}, {kind}"

@@ -284,6 +284,12 @@ class TrainConfig:
     out_dir: str = "runs/default"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int = 0  # torch intra-op threads; 0: leave PyTorch's default
+    # torch.compile each transformer block in place (nanotrain/compiling.py): same parameter
+    # names, checkpoints and pipeline split; collectives, MoE experts and low-bit GEMMs stay
+    # eager between the compiled pieces. Compiles at start-up (a missing C++ compiler or a
+    # failing block stops the run there, named). Compiled kernels round differently from
+    # eager ones: compare a compiled run with a compiled run.
+    compile: bool = False
 
     def micro_batch(self, dp: int) -> int:
         return self.micro_batch_size or self.batch_size // dp

@@ -36,7 +36,7 @@ class Attention(nn.Module):
         self.head_dim = cfg.d_model // cfg.n_heads
         self.dropout = cfg.dropout
         self.core_dtype: torch.dtype | None = None  # None: whatever autocast gives the projections
-        self.probe = None  # set by the training monitor to see q and k (the model does not use it)
+        self.probe = None  # probe(self, q, k, scale): set by the training monitor to see q and k
         std = cfg.init_std
         # Separate q/k/v projections (not one fused qkv matrix): with GQA their widths
         # differ, and a tensor-parallel split then cuts each one by heads.
@@ -63,7 +63,7 @@ class Attention(nn.Module):
             cos, sin = rope[0][:T].to(q.dtype), rope[1][:T].to(q.dtype)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.probe is not None:  # monitoring (monitoring/internals.py) on a logging step
-            self.probe(q, k, self.head_dim ** -0.5)
+            self.probe(self, q, k, self.head_dim ** -0.5)
         # With a core dtype, autocast must be off here: it would cast q, k, v back down.
         no_autocast = torch.autocast(x.device.type, enabled=False)
         with no_autocast if self.core_dtype is not None else contextlib.nullcontext():

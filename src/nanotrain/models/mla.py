@@ -85,7 +85,7 @@ class MLAttention(nn.Module):
         # (hence squared) through the softmax scale, because only the rope channels see
         # cos/sin; it then leaves cos/sin a factor of mscale/mscale_all_dim (1 in V3).
         self.softmax_scale = self.qk_dim ** -0.5
-        self.probe = None  # set by the training monitor to see q and k (the model does not use it)
+        self.probe = None  # probe(self, q, k, scale): set by the training monitor to see q and k
         if rope_scaling is not None and rope_scaling.get("mscale_all_dim"):
             self.softmax_scale *= yarn_mscale(rope_scaling["factor"], rope_scaling["mscale_all_dim"]) ** 2
 
@@ -109,7 +109,7 @@ class MLAttention(nn.Module):
         q = torch.cat([q_nope, apply_rope(q_pe, cos, sin)], dim=-1)
         k = torch.cat([k_nope, apply_rope(k_pe, cos, sin).expand(-1, k_nope.shape[1], -1, -1)], dim=-1)
         if self.probe is not None:  # monitoring (monitoring/internals.py) on a logging step
-            self.probe(q, k, self.softmax_scale)
+            self.probe(self, q, k, self.softmax_scale)
         # With a core dtype, autocast must be off here: it would cast q, k, v back down.
         no_autocast = torch.autocast(x.device.type, enabled=False)
         with no_autocast if self.core_dtype is not None else contextlib.nullcontext():

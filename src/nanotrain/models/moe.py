@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..compiling import eager
 from ..layers import Linear, _mark
 from ..precision.policy import gemm
 
@@ -185,6 +186,9 @@ class LocalRoutedMoE(nn.Module):
         self.aux_loss: torch.Tensor | None = None
         self.last_stats: dict[str, torch.Tensor] = {}
 
+    # Eager under train.compile (compiling.py): the tokens each expert gets, and with them the
+    # shapes of its GEMMs and of the all-to-alls, change every step.
+    @eager
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, d = x.shape
         tokens = x.reshape(B * T, d)

@@ -29,6 +29,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..compiling import eager
+
 
 SUMS = ("ent_sum", "ent_n", "res_sq", "res_n", "res_out", "norm_sq", "norm_n")
 MAXES = ("attn_max", "norm_max")
@@ -63,17 +65,41 @@ def norm_stats(a: torch.Tensor) -> dict[str, torch.Tensor]:
 
 
 class Internals:
+    """The hooks are registered once, on every block this rank holds (and its two norms), and
+    stay: arm() and disarm() only flip `monitor_armed` on the sentinel blocks and set or clear
+    their attention's probe. Adding and removing hooks per logging step would do under eager
+    PyTorch, but torch.compile (train.compile) does not guard on hooks: a compiled block keeps
+    the hooks it had when it was compiled. A flag is guarded, so a compiled block has two
+    variants, armed and not, both compiled once; the recording itself runs eagerly (@eager).
+    Every block carries the same hooks, so any block may reuse another's compiled code."""
+
     def __init__(self, model: nn.Module, sentinels: list[int], tp_rank: int, sequence_parallel: bool):
         self.model, self.sentinels = model, sentinels
         self.replicated_resid = not sequence_parallel and tp_rank != 0  # count the stream once over tp
-        self._handles: list = []
         self._acc: dict[int, dict[str, torch.Tensor]] = {}
         self.spent = 0.0  # seconds inside the hooks (bench/monitoring.py reports it)
         self.armed = False
+        for i, block in self._blocks(every=True):
+            hooked = hasattr(block, "monitor_owner")  # by an earlier monitor of this model: take them over
+            for module in self._watched(block):
+                module.monitor_armed, module.monitor_owner = False, (self, i)
+            if not self.replicated_resid and not hooked:
+                block.register_forward_hook(_residual_hook)
+                for name in ("attn_norm", "mlp_norm"):
+                    if getattr(block, name, None) is not None:
+                        getattr(block, name).register_forward_hook(_norm_hook)
 
-    def _blocks(self):
+    def _blocks(self, every: bool = False) -> list[tuple[int, nn.Module]]:
+        """(index, block) of the sentinel blocks this rank holds, or of all its blocks."""
         layers = getattr(self.model, "layers", {})
+        if every:
+            return [(int(i), block) for i, block in layers.items()]
         return [(i, layers[str(i)]) for i in self.sentinels if str(i) in layers]
+
+    @staticmethod
+    def _watched(block: nn.Module) -> list[nn.Module]:
+        return [m for m in (block, getattr(block, "attn", None), getattr(block, "attn_norm", None),
+                            getattr(block, "mlp_norm", None)) if m is not None]
 
     def _timed(self, i: int, fn, *args) -> None:
         start = time.perf_counter()
@@ -87,31 +113,23 @@ class Internals:
             acc[key] = torch.maximum(acc[key], v) if key in MAXES and key in acc else acc.get(key, 0) + v
 
     def arm(self) -> None:
-        """Hook the sentinel blocks this rank holds for the next forward passes."""
+        """Watch the sentinel blocks this rank holds during the next forward passes."""
         self._acc, self.armed = {}, True
-        for i, block in self._blocks():
-            attn = getattr(block, "attn", None)
-            if attn is not None:
-                attn.probe = lambda q, k, scale, i=i: self._timed(i, attention_stats, q, k, scale)
-            if not self.replicated_resid:
-                self._handles.append(block.register_forward_hook(
-                    lambda m, args, out, i=i: self._timed(i, residual_stats, out)))
-                for name in ("attn_norm", "mlp_norm"):
-                    norm = getattr(block, name, None)
-                    if norm is not None:
-                        self._handles.append(norm.register_forward_hook(
-                            lambda m, args, out, i=i: self._timed(i, norm_stats, out)))
+        for _, block in self._blocks():
+            for module in self._watched(block):
+                module.monitor_armed = True
+            if getattr(block, "attn", None) is not None:
+                block.attn.probe = _attention_probe
 
     def disarm(self) -> None:
         if not self.armed:
             return
         self.armed = False
         for _, block in self._blocks():
+            for module in self._watched(block):
+                module.monitor_armed = False
             if getattr(block, "attn", None) is not None:
                 block.attn.probe = None
-        for h in self._handles:
-            h.remove()
-        self._handles = []
 
     def collect(self) -> dict[str, float]:
         """Reduce over every rank; the figures of each sentinel block (every rank calls this)."""
@@ -149,6 +167,29 @@ class Internals:
             out[p + "norm_rms"] = (s["norm_sq"] / max(s["norm_n"], 1)) ** 0.5
             out[p + "norm_max_abs"] = m["norm_max"]
         return out
+
+
+# The hooks: one function object each for every block, so that compiled blocks can share code.
+# The flag test is traced (a guard); the recording is not (a graph break, only when armed).
+
+def _residual_hook(block: nn.Module, args, out: torch.Tensor) -> None:
+    if block.monitor_armed:
+        _record(block, residual_stats, out)
+
+
+def _norm_hook(norm: nn.Module, args, out: torch.Tensor) -> None:
+    if norm.monitor_armed:
+        _record(norm, norm_stats, out)
+
+
+def _attention_probe(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, scale: float) -> None:
+    _record(attn, attention_stats, q, k, scale)
+
+
+@eager
+def _record(module: nn.Module, fn, *args) -> None:
+    internals, i = module.monitor_owner
+    internals._timed(i, fn, *args)
 
 
 def default_sentinels(n_layers: int, chosen: list[int], mode: str) -> list[int]:

@@ -24,6 +24,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from ..compiling import eager
+
 SEQ_DIM = 1
 
 
@@ -103,6 +105,9 @@ class _Collective(torch.autograd.Function):
 
 
 def _pair(forward_fn, backward_fn, doc: str):
+    # Eager under train.compile (a graph break at each call): the communication stays the plain
+    # torch.distributed calls, which the communication meter wraps step by step (compiling.py).
+    @eager
     def collective(x: torch.Tensor, group) -> torch.Tensor:
         return _Collective.apply(x, group, forward_fn, backward_fn) if _size(group) > 1 else x
     collective.__doc__ = doc

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..compiling import eager
 from .recipes import NVFP4, DelayedScaling, Fp8Custom, Fp8DeepSeek, Fp8Tensorwise, MXFP4, Recipe
 
 LOW_BIT = ("fp8_tensorwise", "fp8_deepseek", "fp8_custom", "nvfp4", "mxfp4")
@@ -136,6 +137,14 @@ def gemm(module: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: torch.T
          site: str = "") -> torch.Tensor:
     """x Wᵀ + b in the module's recipe (F.linear under the active autocast if it has none).
     `site` names the weight when a module runs several (delayed scaling keeps one history each)."""
+    if getattr(module, "gemm_recipe", None) is None and getattr(module, "lowbit", None) is None:
+        return F.linear(x, weight, bias)
+    return recipe_gemm(module, x, weight, bias, site)
+
+
+@eager  # under train.compile: amax histories, generators and hand-over hooks are Python state (compiling.py)
+def recipe_gemm(module: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                site: str) -> torch.Tensor:
     lowbit = getattr(module, "lowbit", None)
     if lowbit is not None and weight is module.weight:  # a persistent low-bit weight (lowbit.py): its codes
         weight = lowbit.compute_weight()
@@ -182,3 +191,26 @@ def load_state(model: nn.Module, reader, rank: int) -> None:
         if generator is not None and id(generator) not in seen and reader.has(key):
             seen.add(id(generator))
             generator.set_state(reader.full(key))
+
+
+def state_snapshot(model: nn.Module):
+    """What state_pieces saves, copied now; returns a function that puts it back (the compile
+    warm-up runs the blocks once and must leave the run's rounding state as it found it)."""
+    histories, generators = [], {}
+    for module in model.modules():
+        if not runs_gemms(module):
+            continue
+        state = getattr(module, "gemm_state", None)
+        if state is not None:
+            histories.append((state, dict(state.histories)))  # entries are replaced, never changed in place
+        generator = getattr(module.gemm_recipe, "generator", None)
+        if generator is not None:
+            generators[id(generator)] = (generator, generator.get_state())
+
+    def restore() -> None:
+        for state, saved in histories:
+            state.histories = dict(saved)
+        for generator, saved in generators.values():
+            generator.set_state(saved)
+
+    return restore

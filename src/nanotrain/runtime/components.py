@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..checkpoint import CheckpointManager, CheckpointReader, Piece, sharded, whole
+from ..compiling import check_compiler, compile_blocks
 from ..config import Config, ConfigError
 from ..data import BatchSampler, prepare_data
 from ..models import build_model
@@ -52,6 +53,8 @@ class LocalBootstrap:
         if device.type == "cuda" and "LOCAL_RANK" in os.environ:
             device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
             torch.cuda.set_device(device)
+        if cfg.train.compile:  # a missing compiler is named now, not at the first step
+            check_compiler(device)
         try:
             parallel = init_parallel(cfg.parallel, device.type)
         except ValueError as e:
@@ -175,6 +178,8 @@ class TransformerProvider:
             model.lowbit_weights = apply_lowbit(model, ctx.cfg.precision)
         except ValueError as e:
             raise ConfigError(str(e)) from None
+        if ctx.cfg.train.compile:  # in place, last: the compiled blocks are the ones training runs
+            model.compiled_blocks = compile_blocks(model, ctx.world_size)
         return model
 
 

@@ -15,12 +15,14 @@ import json
 import math
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from ..checkpoint import CheckpointReader, check_compatible, merge_over_pipeline, model_pieces, whole
+from ..compiling import warm_up
 from ..config import Config, ConfigError
 from ..inspection.counts import flops_per_token as logical_flops_per_token
 from ..inspection.counts import meta_model
@@ -31,7 +33,7 @@ from ..parallel.pipeline.runner import PipelineRunner
 from ..parallel.state import all_reduce, barrier
 from ..precision.loss_scaling import LossScaler
 from ..precision.master import Dtypes
-from ..precision.policy import describe_policy, load_state as load_precision_state
+from ..precision.policy import describe_policy, load_state as load_precision_state, state_snapshot
 from ..precision.policy import state_pieces as precision_state_pieces
 from .components import default_components, write_run_config
 from .contracts import RuntimeComponents, RuntimeContext, TrainData
@@ -47,6 +49,7 @@ class RunResult:
     final_step: int = 0
     tokens_per_s: float = 0.0  # mean over the run's training time (evals and saves excluded)
     train_time_s: float = 0.0
+    compile_s: float = 0.0  # train.compile: the start-up compile of the blocks (not in train_time_s)
     rank: int = 0  # global rank of the process that returns this result
 
 
@@ -272,9 +275,14 @@ class RuntimeEngine:
                 path.write_text(json.dumps(policy, indent=1) + "\n")
             logger.message(f"precision policy: {describe_policy(policy)}; every module in {path}")
 
+        compile_s = 0.0
+        if cfg.train.compile:  # now, so that a block that cannot compile stops the run before step 1
+            compile_s = self._compile_blocks(model, ctx)
+            logger.message(f"torch.compile: {len(model.compiled_blocks)} blocks compiled in {compile_s:.1f} s "
+                           "(at the training shapes; evaluation shapes compile when first met)")
         if self.probe is not None:  # its hash, and its figures before this run's first step
             logger.log(start, {"probe/hash": self.probe.hash, **self.probe.measure(model, self.pipeline, ctx)})
-        result = RunResult(out_dir=ctx.out_dir, final_step=start, rank=ctx.rank)
+        result = RunResult(out_dir=ctx.out_dir, final_step=start, rank=ctx.rank, compile_s=compile_s)
         meter = StepMeter(start)
         val_loss = None
         model.train()
@@ -330,6 +338,16 @@ class RuntimeEngine:
         if meter.train_time:
             result.tokens_per_s = (result.final_step - start) * data.tokens_per_step / meter.train_time
         return result
+
+    def _compile_blocks(self, model: nn.Module, ctx: RuntimeContext) -> float:
+        """Run each compiled block once at the shape it gets in training (compiling.warm_up):
+        a micro-batch of this rank's sequence positions (1/tp of them under sequence parallelism),
+        in the dtype the embedding (or the previous pipeline stage) hands it."""
+        cfg, ps = ctx.cfg, ctx.parallel
+        positions = cfg.train.seq_len // (ps.tp if cfg.parallel.sequence_parallel else 1)
+        shape = (cfg.train.micro_batch(ps.dp), positions, cfg.model.d_model)
+        return warm_up(model, shape, Dtypes.from_config(cfg.precision).storage, ctx.device, ctx.autocast,
+                       partial(state_snapshot, model))
 
     # -- checkpoints ---------------------------------------------------------------
 
