@@ -3,10 +3,9 @@
 import pytest
 import torch
 
-from nanotrain.config import ConfigError, ParallelConfig, load_config
+from nanotrain.config import ConfigError, ParallelConfig
 from nanotrain.parallel.data_parallel import clip_grad_norm
 from nanotrain.parallel.state import ParallelState, check_layout
-from nanotrain.runtime.engine import resolve_model_config
 from nanotrain.verify import Report, compare, grad_floor, parse_layout, rel_diff
 
 
@@ -15,12 +14,6 @@ def test_world_size_must_match_the_layout():
         check_layout(ParallelConfig(tp=2, dp=2), world_size=2)
     with pytest.raises(ValueError, match="parallel.ep=3 must divide parallel.dp=4"):
         check_layout(ParallelConfig(dp=4, ep=3), world_size=4)
-
-
-def test_vocab_must_split_over_tp():
-    cfg = load_config("configs/shakespeare_char.toml", ["--parallel.tp=2", "--parallel.dp=1"])
-    with pytest.raises(ConfigError, match=r"65 tokens.*parallel.tp=2.*model.vocab_size=66"):
-        resolve_model_config(cfg, 65)
 
 
 def test_coordinates_follow_megatron_order():

@@ -225,7 +225,8 @@ class AdamWState:
     # -- checkpoints: the moments as boxes of the logical parameters (checkpoint/pieces.py) --
 
     def _moment_pieces(self, p: nn.Parameter, state: dict) -> list[Piece]:
-        return [sharded(f"optim/{k}/{self.names[p]}", state[k], getattr(p, "shard", None)) for k in MOMENTS]
+        pieces = [sharded(f"optim/{k}/{self.names[p]}", state[k], getattr(p, "shard", None)) for k in MOMENTS]
+        return [piece for piece in pieces if piece is not None]  # None: a shard of padding only
 
     def pieces(self) -> list[Piece]:
         """Each moment has its parameter's box (a tp/ep shard, or whole); plus the step count.
