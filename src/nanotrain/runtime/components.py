@@ -37,7 +37,7 @@ PROBE_STREAM = 2  # and the probe batch (monitoring/probe.py) from another
 
 def pick_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device=cuda but no CUDA device is visible: use train.device=cpu or auto.")
+        raise ConfigError("train.device=cuda but no CUDA device is visible: use train.device=cpu or auto.")
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     return torch.device(name)
