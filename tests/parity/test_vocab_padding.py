@@ -8,10 +8,12 @@ import dataclasses
 import json
 
 import pytest
+import torch
 from safetensors import safe_open
 
 from nanotrain.config import Config
-from nanotrain.models.hf import convert_to_hf
+from nanotrain.data import BatchSampler, prepare_data
+from nanotrain.models.hf import convert_to_hf, load_hf_model
 from nanotrain.parallel.launch import run_world
 from nanotrain.runtime import RuntimeEngine
 from test_deepseek_layouts import config as deepseek_config  # noqa: E402
@@ -51,7 +53,6 @@ def test_resume_across_padded_and_unpadded_layouts(tmp_path):
 def _logits_and_samples(tp_size):
     """Logits without targets (what sampling reads) and greedy and sampled continuations, from a
     model of 65 tokens built on this world's tp=tp_size (rank 0 returns them)."""
-    import torch
     import torch.distributed as dist
 
     from nanotrain.config import ModelConfig
@@ -75,8 +76,6 @@ def _logits_and_samples(tp_size):
 def test_sampling_sees_the_unpadded_logits():
     """Without targets the model returns the 65 real logits (the padding cut off after the
     gather), so sampling and greedy decoding are one process's."""
-    import torch
-
     one = run_world(_logits_and_samples, 1, 1)[0]
     par = run_world(_logits_and_samples, 4, 4)[0]  # 68 rows, 3 of padding on rank 3
     assert par[0].shape == one[0].shape == (2, 6, 65)
@@ -85,15 +84,27 @@ def test_sampling_sees_the_unpadded_logits():
 
 
 def _train(cfg_dict):
-    RuntimeEngine(Config.from_dict(cfg_dict)).run()
+    return RuntimeEngine(Config.from_dict(cfg_dict)).run().losses
 
 
-def test_hf_export_of_a_padded_run_has_the_real_vocabulary(tmp_path):
-    cfg = config(tmp_path, "--train.max_steps=2", "--schedule.warmup_steps=1", "--checkpoint.save_final=true",
-                 "--model.tie_embeddings=false", "--parallel.tp=2")
-    run_world(_train, 2, dataclasses.asdict(cfg))
+def test_hf_export_of_a_padded_run_has_the_real_vocabulary_and_loads_back_padded(tmp_path):
+    """Exported from tp=2 (66 rows): 65 rows in the HF folder. A new tp=2 run that starts from
+    it (checkpoint.init_from: each rank's padded shard from the 65 rows) has, before any update,
+    the exported model's loss on its first batch."""
+    def cfg(out, *extra):
+        return config(tmp_path, f"--train.out_dir={tmp_path / out}", "--schedule.warmup_steps=1",
+                      "--schedule.decay_steps=10", "--model.tie_embeddings=false", "--parallel.tp=2",
+                      "--logging.log_interval=1", *extra)
+
+    run_world(_train, 2, dataclasses.asdict(cfg("run", "--train.max_steps=2", "--checkpoint.save_final=true")))
     convert_to_hf(tmp_path / "run", tmp_path / "hf")
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["vocab_size"] == 65
     with safe_open(str(tmp_path / "hf" / "model.safetensors"), framework="pt") as f:
         assert f.get_slice("model.embed_tokens.weight").get_shape() == [65, 32]
         assert f.get_slice("lm_head.weight").get_shape() == [65, 32]
+    new = cfg("new", "--train.max_steps=1", f"--checkpoint.init_from={tmp_path / 'hf'}")
+    first = run_world(_train, 2, dataclasses.asdict(new))[0][1]
+    prepared = prepare_data(new.data, new.train.seq_len, log=lambda *a, **k: None)
+    x, y = BatchSampler(prepared.tokens("train"), new.train.seq_len, new.train.batch_size, new.train.seed).batch(0)
+    with torch.no_grad():
+        assert first == pytest.approx(load_hf_model(tmp_path / "hf")(x, y).item(), rel=1e-5)

@@ -103,5 +103,5 @@ def test_verify_pads_the_vocabulary_and_reports_errors_from_inside_the_world(tmp
     assert r.stdout.count("vocabulary: the tokenizer's 65 tokens padded to 66 rows for parallel.tp=2") == 1
     r = nanotrain("verify", *args, "--model.vocab_size=65", "--layout", "tp=2", "--steps", "2")
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
-    assert r.stderr.strip() == ("error: model.vocab_size=65 is not divisible by parallel.tp=2: set "
-                                "model.vocab_size=66, or 0 to take the tokenizer's vocabulary and pad it automatically.")
+    assert r.stderr.strip() == ("error: model.vocab_size=65 is not divisible by parallel.tp=2: set model.vocab_size=66, "
+                                "or 0 to take the tokenizer's vocabulary and pad it automatically.")
