@@ -97,3 +97,21 @@ def test_tokenizer_vocabulary_is_padded_and_an_explicit_one_is_obeyed():
         resolve_model_config(explicit, 65)
     even = load_config("configs/shakespeare_char.toml", ["--parallel.tp=2", "--model.vocab_size=66"])
     assert resolve_model_config(even, 65) is None and even.model.vocab_size == 66
+
+
+def test_inspect_plans_the_padded_layout(capsys):
+    """`nanotrain inspect` with the tokenizer's 65 at tp=2 plans what training runs, 66 rows:
+    the same memory and traffic as an explicit 66, and says so (it used to refuse: 'pad it')."""
+    import json
+
+    from nanotrain.cli import main
+
+    plans = {}
+    for vocab in (65, 66):
+        assert main(["inspect", "--config", "configs/shakespeare_char.toml", f"--model.vocab_size={vocab}",
+                     "--layout", "tp=2,dp=2", "--json"]) == 0
+        plans[vocab] = json.loads(capsys.readouterr().out)
+    padded, even = plans[65]["plan"], plans[66]["plan"]
+    assert padded.pop("vocab_padded") == 66 and "vocab_padded" not in even
+    assert padded == even
+    assert plans[65]["params_total"] == plans[66]["params_total"] - 128  # the logical model: 65 rows, tied
