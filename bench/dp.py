@@ -7,7 +7,7 @@ Both sides train the same model (same init) on the same batches in the same
 nano-train: parallel/data_parallel.py's GradSync (buckets all-reduced from
 backward hooks, sum of per-rank losses normalised by the global token count).
 DDP: the model wrapped in DistributedDataParallel (gradients averaged, so each
-rank's loss is its local mean: the same gradient). Same optimizer (fused
+rank's loss is its local mean: the same gradient). Same optimizer (optim.build_adamw:
 AdamW), same clipping, same bucket size, same precision policy. Rounds
 alternate which side goes first; the ratio is the median over rounds.
 

@@ -31,6 +31,7 @@ from nanotrain.config import load_config
 from nanotrain.data import BatchSampler, prepare_data
 from nanotrain.models import build_model
 from nanotrain.models.attention import Attention
+from nanotrain.optim import adamw_impl
 from nanotrain.runtime import RuntimeEngine
 
 
@@ -51,7 +52,8 @@ def plain_loop(cfg, steps: int) -> tuple[float, list[float]]:
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}],
-                            lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=True)
+                            lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
+                            **adamw_impl(o, torch.device("cpu")))  # the engine's implementation: equal losses
 
     def get_lr(it):
         if it < s.warmup_steps:

@@ -1,12 +1,12 @@
 """Tensor parallel (with sequence parallel) x data parallel training.
 
-    torchrun --nproc-per-node 4 examples/train_tp.py --config configs/shakespeare_char.toml \
-        --model.vocab_size=66
+    torchrun --nproc-per-node 4 examples/train_tp.py --config configs/shakespeare_char.toml
 
 tp=2 splits every layer's matrices over 2 ranks (attention by heads, the MLP by
 its hidden width, the vocabulary of the embedding and head); the remaining
-factor of the world is data parallel. The character vocabulary (65) must split
-over tp: --model.vocab_size=66 pads it by one never-used row.
+factor of the world is data parallel. The character vocabulary (65) does not
+split over tp=2: the run pads it to 66 rows (the padding row is never a target
+and is masked out of the softmax, so the model is the 65-token one) and says so.
 """
 
 import os

@@ -232,7 +232,9 @@ def main(argv: list[str] | None = None) -> int:
     args, overrides = parser.parse_known_args(argv)
     try:
         return args.fn(args, overrides)
-    except (ConfigError, DataError, CheckpointError) as e:
+    except (ConfigError, DataError, CheckpointError, OSError) as e:
+        # A bad config, input or path (OSError: a folder that cannot be created or read) is the
+        # user's to fix: one line, no traceback. Anything else is a bug and keeps its traceback.
         if os.environ.get("RANK", "0") == "0":  # under torchrun every process fails alike: say it once
             print(f"error: {e}", file=sys.stderr)
         return 2

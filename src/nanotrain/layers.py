@@ -19,6 +19,7 @@ which is fine at the sizes this project trains.
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass
 
 import torch
@@ -31,12 +32,28 @@ from .precision.policy import gemm
 @dataclass(frozen=True)
 class Shard:
     """This parameter holds slice `rank` of `world` equal parts of dim `dim` of the full tensor,
-    split over the `axis` group ("tp": tensor parallel, "ep": expert parallel)."""
+    split over the `axis` group ("tp": tensor parallel, "ep": expert parallel).
+
+    `size`: the full tensor's length along `dim` when the parts add up to more (0: they add up
+    to it exactly). The extra rows are padding at the end of the last parts (a vocabulary of 65
+    split over tp=2 is held as 2 x 33 rows, row 65 padding): they belong to no logical tensor,
+    so init leaves them zero, checkpoints and gathers leave them out."""
 
     dim: int
     rank: int
     world: int
     axis: str = "tp"
+    size: int = 0
+
+    def full_size(self, part: int) -> int:
+        """The full tensor's length along dim, from the length of one part."""
+        return self.size or part * self.world
+
+    def span(self, part: int) -> tuple[int, int]:
+        """[start, stop) of the full tensor's dim that this part holds (stop - start < part:
+        the rest of the part is padding)."""
+        full = self.full_size(part)
+        return min(self.rank * part, full), min((self.rank + 1) * part, full)
 
 
 def _mark(p: nn.Parameter, init: str, std: float = 0.0, shard: Shard | None = None) -> nn.Parameter:
@@ -134,13 +151,31 @@ def param_seed(seed: int, name: str) -> int:
 def full_shape(p: nn.Parameter) -> tuple[int, ...]:
     shape = list(p.shape)
     if getattr(p, "shard", None) is not None:
-        shape[p.shard.dim] *= p.shard.world
+        shape[p.shard.dim] = p.shard.full_size(shape[p.shard.dim])
     return tuple(shape)
 
 
 def logical_numel(model: nn.Module) -> int:
-    """Parameters of the whole (unsharded) model, counted from this rank's shards."""
-    return sum(p.numel() * (p.shard.world if getattr(p, "shard", None) else 1) for p in model.parameters())
+    """Parameters of the whole (unsharded, unpadded) model, counted from this rank's shards."""
+    return sum(math.prod(full_shape(p)) for p in model.parameters())
+
+
+def shard_part(full: torch.Tensor, shard: Shard | None) -> torch.Tensor:
+    """The part of the full tensor that `shard` holds, zero where the part runs past the full
+    tensor (padding)."""
+    if shard is None or shard.world == 1:
+        return full
+    dim = shard.dim % full.dim()
+    part = -(-full.shape[dim] // shard.world)  # padded parts: the full length rounded up to world parts
+    start, stop = shard.span(part)
+    piece = full.narrow(dim, start, stop - start)
+    if stop - start == part:
+        return piece.contiguous()
+    shape = list(full.shape)
+    shape[dim] = part
+    out = full.new_zeros(shape)
+    out.narrow(dim, 0, stop - start).copy_(piece)
+    return out
 
 
 def full_init_tensor(p: nn.Parameter, name: str, seed: int) -> torch.Tensor:
@@ -161,8 +196,7 @@ def full_init_tensor(p: nn.Parameter, name: str, seed: int) -> torch.Tensor:
 def init_parameters(model: nn.Module, seed: int) -> None:
     """Initialise every parameter from (seed, its logical name), then keep the local slice."""
     for name, p in model.named_parameters():
-        full = full_init_tensor(p, name, seed)
-        if p.shard is not None:
-            size = p.shape[p.shard.dim]
-            full = full.narrow(p.shard.dim, p.shard.rank * size, size)
-        p.copy_(full)
+        # Padding rows (Shard.size) start at zero, and stay there: nothing reads them (the
+        # vocabulary-parallel head masks their logits), so their gradient is zero, and AdamW
+        # moves a zero weight with zero gradient nowhere.
+        p.copy_(shard_part(full_init_tensor(p, name, seed), p.shard))

@@ -31,16 +31,29 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
             {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_adamw(model: nn.Module, cfg: OptimizerConfig, device: torch.device) -> torch.optim.AdamW:
-    # "fused" runs the whole update in one kernel per dtype/device (CPU and CUDA in
-    # torch >= 2.4); "foreach" batches the tensors through multi-tensor ops; "loop"
-    # is the reference per-parameter loop. All three compute the same update.
+def adamw_impl(cfg: OptimizerConfig, device: torch.device) -> dict:
+    """torch AdamW's implementation keywords for optimizer.impl: "fused" runs the whole update in
+    one kernel per dtype/device, "foreach" batches the tensors through multi-tensor ops, "loop" is
+    the reference per-parameter loop. The three differ in the last bit (fused computes
+    beta1*m + (1-beta1)*g where foreach lerps, and step_size*m/denom where foreach divides first).
+
+    auto: fused on CUDA, foreach on CPU. The CPU fused kernel rounds an element differently
+    depending on where it sits in its tensor (vector body in fp32, scalar tail in double), so the
+    same parameter updated as a tensor of its own or inside a flat ZeRO bucket would differ in
+    the last bit, which bf16 training then amplifies. foreach (and loop) apply one formula to every
+    element, so every optimizer here (this one, ZeroOptimizer's buckets and slices, MixedAdamW in
+    fp32) produces the same bits from the same gradients. On CUDA the fused kernel applies one
+    formula to every element too. Cost on CPU: 1.25 vs 0.41 ms per step for 0.8M parameters
+    (one thread), about 2% of a default step."""
     impl = cfg.impl
     if impl == "auto":
-        impl = "fused"
-    kwargs = {"fused": True} if impl == "fused" else {"foreach": impl == "foreach"}
+        impl = "fused" if device.type == "cuda" else "foreach"
+    return {"fused": True} if impl == "fused" else {"foreach": impl == "foreach"}
+
+
+def build_adamw(model: nn.Module, cfg: OptimizerConfig, device: torch.device) -> torch.optim.AdamW:
     return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
-                             betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, **kwargs)
+                             betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, **adamw_impl(cfg, device))
 
 
 def lr_at(step: int, opt: OptimizerConfig, sched: ScheduleConfig, max_steps: int) -> float:

@@ -39,8 +39,14 @@ def _metrics(cfg_dict) -> dict | None:
     return {k: v for d in lines if d["step"] == STEPS for k, v in d.items()} | {"probe/hash": lines[0]["probe/hash"]}
 
 
+def padded_config(tmp_path, *extra):
+    """The tokenizer's 65 characters: 66 rows at tp=2, the padding's logits -inf in the probe."""
+    return dense_config(tmp_path, "--model.vocab_size=0", *extra)
+
+
 LAYOUTS = {  # name: (config, world size, layout)
     "tp2_sp": (dense_config, 2, ["--parallel.tp=2", "--parallel.sequence_parallel=true"]),
+    "tp2_padded_vocab": (padded_config, 2, ["--parallel.tp=2"]),
     "pp2": (dense_config, 2, ["--parallel.pp=2"]),
     "dp2_zero2": (dense_config, 2, ["--parallel.dp=2", "--optimizer.zero_stage=2"]),
     "dp2_ep2": (deepseek_config, 2, ["--parallel.dp=2", "--parallel.ep=2"]),

@@ -1,14 +1,19 @@
 """Layout invariance for tensor and data parallelism: each layout vs one process, fp32, 10 steps.
 
 Tolerance: losses and gradients (after step 1, gathered to full tensors) within 1e-5 relative
-(max |a - b| / max |b| per tensor). Measured differences are ~1e-7: the only change between
-layouts is the order of floating-point sums (row-parallel partial sums, dp all-reduce)."""
+(|a - b| / max(|b|, u·G/tol) per tensor: verify.grad_floor). Measured differences are ~1e-7:
+the only change between layouts is the order of floating-point sums (row-parallel partial
+sums, dp all-reduce). test_verify_fails_on_a_real_bug checks that the measure still sees bugs."""
+
+import dataclasses
 
 import pytest
 
 from conftest import CORPUS
 from nanotrain.config import load_config
-from nanotrain.verify import verify
+from nanotrain.parallel.launch import run_world
+from nanotrain.verify import (compare, layout_config, parse_layout, reference_config, train_and_capture, verify,
+                              world_size)
 
 TOL = 1e-5
 
@@ -57,3 +62,54 @@ def test_layout_matches_one_process(tmp_path, name):
 def test_accumulation_alone_matches(tmp_path):
     """One process, 4 micro-batches of 2 vs one batch of 8."""
     check_layout(config(tmp_path), "micro=2")
+
+
+def _skip_first_sp_reduction(cfg_dict):
+    """A bug: the tp sum of sequence-parallel partial gradients leaves out one tensor (the first
+    one, layers.0.attn_norm.weight), whose gradient stays each rank's part of the sum."""
+    from nanotrain.parallel.data_parallel import GradSync
+
+    finish = GradSync.finish
+
+    def buggy(self):
+        kept, self.sp_params = self.sp_params, self.sp_params[1:]
+        try:
+            finish(self)
+        finally:
+            self.sp_params = kept
+
+    GradSync.finish = buggy
+    return train_and_capture(cfg_dict)
+
+
+def _double_one_shard(cfg_dict):
+    """A bug: tp rank 1's shard of layers.0.attn.wq.bias's gradient is doubled (as by a reduction
+    applied twice) before the optimizer step; the bias's gradient is ~1e-4 of the global norm."""
+    from nanotrain.runtime import RuntimeEngine
+
+    init = RuntimeEngine.__init__
+
+    def buggy(self, cfg, components=None, on_grads=None):
+        def double_then_capture(step, model, ctx):
+            if ctx.parallel.tp_rank == 1:
+                model.get_parameter("layers.0.attn.wq.bias").grad.mul_(2)
+            on_grads(step, model, ctx)
+        init(self, cfg, components, double_then_capture)
+
+    RuntimeEngine.__init__ = buggy
+    return train_and_capture(cfg_dict)
+
+
+@pytest.mark.parametrize("bug,name", [(_skip_first_sp_reduction, "layers.0.attn_norm.weight"),
+                                      (_double_one_shard, "layers.0.attn.wq.bias")])
+def test_verify_fails_on_a_real_bug(tmp_path, bug, name):
+    """The floor under vanishing gradients (verify.grad_floor) does not hide a wrong gradient, even
+    in a tensor whose gradient is far below the floor: verify's comparison, with a bug on the
+    layout's side, names that tensor and fails."""
+    cfg = config(tmp_path, "--model.bias=true")
+    ref = train_and_capture(dataclasses.asdict(reference_config(cfg, 2, str(tmp_path / "reference"))))
+    par_cfg = layout_config(reference_config(cfg, 2, str(tmp_path / "layout")), parse_layout("tp=2,sp"))
+    report = compare(ref, run_world(bug, world_size(par_cfg), dataclasses.asdict(par_cfg))[0], TOL)
+    print(report.table("tp=2,sp"))
+    assert report.worst_grad[0] == name and report.worst_grad[1] > 100 * TOL, report.table("tp=2,sp")
+    assert ref["grads"][name].norm() < report.floor  # measured against the floor, not its own norm

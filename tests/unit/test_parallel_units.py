@@ -3,11 +3,10 @@
 import pytest
 import torch
 
-from nanotrain.config import ConfigError, ParallelConfig, load_config
+from nanotrain.config import ConfigError, ParallelConfig
 from nanotrain.parallel.data_parallel import clip_grad_norm
 from nanotrain.parallel.state import ParallelState, check_layout
-from nanotrain.runtime.engine import resolve_model_config
-from nanotrain.verify import Report, parse_layout
+from nanotrain.verify import Report, compare, grad_floor, parse_layout, rel_diff
 
 
 def test_world_size_must_match_the_layout():
@@ -15,12 +14,6 @@ def test_world_size_must_match_the_layout():
         check_layout(ParallelConfig(tp=2, dp=2), world_size=2)
     with pytest.raises(ValueError, match="parallel.ep=3 must divide parallel.dp=4"):
         check_layout(ParallelConfig(dp=4, ep=3), world_size=4)
-
-
-def test_vocab_must_split_over_tp():
-    cfg = load_config("configs/shakespeare_char.toml", ["--parallel.tp=2", "--parallel.dp=1"])
-    with pytest.raises(ConfigError, match=r"65 tokens.*parallel.tp=2.*model.vocab_size=66"):
-        resolve_model_config(cfg, 65)
 
 
 def test_coordinates_follow_megatron_order():
@@ -52,3 +45,25 @@ def test_parse_layout_and_verdict():
     assert good.ok
     assert not Report([(1, 4.0, 4.1, 0.025)], ("w", 1e-7), 1e-5).ok
     assert not Report([(1, 4.0, 4.0, 0.0)], ("w", 1e-3), 1e-5).ok
+
+
+def test_gradient_measure_floors_vanishing_gradients_and_still_sees_bugs():
+    """verify's gradient measure: |a - b| / max(|b|, u·G/tol). A gradient that is zero in exact
+    arithmetic and rounding noise in both runs (the key bias) passes; a wrong value in a tensor
+    far below the floor (a small bias, halved as by a missing reduction) still fails."""
+    g = torch.Generator().manual_seed(0)
+    ref = {"w": torch.randn(64, 64, generator=g), "bias": torch.randn(64, generator=g) * 1e-4,
+           "key_bias": torch.randn(64, generator=g) * 1e-10}
+    G = float(torch.sqrt(sum(t.double().pow(2).sum() for t in ref.values())))
+    floor = grad_floor(ref, 1e-5)
+    assert floor == pytest.approx(2.0 ** -24 * G / 1e-5)
+    rounded = {"w": ref["w"] * (1 + 1e-7 * torch.randn(64, 64, generator=g)), "bias": ref["bias"] * (1 + 1e-7),
+               "key_bias": torch.randn(64, generator=g) * 1e-10}  # noise: not even the sign agrees
+    assert rel_diff(rounded["key_bias"], ref["key_bias"], 0.0) > 0.5  # against its own norm: O(1)
+    run = {"losses": {1: 4.0}, "grad_norms": {1: G}}
+    report = compare({**run, "grads": ref}, {**run, "grads": rounded}, 1e-5)
+    assert report.ok and report.worst_grad[1] < 1e-6, report.table("x")
+    buggy = dict(rounded, bias=ref["bias"] * 0.5)  # 1e-4 of the weight's scale, far below the floor
+    report = compare({**run, "grads": ref}, {**run, "grads": buggy}, 1e-5)
+    assert not report.ok and report.worst_grad[0] == "bias", report.table("x")
+

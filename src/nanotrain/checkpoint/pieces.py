@@ -24,6 +24,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..layers import shard_part
+
 
 @dataclass
 class Piece:
@@ -47,16 +49,23 @@ def whole(name: str, t: torch.Tensor) -> Piece:
 
 
 def sharded(name: str, t: torch.Tensor, shard, local_offsets: tuple[int, ...] | None = None,
-            local_shape: tuple[int, ...] | None = None) -> Piece:
+            local_shape: tuple[int, ...] | None = None) -> Piece | None:
     """A box of a tensor-/expert-parallel shard: `t` sits at `local_offsets` of this rank's
-    shard (of shape `local_shape`), which is part `shard.rank` of `shard.world` along shard.dim."""
+    shard (of shape `local_shape`), which is part `shard.rank` of `shard.world` along shard.dim.
+    A shard that ends in padding (a padded vocabulary: Shard.size) gives the box cut at the
+    logical tensor's end, or None if the box is all padding."""
     local_shape = tuple(local_shape or t.shape)
     offsets = list(local_offsets or (0,) * t.dim())
     shape = list(local_shape)
     if shard is not None and shard.world > 1:
         dim = shard.dim % len(shape)
         offsets[dim] += shard.rank * local_shape[dim]
-        shape[dim] *= shard.world
+        shape[dim] = shard.full_size(local_shape[dim])
+        keep = min(t.shape[dim], shape[dim] - offsets[dim])
+        if keep <= 0:
+            return None
+        if keep < t.shape[dim]:
+            t = t.narrow(dim, 0, keep)
     return Piece(name, t, tuple(offsets), tuple(shape))
 
 
@@ -108,15 +117,18 @@ def flat_pieces(name: str, flat: torch.Tensor, p: nn.Parameter, start: int, end:
         n = 1
         for x in sizes:
             n *= x
-        out.append(sharded(name, flat[s - start:s - start + n].view(sizes), shard, offsets, tuple(p.shape)))
+        piece = sharded(name, flat[s - start:s - start + n].view(sizes), shard, offsets, tuple(p.shape))
+        if piece is not None:  # None: padding only
+            out.append(piece)
     return out
 
 
 def model_pieces(model: nn.Module, skip: set[str] = frozenset()) -> list[Piece]:
     """Every persistent tensor of the model (parameters and buffers) under its single-process name;
     `skip`: the names whose full-precision value the optimizer holds and saves (master copies)."""
-    return [sharded("model/" + name, t.detach(), getattr(t, "shard", None))
-            for name, t in model.state_dict(keep_vars=True).items() if name not in skip]
+    pieces = [sharded("model/" + name, t.detach(), getattr(t, "shard", None))
+              for name, t in model.state_dict(keep_vars=True).items() if name not in skip]
+    return [p for p in pieces if p is not None]  # None: a shard of nothing but padding
 
 
 # ---------------------------------------------------------------------------
@@ -125,20 +137,19 @@ def model_pieces(model: nn.Module, skip: set[str] = frozenset()) -> list[Piece]:
 
 def gather_full(t: torch.Tensor, shard, groups) -> torch.Tensor:
     """The full tensor from every rank's shard (`shard`: layers.Shard or None; `groups`: the
-    process group of each Shard.axis, e.g. ParallelState.groups(), or one group for all)."""
+    process group of each Shard.axis, e.g. ParallelState.groups(), or one group for all),
+    without the padding of a padded vocabulary: the single-process tensor."""
     if shard is None or shard.world == 1:
         return t.detach().clone()
     group = groups[shard.axis] if isinstance(groups, dict) else groups
     parts = [torch.empty_like(t) for _ in range(shard.world)]
     dist.all_gather(parts, t.detach().contiguous(), group=group)
-    return torch.cat(parts, dim=shard.dim)
+    return torch.cat(parts, dim=shard.dim).narrow(shard.dim, 0, shard.full_size(t.shape[shard.dim]))
 
 
 def local_slice(full: torch.Tensor, shard) -> torch.Tensor:
-    if shard is None or shard.world == 1:
-        return full
-    size = full.shape[shard.dim] // shard.world
-    return full.narrow(shard.dim, shard.rank * size, size).contiguous()
+    """This rank's part of a whole tensor (zero-padded where its shard ends in padding)."""
+    return shard_part(full, shard)
 
 
 def load_full_model_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:

@@ -38,7 +38,7 @@ few bytes each.
 from __future__ import annotations
 
 from ..config import ModelConfig
-from .memory import BYTES, Layout, compute_bytes, rank_model, stage_layers, stage_parameters
+from .memory import BYTES, Layout, compute_bytes, rank_model, stage_layers, stage_parameters, vocab_per_rank
 
 WIRE = {"all_reduce": lambda n: 2 * (n - 1) / n, "all_gather": lambda n: (n - 1) / n,
         "reduce_scatter": lambda n: (n - 1) / n, "all_to_all": lambda n: (n - 1) / n, "send": lambda n: 1.0}
@@ -141,7 +141,7 @@ def comm_per_step(m: ModelConfig, layout: Layout, precision, pp_rank: int = 0,
         sends = chunks * 2 - (1 if last else 0) - (1 if first else 0)
         out["pp"] = {"send": mb * sends * n * m.d_model * param_b}
         if m.tie_embeddings and (first or last):
-            out["embd"] = {"all_reduce": m.vocab_size // layout.tp * m.d_model * grad_b}
+            out["embd"] = {"all_reduce": vocab_per_rank(m, layout.tp) * m.d_model * grad_b}
     return out
 
 

@@ -300,11 +300,19 @@ def _mtp_bytes(m: ModelConfig, w: Widths, math_path: bool) -> int:
     inner = replace(outer, r=w.c, weights_cast=w.casts_weights)
     total = n * (d * 4 + 4) + _norm(outer, n, d, m.norm) + _inputs(outer, 2 * d, [2 * d * d])
     total += sum(block_bytes(m, inner, m.n_layers, math_path).values()) + _norm(inner, n, d, m.norm)
-    return total + n * d * w.c + n * m.vocab_size // w.tp * 4 + n * 8 + 4
+    return total + n * d * w.c + n * vocab_per_rank(m, w.tp) * 4 + n * 8 + 4
+
+
+def vocab_per_rank(m: ModelConfig, tp: int) -> int:
+    """Rows of the vocabulary (embedding, head, logits) on one tp rank: a vocabulary that tp
+    does not divide is padded to a multiple of it (parallel/tensor_parallel.py)."""
+    from ..parallel.tensor_parallel import padded_vocab
+
+    return padded_vocab(m.vocab_size, tp) // tp
 
 
 def _head_and_loss(m: ModelConfig, w: Widths) -> int:
-    v = m.vocab_size // w.tp
+    v = vocab_per_rank(m, w.tp)
     head = _norm(w, w.ns, m.d_model, m.norm) + _inputs(w, m.d_model, [m.d_model * v])
     return head + w.n * v * 4 + w.n * 8 + 4  # fp32 logits kept by the softmax, targets
 

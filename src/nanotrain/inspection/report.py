@@ -11,7 +11,7 @@ from ..config import Config, ConfigError, ModelConfig, load_config
 from .comm import comm_per_step, wire_bytes
 from .counts import KINDS, flops_per_token, meta_model, param_counts
 from .hardware import Accelerator
-from .memory import Layout, memory_per_rank, rank_model
+from .memory import Layout, memory_per_rank, rank_model, vocab_per_rank
 from .roofline import DTYPE_BYTES, PHASES, plot_intensity, plot_roofline, roofline
 
 
@@ -89,6 +89,9 @@ def plan_layout(m: ModelConfig, seq_len: int, cfg: Config, layout: dict, micro_b
         k: getattr(cfg.precision, k) for k in ("recipe", "param_dtype", "master_dtype", "grad_dtype", "exp_avg_dtype",
                                                 "exp_avg_sq_dtype")},
         "memory_per_rank_bytes": worst["total"], "stages": stages}
+    padded = vocab_per_rank(m, lay.tp) * lay.tp
+    if padded != m.vocab_size:  # as training pads a tokenizer's vocabulary (tensor_parallel.py)
+        out["vocab_padded"] = padded
     if hardware is not None:
         out["fits"] = worst["total"] <= hardware.hbm_bytes
     return out
@@ -98,8 +101,6 @@ def _check_layout(m: ModelConfig, lay: Layout) -> None:
     problems = []
     if m.n_heads % lay.tp:
         problems.append(f"tp={lay.tp} does not divide the {m.n_heads} attention heads")
-    if m.vocab_size % lay.tp:
-        problems.append(f"tp={lay.tp} does not divide the vocabulary ({m.vocab_size}): pad it")
     if lay.pp * lay.pp_virtual_stages > m.n_layers:
         problems.append(f"pp={lay.pp} x {lay.pp_virtual_stages} chunks is more than the {m.n_layers} layers")
     if lay.dp % lay.ep:
@@ -128,6 +129,10 @@ def layout_markdown(plan: dict) -> list[str]:
              "| stage | layers | weights | gradients | master | optimizer | activations / micro-batch | in flight "
              "| activations | with full recompute | total |",
              "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    if "vocab_padded" in plan:
+        v = plan["vocab_padded"]
+        lines[2] += (f" The vocabulary is padded to {v} rows ({v // lay['tp']} per tp rank), as training pads the "
+                     "tokenizer's when tp does not divide it: weights, logits and traffic count the padding.")
     for st in plan["stages"]:
         lines.append(f"| {st['stage']} | {st['layers']} | {_bytes(st['weights'])} | {_bytes(st['gradients'])} | "
                      f"{_bytes(st['master'])} | {_bytes(st['optimizer'])} | "

@@ -302,6 +302,8 @@ def model_config_from_hf(hf_config: dict[str, Any]) -> ModelConfig:
     if model_type == "deepseek_v3":
         return _deepseek_config_from_hf(hf)
 
+    _missing_keys(hf, ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"),
+                  model_type)
     d_model = hf["hidden_size"]
     n_heads = hf["num_attention_heads"]
     n_kv_heads = hf.get("num_key_value_heads") or n_heads
@@ -640,7 +642,13 @@ def load_hf_model(folder: str | Path) -> TransformerModel:
     """Our model (TransformerModel for Llama/Mistral, DeepSeekModel for DeepSeek-V3) with the
     weights of an HF checkpoint folder (config.json + safetensors), in fp32 on CPU, in eval mode."""
     folder = Path(folder)
-    hf_cfg = json.loads((folder / "config.json").read_text())
+    if not (folder / "config.json").is_file():
+        raise ValueError(f"{folder} has no config.json: pass a Hugging Face model folder (config.json and "
+                         "*.safetensors, as save_pretrained writes it).")
+    try:
+        hf_cfg = json.loads((folder / "config.json").read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{folder / 'config.json'} is not valid JSON ({e}).") from None
     cfg = model_config_from_hf(hf_cfg)
     model = build_model(cfg)
     expected = model.state_dict()  # with tied embeddings: both tok_emb.weight and head.weight

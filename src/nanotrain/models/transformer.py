@@ -16,7 +16,7 @@ from torch import nn
 from ..config import ModelConfig
 from ..layers import Embedding, Linear, init_parameters, make_norm
 from ..parallel.collectives import gather_last
-from ..parallel.tensor_parallel import TensorParallel, column_linear, vocab_embedding, vocab_parallel_cross_entropy
+from ..parallel.tensor_parallel import TensorParallel, vocab_embedding, vocab_head, vocab_parallel_cross_entropy
 from .attention import Attention
 from .mlp import make_mlp
 from .rope import rope_cache
@@ -56,8 +56,9 @@ class TransformerModel(nn.Module):
         self.layers = nn.ModuleDict({str(i): self.make_block(cfg, i, tp) for i in range(cfg.n_layers)})
         self.norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias)
         # Vocabulary-parallel head: each rank computes the logits of its slice of the
-        # vocabulary; the loss never gathers them (vocab_parallel_cross_entropy).
-        self.head = column_linear(cfg.d_model, cfg.vocab_size, False, cfg.init_std, tp)
+        # vocabulary; the loss never gathers them (vocab_parallel_cross_entropy). Under tp the
+        # vocabulary is padded to a multiple of tp, the padding's logits -inf (tensor_parallel.py).
+        self.head = vocab_head(cfg.d_model, cfg.vocab_size, cfg.init_std, tp)
         if cfg.tie_embeddings:
             self.head.weight = self.tok_emb.weight  # one tensor, named tok_emb.weight
         if cfg.pos_emb == "rope":
@@ -123,10 +124,13 @@ class TransformerModel(nn.Module):
 
     def output(self, x: torch.Tensor, targets: torch.Tensor | None = None,
                loss_denominator: float | torch.Tensor | None = None) -> torch.Tensor:
-        """Final norm and head: logits (gathered over tp), or the loss given targets."""
+        """Final norm and head: logits (gathered over tp, without the vocabulary's padding), or
+        the loss given targets."""
         logits = self.head(self.norm(x))  # [B, T, V/tp]
         if targets is None:
-            return gather_last(logits, self.tp.group) if self.tp is not None else logits
+            if self.tp is None:
+                return logits
+            return gather_last(logits, self.tp.group)[..., :self.cfg.vocab_size]
         denom = loss_denominator if loss_denominator is not None else count_targets(targets)
         return token_loss_sum(logits, targets, self.tp) / denom
 

@@ -24,6 +24,10 @@ S = sum e over the whole vocabulary):
     loss       log S - z[target] (the target's z lives on one shard, 0 elsewhere: SUM)
     top-k      gather each shard's own top k of e; the global top k are among them
 
+A vocabulary padded to a multiple of tp has logit -inf in its padding columns
+(tensor_parallel.VocabParallelHead): e = 0 there, and e z, which would be 0 x -inf, is
+taken as its limit, 0. The figures are those of the unpadded vocabulary.
+
 Only the last pipeline stage runs the head: its sums are all-reduced over the pp group (the
 other stages add 0). Every data-parallel rank forwards the whole probe (a few sequences, in
 one forward): no dp reduction, and the forward is the one-process one.
@@ -67,7 +71,8 @@ def logit_sums(logits: torch.Tensor, targets: torch.Tensor, group=None, rank: in
     local = t - rank * n  # the target's column in this shard, if it is in it
     mine = (local >= 0) & (local < n)
     z_target = torch.where(mine, z.gather(-1, local.clamp(0, n - 1).unsqueeze(-1)).squeeze(-1), 0.0)
-    s, ez, z_target = all_reduce(torch.stack([e.sum(-1), (e * z).sum(-1), z_target]), group)
+    ez = torch.where(e > 0, e * z, 0.0)  # e z -> 0 as z -> -inf (padding columns: 0 x -inf)
+    s, ez, z_target = all_reduce(torch.stack([e.sum(-1), ez.sum(-1), z_target]), group)
     log_s = s.log()
     most = max(TOP_K)
     top = gather_last(e.topk(min(most, n), -1).values, group)  # each shard's own top k, side by side

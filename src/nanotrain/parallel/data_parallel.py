@@ -139,13 +139,11 @@ def counted_in_norm(p: nn.Parameter, tp_rank: int) -> bool:
     return tp_rank == 0 or (shard is not None and shard.axis == "tp")
 
 
-def clip_grad_norm(params: list[nn.Parameter], max_norm: float, tp_group: dist.ProcessGroup | None,
-                   tp_rank: int = 0, ep_group: dist.ProcessGroup | None = None,
-                   pp_group: dist.ProcessGroup | None = None, loss_scale: float = 1.0) -> torch.Tensor:
-    """Global gradient norm over the *logical* model, then scale every gradient by
-    min(1, max_norm / norm) (torch.nn.utils.clip_grad_norm_'s formula). With fp16 loss
-    scaling the gradients hold loss_scale times the true ones: the norm returned is the
-    true one (inf or NaN if any gradient overflowed), and the same pass divides it out.
+def grad_norm(params: list[nn.Parameter], grads: list[torch.Tensor], tp_group: dist.ProcessGroup | None,
+              tp_rank: int = 0, ep_group: dist.ProcessGroup | None = None,
+              pp_group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """Global norm of the *logical* model's gradient, from this rank's whole gradients `grads`
+    of `params` (in that order: the order of the sums is part of the result's last bit).
 
     Under tensor parallelism a sharded parameter contributes its shard's squares on
     every tp rank (the shards add up to the whole), while a replicated one (norms,
@@ -154,34 +152,41 @@ def clip_grad_norm(params: list[nn.Parameter], max_norm: float, tp_group: dist.P
     ep group. Pipeline stages hold disjoint layers: their squares add over the pp
     group, the last stage's copy of a tied embedding left out (it is the first
     stage's parameter). With one rank of each this is exactly clip_grad_norm_'s
-    arithmetic.
-    """
-    grads = [p.grad for p in params if p.grad is not None]
+    arithmetic."""
     tp = 1 if tp_group is None else dist.get_world_size(tp_group)
     ep = 1 if ep_group is None else dist.get_world_size(ep_group)
     pp = 1 if pp_group is None else dist.get_world_size(pp_group)
     if tp == 1 and ep == 1 and pp == 1:
-        norms = torch._foreach_norm(grads)
-        total = torch.linalg.vector_norm(torch.stack(norms))
-    else:
-        def squares(gs):
-            return torch.stack(torch._foreach_norm(gs)).pow(2).sum() if gs else torch.zeros((), device=device)
+        return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+    device = grads[0].device if grads else torch.device("cpu")
 
-        device = grads[0].device if grads else torch.device("cpu")
+    def squares(gs):
+        return torch.stack(torch._foreach_norm(gs)).pow(2).sum() if gs else torch.zeros((), device=device)
 
-        counted = [p for p in params if p.grad is not None and counted_in_norm(p, tp_rank)]
-        dense = [p.grad for p in counted if p.shard is None or p.shard.axis == "tp"]
-        experts = [p.grad for p in counted if p.shard is not None and p.shard.axis == "ep"]
-        parts = torch.stack([squares(dense), squares(experts)])
-        if ep > 1:
-            parts[1:] = all_reduce_copy(parts[1:], ep_group)
-        total_sq = parts.sum()
-        if tp > 1:
-            dist.all_reduce(total_sq, group=tp_group)
-        if pp > 1:
-            dist.all_reduce(total_sq, group=pp_group)
-        total = total_sq.sqrt()
-    total = total / loss_scale
+    counted = [(p, g) for p, g in zip(params, grads) if counted_in_norm(p, tp_rank)]
+    dense = [g for p, g in counted if p.shard is None or p.shard.axis == "tp"]
+    experts = [g for p, g in counted if p.shard is not None and p.shard.axis == "ep"]
+    parts = torch.stack([squares(dense), squares(experts)])
+    if ep > 1:
+        parts[1:] = all_reduce_copy(parts[1:], ep_group)
+    total_sq = parts.sum()
+    if tp > 1:
+        dist.all_reduce(total_sq, group=tp_group)
+    if pp > 1:
+        dist.all_reduce(total_sq, group=pp_group)
+    return total_sq.sqrt()
+
+
+def clip_grad_norm(params: list[nn.Parameter], max_norm: float, tp_group: dist.ProcessGroup | None,
+                   tp_rank: int = 0, ep_group: dist.ProcessGroup | None = None,
+                   pp_group: dist.ProcessGroup | None = None, loss_scale: float = 1.0) -> torch.Tensor:
+    """Global gradient norm over the logical model (grad_norm), then scale every gradient by
+    min(1, max_norm / norm) (torch.nn.utils.clip_grad_norm_'s formula). With fp16 loss
+    scaling the gradients hold loss_scale times the true ones: the norm returned is the
+    true one (inf or NaN if any gradient overflowed), and the same pass divides it out."""
+    params = [p for p in params if p.grad is not None]
+    grads = [p.grad for p in params]
+    total = grad_norm(params, grads, tp_group, tp_rank, ep_group, pp_group) / loss_scale
     if max_norm > 0:
         coef = torch.clamp(max_norm / (total + 1e-6), max=1.0) / loss_scale  # clip_grad_norm_'s formula
         torch._foreach_mul_(grads, coef)

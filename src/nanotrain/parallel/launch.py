@@ -4,8 +4,9 @@ Used by `nanotrain verify` and the distributed tests, so a learner (or pytest)
 can run a parallel layout without torchrun. Each process gets the environment
 torchrun would give it (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
 MASTER_PORT), joins the default process group, runs `fn(*args)`, and sends
-back its return value. A failure on any rank is raised here with that rank's
-traceback.
+back its return value. A failure on any rank is raised here: the rank's own exception
+(a ConfigError stays a ConfigError, so a caller reports it as it would in one process),
+caused by a RuntimeError that holds the rank's traceback.
 
 torchrun is the launcher for real runs (`torchrun --nproc-per-node N -m
 nanotrain train ...`); this is its in-process equivalent for one machine.
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import io
 import os
+import pickle
 import queue as queue_module
 import socket
 import traceback
@@ -44,11 +46,22 @@ def _worker(rank: int, world_size: int, port: int, threads: int, fn: Callable, a
         buf = io.BytesIO()
         torch.save(fn(*args), buf)
         queue.put((rank, "ok", buf.getvalue()))
-    except BaseException:  # report everything, including KeyboardInterrupt, to the parent
-        queue.put((rank, "error", traceback.format_exc()))
+    except BaseException as e:  # report everything, including KeyboardInterrupt, to the parent
+        queue.put((rank, "error", (traceback.format_exc(), _pickled(e))))
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _pickled(e: BaseException) -> bytes | None:
+    """The exception as bytes, if it survives the trip (one whose class takes other arguments
+    than it stores may not: then only its traceback travels)."""
+    try:
+        data = pickle.dumps(e)
+        pickle.loads(data)
+        return data
+    except Exception:
+        return None
 
 
 def _context():
@@ -80,6 +93,7 @@ def run_world(fn: Callable[..., Any], world_size: int, *args: Any, threads: int 
         p.start()
     results: dict[int, Any] = {}
     errors: list[str] = []
+    raised: BaseException | None = None  # the first failing rank's exception
     try:
         for _ in range(world_size):
             try:
@@ -91,7 +105,9 @@ def run_world(fn: Callable[..., Any], world_size: int, *args: Any, threads: int 
             if status == "ok":
                 results[rank] = torch.load(io.BytesIO(value), weights_only=False)
             else:
-                errors.append(f"--- rank {rank} ---\n{value}")
+                text, exc = value
+                errors.append(f"--- rank {rank} ---\n{text}")
+                raised = pickle.loads(exc) if exc is not None else None
                 break  # the other ranks may now wait forever on a collective
     finally:
         for p in procs:
@@ -99,5 +115,8 @@ def run_world(fn: Callable[..., Any], world_size: int, *args: Any, threads: int 
             if p.is_alive():
                 p.kill()
     if errors:
-        raise RuntimeError(f"a rank of the {world_size}-process world failed:\n" + "\n".join(errors))
+        report = RuntimeError(f"a rank of the {world_size}-process world failed:\n" + "\n".join(errors))
+        if raised is not None:
+            raise raised from report
+        raise report
     return [results[r] for r in range(world_size)]

@@ -6,9 +6,18 @@
                            its in/tp slice of x; the partial sums are all-reduced.
     VocabParallelEmbedding the table split by vocabulary rows; each rank looks up the ids
                            in its range, zeros elsewhere, all-reduce.
+    VocabParallelHead      the output head, split by vocabulary rows: each rank computes the
+                           logits of its rows.
     vocab_parallel_cross_entropy  softmax over a vocabulary split across ranks without
                            gathering the logits: max, sum-exp and the target logit are
                            each one all-reduce of a [tokens] tensor.
+
+A vocabulary that tp does not divide (65 characters over tp=2) is padded to the next
+multiple of tp (padded_vocab; Megatron's make-vocab-size-divisible-by), the padding rows at
+the end of the last shards. They are no token: the head gives them logit -inf, so no softmax
+(loss, probe, sampling) sees them and the model is the unpadded one-process model; their
+weights start at zero and get no gradient; checkpoints and gathers leave them out
+(Shard.size). The logical tensors keep the vocabulary's own size.
 
 A Column -> Row pair (attention's wq/wk/wv -> wo, the MLP's w1/w3 -> w2) needs
 one all-reduce forward and one backward, and nothing between the two matmuls:
@@ -48,9 +57,21 @@ class TensorParallel:
     sequence_parallel: bool = False
 
 
-def _shard_param(p: nn.Parameter, dim: int, tp: TensorParallel) -> nn.Parameter:
-    p.shard = Shard(dim, tp.rank, tp.size)
+def _shard_param(p: nn.Parameter, dim: int, tp: TensorParallel, size: int = 0) -> nn.Parameter:
+    p.shard = Shard(dim, tp.rank, tp.size, size=size)
     return p
+
+
+def padded_vocab(vocab_size: int, tp: int) -> int:
+    """The vocabulary rounded up to a multiple of tp, so that each rank holds as many rows."""
+    return -(-vocab_size // tp) * tp
+
+
+def _vocab_rows(vocab_size: int, tp: TensorParallel) -> tuple[int, int]:
+    """(rows per rank, Shard.size): the padded vocabulary's rows per rank, and the logical size
+    to record when the vocabulary was padded (0 when tp divides it)."""
+    padded = padded_vocab(vocab_size, tp.size)
+    return padded // tp.size, vocab_size if padded != vocab_size else 0
 
 
 def _divide(n: int, tp: TensorParallel, what: str) -> int:
@@ -95,13 +116,14 @@ class RowParallelLinear(Linear):
 
 
 class VocabParallelEmbedding(Embedding):
-    """Rows [r*V/tp, (r+1)*V/tp) of the table on rank r; out-of-range ids contribute zeros."""
+    """Rows [r*V/tp, (r+1)*V/tp) of the (padded) table on rank r; out-of-range ids contribute zeros."""
 
     def __init__(self, num_embeddings: int, dim: int, init_std: float, tp: TensorParallel):
-        super().__init__(_divide(num_embeddings, tp, "vocabulary size"), dim, init_std)
+        rows, size = _vocab_rows(num_embeddings, tp)
+        super().__init__(rows, dim, init_std)
         self.tp = tp
         self.vocab_start = tp.rank * self.num_embeddings
-        _shard_param(self.weight, 0, tp)
+        _shard_param(self.weight, 0, tp, size)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         local = ids - self.vocab_start
@@ -112,8 +134,31 @@ class VocabParallelEmbedding(Embedding):
         return reduce_scatter_seq(out, g) if self.tp.sequence_parallel else reduce_from_region(out, g)
 
 
+class VocabParallelHead(ColumnParallelLinear):
+    """The output head: logits [..., V/tp] of this rank's rows of the (padded) vocabulary.
+
+    Padding rows get logit -inf: exp(-inf) = 0 exactly, so every softmax over the vocabulary
+    (the loss, the probe, sampling) is the unpadded model's, and the gradient of a padding
+    logit, softmax - onehot, is 0: the padding rows of the weight (tied or not) never move."""
+
+    def __init__(self, in_features: int, vocab_size: int, init_std: float, tp: TensorParallel):
+        rows, size = _vocab_rows(vocab_size, tp)
+        super().__init__(in_features, rows * tp.size, False, init_std, tp)
+        _shard_param(self.weight, 0, tp, size)
+        start, stop = self.weight.shard.span(rows)
+        self.real_rows = stop - start  # the rest of this shard, if any, is padding
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = super().forward(x)
+        if self.real_rows == self.out_features:
+            return y
+        padding = torch.arange(self.out_features, device=y.device) >= self.real_rows
+        return y.masked_fill(padding, float("-inf"))
+
+
 class _VocabParallelCrossEntropy(torch.autograd.Function):
-    """Per-token -log softmax(z)[target] with z split over the tp group along the vocabulary."""
+    """Per-token -log softmax(z)[target] with z split over the tp group along the vocabulary
+    (padding columns arrive as -inf from VocabParallelHead: they add exp(-inf) = 0 to the sum)."""
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, vocab_start: int, group, ignore_index: int):
@@ -180,3 +225,9 @@ def vocab_embedding(num_embeddings: int, dim: int, init_std: float, tp: TensorPa
     if tp is None:
         return Embedding(num_embeddings, dim, init_std)
     return VocabParallelEmbedding(num_embeddings, dim, init_std, tp)
+
+
+def vocab_head(dim: int, vocab_size: int, init_std: float, tp: TensorParallel | None) -> Linear:
+    if tp is None:
+        return Linear(dim, vocab_size, False, init_std)
+    return VocabParallelHead(dim, vocab_size, init_std, tp)

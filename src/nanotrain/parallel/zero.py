@@ -63,9 +63,9 @@ import torch.distributed as dist
 from torch import nn
 
 from ..checkpoint import CheckpointReader, Piece, flat_pieces, whole
-from ..optim import MOMENTS, adamw_state
+from ..optim import MOMENTS, adamw_impl, adamw_state
 from ..precision.master import Dtypes, MixedAdamW
-from .data_parallel import counted_in_norm
+from .data_parallel import counted_in_norm, grad_norm
 from .state import all_reduce
 
 
@@ -160,7 +160,7 @@ class ZeroOptimizer:
         self.stage, self.ps, self.cfg = stage, ps, cfg
         self.dtypes = dt = dtypes or Dtypes()
         self.names = {p: n for n, p in model.named_parameters()}
-        params = [p for p in model.parameters() if p.requires_grad]
+        self.params = params = [p for p in model.parameters() if p.requires_grad]
         if stage > 0 and any(getattr(p, "lowbit", None) is not None for p in params):
             raise ValueError("precision.lowbit_weights with optimizer.zero_stage>0: the low-bit weights' masters are "
                              "not sharded. Use optimizer.zero_stage=0, or drop precision.lowbit_weights.")
@@ -202,8 +202,9 @@ class ZeroOptimizer:
                          for b in self.buckets}
         groups_ = [{"params": [self.master[id(b)] for b in c.buckets],
                     "weight_decay": cfg.weight_decay if c.decay else 0.0} for c in self.categories]
-        if dt.torch_adamw:  # fp32 masters and moments: torch's AdamW
-            self.opt = torch.optim.AdamW(groups_, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, foreach=True)
+        if dt.torch_adamw:  # fp32 masters and moments: torch's AdamW, the implementation plain AdamW uses
+            self.opt = torch.optim.AdamW(groups_, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                                         **adamw_impl(cfg, self.buckets[0].flat.device))
         else:
             self.opt = MixedAdamW(groups_, cfg.lr, (cfg.beta1, cfg.beta2), cfg.eps, dt.exp_avg, dt.exp_avg_sq,
                                   dt.rounding, seed=seed + ps.rank)
@@ -351,6 +352,15 @@ class ZeroOptimizer:
     def _grad_norm(self) -> torch.Tensor:
         """Global norm of the logical model's gradient, from the owned slices (see clip_grad_norm)."""
         ps = self.ps
+        if all(b.shards == 1 for b in self.buckets):
+            # Whole gradients on every rank (stage 0, or nothing to shard over): plain AdamW's
+            # norm, over the parameters in the model's order. A sum of squares in another order
+            # (bucket order) differs in the last bit, and so then does the clipping coefficient
+            # and every update; bf16 training amplifies that.
+            views = {p: self.grad[id(b)][lo:hi].view(p.shape) for b in self.buckets for p, lo, hi, _ in b.overlaps()}
+            params = [p for p in self.params if p in views]
+            return grad_norm(params, [views[p].float() for p in params], ps.tp_group, ps.tp_rank, ps.ep_group,
+                             ps.pp_group)
         device = self.buckets[0].flat.device
         slices = {"dp": [], "edp": []}
         for b in self.buckets:

@@ -39,7 +39,7 @@ PROBE_STREAM = 2  # and the probe batch (monitoring/probe.py) from another
 
 def pick_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device=cuda but no CUDA device is visible: use train.device=cpu or auto.")
+        raise ConfigError("train.device=cuda but no CUDA device is visible: use train.device=cpu or auto.")
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     return torch.device(name)
@@ -234,7 +234,8 @@ class AdamWState:
     # -- checkpoints: the moments as boxes of the logical parameters (checkpoint/pieces.py) --
 
     def _moment_pieces(self, p: nn.Parameter, state: dict) -> list[Piece]:
-        return [sharded(f"optim/{k}/{self.names[p]}", state[k], getattr(p, "shard", None)) for k in MOMENTS]
+        pieces = [sharded(f"optim/{k}/{self.names[p]}", state[k], getattr(p, "shard", None)) for k in MOMENTS]
+        return [piece for piece in pieces if piece is not None]  # None: a shard of padding only
 
     def pieces(self) -> list[Piece]:
         """Each moment has its parameter's box (a tp/ep shard, or whole); plus the step count.

@@ -31,6 +31,7 @@ from ..monitoring.monitor import TrainingMonitor, timed
 from ..monitoring.probe import Probe, check_resume
 from ..parallel.pipeline.runner import PipelineRunner
 from ..parallel.state import all_reduce, barrier
+from ..parallel.tensor_parallel import padded_vocab
 from ..precision.loss_scaling import LossScaler
 from ..precision.master import Dtypes
 from ..precision.policy import describe_policy, load_state as load_precision_state, state_snapshot
@@ -90,21 +91,33 @@ class StepMeter:
         self.mark = time.perf_counter()
 
 
-def resolve_model_config(cfg: Config, vocab_size: int) -> None:
-    """Fill the model sizes that come from the data: vocab (from the tokenizer) and context length."""
+def resolve_model_config(cfg: Config, vocab_size: int) -> str | None:
+    """Fill the model sizes that come from the data: vocab (from the tokenizer) and context length.
+
+    A vocabulary taken from the tokenizer (model.vocab_size=0) that parallel.tp does not divide
+    is padded, as Megatron's make-vocab-size-divisible-by does, by the model's tensor-parallel
+    layers (parallel/tensor_parallel.py): model.vocab_size stays the tokenizer's, so the
+    checkpoint, its config and the losses are those of the unpadded model. Returns the line that
+    says so (None without padding). An explicit model.vocab_size is obeyed as given."""
     m, tp = cfg.model, cfg.parallel.tp
+    if m.max_seq_len == 0:
+        m.max_seq_len = cfg.train.seq_len
     if m.vocab_size == 0:
         m.vocab_size = vocab_size
-    elif m.vocab_size < vocab_size:
+        padded = padded_vocab(vocab_size, tp)
+        if padded == vocab_size:
+            return None
+        return (f"vocabulary: the tokenizer's {vocab_size} tokens padded to {padded} rows for parallel.tp={tp} "
+                f"({padded // tp} per rank); the {padded - vocab_size} padding row(s) are never a target and are "
+                "masked out of the softmax")
+    if m.vocab_size < vocab_size:
         raise ConfigError(f"model.vocab_size={m.vocab_size} is smaller than the tokenizer's vocabulary "
                           f"({vocab_size}): set model.vocab_size=0 to take it from the tokenizer.")
     if m.vocab_size % tp:
-        padded = -(-m.vocab_size // tp) * tp
-        raise ConfigError(f"the vocabulary ({m.vocab_size} tokens) is not divisible by parallel.tp={tp}: "
-                          f"set model.vocab_size={padded} (rows past the tokenizer's vocabulary are never "
-                          "targets; Megatron pads the same way).")
-    if m.max_seq_len == 0:
-        m.max_seq_len = cfg.train.seq_len
+        raise ConfigError(f"model.vocab_size={m.vocab_size} is not divisible by parallel.tp={tp}: set "
+                          f"model.vocab_size={padded_vocab(m.vocab_size, tp)}, or 0 to take the tokenizer's "
+                          "vocabulary and pad it automatically.")
+    return None
 
 
 class RuntimeEngine:
@@ -225,7 +238,9 @@ class RuntimeEngine:
 
         data = self.c.data.build(ctx)
         self.probe = Probe.build(cfg, data, ctx.is_main)
-        resolve_model_config(cfg, data.vocab_size)
+        padding = resolve_model_config(cfg, data.vocab_size)
+        if padding and ctx.is_main:
+            print(padding, flush=True)
         model = self.c.model.build(ctx)
         if cfg.checkpoint.init_from:  # weights from elsewhere, then a fresh run from step 0
             from ..models.hf import init_from
