@@ -1,6 +1,6 @@
 """nano-train vs nanoGPT on nanoGPT's documented CPU run, same machine, same process.
 
-    python bench/nanogpt.py [--steps 2000] [--skip-fp32]
+    python bench/nanogpt.py [--steps 2000] [--rounds 2] [--other] [--gpt2] [--llama]
 
 Runs, one after the other:
   1. nanoGPT's train.py for the README's CPU command (bench/nanogpt_ref.py re-implements it: fp32),
@@ -20,6 +20,7 @@ nanoGPT's, on either kind of CPU.
 from __future__ import annotations
 
 import argparse
+import statistics
 import tempfile
 import time
 
@@ -30,13 +31,16 @@ import torch
 
 from nanogpt_ref import prepare_char_data, run_nanogpt
 from nanotrain.config import load_config
-from nanotrain.data import BatchSampler
+from nanotrain.data import BatchSampler, prepare_data
 from nanotrain.runtime import RuntimeEngine
 from nanotrain.runtime.machine import probe_machine
 
 
 GPT2_LAYOUT = ["--model.norm=layernorm", "--model.mlp=gelu", "--model.pos_emb=learned"]
 LLAMA_LAYOUT = ["--model.norm=rmsnorm", "--model.mlp=swiglu", "--model.pos_emb=rope"]
+
+
+FIXED_VAL_BATCHES = 50  # the val loss every model is scored on, after its timed run
 
 
 def run_ours(steps: int, recipe: str, out_dir: str, extra: list[str] = ()) -> dict:
@@ -46,22 +50,26 @@ def run_ours(steps: int, recipe: str, out_dir: str, extra: list[str] = ()) -> di
         f"--data.path={ROOT / 'data/tinyshakespeare.txt'}", "--logging.progress=plain",
         "--logging.log_interval=250", "--logging.tensorboard=true"])
     t0 = time.perf_counter()
-    result = RuntimeEngine(cfg).run()
+    engine = RuntimeEngine(cfg)
+    result = engine.run()
     wall = time.perf_counter() - t0
-    val = result.val_losses[max(result.val_losses)]
-    return {"wall_s": wall, "val_loss": val, "fixed_val_loss": val,
+    data = prepare_data(cfg.data, cfg.train.seq_len, log=lambda *a, **k: None).dir  # up to date: no work
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.precision.recipe != "fp32"):
+        fixed = fixed_val_loss(lambda x, y: engine.model(x, y), f"{data}/val.bin", cfg)
+    return {"wall_s": wall, "val_loss": result.val_losses[max(result.val_losses)], "fixed_val_loss": fixed,
             "iter_ms": result.train_time_s / steps * 1e3, "recipe": cfg.precision.recipe}
 
 
 @torch.no_grad()
-def our_val_loss(model, val_bin: str, cfg) -> float:
-    """nanoGPT's model on the exact val batches nano-train evaluates on (same tokens: both
-    prepare tiny Shakespeare identically), so the val losses compare like for like."""
+def fixed_val_loss(loss_of, val_bin: str, cfg, batches: int = FIXED_VAL_BATCHES) -> float:
+    """A model's mean loss on the same fixed val batches for every model (the stream nano-train
+    draws its eval batches from; both prepare tiny Shakespeare identically), outside the timed runs:
+    each run evaluates during training as its config says (nanoGPT: 20 val and 20 train batches per
+    eval; nano-train: train.eval_steps val batches), and the final figures compare like for like."""
     t = cfg.train
     sampler = BatchSampler(np.memmap(val_bin, dtype=np.uint16, mode="r"), t.seq_len, t.batch_size,
                            t.seed, stream=1)  # stream 1 = runtime.components.VAL_STREAM
-    model.eval()
-    return float(np.mean([model(*sampler.batch(i))[1].item() for i in range(t.eval_steps)]))
+    return float(np.mean([loss_of(*sampler.batch(i)).item() for i in range(batches)]))
 
 
 def main() -> None:
@@ -70,19 +78,41 @@ def main() -> None:
     ap.add_argument("--other", action="store_true", help="also the other of fp32 and bf16")
     ap.add_argument("--gpt2", action="store_true", help="also nanoGPT's exact block (learned positions)")
     ap.add_argument("--llama", action="store_true", help="also the Llama block")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run nanoGPT and the shipped config this many times each, in ABBA order (this "
+                         "machine's speed drifts by several %% over minutes); the table gives the medians")
     args = ap.parse_args()
     tmp = tempfile.mkdtemp(prefix="nanotrain-vs-nanogpt-")
 
     machine = probe_machine(torch.device("cpu"))
     print(f"{machine.describe()}; torch {torch.__version__}; matmul fp32 {machine.rates['fp32'] / 1e12:.3g} "
           f"TFLOP/s, bf16 {machine.rates['bf16'] / 1e12:.3g} TFLOP/s")
+    # The first torch.optim optimizer built in a process imports torch._dynamo (~1.3 s): whichever
+    # run came first would pay it. Each run started on its own pays it alike, so neither does here.
+    torch.optim.AdamW([torch.zeros(1, requires_grad=True)])
     ref_data = prepare_char_data(str(ROOT / "data/tinyshakespeare.txt"), f"{tmp}/nanogpt")
-    ref = run_nanogpt(ref_data, max_iters=args.steps, quiet=True)
-    ref["fixed_val_loss"] = our_val_loss(ref["model"], f"{ref_data}/val.bin",
-                                         load_config(ROOT / "configs/shakespeare_char.toml"))
-    runs = {"nanoGPT (fp32, reference)": ref}
-    default = run_ours(args.steps, "auto", f"{tmp}/default")
-    runs[f"nano-train, shipped config (auto: {default['recipe']})"] = default
+    cfg = load_config(ROOT / "configs/shakespeare_char.toml")
+
+    def nanogpt():
+        r = run_nanogpt(ref_data, max_iters=args.steps, quiet=True)
+        r["model"].eval()
+        r["fixed_val_loss"] = fixed_val_loss(lambda x, y: r["model"](x, y)[1], f"{ref_data}/val.bin", cfg)
+        return r
+
+    pairs = {"ref": [], "ours": []}
+    for i in range(args.rounds):  # ABBA: ref, ours, ours, ref, ...
+        for who in (("ref", "ours") if i % 2 == 0 else ("ours", "ref")):
+            pairs[who].append(nanogpt() if who == "ref" else run_ours(args.steps, "auto", f"{tmp}/default{i}"))
+
+    def median_run(rs: list[dict]) -> dict:
+        return {k: statistics.median(r[k] for r in rs) if isinstance(rs[0][k], float) else rs[0][k]
+                for k in rs[0] if k != "model"}
+
+    ref, default = median_run(pairs["ref"]), median_run(pairs["ours"])
+    if args.rounds > 1:
+        ratios = [o["wall_s"] / r["wall_s"] for r, o in zip(pairs["ref"], pairs["ours"])]
+        print(f"wall / nanoGPT per round: {', '.join(f'{x:.3f}' for x in ratios)}")
+    runs = {"nanoGPT (fp32, reference)": ref, f"nano-train, shipped config (auto: {default['recipe']})": default}
     if args.other:
         other = "fp32" if default["recipe"] == "bf16" else "bf16"
         if other == "bf16" and machine.rates["bf16"] < machine.rates["fp32"]:
@@ -100,8 +130,10 @@ def main() -> None:
             for name, r in runs.items()]
     print()
     print(table(rows, ["", "wall s", "wall / nanoGPT", "step ms", f"val loss @ {args.steps}"]))
-    print(f"\nval loss: every model on the same 50 fixed val batches of 12 x 64 (nano-train's eval set). "
-          f"nanoGPT's own estimate (20 random val batches, its eval_iters=20) said {ref['val_loss']:.4f}.")
+    print(f"\nval loss: every model on the same {FIXED_VAL_BATCHES} fixed val batches of 12 x 64, after its run. "
+          f"nanoGPT's own estimate (20 random val batches, its eval_iters=20) said {ref['val_loss']:.4f}; "
+          f"nano-train's ({load_config(ROOT / 'configs/shakespeare_char.toml').train.eval_steps} fixed batches) "
+          f"{default['val_loss']:.4f}.")
 
 
 if __name__ == "__main__":
