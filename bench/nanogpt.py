@@ -1,4 +1,4 @@
-"""nano-train vs nanoGPT on nanoGPT's documented CPU run, same machine, same process.
+"""nano-train vs nanoGPT on nanoGPT's documented CPU run, same machine, a fresh process each.
 
     python bench/nanogpt.py [--steps 2000] [--rounds 2] [--other] [--gpt2] [--llama]
 
@@ -20,9 +20,13 @@ nanoGPT's, on either kind of CPU.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
+from pathlib import Path
 
 from common import ROOT, table
 
@@ -72,6 +76,30 @@ def fixed_val_loss(loss_of, val_bin: str, cfg, batches: int = FIXED_VAL_BATCHES)
     return float(np.mean([loss_of(*sampler.batch(i)).item() for i in range(batches)]))
 
 
+def run_one(who: str, steps: int, recipe: str, extra: list[str], tmp: str) -> dict:
+    """One run, in this process (main() starts a process per run)."""
+    if who == "ours":
+        return run_ours(steps, recipe, f"{tmp}/ours", extra)
+    ref_data = prepare_char_data(str(ROOT / "data/tinyshakespeare.txt"), f"{tmp}/nanogpt")
+    r = run_nanogpt(ref_data, max_iters=steps, quiet=True)
+    model = r.pop("model").eval()
+    r["fixed_val_loss"] = fixed_val_loss(lambda x, y: model(x, y)[1], f"{ref_data}/val.bin",
+                                         load_config(ROOT / "configs/shakespeare_char.toml"))
+    return r
+
+
+def in_process(who: str, steps: int, recipe: str = "auto", extra: list[str] = ()) -> dict:
+    """One run in a fresh Python process, as a user starts it: each pays its own imports (torch.optim
+    imports torch._dynamo on its first optimizer, ~1.3 s) and keeps its own process-wide settings
+    (nano-train's malloc tuning, runtime/allocator.py), so neither run changes the other's time."""
+    with tempfile.TemporaryDirectory(prefix="nanotrain-vs-nanogpt-") as tmp:
+        out = Path(tmp) / "result.json"
+        cmd = [sys.executable, __file__, "--one", who, "--steps", str(steps), "--recipe", recipe,
+               "--result", str(out), "--tmp", tmp, *(f"--extra={e}" for e in extra)]
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        return json.loads(out.read_text())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=2000)
@@ -81,32 +109,28 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=1,
                     help="run nanoGPT and the shipped config this many times each, in ABBA order (this "
                          "machine's speed drifts by several %% over minutes); the table gives the medians")
+    ap.add_argument("--one", choices=["ref", "ours"], help=argparse.SUPPRESS)  # a single run (in_process)
+    ap.add_argument("--recipe", default="auto", help=argparse.SUPPRESS)
+    ap.add_argument("--extra", action="append", default=[], help=argparse.SUPPRESS)
+    ap.add_argument("--result", help=argparse.SUPPRESS)
+    ap.add_argument("--tmp", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    tmp = tempfile.mkdtemp(prefix="nanotrain-vs-nanogpt-")
+    if args.one:
+        result = run_one(args.one, args.steps, args.recipe, args.extra, args.tmp)
+        Path(args.result).write_text(json.dumps(result))
+        return
 
     machine = probe_machine(torch.device("cpu"))
     print(f"{machine.describe()}; torch {torch.__version__}; matmul fp32 {machine.rates['fp32'] / 1e12:.3g} "
-          f"TFLOP/s, bf16 {machine.rates['bf16'] / 1e12:.3g} TFLOP/s")
-    # The first torch.optim optimizer built in a process imports torch._dynamo (~1.3 s): whichever
-    # run came first would pay it. Each run started on its own pays it alike, so neither does here.
-    torch.optim.AdamW([torch.zeros(1, requires_grad=True)])
-    ref_data = prepare_char_data(str(ROOT / "data/tinyshakespeare.txt"), f"{tmp}/nanogpt")
-    cfg = load_config(ROOT / "configs/shakespeare_char.toml")
-
-    def nanogpt():
-        r = run_nanogpt(ref_data, max_iters=args.steps, quiet=True)
-        r["model"].eval()
-        r["fixed_val_loss"] = fixed_val_loss(lambda x, y: r["model"](x, y)[1], f"{ref_data}/val.bin", cfg)
-        return r
-
+          f"TFLOP/s, bf16 {machine.rates['bf16'] / 1e12:.3g} TFLOP/s", flush=True)
     pairs = {"ref": [], "ours": []}
     for i in range(args.rounds):  # ABBA: ref, ours, ours, ref, ...
         for who in (("ref", "ours") if i % 2 == 0 else ("ours", "ref")):
-            pairs[who].append(nanogpt() if who == "ref" else run_ours(args.steps, "auto", f"{tmp}/default{i}"))
+            pairs[who].append(in_process(who, args.steps))
+            print(f"round {i + 1}: {who} {pairs[who][-1]['wall_s']:.1f} s", flush=True)
 
     def median_run(rs: list[dict]) -> dict:
-        return {k: statistics.median(r[k] for r in rs) if isinstance(rs[0][k], float) else rs[0][k]
-                for k in rs[0] if k != "model"}
+        return {k: statistics.median(r[k] for r in rs) if isinstance(rs[0][k], float) else rs[0][k] for k in rs[0]}
 
     ref, default = median_run(pairs["ref"]), median_run(pairs["ours"])
     if args.rounds > 1:
@@ -119,12 +143,12 @@ def main() -> None:
             print(f"skipped bf16: this CPU's bf16 matmul is {machine.rates['fp32'] / machine.rates['bf16']:.0f}x "
                   "slower than fp32")
         else:
-            runs[f"nano-train, {other}"] = run_ours(args.steps, other, f"{tmp}/{other}")
+            runs[f"nano-train, {other}"] = in_process("ours", args.steps, other)
     if args.gpt2:
-        runs["nano-train, learned positions (nanoGPT's exact block)"] = run_ours(
-            args.steps, "auto", f"{tmp}/gpt2", GPT2_LAYOUT)
+        runs["nano-train, learned positions (nanoGPT's exact block)"] = in_process("ours", args.steps, "auto",
+                                                                                     GPT2_LAYOUT)
     if args.llama:
-        runs["nano-train, Llama block"] = run_ours(args.steps, "auto", f"{tmp}/llama", LLAMA_LAYOUT)
+        runs["nano-train, Llama block"] = in_process("ours", args.steps, "auto", LLAMA_LAYOUT)
 
     rows = [[name, r["wall_s"], r["wall_s"] / ref["wall_s"], r["iter_ms"], r["fixed_val_loss"]]
             for name, r in runs.items()]

@@ -31,6 +31,7 @@ from ..precision.lowbit import apply_lowbit
 from ..precision.master import Dtypes
 from ..precision.policy import AUTOCAST, apply_policy
 from .contracts import RuntimeComponents, RuntimeContext
+from .allocator import keep_freed_memory
 from .machine import resolve_precision
 
 VAL_STREAM = 1  # the val sampler draws from its own random stream
@@ -61,6 +62,8 @@ class LocalBootstrap:
             raise ConfigError(str(e)) from None
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
+        if device.type == "cpu":
+            keep_freed_memory()  # the next step's activations reuse this step's memory (runtime/allocator.py)
         # precision.recipe=auto becomes bf16 or fp32 here, from the device (runtime/machine.py).
         machine, lines = resolve_precision(cfg, device)
         torch.manual_seed(cfg.train.seed)  # dropout's RNG; data and init have their own seeds
