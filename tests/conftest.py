@@ -23,6 +23,14 @@ def pytest_configure(config):
     os.environ["NANOTRAIN_TEST_DEVICE"] = config.getoption("--train-device")
 
 
+def pytest_collection_modifyitems(config, items):
+    """Every test under tests/distributed and tests/parity starts gloo worlds: mark them `world`,
+    so that `pytest -m "not slow and not world"` runs the single-process part in a minute or two."""
+    for item in items:
+        if {"distributed", "parity"} & set(Path(str(item.fspath)).parts):
+            item.add_marker(pytest.mark.world)
+
+
 def tiny_config(tmp_path: Path, *overrides: str):
     """A 2-layer, 32-wide model on tiny Shakespeare; everything it writes goes under tmp_path."""
     base = [f"--data.path={CORPUS}", f"--data.prepared_dir={tmp_path / 'prepared'}",
