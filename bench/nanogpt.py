@@ -14,7 +14,8 @@ and prints the CPU it ran on, wall time (whole run: data, evals, checkpoints inc
 and final val loss of each, with ratios against nanoGPT.
 
 Targets (issues 2 and 16): with the shipped config, val loss <= 1.88 in no more wall time than
-nanoGPT's, on either kind of CPU.
+nanoGPT's, on either kind of CPU. The table gives both readings: the whole run's wall time against
+nanoGPT's, and the time at which the run's own evaluation first reads <= 1.88.
 """
 
 from __future__ import annotations
@@ -45,6 +46,12 @@ LLAMA_LAYOUT = ["--model.norm=rmsnorm", "--model.mlp=swiglu", "--model.pos_emb=r
 
 
 FIXED_VAL_BATCHES = 50  # the val loss every model is scored on, after its timed run
+TARGET = 1.88  # nanoGPT's documented val loss for this run
+
+
+def time_to_target(curve: list[tuple[int, float, float]]) -> float:
+    """Seconds into the run of its first evaluation at or below TARGET (its own estimate); inf if none."""
+    return next((t for _, t, val in curve if val <= TARGET), float("inf"))
 
 
 def run_ours(steps: int, recipe: str, out_dir: str, extra: list[str] = ()) -> dict:
@@ -58,9 +65,12 @@ def run_ours(steps: int, recipe: str, out_dir: str, extra: list[str] = ()) -> di
     result = engine.run()
     wall = time.perf_counter() - t0
     data = prepare_data(cfg.data, cfg.train.seq_len, log=lambda *a, **k: None).dir  # up to date: no work
+    rows = [json.loads(line) for line in (result.out_dir / "metrics.jsonl").read_text().splitlines()]
+    curve = [(r["step"], r["elapsed_s"], r["val_loss"]) for r in rows if "val_loss" in r]
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.precision.recipe != "fp32"):
         fixed = fixed_val_loss(lambda x, y: engine.model(x, y), f"{data}/val.bin", cfg)
     return {"wall_s": wall, "val_loss": result.val_losses[max(result.val_losses)], "fixed_val_loss": fixed,
+            "to_target_s": time_to_target(curve), "val_curve": curve,
             "iter_ms": result.train_time_s / steps * 1e3, "recipe": cfg.precision.recipe}
 
 
@@ -83,6 +93,7 @@ def run_one(who: str, steps: int, recipe: str, extra: list[str], tmp: str) -> di
     ref_data = prepare_char_data(str(ROOT / "data/tinyshakespeare.txt"), f"{tmp}/nanogpt")
     r = run_nanogpt(ref_data, max_iters=steps, quiet=True)
     model = r.pop("model").eval()
+    r["to_target_s"] = time_to_target(r["val_curve"])
     r["fixed_val_loss"] = fixed_val_loss(lambda x, y: model(x, y)[1], f"{ref_data}/val.bin",
                                          load_config(ROOT / "configs/shakespeare_char.toml"))
     return r
@@ -150,14 +161,16 @@ def main() -> None:
     if args.llama:
         runs["nano-train, Llama block"] = in_process("ours", args.steps, "auto", LLAMA_LAYOUT)
 
-    rows = [[name, r["wall_s"], r["wall_s"] / ref["wall_s"], r["iter_ms"], r["fixed_val_loss"]]
-            for name, r in runs.items()]
+    rows = [[name, r["wall_s"], r["wall_s"] / ref["wall_s"], r["iter_ms"], r["fixed_val_loss"],
+             r["to_target_s"], r["to_target_s"] / ref["wall_s"]] for name, r in runs.items()]
     print()
-    print(table(rows, ["", "wall s", "wall / nanoGPT", "step ms", f"val loss @ {args.steps}"]))
+    print(table(rows, ["", "wall s", "wall / nanoGPT", "step ms", f"val loss @ {args.steps}",
+                       f"s to val <= {TARGET}", "that / nanoGPT's wall"]))
     print(f"\nval loss: every model on the same {FIXED_VAL_BATCHES} fixed val batches of 12 x 64, after its run. "
           f"nanoGPT's own estimate (20 random val batches, its eval_iters=20) said {ref['val_loss']:.4f}; "
           f"nano-train's ({load_config(ROOT / 'configs/shakespeare_char.toml').train.eval_steps} fixed batches) "
-          f"{default['val_loss']:.4f}.")
+          f"{default['val_loss']:.4f}. s to val <= {TARGET}: the first of the run's own evaluations (every "
+          f"250 steps) at or below it (inf: none).")
 
 
 if __name__ == "__main__":

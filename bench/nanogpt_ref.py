@@ -299,7 +299,8 @@ def run_nanogpt(data_dir: str, max_iters: int = 2000, eval_interval: int = 250,
     iter 0 and at ``max_iters`` when it is a multiple), and ``max_iters + 1``
     optimizer steps are taken (iters 0..max_iters).
 
-    Returns dict: wall_s (model and optimizer built, then the loop incl. evals),
+    Returns dict: wall_s (model and optimizer built, then the loop incl. evals), val_curve
+    ((iter, seconds into wall_s, val estimate) at each eval),
     val_loss / train_loss (last estimate_loss), iter_ms (mean per-iter time,
     evals excluded; iter_ms_median is the median, robust to warm-up/contention),
     losses (per-iter train loss), n_params (nanoGPT's count, excludes wpe),
@@ -392,6 +393,7 @@ def run_nanogpt(data_dir: str, max_iters: int = 2000, eval_interval: int = 250,
     iter_times: list[float] = []
     last = {"train": float("nan"), "val": float("nan")}
     last_eval_iter = -1
+    val_curve: list[tuple[int, float, float]] = []  # (iter, seconds since wall_start, val estimate)
     n_evals = 0
 
     X, Y = get_batch("train")
@@ -405,6 +407,7 @@ def run_nanogpt(data_dir: str, max_iters: int = 2000, eval_interval: int = 250,
             losses = estimate_loss()
             say(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
             last = {"train": float(losses["train"]), "val": float(losses["val"])}
+            val_curve.append((iter_num, time.perf_counter() - wall_start, last["val"]))
             last_eval_iter = iter_num
             n_evals += 1
             if losses["val"] < best_val_loss:  # always_save_checkpoint=False
@@ -450,6 +453,7 @@ def run_nanogpt(data_dir: str, max_iters: int = 2000, eval_interval: int = 250,
         "last_eval_iter": last_eval_iter,
         "iters": len(train_losses),
         "evals": n_evals,
+        "val_curve": val_curve,
         "model": model,  # the trained model, so a caller can evaluate it on its own batches
     }
 

@@ -52,6 +52,8 @@ def test_outputs_and_metrics(make_config):
     for key in ("loss", "lr", "grad_norm", "tokens_per_s", "mfu"):
         assert all(isinstance(r[key], float) for r in train), key
     assert [r["step"] for r in records if "val_loss" in r] == [10, 20]
+    elapsed = [r["elapsed_s"] for r in records if "elapsed_s" in r]  # every train and val row, in order
+    assert len(elapsed) == 6 and 0 < elapsed[0] and elapsed == sorted(elapsed)
     assert (out / "loss.png").stat().st_size > 1000
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
     assert json.loads((out / "config.json").read_text())["model"]["vocab_size"] == 65

@@ -22,7 +22,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..parallel.tensor_parallel import TensorParallel, column_linear, row_linear
-from .rope import apply_rope
+from .rope import apply_rope, rope_tables
 
 
 class Attention(nn.Module):
@@ -60,7 +60,7 @@ class Attention(nn.Module):
         if self.core_dtype is not None:
             q, k, v = q.to(self.core_dtype), k.to(self.core_dtype), v.to(self.core_dtype)
         if rope is not None:
-            cos, sin = rope[0][:T].to(q.dtype), rope[1][:T].to(q.dtype)
+            cos, sin = rope_tables(rope, T, q.dtype)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.probe is not None:  # monitoring (monitoring/internals.py) on a logging step
             self.probe(self, q, k, self.head_dim ** -0.5)

@@ -54,7 +54,7 @@ from torch import nn
 from ..layers import Linear, RMSNorm
 from ..parallel.collectives import copy_to_region, gather_seq
 from ..parallel.tensor_parallel import TensorParallel, column_linear, row_linear
-from .rope import apply_rope, deinterleave, yarn_mscale
+from .rope import apply_rope, deinterleave, rope_tables, yarn_mscale
 
 
 class MLAttention(nn.Module):
@@ -105,7 +105,7 @@ class MLAttention(nn.Module):
             q_nope, q_pe, k_nope, k_pe, v = (t.to(self.core_dtype) for t in (q_nope, q_pe, k_nope, k_pe, v))
         if self.rope_interleaved:
             q_pe, k_pe = deinterleave(q_pe), deinterleave(k_pe)
-        cos, sin = rope[0][:T].to(q_pe.dtype), rope[1][:T].to(q_pe.dtype)
+        cos, sin = rope_tables(rope, T, q_pe.dtype)
         q = torch.cat([q_nope, apply_rope(q_pe, cos, sin)], dim=-1)
         k = torch.cat([k_nope, apply_rope(k_pe, cos, sin).expand(-1, k_nope.shape[1], -1, -1)], dim=-1)
         if self.probe is not None:  # monitoring (monitoring/internals.py) on a logging step

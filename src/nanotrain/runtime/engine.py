@@ -127,6 +127,7 @@ class RuntimeEngine:
         self.cfg = cfg
         self.c = components or default_components()
         self.on_grads = on_grads
+        self.started = time.perf_counter()  # reset by run()
         self.pipeline: PipelineRunner | None = None  # set in run() when parallel.pp > 1
         self.probe: Probe | None = None  # set in run(): the probe batch (monitoring/probe.py), if on
         p = cfg.precision
@@ -224,6 +225,7 @@ class RuntimeEngine:
     # -- the run -----------------------------------------------------------------------
 
     def run(self) -> RunResult:
+        self.started = time.perf_counter()  # metrics' elapsed_s: wall time since here (set-up included)
         ctx = self.c.bootstrap.setup(self.cfg)
         try:
             return self._run(ctx)
@@ -331,12 +333,14 @@ class RuntimeEngine:
                     model_metrics.update(loss_scale=self.scaler.scale, skipped_steps=self.scaler.skipped)
                 logger.log(done, {"loss": losses[done], "lr": lr, "grad_norm": norms[done],
                                   "tokens_per_s": tokens_per_s, "mfu": mfu(tokens_per_s, flops_per_token, peak),
-                                  "step_ms": step_s * 1e3, "tokens": done * data.tokens_per_step, **health,
+                                  "step_ms": step_s * 1e3, "tokens": done * data.tokens_per_step,
+                                  "elapsed_s": time.perf_counter() - self.started, **health,
                                   **model_metrics})
                 probed = self.probe.measure(model, self.pipeline, ctx) if is_probe else {}
                 if is_eval:
                     val_loss = result.val_losses[done] = self.evaluate(model, data, ctx)
-                    logger.log(done, {"val_loss": val_loss, **self.monitor.val_metrics(val_loss), **probed})
+                    logger.log(done, {"val_loss": val_loss, "elapsed_s": time.perf_counter() - self.started,
+                                      **self.monitor.val_metrics(val_loss), **probed})
                 elif probed:
                     logger.log(done, probed)
                 if is_save:  # every rank writes its own part
