@@ -26,8 +26,8 @@ data: setup
 	$(PY) -m nanotrain prepare --config $(CONFIG)
 
 # The default demo: the DeepSeek-shaped model (MLA + MoE) on tiny Shakespeare in 4D,
-# tp=2 x pp=2 x dp=2 with ep=2: 8 gloo processes under torchrun (about five minutes on
-# 2 cores), then a sample from its checkpoint. `make train-dp` is the nanoGPT-sized
+# tp=2 x pp=2 x dp=2 with ep=2: 8 gloo processes under torchrun (3-4 minutes on 2 cores from a
+# fresh clone, README), then a sample from its checkpoint. `make train-dp` is the nanoGPT-sized
 # character model, data parallel over NPROC processes.
 train: data
 	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --standalone --nproc-per-node 8 \
