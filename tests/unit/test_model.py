@@ -128,14 +128,13 @@ def test_rope_roll_form_matches_hf_rotate_half():
     """apply_rope's roll-and-signed-sin form rotates as transformers' Llama apply_rotary_pos_emb
     (x * cos + rotate_half(x) * sin), forward and backward, to fp32 rounding."""
     llama = pytest.importorskip("transformers.models.llama.modeling_llama")
-    from nanotrain.models.rope import apply_rope, rope_cache, rope_tables
+    from nanotrain.models.rope import apply_rope, rope_cache, rope_tables, rotary_tables
     torch.manual_seed(0)
     B, H, T, hd = 2, 3, 10, 16
     q, k = (torch.randn(B, H, T, hd, dtype=torch.float64, requires_grad=True) for _ in range(2))
-    cos, sin = rope_cache(hd, 32)
-    cos, sin = cos.double(), sin.double()
+    cos, sin = (t.double() for t in rope_cache(hd, 32))  # HF's tables
     want_q, want_k = llama.apply_rotary_pos_emb(q, k, cos[:T][None], sin[:T][None])
-    got_q, got_k = (apply_rope(x, *rope_tables((cos, sin), T, torch.float64)) for x in (q, k))
+    got_q, got_k = (apply_rope(x, *rope_tables(rotary_tables(hd, 32), T, torch.float64)) for x in (q, k))
     torch.testing.assert_close(got_q, want_q, rtol=0, atol=1e-15)
     torch.testing.assert_close(got_k, want_k, rtol=0, atol=1e-15)
     g = torch.randn(B, H, T, hd, dtype=torch.float64)

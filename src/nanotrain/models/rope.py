@@ -92,27 +92,28 @@ def yarn_inv_freq(head_dim: int, theta: float, factor: float, original_max_posit
     return extrapolation * (1 - ramp) + interpolation * ramp  # ramp 0: high frequency, kept
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([-x2, x1], dim=-1)
+def rotary_tables(head_dim: int, max_seq_len: int, theta: float = 10000.0,
+                  scaling: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tables a model holds for apply_rope: rope_cache's cos, and its sin with the first half
+    negated (the sign of rotate_half, put in the table once instead of into every call)."""
+    cos, sin = rope_cache(head_dim, max_seq_len, theta, scaling)
+    half = head_dim // 2
+    return cos, torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
 
 
 def rope_tables(rope: tuple[torch.Tensor, torch.Tensor], seq_len: int,
                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and the *signed* sin for apply_rope: the first seq_len rows of rope_cache's tables,
-    in dtype, with the first half of sin negated (computed once per layer, for q and k)."""
-    cos, sin = rope[0][:seq_len].to(dtype), rope[1][:seq_len].to(dtype)
-    half = sin.shape[-1] // 2
-    return cos, torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
+    """The first seq_len rows of rotary_tables' (cos, signed sin), in dtype."""
+    return rope[0][:seq_len].to(dtype), rope[1][:seq_len].to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
     """x [batch, heads, seq, head_dim]; cos/signed_sin [seq, head_dim] from rope_tables.
 
-    The textbook form is x * cos + rotate_half(x) * sin. rotate_half(x) is [-x2, x1]: the
+    The textbook form is x * cos + rotate_half(x) * sin, with rotate_half(x) = [-x2, x1]: the
     halves swapped (a roll by head_dim/2) with the first negated, and the sign can ride on
-    sin instead. One roll and one addcmul then replace chunk, neg, cat, mul and add: at
-    nanoGPT's CPU size (head_dim 32, 64 positions) RoPE's forward and backward are a few
+    sin instead (rotary_tables). One roll and one addcmul then replace chunk, neg, cat, mul and
+    add: at nanoGPT's CPU size (head_dim 32, 64 positions) RoPE's forward and backward are a few
     hundred microseconds of per-op overhead per layer, and this cuts about a third of them."""
     return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), signed_sin)
 

@@ -19,7 +19,7 @@ from ..parallel.collectives import gather_last
 from ..parallel.tensor_parallel import TensorParallel, vocab_embedding, vocab_head, vocab_parallel_cross_entropy
 from .attention import Attention
 from .mlp import make_mlp
-from .rope import rope_cache
+from .rope import rotary_tables
 
 IGNORE_INDEX = -100  # targets equal to this take no part in the loss
 
@@ -62,7 +62,9 @@ class TransformerModel(nn.Module):
         if cfg.tie_embeddings:
             self.head.weight = self.tok_emb.weight  # one tensor, named tok_emb.weight
         if cfg.pos_emb == "rope":
-            cos, sin = rope_cache(self.rope_head_dim(cfg), cfg.max_seq_len, cfg.rope_theta, cfg.rope_scaling_dict())
+            # rope_sin is signed (its first half negated), the form apply_rope takes (rope.py).
+            cos, sin = rotary_tables(self.rope_head_dim(cfg), cfg.max_seq_len, cfg.rope_theta,
+                                     cfg.rope_scaling_dict())
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
         else:
