@@ -20,49 +20,18 @@ from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .params import Shard, declare, spec
 from .precision.policy import gemm
 
 
-@dataclass(frozen=True)
-class Shard:
-    """This parameter holds slice `rank` of `world` equal parts of dim `dim` of the full tensor,
-    split over the `axis` group ("tp": tensor parallel, "ep": expert parallel).
-
-    `size`: the full tensor's length along `dim` when the parts add up to more (0: they add up
-    to it exactly). The extra rows are padding at the end of the last parts (a vocabulary of 65
-    split over tp=2 is held as 2 x 33 rows, row 65 padding): they belong to no logical tensor,
-    so init leaves them zero, checkpoints and gathers leave them out."""
-
-    dim: int
-    rank: int
-    world: int
-    axis: str = "tp"
-    size: int = 0
-
-    def full_size(self, part: int) -> int:
-        """The full tensor's length along dim, from the length of one part."""
-        return self.size or part * self.world
-
-    def span(self, part: int) -> tuple[int, int]:
-        """[start, stop) of the full tensor's dim that this part holds (stop - start < part:
-        the rest of the part is padding)."""
-        full = self.full_size(part)
-        return min(self.rank * part, full), min((self.rank + 1) * part, full)
-
-
 def _mark(p: nn.Parameter, init: str, std: float = 0.0, shard: Shard | None = None) -> nn.Parameter:
-    # Init recipe and sharding travel with the parameter, so init_parameters needs no
-    # knowledge of the module that owns it.
-    p.init_method = init  # "normal" | "ones" | "zeros"
-    p.init_std = std
-    p.shard = shard
-    return p
+    # Init recipe and sharding travel with the parameter (params.ParamSpec), so
+    # init_parameters needs no knowledge of the module that owns it.
+    return declare(p, init=init, init_std=std, shard=shard)
 
 
 class Linear(nn.Linear):
@@ -149,9 +118,9 @@ def param_seed(seed: int, name: str) -> int:
 
 
 def full_shape(p: nn.Parameter) -> tuple[int, ...]:
-    shape = list(p.shape)
-    if getattr(p, "shard", None) is not None:
-        shape[p.shard.dim] = p.shard.full_size(shape[p.shard.dim])
+    shape, shard = list(p.shape), spec(p).shard
+    if shard is not None:
+        shape[shard.dim] = shard.full_size(shape[shard.dim])
     return tuple(shape)
 
 
@@ -180,14 +149,13 @@ def shard_part(full: torch.Tensor, shard: Shard | None) -> torch.Tensor:
 
 def full_init_tensor(p: nn.Parameter, name: str, seed: int) -> torch.Tensor:
     """The full (unsharded) initial value of parameter `name`, in fp32 on CPU."""
-    shape = full_shape(p)
-    method = getattr(p, "init_method", None)
-    if method == "normal":
+    shape, s = full_shape(p), spec(p)
+    if s.init == "normal":
         g = torch.Generator().manual_seed(param_seed(seed, name))
-        return torch.randn(shape, generator=g) * p.init_std
-    if method == "ones":
+        return torch.randn(shape, generator=g) * s.init_std
+    if s.init == "ones":
         return torch.ones(shape)
-    if method == "zeros":
+    if s.init == "zeros":
         return torch.zeros(shape)
     raise ValueError(f"parameter {name} has no init recipe: build it with nanotrain.layers primitives")
 
@@ -199,4 +167,4 @@ def init_parameters(model: nn.Module, seed: int) -> None:
         # Padding rows (Shard.size) start at zero, and stay there: nothing reads them (the
         # vocabulary-parallel head masks their logits), so their gradient is zero, and AdamW
         # moves a zero weight with zero gradient nowhere.
-        p.copy_(shard_part(full_init_tensor(p, name, seed), p.shard))
+        p.copy_(shard_part(full_init_tensor(p, name, seed), spec(p).shard))

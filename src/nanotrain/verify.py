@@ -22,6 +22,7 @@ import torch
 
 from .checkpoint import gather_full, merge_over_pipeline
 from .config import Config, ConfigError, set_value, validate
+from .params import spec
 
 LAYOUT_KEYS = {"tp": "parallel.tp", "dp": "parallel.dp", "pp": "parallel.pp", "ep": "parallel.ep",
                "sp": "parallel.sequence_parallel", "micro": "train.micro_batch_size", "zero": "optimizer.zero_stage"}
@@ -77,7 +78,7 @@ def train_and_capture(cfg_dict: dict, grad_step: int = 1) -> dict | None:
     def capture(step, model, ctx):
         if step != grad_step:
             return
-        mine = {name: gather_full(p.grad, p.shard, ctx.parallel.groups()) if p.grad is not None else None
+        mine = {name: gather_full(p.grad, spec(p).shard, ctx.parallel.groups()) if p.grad is not None else None
                 for name, p in model.named_parameters()}
         grads.update(merge_over_pipeline(mine, ctx.parallel.pp_group))  # each stage holds some layers
 

@@ -9,6 +9,7 @@ import torch.distributed as dist
 
 from nanotrain.parallel import collectives as C
 from nanotrain.parallel.launch import run_world
+from nanotrain.params import spec
 
 WORLD = 2
 
@@ -91,7 +92,7 @@ def _tp_init(cfg_dict):
     model = build_model(cfg.model, tp)
     model.init_weights(seed=5)
     shards = {n: tuple(p.shape) for n, p in model.named_parameters()}
-    return shards, {n: gather_full(p, p.shard, dist.group.WORLD) for n, p in model.named_parameters()}
+    return shards, {n: gather_full(p, spec(p).shard, dist.group.WORLD) for n, p in model.named_parameters()}
 
 
 def test_tp_shards_are_slices_of_the_single_process_init():

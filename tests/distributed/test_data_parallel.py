@@ -13,8 +13,6 @@ def _sync_run():
     r = dist.get_rank()
     torch.manual_seed(0)  # same weights on both ranks
     model = torch.nn.Sequential(*[torch.nn.Linear(8, 8) for _ in range(4)])
-    for p in model.parameters():
-        p.shard = None
     sync = GradSync(list(model.parameters()), dist.group.WORLD, bucket_mb=8 * 8 * 4 / 2**20)  # ~1 layer a bucket
     x = torch.full((2, 8), float(r + 1))
 

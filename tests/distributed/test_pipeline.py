@@ -24,6 +24,7 @@ from nanotrain.parallel.pipeline.actions import Action
 from nanotrain.parallel.pipeline.runner import PipelineRunner
 from nanotrain.parallel.state import init_parallel
 from nanotrain.verify import grad_floor, rel_diff
+from nanotrain.params import spec
 
 SEQ, MICRO, N_MICRO, SEED = 16, 2, 4, 1234
 
@@ -95,10 +96,10 @@ def test_stage_keeps_global_names_and_init_matches():
 def test_tied_embedding_copy_on_last_rank():
     last = PipelineStage(make_model(tie=True), 1, 2, chunk_layers(4, 2)[1])
     w = dict(last.named_parameters())["tok_emb.weight"]
-    assert last.head.weight is w and w.pipeline_shared and w.pipeline_duplicate
+    assert last.head.weight is w and spec(w).pipeline_shared and spec(w).pipeline_duplicate
     first = PipelineStage(make_model(tie=True), 0, 2, chunk_layers(4, 2)[0])
     w0 = dict(first.named_parameters())["tok_emb.weight"]
-    assert w0.pipeline_shared and not getattr(w0, "pipeline_duplicate", False)
+    assert spec(w0).pipeline_shared and not spec(w0).pipeline_duplicate
     assert torch.equal(w0, w)  # same init: both copies start equal
 
 

@@ -8,6 +8,7 @@ import pytest
 from nanotrain.config import Config
 from nanotrain.parallel.launch import run_world
 from nanotrain.runtime import RuntimeEngine
+from nanotrain.params import spec
 from test_resume_across_layouts import SMALL, run_config
 
 LAYOUT = ["--parallel.tp=2", "--parallel.dp=2", "--parallel.sequence_parallel=true"]
@@ -89,13 +90,13 @@ def _mlp_fp8_tensorwise(tp_size: int):
     model = nn.Sequential(column_linear(16, 32, False, 0.02, tp), row_linear(32, 16, False, 0.02, tp))
     with torch.no_grad():
         for layer, full in zip(model, (w1, w2)):
-            shard = layer.weight.shard
+            shard = spec(layer.weight).shard
             layer.weight.copy_(full if shard is None else full.chunk(tp_size, shard.dim)[shard.rank])
     apply_policy(model, PrecisionConfig(recipe="fp8_tensorwise", fp8_scaling="current", low_bit_exclude=[]))
     xr = x.clone().requires_grad_()
     y = model(xr)
     y.square().sum().backward()
-    grads = [gather_full(layer.weight.grad, layer.weight.shard, dist.group.WORLD) for layer in model]
+    grads = [gather_full(layer.weight.grad, spec(layer.weight).shard, dist.group.WORLD) for layer in model]
     return y.detach(), grads, xr.grad
 
 

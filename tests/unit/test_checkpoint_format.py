@@ -8,6 +8,7 @@ from torch import nn
 from nanotrain.checkpoint import (CheckpointError, CheckpointManager, Piece, flat_pieces, flat_range_boxes,
                                   load_checkpoint)
 from nanotrain.layers import Shard
+from nanotrain.params import declare
 
 
 @pytest.mark.parametrize("shape", [(7,), (3, 4), (2, 3, 4), (4, 1, 3)])
@@ -33,7 +34,7 @@ def test_zero_like_slices_read_back_under_another_cut(tmp_path):
     """A [4, 6] tp shard (rank 1 of 2 along dim 1, so logical [4, 12]) saved as two flat
     slices that split it mid-row, then read as whole rows and as the logical tensor."""
     p = nn.Parameter(torch.arange(24.0).view(4, 6))
-    p.shard = Shard(dim=1, rank=1, world=2)
+    declare(p, shard=Shard(dim=1, rank=1, world=2))
     flat = p.detach().reshape(-1)
     pieces = flat_pieces("optim/exp_avg/w", flat[:9], p, 0, 9) + flat_pieces("optim/exp_avg/w", flat[9:], p, 9, 24)
     assert [piece.offsets for piece in pieces] == [(0, 6), (1, 6), (1, 9), (2, 6)]

@@ -8,6 +8,7 @@ import torch
 from nanotrain.config import ModelConfig
 from nanotrain.layers import Linear, Shard, init_parameters
 from nanotrain.models import TransformerModel
+from nanotrain.params import declare
 
 VARIANTS = {
     "llama": dict(norm="rmsnorm", mlp="swiglu", pos_emb="rope", n_kv_heads=2),
@@ -65,7 +66,7 @@ def test_init_of_a_shard_is_the_slice_of_the_full_tensor():
     for rank in range(4):
         part = torch.nn.Module()
         part.proj = Linear(32, 16)
-        part.proj.weight.shard = Shard(dim=0, rank=rank, world=4)
+        declare(part.proj.weight, shard=Shard(dim=0, rank=rank, world=4))
         init_parameters(part, seed=3)
         assert torch.equal(part.proj.weight, full.proj.weight[rank * 16:(rank + 1) * 16])
 

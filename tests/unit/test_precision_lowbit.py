@@ -7,6 +7,7 @@ from conftest import straight_and_resumed, tiny_config
 from nanotrain.checkpoint import CheckpointReader
 from nanotrain.precision.lowbit import NF4_LEVELS, LowBitWeight
 from nanotrain.runtime import RuntimeEngine
+from nanotrain.params import spec
 
 
 def _weight(rows=24, cols=40, decades=4):
@@ -60,7 +61,7 @@ def test_lowbit_weights_train_and_the_model_keeps_only_codes(fmt, tmp_path):
     engine = RuntimeEngine(tiny_config(tmp_path, *ARGS, f"--precision.lowbit_format={fmt}"))
     result = engine.run()
     model, opt = engine.model, engine.optimizer
-    lowbit = [(n, p) for n, p in model.named_parameters() if getattr(p, "lowbit", None) is not None]
+    lowbit = [(n, p) for n, p in model.named_parameters() if spec(p).lowbit is not None]
     assert lowbit and all(n.startswith("layers.") for n, _ in lowbit)
     assert "head.weight" not in model.lowbit_weights and "tok_emb.weight" not in model.lowbit_weights
     for name, p in lowbit:
@@ -68,9 +69,9 @@ def test_lowbit_weights_train_and_the_model_keeps_only_codes(fmt, tmp_path):
         b = opt._bucket_of[p]
         off = opt._offset_of[p]
         master = b.flat[off:off + p.numel()].view(p.shape)  # the optimizer's fp32 master
-        again = type(p.lowbit)(fmt, "channel", p.shape, p.device)
+        again = type(spec(p).lowbit)(fmt, "channel", p.shape, p.device)
         again.store(master)
-        assert torch.equal(p.lowbit.codes, again.codes)  # the codes are the quantised updated master
+        assert torch.equal(spec(p).lowbit.codes, again.codes)  # the codes are the quantised updated master
     numel = sum(p.numel() for _, p in lowbit)
     per_value = 1 if fmt == "fp8" else 0.5
     assert opt.state_bytes()["params"] < sum(p.numel() * 4 for p in model.parameters()) - numel * (4 - per_value) + \

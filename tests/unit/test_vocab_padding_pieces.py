@@ -13,6 +13,7 @@ from nanotrain.monitoring.probe import logit_sums
 from nanotrain.parallel.tensor_parallel import (TensorParallel, VocabParallelEmbedding, VocabParallelHead,
                                                 padded_vocab)
 from nanotrain.runtime.engine import resolve_model_config
+from nanotrain.params import spec
 
 V, D = 65, 8
 
@@ -43,7 +44,7 @@ def test_padded_shards_hold_the_unpadded_rows_bit_for_bit_and_zeros(tp):
         part = rank(r, tp)
         for name in ("tok_emb.weight", "head.weight"):
             p = part.get_parameter(name)
-            start, stop = p.shard.span(rows)
+            start, stop = spec(p).shard.span(rows)
             assert p.shape == (rows, D) and full_shape(p) == (V, D)
             assert torch.equal(p[:stop - start], full.get_parameter(name)[start:stop])
             assert torch.equal(p[stop - start:], torch.zeros(rows - (stop - start), D))
@@ -53,7 +54,7 @@ def test_padded_shards_hold_the_unpadded_rows_bit_for_bit_and_zeros(tp):
 
 def test_divisible_vocabulary_is_not_padded():
     emb = VocabParallelEmbedding(68, D, 0.02, TensorParallel(None, 1, 4))
-    assert emb.weight.shape == (17, D) and emb.weight.shard == Shard(0, 1, 4)
+    assert emb.weight.shape == (17, D) and spec(emb.weight).shard == Shard(0, 1, 4)
 
 
 def test_checkpoint_boxes_and_whole_tensors_leave_the_padding_out():
@@ -68,7 +69,7 @@ def test_checkpoint_boxes_and_whole_tensors_leave_the_padding_out():
     assert flat_pieces("m", w.detach().reshape(-1), w, 14 * D, 17 * D) == []  # the padding's flat range
     tail, = flat_pieces("m", w.detach().reshape(-1)[13 * D:], w, 13 * D, 17 * D)
     assert (tail.offsets, tail.sizes) == ((64, 0), (1, D))
-    assert torch.equal(local_slice(full.tok_emb.weight.detach(), w.shard), w.detach())
+    assert torch.equal(local_slice(full.tok_emb.weight.detach(), spec(w).shard), w.detach())
     parts = [rank(r, 4).tok_emb.weight.detach() for r in range(4)]
     assert torch.equal(torch.cat(parts)[:V], full.tok_emb.weight.detach())
 

@@ -19,6 +19,7 @@ from nanotrain.inspection.counts import kind_of
 from nanotrain.inspection.weights import (checkpoint_stats, compare_checkpoints, find_checkpoint, markdown,
                                           plot_weights, to_json)
 from nanotrain.runtime import RuntimeEngine
+from nanotrain.params import spec
 
 ARGS = ["--train.max_steps=4", "--checkpoint.interval=2", "--train.eval_interval=0", "--schedule.warmup_steps=1"]
 
@@ -172,7 +173,7 @@ def _trained_shards(cfg_dict):
     engine.run()
     out = {}
     for name, t in engine.model.state_dict(keep_vars=True).items():
-        shard = getattr(t, "shard", None)
+        shard = spec(t).shard
         out[name] = (t.detach().clone(), shard.dim if shard is not None and shard.world > 1 else None)
     return out
 

@@ -25,6 +25,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..layers import shard_part
+from ..params import spec
 
 
 @dataclass
@@ -111,7 +112,7 @@ def flat_range_boxes(shape: tuple[int, ...], start: int, end: int) -> list[Box]:
 def flat_pieces(name: str, flat: torch.Tensor, p: nn.Parameter, start: int, end: int) -> list[Piece]:
     """Pieces of a flat buffer `flat` that holds elements [start, end) of parameter p's
     (local, possibly sharded) tensor, as boxes of the logical tensor."""
-    shard = getattr(p, "shard", None)
+    shard = spec(p).shard
     out = []
     for offsets, sizes, s in flat_range_boxes(tuple(p.shape), start, end):
         n = 1
@@ -126,7 +127,7 @@ def flat_pieces(name: str, flat: torch.Tensor, p: nn.Parameter, start: int, end:
 def model_pieces(model: nn.Module, skip: set[str] = frozenset()) -> list[Piece]:
     """Every persistent tensor of the model (parameters and buffers) under its single-process name;
     `skip`: the names whose full-precision value the optimizer holds and saves (master copies)."""
-    pieces = [sharded("model/" + name, t.detach(), getattr(t, "shard", None))
+    pieces = [sharded("model/" + name, t.detach(), spec(t).shard)
               for name, t in model.state_dict(keep_vars=True).items() if name not in skip]
     return [p for p in pieces if p is not None]  # None: a shard of nothing but padding
 
@@ -155,7 +156,7 @@ def local_slice(full: torch.Tensor, shard) -> torch.Tensor:
 def load_full_model_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Whole tensors by name -> this rank's shards of them (strict: every tensor must be there)."""
     own = model.state_dict(keep_vars=True)
-    model.load_state_dict({name: local_slice(state[name], getattr(own[name], "shard", None))
+    model.load_state_dict({name: local_slice(state[name], spec(own[name]).shard)
                            for name in own if name in state}, strict=True)
 
 

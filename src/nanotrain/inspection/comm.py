@@ -38,6 +38,7 @@ few bytes each.
 from __future__ import annotations
 
 from ..config import ModelConfig
+from ..params import spec
 from .memory import BYTES, Layout, compute_bytes, rank_model, stage_layers, stage_parameters, vocab_per_rank
 
 WIRE = {"all_reduce": lambda n: 2 * (n - 1) / n, "all_gather": lambda n: (n - 1) / n,
@@ -113,13 +114,12 @@ def comm_per_step(m: ModelConfig, layout: Layout, precision, pp_rank: int = 0,
     tp = {k: v * mb for k, v in tp_per_micro_batch(m, layout, layers, first, last, c, r).items()}
     params = stage_parameters(model, m, layout, pp_rank)
     if layout.tp > 1 and layout.sp:  # once per step: the weights that saw only this rank's tokens
-        tp["all_reduce"] += sum(p.numel() for p in params if getattr(p, "shard", None) is None
-                                or p.shard.axis == "ep") * grad_b
+        tp["all_reduce"] += sum(p.numel() for p in params if not spec(p).tp_sharded) * grad_b
     if layout.tp > 1:
         out["tp"] = tp
 
-    dense = sum(p.numel() for p in params if not getattr(p, "expert_parallel", False))
-    expert = sum(p.numel() for p in params if getattr(p, "expert_parallel", False))
+    dense = sum(p.numel() for p in params if not spec(p).expert_parallel)
+    expert = sum(p.numel() for p in params if spec(p).expert_parallel)
     for group, size, numel in (("dp", layout.dp, dense), ("edp", layout.dp // layout.ep, expert)):
         if size == 1 or numel == 0:
             continue

@@ -32,6 +32,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from ..config import Config, ModelConfig
+from ..params import spec
 
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
@@ -125,8 +126,8 @@ def _sharded(numel: int, n: int) -> int:
 
 def static_bytes(params: list, layout: Layout, precision) -> dict[str, int]:
     """Weights, gradients, master copies and AdamW moments of one rank, in bytes."""
-    dense = sum(p.numel() for p in params if not getattr(p, "expert_parallel", False))
-    expert = sum(p.numel() for p in params if getattr(p, "expert_parallel", False))
+    dense = sum(p.numel() for p in params if not spec(p).expert_parallel)
+    expert = sum(p.numel() for p in params if spec(p).expert_parallel)
     param_b, grad_b = BYTES[precision.param_dtype], BYTES[precision.grad_dtype]
     moment_b = BYTES[precision.exp_avg_dtype] + BYTES[precision.exp_avg_sq_dtype]
     edp = layout.dp // layout.ep

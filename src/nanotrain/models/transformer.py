@@ -15,6 +15,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..layers import Embedding, Linear, init_parameters, make_norm
+from ..params import declare, spec
 from ..parallel.collectives import gather_last
 from ..parallel.tensor_parallel import TensorParallel, vocab_embedding, vocab_head, vocab_parallel_cross_entropy
 from .attention import Attention
@@ -75,9 +76,8 @@ class TransformerModel(nn.Module):
             # this rank's tokens) see only this rank's tokens: their gradients are partial
             # sums that the gradient sync all-reduces over the tp group.
             for p in self.parameters():
-                shard = getattr(p, "shard", None)
-                if shard is None or shard.axis == "ep":
-                    p.sequence_parallel = True
+                if not spec(p).tp_sharded:
+                    declare(p, sequence_parallel=True)
 
     def make_block(self, cfg: ModelConfig, index: int, tp: TensorParallel | None) -> nn.Module:
         return Block(cfg, tp)

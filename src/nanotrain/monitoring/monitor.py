@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..parallel.data_parallel import counted_in_norm
+from ..params import spec
 from ..parallel.state import all_reduce
 from . import health
 from .comm import CommMeter
@@ -252,7 +252,7 @@ class TrainingMonitor:
     def _weights(self):
         """(name, tensor) of the weights this rank holds, as used (a low-bit weight dequantised)."""
         for n, p in self.params.items():
-            store = getattr(p, "lowbit", None)
+            store = spec(p).lowbit
             yield n, (store.dequantize() if store is not None else p)
 
     def opt_grads(self):
@@ -270,9 +270,9 @@ class TrainingMonitor:
         rows, cols, tensors = [], [], []
         for n, t in named:
             p = self.params[n]
-            if not counted_in_norm(p, self.ps.tp_rank):
+            if not spec(p).counts_in_norm(self.ps.tp_rank):
                 continue
-            rows.append(int(getattr(p, "shard", None) is not None and p.shard.axis == "ep"))
+            rows.append(int(spec(p).expert_parallel))
             cols.append(self.index[n])
             tensors.append(t.detach() if t.dtype == torch.float32 else t.detach().float())
         if tensors:

@@ -23,7 +23,7 @@ Sequence parallelism adds one more sum: parameters applied to a sequence shard
 
 Expert parallelism changes whose gradients match: rank r's experts exist only on
 the ranks of its expert-data-parallel group, so expert parameters
-(`p.expert_parallel`) get their own buckets, summed over that group.
+(`spec(p).expert_parallel`) get their own buckets, summed over that group.
 """
 
 from __future__ import annotations
@@ -33,6 +33,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from ..params import spec
 
 
 @dataclass
@@ -50,14 +52,14 @@ class GradSync:
                  tp_group: dist.ProcessGroup | None = None, bucket_mb: float = 25.0,
                  edp_group: dist.ProcessGroup | None = None):
         self.tp_group = tp_group
-        self.sp_params = [p for p in params if getattr(p, "sequence_parallel", False)]
+        self.sp_params = [p for p in params if spec(p).sequence_parallel]
         self.sync_enabled = True
         self.buckets: list[Bucket] = []
         self._queues: dict = {}  # per group: its buckets not launched yet, in launch order
         self._bucket_of: dict[nn.Parameter, Bucket] = {}
         trainable = [p for p in params if p.requires_grad]
-        for group, members in ((dp_group, [p for p in trainable if not getattr(p, "expert_parallel", False)]),
-                               (edp_group, [p for p in trainable if getattr(p, "expert_parallel", False)])):
+        for group, members in ((dp_group, [p for p in trainable if not spec(p).expert_parallel]),
+                               (edp_group, [p for p in trainable if spec(p).expert_parallel])):
             if group is not None and dist.get_world_size(group) > 1 and members:
                 self._build_buckets(members, bucket_mb * 2**20, group)
 
@@ -129,16 +131,6 @@ def all_reduce_copy(t: torch.Tensor, group) -> torch.Tensor:
     return t
 
 
-def counted_in_norm(p: nn.Parameter, tp_rank: int) -> bool:
-    """Whether this rank's copy of p counts in the global gradient norm: a tp shard on every tp
-    rank (the shards add up to the whole), anything whole over tp (replicated parameters,
-    experts) on tp rank 0 only, and never the last pipeline stage's copy of a tied embedding."""
-    if getattr(p, "pipeline_duplicate", False):
-        return False
-    shard = getattr(p, "shard", None)
-    return tp_rank == 0 or (shard is not None and shard.axis == "tp")
-
-
 def grad_norm(params: list[nn.Parameter], grads: list[torch.Tensor], tp_group: dist.ProcessGroup | None,
               tp_rank: int = 0, ep_group: dist.ProcessGroup | None = None,
               pp_group: dist.ProcessGroup | None = None) -> torch.Tensor:
@@ -163,9 +155,9 @@ def grad_norm(params: list[nn.Parameter], grads: list[torch.Tensor], tp_group: d
     def squares(gs):
         return torch.stack(torch._foreach_norm(gs)).pow(2).sum() if gs else torch.zeros((), device=device)
 
-    counted = [(p, g) for p, g in zip(params, grads) if counted_in_norm(p, tp_rank)]
-    dense = [g for p, g in counted if p.shard is None or p.shard.axis == "tp"]
-    experts = [g for p, g in counted if p.shard is not None and p.shard.axis == "ep"]
+    counted = [(spec(p), g) for p, g in zip(params, grads) if spec(p).counts_in_norm(tp_rank)]
+    dense = [g for s, g in counted if not s.expert_parallel]
+    experts = [g for s, g in counted if s.expert_parallel]
     parts = torch.stack([squares(dense), squares(experts)])
     if ep > 1:
         parts[1:] = all_reduce_copy(parts[1:], ep_group)

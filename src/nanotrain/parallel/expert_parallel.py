@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from ..layers import Shard
+from ..params import Shard, declare, spec
 from ..models.moe import LocalRoutedMoE
 from ..precision.formats import E4M3
 from ..precision.scaling import blockwise
@@ -101,9 +101,8 @@ class ExpertParallelMoE(LocalRoutedMoE):
         for name in ("w1", "w3", "w2"):  # keep this rank's experts only
             full = getattr(self.experts, name)
             local = torch.nn.Parameter(torch.empty(self.n_local, *full.shape[1:]))
-            local.init_method, local.init_std = full.init_method, full.init_std
-            local.shard = Shard(0, ep.rank, ep.size, axis="ep")
-            local.expert_parallel = True
+            declare(local, init=spec(full).init, init_std=spec(full).init_std,
+                    shard=Shard(0, ep.rank, ep.size, axis="ep"))
             setattr(self.experts, name, local)
 
     def run_experts(self, x_sorted: torch.Tensor, tokens_per_expert: torch.Tensor, counts: list[int]) -> torch.Tensor:

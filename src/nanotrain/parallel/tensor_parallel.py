@@ -42,7 +42,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from ..layers import Embedding, Linear, Shard
+from ..layers import Embedding, Linear
+from ..params import Shard, declare, spec
 from ..precision.policy import gemm
 from .collectives import (copy_to_region, gather_last, gather_seq, reduce_from_region, reduce_scatter_seq)
 
@@ -58,8 +59,7 @@ class TensorParallel:
 
 
 def _shard_param(p: nn.Parameter, dim: int, tp: TensorParallel, size: int = 0) -> nn.Parameter:
-    p.shard = Shard(dim, tp.rank, tp.size, size=size)
-    return p
+    return declare(p, shard=Shard(dim, tp.rank, tp.size, size=size))
 
 
 def padded_vocab(vocab_size: int, tp: int) -> int:
@@ -106,7 +106,7 @@ class RowParallelLinear(Linear):
         self.tp = tp
         _shard_param(self.weight, 1, tp)
         if self.bias is not None and tp.sequence_parallel:
-            self.bias.sequence_parallel = True  # added on a sequence shard: its gradient is partial
+            declare(self.bias, sequence_parallel=True)  # added on a sequence shard: its gradient is partial
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         g = self.tp.group
@@ -145,7 +145,7 @@ class VocabParallelHead(ColumnParallelLinear):
         rows, size = _vocab_rows(vocab_size, tp)
         super().__init__(in_features, rows * tp.size, False, init_std, tp)
         _shard_param(self.weight, 0, tp, size)
-        start, stop = self.weight.shard.span(rows)
+        start, stop = spec(self.weight).shard.span(rows)
         self.real_rows = stop - start  # the rest of this shard, if any, is padding
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -65,7 +65,8 @@ from torch import nn
 from ..checkpoint import CheckpointReader, Piece, flat_pieces, whole
 from ..optim import MOMENTS, adamw_impl, adamw_state
 from ..precision.master import Dtypes, MixedAdamW
-from .data_parallel import counted_in_norm, grad_norm
+from ..params import spec
+from .data_parallel import grad_norm
 from .state import all_reduce
 
 
@@ -141,8 +142,8 @@ class Category:
 
 
 def _category_key(p: nn.Parameter):
-    return (bool(getattr(p, "expert_parallel", False)), p.dim() >= 2, bool(getattr(p, "sequence_parallel", False)),
-            bool(getattr(p, "pipeline_shared", False)), getattr(p, "lowbit", None) is not None)
+    s = spec(p)
+    return s.expert_parallel, p.dim() >= 2, s.sequence_parallel, s.pipeline_shared, s.lowbit is not None
 
 
 class ZeroOptimizer:
@@ -161,7 +162,7 @@ class ZeroOptimizer:
         self.dtypes = dt = dtypes or Dtypes()
         self.names = {p: n for n, p in model.named_parameters()}
         self.params = params = [p for p in model.parameters() if p.requires_grad]
-        if stage > 0 and any(getattr(p, "lowbit", None) is not None for p in params):
+        if stage > 0 and any(spec(p).lowbit is not None for p in params):
             raise ValueError("precision.lowbit_weights with optimizer.zero_stage>0: the low-bit weights' masters are "
                              "not sharded. Use optimizer.zero_stage=0, or drop precision.lowbit_weights.")
         groups = {False: ps.dp_group, True: ps.edp_group}
@@ -177,7 +178,7 @@ class ZeroOptimizer:
             self.categories.append(Category(self._bucketize(members, group, bucket_mb * 2**20, stage > 0, lowbit,
                                                             dt.storage, initial), decay, sum_group))
         self.buckets = [b for c in self.categories for b in c.buckets]
-        self.has_experts = any(getattr(p, "expert_parallel", False) for p in params)
+        self.has_experts = any(spec(p).expert_parallel for p in params)
         # Master weights: this rank's slices, the only ones AdamW updates. In the storage dtype
         # they are the slices of the buckets themselves (no copy; the all-gather then runs in
         # place); in another dtype, copies made from the initial fp32 values.
@@ -221,8 +222,8 @@ class ZeroOptimizer:
         self._bucket_of = {p: b for b in self.buckets for p in b.params}
         self._offset_of = {p: off for b in self.buckets for p, off in zip(b.params, b.offsets)}
         for p in params:
-            if getattr(p, "lowbit", None) is not None:  # its gradient arrives from the dequantised copy
-                p.lowbit.deliver = lambda g, p=p: self._on_grad(p, g)
+            if spec(p).lowbit is not None:  # its gradient arrives from the dequantised copy
+                spec(p).lowbit.deliver = lambda g, p=p: self._on_grad(p, g)
             else:
                 p.register_post_accumulate_grad_hook(self._on_autograd)
         # Parameters whose logical value lives in a master copy, not in the model (checkpoints).
@@ -263,7 +264,7 @@ class ZeroOptimizer:
             initial[id(b)] = fp32
             for p, off in zip(members, offsets):
                 if lowbit:  # the model keeps the codes; the fp32 values live on here as the master
-                    p.lowbit.store(fp32[off:off + p.numel()].view(p.shape))
+                    spec(p).lowbit.store(fp32[off:off + p.numel()].view(p.shape))
                     p.data = torch.zeros(1, dtype=torch.float32, device=p.device).expand(p.shape)
                 else:
                     p.data = flat[off:off + p.numel()].view_as(p)  # the parameter now lives in the bucket
@@ -365,8 +366,8 @@ class ZeroOptimizer:
         slices = {"dp": [], "edp": []}
         for b in self.buckets:
             g = self.grad[id(b)]
-            kind = "edp" if getattr(b.params[0], "expert_parallel", False) else "dp"
-            slices[kind] += [g[lo:hi].float() for p, lo, hi, _ in b.overlaps() if counted_in_norm(p, ps.tp_rank)]
+            kind = "edp" if spec(b.params[0]).expert_parallel else "dp"
+            slices[kind] += [g[lo:hi].float() for p, lo, hi, _ in b.overlaps() if spec(p).counts_in_norm(ps.tp_rank)]
         parts = torch.stack([torch.stack(torch._foreach_norm(s)).pow(2).sum() if s else torch.zeros((), device=device)
                              for s in (slices["dp"], slices["edp"])])
         sharded = self.stage > 0
@@ -418,7 +419,7 @@ class ZeroOptimizer:
         master = self.master[id(b)]
         if b.lowbit:
             for p, off in zip(b.params, b.offsets):
-                p.lowbit.store(b.flat[off:off + p.numel()].view(p.shape))
+                spec(p).lowbit.store(b.flat[off:off + p.numel()].view(p.shape))
         elif b.shards > 1:
             _all_gather(b.flat, master if self._master_is_storage(b) else master.to(b.flat.dtype), group=b.group)
         elif not self._master_is_storage(b):
@@ -443,7 +444,7 @@ class ZeroOptimizer:
             return sum(t.numel() * t.element_size() for t in ts)
 
         moments = size(t for s in self.opt.state.values() for t in s.values() if torch.is_tensor(t) and t.dim() > 0)
-        params = sum(p.lowbit.nbytes() if getattr(p, "lowbit", None) is not None else p.numel() * p.element_size()
+        params = sum(spec(p).lowbit.nbytes() if spec(p).lowbit is not None else p.numel() * p.element_size()
                      for b in self.buckets for p in b.params)
         master = size(self.master[id(b)] for b in self.buckets if not self._master_is_storage(b))
         comp = size(getattr(self.opt, "compensation", {}).values())

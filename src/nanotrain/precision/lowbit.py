@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..params import declare, spec
 from .formats import E4M3, quantize
 
 # The NF4 levels (QLoRA, appendix E; bitsandbytes' NF4 table).
@@ -101,7 +102,7 @@ class LowBitWeight:
 
 
 def apply_lowbit(model: nn.Module, p) -> list[str]:
-    """Give each chosen linear layer's weight a LowBitWeight (`param.lowbit`, `module.lowbit`);
+    """Give each chosen linear layer's weight a LowBitWeight (`spec(param).lowbit`, `module.lowbit`);
     the optimizer moves the values into it. Returns the parameter names chosen."""
     from .policy import matches, runs_gemms
 
@@ -116,10 +117,11 @@ def apply_lowbit(model: nn.Module, p) -> list[str]:
         if not any(matches(pat, pname) for pat in p.lowbit_weights) or any(matches(pat, pname)
                                                                           for pat in p.lowbit_exclude):
             continue
-        if getattr(weight, "pipeline_shared", False) or names.get(id(weight)) != pname:  # the head's copy
+        if spec(weight).pipeline_shared or names.get(id(weight)) != pname:  # the head's copy
             raise ValueError(f"precision.lowbit_weights matches {pname}, which is tied to the embedding: "
                              "add it to precision.lowbit_exclude.")
-        weight.lowbit = module.lowbit = LowBitWeight(p.lowbit_format, p.lowbit_scaling, weight.shape, weight.device)
+        module.lowbit = LowBitWeight(p.lowbit_format, p.lowbit_scaling, weight.shape, weight.device)
+        declare(weight, lowbit=module.lowbit)
         chosen.append(pname)
     if not chosen:
         raise ValueError(f"precision.lowbit_weights={p.lowbit_weights} matches no linear layer's weight "

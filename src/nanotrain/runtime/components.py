@@ -20,6 +20,7 @@ from ..config import Config, ConfigError
 from ..data import BatchSampler, prepare_data
 from ..models import build_model
 from ..models.attention import Attention
+from ..params import spec
 from ..optim import MOMENTS, adamw_state, build_adamw, lr_at
 from ..parallel.data_parallel import GradSync, clip_grad_norm
 from ..parallel.expert_parallel import ExpertParallel
@@ -202,7 +203,7 @@ class AdamWState:
         self.ps = ps
         self.sync = GradSync(self.params, ps.dp_group, ps.tp_group, ctx.cfg.parallel.bucket_mb, ps.edp_group)
         # Pipeline: copies of a tied embedding on the first and last stage (stage.py).
-        self.shared = [p for p in self.params if getattr(p, "pipeline_shared", False)]
+        self.shared = [p for p in self.params if spec(p).pipeline_shared]
 
     @contextlib.contextmanager
     def backward_context(self, last: bool):
@@ -237,7 +238,7 @@ class AdamWState:
     # -- checkpoints: the moments as boxes of the logical parameters (checkpoint/pieces.py) --
 
     def _moment_pieces(self, p: nn.Parameter, state: dict) -> list[Piece]:
-        pieces = [sharded(f"optim/{k}/{self.names[p]}", state[k], getattr(p, "shard", None)) for k in MOMENTS]
+        pieces = [sharded(f"optim/{k}/{self.names[p]}", state[k], spec(p).shard) for k in MOMENTS]
         return [piece for piece in pieces if piece is not None]  # None: a shard of padding only
 
     def pieces(self) -> list[Piece]:

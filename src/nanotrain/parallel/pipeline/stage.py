@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from ...layers import init_parameters
+from ...params import declare
 from ...models.transformer import TransformerModel
 
 # -- partitioning ---------------------------------------------------------------------
@@ -149,9 +150,7 @@ class PipelineStage(nn.Module):
         if tied and n_ranks > 1 and (self.has_first or self.has_last):
             # The tied matrix: its gradient is summed over the embedding group, and only
             # the first rank's copy counts in the gradient norm (it is one parameter).
-            self.tok_emb.weight.pipeline_shared = True
-            if not self.has_first:
-                self.tok_emb.weight.pipeline_duplicate = True
+            declare(self.tok_emb.weight, pipeline_shared=True, pipeline_duplicate=not self.has_first)
         # Model-specific methods that only read the held submodules (DeepSeekModel's MoE
         # bookkeeping: bias updates after the step, load metrics, the MFU count) run on the
         # stage as they would on the model, over this rank's layers only.
