@@ -8,9 +8,9 @@ rank, embedding on the first rank, norm/head/loss on the last), from the same in
 on the same synthetic batches (n_micro micro-batches of micro sequences each), in
 the same pp-process gloo world, one thread per process, with the same optimizer
 (AdamW, foreach):
-  nano-train: parallel/pipeline PipelineStage + PipelineRunner, schedule "1f1b";
+  nano-train: parallel/pipeline pipeline_stage + PipelineRunner, schedule "1f1b";
   torch:      torch.distributed.pipelining PipelineStage around the very same stage
-              module class (our PipelineStage called without targets: ids -> hidden on
+              module class (our stage's model called without targets: ids -> hidden on
               the first rank, hidden -> hidden in the middle, hidden -> logits on the
               last), driven by Schedule1F1B with loss_fn = sum cross entropy / (target
               count of the whole batch) and scale_grads=False, i.e. our loss and
@@ -35,17 +35,17 @@ import torch.distributed as dist
 from nanotrain.config import ModelConfig, ParallelConfig
 from nanotrain.models.transformer import IGNORE_INDEX, TransformerModel, cross_entropy_sum
 from nanotrain.parallel.launch import run_world
-from nanotrain.parallel.pipeline import PipelineStage, chunk_layers
+from nanotrain.parallel.pipeline import chunk_layers, pipeline_stage
 from nanotrain.parallel.pipeline.runner import PipelineRunner
 from nanotrain.parallel.state import init_parallel
 
 SEED, N_BATCHES, LR = 1234, 8, 1e-3
 
 
-def build_stage(cfg: ModelConfig, rank: int, pp: int) -> PipelineStage:
+def build_stage(cfg: ModelConfig, rank: int, pp: int) -> TransformerModel:
     model = TransformerModel(cfg)
     model.init_weights(SEED)  # the full model's init on every rank: both sides start equal
-    return PipelineStage(model, rank, pp, chunk_layers(cfg.n_layers, pp)[rank])
+    return pipeline_stage(model, rank, pp, chunk_layers(cfg.n_layers, pp)[rank])
 
 
 class Autocast(torch.nn.Module):

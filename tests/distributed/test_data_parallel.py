@@ -50,7 +50,8 @@ def _idle_experts_run(bucket_mb, autocast=False):
     the bucketed gradient sync, in the same order as rank 0. Under bf16 autocast rank 0's experts
     give bf16 outputs and rank 1 computes none: both must still exchange bf16 (gloo aborted the
     whole job on the size mismatch, in make train's demo)."""
-    from nanotrain.parallel.expert_parallel import ExpertParallel, ExpertParallelMoE
+    from nanotrain.models.moe import ExpertParallelMoE
+    from nanotrain.parallel.expert_parallel import ExpertParallel
 
     torch.manual_seed(0)
     rank = dist.get_rank()

@@ -12,7 +12,7 @@ from nanotrain.models.transformer import TransformerModel
 from nanotrain.parallel.launch import run_world
 from nanotrain.parallel.pipeline import (
     SCHEDULES,
-    PipelineStage,
+    pipeline_stage,
     cached_timetable,
     check_schedule,
     chunk_layers,
@@ -83,7 +83,7 @@ def test_stage_keeps_global_names_and_init_matches():
     full_sd = make_model().state_dict()
     for rank, chunks in enumerate(chunk_layers(4, 2)):
         cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=4, n_heads=2, max_seq_len=SEQ, tie_embeddings=False)
-        stage = PipelineStage(TransformerModel(cfg), rank, 2, chunks)
+        stage = pipeline_stage(TransformerModel(cfg), rank, 2, chunks)
         stage.init_weights(SEED)  # init after wrapping: same weights, drawn from (seed, name)
         sd = stage.state_dict()
         assert set(sd) <= set(full_sd)
@@ -94,10 +94,10 @@ def test_stage_keeps_global_names_and_init_matches():
 
 
 def test_tied_embedding_copy_on_last_rank():
-    last = PipelineStage(make_model(tie=True), 1, 2, chunk_layers(4, 2)[1])
+    last = pipeline_stage(make_model(tie=True), 1, 2, chunk_layers(4, 2)[1])
     w = dict(last.named_parameters())["tok_emb.weight"]
     assert last.head.weight is w and spec(w).pipeline_shared and spec(w).pipeline_duplicate
-    first = PipelineStage(make_model(tie=True), 0, 2, chunk_layers(4, 2)[0])
+    first = pipeline_stage(make_model(tie=True), 0, 2, chunk_layers(4, 2)[0])
     w0 = dict(first.named_parameters())["tok_emb.weight"]
     assert spec(w0).pipeline_shared and not spec(w0).pipeline_duplicate
     assert torch.equal(w0, w)  # same init: both copies start equal
@@ -145,7 +145,7 @@ def test_check_schedule_messages():
 
 def _pipeline_run(pp, schedule, v, n_layers, tie):
     state = init_parallel(ParallelConfig(pp=pp))
-    stage = PipelineStage(make_model(n_layers, tie), state.pp_rank, pp, chunk_layers(n_layers, pp, v)[state.pp_rank])
+    stage = pipeline_stage(make_model(n_layers, tie), state.pp_rank, pp, chunk_layers(n_layers, pp, v)[state.pp_rank])
     runner = PipelineRunner.from_state(stage, schedule, state)
     x, y = make_batch()
     mbs = list(zip(x.split(MICRO), y.split(MICRO)))
@@ -154,7 +154,7 @@ def _pipeline_run(pp, schedule, v, n_layers, tie):
     grads = {n: p.grad.clone() for n, p in stage.named_parameters()}
     with torch.no_grad():
         eval_sum = runner.forward_only(mbs)
-    return {"loss": loss.item(), "grads": grads, "max_in_flight": stage.max_in_flight, "kinds": kinds,
+    return {"loss": loss.item(), "grads": grads, "max_in_flight": runner.max_in_flight, "kinds": kinds,
             "eval_sum": eval_sum.item()}
 
 
@@ -195,7 +195,7 @@ def test_tied_embeddings_sum_over_the_embedding_group():
 
 def _bf16_run():
     state = init_parallel(ParallelConfig(pp=2))
-    stage = PipelineStage(make_model(), state.pp_rank, 2, chunk_layers(4, 2)[state.pp_rank])
+    stage = pipeline_stage(make_model(), state.pp_rank, 2, chunk_layers(4, 2)[state.pp_rank])
 
     def autocast():
         return torch.autocast("cpu", dtype=torch.bfloat16)

@@ -12,16 +12,18 @@ dimension: MLA rotates only the decoupled qk_rope_head_dim channels).
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 from torch import nn
 
 from ..config import ModelConfig
 from ..layers import RMSNorm
+from ..parallel.expert_parallel import ExpertParallel
 from ..parallel.tensor_parallel import TensorParallel
 from .mla import MLAttention
 from .mlp import GatedMLP
-from .moe import LocalRoutedMoE
+from .moe import ExpertParallelMoE, LocalRoutedMoE
 from .transformer import TransformerModel
 
 
@@ -30,8 +32,6 @@ def make_moe(cfg: ModelConfig, ep=None) -> nn.Module:
     kind = LocalRoutedMoE
     extra = {}
     if ep is not None:
-        from ..parallel.expert_parallel import ExpertParallelMoE
-
         kind, extra = ExpertParallelMoE, {"ep": ep}
     moe = kind(
         cfg.d_model, cfg.n_routed_experts, cfg.moe_top_k, cfg.moe_d_ff, cfg.n_shared_experts,
@@ -78,26 +78,24 @@ class DeepSeekModel(TransformerModel):
     rank (no expert tensor parallelism yet): without sequence parallelism each tp rank
     routes the same tokens, with it each routes its own sequence shard."""
 
-    def __init__(self, cfg: ModelConfig, tp: TensorParallel | None = None, ep=None):
-        # make_block runs inside TransformerModel.__init__, so the expert-parallel group must
-        # be in place first (a plain attribute, set before nn.Module's bookkeeping exists).
-        object.__setattr__(self, "_ep", ep)
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel | None = None, ep: ExpertParallel | None = None):
         if tp is not None and tp.sequence_parallel and cfg.aux_loss_coef:
             raise ValueError("model.aux_loss_coef > 0 needs whole sequences on each rank: turn off "
                              "parallel.sequence_parallel or set model.aux_loss_coef=0.")
         if tp is not None and tp.sequence_parallel and cfg.mtp_depth:
             raise ValueError("model.mtp_depth > 0 (multi-token prediction) needs whole sequences on each rank: "
                              "turn off parallel.sequence_parallel or set model.mtp_depth=0.")
-        super().__init__(cfg, tp)
+        super().__init__(cfg, tp, ep)
         # Multi-token prediction (training only, models/mtp.py): one more block after the
         # last layer, sharing tok_emb and head; its parameters are named mtp.*.
         from .mtp import MTPModule
 
-        self.mtp = MTPModule(cfg, self.make_block, tp) if cfg.mtp_depth else None
+        self.mtp = MTPModule(cfg, partial(self.make_block, ep=ep), tp) if cfg.mtp_depth else None
         self._last_counts: dict[str, torch.Tensor] = {}  # per MoE layer, set by after_optimizer_step
 
-    def make_block(self, cfg: ModelConfig, index: int, tp: TensorParallel | None) -> nn.Module:
-        return DeepSeekBlock(cfg, index, tp, self._ep)
+    def make_block(self, cfg: ModelConfig, index: int, tp: TensorParallel | None,
+                   ep: ExpertParallel | None = None) -> nn.Module:
+        return DeepSeekBlock(cfg, index, tp, ep)
 
     def rope_head_dim(self, cfg: ModelConfig) -> int:
         return cfg.qk_rope_head_dim
@@ -112,9 +110,7 @@ class DeepSeekModel(TransformerModel):
     def num_matmul_params(self) -> int:
         """Matmul parameters a token *uses* (the 6N of MFU): every Linear (attention, dense
         MLPs, shared experts, head), each router, and top_k of the n routed experts."""
-        # TransformerModel's count named explicitly (not super()): pipeline stages borrow this
-        # method for the layers they hold (parallel/pipeline/stage.py).
-        n = TransformerModel.num_matmul_params(self)
+        n = super().num_matmul_params()  # on a pipeline stage: the layers it holds
         for moe in self.moe_layers().values():
             expert_params = sum(p.numel() for p in moe.experts.parameters())
             n += moe.router.weight.numel() + expert_params * moe.top_k // moe.n_experts
@@ -163,10 +159,10 @@ class DeepSeekModel(TransformerModel):
             metrics[f"moe/layer{name}/expert_bias"] = bias.tolist()
         return metrics
 
-    def forward(self, input_ids, targets=None, loss_denominator=None):
+    def forward(self, input_ids, targets=None, loss_denominator=None, chunk: int = 0):
         use_mtp = self.mtp is not None and self.training and targets is not None
         if not use_mtp:
-            out = super().forward(input_ids, targets, loss_denominator)
+            out = super().forward(input_ids, targets, loss_denominator, chunk)
         else:
             # MTP starts from the last hidden states before the final norm: run the trunk
             # with TransformerModel's own pieces and keep them.
@@ -183,8 +179,8 @@ class DeepSeekModel(TransformerModel):
             mtp_logits = self.mtp(x, input_ids, self.tok_emb, self.head, rope)
             out = out + self.mtp.loss_weight * token_loss_sum(mtp_logits, mtp_targets(targets), self.tp) / denom
         ran = self.moe_layers(with_mtp=use_mtp)  # the MTP block runs only in training with targets
-        if targets is None:
-            return out
+        if targets is None or (self.stage is not None and not self.stage.is_last_chunk(chunk)):
+            return out  # no loss here (a pipeline stage refuses the auxiliary loss: config)
         # The sequence-wise auxiliary loss is a mean over this batch's sequences; weighting
         # it by this batch's share of the global batch keeps the sum over micro-batches and
         # ranks equal to the global mean (DESIGN, invariant 3).

@@ -28,7 +28,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..compiling import eager
-from ..layers import Linear, _mark
+from ..params import Shard, declare, spec
+from ..parallel.expert_parallel import ExpertParallel, expert_parallel_forward
+from ..layers import Linear
 from ..precision.policy import gemm
 
 NORM_EPS = 1e-20  # HF's DeepseekV3TopkRouter adds this to the sum of the top-k weights
@@ -54,7 +56,7 @@ class TopKRouter(nn.Module):
         self.norm_topk_prob, self.routed_scaling_factor = norm_topk_prob, routed_scaling_factor
         self.bias_update_rate, self.aux_loss_coef = bias_update_rate, aux_loss_coef
         # The gate is a Linear weight in all but name: kept in fp32 by the optimizer like the rest.
-        self.weight = _mark(nn.Parameter(torch.empty(n_experts, d_model)), "normal", init_std)
+        self.weight = declare(nn.Parameter(torch.empty(n_experts, d_model)), init="normal", init_std=init_std)
         # b_i of §2.1.2: not learned by gradient but by update_bias, so a buffer, saved in checkpoints.
         self.register_buffer("expert_bias", torch.zeros(n_experts, dtype=torch.float32))
 
@@ -122,9 +124,9 @@ class ExpertMLP(nn.Module):
 
     def __init__(self, n_experts: int, d_model: int, d_ff: int, init_std: float, out_std: float):
         super().__init__()
-        self.w1 = _mark(nn.Parameter(torch.empty(n_experts, d_ff, d_model)), "normal", init_std)
-        self.w3 = _mark(nn.Parameter(torch.empty(n_experts, d_ff, d_model)), "normal", init_std)
-        self.w2 = _mark(nn.Parameter(torch.empty(n_experts, d_model, d_ff)), "normal", out_std)
+        self.w1 = declare(nn.Parameter(torch.empty(n_experts, d_ff, d_model)), init="normal", init_std=init_std)
+        self.w3 = declare(nn.Parameter(torch.empty(n_experts, d_ff, d_model)), init="normal", init_std=init_std)
+        self.w2 = declare(nn.Parameter(torch.empty(n_experts, d_model, d_ff)), init="normal", init_std=out_std)
 
     def forward(self, x_sorted: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """x_sorted [M, d]: expert e's tokens are rows [sum(counts[:e]), sum(counts[:e+1]))."""
@@ -232,6 +234,28 @@ class LocalRoutedMoE(nn.Module):
         """Every expert is here: run them on their contiguous slices. (Expert parallelism
         overrides this with a dispatch to the experts' ranks and back.)"""
         return self.experts(x_sorted, counts)
+
+
+class ExpertParallelMoE(LocalRoutedMoE):
+    """LocalRoutedMoE whose routed experts live on the ep ranks (parallel/expert_parallel.py);
+    routing, shared experts and the combine are unchanged (the router is replicated: every
+    rank routes its own tokens)."""
+
+    def __init__(self, *args, ep: ExpertParallel, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.n_experts % ep.size:
+            raise ValueError(f"model.n_routed_experts={self.n_experts} is not divisible by parallel.ep={ep.size}")
+        self.ep = ep
+        self.n_local = self.n_experts // ep.size
+        for name in ("w1", "w3", "w2"):  # keep this rank's experts only
+            full = getattr(self.experts, name)
+            local = nn.Parameter(torch.empty(self.n_local, *full.shape[1:]))
+            declare(local, init=spec(full).init, init_std=spec(full).init_std,
+                    shard=Shard(0, ep.rank, ep.size, axis="ep"))
+            setattr(self.experts, name, local)
+
+    def run_experts(self, x_sorted: torch.Tensor, tokens_per_expert: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        return expert_parallel_forward(self.experts, x_sorted, tokens_per_expert, self.ep)
 
 
 def masked_loop_moe(m: LocalRoutedMoE, x: torch.Tensor) -> torch.Tensor:

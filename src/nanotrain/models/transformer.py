@@ -17,6 +17,8 @@ from ..config import ModelConfig
 from ..layers import Embedding, Linear, init_parameters, make_norm
 from ..params import declare, spec
 from ..parallel.collectives import gather_last
+from ..parallel.expert_parallel import ExpertParallel
+from ..parallel.pipeline.stage import Stage
 from ..parallel.tensor_parallel import TensorParallel, vocab_embedding, vocab_head, vocab_parallel_cross_entropy
 from .attention import Attention
 from .mlp import make_mlp
@@ -43,7 +45,9 @@ class TransformerModel(nn.Module):
     """`tp` (None for one process) makes the projections, the embedding and the head
     tensor-parallel; the model's code is otherwise the same under every layout."""
 
-    def __init__(self, cfg: ModelConfig, tp: TensorParallel | None = None):
+    stage: Stage | None = None  # set by keep_stage on a pipeline rank; None: the whole model
+
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel | None = None, ep: ExpertParallel | None = None):
         super().__init__()
         if cfg.vocab_size <= 0 or cfg.max_seq_len <= 0:
             raise ValueError("resolve model.vocab_size and model.max_seq_len before building the model")
@@ -54,7 +58,7 @@ class TransformerModel(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
         # A ModuleDict keyed by the global layer index keeps parameter names
         # ("layers.3.attn.wq.weight") the same when a pipeline stage holds only some layers.
-        self.layers = nn.ModuleDict({str(i): self.make_block(cfg, i, tp) for i in range(cfg.n_layers)})
+        self.layers = nn.ModuleDict({str(i): self.make_block(cfg, i, tp, ep) for i in range(cfg.n_layers)})
         self.norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias)
         # Vocabulary-parallel head: each rank computes the logits of its slice of the
         # vocabulary; the loss never gathers them (vocab_parallel_cross_entropy). Under tp the
@@ -79,7 +83,10 @@ class TransformerModel(nn.Module):
                 if not spec(p).tp_sharded:
                     declare(p, sequence_parallel=True)
 
-    def make_block(self, cfg: ModelConfig, index: int, tp: TensorParallel | None) -> nn.Module:
+    def make_block(self, cfg: ModelConfig, index: int, tp: TensorParallel | None,
+                   ep: ExpertParallel | None = None) -> nn.Module:
+        """Block `index`. `ep` (expert parallelism) is for models whose blocks have routed
+        experts (DeepSeekModel); this model's dense blocks have none (build_model refuses ep)."""
         return Block(cfg, tp)
 
     def rope_head_dim(self, cfg: ModelConfig) -> int:
@@ -89,7 +96,7 @@ class TransformerModel(nn.Module):
         init_parameters(self, seed)
 
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None,
-                loss_denominator: float | torch.Tensor | None = None) -> torch.Tensor:
+                loss_denominator: float | torch.Tensor | None = None, chunk: int = 0) -> torch.Tensor:
         """Logits [batch, seq, vocab]; or, given targets, the loss.
 
         The loss is sum(token cross-entropy) / loss_denominator. Training passes the
@@ -97,16 +104,45 @@ class TransformerModel(nn.Module):
         every micro-batch (and every data-parallel rank) gives the global mean,
         whatever the layout (DESIGN, invariant 3). Left as None it is this batch's
         own count, i.e. the plain mean.
+
+        On a pipeline stage (keep_stage) it runs this rank's chunk `chunk`: its input is
+        input_ids for the first chunk of the model, else the previous chunk's hidden states;
+        every chunk but the model's last returns hidden states.
         """
-        x = self.embed(input_ids)
+        x = self.embed(input_ids) if self.stage is None or self.stage.is_first_chunk(chunk) else input_ids
         rope = self.rope_tables()
-        for layer in self.layers.values():
+        for layer in self.chunk_layers(chunk):
             x = layer(x, rope)
+        if self.stage is not None and not self.stage.is_last_chunk(chunk):
+            return x  # hidden states, for the next pipeline chunk
         return self.output(x, targets, loss_denominator)
 
+    # -- pipeline parallelism: this rank's stage of the model (parallel/pipeline/stage.py) --
+
+    def keep_stage(self, stage: Stage) -> None:
+        """Delete what pipeline stage `stage` does not run, so that nothing keeps those weights
+        alive: the other ranks' layers, the embeddings except on the first rank (the last keeps
+        the token embedding when the head is tied to it), the final norm and head except on the
+        last rank. Every kept module keeps its name."""
+        keep = {str(i) for c in stage.chunks for i in c}
+        for name in [n for n in self.layers if n not in keep]:
+            del self.layers[name]
+        if not stage.has_first:
+            self.pos_emb = None
+            if not (self.cfg.tie_embeddings and stage.has_last):
+                self.tok_emb = None
+        if not stage.has_last:
+            self.norm = self.head = None
+        self.stage = stage
+
+    def chunk_layers(self, chunk: int = 0) -> list[nn.Module]:
+        """The blocks forward runs: all of them, or those of this stage's chunk `chunk`."""
+        if self.stage is None:
+            return list(self.layers.values())
+        return [self.layers[str(i)] for i in self.stage.chunks[chunk]]
+
     # The pieces of forward, shared by subclasses that need the hidden states
-    # (DeepSeekModel's multi-token prediction) and by pipeline stages, which hold the
-    # same submodules under the same names (parallel/pipeline.py).
+    # (DeepSeekModel's multi-token prediction).
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Token (and learned position) embeddings; under sequence parallelism this rank's T/tp positions."""

@@ -13,7 +13,8 @@ the second. Dropless: every routed token is processed (no capacity factor).
 
 The expert weights are one logical tensor [E, ...] per matrix, of which rank r holds
 experts [r*E/ep, (r+1)*E/ep): `Shard(dim=0, axis="ep")`, so initialisation and
-checkpoints see the single-process tensor. Their gradients sync over the
+checkpoints see the single-process tensor (the layer, models/moe.ExpertParallelMoE, declares
+it and calls expert_parallel_forward below). Their gradients sync over the
 expert-data-parallel group (ranks holding the same experts), not over dp.
 (torch offers no expert-parallel module; torchtitan's MoE uses the same two
 all-to-alls around a grouped GEMM.)
@@ -26,8 +27,6 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from ..params import Shard, declare, spec
-from ..models.moe import LocalRoutedMoE
 from ..precision.formats import E4M3
 from ..precision.scaling import blockwise
 
@@ -88,38 +87,25 @@ def all_to_all(x, out_splits, in_splits, group, fp8: bool = False):
     return _AllToAll.apply(x, out_splits, in_splits, group, fp8)
 
 
-class ExpertParallelMoE(LocalRoutedMoE):
-    """LocalRoutedMoE whose routed experts live on the ep ranks; routing, shared experts and
-    the combine are unchanged (the router is replicated: every rank routes its own tokens)."""
-
-    def __init__(self, *args, ep: ExpertParallel, **kwargs):
-        super().__init__(*args, **kwargs)
-        if self.n_experts % ep.size:
-            raise ValueError(f"model.n_routed_experts={self.n_experts} is not divisible by parallel.ep={ep.size}")
-        self.ep = ep
-        self.n_local = self.n_experts // ep.size
-        for name in ("w1", "w3", "w2"):  # keep this rank's experts only
-            full = getattr(self.experts, name)
-            local = torch.nn.Parameter(torch.empty(self.n_local, *full.shape[1:]))
-            declare(local, init=spec(full).init, init_std=spec(full).init_std,
-                    shard=Shard(0, ep.rank, ep.size, axis="ep"))
-            setattr(self.experts, name, local)
-
-    def run_experts(self, x_sorted: torch.Tensor, tokens_per_expert: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        ep, nl, g = self.ep.size, self.n_local, self.ep.group
-        # 1. How many tokens go from each rank to each expert: send[r, e] = ours for rank r's expert e.
-        send = tokens_per_expert.view(ep, nl)
-        recv = torch.empty_like(send)
-        dist.all_to_all_single(recv, send.contiguous(), group=g)
-        send_rows, recv_rows = send.tolist(), recv.tolist()  # [dest][expert], [source][expert]
-        in_splits, out_splits = [sum(r) for r in send_rows], [sum(r) for r in recv_rows]
-        # 2. Dispatch: x_sorted is already grouped by destination rank (experts are numbered rank-major).
-        received = all_to_all(x_sorted, out_splits, in_splits, g, self.ep.dispatch_fp8)  # source-major, then expert
-        # 3. Regroup source-major -> expert-major, run the local experts, and back.
-        chunks = received.split([c for row in recv_rows for c in row])
-        x_local = torch.cat([chunks[s * nl + e] for e in range(nl) for s in range(ep)])
-        y_local = self.experts(x_local, [sum(recv_rows[s][e] for s in range(ep)) for e in range(nl)])
-        y_chunks = y_local.split([recv_rows[s][e] for e in range(nl) for s in range(ep)])
-        y_source_major = torch.cat([y_chunks[e * ep + s] for s in range(ep) for e in range(nl)])
-        # 4. Combine: return each output to the rank (and sorted position) its token came from.
-        return all_to_all(y_source_major.to(combine_dtype(x_sorted)), in_splits, out_splits, g, self.ep.combine_fp8)
+def expert_parallel_forward(experts, x_sorted: torch.Tensor, tokens_per_expert: torch.Tensor,
+                            ep: ExpertParallel) -> torch.Tensor:
+    """Run the routed experts on this rank's tokens, sorted by expert (numbered rank-major),
+    where `experts` (models/moe.ExpertMLP) holds this rank's E/ep of them: count, dispatch,
+    compute, combine (the diagram above). Returns the outputs in x_sorted's order."""
+    ep_size, nl, g = ep.size, tokens_per_expert.numel() // ep.size, ep.group
+    # 1. How many tokens go from each rank to each expert: send[r, e] = ours for rank r's expert e.
+    send = tokens_per_expert.view(ep_size, nl)
+    recv = torch.empty_like(send)
+    dist.all_to_all_single(recv, send.contiguous(), group=g)
+    send_rows, recv_rows = send.tolist(), recv.tolist()  # [dest][expert], [source][expert]
+    in_splits, out_splits = [sum(r) for r in send_rows], [sum(r) for r in recv_rows]
+    # 2. Dispatch: x_sorted is already grouped by destination rank (experts are numbered rank-major).
+    received = all_to_all(x_sorted, out_splits, in_splits, g, ep.dispatch_fp8)  # source-major, then expert
+    # 3. Regroup source-major -> expert-major, run the local experts, and back.
+    chunks = received.split([c for row in recv_rows for c in row])
+    x_local = torch.cat([chunks[s * nl + e] for e in range(nl) for s in range(ep_size)])
+    y_local = experts(x_local, [sum(recv_rows[s][e] for s in range(ep_size)) for e in range(nl)])
+    y_chunks = y_local.split([recv_rows[s][e] for e in range(nl) for s in range(ep_size)])
+    y_source_major = torch.cat([y_chunks[e * ep_size + s] for s in range(ep_size) for e in range(nl)])
+    # 4. Combine: return each output to the rank (and sorted position) its token came from.
+    return all_to_all(y_source_major.to(combine_dtype(x_sorted)), in_splits, out_splits, g, ep.combine_fp8)

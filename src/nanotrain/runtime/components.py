@@ -24,7 +24,7 @@ from ..params import spec
 from ..optim import MOMENTS, adamw_state, build_adamw, lr_at
 from ..parallel.data_parallel import GradSync, clip_grad_norm
 from ..parallel.expert_parallel import ExpertParallel
-from ..parallel.pipeline import PipelineStage, chunk_layers, layer_costs
+from ..parallel.pipeline import chunk_layers, layer_costs, pipeline_stage
 from ..parallel.state import all_reduce, barrier, destroy_parallel, init_parallel
 from ..parallel.tensor_parallel import TensorParallel
 from ..parallel.zero import ZeroOptimizer
@@ -171,7 +171,7 @@ class TransformerProvider:
             p = ctx.cfg.parallel
             costs = layer_costs(model, p.pp_partition)
             chunks = chunk_layers(ctx.cfg.model.n_layers, ps.pp, p.pp_virtual_stages, costs)
-            model = PipelineStage(model, ps.pp_rank, ps.pp, chunks[ps.pp_rank])
+            model = pipeline_stage(model, ps.pp_rank, ps.pp, chunks[ps.pp_rank])
         core = attention_core_dtype(ctx)
         for module in model.modules():
             if isinstance(module, Attention):

@@ -1,7 +1,7 @@
 """Pipeline parallelism: split the layers into stages, stream micro-batches through them.
 
 Read in this order:
-    stage.py        which layers each rank holds (PipelineStage, partition_layers)
+    stage.py        which layers each rank holds (Stage, pipeline_stage, partition_layers)
     gpipe.py        all forwards, then all backwards
     one_f_one_b.py  1F1B: warm-up, one forward / one backward, cool-down
     interleaved.py  1F1B over v chunks per rank
@@ -29,7 +29,7 @@ from .actions import Action, Timetable, cached_timetable, timetable
 from .gpipe import gpipe_order
 from .interleaved import interleaved_order
 from .one_f_one_b import one_f_one_b_order
-from .stage import PipelineStage, chunk_layers, layer_costs, partition_layers
+from .stage import Stage, chunk_layers, layer_costs, partition_layers, pipeline_stage
 
 # parallel.pp_schedule -> order(rank, pp, v, m)
 SCHEDULES: dict[str, Callable[[int, int, int, int], list[Action]]] = {
@@ -72,6 +72,6 @@ def textbook_bubble(pp: int, m: int, v: int = 1) -> float:
     return (pp - 1) / (v * m + pp - 1)
 
 
-__all__ = ["Action", "PipelineStage", "SCHEDULES", "Timetable", "cached_timetable", "check_schedule",
+__all__ = ["Action", "Stage", "pipeline_stage", "SCHEDULES", "Timetable", "cached_timetable", "check_schedule",
            "chunk_layers", "forward_only_order", "layer_costs", "partition_layers", "textbook_bubble",
            "timetable"]

@@ -28,25 +28,29 @@ from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from .actions import Action, cached_timetable
-from .stage import PipelineStage
+from .stage import Stage
 
 
 class PipelineRunner:
-    def __init__(self, stage: PipelineStage, schedule: str, peers: list[int], group: dist.ProcessGroup | None,
+    def __init__(self, model: nn.Module, schedule: str, peers: list[int], group: dist.ProcessGroup | None,
                  device: torch.device | str = "cpu",
                  autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext):
-        """peers[q]: global rank of pipeline rank q in this rank's pipeline (pp group)."""
-        self.stage, self.schedule, self.peers, self.group = stage, schedule, peers, group
+        """model: cut to this rank's stage (stage.pipeline_stage). peers[q]: global rank of
+        pipeline rank q in this rank's pipeline (pp group)."""
+        self.model, self.schedule, self.peers, self.group = model, schedule, peers, group
+        self.stage: Stage = model.stage
+        self.max_in_flight = 0  # after a training step: peak micro-batches of stored activations
         self.device, self.autocast = torch.device(device), autocast
         self.events: list[tuple[str, int, int, float, float]] | None = None  # timeline, when recording
         self.dtype = torch.float32  # the residual stream's: the parameters' storage dtype (precision.param_dtype)
 
     @classmethod
-    def from_state(cls, stage: PipelineStage, schedule: str, state, device="cpu", autocast=contextlib.nullcontext):
+    def from_state(cls, model: nn.Module, schedule: str, state, device="cpu", autocast=contextlib.nullcontext):
         peers = [state.global_rank(pp_rank=q) for q in range(state.pp)]
-        return cls(stage, schedule, peers, state.pp_group, device, autocast)
+        return cls(model, schedule, peers, state.pp_group, device, autocast)
 
     # -- entry points -------------------------------------------------------------------
 
@@ -107,7 +111,7 @@ class PipelineRunner:
         if in_flight:
             self._event("send", None, start)
         if not forward_only:
-            stage.max_in_flight = peak
+            self.max_in_flight = peak
         return loss_sum
 
     def _forward(self, a: Action, micro_batches, denom, inbox, forward_only) -> tuple[torch.Tensor, torch.Tensor]:
@@ -119,7 +123,7 @@ class PipelineRunner:
             x.requires_grad_()  # a leaf: after backward, x.grad is what the previous rank needs
         start = time.perf_counter()
         with self.autocast():
-            y = stage(x, a.chunk, micro_batches[a.mb][1] if last else None, denom if last else None)
+            y = self.model(x, micro_batches[a.mb][1] if last else None, denom if last else None, chunk=a.chunk)
         self._event("F", a, start)
         return x, y
 
@@ -173,6 +177,6 @@ class PipelineRunner:
 
     def _message_shape(self, input_ids: torch.Tensor) -> tuple[int, int, int]:
         B, T = input_ids.shape
-        if self.stage.sequence_parallel:
-            T //= self.stage.tp.size
-        return (B, T, self.stage.cfg.d_model)
+        if self.model.sequence_parallel:
+            T //= self.model.tp.size
+        return (B, T, self.model.cfg.d_model)

@@ -1,4 +1,4 @@
-"""Pipeline stages: which layers each pipeline rank holds, and the module that runs them.
+"""Pipeline stages: which layers each pipeline rank holds, and the cut that leaves it only those.
 
 The model's n_layers are cut into pp * v contiguous *chunks* (v = virtual stages per
 rank, 1 unless the schedule is interleaved). Chunk c lives on pipeline rank c % pp,
@@ -12,6 +12,18 @@ The embedding lives with chunk 0 (rank 0), the final norm, head and loss with th
 chunk (rank pp - 1). A micro-batch's hidden states travel chunk 0 -> 1 -> ... and its
 gradients back; see schedules in gpipe.py, one_f_one_b.py and interleaved.py.
 
+The stage is the model itself, cut down: `pipeline_stage` gives the model a `Stage` (which
+chunks this rank runs) and the model deletes what it does not run (`keep_stage`), keeping
+every parameter under its single-process name ("layers.3.attn.wq.weight", "head.weight"):
+  - init_parameters gives the single-process weights (each drawn from (seed, its name));
+  - its state_dict() is a subset of the full model's (checkpoints merge by name);
+  - gradients compare by name with a single-process run;
+  - whatever the model computes from its layers (DeepSeek's MoE bias updates and load
+    metrics, the MFU count) covers this rank's layers only, with no extra code.
+(torchtitan cuts its models the same way, setting the pieces a stage lacks to None;
+Megatron builds only the stage's layers. Building the full model first costs the whole
+model's memory once per rank: fine at this scale, or use the meta device.)
+
 Tied embeddings (the head reuses the token embedding's matrix) put one matrix on two
 ranks: the first and the last. Each keeps a copy, named tok_emb.weight on both; the
 copies start equal (same init from (seed, name)) and stay equal because their
@@ -21,14 +33,11 @@ pipeline) before every optimizer step, as Megatron does.
 
 from __future__ import annotations
 
-import types
+from dataclasses import dataclass
 
-import torch
 from torch import nn
 
-from ...layers import init_parameters
 from ...params import declare
-from ...models.transformer import TransformerModel
 
 # -- partitioning ---------------------------------------------------------------------
 
@@ -84,8 +93,8 @@ def partition_layers(n_layers: int, n_stages: int, costs: list[float] | None = N
 
 # -- the stage ------------------------------------------------------------------------
 
-def layer_costs(model: TransformerModel, by: str) -> list[float] | None:
-    """Cost of each layer for partitioning: None (count layers) or its parameter count."""
+def layer_costs(model: nn.Module, by: str) -> list[float] | None:
+    """Cost of each layer (model.layers) for partitioning: None (count layers) or its parameter count."""
     if by == "layers":
         return None
     return [float(sum(p.numel() for p in layer.parameters())) for layer in model.layers.values()]
@@ -97,69 +106,28 @@ def chunk_layers(n_layers: int, pp: int, v: int = 1, costs: list[float] | None =
     return [[chunks[k * pp + rank] for k in range(v)] for rank in range(pp)]
 
 
-class PipelineStage(nn.Module):
-    """What one pipeline rank runs: its chunks' layers (+ embeddings if it holds chunk 0,
-    + norm/head/loss if it holds the last chunk).
+@dataclass(frozen=True)
+class Stage:
+    """Which part of the model pipeline rank `rank` of `n_ranks` runs: `chunks[k]` are the layer
+    ids of its k-th chunk (global chunk k * n_ranks + rank). The first rank also embeds, the last
+    also runs the final norm, head and loss."""
 
-    Build the *full* model, initialise it, then wrap it: the stage deletes what it does
-    not run and takes over the rest *under the same attribute names*. Layers live in a
-    ModuleDict keyed by the global layer index, so a stage's parameter names are exactly
-    the single-process ones ("layers.3.attn.wq.weight", "head.weight"):
-      - init_parameters(stage, seed) gives the single-process weights (each weight is
-        drawn from (seed, its name));
-      - stage.state_dict() is a subset of the full model's (checkpoints merge by name);
-      - gradients compare by name with a single-process run.
-    (Megatron builds only the stage's layers; building the full model first costs the
-    whole model's memory once per rank, fine at this scale, or use the meta device.)
-    """
+    rank: int
+    n_ranks: int
+    chunks: tuple[tuple[int, ...], ...]
 
-    def __init__(self, model: TransformerModel, rank: int, n_ranks: int, chunks: list[list[int]]):
-        super().__init__()
-        if not 0 <= rank < n_ranks:
-            raise ValueError(f"pipeline rank {rank} is outside 0..{n_ranks - 1}")
-        missing = [i for c in chunks for i in c if str(i) not in model.layers]
-        if missing:
-            raise ValueError(f"layers {missing} are not in the model (it has {len(model.layers)})")
-        self.rank, self.n_ranks, self.v = rank, n_ranks, len(chunks)
-        self.chunks = [list(c) for c in chunks]
-        self.has_first, self.has_last = rank == 0, rank == n_ranks - 1
-        self.cfg, self.tp, self.sequence_parallel = model.cfg, model.tp, model.sequence_parallel
-        tied = model.cfg.tie_embeddings
-        # Drop what this rank does not run from the model itself too, so that nothing
-        # (the caller's reference included) keeps those weights alive.
-        keep = {str(i) for c in chunks for i in c}
-        for name in [n for n in model.layers if n not in keep]:
-            del model.layers[name]
-        if not self.has_first:
-            model.pos_emb = None
-            if not (tied and self.has_last):  # the last rank keeps its copy of a tied matrix
-                model.tok_emb = None
-        if not self.has_last:
-            model.norm = model.head = None
-        # Same names as in TransformerModel (see the class docstring for why).
-        self.tok_emb, self.pos_emb = model.tok_emb, model.pos_emb
-        self.dropout = model.dropout
-        self.layers = model.layers
-        self.norm, self.head = model.norm, model.head
-        self.mtp = None  # multi-token prediction is refused with pp > 1 (config.validate)
-        if model.rope_cos is not None:  # every stage with layers needs the RoPE tables
-            self.register_buffer("rope_cos", model.rope_cos, persistent=False)
-            self.register_buffer("rope_sin", model.rope_sin, persistent=False)
-        else:
-            self.rope_cos = self.rope_sin = None
-        if tied and n_ranks > 1 and (self.has_first or self.has_last):
-            # The tied matrix: its gradient is summed over the embedding group, and only
-            # the first rank's copy counts in the gradient norm (it is one parameter).
-            declare(self.tok_emb.weight, pipeline_shared=True, pipeline_duplicate=not self.has_first)
-        # Model-specific methods that only read the held submodules (DeepSeekModel's MoE
-        # bookkeeping: bias updates after the step, load metrics, the MFU count) run on the
-        # stage as they would on the model, over this rank's layers only.
-        self._last_counts: dict = {}
-        for name in ("moe_layers", "after_optimizer_step", "step_metrics", "num_matmul_params"):
-            fn = getattr(type(model), name, None)
-            if fn is not None:
-                setattr(self, name, types.MethodType(fn, self))
-        self.max_in_flight = 0  # set by the schedule runner: peak micro-batches of stored activations
+    @property
+    def v(self) -> int:
+        """Chunks (virtual stages) on this rank."""
+        return len(self.chunks)
+
+    @property
+    def has_first(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def has_last(self) -> bool:
+        return self.rank == self.n_ranks - 1
 
     def global_chunk(self, k: int) -> int:
         return k * self.n_ranks + self.rank
@@ -170,21 +138,20 @@ class PipelineStage(nn.Module):
     def is_last_chunk(self, k: int) -> bool:
         return self.has_last and k == self.v - 1
 
-    def init_weights(self, seed: int) -> None:
-        init_parameters(self, seed)
 
-    def forward(self, x: torch.Tensor, chunk: int = 0, targets: torch.Tensor | None = None,
-                loss_denominator: float | torch.Tensor | None = None) -> torch.Tensor:
-        """Run local chunk `chunk`. Its input is input_ids [B, T] for chunk 0, else hidden
-        states [B, T(/tp under sequence parallelism), d]. The last chunk returns the loss
-        given targets (else logits); the others return hidden states."""
-        # The stage holds TransformerModel's submodules under the same names, so it runs
-        # TransformerModel's own embed / output code on itself.
-        if self.is_first_chunk(chunk):
-            x = TransformerModel.embed(self, x)
-        rope = TransformerModel.rope_tables(self)
-        for i in self.chunks[chunk]:
-            x = self.layers[str(i)](x, rope)
-        if not self.is_last_chunk(chunk):
-            return x
-        return TransformerModel.output(self, x, targets, loss_denominator)
+def pipeline_stage(model: nn.Module, rank: int, n_ranks: int, chunks: list[list[int]]) -> nn.Module:
+    """Cut `model` (built whole and initialised) down to what pipeline rank `rank` runs, in place,
+    and return it. The model implements `keep_stage(stage)` (models/transformer.py): it knows
+    which of its modules the first and last stage need."""
+    if not 0 <= rank < n_ranks:
+        raise ValueError(f"pipeline rank {rank} is outside 0..{n_ranks - 1}")
+    missing = [i for c in chunks for i in c if str(i) not in model.layers]
+    if missing:
+        raise ValueError(f"layers {missing} are not in the model (it has {len(model.layers)})")
+    stage = Stage(rank, n_ranks, tuple(tuple(c) for c in chunks))
+    model.keep_stage(stage)
+    if model.cfg.tie_embeddings and n_ranks > 1 and (stage.has_first or stage.has_last):
+        # The tied matrix: its gradient is summed over the embedding group, and only
+        # the first rank's copy counts in the gradient norm (it is one parameter).
+        declare(model.tok_emb.weight, pipeline_shared=True, pipeline_duplicate=not stage.has_first)
+    return model
