@@ -16,7 +16,7 @@ import math
 import torch
 from torch import nn
 
-from ..config import ModelConfig
+from ..config import ModelConfig, whole_sequence_errors
 from ..layers import RMSNorm
 from ..parallel.tensor_parallel import TensorParallel
 from .mla import MLAttention
@@ -82,12 +82,9 @@ class DeepSeekModel(TransformerModel):
         # make_block runs inside TransformerModel.__init__, so the expert-parallel group must
         # be in place first (a plain attribute, set before nn.Module's bookkeeping exists).
         object.__setattr__(self, "_ep", ep)
-        if tp is not None and tp.sequence_parallel and cfg.aux_loss_coef:
-            raise ValueError("model.aux_loss_coef > 0 needs whole sequences on each rank: turn off "
-                             "parallel.sequence_parallel or set model.aux_loss_coef=0.")
-        if tp is not None and tp.sequence_parallel and cfg.mtp_depth:
-            raise ValueError("model.mtp_depth > 0 (multi-token prediction) needs whole sequences on each rank: "
-                             "turn off parallel.sequence_parallel or set model.mtp_depth=0.")
+        errors = whole_sequence_errors(cfg, tp is not None and tp.sequence_parallel)  # config.py's rule, for
+        if errors:  # a model built without a validated Config
+            raise ValueError(errors[0])
         super().__init__(cfg, tp)
         # Multi-token prediction (training only, models/mtp.py): one more block after the
         # last layer, sharing tok_emb and head; its parameters are named mtp.*.
