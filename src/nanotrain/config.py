@@ -2,7 +2,9 @@
 
 A config is validated before any heavy work (data preparation, model build,
 process groups), so a typo costs a second, not a run. Every error names the
-key and says how to fix it.
+key and says how to fix it. Each section's check() holds the rules on its own
+fields, next to them; cross_checks() the few that span sections. A section may
+hold tables of its own (precision's [precision.fp8], set as --precision.fp8.margin=1).
 
     cfg = load_config("configs/shakespeare_char.toml", ["--train.max_steps=200"])
 """
