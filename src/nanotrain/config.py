@@ -195,7 +195,7 @@ class ParallelConfig:
             (not self.sequence_parallel or self.tp > 1, "parallel.sequence_parallel=true needs parallel.tp > 1: "
                                                         "it splits the sequence over the tensor-parallel ranks."),
             (self.ep <= 1 or self.dp % self.ep == 0, f"parallel.ep={self.ep} must divide parallel.dp={self.dp}: "
-                                                     "expert-parallel groups are carved out of the data-parallel ranks."),
+             "expert-parallel groups are carved out of the data-parallel ranks."),
         ])
 
 
