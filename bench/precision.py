@@ -49,10 +49,10 @@ DTYPE_OPTIONS = {  # name: overrides (all under the bf16 recipe)
     "bf16 master (kahan), all bf16": BF16 + LOW + ["--precision.master_dtype=bf16",
                                                    "--precision.master_rounding=kahan"],
     "bf16 master (nearest), all bf16": BF16 + LOW + ["--precision.master_dtype=bf16"],
-    "fp8 weights (layers), fp32 master/grads/moments": ["--precision.lowbit_weights=layers.*.weight",
-                                                        "--precision.lowbit_format=fp8"],
-    "nf4 weights (layers), fp32 master/grads/moments": ["--precision.lowbit_weights=layers.*.weight",
-                                                        "--precision.lowbit_format=nf4"],
+    "fp8 weights (layers), fp32 master/grads/moments": ["--precision.lowbit.weights=layers.*.weight",
+                                                        "--precision.lowbit.format=fp8"],
+    "nf4 weights (layers), fp32 master/grads/moments": ["--precision.lowbit.weights=layers.*.weight",
+                                                        "--precision.lowbit.format=nf4"],
 }
 KINDS = ("params", "master", "grads", "moments", "compensation")
 

@@ -2,7 +2,9 @@
 
 A config is validated before any heavy work (data preparation, model build,
 process groups), so a typo costs a second, not a run. Every error names the
-key and says how to fix it.
+key and says how to fix it. Each section's check() holds the rules on its own
+fields, next to them; cross_checks() the few that span sections. A section may
+hold tables of its own (precision's [precision.fp8], set as --precision.fp8.margin=1).
 
     cfg = load_config("configs/shakespeare_char.toml", ["--train.max_steps=200"])
 """
@@ -23,6 +25,23 @@ from typing import Any, Literal
 
 class ConfigError(ValueError):
     """A config problem: the message names the key and the fix."""
+
+
+def _failed(rules: list[tuple[bool, str]]) -> list[str]:
+    """The messages of the rules that do not hold: each check lists (holds, message) pairs."""
+    return [msg for ok, msg in rules if not ok]
+
+
+def _regex_errors(key: str, patterns: list[str], shown: str | None = None) -> list[str]:
+    """A message for each "re:" pattern that does not compile (shown: the entry to name instead)."""
+    errors = []
+    for pattern in patterns:
+        if pattern.startswith("re:"):
+            try:
+                re.compile(pattern[3:])
+            except re.error as e:
+                errors.append(f"{key}: {shown if shown is not None else pattern!r} is not a valid regex ({e}).")
+    return errors
 
 
 @dataclass
@@ -93,6 +112,61 @@ class ModelConfig:
             return 4 * self.d_model
         return 64 * math.ceil(8 * self.d_model / 3 / 64)
 
+    def check(self) -> list[str]:
+        """The model's own rules; those that involve the layout or the batch are in cross_checks."""
+        errors = [f"model.{key}={getattr(self, key)} must be positive." for key in ("d_model", "n_layers", "n_heads")
+                  if getattr(self, key) <= 0]
+        if self.n_heads > 0 and self.d_model % self.n_heads:
+            errors.append(f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}: "
+                          "pick n_heads that divides d_model.")
+        elif self.n_heads > 0 and (self.d_model // self.n_heads) % 2 and self.pos_emb == "rope":
+            errors.append(f"head dim d_model/n_heads={self.d_model // self.n_heads} must be even for RoPE: "
+                          "change model.d_model or model.n_heads.")
+        if self.n_kv_heads and self.n_heads % self.n_kv_heads:
+            errors.append(f"model.n_heads={self.n_heads} is not divisible by model.n_kv_heads={self.n_kv_heads}: "
+                          "each KV head must serve the same number of query heads.")
+        errors += _failed([
+            (self.vocab_size >= 0, f"model.vocab_size={self.vocab_size} must be >= 0 (0 takes it from the tokenizer)."),
+            (self.n_kv_heads >= 0, f"model.n_kv_heads={self.n_kv_heads} must be >= 0 (0 means n_heads)."),
+            (self.d_ff >= 0, f"model.d_ff={self.d_ff} must be >= 0 (0 picks the usual width for model.mlp)."),
+            (0.0 <= self.dropout < 1.0, f"model.dropout={self.dropout} must be in [0, 1)."),
+            (self.norm_eps > 0, f"model.norm_eps={self.norm_eps} must be positive."),
+            (self.init_std > 0, f"model.init_std={self.init_std} must be positive."),
+            (self.rope_scaling == "none" or self.rope_factor >= 1.0,
+             f"model.rope_factor={self.rope_factor} must be >= 1 with model.rope_scaling={self.rope_scaling!r}."),
+            (self.mtp_depth in (0, 1), f"model.mtp_depth={self.mtp_depth} is not supported: 0 (off) or 1 (one "
+                                       "extra token, DeepSeek-V3's setting) are implemented."),
+            (self.mtp_depth == 0 or self.arch == "deepseek",
+             f"model.mtp_depth={self.mtp_depth} needs model.arch='deepseek' (set model.mtp_depth=0)."),
+            (self.mtp_loss_weight >= 0, f"model.mtp_loss_weight={self.mtp_loss_weight} must be >= 0."),
+        ])
+        return errors + (self._deepseek_errors() if self.arch == "deepseek" else [])
+
+    def _deepseek_errors(self) -> list[str]:
+        """MLA's and the mixture of experts' sizes, and group-limited routing's groups."""
+        errors = [f"model.{key}={getattr(self, key)} must be positive for model.arch='deepseek'."
+                  for key in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
+                              "n_routed_experts", "moe_top_k", "moe_d_ff") if getattr(self, key) <= 0]
+        errors += _failed([
+            (self.qk_rope_head_dim % 2 == 0,
+             f"model.qk_rope_head_dim={self.qk_rope_head_dim} must be even (RoPE rotates pairs)."),
+            (0 <= self.first_k_dense_replace <= self.n_layers, f"model.first_k_dense_replace="
+             f"{self.first_k_dense_replace} must be between 0 and model.n_layers={self.n_layers}."),
+            (self.moe_top_k <= self.n_routed_experts,
+             f"model.moe_top_k={self.moe_top_k} exceeds model.n_routed_experts={self.n_routed_experts}."),
+            (self.moe_capacity_factor >= 0,
+             f"model.moe_capacity_factor={self.moe_capacity_factor} must be >= 0 (0: dropless)."),
+            (self.bias_update_rate >= 0 and self.aux_loss_coef >= 0,
+             "model.bias_update_rate and model.aux_loss_coef must be >= 0 (0 turns each off)."),
+        ])
+        if self.n_group < 1 or self.n_routed_experts % self.n_group:
+            errors.append(f"model.n_group={self.n_group} must divide model.n_routed_experts={self.n_routed_experts}.")
+        elif not 1 <= self.topk_group <= self.n_group or \
+                self.moe_top_k > self.topk_group * (self.n_routed_experts // self.n_group):
+            errors.append(f"model.topk_group={self.topk_group} must be in [1, n_group={self.n_group}] and leave "
+                          f"at least moe_top_k={self.moe_top_k} experts to choose from.")
+        return errors
+
 
 @dataclass
 class ParallelConfig:
@@ -110,9 +184,111 @@ class ParallelConfig:
     pp_virtual_stages: int = 1
     pp_partition: Literal["layers", "params"] = "layers"
 
+    def check(self) -> list[str]:
+        """Rules on the sizes alone. parallel/state.py's init_parallel runs this too: it can be handed
+        a ParallelConfig that no Config validated."""
+        errors = [f"parallel.{key}={getattr(self, key)} must be >= 1." for key in ("tp", "pp", "dp", "ep")
+                  if getattr(self, key) < 1]
+        return errors + _failed([
+            (self.pp_virtual_stages >= 1, f"parallel.pp_virtual_stages={self.pp_virtual_stages} must be >= 1."),
+            (self.bucket_mb > 0, f"parallel.bucket_mb={self.bucket_mb} must be positive."),
+            (not self.sequence_parallel or self.tp > 1, "parallel.sequence_parallel=true needs parallel.tp > 1: "
+                                                        "it splits the sequence over the tensor-parallel ranks."),
+            (self.ep <= 1 or self.dp % self.ep == 0, f"parallel.ep={self.ep} must divide parallel.dp={self.dp}: "
+             "expert-parallel groups are carved out of the data-parallel ranks."),
+        ])
+
 
 LOW_BIT_RECIPES = ("fp8_tensorwise", "fp8_deepseek", "fp8_custom", "nvfp4", "mxfp4")
 RECIPES = ("fp32", "bf16", "fp16") + LOW_BIT_RECIPES
+
+
+@dataclass
+class FP8Config:
+    """[precision.fp8]: how the fp8 recipes scale and multiply."""
+    # fp8_tensorwise: scale from the amax history of the last amax_history_len steps
+    # (delayed, Transformer Engine's default) or from this tensor (current); margin
+    # keeps 2^margin of headroom below the format's largest value.
+    scaling: Literal["delayed", "current"] = "delayed"
+    # fp8_tensorwise's GEMMs: torch._scaled_mm on the fp8 codes on CUDA with fp8 GEMMs (sm_89+)
+    # when the dimensions are multiples of 16, else the exact emulation (auto); always
+    # _scaled_mm (scaled_mm; this torch build also has a CPU kernel), or always the emulation.
+    gemm: Literal["auto", "scaled_mm", "emulated"] = "auto"
+    amax_history_len: int = 16
+    margin: int = 0
+    # fp8_custom: one scale per tensor, channel (row), 1x128 tile or 128x128 block, chosen for
+    # activations, weights and gradients; the gradients' format and rounding.
+    x_scaling: Literal["tensor", "channel", "tile", "block"] = "tile"
+    w_scaling: Literal["tensor", "channel", "tile", "block"] = "block"
+    grad_scaling: Literal["tensor", "channel", "tile", "block"] = "tile"
+    grad_format: Literal["e4m3", "e5m2"] = "e4m3"
+    grad_rounding: Literal["nearest", "stochastic"] = "nearest"
+
+    def check(self) -> list[str]:
+        return _failed([
+            (self.amax_history_len >= 1, f"precision.fp8.amax_history_len={self.amax_history_len} must be >= 1."),
+            (self.margin >= 0, f"precision.fp8.margin={self.margin} must be >= 0."),
+        ])
+
+
+@dataclass
+class NVFP4Config:
+    """[precision.nvfp4]: 16x16 weight blocks (one quantised weight for forward and dgrad) and
+    the random Hadamard transform on the weight-gradient GEMM's inputs."""
+    weights_2d: bool = True  # was nvfp4_2d_weights: a name cannot start with a digit
+    hadamard: bool = True
+
+    def check(self) -> list[str]:
+        return []
+
+
+@dataclass
+class MoEPrecisionConfig:
+    """[precision.moe]: expert parallelism sends the tokens to their experts (dispatch) and the
+    outputs back (combine) as e4m3 with one fp32 scale per 128 values, as DeepSeek-V3 does for
+    dispatch. The gradients' exchanges in backward stay full precision."""
+    dispatch_fp8: bool = False
+    combine_fp8: bool = False
+
+    def check(self) -> list[str]:
+        return []
+
+
+@dataclass
+class LowBitConfig:
+    """[precision.lowbit]: persistent low-bit weights (precision/lowbit.py). Linear weights whose
+    parameter name matches a pattern of `weights` (glob or "re:" regex) and none of `exclude` are
+    stored as fp8 (e4m3) or NF4 codes with per-tensor or per-channel scales; the optimizer keeps
+    the master."""
+    weights: list[str] = field(default_factory=list)
+    exclude: list[str] = field(default_factory=list)
+    format: Literal["fp8", "nf4"] = "fp8"
+    scaling: Literal["tensor", "channel"] = "channel"
+
+    def check(self) -> list[str]:
+        return _regex_errors("precision.lowbit.weights", self.weights) + \
+            _regex_errors("precision.lowbit.exclude", self.exclude)
+
+
+@dataclass
+class LossScaleConfig:
+    """[precision.loss_scale]: fp16 dynamic loss scaling (precision/loss_scaling.py): the first
+    scale; x 2 after growth_interval clean steps; x backoff after `hysteresis` overflowing
+    (skipped) steps; never below min."""
+    init: float = 65536.0
+    growth_interval: int = 1000
+    backoff: float = 0.5
+    hysteresis: int = 2
+    min: float = 1.0
+
+    def check(self) -> list[str]:
+        return _failed([
+            (self.init >= self.min > 0, f"precision.loss_scale.init={self.init} and precision.loss_scale.min="
+                                        f"{self.min} must satisfy init >= min > 0."),
+            (0 < self.backoff < 1, f"precision.loss_scale.backoff={self.backoff} must be in (0, 1)."),
+            (self.growth_interval >= 1 and self.hysteresis >= 1,
+             "precision.loss_scale.growth_interval and precision.loss_scale.hysteresis must be >= 1."),
+        ])
 
 
 @dataclass
@@ -124,7 +300,7 @@ class PrecisionConfig:
     # under torch.autocast(bfloat16) (no loss scaling needed: bf16 has fp32's range).
     # The low-bit recipes (precision/recipes.py) run every linear layer's three GEMMs with
     # quantised operands (emulated exactly on CPU) and everything else under bf16 autocast.
-    # fp16: matmuls under torch.autocast(float16), with dynamic loss scaling (loss_scale_*).
+    # fp16: matmuls under torch.autocast(float16), with dynamic loss scaling ([precision.loss_scale]).
     recipe: Literal["auto", "fp32", "bf16", "fp16", "fp8_tensorwise", "fp8_deepseek", "fp8_custom", "nvfp4",
                     "mxfp4"] = "auto"
     # dtype of RoPE + softmax(QK^T)V under bf16. auto: fp32 on CPU (PyTorch's bf16
@@ -137,32 +313,6 @@ class PrecisionConfig:
     # Under a low-bit recipe these modules stay in bf16: DeepSeek-V3 keeps the output head
     # (with the embedding, router, norms and attention core, which are not linear layers here).
     low_bit_exclude: list[str] = field(default_factory=lambda: ["head"])
-    # fp8_tensorwise: scale from the amax history of the last amax_history_len steps
-    # (delayed, Transformer Engine's default) or from this tensor (current); fp8_margin
-    # keeps 2^margin of headroom below the format's largest value.
-    fp8_scaling: Literal["delayed", "current"] = "delayed"
-    # fp8_tensorwise's GEMMs: torch._scaled_mm on the fp8 codes on CUDA with fp8 GEMMs (sm_89+)
-    # when the dimensions are multiples of 16, else the exact emulation (auto); always
-    # _scaled_mm (scaled_mm; this torch build also has a CPU kernel), or always the emulation.
-    fp8_gemm: Literal["auto", "scaled_mm", "emulated"] = "auto"
-    amax_history_len: int = 16
-    fp8_margin: int = 0
-    # fp8_custom: one scale per tensor, channel (row), 1x128 tile or 128x128 block, chosen for
-    # activations, weights and gradients; the gradients' format and rounding.
-    fp8_x_scaling: Literal["tensor", "channel", "tile", "block"] = "tile"
-    fp8_w_scaling: Literal["tensor", "channel", "tile", "block"] = "block"
-    fp8_grad_scaling: Literal["tensor", "channel", "tile", "block"] = "tile"
-    fp8_grad_format: Literal["e4m3", "e5m2"] = "e4m3"
-    fp8_grad_rounding: Literal["nearest", "stochastic"] = "nearest"
-    # nvfp4: 16x16 weight blocks (one quantised weight for forward and dgrad) and the
-    # random Hadamard transform on the weight-gradient GEMM's inputs.
-    nvfp4_2d_weights: bool = True
-    nvfp4_hadamard: bool = True
-    # Expert parallelism: send the tokens to their experts (dispatch) and the outputs back
-    # (combine) as e4m3 with one fp32 scale per 128 values, as DeepSeek-V3 does for dispatch.
-    # The gradients' exchanges in backward stay full precision.
-    moe_dispatch_fp8: bool = False
-    moe_combine_fp8: bool = False
     # The dtypes of the copies of each weight (precision/master.py): the model's parameters, the
     # optimizer's master weights, the master gradients (accumulated over micro-batches, reduced
     # over dp and clipped in it), AdamW's two moments. master_owner=optimizer: the model keeps
@@ -176,20 +326,70 @@ class PrecisionConfig:
     exp_avg_sq_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
     master_owner: Literal["optimizer", "module"] = "optimizer"
     master_rounding: Literal["nearest", "stochastic", "kahan"] = "nearest"
-    # Persistent low-bit weights (precision/lowbit.py): linear weights whose parameter name matches
-    # a pattern of lowbit_weights (glob or "re:" regex) and none of lowbit_exclude are stored as
-    # fp8 (e4m3) or NF4 codes with per-tensor or per-channel scales; the optimizer keeps the master.
-    lowbit_weights: list[str] = field(default_factory=list)
-    lowbit_exclude: list[str] = field(default_factory=list)
-    lowbit_format: Literal["fp8", "nf4"] = "fp8"
-    lowbit_scaling: Literal["tensor", "channel"] = "channel"
-    # fp16 dynamic loss scaling (precision/loss_scaling.py): the first scale; x growth after
-    # growth_interval clean steps; x backoff after `hysteresis` overflowing (skipped) steps.
-    loss_scale_init: float = 65536.0
-    loss_scale_growth_interval: int = 1000
-    loss_scale_backoff: float = 0.5
-    loss_scale_hysteresis: int = 2
-    loss_scale_min: float = 1.0
+    # The knobs of one recipe or feature each, as TOML tables ([precision.fp8]) and dotted keys
+    # (--precision.fp8.margin=2); the flat names they had (fp8_margin) are refused, naming these.
+    fp8: FP8Config = field(default_factory=FP8Config)
+    nvfp4: NVFP4Config = field(default_factory=NVFP4Config)
+    moe: MoEPrecisionConfig = field(default_factory=MoEPrecisionConfig)
+    lowbit: LowBitConfig = field(default_factory=LowBitConfig)
+    loss_scale: LossScaleConfig = field(default_factory=LossScaleConfig)
+
+    def check(self) -> list[str]:
+        errors = []
+        for item in self.overrides:
+            pattern, _, recipe = item.rpartition("=")
+            if not (pattern and recipe in RECIPES):
+                errors.append(f"precision.overrides: {item!r} must be 'pattern=recipe' with recipe one of "
+                              f"{', '.join(RECIPES)} (e.g. 'head=bf16').")
+            errors += _regex_errors("precision.overrides", [pattern], item)
+        errors += self._dtype_errors()
+        for section in (self.fp8, self.nvfp4, self.moe, self.lowbit, self.loss_scale):
+            errors += section.check()
+        return errors
+
+    def _dtype_errors(self) -> list[str]:
+        """The weight copies' dtypes must suit the recipe and each other (precision/master.py)."""
+        storage = self.param_dtype if self.master_owner == "optimizer" else self.master_dtype
+        compute = {"bf16": "bf16", "fp16": "fp16"}.get(self.recipe, "bf16" if self.recipe != "fp32" else "fp32")
+        return _failed([
+            (self.recipe != "auto" or (storage == "fp32" and self.param_dtype == "fp32"),
+             f"precision.recipe=auto with {self.param_dtype} parameters: auto picks fp32 on CPUs without fast "
+             "bf16, and fp32 computes with fp32 parameters. Name the recipe (precision.recipe=bf16), or keep "
+             "precision.param_dtype=fp32."),
+            (storage == "fp32" or self.recipe != "fp32",
+             f"precision.recipe=fp32 with {storage} parameters: the fp32 recipe computes in fp32. Pick a recipe "
+             "that computes in low precision (bf16, fp16, fp8_*, nvfp4, mxfp4), or keep precision.param_dtype=fp32."),
+            ("fp16" not in (storage, self.grad_dtype) or self.recipe == "fp16",
+             f"precision: fp16 parameters or gradients (param_dtype={self.param_dtype}, grad_dtype={self.grad_dtype}) "
+             "need loss scaling: use precision.recipe=fp16, or bf16 (fp32's range) for those dtypes."),
+            (self.master_dtype in (self.param_dtype, "fp32"),
+             f"precision.master_dtype={self.master_dtype} with param_dtype={self.param_dtype}: the master is the "
+             "copy the update goes into, so it is fp32 or the parameters' own dtype. Use master_dtype=fp32 or "
+             f"{self.param_dtype}."),
+            (self.master_owner == "optimizer" or self.param_dtype in (self.master_dtype, compute),
+             f"precision.master_owner=module keeps the parameters in master_dtype={self.master_dtype} and casts "
+             f"them to the compute dtype of recipe {self.recipe} ({compute}) per GEMM, so param_dtype="
+             f"{self.param_dtype} cannot hold: set param_dtype={compute}, or master_owner=optimizer for a stored "
+             f"{self.param_dtype} copy."),
+            (self.master_rounding == "nearest" or self.master_dtype != "fp32",
+             f"precision.master_rounding={self.master_rounding} rounds a bf16/fp16 master, and master_dtype is "
+             "fp32: set precision.master_dtype=bf16 (and param_dtype=bf16), or master_rounding=nearest."),
+        ])
+
+
+# The flat precision keys before the knobs moved into tables: an old key is refused with its new
+# name (TOML, command line), and a config saved before (checkpoints, config.json) is read through
+# this map (upgrade_saved).
+RENAMED = {f"precision.{old}": f"precision.{new}" for old, new in {
+    "fp8_scaling": "fp8.scaling", "fp8_gemm": "fp8.gemm", "amax_history_len": "fp8.amax_history_len",
+    "fp8_margin": "fp8.margin", "fp8_x_scaling": "fp8.x_scaling", "fp8_w_scaling": "fp8.w_scaling",
+    "fp8_grad_scaling": "fp8.grad_scaling", "fp8_grad_format": "fp8.grad_format",
+    "fp8_grad_rounding": "fp8.grad_rounding", "nvfp4_2d_weights": "nvfp4.weights_2d",
+    "nvfp4_hadamard": "nvfp4.hadamard", "moe_dispatch_fp8": "moe.dispatch_fp8", "moe_combine_fp8": "moe.combine_fp8",
+    "lowbit_weights": "lowbit.weights", "lowbit_exclude": "lowbit.exclude", "lowbit_format": "lowbit.format",
+    "lowbit_scaling": "lowbit.scaling", "loss_scale_init": "loss_scale.init",
+    "loss_scale_growth_interval": "loss_scale.growth_interval", "loss_scale_backoff": "loss_scale.backoff",
+    "loss_scale_hysteresis": "loss_scale.hysteresis", "loss_scale_min": "loss_scale.min"}.items()}
 
 
 @dataclass
@@ -206,6 +406,18 @@ class OptimizerConfig:
     # fp32 master weights and moments over dp (experts: expert-dp); 2 shards the gradients too.
     zero_stage: int = 0
 
+    def check(self) -> list[str]:
+        return _failed([
+            (self.lr > 0, f"optimizer.lr={self.lr} must be positive."),
+            (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1,
+             f"optimizer.beta1={self.beta1}, beta2={self.beta2} must be in [0, 1)."),
+            (self.eps > 0, f"optimizer.eps={self.eps} must be positive."),
+            (self.weight_decay >= 0, f"optimizer.weight_decay={self.weight_decay} must be >= 0."),
+            (self.zero_stage in (0, 1, 2), f"optimizer.zero_stage={self.zero_stage} is not a ZeRO stage: use 0 "
+                                           "(off), 1 (optimizer state sharded) or 2 (and gradients)."),
+            (self.grad_clip >= 0, f"optimizer.grad_clip={self.grad_clip} must be >= 0 (0 disables clipping)."),
+        ])
+
 
 @dataclass
 class ScheduleConfig:
@@ -213,6 +425,12 @@ class ScheduleConfig:
     decay: Literal["cosine", "linear", "constant"] = "cosine"
     decay_steps: int = 0  # 0: train.max_steps
     min_lr: float = 1e-4
+
+    def check(self) -> list[str]:
+        return _failed([
+            (self.warmup_steps >= 0, f"schedule.warmup_steps={self.warmup_steps} must be >= 0."),
+            (self.decay_steps >= 0, f"schedule.decay_steps={self.decay_steps} must be >= 0 (0: train.max_steps)."),
+        ])
 
 
 @dataclass
@@ -222,6 +440,15 @@ class DataConfig:
     vocab_size: int = 2048  # BPE only: size of the learned vocabulary
     val_fraction: float = 0.1  # the last fraction of the token stream is the val split
     prepared_dir: str = ""  # "": next to the data, in <path stem>.nanotrain/
+
+    def check(self) -> list[str]:
+        return _failed([
+            (bool(self.path), "data.path is empty: point it at a .txt file or a folder of .txt files."),
+            (0 < self.val_fraction < 1, f"data.val_fraction={self.val_fraction} must be in (0, 1)."),
+            (self.tokenizer != "bpe" or 256 < self.vocab_size <= 2**32 - 1,
+             f"data.vocab_size={self.vocab_size} is too small for byte-level BPE: it needs more than 256 "
+             "(the byte alphabet); 2048 to 32768 are usual."),
+        ])
 
 
 @dataclass
@@ -236,6 +463,15 @@ class CheckpointConfig:
     # `nanotrain convert --from-hf` folder, or a training checkpoint. "": initialise from seed.
     init_from: str = ""
 
+    def check(self) -> list[str]:
+        return _failed([
+            (self.interval >= 0, f"checkpoint.interval={self.interval} must be >= 0 (0: save at the end only)."),
+            (not (self.init_from and self.resume), "checkpoint.init_from and checkpoint.resume are both set: resume "
+                                                   "continues a run (weights, optimizer, step); init_from starts a "
+                                                   "new one from weights. Keep one."),
+            (self.keep_last >= 1, f"checkpoint.keep_last={self.keep_last} must be >= 1."),
+        ])
+
 
 @dataclass
 class LoggingConfig:
@@ -249,6 +485,13 @@ class LoggingConfig:
     # With pp > 1: record this step's pipeline timeline (timeline.png, timeline.json and the
     # measured bubble against the textbook one); 0: never.
     timeline_step: int = 0
+
+    def check(self) -> list[str]:
+        return _failed([
+            (self.log_interval >= 1, f"logging.log_interval={self.log_interval} must be >= 1."),
+            (self.timeline_step >= 0, f"logging.timeline_step={self.timeline_step} must be >= 0 (0: off)."),
+            (self.peak_tflops >= 0, f"logging.peak_tflops={self.peak_tflops} must be >= 0 (0: measure it)."),
+        ])
 
 
 @dataclass
@@ -270,6 +513,15 @@ class MonitoringConfig:
     # 0: off. probe_interval: every that many steps (0: at every evaluation, train.eval_interval).
     probe_batch: int = 4
     probe_interval: int = 0
+
+    def check(self) -> list[str]:
+        """sentinel_blocks against model.n_layers is in cross_checks."""
+        return _failed([
+            (0 <= self.ema_beta < 1, f"monitoring.ema_beta={self.ema_beta} must be in [0, 1)."),
+            (self.probe_batch >= 0, f"monitoring.probe_batch={self.probe_batch} must be >= 0 (0: off)."),
+            (self.probe_interval >= 0,
+             f"monitoring.probe_interval={self.probe_interval} must be >= 0 (0: at every evaluation)."),
+        ])
 
 
 @dataclass
@@ -298,6 +550,18 @@ class TrainConfig:
         """Micro-batches per rank per step: batch_size = micro_batch_size x accumulation x dp."""
         return self.batch_size // (self.micro_batch(dp) * dp)
 
+    def check(self) -> list[str]:
+        errors = [f"train.{key}={getattr(self, key)} must be positive."
+                  for key in ("max_steps", "seq_len", "batch_size", "eval_steps") if getattr(self, key) <= 0]
+        return errors + _failed([
+            (self.micro_batch_size >= 0,
+             f"train.micro_batch_size={self.micro_batch_size} must be >= 0 (0: train.batch_size / parallel.dp)."),
+            (self.eval_interval >= 0,
+             f"train.eval_interval={self.eval_interval} must be >= 0 (0: evaluate at the end only)."),
+            (self.threads >= 0, f"train.threads={self.threads} must be >= 0 (0: PyTorch's default)."),
+            (bool(self.out_dir), "train.out_dir is empty: name a folder for the run's outputs."),
+        ])
+
 
 @dataclass
 class Config:
@@ -317,9 +581,27 @@ class Config:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str = "config") -> "Config":
+        """A config saved by to_dict (a checkpoint's, a run's config.json), also from before a rename."""
         cfg = cls()
-        _apply_dict(cfg, d, source)
+        _apply_dict(cfg, upgrade_saved(d), source)
         return cfg
+
+
+def upgrade_saved(d: dict[str, Any]) -> dict[str, Any]:
+    """A saved config dict with the keys RENAMED lists moved to their new places (a copy): a checkpoint
+    written before precision's tables stays readable. TOML files and the command line get an error instead."""
+    d = {section: dict(body) if isinstance(body, dict) else body for section, body in d.items()}
+    for old, new in RENAMED.items():
+        section, key = old.split(".")
+        if isinstance(d.get(section), dict) and key in d[section]:
+            value = d[section].pop(key)
+            *tables, leaf = new.split(".")[1:]
+            body = d[section]
+            for table in tables:  # copied, so the caller's nested dicts stay as they were
+                body[table] = dict(body.get(table, {}))
+                body = body[table]
+            body[leaf] = value
+    return d
 
 
 # ---------------------------------------------------------------------------
@@ -393,18 +675,33 @@ def _section_fields(section_obj: Any) -> dict[str, Any]:
 
 
 def set_value(cfg: Config, dotted: str, value: Any, source: str = "command line") -> None:
-    """Set `section.key` on cfg, checking that both exist and the value fits the type."""
+    """Set `section.key` (or `section.table.key`, e.g. precision.fp8.margin) on cfg, checking that
+    each part exists and the value fits the type."""
     if "." not in dotted:
         raise ConfigError(f"{source}: '{dotted}' must be written as section.key (for example train.max_steps).")
-    section, key = dotted.split(".", 1)
+    if dotted in RENAMED:
+        table, _, key = RENAMED[dotted].rpartition(".")
+        raise ConfigError(f"{source}: {dotted} was renamed: use {RENAMED[dotted]} (in TOML: {key} = ... "
+                          f"under [{table}]).")
+    *path, key = dotted.split(".")
     sections = [f.name for f in dataclasses.fields(cfg)]
-    if section not in sections:
-        raise ConfigError(f"{source}: unknown config section '{section}'.{_suggest(section, sections)}")
-    obj = getattr(cfg, section)
+    if path[0] not in sections:
+        raise ConfigError(f"{source}: unknown config section '{path[0]}'.{_suggest(path[0], sections)}")
+    obj = cfg
+    for i, name in enumerate(path):  # down the tables: the section, then e.g. precision's fp8
+        fields, where = _section_fields(obj), ".".join(path[:i + 1])
+        if name not in fields:
+            raise ConfigError(f"{source}: unknown key '{where}'.{_suggest(name, list(fields))}")
+        obj = getattr(obj, name)
+        if not dataclasses.is_dataclass(obj):
+            raise ConfigError(f"{source}: {where} is a value, not a table: set {where}=VALUE, not {dotted}.")
     fields = _section_fields(obj)
     if key not in fields:
-        raise ConfigError(f"{source}: unknown key '{section}.{key}'.{_suggest(key, list(fields))}")
-    setattr(obj, key, _coerce(value, fields[key], f"{section}.{key}"))
+        raise ConfigError(f"{source}: unknown key '{dotted}'.{_suggest(key, list(fields))}")
+    if dataclasses.is_dataclass(getattr(obj, key)):
+        raise ConfigError(f"{source}: {dotted} is a table: set its keys ({dotted}.KEY=VALUE on the command "
+                          f"line, [{dotted}] in TOML).")
+    setattr(obj, key, _coerce(value, fields[key], dotted))
 
 
 def _apply_dict(cfg: Config, d: dict[str, Any], source: str) -> None:
@@ -414,8 +711,17 @@ def _apply_dict(cfg: Config, d: dict[str, Any], source: str) -> None:
             raise ConfigError(f"{source}: unknown config section [{section}].{_suggest(section, sections)}")
         if not isinstance(body, dict):
             raise ConfigError(f"{source}: [{section}] must be a table of key = value pairs.")
-        for key, value in body.items():
-            set_value(cfg, f"{section}.{key}", value, source)
+        for dotted, value in _flatten(body, section):
+            set_value(cfg, dotted, value, source)
+
+
+def _flatten(body: dict[str, Any], prefix: str) -> list[tuple[str, Any]]:
+    """{"fp8": {"margin": 2}} under "precision" -> [("precision.fp8.margin", 2)]: TOML's nested tables
+    ([precision.fp8]) become the dotted keys of the command line."""
+    out = []
+    for key, value in body.items():
+        out += _flatten(value, f"{prefix}.{key}") if isinstance(value, dict) else [(f"{prefix}.{key}", value)]
+    return out
 
 
 def parse_overrides(args: list[str]) -> list[tuple[str, str]]:
@@ -462,203 +768,97 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 # ---------------------------------------------------------------------------
 
 def validate(cfg: Config) -> None:
-    errors: list[str] = []
+    """Each section's own check(), then the rules between sections; every problem in one error.
+    load_config runs it after the TOML file and the overrides, so errors name the final values."""
+    errors = [e for f in dataclasses.fields(cfg) for e in getattr(cfg, f.name).check()]
+    errors += cross_checks(cfg)
+    if errors:
+        raise ConfigError("invalid config:\n  - " + "\n  - ".join(errors))
 
-    def need(ok: bool, msg: str) -> None:
-        if not ok:
-            errors.append(msg)
 
-    m, t, o, s, d, c, lg = cfg.model, cfg.train, cfg.optimizer, cfg.schedule, cfg.data, cfg.checkpoint, cfg.logging
-    for key in ("d_model", "n_layers", "n_heads"):
-        need(getattr(m, key) > 0, f"model.{key}={getattr(m, key)} must be positive.")
-    need(m.vocab_size >= 0, f"model.vocab_size={m.vocab_size} must be >= 0 (0 takes it from the tokenizer).")
-    need(m.n_kv_heads >= 0, f"model.n_kv_heads={m.n_kv_heads} must be >= 0 (0 means n_heads).")
-    need(m.d_ff >= 0, f"model.d_ff={m.d_ff} must be >= 0 (0 picks the usual width for model.mlp).")
-    if m.n_heads > 0 and m.d_model % m.n_heads:
-        errors.append(f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}: "
-                      "pick n_heads that divides d_model.")
-    elif m.n_heads > 0 and (m.d_model // m.n_heads) % 2 and m.pos_emb == "rope":
-        errors.append(f"head dim d_model/n_heads={m.d_model // m.n_heads} must be even for RoPE: "
-                      "change model.d_model or model.n_heads.")
-    if m.n_kv_heads and m.n_heads % m.n_kv_heads:
-        errors.append(f"model.n_heads={m.n_heads} is not divisible by model.n_kv_heads={m.n_kv_heads}: "
-                      "each KV head must serve the same number of query heads.")
-    need(0.0 <= m.dropout < 1.0, f"model.dropout={m.dropout} must be in [0, 1).")
-    need(m.norm_eps > 0, f"model.norm_eps={m.norm_eps} must be positive.")
-    need(m.init_std > 0, f"model.init_std={m.init_std} must be positive.")
-    need(m.rope_scaling == "none" or m.rope_factor >= 1.0,
-         f"model.rope_factor={m.rope_factor} must be >= 1 with model.rope_scaling={m.rope_scaling!r}.")
-    if m.arch == "deepseek":
-        for key in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "n_routed_experts",
-                    "moe_top_k", "moe_d_ff"):
-            need(getattr(m, key) > 0, f"model.{key}={getattr(m, key)} must be positive for model.arch='deepseek'.")
-        need(m.qk_rope_head_dim % 2 == 0, f"model.qk_rope_head_dim={m.qk_rope_head_dim} must be even (RoPE rotates pairs).")
-        need(0 <= m.first_k_dense_replace <= m.n_layers,
-             f"model.first_k_dense_replace={m.first_k_dense_replace} must be between 0 and model.n_layers={m.n_layers}.")
-        need(m.moe_top_k <= m.n_routed_experts,
-             f"model.moe_top_k={m.moe_top_k} exceeds model.n_routed_experts={m.n_routed_experts}.")
-        if m.n_group < 1 or m.n_routed_experts % m.n_group:
-            errors.append(f"model.n_group={m.n_group} must divide model.n_routed_experts={m.n_routed_experts}.")
-        elif not 1 <= m.topk_group <= m.n_group or m.moe_top_k > m.topk_group * (m.n_routed_experts // m.n_group):
-            errors.append(f"model.topk_group={m.topk_group} must be in [1, n_group={m.n_group}] and leave at least "
-                          f"moe_top_k={m.moe_top_k} experts to choose from.")
-        need(m.moe_capacity_factor >= 0, f"model.moe_capacity_factor={m.moe_capacity_factor} must be >= 0 "
-                                         "(0: dropless).")
-        need(m.bias_update_rate >= 0 and m.aux_loss_coef >= 0,
-             "model.bias_update_rate and model.aux_loss_coef must be >= 0 (0 turns each off).")
-    need(m.mtp_depth in (0, 1), f"model.mtp_depth={m.mtp_depth} is not supported: 0 (off) or 1 (one extra "
-                                "token, DeepSeek-V3's setting) are implemented.")
-    need(m.mtp_depth == 0 or m.arch == "deepseek",
-         f"model.mtp_depth={m.mtp_depth} needs model.arch='deepseek' (set model.mtp_depth=0).")
-    need(m.mtp_loss_weight >= 0, f"model.mtp_loss_weight={m.mtp_loss_weight} must be >= 0.")
-    need(not (m.mtp_depth and cfg.parallel.tp > 1 and cfg.parallel.sequence_parallel),
-         "model.mtp_depth > 0 needs whole sequences on each rank: turn off parallel.sequence_parallel "
-         "or set model.mtp_depth=0.")
-    need(m.max_seq_len == 0 or m.max_seq_len >= t.seq_len,
-         f"train.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len}: raise model.max_seq_len "
-         "or set it to 0 (= train.seq_len).")
+def cross_checks(cfg: Config) -> list[str]:
+    """The rules that span sections: how the model, batch and sequence split over the layout,
+    and settings of two sections that exclude each other."""
+    m, t, o, s = cfg.model, cfg.train, cfg.optimizer, cfg.schedule
+    decay_steps = s.decay_steps or t.max_steps
+    return _layout_errors(cfg) + whole_sequence_errors(m, cfg.parallel.tp > 1 and cfg.parallel.sequence_parallel) + \
+        _failed([
+            (m.max_seq_len == 0 or m.max_seq_len >= t.seq_len,
+             f"train.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len}: raise model.max_seq_len "
+             "or set it to 0 (= train.seq_len)."),
+            (0 <= s.min_lr <= o.lr, f"schedule.min_lr={s.min_lr} must be between 0 and optimizer.lr={o.lr}."),
+            (s.decay == "constant" or s.warmup_steps < decay_steps,
+             f"schedule.warmup_steps={s.warmup_steps} must be below the decay length ({decay_steps}): "
+             "shorten the warm-up or lengthen schedule.decay_steps."),
+            (not cfg.precision.lowbit.weights or o.zero_stage == 0,
+             f"precision.lowbit.weights with optimizer.zero_stage={o.zero_stage}: a low-bit weight's fp32 master "
+             "is kept whole on every dp rank (stage 0). Use optimizer.zero_stage=0, or drop precision.lowbit.weights."),
+            (all(0 <= b < m.n_layers for b in cfg.monitoring.sentinel_blocks),
+             f"monitoring.sentinel_blocks={cfg.monitoring.sentinel_blocks}: block indices run from 0 to "
+             f"model.n_layers-1={m.n_layers - 1}."),
+        ])
 
-    p = cfg.parallel
-    for key in ("tp", "pp", "dp", "ep"):
-        need(getattr(p, key) >= 1, f"parallel.{key}={getattr(p, key)} must be >= 1.")
-    need(p.pp_virtual_stages >= 1, f"parallel.pp_virtual_stages={p.pp_virtual_stages} must be >= 1.")
-    if p.pp > 1 and p.pp_virtual_stages >= 1 and t.batch_size > 0 and t.micro_batch(p.dp) > 0:
+
+def whole_sequence_errors(m: ModelConfig, sequence_parallel: bool) -> list[str]:
+    """Multi-token prediction shifts the sequence by a token and the auxiliary loss averages over
+    whole sequences: neither works on a rank that holds seq_len/tp positions. DeepSeekModel asks
+    this too, since a model can be built without a validated Config."""
+    return _failed([
+        (not (sequence_parallel and m.mtp_depth), "model.mtp_depth > 0 (multi-token prediction) needs whole "
+         "sequences on each rank: turn off parallel.sequence_parallel or set model.mtp_depth=0."),
+        (not (sequence_parallel and m.arch == "deepseek" and m.aux_loss_coef), "model.aux_loss_coef > 0 needs "
+         "whole sequences on each rank: turn off parallel.sequence_parallel or set model.aux_loss_coef=0."),
+    ])
+
+
+def _layout_errors(cfg: Config) -> list[str]:
+    """Whether the heads, experts, layers, batch and sequence split evenly over parallel.tp/pp/dp/ep."""
+    m, p, t = cfg.model, cfg.parallel, cfg.train
+    errors = []
+    if p.pp > 1 and p.pp_virtual_stages >= 1 and p.dp > 0 and t.batch_size > 0 and t.micro_batch(p.dp) > 0:
         from .parallel.pipeline import check_schedule
 
         errors += check_schedule(p.pp_schedule, p.pp, p.pp_virtual_stages, t.grad_accum_steps(p.dp), m.n_layers)
-        need(m.mtp_depth == 0, "model.mtp_depth > 0 (multi-token prediction) with parallel.pp > 1 is not "
+        errors += _failed([
+            (m.mtp_depth == 0, "model.mtp_depth > 0 (multi-token prediction) with parallel.pp > 1 is not "
                                "implemented: the MTP block needs the embedding on the last stage. Set "
-                               "model.mtp_depth=0 or parallel.pp=1.")
-        need(m.arch != "deepseek" or m.aux_loss_coef == 0,
+                               "model.mtp_depth=0 or parallel.pp=1."),
+            (m.arch != "deepseek" or m.aux_loss_coef == 0,
              "model.aux_loss_coef > 0 with parallel.pp > 1 is not implemented: each stage's auxiliary loss "
              "would need its own backward. Use the auxiliary-loss-free balancing (model.aux_loss_coef=0, "
-             "model.bias_update_rate > 0) or parallel.pp=1.")
+             "model.bias_update_rate > 0) or parallel.pp=1."),
+        ])
     if p.ep > 1:
-        need(m.arch == "deepseek", f"parallel.ep={p.ep} splits routed experts, which model.arch={m.arch!r} "
-                                   "does not have: use model.arch='deepseek' or parallel.ep=1.")
-        need(m.arch != "deepseek" or m.n_routed_experts % p.ep == 0,
+        errors += _failed([
+            (m.arch == "deepseek", f"parallel.ep={p.ep} splits routed experts, which model.arch={m.arch!r} "
+                                   "does not have: use model.arch='deepseek' or parallel.ep=1."),
+            (m.arch != "deepseek" or m.n_routed_experts % p.ep == 0,
              f"model.n_routed_experts={m.n_routed_experts} is not divisible by parallel.ep={p.ep}: each "
-             "expert-parallel rank holds n_routed_experts/ep experts.")
-    need(p.bucket_mb > 0, f"parallel.bucket_mb={p.bucket_mb} must be positive.")
+             "expert-parallel rank holds n_routed_experts/ep experts."),
+        ])
     if p.tp > 1 and m.n_heads > 0:
-        n_kv = m.n_kv_heads or m.n_heads
-        need(m.n_heads % p.tp == 0, f"model.n_heads={m.n_heads} is not divisible by parallel.tp={p.tp}: "
-                                    "each tensor-parallel rank holds n_heads/tp heads; pick a tp that divides it.")
-        need(n_kv % p.tp == 0, f"model.n_kv_heads={n_kv} is not divisible by parallel.tp={p.tp}: each rank "
-                               "holds n_kv_heads/tp KV heads; raise n_kv_heads or lower tp.")
-        d_ff = m.ffn_width()
-        need(d_ff % p.tp == 0, f"the MLP width {d_ff} (model.d_ff) is not divisible by parallel.tp={p.tp}: "
-                               "set model.d_ff to a multiple of tp.")
-    if p.sequence_parallel:
-        need(p.tp > 1, "parallel.sequence_parallel=true needs parallel.tp > 1: it splits the sequence "
-                       "over the tensor-parallel ranks.")
-        need(t.seq_len % p.tp == 0, f"train.seq_len={t.seq_len} is not divisible by parallel.tp={p.tp}: "
-                                    "sequence parallelism gives each rank seq_len/tp positions.")
-    if p.ep > 1 and p.dp % p.ep:
-        errors.append(f"parallel.ep={p.ep} must divide parallel.dp={p.dp}: expert-parallel groups are "
-                      "carved out of the data-parallel ranks.")
+        n_kv, d_ff = m.n_kv_heads or m.n_heads, m.ffn_width()
+        errors += _failed([
+            (m.n_heads % p.tp == 0, f"model.n_heads={m.n_heads} is not divisible by parallel.tp={p.tp}: each "
+                                    "tensor-parallel rank holds n_heads/tp heads; pick a tp that divides it."),
+            (n_kv % p.tp == 0, f"model.n_kv_heads={n_kv} is not divisible by parallel.tp={p.tp}: each rank "
+                               "holds n_kv_heads/tp KV heads; raise n_kv_heads or lower tp."),
+            (d_ff % p.tp == 0, f"the MLP width {d_ff} (model.d_ff) is not divisible by parallel.tp={p.tp}: "
+                               "set model.d_ff to a multiple of tp."),
+        ])
+    if p.sequence_parallel and p.tp > 0 and t.seq_len % p.tp:
+        errors.append(f"train.seq_len={t.seq_len} is not divisible by parallel.tp={p.tp}: sequence parallelism "
+                      "gives each rank seq_len/tp positions.")
+    return errors + _batch_errors(t, p.dp)
 
-    for key in ("max_steps", "seq_len", "batch_size", "eval_steps"):
-        need(getattr(t, key) > 0, f"train.{key}={getattr(t, key)} must be positive.")
-    need(t.micro_batch_size >= 0, f"train.micro_batch_size={t.micro_batch_size} must be >= 0 "
-                                  "(0: train.batch_size / parallel.dp).")
-    per_rank = t.micro_batch(p.dp) * p.dp
-    if t.batch_size > 0 and p.dp > 0 and (per_rank == 0 or t.batch_size % per_rank):
-        errors.append(f"train.batch_size={t.batch_size} is not divisible by train.micro_batch_size="
-                      f"{t.micro_batch(p.dp)} x parallel.dp={p.dp}: the global batch must split into equal "
-                      "micro-batches on every data-parallel rank; change one of the three.")
-    need(t.eval_interval >= 0, f"train.eval_interval={t.eval_interval} must be >= 0 (0: evaluate at the end only).")
-    need(t.threads >= 0, f"train.threads={t.threads} must be >= 0 (0: PyTorch's default).")
-    need(bool(t.out_dir), "train.out_dir is empty: name a folder for the run's outputs.")
 
-    need(o.lr > 0, f"optimizer.lr={o.lr} must be positive.")
-    need(0 <= o.beta1 < 1 and 0 <= o.beta2 < 1, f"optimizer.beta1={o.beta1}, beta2={o.beta2} must be in [0, 1).")
-    need(o.eps > 0, f"optimizer.eps={o.eps} must be positive.")
-    need(o.weight_decay >= 0, f"optimizer.weight_decay={o.weight_decay} must be >= 0.")
-    need(o.zero_stage in (0, 1, 2), f"optimizer.zero_stage={o.zero_stage} is not a ZeRO stage: use 0 (off), "
-                                    "1 (optimizer state sharded) or 2 (and gradients).")
-    need(o.grad_clip >= 0, f"optimizer.grad_clip={o.grad_clip} must be >= 0 (0 disables clipping).")
-
-    need(s.warmup_steps >= 0, f"schedule.warmup_steps={s.warmup_steps} must be >= 0.")
-    need(s.decay_steps >= 0, f"schedule.decay_steps={s.decay_steps} must be >= 0 (0: train.max_steps).")
-    need(0 <= s.min_lr <= o.lr, f"schedule.min_lr={s.min_lr} must be between 0 and optimizer.lr={o.lr}.")
-    decay_steps = s.decay_steps or t.max_steps
-    need(s.decay == "constant" or s.warmup_steps < decay_steps,
-         f"schedule.warmup_steps={s.warmup_steps} must be below the decay length ({decay_steps}): "
-         "shorten the warm-up or lengthen schedule.decay_steps.")
-
-    need(bool(d.path), "data.path is empty: point it at a .txt file or a folder of .txt files.")
-    need(0 < d.val_fraction < 1, f"data.val_fraction={d.val_fraction} must be in (0, 1).")
-    need(d.tokenizer != "bpe" or 256 < d.vocab_size <= 2**32 - 1,
-         f"data.vocab_size={d.vocab_size} is too small for byte-level BPE: it needs more than 256 "
-         "(the byte alphabet); 2048 to 32768 are usual.")
-
-    pr = cfg.precision
-    for item in pr.overrides:
-        pattern, _, recipe = item.rpartition("=")
-        need(bool(pattern) and recipe in RECIPES, f"precision.overrides: {item!r} must be 'pattern=recipe' with "
-                                                  f"recipe one of {', '.join(RECIPES)} (e.g. 'head=bf16').")
-        if pattern.startswith("re:"):
-            try:
-                re.compile(pattern[3:])
-            except re.error as e:
-                errors.append(f"precision.overrides: {item!r} is not a valid regex ({e}).")
-    for key in ("lowbit_weights", "lowbit_exclude"):
-        for pattern in getattr(pr, key):
-            if pattern.startswith("re:"):
-                try:
-                    re.compile(pattern[3:])
-                except re.error as e:
-                    errors.append(f"precision.{key}: {pattern!r} is not a valid regex ({e}).")
-    storage = pr.param_dtype if pr.master_owner == "optimizer" else pr.master_dtype
-    need(pr.recipe != "auto" or (storage == "fp32" and pr.param_dtype == "fp32"),
-         f"precision.recipe=auto with {pr.param_dtype} parameters: auto picks fp32 on CPUs without fast bf16, "
-         "and fp32 computes with fp32 parameters. Name the recipe (precision.recipe=bf16), or keep "
-         "precision.param_dtype=fp32.")
-    need(storage == "fp32" or pr.recipe != "fp32",
-         f"precision.recipe=fp32 with {storage} parameters: the fp32 recipe computes in fp32. Pick a recipe that "
-         "computes in low precision (bf16, fp16, fp8_*, nvfp4, mxfp4), or keep precision.param_dtype=fp32.")
-    need("fp16" not in (storage, pr.grad_dtype) or pr.recipe == "fp16",
-         f"precision: fp16 parameters or gradients (param_dtype={pr.param_dtype}, grad_dtype={pr.grad_dtype}) "
-         "need loss scaling: use precision.recipe=fp16, or bf16 (fp32's range) for those dtypes.")
-    need(pr.master_dtype in (pr.param_dtype, "fp32"),
-         f"precision.master_dtype={pr.master_dtype} with param_dtype={pr.param_dtype}: the master is the copy the "
-         "update goes into, so it is fp32 or the parameters' own dtype. Use master_dtype=fp32 or "
-         f"{pr.param_dtype}.")
-    compute = {"bf16": "bf16", "fp16": "fp16"}.get(pr.recipe, "bf16" if pr.recipe != "fp32" else "fp32")
-    need(pr.master_owner == "optimizer" or pr.param_dtype in (pr.master_dtype, compute),
-         f"precision.master_owner=module keeps the parameters in master_dtype={pr.master_dtype} and casts them "
-         f"to the compute dtype of recipe {pr.recipe} ({compute}) per GEMM, so param_dtype={pr.param_dtype} cannot "
-         f"hold: set param_dtype={compute}, or master_owner=optimizer for a stored {pr.param_dtype} copy.")
-    need(pr.master_rounding == "nearest" or pr.master_dtype != "fp32",
-         f"precision.master_rounding={pr.master_rounding} rounds a bf16/fp16 master, and master_dtype is fp32: "
-         "set precision.master_dtype=bf16 (and param_dtype=bf16), or master_rounding=nearest.")
-    need(not pr.lowbit_weights or o.zero_stage == 0,
-         f"precision.lowbit_weights with optimizer.zero_stage={o.zero_stage}: a low-bit weight's fp32 master is "
-         "kept whole on every dp rank (stage 0). Use optimizer.zero_stage=0, or drop precision.lowbit_weights.")
-    need(pr.amax_history_len >= 1, f"precision.amax_history_len={pr.amax_history_len} must be >= 1.")
-    need(pr.fp8_margin >= 0, f"precision.fp8_margin={pr.fp8_margin} must be >= 0.")
-    need(pr.loss_scale_init >= pr.loss_scale_min > 0, f"precision.loss_scale_init={pr.loss_scale_init} and "
-         f"loss_scale_min={pr.loss_scale_min} must satisfy init >= min > 0.")
-    need(0 < pr.loss_scale_backoff < 1, f"precision.loss_scale_backoff={pr.loss_scale_backoff} must be in (0, 1).")
-    need(pr.loss_scale_growth_interval >= 1 and pr.loss_scale_hysteresis >= 1,
-         "precision.loss_scale_growth_interval and loss_scale_hysteresis must be >= 1.")
-
-    need(c.interval >= 0, f"checkpoint.interval={c.interval} must be >= 0 (0: save at the end only).")
-    need(not (c.init_from and c.resume), "checkpoint.init_from and checkpoint.resume are both set: resume "
-                                        "continues a run (weights, optimizer, step); init_from starts a new one "
-                                        "from weights. Keep one.")
-    need(c.keep_last >= 1, f"checkpoint.keep_last={c.keep_last} must be >= 1.")
-    need(all(0 <= b < m.n_layers for b in cfg.monitoring.sentinel_blocks),
-         f"monitoring.sentinel_blocks={cfg.monitoring.sentinel_blocks}: block indices run from 0 to "
-         f"model.n_layers-1={m.n_layers - 1}.")
-    need(0 <= cfg.monitoring.ema_beta < 1, f"monitoring.ema_beta={cfg.monitoring.ema_beta} must be in [0, 1).")
-    need(cfg.monitoring.probe_batch >= 0, f"monitoring.probe_batch={cfg.monitoring.probe_batch} must be >= 0 (0: off).")
-    need(cfg.monitoring.probe_interval >= 0, f"monitoring.probe_interval={cfg.monitoring.probe_interval} must be "
-                                             ">= 0 (0: at every evaluation).")
-    need(lg.log_interval >= 1, f"logging.log_interval={lg.log_interval} must be >= 1.")
-    need(lg.timeline_step >= 0, f"logging.timeline_step={lg.timeline_step} must be >= 0 (0: off).")
-    need(lg.peak_tflops >= 0, f"logging.peak_tflops={lg.peak_tflops} must be >= 0 (0: measure it).")
-
-    if errors:
-        raise ConfigError("invalid config:\n  - " + "\n  - ".join(errors))
+def _batch_errors(t: TrainConfig, dp: int) -> list[str]:
+    """The global batch must split into equal micro-batches on every data-parallel rank."""
+    if t.batch_size <= 0 or dp <= 0:
+        return []
+    per_rank = t.micro_batch(dp) * dp
+    if per_rank and t.batch_size % per_rank == 0:
+        return []
+    return [f"train.batch_size={t.batch_size} is not divisible by train.micro_batch_size={t.micro_batch(dp)} x "
+            f"parallel.dp={dp}: the global batch must split into equal micro-batches on every data-parallel rank; "
+            "change one of the three."]

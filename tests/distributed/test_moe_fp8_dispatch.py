@@ -45,7 +45,7 @@ def test_training_with_fp8_dispatch_stays_close(tmp_path):
         return run_world(_train, 2, dataclasses.asdict(cfg))[0]
 
     plain = losses("plain")
-    fp8 = losses("fp8", "--precision.moe_dispatch_fp8=true", "--precision.moe_combine_fp8=true")
+    fp8 = losses("fp8", "--precision.moe.dispatch_fp8=true", "--precision.moe.combine_fp8=true")
     assert fp8 != plain  # the exchange did change the numbers
     for step in range(1, 9):
         assert fp8[step] == pytest.approx(plain[step], rel=0.01), step

@@ -57,7 +57,7 @@ def test_low_bit_recipe_under_tp_and_zero(tmp_path, recipe, zero):
 
 def test_fp16_overflow_on_one_rank_is_skipped_by_all(tmp_path):
     cfg = run_config(tmp_path, "par", *SMALL, *LAYOUT, "--optimizer.zero_stage=2", "--precision.recipe=fp16",
-                     "--precision.loss_scale_init=1024", "--precision.loss_scale_hysteresis=1",
+                     "--precision.loss_scale.init=1024", "--precision.loss_scale.hysteresis=1",
                      "--train.max_steps=6")
     results = run_world(_train, 4, dataclasses.asdict(cfg), 3)  # rank 3: tp rank 1 of dp rank 1
     for losses, scaler in results:
@@ -79,7 +79,7 @@ def _mlp_fp8_tensorwise(tp_size: int):
     from torch import nn
 
     from nanotrain.checkpoint import gather_full
-    from nanotrain.config import PrecisionConfig
+    from nanotrain.config import FP8Config, PrecisionConfig
     from nanotrain.parallel.tensor_parallel import TensorParallel, column_linear, row_linear
     from nanotrain.precision.policy import apply_policy
 
@@ -92,7 +92,7 @@ def _mlp_fp8_tensorwise(tp_size: int):
         for layer, full in zip(model, (w1, w2)):
             shard = spec(layer.weight).shard
             layer.weight.copy_(full if shard is None else full.chunk(tp_size, shard.dim)[shard.rank])
-    apply_policy(model, PrecisionConfig(recipe="fp8_tensorwise", fp8_scaling="current", low_bit_exclude=[]))
+    apply_policy(model, PrecisionConfig(recipe="fp8_tensorwise", fp8=FP8Config(scaling="current"), low_bit_exclude=[]))
     xr = x.clone().requires_grad_()
     y = model(xr)
     y.square().sum().backward()

@@ -2,7 +2,7 @@
 
 import pytest
 
-from nanotrain.config import Config, ConfigError, load_config, parse_overrides
+from nanotrain.config import Config, ConfigError, LossScaleConfig, load_config, parse_overrides
 
 CONFIG = "configs/shakespeare_char.toml"
 
@@ -79,3 +79,77 @@ def test_bad_toml_files(tmp_path):
 
 def test_parse_overrides_forms():
     assert parse_overrides(["--a.b=1", "--c.d", "x=y"]) == [("a.b", "1"), ("c.d", "x=y")]
+
+
+def test_nested_precision_tables_from_toml_and_dotted_cli_keys(tmp_path):
+    """precision's knobs live in tables: [precision.fp8] in TOML, --precision.fp8.margin on the
+    command line (which wins), and to_dict/from_dict keep the nesting."""
+    f = tmp_path / "nested.toml"
+    f.write_text('[precision]\nrecipe = "fp8_custom"\n\n[precision.fp8]\nmargin = 2\nw_scaling = "tile"\n\n'
+                 '[precision.loss_scale]\ninit = 1024.0\n')
+    cfg = load_config(f, ["--precision.fp8.margin=3", "--precision.nvfp4.weights_2d=false",
+                          "--precision.lowbit.weights=layers.*.weight,re:w2$"])
+    p = cfg.precision
+    assert (p.fp8.margin, p.fp8.w_scaling, p.loss_scale.init, p.nvfp4.weights_2d) == (3, "tile", 1024.0, False)
+    assert p.lowbit.weights == ["layers.*.weight", "re:w2$"]
+    assert cfg.to_dict()["precision"]["fp8"]["margin"] == 3
+    assert Config.from_dict(cfg.to_dict()) == cfg
+
+
+@pytest.mark.parametrize("override, words", [
+    (["--precision.fp8"], ["no value"]),
+    (["--precision.fp8=2"], ["precision.fp8 is a table", "precision.fp8.KEY"]),
+    (["--precision.fp8.margn=2"], ["precision.fp8.margn", "margin"]),              # typo inside a table
+    (["--precision.recipe.x=2"], ["precision.recipe is a value, not a table"]),
+    (["--precision.fp8.margin=-1"], ["precision.fp8.margin=-1", ">= 0"]),         # the table's own check
+    (["--precision.loss_scale.backoff=2"], ["precision.loss_scale.backoff=2"]),
+])
+def test_nested_keys_name_the_table(override, words):
+    with pytest.raises(ConfigError) as e:
+        load_config(CONFIG, override)
+    for w in words:
+        assert w in str(e.value)
+
+
+def test_old_flat_precision_keys_name_the_new_key(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        load_config(CONFIG, ["--precision.fp8_margin=2"])
+    assert "precision.fp8_margin was renamed: use precision.fp8.margin" in str(e.value)
+    assert "[precision.fp8]" in str(e.value) and "\n" not in str(e.value)
+    f = tmp_path / "old.toml"
+    f.write_text("[precision]\nloss_scale_init = 1024.0\n")
+    with pytest.raises(ConfigError, match=r"precision.loss_scale_init was renamed: use precision.loss_scale.init "
+                                          r"\(in TOML: init = ... under \[precision.loss_scale\]\)"):
+        load_config(f)
+
+
+def test_a_config_saved_with_the_old_flat_keys_still_loads():
+    """Checkpoints and config.json written before precision's tables: from_dict moves the old keys."""
+    saved = Config().to_dict()
+    saved["precision"].pop("fp8"), saved["precision"].pop("lowbit")
+    saved["precision"].update(fp8_margin=2, amax_history_len=4, lowbit_weights=["layers.*"], nvfp4_2d_weights=False)
+    cfg = Config.from_dict(saved)
+    assert (cfg.precision.fp8.margin, cfg.precision.fp8.amax_history_len) == (2, 4)
+    assert cfg.precision.lowbit.weights == ["layers.*"] and cfg.precision.nvfp4.weights_2d is False
+    assert "fp8_margin" in saved["precision"]  # the caller's dict is left as it was
+
+
+def test_section_checks_and_cross_checks():
+    """Each section checks its own fields; cross_checks holds the rules between sections."""
+    from nanotrain.config import ParallelConfig, PrecisionConfig, cross_checks
+
+    assert ParallelConfig(dp=3, ep=2).check() == [
+        "parallel.ep=2 must divide parallel.dp=3: expert-parallel groups are carved out of the data-parallel ranks."]
+    assert ParallelConfig(dp=4, ep=2).check() == []
+    assert any("loss_scale.init" in e for e in PrecisionConfig(loss_scale=LossScaleConfig(init=0.5)).check())
+    cfg = Config()
+    cfg.model.arch, cfg.model.mtp_depth = "deepseek", 1
+    cfg.parallel.tp, cfg.parallel.sequence_parallel = 2, True
+    cfg.precision.lowbit.weights, cfg.optimizer.zero_stage = ["layers.*"], 1
+    assert cfg.model.check() == [] and cfg.parallel.check() == [] and cfg.precision.check() == []
+    errors = cross_checks(cfg)
+    assert any(e.startswith("model.mtp_depth > 0 (multi-token prediction) needs whole sequences") for e in errors)
+    assert any(e.startswith("precision.lowbit.weights with optimizer.zero_stage=1") for e in errors)
+    with pytest.raises(ConfigError, match="aux_loss_coef > 0 needs whole sequences"):
+        load_config(CONFIG, ["--model.arch=deepseek", "--model.aux_loss_coef=0.01", "--parallel.tp=2",
+                             "--parallel.sequence_parallel=true"])

@@ -29,8 +29,8 @@ def test_scaler_rules():
 
 
 def fp16(make_config, *extra):
-    return make_config("--precision.recipe=fp16", "--precision.loss_scale_init=1024",
-                       "--precision.loss_scale_hysteresis=1", "--logging.log_interval=1",
+    return make_config("--precision.recipe=fp16", "--precision.loss_scale.init=1024",
+                       "--precision.loss_scale.hysteresis=1", "--logging.log_interval=1",
                        "--schedule.decay_steps=20", *extra)
 
 
@@ -53,7 +53,7 @@ def test_injected_inf_skips_the_step_and_lowers_the_scale(make_config):
 
 
 def test_fp16_resume_restores_the_scaler(make_config):
-    common = ["--checkpoint.interval=5", "--precision.loss_scale_growth_interval=3"]
+    common = ["--checkpoint.interval=5", "--precision.loss_scale.growth_interval=3"]
     straight, resumed = straight_and_resumed(lambda *a: fp16(make_config, *a), *common)
     assert {s: resumed.losses[s] for s in range(6, 11)} == {s: straight.losses[s] for s in range(6, 11)}
     last = json.loads((resumed.out_dir / "metrics.jsonl").read_text().splitlines()[-2])

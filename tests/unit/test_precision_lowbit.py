@@ -53,12 +53,12 @@ def test_per_channel_scales_keep_small_rows():
 
 
 ARGS = ["--train.max_steps=8", "--train.eval_interval=8", "--train.eval_steps=2", "--precision.recipe=bf16",
-        "--precision.lowbit_weights=layers.*.weight", "--checkpoint.save_final=true"]
+        "--precision.lowbit.weights=layers.*.weight", "--checkpoint.save_final=true"]
 
 
 @pytest.mark.parametrize("fmt", ["fp8", "nf4"])
 def test_lowbit_weights_train_and_the_model_keeps_only_codes(fmt, tmp_path):
-    engine = RuntimeEngine(tiny_config(tmp_path, *ARGS, f"--precision.lowbit_format={fmt}"))
+    engine = RuntimeEngine(tiny_config(tmp_path, *ARGS, f"--precision.lowbit.format={fmt}"))
     result = engine.run()
     model, opt = engine.model, engine.optimizer
     lowbit = [(n, p) for n, p in model.named_parameters() if spec(p).lowbit is not None]
@@ -85,7 +85,7 @@ def test_lowbit_weights_train_and_the_model_keeps_only_codes(fmt, tmp_path):
 
 
 def test_lowbit_resume_is_bit_exact(make_config):
-    common = ["--precision.lowbit_weights=layers.*.weight", "--precision.lowbit_format=nf4",
+    common = ["--precision.lowbit.weights=layers.*.weight", "--precision.lowbit.format=nf4",
               "--checkpoint.interval=5", "--schedule.decay_steps=20"]
     straight, resumed = straight_and_resumed(make_config, *common)
     assert {s: resumed.losses[s] for s in range(6, 11)} == {s: straight.losses[s] for s in range(6, 11)}
@@ -94,4 +94,4 @@ def test_lowbit_resume_is_bit_exact(make_config):
 def test_a_pattern_that_matches_nothing_is_named(tmp_path):
     from nanotrain.config import ConfigError
     with pytest.raises(ConfigError, match="matches no linear layer"):
-        RuntimeEngine(tiny_config(tmp_path, "--precision.lowbit_weights=nothing.*")).run()
+        RuntimeEngine(tiny_config(tmp_path, "--precision.lowbit.weights=nothing.*")).run()

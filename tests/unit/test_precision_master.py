@@ -83,8 +83,8 @@ def test_round_into_nearest_is_the_cast_and_stochastic_is_unbiased(fmt, dtype):
     (["--precision.param_dtype=bf16", "--precision.master_dtype=fp16"], "master_dtype=fp16 with param_dtype=bf16"),
     (["--precision.master_owner=module", "--precision.param_dtype=fp16", "--precision.recipe=bf16"],
      "master_owner=module"),
-    (["--precision.lowbit_weights=layers.*", "--optimizer.zero_stage=1"], "zero_stage=0"),
-    (["--precision.lowbit_weights=re:(("], "not a valid regex"),
+    (["--precision.lowbit.weights=layers.*", "--optimizer.zero_stage=1"], "zero_stage=0"),
+    (["--precision.lowbit.weights=re:(("], "not a valid regex"),
 ])
 def test_bad_dtype_combinations_are_named(args, needle):
     with pytest.raises(ConfigError, match=needle.replace("(", r"\(")):

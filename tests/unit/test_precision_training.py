@@ -39,7 +39,7 @@ STORAGE = {  # weights, master and optimizer state in low precision, under the b
     "bf16-master-stochastic-all-bf16": ["--precision.param_dtype=bf16", "--precision.master_dtype=bf16",
                                         "--precision.master_rounding=stochastic", "--precision.grad_dtype=bf16",
                                         "--precision.exp_avg_dtype=bf16", "--precision.exp_avg_sq_dtype=bf16"],
-    "nf4-weights": ["--precision.lowbit_weights=layers.*.weight", "--precision.lowbit_format=nf4"],
+    "nf4-weights": ["--precision.lowbit.weights=layers.*.weight", "--precision.lowbit.format=nf4"],
 }
 
 

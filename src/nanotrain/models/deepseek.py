@@ -17,7 +17,7 @@ from functools import partial
 import torch
 from torch import nn
 
-from ..config import ModelConfig
+from ..config import ModelConfig, whole_sequence_errors
 from ..layers import RMSNorm
 from ..parallel.expert_parallel import ExpertParallel
 from ..parallel.tensor_parallel import TensorParallel
@@ -79,12 +79,9 @@ class DeepSeekModel(TransformerModel):
     routes the same tokens, with it each routes its own sequence shard."""
 
     def __init__(self, cfg: ModelConfig, tp: TensorParallel | None = None, ep: ExpertParallel | None = None):
-        if tp is not None and tp.sequence_parallel and cfg.aux_loss_coef:
-            raise ValueError("model.aux_loss_coef > 0 needs whole sequences on each rank: turn off "
-                             "parallel.sequence_parallel or set model.aux_loss_coef=0.")
-        if tp is not None and tp.sequence_parallel and cfg.mtp_depth:
-            raise ValueError("model.mtp_depth > 0 (multi-token prediction) needs whole sequences on each rank: "
-                             "turn off parallel.sequence_parallel or set model.mtp_depth=0.")
+        errors = whole_sequence_errors(cfg, tp is not None and tp.sequence_parallel)  # config.py's rule, for
+        if errors:  # a model built without a validated Config
+            raise ValueError(errors[0])
         super().__init__(cfg, tp, ep)
         # Multi-token prediction (training only, models/mtp.py): one more block after the
         # last layer, sharing tok_emb and head; its parameters are named mtp.*.

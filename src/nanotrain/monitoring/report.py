@@ -176,12 +176,19 @@ def _probe_hash(run) -> str | None:
     return next((r["probe/hash"] for r in run["val"] if "probe/hash" in r), None)
 
 
+def _flat(d: dict, prefix: str = "") -> dict:
+    """{"precision": {"fp8": {"margin": 0}}} -> {"precision.fp8.margin": 0}: tables become dotted keys."""
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
 def _config_diff(runs) -> str:
     """The config keys whose values differ between the runs."""
     if len(runs) < 2:
         return ""
-    flat = [{f"{s}.{k}": v for s, d in r["config"].items() if isinstance(d, dict) for k, v in d.items()}
-            for r in runs]
+    flat = [_flat({s: d for s, d in r["config"].items() if isinstance(d, dict)}) for r in runs]
     keys = sorted(k for k in set().union(*flat) if len({json.dumps(f.get(k)) for f in flat}) > 1
                   and not k.endswith(("out_dir", "prepared_dir")))
     if not keys:

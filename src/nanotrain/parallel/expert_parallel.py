@@ -36,8 +36,8 @@ class ExpertParallel:
     group: dist.ProcessGroup
     rank: int
     size: int
-    dispatch_fp8: bool = False  # precision.moe_dispatch_fp8: tokens travel to the experts in e4m3
-    combine_fp8: bool = False  # precision.moe_combine_fp8: expert outputs travel back in e4m3
+    dispatch_fp8: bool = False  # precision.moe.dispatch_fp8: tokens travel to the experts in e4m3
+    combine_fp8: bool = False  # precision.moe.combine_fp8: expert outputs travel back in e4m3
 
 
 def exchange(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> torch.Tensor:

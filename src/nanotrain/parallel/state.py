@@ -117,9 +117,9 @@ def check_layout(p: ParallelConfig, world_size: int) -> None:
         raise ValueError(f"parallel.tp={p.tp} x parallel.pp={p.pp} x parallel.dp={p.dp} = {product}, but the "
                          f"world has {world_size} processes: launch with --nproc-per-node {product} or change "
                          f"the sizes so their product is {world_size}.")
-    if p.dp % p.ep:
-        raise ValueError(f"parallel.ep={p.ep} must divide parallel.dp={p.dp}: expert-parallel groups are "
-                         "carved out of the data-parallel ranks.")
+    errors = p.check()  # ep divides dp, and the rest: init_parallel may get a ParallelConfig no Config validated
+    if errors:
+        raise ValueError(" ".join(errors))
 
 
 def backend_for(device_type: str) -> str:

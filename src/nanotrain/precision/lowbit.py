@@ -16,8 +16,8 @@ Per channel means one scale per output row: a row of W is one output feature, wh
 range can differ from its neighbours' by orders of magnitude. Under tensor parallelism
 a shard keeps its own scales (per channel: the same rows; per tensor: the shard's amax).
 
-Which weights: precision.lowbit_weights, patterns on parameter names as in the
-precision policy (glob, or a regex after "re:"), and precision.lowbit_exclude.
+Which weights: precision.lowbit.weights, patterns on parameter names as in the
+precision policy (glob, or a regex after "re:"), and precision.lowbit.exclude.
 """
 
 from __future__ import annotations
@@ -106,7 +106,8 @@ def apply_lowbit(model: nn.Module, p) -> list[str]:
     the optimizer moves the values into it. Returns the parameter names chosen."""
     from .policy import matches, runs_gemms
 
-    if not p.lowbit_weights:
+    lb = p.lowbit  # precision.lowbit
+    if not lb.weights:
         return []
     chosen, names = [], {id(t): n for n, t in model.named_parameters()}
     for name, module in model.named_modules():
@@ -114,16 +115,15 @@ def apply_lowbit(model: nn.Module, p) -> list[str]:
         if not runs_gemms(module) or not isinstance(weight, nn.Parameter):
             continue
         pname = f"{name}.weight"
-        if not any(matches(pat, pname) for pat in p.lowbit_weights) or any(matches(pat, pname)
-                                                                          for pat in p.lowbit_exclude):
+        if not any(matches(pat, pname) for pat in lb.weights) or any(matches(pat, pname) for pat in lb.exclude):
             continue
         if spec(weight).pipeline_shared or names.get(id(weight)) != pname:  # the head's copy
-            raise ValueError(f"precision.lowbit_weights matches {pname}, which is tied to the embedding: "
-                             "add it to precision.lowbit_exclude.")
-        module.lowbit = LowBitWeight(p.lowbit_format, p.lowbit_scaling, weight.shape, weight.device)
+            raise ValueError(f"precision.lowbit.weights matches {pname}, which is tied to the embedding: "
+                             "add it to precision.lowbit.exclude.")
+        module.lowbit = LowBitWeight(lb.format, lb.scaling, weight.shape, weight.device)
         declare(weight, lowbit=module.lowbit)
         chosen.append(pname)
     if not chosen:
-        raise ValueError(f"precision.lowbit_weights={p.lowbit_weights} matches no linear layer's weight "
+        raise ValueError(f"precision.lowbit.weights={lb.weights} matches no linear layer's weight "
                          "(names as in `nanotrain inspect` or precision_policy.json, e.g. 'layers.*.mlp.*').")
     return chosen

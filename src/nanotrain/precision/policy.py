@@ -52,13 +52,14 @@ class AutocastOverride(Recipe):
 def build_recipe(name: str, p) -> Recipe | None:
     """The recipe object for a name; None for the autocast-only recipes at the run's default."""
     if name == "fp8_tensorwise":
-        return Fp8Tensorwise(p.fp8_margin, p.fp8_gemm)  # fp8_scaling: the module's gemm_state
+        return Fp8Tensorwise(p.fp8.margin, p.fp8.gemm)  # fp8.scaling: the module's gemm_state
     if name == "fp8_deepseek":
         return Fp8DeepSeek()
     if name == "fp8_custom":
-        return Fp8Custom(p.fp8_x_scaling, p.fp8_w_scaling, p.fp8_grad_scaling, p.fp8_grad_format, p.fp8_grad_rounding)
+        f = p.fp8
+        return Fp8Custom(f.x_scaling, f.w_scaling, f.grad_scaling, f.grad_format, f.grad_rounding)
     if name == "nvfp4":
-        return NVFP4(p.nvfp4_2d_weights, p.nvfp4_hadamard)
+        return NVFP4(p.nvfp4.weights_2d, p.nvfp4.hadamard)
     if name == "mxfp4":
         return MXFP4()
     return None
@@ -106,9 +107,9 @@ def apply_policy(model: nn.Module, p) -> dict[str, str]:
             module.gemm_recipe = shared[recipe]
         else:
             module.gemm_recipe = build_recipe(recipe, p) if recipe in LOW_BIT else AutocastOverride(recipe)
-        delayed = recipe == "fp8_tensorwise" and p.fp8_scaling == "delayed"
+        delayed = recipe == "fp8_tensorwise" and p.fp8.scaling == "delayed"
         group = tp_group(module) if recipe in TENSOR_AMAX else None
-        module.gemm_state = DelayedScaling(p.amax_history_len, delayed=delayed, group=group) \
+        module.gemm_state = DelayedScaling(p.fp8.amax_history_len, delayed=delayed, group=group) \
             if delayed or group is not None else None
     return chosen
 

@@ -164,7 +164,7 @@ def scaled_mm_available(device: torch.device) -> bool:
 
 
 def use_scaled_mm(choice: str, a: torch.Tensor, b: torch.Tensor) -> bool:
-    """precision.fp8_gemm: "emulated", "scaled_mm" (an error where unavailable), or "auto":
+    """precision.fp8.gemm: "emulated", "scaled_mm" (an error where unavailable), or "auto":
     scaled_mm on CUDA where available and the shapes suit it (every dimension a multiple of
     16, as cuBLASLt requires), the emulation otherwise. (This build's CPU kernel gives the same
     result as the emulation but ran 2.6x slower in bench/precision.py, so auto leaves it out.)"""
@@ -173,12 +173,12 @@ def use_scaled_mm(choice: str, a: torch.Tensor, b: torch.Tensor) -> bool:
     fits = a.shape[0] % 16 == 0 and b.shape[0] % 16 == 0 and a.shape[1] % 16 == 0
     if choice == "scaled_mm":
         if not scaled_mm_available(a.device):
-            raise RuntimeError(f"precision.fp8_gemm=scaled_mm, but torch._scaled_mm cannot run fp8 GEMMs on "
-                               f"{a.device.type} here: use precision.fp8_gemm=auto or emulated.")
+            raise RuntimeError(f"precision.fp8.gemm=scaled_mm, but torch._scaled_mm cannot run fp8 GEMMs on "
+                               f"{a.device.type} here: use precision.fp8.gemm=auto or emulated.")
         if not fits:
-            raise RuntimeError(f"precision.fp8_gemm=scaled_mm needs GEMM dimensions that are multiples of 16, "
-                               f"got [{a.shape[0]}, {a.shape[1]}] x [{b.shape[0]}, {b.shape[1]}]ᵀ: use fp8_gemm=auto "
-                               "(emulates those) or change the model's widths or the micro-batch tokens.")
+            raise RuntimeError(f"precision.fp8.gemm=scaled_mm needs GEMM dimensions that are multiples of 16, "
+                               f"got [{a.shape[0]}, {a.shape[1]}] x [{b.shape[0]}, {b.shape[1]}]ᵀ: use "
+                               "precision.fp8.gemm=auto (emulates those) or change the model's widths or the micro-batch tokens.")
         return True
     return fits and a.device.type == "cuda" and scaled_mm_available(a.device)
 

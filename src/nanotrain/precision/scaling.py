@@ -35,7 +35,7 @@ def tensorwise(x: torch.Tensor, fmt: FloatFormat, amax: torch.Tensor | None = No
     """One fp32 scale for the whole tensor: s = amax / (fmt.max / 2^margin).
 
     amax: the current |x|.max() if None (current scaling), or the value a delayed-scaling
-    history gives (Transformer Engine: the max over the last amax_history_len steps);
+    history gives (Transformer Engine: the max over the last precision.fp8.amax_history_len steps);
     a value of x above it saturates. margin: 2^margin of headroom below fmt.max."""
     amax = x.abs().max().float() if amax is None else amax.float()
     scale = torch.clamp(amax, min=_TINY) / (fmt.max / 2.0 ** margin)

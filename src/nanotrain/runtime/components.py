@@ -161,8 +161,8 @@ class TransformerProvider:
         ps = ctx.parallel
         tp = None if ps.tp == 1 else TensorParallel(ps.tp_group, ps.tp_rank, ps.tp, ctx.cfg.parallel.sequence_parallel)
         pr = ctx.cfg.precision
-        ep = None if ps.ep == 1 else ExpertParallel(ps.ep_group, ps.ep_rank, ps.ep, pr.moe_dispatch_fp8,
-                                                    pr.moe_combine_fp8)
+        ep = None if ps.ep == 1 else ExpertParallel(ps.ep_group, ps.ep_rank, ps.ep, pr.moe.dispatch_fp8,
+                                                    pr.moe.combine_fp8)
         model = build_model(ctx.cfg.model, tp, ep)
         model.init_weights(ctx.cfg.train.seed)
         if ps.pp > 1:

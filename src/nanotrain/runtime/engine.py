@@ -131,8 +131,9 @@ class RuntimeEngine:
         self.pipeline: PipelineRunner | None = None  # set in run() when parallel.pp > 1
         self.probe: Probe | None = None  # set in run(): the probe batch (monitoring/probe.py), if on
         p = cfg.precision
-        self.scaler = LossScaler(p.loss_scale_init, p.loss_scale_growth_interval, p.loss_scale_backoff,
-                                 hysteresis=p.loss_scale_hysteresis, min_scale=p.loss_scale_min) \
+        ls = p.loss_scale
+        self.scaler = LossScaler(ls.init, ls.growth_interval, ls.backoff, hysteresis=ls.hysteresis,
+                                 min_scale=ls.min) \
             if p.recipe == "fp16" else None
 
     # -- one optimizer step --------------------------------------------------------
@@ -277,7 +278,7 @@ class RuntimeEngine:
         machine = ctx.machine
         if machine is None or not (machine.rates or log_cfg.peak_tflops):  # a bootstrap of one's own
             machine = probe_machine(ctx.device)
-        dtype = compute_dtype(cfg.precision.recipe, ctx.device, cfg.precision.fp8_gemm)
+        dtype = compute_dtype(cfg.precision.recipe, ctx.device, cfg.precision.fp8.gemm)
         peak, peak_source = job_peak(machine, dtype, log_cfg.peak_tflops)
         logger = build_logger(log_cfg, ctx.out_dir, t_cfg.max_steps, start, ctx.rank)
         for line in ctx.startup_lines or [machine.describe()]:
