@@ -36,17 +36,15 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from ..config import ParallelConfig
+from .layout import Layout
 
 
 @dataclass
 class ParallelState:
-    tp: int = 1
-    pp: int = 1
-    dp: int = 1
-    ep: int = 1
+    # The run's layout (parallel/layout.py): the sizes live there alone; tp, pp, dp, ep and
+    # world_size below read it.
+    layout: Layout = Layout()
     rank: int = 0
-    world_size: int = 1
     tp_group: dist.ProcessGroup | None = None
     dp_group: dist.ProcessGroup | None = None
     pp_group: dist.ProcessGroup | None = None
@@ -55,6 +53,28 @@ class ParallelState:
     # First and last pipeline rank of each pipeline: they sum the gradients of tied
     # embedding copies (parallel/pipeline/stage.py). None unless pp > 1.
     embd_group: dist.ProcessGroup | None = None
+
+    # -- sizes (the layout's) ----------------------------------------------------
+
+    @property
+    def tp(self) -> int:
+        return self.layout.tp
+
+    @property
+    def pp(self) -> int:
+        return self.layout.pp
+
+    @property
+    def dp(self) -> int:
+        return self.layout.dp
+
+    @property
+    def ep(self) -> int:
+        return self.layout.ep
+
+    @property
+    def world_size(self) -> int:
+        return self.layout.world_size
 
     # -- coordinates ------------------------------------------------------------
 
@@ -110,7 +130,7 @@ class ParallelState:
                 f"pp {self.pp_rank}/{self.pp}, ep {self.ep_rank}/{self.ep}")
 
 
-def check_layout(p: ParallelConfig, world_size: int) -> None:
+def check_layout(p: Layout, world_size: int) -> None:
     """Raise ValueError (with the fix) when the parallel sizes cannot tile this world."""
     product = p.tp * p.pp * p.dp
     if product != world_size:
@@ -126,7 +146,7 @@ def backend_for(device_type: str) -> str:
     return "nccl" if device_type == "cuda" else "gloo"
 
 
-def init_parallel(p: ParallelConfig, device_type: str = "cpu") -> ParallelState:
+def init_parallel(p: Layout, device_type: str = "cpu") -> ParallelState:
     """Join the process group started by torchrun (or the test launcher) and build every group.
 
     With a world of one and no torchrun environment, no process group is created:
@@ -135,10 +155,10 @@ def init_parallel(p: ParallelConfig, device_type: str = "cpu") -> ParallelState:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     check_layout(p, world_size)
     if world_size == 1 and not dist.is_initialized():
-        return ParallelState()
+        return ParallelState(p)
     if not dist.is_initialized():
         dist.init_process_group(backend_for(device_type))
-    state = ParallelState(tp=p.tp, pp=p.pp, dp=p.dp, ep=p.ep, rank=dist.get_rank(), world_size=world_size)
+    state = ParallelState(p, rank=dist.get_rank())
     at = state.global_rank
     T, D, P, E = range(p.tp), range(p.dp), range(p.pp), range(p.ep)
     edp = range(p.dp // p.ep)
