@@ -1,4 +1,5 @@
-"""ParallelState: every process group of a run, in one object (no module-level globals).
+"""ParallelState: every process group of a run, in one object (no module-level globals), and the
+run's Layout (parallel/layout.py), from which its sizes are read.
 
 Rank layout (Megatron's order): tp varies fastest, then dp, then pp.
 
