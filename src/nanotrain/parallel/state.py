@@ -131,15 +131,15 @@ class ParallelState:
                 f"pp {self.pp_rank}/{self.pp}, ep {self.ep_rank}/{self.ep}")
 
 
-def check_layout(p: Layout, world_size: int) -> None:
+def check_layout(layout: Layout, world_size: int) -> None:
     """Raise ValueError (with the fix) when the parallel sizes cannot tile this world."""
-    product = p.tp * p.pp * p.dp
-    if product != world_size:
-        raise ValueError(f"parallel.tp={p.tp} x parallel.pp={p.pp} x parallel.dp={p.dp} = {product}, but the "
-                         f"world has {world_size} processes: launch with --nproc-per-node {product} or change "
-                         f"the sizes so their product is {world_size}.")
-    if p.dp % p.ep:
-        raise ValueError(f"parallel.ep={p.ep} must divide parallel.dp={p.dp}: expert-parallel groups are "
+    tp, pp, dp, ep = layout.tp, layout.pp, layout.dp, layout.ep
+    if layout.world_size != world_size:
+        raise ValueError(f"parallel.tp={tp} x parallel.pp={pp} x parallel.dp={dp} = {layout.world_size}, but the "
+                         f"world has {world_size} processes: launch with --nproc-per-node {layout.world_size} or "
+                         f"change the sizes so their product is {world_size}.")
+    if dp % ep:
+        raise ValueError(f"parallel.ep={ep} must divide parallel.dp={dp}: expert-parallel groups are "
                          "carved out of the data-parallel ranks.")
 
 
@@ -147,31 +147,31 @@ def backend_for(device_type: str) -> str:
     return "nccl" if device_type == "cuda" else "gloo"
 
 
-def init_parallel(p: Layout, device_type: str = "cpu") -> ParallelState:
+def init_parallel(layout: Layout, device_type: str = "cpu") -> ParallelState:
     """Join the process group started by torchrun (or the test launcher) and build every group.
 
     With a world of one and no torchrun environment, no process group is created:
     single-process runs need none.
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    check_layout(p, world_size)
+    check_layout(layout, world_size)
     if world_size == 1 and not dist.is_initialized():
-        return ParallelState(p)
+        return ParallelState(layout)
     if not dist.is_initialized():
         dist.init_process_group(backend_for(device_type))
-    state = ParallelState(p, rank=dist.get_rank())
+    state = ParallelState(layout, rank=dist.get_rank())
     at = state.global_rank
-    T, D, P, E = range(p.tp), range(p.dp), range(p.pp), range(p.ep)
-    edp = range(p.dp // p.ep)
+    T, D, P, E = range(layout.tp), range(layout.dp), range(layout.pp), range(layout.ep)
+    edp = range(layout.dp // layout.ep)
     groups = {
         "tp": [[at(t, d, q) for t in T] for q in P for d in D],
         "dp": [[at(t, d, q) for d in D] for q in P for t in T],
         "pp": [[at(t, d, q) for q in P] for t in T for d in D],
-        "ep": [[at(t, k * p.ep + e, q) for e in E] for q in P for t in T for k in edp],
-        "edp": [[at(t, k * p.ep + e, q) for k in edp] for q in P for t in T for e in E],
+        "ep": [[at(t, k * layout.ep + e, q) for e in E] for q in P for t in T for k in edp],
+        "edp": [[at(t, k * layout.ep + e, q) for k in edp] for q in P for t in T for e in E],
     }
-    if p.pp > 1:
-        groups["embd"] = [[at(t, d, 0), at(t, d, p.pp - 1)] for t in T for d in D]
+    if layout.pp > 1:
+        groups["embd"] = [[at(t, d, 0), at(t, d, layout.pp - 1)] for t in T for d in D]
     for name, ranks in groups.items():
         mine, _ = dist.new_subgroups_by_enumeration(ranks, backend=backend_for(device_type))
         setattr(state, f"{name}_group", mine)
