@@ -133,7 +133,7 @@ def cmd_inspect(args, overrides) -> int:
         raise ConfigError("--micro-batch-size and --micro-batches must be positive (0: the config's)")
     m, seq = model_config(args.config, args.hf_config, overrides, args.seq_len)
     # The run's config (--config), or the defaults (--hf-config: the model is HF's, the other keys
-    # still apply); --layout changes its parallel sizes for the memory and communication plan.
+    # still apply); --layout changes its layout (parallel/layout.py) for the memory and communication plan.
     cfg = load_config(args.config, [o for o in overrides if not o.startswith("--model.")] if args.hf_config
                       else overrides)
     layout = Layout.parse(args.layout or "", Layout.from_config(cfg))  # as `nanotrain verify` reads it
