@@ -100,7 +100,7 @@ def _value(text: str, key: str, value: str | None) -> int | bool:
         raise ConfigError(f"--layout {text!r}: sp={value} must be true or false (sp alone: true).")
     low, what = {"zero": (0, "0, 1 or 2 (the ZeRO stage)"),
                  "micro": (0, "a whole number >= 0 (0: batch_size / dp)")}.get(key, (1, "a whole number >= 1"))
-    number = int(value) if value is not None and value.isdigit() else -1
+    number = int(value) if value is not None and value.isascii() and value.isdigit() else -1
     if number < low or (key == "zero" and number > 2):
         raise ConfigError(f"--layout {text!r}: {key}={value or ''} must be {what}.")
     return number
