@@ -43,13 +43,14 @@ def worker(a: dict) -> dict:
     from nanotrain.checkpoint import CheckpointManager, load_checkpoint, model_pieces
     from nanotrain.config import load_config
     from nanotrain.models import build_model
+    from nanotrain.parallel.layout import Layout
     from nanotrain.parallel.state import init_parallel
     from nanotrain.runtime.components import AdamWState
     from nanotrain.runtime.contracts import RuntimeContext
 
     cfg = load_config(None, [f"--model.d_model={a['d_model']}", f"--model.n_layers={a['layers']}",
                              f"--model.vocab_size={a['vocab']}", "--model.max_seq_len=64", f"--parallel.dp={a['dp']}"])
-    ps = init_parallel(cfg.parallel)
+    ps = init_parallel(Layout.from_config(cfg))
     rank = dist.get_rank()
     model = build_model(cfg.model)
     model.init_weights(0)

@@ -32,9 +32,10 @@ from common import alternate_rounds, table
 import torch
 import torch.distributed as dist
 
-from nanotrain.config import ModelConfig, ParallelConfig
+from nanotrain.config import ModelConfig
 from nanotrain.models.transformer import IGNORE_INDEX, TransformerModel, cross_entropy_sum
 from nanotrain.parallel.launch import run_world
+from nanotrain.parallel.layout import Layout
 from nanotrain.parallel.pipeline import chunk_layers, pipeline_stage
 from nanotrain.parallel.pipeline.runner import PipelineRunner
 from nanotrain.parallel.state import init_parallel
@@ -66,7 +67,7 @@ def worker(mcfg: dict, a: dict) -> dict:
 
     cfg = ModelConfig(**mcfg)
     pp, micro, n_micro, seq = a["pp"], a["micro"], a["n_micro"], a["seq"]
-    state = init_parallel(ParallelConfig(pp=pp))
+    state = init_parallel(Layout(pp=pp))
     rank = state.pp_rank
     first, last = rank == 0, rank == pp - 1
     if a["precision"] == "bf16":

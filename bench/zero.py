@@ -53,9 +53,10 @@ from common import alternate_rounds, table
 import torch
 import torch.distributed as dist
 
-from nanotrain.config import ModelConfig, OptimizerConfig, ParallelConfig
+from nanotrain.config import ModelConfig, OptimizerConfig
 from nanotrain.models.transformer import TransformerModel
 from nanotrain.parallel.launch import run_world
+from nanotrain.parallel.layout import Layout
 from nanotrain.parallel.state import init_parallel
 from nanotrain.parallel.zero import ZeroOptimizer
 
@@ -120,7 +121,7 @@ def worker(mcfg: dict, a: dict, names: list[str], probe: bool) -> dict:
 
     cfg = ModelConfig(**mcfg)
     dp, batch, seq = a["dp"], a["batch"], a["seq"]
-    ps = init_parallel(ParallelConfig(dp=dp))
+    ps = init_parallel(Layout(dp=dp))
     rank = dist.get_rank()
     g = torch.Generator().manual_seed(7)
     batches = [torch.randint(0, cfg.vocab_size, (dp * batch, seq + 1), generator=g) for _ in range(N_BATCHES)]

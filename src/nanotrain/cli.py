@@ -124,8 +124,8 @@ def cmd_inspect(args, overrides) -> int:
     import json
 
     from .inspection.hardware import get_accelerator
-    from .inspection.memory import parse_layout
     from .inspection.report import inspect_model, markdown, model_config, plan_layout, write_report
+    from .parallel.layout import Layout
 
     if args.config and args.hf_config:
         raise ConfigError("inspect takes --config (ours) or --hf-config (Hugging Face config.json), not both")
@@ -133,17 +133,13 @@ def cmd_inspect(args, overrides) -> int:
         raise ConfigError("--micro-batch-size and --micro-batches must be positive (0: the config's)")
     m, seq = model_config(args.config, args.hf_config, overrides, args.seq_len)
     # The run's config (--config), or the defaults (--hf-config: the model is HF's, the other keys
-    # still apply); --layout changes its parallel sizes for the memory and communication plan.
+    # still apply); --layout changes its layout (parallel/layout.py) for the memory and communication plan.
     cfg = load_config(args.config, [o for o in overrides if not o.startswith("--model.")] if args.hf_config
                       else overrides)
-    try:
-        layout = parse_layout(args.layout or "")
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    dp = layout.get("dp", cfg.parallel.dp)
+    layout = Layout.parse(args.layout or "", Layout.from_config(cfg))  # as `nanotrain verify` reads it
     t = cfg.train
-    mbs = args.micro_batch_size or (1 if args.hf_config else max(1, t.micro_batch(dp)))
-    micro_batches = args.micro_batches or (None if args.hf_config else max(1, t.batch_size // (dp * mbs)))
+    mbs = args.micro_batch_size or layout.micro or (1 if args.hf_config else max(1, t.batch_size // layout.dp))
+    micro_batches = args.micro_batches or (None if args.hf_config else max(1, t.batch_size // (layout.dp * mbs)))
     hardware = get_accelerator(args.hardware)
     if cfg.precision.recipe == "auto":  # what a run on that hardware would pick (runtime/machine.py)
         fast_bf16 = hardware.fp32_flops is None or hardware.bf16_flops >= hardware.fp32_flops
@@ -155,6 +151,11 @@ def cmd_inspect(args, overrides) -> int:
     if args.out:  # to stderr: stdout stays one JSON document with --json
         print("wrote " + ", ".join(map(str, write_report(result, args.out))), file=sys.stderr)
     return 0
+
+
+# One text for every command's --layout (parallel/layout.py parses it).
+LAYOUT_HELP = ("comma-separated tp=N, pp=N, dp=N, ep=N, sp (sequence parallel), zero=0|1|2, micro=N "
+               "(sequences per micro-batch); what it leaves out is the config's")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -169,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
         s.set_defaults(fn=fn)
     s = sub.add_parser("verify", help="prove a parallel layout trains the same model as one process")
     s.add_argument("--config", help="TOML config file")
-    s.add_argument("--layout", required=True, help="e.g. tp=2,dp=2 or tp=2,sp (sequence parallel) or dp=2,micro=1")
+    s.add_argument("--layout", required=True, help=LAYOUT_HELP + "; e.g. tp=2,dp=2 or tp=2,sp or dp=2,micro=1")
     s.add_argument("--steps", type=int, default=10)
     s.add_argument("--tolerance", type=float, default=1e-5, help="largest relative loss/gradient difference")
     s.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
@@ -204,10 +205,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="one JSON object instead of the markdown tables")
     s.add_argument("--hardware", default="h100",
                    help="roofline device: a100, h100, h200, b200, mi300x, or cpu (this machine, measured)")
-    s.add_argument("--layout", help="parallel sizes, e.g. tp=8,pp=16,dp=64,ep=64,zero=1,sp (default: the config's)")
+    s.add_argument("--layout", help=LAYOUT_HELP + "; e.g. tp=8,pp=16,dp=64,ep=64,zero=1 (default: the config's)")
     s.add_argument("--micro-batch-size", type=int, default=0,
                    help="sequences per micro-batch on one rank (memory, communication, roofline); "
-                        "default: the config's, 1 for --hf-config")
+                        "default: --layout's micro=, else the config's, 1 for --hf-config")
     s.add_argument("--micro-batches", type=int, default=0,
                    help="micro-batches per optimizer step on one rank (default: the config's; pp for --hf-config)")
     s.add_argument("--dtype", default="bf16", choices=["bf16", "fp8"], help="matmul operand format for the roofline")

@@ -4,7 +4,8 @@
 
 Both runs use the same config and seed, in fp32 with dropout off (dropout masks
 come from per-process RNG streams, so they differ by layout by design). The
-layout is launched as a local gloo world (parallel/launch.py). Printed: the
+layout text is parallel/layout.py's, as in `nanotrain inspect`, and is launched as
+a local gloo world (parallel/launch.py). Printed: the
 loss of every step under both, their relative difference, and the largest
 difference of any parameter's gradient after step 1 (gathered to the full
 tensor from the tensor-parallel shards), relative to that gradient's norm or,
@@ -21,36 +22,14 @@ from dataclasses import dataclass
 import torch
 
 from .checkpoint import gather_full, merge_over_pipeline
-from .config import Config, ConfigError, set_value, validate
+from .config import Config, set_value
+from .parallel.layout import Layout
 from .params import spec
 
-LAYOUT_KEYS = {"tp": "parallel.tp", "dp": "parallel.dp", "pp": "parallel.pp", "ep": "parallel.ep",
-               "sp": "parallel.sequence_parallel", "micro": "train.micro_batch_size", "zero": "optimizer.zero_stage"}
 
-
-def parse_layout(layout: str) -> dict[str, str]:
-    """'tp=2,dp=2,sp' -> {'parallel.tp': '2', 'parallel.dp': '2', 'parallel.sequence_parallel': 'true'}."""
-    out = {}
-    for item in filter(None, (x.strip() for x in layout.split(","))):
-        key, _, value = item.partition("=")
-        if key not in LAYOUT_KEYS:
-            raise ConfigError(f"--layout: unknown dimension '{key}'. Use {', '.join(LAYOUT_KEYS)} "
-                              "(for example tp=2,dp=2 or tp=2,sp).")
-        out[LAYOUT_KEYS[key]] = value or "true"
-    return out
-
-
-def layout_config(cfg: Config, layout: dict[str, str]) -> Config:
-    cfg = Config.from_dict(dataclasses.asdict(cfg))
-    for key, value in layout.items():
-        set_value(cfg, key, value, source="--layout")
-    validate(cfg)
-    return cfg
-
-
-def world_size(cfg: Config) -> int:
-    p = cfg.parallel
-    return p.tp * p.pp * p.dp
+def layout_config(cfg: Config, layout: str) -> Config:
+    """cfg under the layout text (parallel/layout.py: what it leaves out stays the config's), validated."""
+    return Layout.parse(layout, Layout.from_config(cfg)).apply(cfg)
 
 
 def reference_config(cfg: Config, steps: int, out_dir: str, precision: str = "fp32") -> Config:
@@ -167,7 +146,8 @@ def verify(cfg: Config, layout: str, steps: int = 10, tolerance: float = 1e-5, p
 
     with tempfile.TemporaryDirectory(prefix="nanotrain-verify-") as tmp:
         ref_cfg = reference_config(cfg, steps, f"{tmp}/reference", precision)
-        par_cfg = layout_config(reference_config(cfg, steps, f"{tmp}/layout", precision), parse_layout(layout))
+        par_cfg = layout_config(reference_config(cfg, steps, f"{tmp}/layout", precision), layout)
         ref = train_and_capture(dataclasses.asdict(ref_cfg))
-        other = run_world(train_and_capture, world_size(par_cfg), dataclasses.asdict(par_cfg))[0]
+        world = Layout.from_config(par_cfg).world_size
+        other = run_world(train_and_capture, world, dataclasses.asdict(par_cfg))[0]
     return compare(ref, other, tolerance, precision)

@@ -63,10 +63,10 @@ def test_collective_forward_and_backward(name):
 
 
 def _ranks_and_groups():
-    from nanotrain.config import ParallelConfig
+    from nanotrain.parallel.layout import Layout
     from nanotrain.parallel.state import init_parallel
 
-    s = init_parallel(ParallelConfig(tp=2, dp=2, pp=2))
+    s = init_parallel(Layout(tp=2, dp=2, pp=2))
     members = {name: dist.get_process_group_ranks(getattr(s, f"{name}_group")) for name in ("tp", "dp", "pp")}
     return s.rank, (s.tp_rank, s.dp_rank, s.pp_rank), members
 

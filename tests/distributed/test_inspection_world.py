@@ -14,7 +14,7 @@ import pytest
 from nanotrain.config import Config, load_config
 from nanotrain.inspection.comm import comm_per_step
 from nanotrain.inspection.measure import SavedTensorMeter, unique_bytes
-from nanotrain.inspection.memory import Layout, memory_per_rank
+from nanotrain.inspection.memory import Plan, memory_per_rank
 from nanotrain.monitoring.comm import CommMeter
 from nanotrain.parallel.launch import run_world
 from nanotrain.runtime import RuntimeEngine
@@ -103,7 +103,7 @@ def test_memory_per_rank_matches_a_world_of_8(tmp_path, name):
     ranks = run_world(_measure, 8, dataclasses.asdict(cfg))
     cfg.model.max_seq_len = cfg.train.seq_len
     cfg.model.vocab_size = 65  # the tokenizer's, as `nanotrain inspect --model.vocab_size=65` plans it (padded)
-    layout = Layout.from_config(cfg)
+    layout = Plan.from_config(cfg)
     estimate = memory_per_rank(cfg.model, layout, cfg.precision, device="cpu")
     for r in ranks:
         stage = r["rank"] // (cfg.parallel.tp * cfg.parallel.dp)

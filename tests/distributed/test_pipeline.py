@@ -7,9 +7,10 @@ single-process loss and gradients of the same (global) parameter names."""
 import pytest
 import torch
 
-from nanotrain.config import ModelConfig, ParallelConfig
+from nanotrain.config import ModelConfig
 from nanotrain.models.transformer import TransformerModel
 from nanotrain.parallel.launch import run_world
+from nanotrain.parallel.layout import Layout
 from nanotrain.parallel.pipeline import (
     SCHEDULES,
     pipeline_stage,
@@ -144,7 +145,7 @@ def test_check_schedule_messages():
 # -- distributed schedules ------------------------------------------------------------------
 
 def _pipeline_run(pp, schedule, v, n_layers, tie):
-    state = init_parallel(ParallelConfig(pp=pp))
+    state = init_parallel(Layout(pp=pp))
     stage = pipeline_stage(make_model(n_layers, tie), state.pp_rank, pp, chunk_layers(n_layers, pp, v)[state.pp_rank])
     runner = PipelineRunner.from_state(stage, schedule, state)
     x, y = make_batch()
@@ -194,7 +195,7 @@ def test_tied_embeddings_sum_over_the_embedding_group():
 
 
 def _bf16_run():
-    state = init_parallel(ParallelConfig(pp=2))
+    state = init_parallel(Layout(pp=2))
     stage = pipeline_stage(make_model(), state.pp_rank, 2, chunk_layers(4, 2)[state.pp_rank])
 
     def autocast():

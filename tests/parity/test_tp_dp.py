@@ -12,8 +12,8 @@ import pytest
 from conftest import CORPUS
 from nanotrain.config import load_config
 from nanotrain.parallel.launch import run_world
-from nanotrain.verify import (compare, layout_config, parse_layout, reference_config, train_and_capture, verify,
-                              world_size)
+from nanotrain.parallel.layout import Layout
+from nanotrain.verify import compare, layout_config, reference_config, train_and_capture, verify
 
 TOL = 1e-5
 
@@ -108,8 +108,9 @@ def test_verify_fails_on_a_real_bug(tmp_path, bug, name):
     layout's side, names that tensor and fails."""
     cfg = config(tmp_path, "--model.bias=true")
     ref = train_and_capture(dataclasses.asdict(reference_config(cfg, 2, str(tmp_path / "reference"))))
-    par_cfg = layout_config(reference_config(cfg, 2, str(tmp_path / "layout")), parse_layout("tp=2,sp"))
-    report = compare(ref, run_world(bug, world_size(par_cfg), dataclasses.asdict(par_cfg))[0], TOL)
+    par_cfg = layout_config(reference_config(cfg, 2, str(tmp_path / "layout")), "tp=2,sp")
+    world = Layout.from_config(par_cfg).world_size
+    report = compare(ref, run_world(bug, world, dataclasses.asdict(par_cfg))[0], TOL)
     print(report.table("tp=2,sp"))
     assert report.worst_grad[0] == name and report.worst_grad[1] > 100 * TOL, report.table("tp=2,sp")
     assert ref["grads"][name].norm() < report.floor  # measured against the floor, not its own norm

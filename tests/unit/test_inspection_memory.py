@@ -3,6 +3,7 @@ process, for each kind of block and both compute dtypes; the layout flags of `na
 (The layouts themselves, against a gloo world of 8: tests/distributed/test_inspection_world.py.)"""
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -10,8 +11,9 @@ import torch
 from nanotrain.cli import main
 from nanotrain.config import ModelConfig, PrecisionConfig
 from nanotrain.inspection.measure import SavedTensorMeter
-from nanotrain.inspection.memory import Layout, activation_bytes, in_flight, parse_layout
+from nanotrain.inspection.memory import Plan, activation_bytes, in_flight
 from nanotrain.models import build_model
+from nanotrain.parallel.layout import Layout
 
 B, T, LAYERS = 4, 32, 3
 CASES = {
@@ -47,25 +49,17 @@ def saved_bytes(m: ModelConfig, recipe: str) -> int:
 def test_activation_formula_equals_the_saved_tensors(case, recipe):
     m = ModelConfig(vocab_size=96, d_model=64, n_layers=LAYERS, n_heads=4, max_seq_len=T, **CASES[case])
     measured = saved_bytes(m, recipe)
-    estimate = activation_bytes(m, Layout(micro_batch_size=B, seq_len=T), PrecisionConfig(recipe=recipe),
+    estimate = activation_bytes(m, Plan(Layout(micro=B), seq_len=T), PrecisionConfig(recipe=recipe),
                                 list(range(LAYERS)), True, True, device="cpu")
     # Exact for these (every expert receives tokens: its weight copy is counted under autocast).
     assert sum(estimate.values()) == pytest.approx(measured, rel=0.01), estimate
 
 
 def test_in_flight_micro_batches_per_schedule():
-    lay = Layout(pp=4, micro_batches=8)
-    assert [in_flight(lay, s) for s in range(4)] == [4, 3, 2, 1]  # 1F1B: pp - stage
-    lay.pp_schedule = "gpipe"
-    assert in_flight(lay, 3) == 8  # every forward before any backward
-    assert in_flight(Layout(pp=4, micro_batches=2), 0) == 2  # never more than there are
-
-
-def test_parse_layout_and_its_errors():
-    assert parse_layout("tp=8,pp=16,ep=64,dp=128,zero=1,sp") == {"tp": 8, "pp": 16, "ep": 64, "dp": 128, "zero": 1,
-                                                                 "sp": True}
-    with pytest.raises(ValueError, match="tp=N"):
-        parse_layout("tensor=8")
+    plan = Plan(Layout(pp=4, micro=1), micro_batches=8)
+    assert [in_flight(plan, s) for s in range(4)] == [4, 3, 2, 1]  # 1F1B: pp - stage
+    assert in_flight(replace(plan, pp_schedule="gpipe"), 3) == 8  # every forward before any backward
+    assert in_flight(Plan(Layout(pp=4, micro=1), micro_batches=2), 0) == 2  # never more than there are
 
 
 def test_inspect_prints_memory_per_rank(tmp_path, capsys):

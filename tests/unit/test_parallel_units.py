@@ -3,21 +3,22 @@
 import pytest
 import torch
 
-from nanotrain.config import ConfigError, ParallelConfig
 from nanotrain.parallel.data_parallel import clip_grad_norm
+from nanotrain.parallel.layout import Layout
 from nanotrain.parallel.state import ParallelState, check_layout
-from nanotrain.verify import Report, compare, grad_floor, parse_layout, rel_diff
+from nanotrain.verify import Report, compare, grad_floor, rel_diff
 
 
 def test_world_size_must_match_the_layout():
     with pytest.raises(ValueError, match=r"tp=2 x parallel.pp=1 x parallel.dp=2 = 4, but the world has 2"):
-        check_layout(ParallelConfig(tp=2, dp=2), world_size=2)
+        check_layout(Layout(tp=2, dp=2), world_size=2)
     with pytest.raises(ValueError, match="parallel.ep=3 must divide parallel.dp=4"):
-        check_layout(ParallelConfig(dp=4, ep=3), world_size=4)
+        check_layout(Layout(dp=4, ep=3), world_size=4)
 
 
 def test_coordinates_follow_megatron_order():
-    s = ParallelState(tp=2, dp=2, pp=2, rank=6, world_size=8)
+    s = ParallelState(Layout(tp=2, dp=2, pp=2), rank=6)
+    assert (s.tp, s.dp, s.pp, s.world_size) == (2, 2, 2, 8)  # read from the one layout
     assert (s.tp_rank, s.dp_rank, s.pp_rank) == (0, 1, 1)
     assert s.global_rank(tp_rank=1) == 7 and s.prev_stage_rank == 2 and s.next_stage_rank is None
 
@@ -35,11 +36,7 @@ def test_clip_matches_torch_exactly_on_one_rank():
     assert all(torch.equal(pa.grad, pb.grad) for pa, pb in zip(a, b))
 
 
-def test_parse_layout_and_verdict():
-    assert parse_layout("tp=2,dp=2,sp") == {"parallel.tp": "2", "parallel.dp": "2",
-                                            "parallel.sequence_parallel": "true"}
-    with pytest.raises(ConfigError, match="unknown dimension 'xp'"):
-        parse_layout("xp=2")
+def test_verdict():
     good = Report([(1, 4.0, 4.0, 0.0)], ("w", 1e-7), 1e-5)
     assert good.ok
     assert not Report([(1, 4.0, 4.1, 0.025)], ("w", 1e-7), 1e-5).ok

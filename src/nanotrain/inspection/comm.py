@@ -39,7 +39,7 @@ from __future__ import annotations
 
 from ..config import ModelConfig
 from ..params import spec
-from .memory import BYTES, Layout, compute_bytes, rank_model, stage_layers, stage_parameters, vocab_per_rank
+from .memory import BYTES, Plan, compute_bytes, rank_model, stage_layers, stage_parameters, vocab_per_rank
 
 WIRE = {"all_reduce": lambda n: 2 * (n - 1) / n, "all_gather": lambda n: (n - 1) / n,
         "reduce_scatter": lambda n: (n - 1) / n, "all_to_all": lambda n: (n - 1) / n, "send": lambda n: 1.0}
@@ -63,12 +63,12 @@ def _row(t: dict, sp: bool, n: int, d: int, b: int) -> None:
         t["all_reduce"] += n * d * b
 
 
-def tp_per_micro_batch(m: ModelConfig, layout: Layout, layers: list[int], first: bool, last: bool,
+def tp_per_micro_batch(m: ModelConfig, plan: Plan, layers: list[int], first: bool, last: bool,
                        c: int, r: int) -> dict[str, int]:
     t = {"all_reduce": 0, "all_gather": 0, "reduce_scatter": 0}
-    if layout.tp == 1:
+    if plan.tp == 1:
         return t
-    n, d, sp = layout.micro_batch_size * layout.seq_len, m.d_model, layout.sp
+    n, d, sp = plan.micro_batch_size * plan.seq_len, m.d_model, plan.sp
     if first:
         _row(t, sp, n, d, r)
     mtp = [m.n_layers] * m.mtp_depth if last else []  # DeepSeek's MTP block (on T - 1 positions: ~ N)
@@ -97,7 +97,7 @@ def tp_per_micro_batch(m: ModelConfig, layout: Layout, layers: list[int], first:
     return t
 
 
-def comm_per_step(m: ModelConfig, layout: Layout, precision, pp_rank: int = 0,
+def comm_per_step(m: ModelConfig, plan: Plan, precision, pp_rank: int = 0,
                   model=None) -> dict[str, dict[str, int]]:
     """{group: {collective: bytes}} that one rank of stage pp_rank moves in one optimizer step
     (model: memory.rank_model's, to reuse one already built)."""
@@ -105,48 +105,48 @@ def comm_per_step(m: ModelConfig, layout: Layout, precision, pp_rank: int = 0,
     r = BYTES[precision.param_dtype]
     c = min(c, r)
     grad_b, param_b = BYTES[precision.grad_dtype], BYTES[precision.param_dtype]
-    model = model if model is not None else rank_model(m, layout)
-    layers = stage_layers(m, layout, pp_rank, model)
-    first, last = pp_rank == 0, pp_rank == layout.pp - 1
-    mb = layout.micro_batches
+    model = model if model is not None else rank_model(m, plan)
+    layers = stage_layers(m, plan, pp_rank, model)
+    first, last = pp_rank == 0, pp_rank == plan.pp - 1
+    mb = plan.micro_batches
     out: dict[str, dict[str, int]] = {}
 
-    tp = {k: v * mb for k, v in tp_per_micro_batch(m, layout, layers, first, last, c, r).items()}
-    params = stage_parameters(model, m, layout, pp_rank)
-    if layout.tp > 1 and layout.sp:  # once per step: the weights that saw only this rank's tokens
+    tp = {k: v * mb for k, v in tp_per_micro_batch(m, plan, layers, first, last, c, r).items()}
+    params = stage_parameters(model, m, plan, pp_rank)
+    if plan.tp > 1 and plan.sp:  # once per step: the weights that saw only this rank's tokens
         tp["all_reduce"] += sum(p.numel() for p in params if not spec(p).tp_sharded) * grad_b
-    if layout.tp > 1:
+    if plan.tp > 1:
         out["tp"] = tp
 
     dense = sum(p.numel() for p in params if not spec(p).expert_parallel)
     expert = sum(p.numel() for p in params if spec(p).expert_parallel)
-    for group, size, numel in (("dp", layout.dp, dense), ("edp", layout.dp // layout.ep, expert)):
+    for group, size, numel in (("dp", plan.dp, dense), ("edp", plan.dp // plan.ep, expert)):
         if size == 1 or numel == 0:
             continue
-        padded = -(-numel // size) * size if layout.zero_stage else numel
-        sync = "reduce_scatter" if layout.zero_stage == 2 else "all_reduce"
+        padded = -(-numel // size) * size if plan.zero_stage else numel
+        sync = "reduce_scatter" if plan.zero_stage == 2 else "all_reduce"
         out[group] = {sync: padded * grad_b}
-        if layout.zero_stage:
+        if plan.zero_stage:
             out[group]["all_gather"] = padded * param_b
 
-    if layout.ep > 1 and m.arch == "deepseek":
-        n = layout.micro_batch_size * layout.seq_len // (layout.tp if layout.sp else 1)
+    if plan.ep > 1 and m.arch == "deepseek":
+        n = plan.micro_batch_size * plan.seq_len // (plan.tp if plan.sp else 1)
         a = n * m.moe_top_k
         moe = sum(1 for i in layers if i >= m.first_k_dense_replace)
         out["ep"] = {"all_to_all": mb * moe * (m.n_routed_experts * 8 + 2 * a * m.d_model * (r + c))}
 
-    if layout.pp > 1:
-        n = layout.micro_batch_size * layout.seq_len // (layout.tp if layout.sp else 1)
-        chunks = layout.pp_virtual_stages
+    if plan.pp > 1:
+        n = plan.micro_batch_size * plan.seq_len // (plan.tp if plan.sp else 1)
+        chunks = plan.pp_virtual_stages
         sends = chunks * 2 - (1 if last else 0) - (1 if first else 0)
         out["pp"] = {"send": mb * sends * n * m.d_model * param_b}
         if m.tie_embeddings and (first or last):
-            out["embd"] = {"all_reduce": vocab_per_rank(m, layout.tp) * m.d_model * grad_b}
+            out["embd"] = {"all_reduce": vocab_per_rank(m, plan.tp) * m.d_model * grad_b}
     return out
 
 
-def wire_bytes(groups: dict[str, dict[str, int]], layout: Layout) -> dict[str, float]:
+def wire_bytes(groups: dict[str, dict[str, int]], plan: Plan) -> dict[str, float]:
     """Bytes each rank puts on the wire per step, per group (ring algorithms)."""
-    sizes = {"tp": layout.tp, "dp": layout.dp, "edp": layout.dp // layout.ep, "ep": layout.ep,
-             "pp": layout.pp, "embd": 2}
+    sizes = {"tp": plan.tp, "dp": plan.dp, "edp": plan.dp // plan.ep, "ep": plan.ep,
+             "pp": plan.pp, "embd": 2}
     return {g: sum(WIRE[op](sizes[g]) * b for op, b in ops.items()) for g, ops in groups.items()}

@@ -32,20 +32,18 @@ from dataclasses import dataclass, replace
 import torch
 
 from ..config import Config, ModelConfig
+from ..parallel.layout import Layout
 from ..params import spec
 
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
 
-@dataclass
-class Layout:
-    tp: int = 1
-    pp: int = 1
-    dp: int = 1
-    ep: int = 1
-    sp: bool = False
-    zero_stage: int = 0
-    micro_batch_size: int = 1
+@dataclass(frozen=True)
+class Plan:
+    """What memory and communication are planned for: a layout (parallel/layout.py, its micro-batch
+    size resolved: >= 1), the pipeline schedule, and the batch each rank runs per step. tp, pp, dp,
+    ep, sp, zero_stage and micro_batch_size read the layout."""
+    layout: Layout = Layout(micro=1)
     seq_len: int = 2048
     micro_batches: int = 1  # per optimizer step on each rank (gradient accumulation)
     pp_schedule: str = "1f1b"
@@ -53,57 +51,58 @@ class Layout:
     pp_partition: str = "layers"
 
     @classmethod
-    def from_config(cls, cfg: Config) -> Layout:
+    def from_config(cls, cfg: Config) -> Plan:
+        """The plan of a run of cfg: its layout, the micro-batch size resolved (train.micro_batch_size=0:
+        batch_size / dp)."""
         p, t = cfg.parallel, cfg.train
-        return cls(tp=p.tp, pp=p.pp, dp=p.dp, ep=p.ep, sp=p.sequence_parallel and p.tp > 1,
-                   zero_stage=cfg.optimizer.zero_stage, micro_batch_size=t.micro_batch(p.dp), seq_len=t.seq_len,
-                   micro_batches=max(1, t.grad_accum_steps(p.dp)), pp_schedule=p.pp_schedule,
-                   pp_virtual_stages=p.pp_virtual_stages, pp_partition=p.pp_partition)
+        layout = replace(Layout.from_config(cfg), micro=t.micro_batch(p.dp))
+        return cls(layout, seq_len=t.seq_len, micro_batches=max(1, t.grad_accum_steps(p.dp)),
+                   pp_schedule=p.pp_schedule, pp_virtual_stages=p.pp_virtual_stages, pp_partition=p.pp_partition)
+
+    # The layout's fields, by the names the formulas below use.
+    tp = property(lambda self: self.layout.tp)
+    pp = property(lambda self: self.layout.pp)
+    dp = property(lambda self: self.layout.dp)
+    ep = property(lambda self: self.layout.ep)
+    sp = property(lambda self: self.layout.sp and self.layout.tp > 1)  # nothing to split without tp
+    zero_stage = property(lambda self: self.layout.zero)
+    micro_batch_size = property(lambda self: self.layout.micro)
 
     @property
     def world(self) -> int:
-        return self.tp * self.pp * self.dp
+        return self.layout.world_size
 
-
-def parse_layout(text: str) -> dict[str, int | bool]:
-    """'tp=8,pp=16,ep=64,dp=128,sp' -> {"tp": 8, "pp": 16, "ep": 64, "dp": 128, "sp": True}."""
-    out: dict[str, int | bool] = {}
-    for part in filter(None, (s.strip() for s in text.split(","))):
-        key, _, value = part.partition("=")
-        if key in ("sp", "sequence_parallel") and not value:
-            out["sp"] = True
-            continue
-        if key not in ("tp", "pp", "dp", "ep", "zero", "sp") or not value.isdigit():
-            raise ValueError(f"--layout {text!r}: {part!r} is not one of tp=N, pp=N, dp=N, ep=N, zero=N, sp "
-                             "(for example --layout tp=8,pp=16,dp=64,ep=64,zero=1,sp)")
-        out[key] = bool(int(value)) if key == "sp" else int(value)
-    return out
+    def to_dict(self) -> dict:
+        """Flat, for `nanotrain inspect --json`: the layout's fields under the config's names."""
+        keys = ("tp", "pp", "dp", "ep", "sp", "zero_stage", "micro_batch_size", "seq_len", "micro_batches",
+                "pp_schedule", "pp_virtual_stages", "pp_partition")
+        return {k: getattr(self, k) for k in keys}
 
 
 # -- static memory -------------------------------------------------------------------
 
 
-def rank_model(m: ModelConfig, layout: Layout):
+def rank_model(m: ModelConfig, plan: Plan):
     """The whole model as tp rank 0 and ep rank 0 hold it (their shard of each matrix, their share
     of the experts), on the meta device: shapes, no storage."""
     from ..models import build_model
     from ..parallel.expert_parallel import ExpertParallel
     from ..parallel.tensor_parallel import TensorParallel
 
-    tp = TensorParallel(None, 0, layout.tp, layout.sp) if layout.tp > 1 else None
-    ep = ExpertParallel(None, 0, layout.ep) if layout.ep > 1 else None
+    tp = TensorParallel(None, 0, plan.tp, plan.sp) if plan.tp > 1 else None
+    ep = ExpertParallel(None, 0, plan.ep) if plan.ep > 1 else None
     with torch.device("meta"):
         return build_model(m, tp, ep)
 
 
-def stage_parameters(model, m: ModelConfig, layout: Layout, pp_rank: int) -> list:
+def stage_parameters(model, m: ModelConfig, plan: Plan, pp_rank: int) -> list:
     """The parameters pipeline stage pp_rank keeps (parallel/pipeline/stage.py's rule, by name:
     its layers; the embeddings on the first stage; norm and head on the last, which also keeps
     its copy of a tied embedding)."""
-    if layout.pp == 1:
+    if plan.pp == 1:
         return list(model.parameters())
-    layers = {str(i) for i in stage_layers(m, layout, pp_rank, model)}
-    first, last = pp_rank == 0, pp_rank == layout.pp - 1
+    layers = {str(i) for i in stage_layers(m, plan, pp_rank, model)}
+    first, last = pp_rank == 0, pp_rank == plan.pp - 1
     keep = []
     for name, p in model.named_parameters():
         top = name.split(".")[0]
@@ -124,17 +123,17 @@ def _sharded(numel: int, n: int) -> int:
     return math.ceil(numel / n)  # ZeRO pads a bucket to a multiple of its group size
 
 
-def static_bytes(params: list, layout: Layout, precision) -> dict[str, int]:
+def static_bytes(params: list, plan: Plan, precision) -> dict[str, int]:
     """Weights, gradients, master copies and AdamW moments of one rank, in bytes."""
     dense = sum(p.numel() for p in params if not spec(p).expert_parallel)
     expert = sum(p.numel() for p in params if spec(p).expert_parallel)
     param_b, grad_b = BYTES[precision.param_dtype], BYTES[precision.grad_dtype]
     moment_b = BYTES[precision.exp_avg_dtype] + BYTES[precision.exp_avg_sq_dtype]
-    edp = layout.dp // layout.ep
-    stage = layout.zero_stage
+    edp = plan.dp // plan.ep
+    stage = plan.zero_stage
 
     def share(n_dense: int, n_expert: int) -> int:
-        return _sharded(n_dense, layout.dp) + _sharded(n_expert, edp) if stage >= 1 else n_dense + n_expert
+        return _sharded(n_dense, plan.dp) + _sharded(n_expert, edp) if stage >= 1 else n_dense + n_expert
 
     n = dense + expert
     master_needed = precision.param_dtype != "fp32" and precision.master_owner == "optimizer"
@@ -318,14 +317,14 @@ def _head_and_loss(m: ModelConfig, w: Widths) -> int:
     return head + w.n * v * 4 + w.n * 8 + 4  # fp32 logits kept by the softmax, targets
 
 
-def in_flight(layout: Layout, pp_rank: int) -> int:
+def in_flight(plan: Plan, pp_rank: int) -> int:
     """Micro-batches (chunks, interleaved) whose activations a stage holds at its peak."""
-    m, pp, v = layout.micro_batches, layout.pp, layout.pp_virtual_stages
+    m, pp, v = plan.micro_batches, plan.pp, plan.pp_virtual_stages
     if pp == 1:
         return 1
-    if layout.pp_schedule == "gpipe":
+    if plan.pp_schedule == "gpipe":
         return m
-    if layout.pp_schedule == "interleaved":
+    if plan.pp_schedule == "interleaved":
         return min(m * v, 2 * (pp - pp_rank - 1) + (v - 1) * pp + 1)
     return min(m, pp - pp_rank)
 
@@ -347,14 +346,14 @@ def attention_bytes_per_element(precision, device: str) -> int:
     return c
 
 
-def activation_bytes(m: ModelConfig, layout: Layout, precision, layers: list[int], first: bool, last: bool,
+def activation_bytes(m: ModelConfig, plan: Plan, precision, layers: list[int], first: bool, last: bool,
                      device: str = "cuda") -> dict[str, int]:
     """Activations of one micro-batch on one rank, per kind of module."""
     c = compute_bytes(precision)
     r = BYTES[precision.param_dtype]
-    n = layout.micro_batch_size * layout.seq_len
-    w = Widths(n=n, ns=n // layout.tp if layout.sp else n, batch=layout.micro_batch_size, seq=layout.seq_len,
-               tp=layout.tp, ep=layout.ep, c=min(c, r), r=r, a=attention_bytes_per_element(precision, device))
+    n = plan.micro_batch_size * plan.seq_len
+    w = Widths(n=n, ns=n // plan.tp if plan.sp else n, batch=plan.micro_batch_size, seq=plan.seq_len,
+               tp=plan.tp, ep=plan.ep, c=min(c, r), r=r, a=attention_bytes_per_element(precision, device))
     math_path = device == "cpu" and m.arch == "deepseek" and \
         m.qk_nope_head_dim + m.qk_rope_head_dim != m.v_head_dim
     out: dict[str, int] = {}
@@ -366,37 +365,37 @@ def activation_bytes(m: ModelConfig, layout: Layout, precision, layers: list[int
     return out
 
 
-def stage_layers(m: ModelConfig, layout: Layout, pp_rank: int, model=None) -> list[int]:
+def stage_layers(m: ModelConfig, plan: Plan, pp_rank: int, model=None) -> list[int]:
     """The layers of stage pp_rank, as the runtime assigns them (runtime/components.py); balancing by
     parameter count (parallel.pp_partition=params) needs the model."""
     from ..parallel.pipeline.stage import chunk_layers, layer_costs
 
-    if layout.pp == 1:
+    if plan.pp == 1:
         return list(range(m.n_layers))
-    costs = layer_costs(model, layout.pp_partition) if model is not None else None
-    chunks = chunk_layers(m.n_layers, layout.pp, layout.pp_virtual_stages, costs)
+    costs = layer_costs(model, plan.pp_partition) if model is not None else None
+    chunks = chunk_layers(m.n_layers, plan.pp, plan.pp_virtual_stages, costs)
     return [i for chunk in chunks[pp_rank] for i in chunk]
 
 
-def memory_per_rank(m: ModelConfig, layout: Layout, precision, device: str = "cuda", model=None) -> list[dict]:
+def memory_per_rank(m: ModelConfig, plan: Plan, precision, device: str = "cuda", model=None) -> list[dict]:
     """One entry per pipeline stage (every tp, dp and ep rank of a stage holds the same amount).
     model: rank_model's, to reuse one already built."""
     out = []
-    model = model if model is not None else rank_model(m, layout)
-    for stage in range(layout.pp):
-        params = stage_parameters(model, m, layout, stage)
-        static = static_bytes(params, layout, precision)
-        layers = stage_layers(m, layout, stage, model)
-        per_mb = activation_bytes(m, layout, precision, layers, stage == 0, stage == layout.pp - 1, device)
-        flight = in_flight(layout, stage)
-        chunk_layers = max(1, len(layers) // layout.pp_virtual_stages)
-        if layout.pp_schedule == "interleaved":  # in flight counts chunks, each a 1/v share of the stage
-            act = sum(per_mb.values()) * flight // layout.pp_virtual_stages
+    model = model if model is not None else rank_model(m, plan)
+    for stage in range(plan.pp):
+        params = stage_parameters(model, m, plan, stage)
+        static = static_bytes(params, plan, precision)
+        layers = stage_layers(m, plan, stage, model)
+        per_mb = activation_bytes(m, plan, precision, layers, stage == 0, stage == plan.pp - 1, device)
+        flight = in_flight(plan, stage)
+        chunk_layers = max(1, len(layers) // plan.pp_virtual_stages)
+        if plan.pp_schedule == "interleaved":  # in flight counts chunks, each a 1/v share of the stage
+            act = sum(per_mb.values()) * flight // plan.pp_virtual_stages
         else:
             act = sum(per_mb.values()) * flight
         # Full recomputation: each layer's input (N_s x d), kept for every micro-batch in flight,
         # plus one chunk's activations, rebuilt during its backward.
-        n_s = layout.micro_batch_size * layout.seq_len // (layout.tp if layout.sp else 1)
+        n_s = plan.micro_batch_size * plan.seq_len // (plan.tp if plan.sp else 1)
         recompute = n_s * m.d_model * BYTES[precision.param_dtype] * len(layers) * flight + \
             sum(per_mb.values()) * chunk_layers // max(1, len(layers))
         out.append({"stage": stage, "layers": len(layers), "params": sum(p.numel() for p in params),

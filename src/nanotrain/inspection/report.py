@@ -4,14 +4,15 @@ and its roofline, from a config, before it runs."""
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+from dataclasses import replace
 from pathlib import Path
 
 from ..config import Config, ConfigError, ModelConfig, load_config
 from .comm import comm_per_step, wire_bytes
 from .counts import KINDS, flops_per_token, meta_model, param_counts
 from .hardware import Accelerator
-from .memory import Layout, memory_per_rank, rank_model, vocab_per_rank
+from ..parallel.layout import Layout
+from .memory import Plan, memory_per_rank, rank_model, vocab_per_rank
 from .roofline import DTYPE_BYTES, PHASES, plot_intensity, plot_roofline, roofline
 
 
@@ -57,18 +58,14 @@ def inspect_model(m: ModelConfig, seq_len: int, *, hardware: Accelerator | None 
     return r
 
 
-def plan_layout(m: ModelConfig, seq_len: int, cfg: Config, layout: dict, micro_batch_size: int,
+def plan_layout(m: ModelConfig, seq_len: int, cfg: Config, layout: Layout, micro_batch_size: int,
                 micro_batches: int | None, hardware: Accelerator | None) -> dict:
     """Memory per rank and communication per step for a layout (inspection/memory.py, comm.py).
 
-    cfg supplies what the layout text does not: precision (dtypes), ZeRO stage, pipeline schedule."""
+    cfg supplies what the layout does not: precision (dtypes) and the pipeline schedule."""
     p = cfg.parallel
-    lay = Layout(tp=layout.get("tp", p.tp), pp=layout.get("pp", p.pp), dp=layout.get("dp", p.dp),
-                 ep=layout.get("ep", p.ep), zero_stage=layout.get("zero", cfg.optimizer.zero_stage),
-                 micro_batch_size=micro_batch_size, seq_len=seq_len, pp_schedule=p.pp_schedule,
-                 pp_virtual_stages=p.pp_virtual_stages, pp_partition=p.pp_partition)
-    lay.sp = bool(layout.get("sp", p.sequence_parallel)) and lay.tp > 1
-    lay.micro_batches = micro_batches or max(lay.pp, 1)
+    lay = Plan(replace(layout, micro=micro_batch_size), seq_len=seq_len, micro_batches=micro_batches or layout.pp,
+               pp_schedule=p.pp_schedule, pp_virtual_stages=p.pp_virtual_stages, pp_partition=p.pp_partition)
     _check_layout(m, lay)
     device = "cpu" if hardware is not None and hardware.name.startswith("cpu") else "cuda"
     try:  # the model refuses what it cannot run (e.g. an auxiliary loss under sequence parallelism)
@@ -85,7 +82,7 @@ def plan_layout(m: ModelConfig, seq_len: int, cfg: Config, layout: dict, micro_b
         if link:
             stage["comm_seconds_at_link"] = {g: b / link for g, b in stage["comm_wire_bytes"].items()}
     worst = max(stages, key=lambda st: st["total"])
-    out = {"layout": asdict(lay), "world_size": lay.world, "precision": {
+    out = {"layout": lay.to_dict(), "world_size": lay.world, "precision": {
         k: getattr(cfg.precision, k) for k in ("recipe", "param_dtype", "master_dtype", "grad_dtype", "exp_avg_dtype",
                                                 "exp_avg_sq_dtype")},
         "memory_per_rank_bytes": worst["total"], "stages": stages}
@@ -97,7 +94,8 @@ def plan_layout(m: ModelConfig, seq_len: int, cfg: Config, layout: dict, micro_b
     return out
 
 
-def _check_layout(m: ModelConfig, lay: Layout) -> None:
+def _check_layout(m: ModelConfig, lay: Plan) -> None:
+    """What this model cannot split this way (the layout's own values were checked by Layout.parse)."""
     problems = []
     if m.n_heads % lay.tp:
         problems.append(f"tp={lay.tp} does not divide the {m.n_heads} attention heads")
@@ -107,8 +105,6 @@ def _check_layout(m: ModelConfig, lay: Layout) -> None:
         problems.append(f"ep={lay.ep} must divide dp={lay.dp} (experts are split over data-parallel ranks)")
     if lay.ep > 1 and (m.arch != "deepseek" or m.n_routed_experts % lay.ep):
         problems.append(f"ep={lay.ep} needs a model whose routed experts it divides")
-    if lay.zero_stage not in (0, 1, 2):
-        problems.append(f"zero={lay.zero_stage}: ZeRO stages are 0, 1 and 2")
     if problems:
         raise ConfigError("--layout: " + "; ".join(problems) + ".")
 

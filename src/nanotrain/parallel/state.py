@@ -1,4 +1,5 @@
-"""ParallelState: every process group of a run, in one object (no module-level globals).
+"""ParallelState: every process group of a run, in one object (no module-level globals), and the
+run's Layout (parallel/layout.py), from which its sizes are read.
 
 Rank layout (Megatron's order): tp varies fastest, then dp, then pp.
 
@@ -36,17 +37,15 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from ..config import ParallelConfig
+from .layout import Layout
 
 
 @dataclass
 class ParallelState:
-    tp: int = 1
-    pp: int = 1
-    dp: int = 1
-    ep: int = 1
+    # The run's layout (parallel/layout.py): the sizes live there alone; tp, pp, dp, ep and
+    # world_size below read it.
+    layout: Layout = Layout()
     rank: int = 0
-    world_size: int = 1
     tp_group: dist.ProcessGroup | None = None
     dp_group: dist.ProcessGroup | None = None
     pp_group: dist.ProcessGroup | None = None
@@ -55,6 +54,28 @@ class ParallelState:
     # First and last pipeline rank of each pipeline: they sum the gradients of tied
     # embedding copies (parallel/pipeline/stage.py). None unless pp > 1.
     embd_group: dist.ProcessGroup | None = None
+
+    # -- sizes (the layout's) ----------------------------------------------------
+
+    @property
+    def tp(self) -> int:
+        return self.layout.tp
+
+    @property
+    def pp(self) -> int:
+        return self.layout.pp
+
+    @property
+    def dp(self) -> int:
+        return self.layout.dp
+
+    @property
+    def ep(self) -> int:
+        return self.layout.ep
+
+    @property
+    def world_size(self) -> int:
+        return self.layout.world_size
 
     # -- coordinates ------------------------------------------------------------
 
@@ -110,47 +131,47 @@ class ParallelState:
                 f"pp {self.pp_rank}/{self.pp}, ep {self.ep_rank}/{self.ep}")
 
 
-def check_layout(p: ParallelConfig, world_size: int) -> None:
+def check_layout(layout: Layout, world_size: int) -> None:
     """Raise ValueError (with the fix) when the parallel sizes cannot tile this world."""
-    product = p.tp * p.pp * p.dp
-    if product != world_size:
-        raise ValueError(f"parallel.tp={p.tp} x parallel.pp={p.pp} x parallel.dp={p.dp} = {product}, but the "
-                         f"world has {world_size} processes: launch with --nproc-per-node {product} or change "
-                         f"the sizes so their product is {world_size}.")
-    errors = p.check()  # ep divides dp, and the rest: init_parallel may get a ParallelConfig no Config validated
-    if errors:
-        raise ValueError(" ".join(errors))
+    tp, pp, dp, ep = layout.tp, layout.pp, layout.dp, layout.ep
+    if layout.world_size != world_size:
+        raise ValueError(f"parallel.tp={tp} x parallel.pp={pp} x parallel.dp={dp} = {layout.world_size}, but the "
+                         f"world has {world_size} processes: launch with --nproc-per-node {layout.world_size} or "
+                         f"change the sizes so their product is {world_size}.")
+    if dp % ep:
+        raise ValueError(f"parallel.ep={ep} must divide parallel.dp={dp}: expert-parallel groups are "
+                         "carved out of the data-parallel ranks.")
 
 
 def backend_for(device_type: str) -> str:
     return "nccl" if device_type == "cuda" else "gloo"
 
 
-def init_parallel(p: ParallelConfig, device_type: str = "cpu") -> ParallelState:
+def init_parallel(layout: Layout, device_type: str = "cpu") -> ParallelState:
     """Join the process group started by torchrun (or the test launcher) and build every group.
 
     With a world of one and no torchrun environment, no process group is created:
     single-process runs need none.
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    check_layout(p, world_size)
+    check_layout(layout, world_size)
     if world_size == 1 and not dist.is_initialized():
-        return ParallelState()
+        return ParallelState(layout)
     if not dist.is_initialized():
         dist.init_process_group(backend_for(device_type))
-    state = ParallelState(tp=p.tp, pp=p.pp, dp=p.dp, ep=p.ep, rank=dist.get_rank(), world_size=world_size)
+    state = ParallelState(layout, rank=dist.get_rank())
     at = state.global_rank
-    T, D, P, E = range(p.tp), range(p.dp), range(p.pp), range(p.ep)
-    edp = range(p.dp // p.ep)
+    T, D, P, E = range(layout.tp), range(layout.dp), range(layout.pp), range(layout.ep)
+    edp = range(layout.dp // layout.ep)
     groups = {
         "tp": [[at(t, d, q) for t in T] for q in P for d in D],
         "dp": [[at(t, d, q) for d in D] for q in P for t in T],
         "pp": [[at(t, d, q) for q in P] for t in T for d in D],
-        "ep": [[at(t, k * p.ep + e, q) for e in E] for q in P for t in T for k in edp],
-        "edp": [[at(t, k * p.ep + e, q) for k in edp] for q in P for t in T for e in E],
+        "ep": [[at(t, k * layout.ep + e, q) for e in E] for q in P for t in T for k in edp],
+        "edp": [[at(t, k * layout.ep + e, q) for k in edp] for q in P for t in T for e in E],
     }
-    if p.pp > 1:
-        groups["embd"] = [[at(t, d, 0), at(t, d, p.pp - 1)] for t in T for d in D]
+    if layout.pp > 1:
+        groups["embd"] = [[at(t, d, 0), at(t, d, layout.pp - 1)] for t in T for d in D]
     for name, ranks in groups.items():
         mine, _ = dist.new_subgroups_by_enumeration(ranks, backend=backend_for(device_type))
         setattr(state, f"{name}_group", mine)

@@ -24,6 +24,7 @@ from ..params import spec
 from ..optim import MOMENTS, adamw_state, build_adamw, lr_at
 from ..parallel.data_parallel import GradSync, clip_grad_norm
 from ..parallel.expert_parallel import ExpertParallel
+from ..parallel.layout import Layout
 from ..parallel.pipeline import chunk_layers, layer_costs, pipeline_stage
 from ..parallel.state import all_reduce, barrier, destroy_parallel, init_parallel
 from ..parallel.tensor_parallel import TensorParallel
@@ -58,7 +59,7 @@ class LocalBootstrap:
         if cfg.train.compile:  # a missing compiler is named now, not at the first step
             check_compiler(device)
         try:
-            parallel = init_parallel(cfg.parallel, device.type)
+            parallel = init_parallel(Layout.from_config(cfg), device.type)
         except ValueError as e:
             raise ConfigError(str(e)) from None
         if cfg.train.threads:

@@ -1,0 +1,106 @@
+"""Layout: how one training step is split over processes, as one value.
+
+    tp=2,pp=2,dp=2,ep=2,sp,zero=1,micro=2
+
+is the text every command's --layout takes (`nanotrain verify`, `nanotrain inspect`):
+Layout.parse reads it and str(layout) writes it back. The same value comes out of a config
+(Layout.from_config) and goes back into one (Layout.apply), and ParallelState holds the run's
+(parallel/state.py). Each key is a field, and each field is one config key:
+
+    key    config key                  meaning
+    tp     parallel.tp                 tensor parallel: each layer's matrices split over tp ranks
+    pp     parallel.pp                 pipeline parallel: the layers split into pp stages
+    dp     parallel.dp                 data parallel: replicas that split the global batch
+    ep     parallel.ep                 expert parallel: routed experts over ep of the dp ranks
+    sp     parallel.sequence_parallel  sequence parallelism (with tp > 1); `sp` alone is sp=true
+    zero   optimizer.zero_stage        ZeRO stage: 0 (off), 1 (optimizer state), 2 (and gradients)
+    micro  train.micro_batch_size      sequences per micro-batch on one rank (0: batch_size / dp)
+
+A text names only what it changes; parse takes the rest from a base layout (a command passes
+the config's). The world is tp x pp x dp processes; ep is carved out of dp. The zero stage and
+the micro-batch live in other config sections than the sizes, but they are part of how a step
+is laid out over ranks, and a layout that changes them must be checked by the same rules.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from ..config import Config, ConfigError, set_value, validate
+
+# key -> the config key it sets (Layout.from_config, Layout.apply)
+CONFIG_KEYS = {"tp": "parallel.tp", "pp": "parallel.pp", "dp": "parallel.dp", "ep": "parallel.ep",
+               "sp": "parallel.sequence_parallel", "zero": "optimizer.zero_stage", "micro": "train.micro_batch_size"}
+EXAMPLE = "for example tp=2,dp=2,sp or tp=2,pp=2,dp=2,ep=2,zero=1,micro=2"
+
+
+@dataclass(frozen=True)
+class Layout:
+    tp: int = 1
+    pp: int = 1
+    dp: int = 1
+    ep: int = 1
+    sp: bool = False
+    zero: int = 0
+    micro: int = 0
+
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.pp * self.dp
+
+    def __str__(self) -> str:
+        """The canonical text: what differs from the defaults, in the order of the fields."""
+        default = Layout()
+        parts = []
+        for key in CONFIG_KEYS:
+            value = getattr(self, key)
+            if value != getattr(default, key):
+                parts.append(key if value is True else f"{key}={int(value)}")
+        return ",".join(parts) or "dp=1"
+
+    @classmethod
+    def parse(cls, text: str, base: Layout | None = None) -> Layout:
+        """'tp=2,dp=2,sp' -> base with tp=2, dp=2 and sp=True. A ConfigError (one line: the key, what
+        it takes, the valid keys) for an unknown key, a bad value or a key given twice."""
+        values: dict[str, int | bool] = {}
+        for item in filter(None, (part.strip() for part in text.split(","))):
+            key, eq, value = (s.strip() for s in item.partition("="))
+            if key not in CONFIG_KEYS:
+                raise ConfigError(f"--layout {text!r}: unknown key {key!r}. Valid keys: "
+                                  f"{', '.join(CONFIG_KEYS)} ({EXAMPLE}).")
+            if key in values:
+                raise ConfigError(f"--layout {text!r}: {key} is given twice; give each key once ({EXAMPLE}).")
+            values[key] = _value(text, key, value if eq else None)
+        return dataclasses.replace(base or cls(), **values)
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> Layout:
+        p = cfg.parallel
+        return cls(tp=p.tp, pp=p.pp, dp=p.dp, ep=p.ep, sp=p.sequence_parallel, zero=cfg.optimizer.zero_stage,
+                   micro=cfg.train.micro_batch_size)
+
+    def apply(self, cfg: Config) -> Config:
+        """A copy of cfg that runs this layout, validated: a layout the config cannot run (heads that
+        tp does not divide, sp without tp) is a ConfigError naming the config key."""
+        cfg = Config.from_dict(dataclasses.asdict(cfg))
+        for key, dotted in CONFIG_KEYS.items():
+            set_value(cfg, dotted, getattr(self, key), source="--layout")
+        validate(cfg)
+        return cfg
+
+
+def _value(text: str, key: str, value: str | None) -> int | bool:
+    """One key's value, checked: sizes are whole numbers >= 1, zero is 0, 1 or 2, micro >= 0, sp a boolean."""
+    if key == "sp":
+        if value is None or value.lower() in ("true", "1"):
+            return True
+        if value.lower() in ("false", "0"):
+            return False
+        raise ConfigError(f"--layout {text!r}: sp={value} must be true or false (sp alone: true).")
+    low, what = {"zero": (0, "0, 1 or 2 (the ZeRO stage)"),
+                 "micro": (0, "a whole number >= 0 (0: batch_size / dp)")}.get(key, (1, "a whole number >= 1"))
+    number = int(value) if value is not None and value.isascii() and value.isdigit() else -1
+    if number < low or (key == "zero" and number > 2):
+        raise ConfigError(f"--layout {text!r}: {key}={value or ''} must be {what}.")
+    return number
