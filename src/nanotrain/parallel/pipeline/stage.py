@@ -156,7 +156,7 @@ class PipelineStage(nn.Module):
         # bookkeeping: bias updates after the step, load metrics, the MFU count) run on the
         # stage as they would on the model, over this rank's layers only.
         self._last_counts: dict = {}
-        for name in ("moe_layers", "after_optimizer_step", "step_metrics", "num_matmul_params"):
+        for name in ("moe_layers", "update_expert_bias", "step_metrics", "num_matmul_params"):
             fn = getattr(type(model), name, None)
             if fn is not None:
                 setattr(self, name, types.MethodType(fn, self))
