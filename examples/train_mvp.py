@@ -13,6 +13,7 @@ from nanotrain.config import load_config
 from nanotrain.runtime import RuntimeComponents, RuntimeEngine
 from nanotrain.runtime.components import (AdamWRuntime, LocalBootstrap, LocalCheckpoints, TokenDataProvider,
                                           TransformerProvider, WarmupDecaySchedule)
+from nanotrain.runtime.step import ForwardBackwardProvider
 
 
 def main(argv: list[str]) -> None:
@@ -24,9 +25,10 @@ def main(argv: list[str]) -> None:
         bootstrap=LocalBootstrap(),        # device, threads, seed, precision, out_dir
         data=TokenDataProvider(),          # prepared token files -> batches by step
         model=TransformerProvider(),       # TransformerModel, initialised from (seed, names)
-        optimizer=AdamWRuntime(),          # AdamW + global-norm clipping
+        optimizer=AdamWRuntime(),          # AdamW + global-norm clipping (+ MoE bias update after each step)
         schedule=WarmupDecaySchedule(),    # warm-up, then cosine/linear decay
         checkpoint=LocalCheckpoints(),     # atomic saves, keep last N
+        forward_backward=ForwardBackwardProvider(),  # each step's forwards and backwards (or a pipeline's)
     )
     result = RuntimeEngine(cfg, components).run()
     print(f"final val loss {result.val_losses[max(result.val_losses)]:.4f}")

@@ -1,5 +1,6 @@
 """DeepSeekModel: MLA + dense/MoE layers assembled; causality, balancing, resume, outputs."""
 
+import pytest
 import torch
 
 from nanotrain.config import load_config
@@ -51,3 +52,33 @@ def test_training_updates_biases_logs_load_and_resumes_exactly(make_config):
     rows = [json.loads(line) for line in (straight.out_dir / "metrics.jsonl").read_text().splitlines()]
     last = [r for r in rows if "loss" in r][-1]
     assert last["moe/layer1/imbalance"] >= 1.0 and last["moe/layer2/bias_abs_max"] > 0
+
+
+@pytest.mark.parametrize("zero_stage", [0, 1])
+def test_bias_update_follows_every_applied_step_and_no_skipped_one(make_config, monkeypatch, zero_stage):
+    """The expert-bias update is the optimizer's post-step hook (components.register_moe_load_balancing_hook),
+    with torch's AdamW (zero_stage=0) and the flat-bucket optimizer (1): once after each step that updated,
+    none after a step skipped for a non-finite gradient (monitoring.nonfinite=skip)."""
+    from nanotrain.models.deepseek import DeepSeekModel
+    from nanotrain.parallel.zero import ZeroOptimizer
+
+    events, update = [], DeepSeekModel.update_expert_bias
+
+    def counted(self, parallel):
+        events.append("bias")
+        update(self, parallel)
+
+    def on_grads(step, model, ctx):  # the synced gradients, before the optimizer step
+        events.append(step)
+        if step == 3:
+            model.tok_emb.weight.grad.fill_(float("nan"))
+
+    monkeypatch.setattr(DeepSeekModel, "update_expert_bias", counted)
+    engine = RuntimeEngine(make_config(*TINY, "--model.bias_update_rate=0.01", "--monitoring.nonfinite=skip",
+                                       f"--optimizer.zero_stage={zero_stage}", "--train.max_steps=5",
+                                       "--schedule.warmup_steps=2"),
+                           on_grads=on_grads)
+    engine.run()
+    assert isinstance(engine.optimizer, ZeroOptimizer) == (zero_stage == 1)
+    assert events == [1, "bias", 2, "bias", 3, 4, "bias", 5, "bias"]
+    assert engine.monitor.skipped == 1

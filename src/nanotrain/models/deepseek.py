@@ -88,7 +88,7 @@ class DeepSeekModel(TransformerModel):
         from .mtp import MTPModule
 
         self.mtp = MTPModule(cfg, partial(self.make_block, ep=ep), tp) if cfg.mtp_depth else None
-        self._last_counts: dict[str, torch.Tensor] = {}  # per MoE layer, set by after_optimizer_step
+        self._last_counts: dict[str, torch.Tensor] = {}  # per MoE layer, set by update_expert_bias
 
     def make_block(self, cfg: ModelConfig, index: int, tp: TensorParallel | None,
                    ep: ExpertParallel | None = None) -> nn.Module:
@@ -114,12 +114,13 @@ class DeepSeekModel(TransformerModel):
         return n
 
     @torch.no_grad()
-    def after_optimizer_step(self, parallel) -> None:
+    def update_expert_bias(self, parallel) -> None:
         """Auxiliary-loss-free balancing: each router moves its expert biases towards equal
         load, using the tokens each expert received during the step, summed over
         micro-batches here, over data-parallel ranks, and over tp ranks when each routes
         its own sequence shard, so every replica applies the same update (the one a
-        single process would)."""
+        single process would). The optimizer runs it after each step that updated: a post-step
+        hook (runtime/components.register_moe_load_balancing_hook)."""
         from ..parallel.state import all_reduce
 
         layers = self.moe_layers()

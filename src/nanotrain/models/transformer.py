@@ -183,6 +183,11 @@ class TransformerModel(nn.Module):
         matmul). This N enters the 6N FLOPs per token."""
         return sum(m.weight.numel() for m in self.modules() if isinstance(m, Linear))  # local shard under TP
 
+    def step_metrics(self) -> dict[str, float | list]:
+        """Figures of the last optimizer step for the log: none for a dense model (DeepSeekModel:
+        the MoE load per layer). Pipeline stages borrow the method (parallel/pipeline/stage.py)."""
+        return {}
+
 
 def token_loss_sum(logits: torch.Tensor, targets: torch.Tensor, tp: TensorParallel | None) -> torch.Tensor:
     """Summed cross entropy over the targets (IGNORE_INDEX adds 0): vocabulary-parallel under

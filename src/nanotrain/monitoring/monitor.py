@@ -112,8 +112,9 @@ class TrainingMonitor:
         if self.comm is None:
             yield
             return
-        # Collectives after the step's last phase (the MoE bias update) are communication time, and
-        # no phase's: the next step's phases start from here.
+        # Collectives outside the step's timed phases are communication time, and no phase's: the
+        # next step's phases start from here. (The MoE bias update, an optimizer post-step hook,
+        # runs inside the optimizer phase.)
         self._comm_mark = sum(self.comm.seconds.values())
         with self.comm.installed():
             yield

@@ -36,14 +36,17 @@ one forward): no dp reduction, and the forward is the one-process one.
 from __future__ import annotations
 
 import hashlib
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
 from ..checkpoint.storage import CheckpointError
 from ..parallel.collectives import gather_last
 from ..parallel.state import all_reduce
+
+if TYPE_CHECKING:
+    from ..runtime.step import ForwardBackward
 
 IGNORE_INDEX = -100
 TOP_K = (1, 5)
@@ -111,24 +114,19 @@ class Probe:
         return {"hash": self.hash, "sequences": len(self.x)}
 
     @torch.no_grad()
-    def measure(self, model: nn.Module, pipeline, ctx) -> dict[str, float]:
+    def measure(self, step: ForwardBackward, ctx) -> dict[str, float]:
         """Forward the probe in eval mode (no dropout, no gradients, no state) and return the
-        figures, the same on every rank. pipeline: the PipelineRunner under pp, else None."""
+        figures, the same on every rank. step: the run's ForwardBackward (runtime/step.py), which
+        runs it as one evaluation batch, through the pipeline's stages if there is one."""
         ps = ctx.parallel
         # The head's output is the (vocabulary-sharded) logits under every layout, and on the
         # last pipeline stage: a hook reads them there, so the model needs no probe path of its own.
-        head = getattr(model, "head", None)  # None on pipeline stages before the last
+        head = getattr(step.model, "head", None)  # None on pipeline stages before the last
         logits: list[torch.Tensor] = []
         hook = head.register_forward_hook(lambda mod, inp, out: logits.append(out)) if head is not None else None
-        model.eval()
         try:
-            if pipeline is not None:
-                pipeline.forward_only([(self.x, self.y)])  # one micro-batch through the stages
-            else:
-                with ctx.autocast():
-                    model(self.x, self.y, loss_denominator=1.0)
+            step.evaluate([(self.x, self.y)])  # one batch: one forward of every stage
         finally:
-            model.train()
             if hook is not None:
                 hook.remove()
         sums = torch.zeros(len(KEYS) + 1, dtype=torch.float64, device=ctx.device)

@@ -159,6 +159,7 @@ class ZeroOptimizer:
         if stage not in (0, 1, 2):
             raise ValueError(f"optimizer.zero_stage={stage}: ZeRO stages 0 (off), 1 and 2 are implemented here")
         self.stage, self.ps, self.cfg = stage, ps, cfg
+        self.step_post_hooks: list = []  # hook(self) after every step that was not skipped
         self.dtypes = dt = dtypes or Dtypes()
         self.names = {p: n for n, p in model.named_parameters()}
         self.params = params = [p for p in model.parameters() if p.requires_grad]
@@ -411,7 +412,12 @@ class ZeroOptimizer:
             self._write_back(b)
             self.master[id(b)].grad = None
         self._zero_grads()
+        for hook in self.step_post_hooks:
+            hook(self)
         return {"grad_norm": norm, "skipped": False}
+
+    def register_step_post_hook(self, hook) -> None:
+        self.step_post_hooks.append(hook)
 
     def _write_back(self, b: FlatBucket) -> None:
         """The updated masters into the model: every rank's slice into every rank's parameters

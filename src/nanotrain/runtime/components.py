@@ -1,5 +1,6 @@
-"""The standard components: token files from `nanotrain prepare`, TransformerModel, AdamW,
-on one process or a tensor x data parallel world started by torchrun."""
+"""The standard components: token files from `nanotrain prepare`, TransformerModel (or
+DeepSeekModel), AdamW, the plain or pipeline step (runtime/step.py), on one process or a 4D
+world (tp x pp x dp, with ep inside dp) started by torchrun."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import os
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -26,7 +27,7 @@ from ..parallel.data_parallel import GradSync, clip_grad_norm
 from ..parallel.expert_parallel import ExpertParallel
 from ..parallel.layout import Layout
 from ..parallel.pipeline import chunk_layers, layer_costs, pipeline_stage
-from ..parallel.state import all_reduce, barrier, destroy_parallel, init_parallel
+from ..parallel.state import ParallelState, all_reduce, barrier, destroy_parallel, init_parallel
 from ..parallel.tensor_parallel import TensorParallel
 from ..parallel.zero import ZeroOptimizer
 from ..precision.lowbit import apply_lowbit
@@ -35,6 +36,7 @@ from ..precision.policy import AUTOCAST, apply_policy
 from .contracts import RuntimeComponents, RuntimeContext
 from .allocator import keep_freed_memory
 from .machine import resolve_precision
+from .step import ForwardBackwardProvider
 
 VAL_STREAM = 1  # the val sampler draws from its own random stream
 PROBE_STREAM = 2  # and the probe batch (monitoring/probe.py) from another
@@ -205,6 +207,11 @@ class AdamWState:
         self.sync = GradSync(self.params, ps.dp_group, ps.tp_group, ctx.cfg.parallel.bucket_mb, ps.edp_group)
         # Pipeline: copies of a tied embedding on the first and last stage (stage.py).
         self.shared = [p for p in self.params if spec(p).pipeline_shared]
+        self.step_post_hooks: list[Callable[[Any], None]] = []
+
+    def register_step_post_hook(self, hook: Callable[[Any], None]) -> None:
+        """hook(self) after every step that was not skipped."""
+        self.step_post_hooks.append(hook)
 
     @contextlib.contextmanager
     def backward_context(self, last: bool):
@@ -234,6 +241,8 @@ class AdamWState:
             group["lr"] = lr
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
+        for hook in self.step_post_hooks:
+            hook(self)
         return {"grad_norm": norm, "skipped": False}
 
     # -- checkpoints: the moments as boxes of the logical parameters (checkpoint/pieces.py) --
@@ -274,9 +283,24 @@ class AdamWRuntime:
         # torch's AdamW when every copy is fp32; the flat-bucket optimizer for ZeRO, for master
         # weights, gradients or moments in other dtypes, and for persistent low-bit weights.
         if stage or not dtypes.all_fp32 or getattr(model, "lowbit_weights", None):
-            return ZeroOptimizer(model, stage, ctx.parallel, ctx.cfg.optimizer, ctx.cfg.parallel.bucket_mb,
-                                 dtypes, seed=ctx.cfg.train.seed)
-        return AdamWState(model, ctx)
+            opt = ZeroOptimizer(model, stage, ctx.parallel, ctx.cfg.optimizer, ctx.cfg.parallel.bucket_mb,
+                                dtypes, seed=ctx.cfg.train.seed)
+        else:
+            opt = AdamWState(model, ctx)
+        register_moe_load_balancing_hook(opt, model, ctx.parallel)
+        return opt
+
+
+def register_moe_load_balancing_hook(opt: AdamWState | ZeroOptimizer, model: nn.Module,
+                                     parallel: ParallelState) -> None:
+    """Auxiliary-loss-free load balancing (models/deepseek.py): after every optimizer step that
+    updated, each MoE router moves its expert biases by the step's load, counted over the
+    parallel groups. A model (or pipeline stage) without MoE layers has no update_expert_bias;
+    a step skipped for a non-finite gradient runs no hooks, so the biases stay too (torchtitan
+    registers its bias update on the optimizers the same way)."""
+    update = getattr(model, "update_expert_bias", None)
+    if update is not None:
+        opt.register_step_post_hook(lambda _: update(parallel))
 
 
 @dataclass
@@ -302,7 +326,7 @@ class LocalCheckpoints:
 def default_components() -> RuntimeComponents:
     return RuntimeComponents(bootstrap=LocalBootstrap(), data=TokenDataProvider(), model=TransformerProvider(),
                              optimizer=AdamWRuntime(), schedule=WarmupDecaySchedule(),
-                             checkpoint=LocalCheckpoints())
+                             checkpoint=LocalCheckpoints(), forward_backward=ForwardBackwardProvider())
 
 
 def write_run_config(ctx: RuntimeContext) -> None:

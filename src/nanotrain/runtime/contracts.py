@@ -5,12 +5,19 @@ The engine owns the step loop and nothing else; each piece below is swappable
 without editing the loop. Entry points (`nanotrain train`, examples/) only
 choose components and call `RuntimeEngine(cfg, components).run()`.
 
-    bootstrap.setup(cfg)            -> RuntimeContext   (device, ranks, precision, out_dir)
-    data.build(ctx)                 -> TrainData        (tokenizer, batches by step, val batches)
-    model.build(ctx, vocab_size)    -> nn.Module        (initialised, on ctx.device)
-    optimizer.build(ctx, model)     -> OptimizerState   (step(lr) with clipping; state_dict)
-    schedule.build(ctx)             -> LRSchedule       (lr(step))
-    checkpoint.build(ctx)           -> CheckpointManager
+    bootstrap.setup(cfg)                -> RuntimeContext   (device, ranks, precision, out_dir)
+    data.build(ctx)                     -> TrainData        (tokenizer, batches by step, val batches)
+    model.build(ctx)                    -> nn.Module        (initialised, on ctx.device; a pipeline
+                                                             stage under parallel.pp > 1)
+    optimizer.build(ctx, model)         -> OptimizerState   (step(lr) with clipping; pieces() for
+                                                             checkpoints; post-step hooks)
+    schedule.build(ctx)                 -> LRSchedule       (lr(step))
+    checkpoint.build(ctx)               -> CheckpointManager
+    forward_backward.build(ctx, model)  -> ForwardBackward  (a step's forwards and backwards, and
+                                                             evaluation: runtime/step.py)
+
+model.build reads model.vocab_size from ctx.cfg, which the engine fills from the data
+(resolve_model_config) before calling it.
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol
 
 import torch
 from torch import nn
@@ -27,6 +34,9 @@ from ..checkpoint import CheckpointManager, CheckpointReader, Piece
 from ..config import Config
 from ..parallel.state import ParallelState
 from .machine import Machine
+
+if TYPE_CHECKING:
+    from .step import ForwardBackward
 
 
 @dataclass
@@ -80,7 +90,13 @@ class OptimizerState(Protocol):
         learning rate, update, zero the gradients; return metrics: grad_norm (the true global
         norm before clipping) and skipped (skip_nonfinite and the norm was not finite: nothing
         was updated). The monitor also reads `grad_parts()` where the gradients are not whole
-        in each parameter's .grad (ZeRO slices), and the moments in `.opt.state`."""
+        in each parameter's .grad (ZeRO slices), and the moments in `.opt.state`. After a step
+        that updated (not a skipped one) it calls each post-step hook, in registration order."""
+
+    def register_step_post_hook(self, hook: Callable[[Any], None]) -> None:
+        """hook(optimizer) after every step that was not skipped (torch.optim.Optimizer's name):
+        model state that follows the update, such as the MoE routers' expert biases
+        (components.register_moe_load_balancing_hook)."""
 
     def pieces(self) -> list[Piece]:
         """The optimizer state this rank holds, as boxes of logical tensors (checkpoint/pieces.py)."""
@@ -100,7 +116,10 @@ class DataProvider(Protocol):
 
 
 class ModelProvider(Protocol):
-    def build(self, ctx: RuntimeContext) -> nn.Module: ...
+    def build(self, ctx: RuntimeContext) -> nn.Module:
+        """model(x, y, loss_denominator) -> loss (a pipeline stage, under parallel.pp > 1, runs
+        chunk by chunk: runtime/step.py's PipelineStep), and step_metrics() -> the figures of the
+        last step to log (TransformerModel: none; DeepSeekModel: the MoE load per layer)."""
 
 
 class OptimizerRuntime(Protocol):
@@ -119,6 +138,16 @@ class CheckpointProvider(Protocol):
     def build(self, ctx: RuntimeContext) -> CheckpointManager: ...
 
 
+class StepProvider(Protocol):
+    def build(self, ctx: RuntimeContext, model: nn.Module) -> ForwardBackward: ...
+
+
+def _default_step() -> StepProvider:
+    from .step import ForwardBackwardProvider  # step.py imports this module
+
+    return ForwardBackwardProvider()
+
+
 @dataclass
 class RuntimeComponents:
     """One implementation of each contract. `default_components()` gives the standard set."""
@@ -129,3 +158,4 @@ class RuntimeComponents:
     optimizer: OptimizerRuntime
     schedule: ScheduleProvider
     checkpoint: CheckpointProvider
+    forward_backward: StepProvider = field(default_factory=_default_step)  # plain model or pipeline

@@ -1,12 +1,13 @@
 """RuntimeEngine: the training loop, and only the training loop.
 
-    run():  setup -> data -> model -> optimizer -> schedule -> checkpoint/resume
-            -> for step in [start, max_steps): train_step, log, eval, save
-            -> final eval, final save, loss-curve plot -> teardown
+    run():  setup -> build: checkpoint, data, model, optimizer, schedule, forward/backward
+            -> resume -> start-up lines (machine, model, MFU peak, precision policy, compile, probe)
+            -> for step in [start, max_steps): train_step; on a logging step: log, probe, eval, save
+            -> loss-curve plot -> teardown
 
-What happens inside each piece (which model, which parallelism, which
-optimizer sharding) belongs to the components (runtime/contracts.py); the
-engine is the same for one process and for a 4D layout.
+What happens inside each piece (which model, which parallelism, a plain or a pipelined
+forward/backward, which optimizer sharding, what follows the optimizer step) belongs to the
+components (runtime/contracts.py); the engine is the same for one process and for a 4D layout.
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ from ..inspection.counts import meta_model
 from ..monitoring import build_logger, mfu, plot_loss_curve
 from ..monitoring.monitor import TrainingMonitor, timed
 from ..monitoring.probe import Probe, check_resume
-from ..parallel.pipeline.runner import PipelineRunner
 from ..parallel.state import all_reduce, barrier
 from ..parallel.tensor_parallel import padded_vocab
 from ..precision.loss_scaling import LossScaler
@@ -38,7 +38,7 @@ from ..precision.policy import describe_policy, load_state as load_precision_sta
 from ..precision.policy import state_pieces as precision_state_pieces
 from .components import default_components, write_run_config
 from .contracts import RuntimeComponents, RuntimeContext, TrainData
-from .machine import compute_dtype, job_peak, probe_machine
+from .machine import Machine, compute_dtype, job_peak, probe_machine
 
 
 @dataclass
@@ -52,6 +52,11 @@ class RunResult:
     train_time_s: float = 0.0
     compile_s: float = 0.0  # train.compile: the start-up compile of the blocks (not in train_time_s)
     rank: int = 0  # global rank of the process that returns this result
+
+    @property
+    def last_val_loss(self) -> float | None:
+        """The latest evaluation of this run (None before the first): what a checkpoint keeps."""
+        return self.val_losses[max(self.val_losses)] if self.val_losses else None
 
 
 class StepMeter:
@@ -120,6 +125,73 @@ def resolve_model_config(cfg: Config, vocab_size: int) -> str | None:
     return None
 
 
+@dataclass(frozen=True)
+class Due:
+    """What follows the update of one step."""
+
+    eval: bool
+    save: bool
+    probe: bool
+    report: bool  # a logging step: the pending losses are read, the monitor looks at the update
+
+
+def due_after(done: int, cfg: Config, probe: Probe | None) -> Due:
+    """What is due after `done` (1-based) updates: every interval, and evaluation (and the probe,
+    and checkpoint.save_final's save) after the last step too; each needs a report."""
+    t, c = cfg.train, cfg.checkpoint
+    is_last = done == t.max_steps
+    is_eval = is_last or bool(t.eval_interval and done % t.eval_interval == 0)
+    is_save = bool(c.interval and done % c.interval == 0) or (is_last and c.save_final)
+    is_probe = probe is not None and probe.due(done, is_last)
+    report = done % cfg.logging.log_interval == 0 or is_eval or is_save or is_probe
+    return Due(is_eval, is_save, is_probe, report)
+
+
+@dataclass
+class Throughput:
+    """The fixed terms of the MFU (monitoring/mfu.py), found once per run.
+
+    FLOPs per token of the logical model (inspection/counts.py, the count `nanotrain inspect`
+    prints: every matmul a token runs, attention's included), from a copy on the meta device,
+    so the layout does not enter. The MFU divides the whole job's FLOP/s by the whole job's
+    peak: every GPU's, or every CPU node's (runtime/machine.py: probed once, not per rank)."""
+
+    n_params: int  # of the logical model
+    flops_per_token: float
+    peak: float  # FLOP/s of the whole job
+    peak_source: str
+    machine: Machine
+
+    @classmethod
+    def of(cls, ctx: RuntimeContext) -> Throughput:
+        cfg = ctx.cfg
+        logical = meta_model(cfg.model)
+        n_params = sum(p.numel() for p in logical.parameters())
+        flops_per_token = logical_flops_per_token(logical, cfg.model, cfg.train.seq_len)["train"]
+        machine = ctx.machine
+        if machine is None or not (machine.rates or cfg.logging.peak_tflops):  # a bootstrap of one's own
+            machine = probe_machine(ctx.device)
+        dtype = compute_dtype(cfg.precision.recipe, ctx.device, cfg.precision.fp8.gemm)
+        peak, peak_source = job_peak(machine, dtype, cfg.logging.peak_tflops)
+        return cls(n_params, flops_per_token, peak, peak_source, machine)
+
+    def mfu(self, tokens_per_s: float) -> float:
+        return mfu(tokens_per_s, self.flops_per_token, self.peak)
+
+
+def write_precision_policy(model: nn.Module, ctx: RuntimeContext) -> str | None:
+    """precision_policy.json: the recipe every GEMM module runs in, each pipeline stage's merged
+    (rank 0 writes); returns the line for the log. None (no file) for plain fp32 and bf16."""
+    p = ctx.cfg.precision
+    if p.recipe in ("fp32", "bf16") and not p.overrides:
+        return None
+    policy = merge_over_pipeline(getattr(model, "gemm_policy", {}), ctx.parallel.pp_group)  # each stage: its modules
+    path = ctx.out_dir / "precision_policy.json"
+    if ctx.is_main:
+        path.write_text(json.dumps(policy, indent=1) + "\n")
+    return f"precision policy: {describe_policy(policy)}; every module in {path}"
+
+
 class RuntimeEngine:
     def __init__(self, cfg: Config, components: RuntimeComponents | None = None, on_grads=None):
         """on_grads(step, model, ctx), if given, sees the synced gradients of each step before
@@ -128,7 +200,6 @@ class RuntimeEngine:
         self.c = components or default_components()
         self.on_grads = on_grads
         self.started = time.perf_counter()  # reset by run()
-        self.pipeline: PipelineRunner | None = None  # set in run() when parallel.pp > 1
         self.probe: Probe | None = None  # set in run(): the probe batch (monitoring/probe.py), if on
         p = cfg.precision
         ls = p.loss_scale
@@ -167,20 +238,8 @@ class RuntimeEngine:
             denom = denom / scale
         if report:
             monitor.arm()  # the sentinel blocks' internals, during this step's forward passes
-        if self.pipeline is not None:
-            # The schedule runs every micro-batch's forward and backward through the stages.
-            record = step + 1 == ctx.cfg.logging.timeline_step
-            total = self.pipeline.train_step(batches, denom, opt.backward_context, record=record)
-            if record:
-                self._write_timeline(ctx, len(batches))
-        else:
-            total = torch.zeros((), device=ctx.device)
-            for i, (x, y) in enumerate(batches):
-                with ctx.autocast():
-                    loss = model(x, y, loss_denominator=denom)
-                with opt.backward_context(last=i == len(batches) - 1):
-                    loss.backward()
-                total += loss.detach()
+        # Every micro-batch's forward and backward: through the model, or the pipeline's stages.
+        total = self.forward_backward.train(batches, denom, opt, step + 1)
         monitor.disarm()
         monitor.add_time("compute", clock())
         clock = timed()
@@ -190,35 +249,19 @@ class RuntimeEngine:
         if report:
             monitor.before_update(scale)
         skip = scale is not None or ctx.cfg.monitoring.nonfinite == "skip"
+        # Unless the step is skipped, the optimizer's post-step hooks follow the update (the MoE
+        # routers' bias step: components.register_moe_load_balancing_hook).
         stats = opt.step(lr, scale, skip_nonfinite=skip)
         monitor.add_time("optimizer", clock())
         monitor.after_step(stats["grad_norm"], stats["skipped"] and scale is None)
         if scale is not None:
             total = total / scale
             self.scaler.update(stats["skipped"], step + 1)
-        if stats["skipped"]:
-            return total, stats  # nothing was updated: no MoE bias step either
-        # Models with state that follows the optimizer step (MoE router biases) update it here.
-        if hasattr(model, "after_optimizer_step"):
-            model.after_optimizer_step(ctx.parallel)
         return total, stats
 
-    @torch.no_grad()
-    def evaluate(self, model: nn.Module, data: TrainData, ctx: RuntimeContext) -> float:
-        model.eval()
-        sums = torch.zeros(2, dtype=torch.float64, device=ctx.device)  # (loss sum, target count)
-        if self.pipeline is not None:
-            batches = list(data.val_batches())  # one micro-batch per val batch, through the stages
-            loss_sum = self.pipeline.forward_only(batches)  # 0 except on the last stage
-            if ctx.parallel.is_last_stage:  # the only stage that has a loss to count
-                sums[0] = loss_sum.double()
-                sums[1] = sum((y != -100).sum() for _, y in batches)
-        else:
-            for x, y in data.val_batches():
-                with ctx.autocast():
-                    sums[0] += model(x, y, loss_denominator=1.0).double()
-                sums[1] += (y != -100).sum()
-        model.train()
+    def evaluate(self, data: TrainData, ctx: RuntimeContext) -> float:
+        """The mean loss over the fixed val batches, the same on every rank."""
+        sums = self.forward_backward.evaluate(data.val_batches())  # (loss sum, target count)
         all_reduce(sums, ctx.parallel.dp_group)  # each dp rank evaluated its rows
         all_reduce(sums, ctx.parallel.pp_group)  # the last stage's sums (0 on the others)
         return (sums[0] / sums[1]).item()
@@ -234,14 +277,43 @@ class RuntimeEngine:
             self.c.bootstrap.teardown(ctx)
 
     def _run(self, ctx: RuntimeContext) -> RunResult:
-        cfg = ctx.cfg
-        t_cfg, log_cfg = cfg.train, cfg.logging
-        ckpt = self.c.checkpoint.build(ctx)
-        resume_path = ckpt.resolve(cfg.checkpoint.resume) if cfg.checkpoint.resume else None  # fail fast
+        t = ctx.cfg.train
+        resume_path = self._build(ctx)
+        start = self._resume(resume_path, ctx) if resume_path is not None else 0
+        if ctx.is_main:
+            write_run_config(ctx)
+        self.throughput = Throughput.of(ctx)
+        logger = build_logger(ctx.cfg.logging, ctx.out_dir, t.max_steps, start, ctx.rank)
+        compile_s = self._start_up(ctx, start, logger)
+        result = RunResult(out_dir=ctx.out_dir, final_step=start, rank=ctx.rank, compile_s=compile_s)
+        meter = StepMeter(start)
+        model, data, opt = self.model, self.data, self.optimizer
+        model.train()
+        try:
+            for step in range(start, t.max_steps):
+                lr = self.schedule.lr(step)
+                due = due_after(step + 1, ctx.cfg, self.probe)
+                loss, stats = self.train_step(step, model, data, opt, lr, ctx, due.report)
+                meter.add(step + 1, loss, stats["grad_norm"])
+                result.final_step = step + 1
+                if due.report:
+                    self._report(step + 1, lr, due, meter, result, ctx, logger)
+                    meter.restart()  # evals and saves stay out of the measured training time
+        finally:
+            logger.close()  # also on errors: a live progress bar must give the terminal back
+            self.ckpt.wait()  # a background save must be complete (or its error raised) before we return
+        self._finish(result, meter, start, ctx)
+        return result
 
-        data = self.c.data.build(ctx)
-        self.probe = Probe.build(cfg, data, ctx.is_main)
-        padding = resolve_model_config(cfg, data.vocab_size)
+    def _build(self, ctx: RuntimeContext) -> Path | None:
+        """Every component, in the order they depend on each other; returns the checkpoint to
+        resume from (resolved first: a bad path fails before any work)."""
+        cfg = ctx.cfg
+        self.ckpt = self.c.checkpoint.build(ctx)
+        resume_path = self.ckpt.resolve(cfg.checkpoint.resume) if cfg.checkpoint.resume else None
+        self.data = self.c.data.build(ctx)
+        self.probe = Probe.build(cfg, self.data, ctx.is_main)
+        padding = resolve_model_config(cfg, self.data.vocab_size)
         if padding and ctx.is_main:
             print(padding, flush=True)
         model = self.c.model.build(ctx)
@@ -252,112 +324,74 @@ class RuntimeEngine:
                 init_from(model, cfg.model, cfg.checkpoint.init_from, ctx.parallel.groups())
             except ValueError as e:
                 raise ConfigError(str(e)) from None
-        opt = self.c.optimizer.build(ctx, model)
-        self.model, self.optimizer = model, opt  # for inspection after run() (tests, notebooks)
-        self.monitor = TrainingMonitor(cfg, ctx, model, opt)
-        schedule = self.c.schedule.build(ctx)
-        ps = ctx.parallel
-        if ps.pp > 1:
-            self.pipeline = PipelineRunner.from_state(model, cfg.parallel.pp_schedule, ps, ctx.device, ctx.autocast)
-            self.pipeline.dtype = Dtypes.from_config(cfg.precision).storage  # what the stages send
+        self.model = model  # with self.optimizer: for inspection after run() (tests, notebooks)
+        self.optimizer = self.c.optimizer.build(ctx, model)
+        self.monitor = TrainingMonitor(cfg, ctx, model, self.optimizer)
+        self.schedule = self.c.schedule.build(ctx)
+        self.forward_backward = self.c.forward_backward.build(ctx, model)
+        return resume_path
 
-        start = 0
-        if resume_path is not None:
-            start = self._resume(resume_path, ckpt, model, opt, schedule, ctx)
-        if ctx.is_main:
-            write_run_config(ctx)
-
-        # FLOPs per token of the logical model (inspection/counts.py, the count `nanotrain inspect`
-        # prints: every matmul a token runs, attention's included), from a copy on the meta
-        # device, so the layout does not enter. The MFU divides the whole job's FLOP/s by the whole
-        # job's peak: every GPU's, or every CPU node's (runtime/machine.py: probed once, not per rank).
-        logical = meta_model(cfg.model)
-        n_params = sum(p.numel() for p in logical.parameters())
-        flops_per_token = logical_flops_per_token(logical, cfg.model, t_cfg.seq_len)["train"]
-        del logical
-        machine = ctx.machine
-        if machine is None or not (machine.rates or log_cfg.peak_tflops):  # a bootstrap of one's own
-            machine = probe_machine(ctx.device)
-        dtype = compute_dtype(cfg.precision.recipe, ctx.device, cfg.precision.fp8.gemm)
-        peak, peak_source = job_peak(machine, dtype, log_cfg.peak_tflops)
-        logger = build_logger(log_cfg, ctx.out_dir, t_cfg.max_steps, start, ctx.rank)
-        for line in ctx.startup_lines or [machine.describe()]:
+    def _start_up(self, ctx: RuntimeContext, start: int, logger) -> float:
+        """The start-up lines, the compile of the blocks (now, so that a block that cannot
+        compile stops the run before step 1), and the probe's figures before this run's first
+        step. Returns the compile's seconds."""
+        cfg, tp = ctx.cfg, self.throughput
+        for line in ctx.startup_lines or [tp.machine.describe()]:
             logger.message(line)
-        logger.message(f"model: {n_params / 1e6:.2f}M parameters, {flops_per_token / 1e6:.1f} MFLOP/token; "
-                       f"{data.tokens_per_step} tokens/step; precision {cfg.precision.recipe}; MFU peak "
-                       f"{peak / 1e12:.3g} TFLOP/s ({peak_source})" + (f"; resumed at step {start}" if start else ""))
-        if cfg.precision.recipe not in ("fp32", "bf16") or cfg.precision.overrides:
-            policy = merge_over_pipeline(getattr(model, "gemm_policy", {}), ps.pp_group)  # each stage: its modules
-            path = ctx.out_dir / "precision_policy.json"
-            if ctx.is_main:
-                path.write_text(json.dumps(policy, indent=1) + "\n")
-            logger.message(f"precision policy: {describe_policy(policy)}; every module in {path}")
-
+        logger.message(f"model: {tp.n_params / 1e6:.2f}M parameters, {tp.flops_per_token / 1e6:.1f} MFLOP/token; "
+                       f"{self.data.tokens_per_step} tokens/step; precision {cfg.precision.recipe}; MFU peak "
+                       f"{tp.peak / 1e12:.3g} TFLOP/s ({tp.peak_source})"
+                       + (f"; resumed at step {start}" if start else ""))
+        policy = write_precision_policy(self.model, ctx)
+        if policy is not None:
+            logger.message(policy)
         compile_s = 0.0
-        if cfg.train.compile:  # now, so that a block that cannot compile stops the run before step 1
-            compile_s = self._compile_blocks(model, ctx)
-            logger.message(f"torch.compile: {len(model.compiled_blocks)} blocks compiled in {compile_s:.1f} s "
+        if cfg.train.compile:
+            compile_s = self._compile_blocks(self.model, ctx)
+            logger.message(f"torch.compile: {len(self.model.compiled_blocks)} blocks compiled in {compile_s:.1f} s "
                            "(at the training shapes; evaluation shapes compile when first met)")
         if self.probe is not None:  # its hash, and its figures before this run's first step
-            logger.log(start, {"probe/hash": self.probe.hash, **self.probe.measure(model, self.pipeline, ctx)})
-        result = RunResult(out_dir=ctx.out_dir, final_step=start, rank=ctx.rank, compile_s=compile_s)
-        meter = StepMeter(start)
-        val_loss = None
-        model.train()
-        try:
-            last_report = start
-            for step in range(start, t_cfg.max_steps):
-                lr = schedule.lr(step)
-                done = step + 1
-                is_last = done == t_cfg.max_steps
-                is_eval = is_last or (t_cfg.eval_interval and done % t_cfg.eval_interval == 0)
-                is_save = (cfg.checkpoint.interval and done % cfg.checkpoint.interval == 0) or \
-                    (is_last and cfg.checkpoint.save_final)
-                is_probe = self.probe is not None and self.probe.due(done, is_last)
-                report = done % log_cfg.log_interval == 0 or is_eval or is_save or is_probe
-                loss, stats = self.train_step(step, model, data, opt, lr, ctx, report)
-                meter.add(done, loss, stats["grad_norm"])
-                result.final_step = done
-                if not report:
-                    continue
-                losses, norms, step_s = meter.flush(done, (ps.dp_group, ps.pp_group))
-                result.losses.update(losses)
-                result.grad_norms.update(norms)
-                self._check_finite(losses, norms)
-                tokens_per_s = data.tokens_per_step / step_s
-                health = self.monitor.report(losses, norms[done], done - last_report, self.targets,
-                                             data.tokens_per_step)
-                last_report = done
-                model_metrics = model.step_metrics() if hasattr(model, "step_metrics") else {}
-                model_metrics = merge_over_pipeline(model_metrics, ps.pp_group)  # each stage: its layers
-                if self.scaler is not None:
-                    model_metrics.update(loss_scale=self.scaler.scale, skipped_steps=self.scaler.skipped)
-                logger.log(done, {"loss": losses[done], "lr": lr, "grad_norm": norms[done],
-                                  "tokens_per_s": tokens_per_s, "mfu": mfu(tokens_per_s, flops_per_token, peak),
-                                  "step_ms": step_s * 1e3, "tokens": done * data.tokens_per_step,
-                                  "elapsed_s": time.perf_counter() - self.started, **health,
-                                  **model_metrics})
-                probed = self.probe.measure(model, self.pipeline, ctx) if is_probe else {}
-                if is_eval:
-                    val_loss = result.val_losses[done] = self.evaluate(model, data, ctx)
-                    logger.log(done, {"val_loss": val_loss, "elapsed_s": time.perf_counter() - self.started,
-                                      **self.monitor.val_metrics(val_loss), **probed})
-                elif probed:
-                    logger.log(done, probed)
-                if is_save:  # every rank writes its own part
-                    self._save(done, model, opt, data, schedule, ckpt, ctx, val_loss, logger)
-                meter.restart()  # evals and saves stay out of the measured training time
-        finally:
-            logger.close()  # also on errors: a live progress bar must give the terminal back
-            ckpt.wait()  # a background save must be complete (or its error raised) before we return
+            logger.log(start, {"probe/hash": self.probe.hash, **self.probe.measure(self.forward_backward, ctx)})
+        return compile_s
 
-        if ctx.is_main and log_cfg.plot and (ctx.out_dir / "metrics.jsonl").exists():
+    def _report(self, done: int, lr: float, due: Due, meter: StepMeter, result: RunResult,
+                ctx: RuntimeContext, logger) -> None:
+        """A logging step: read the losses since the last one (one host sync), log them with
+        the monitor's and the model's figures; then the probe, evaluation and checkpoint due."""
+        ps = ctx.parallel
+        losses, norms, step_s = meter.flush(done, (ps.dp_group, ps.pp_group))
+        result.losses.update(losses)
+        result.grad_norms.update(norms)
+        self._check_finite(losses, norms)
+        tokens_per_step = self.data.tokens_per_step
+        tokens_per_s = tokens_per_step / step_s
+        health = self.monitor.report(losses, norms[done], len(losses), self.targets, tokens_per_step)
+        model_metrics = merge_over_pipeline(self.model.step_metrics(), ps.pp_group)  # each stage: its layers
+        if self.scaler is not None:
+            model_metrics.update(loss_scale=self.scaler.scale, skipped_steps=self.scaler.skipped)
+        logger.log(done, {"loss": losses[done], "lr": lr, "grad_norm": norms[done], "tokens_per_s": tokens_per_s,
+                          "mfu": self.throughput.mfu(tokens_per_s), "step_ms": step_s * 1e3,
+                          "tokens": done * tokens_per_step, "elapsed_s": time.perf_counter() - self.started,
+                          **health, **model_metrics})
+        probed = self.probe.measure(self.forward_backward, ctx) if due.probe else {}
+        if due.eval:
+            val_loss = result.val_losses[done] = self.evaluate(self.data, ctx)
+            logger.log(done, {"val_loss": val_loss, "elapsed_s": time.perf_counter() - self.started,
+                              **self.monitor.val_metrics(val_loss), **probed})
+        elif probed:
+            logger.log(done, probed)
+        if due.save:  # every rank writes its own part
+            self._save(done, ctx, result.last_val_loss, logger)
+
+    def _finish(self, result: RunResult, meter: StepMeter, start: int, ctx: RuntimeContext) -> None:
+        """The loss curve (rank 0), and the run's training time and throughput."""
+        cfg = ctx.cfg
+        if ctx.is_main and cfg.logging.plot and (ctx.out_dir / "metrics.jsonl").exists():
             plot_loss_curve(ctx.out_dir / "metrics.jsonl", ctx.out_dir / "loss.png",
                             title=f"{Path(cfg.data.path).stem} · {cfg.model.n_layers}L {cfg.model.d_model}d")
         result.train_time_s = meter.train_time
         if meter.train_time:
-            result.tokens_per_s = (result.final_step - start) * data.tokens_per_step / meter.train_time
-        return result
+            result.tokens_per_s = (result.final_step - start) * self.data.tokens_per_step / meter.train_time
 
     def _compile_blocks(self, model: nn.Module, ctx: RuntimeContext) -> float:
         """Run each compiled block once at the shape it gets in training (compiling.warm_up):
@@ -371,10 +405,11 @@ class RuntimeEngine:
 
     # -- checkpoints ---------------------------------------------------------------
 
-    def _save(self, step, model, opt, data, schedule, ckpt, ctx: RuntimeContext, val_loss, logger) -> None:
+    def _save(self, step: int, ctx: RuntimeContext, val_loss: float | None, logger) -> None:
         """Every rank passes the boxes it holds (checkpoint/pieces.py): its shards and stage of
         the model, its slices of the optimizer state, its RNG state. Each box is written once."""
         cfg, ps = ctx.cfg, ctx.parallel
+        model, opt, data, schedule, ckpt = self.model, self.optimizer, self.data, self.schedule, self.ckpt
         # Where the optimizer keeps a master copy (precision.master_owner=optimizer), it saves the master.
         pieces = model_pieces(model, getattr(opt, "mastered", set())) + opt.pieces()
         pieces.append(whole(f"rng/torch/rank{ctx.rank}", torch.get_rng_state()))
@@ -415,31 +450,10 @@ class RuntimeEngine:
                                          "optimizer.grad_clip, resume from an earlier checkpoint, or set "
                                          "monitoring.nonfinite=skip to skip such steps.")
 
-    def _write_timeline(self, ctx: RuntimeContext, n_micro: int) -> None:
-        """The recorded step's intervals from every stage of this pipeline: timeline.png,
-        timeline.json and the bubble, measured and textbook (rank 0 writes)."""
-        from ..parallel.pipeline import textbook_bubble
-        from ..parallel.pipeline.timeline import RankTimeline, format_bubble, measured_bubble, plot_timeline
-
-        ps, p = ctx.parallel, ctx.cfg.parallel
-        mine = RankTimeline(ps.pp_rank, self.pipeline.t0_wall, self.pipeline.events, p.pp_virtual_stages)
-        timelines = merge_over_pipeline({ps.pp_rank: mine}, ps.pp_group)
-        if not ctx.is_main:
-            return
-        timelines = [timelines[r] for r in range(ps.pp)]
-        measured, textbook = measured_bubble(timelines), textbook_bubble(ps.pp, n_micro, p.pp_virtual_stages)
-        step = ctx.cfg.logging.timeline_step
-        title = f"{p.pp_schedule}, pp={ps.pp}" + (f", v={p.pp_virtual_stages}" if p.pp_virtual_stages > 1 else "") \
-            + f", m={n_micro}, step {step}"
-        plot_timeline(timelines, ctx.out_dir / "timeline.png", title, textbook, measured)
-        (ctx.out_dir / "timeline.json").write_text(json.dumps(
-            {"schedule": p.pp_schedule, "pp": ps.pp, "v": p.pp_virtual_stages, "micro_batches": n_micro,
-             "step": step, "bubble_measured": measured, "bubble_textbook": textbook,
-             "ranks": [{"rank": t.rank, "t0_wall": t.t0_wall, "events": t.events} for t in timelines]}) + "\n")
-        print(format_bubble(measured, textbook) + f"; picture in {ctx.out_dir / 'timeline.png'}", flush=True)
-
-    def _resume(self, path: Path, ckpt, model, opt, schedule, ctx: RuntimeContext) -> int:
-        reader: CheckpointReader = ckpt.load(str(path))
+    def _resume(self, path: Path, ctx: RuntimeContext) -> int:
+        """Model, optimizer, precision and loss-scaler state, RNG; returns the step to continue from."""
+        model, opt, schedule = self.model, self.optimizer, self.schedule
+        reader: CheckpointReader = self.ckpt.load(str(path))
         check_compatible(reader.objects["config"], ctx.cfg.to_dict(), path)
         check_resume(reader.objects.get("probe"), self.probe, path, ctx.is_main)
         step = reader.step
