@@ -194,9 +194,16 @@ class ParallelConfig:
             (self.bucket_mb > 0, f"parallel.bucket_mb={self.bucket_mb} must be positive."),
             (not self.sequence_parallel or self.tp > 1, "parallel.sequence_parallel=true needs parallel.tp > 1: "
                                                         "it splits the sequence over the tensor-parallel ranks."),
-            (self.ep <= 1 or self.dp % self.ep == 0, f"parallel.ep={self.ep} must divide parallel.dp={self.dp}: "
-             "expert-parallel groups are carved out of the data-parallel ranks."),
-        ])
+        ]) + expert_groups_errors(self.dp, self.ep)
+
+
+def expert_groups_errors(dp: int, ep: int) -> list[str]:
+    """Expert-parallel groups are carved out of the data-parallel ranks: ep must divide dp. The one
+    place this rule lives (ParallelConfig.check, parallel/layout.Layout.check)."""
+    if ep <= 1 or dp % ep == 0:
+        return []
+    return [f"parallel.ep={ep} must divide parallel.dp={dp}: expert-parallel groups are carved out of the "
+            "data-parallel ranks."]
 
 
 LOW_BIT_RECIPES = ("fp8_tensorwise", "fp8_deepseek", "fp8_custom", "nvfp4", "mxfp4")

@@ -68,3 +68,17 @@ def test_both_commands_reject_an_unknown_key_with_the_same_line(capsys):
     assert verify_err == inspect_err == ("error: --layout 'tp=2,xp=2': unknown key 'xp'. Valid keys: tp, pp, dp, "
                                          "ep, sp, zero, micro (for example tp=2,dp=2,sp or "
                                          "tp=2,pp=2,dp=2,ep=2,zero=1,micro=2).\n")
+
+
+def test_ep_must_divide_dp_one_rule_everywhere():
+    """The rule lives in config.expert_groups_errors; the parser, the config check and the process
+    groups all give its message."""
+    from nanotrain.config import ParallelConfig
+    from nanotrain.parallel.state import check_layout
+
+    message = "parallel.ep=2 must divide parallel.dp=3"
+    with pytest.raises(ConfigError, match=message):
+        Layout.parse("dp=3,ep=2")
+    assert any(message in e for e in ParallelConfig(dp=3, ep=2).check())
+    with pytest.raises(ValueError, match=message):
+        check_layout(Layout(dp=3, ep=2), 3)

@@ -95,14 +95,13 @@ def plan_layout(m: ModelConfig, seq_len: int, cfg: Config, layout: Layout, micro
 
 
 def _check_layout(m: ModelConfig, lay: Plan) -> None:
-    """What this model cannot split this way (the layout's own values were checked by Layout.parse)."""
+    """What this model cannot split this way (the layout's own rules, ep dividing dp among them, were
+    checked by Layout.parse)."""
     problems = []
     if m.n_heads % lay.tp:
         problems.append(f"tp={lay.tp} does not divide the {m.n_heads} attention heads")
     if lay.pp * lay.pp_virtual_stages > m.n_layers:
         problems.append(f"pp={lay.pp} x {lay.pp_virtual_stages} chunks is more than the {m.n_layers} layers")
-    if lay.dp % lay.ep:
-        problems.append(f"ep={lay.ep} must divide dp={lay.dp} (experts are split over data-parallel ranks)")
     if lay.ep > 1 and (m.arch != "deepseek" or m.n_routed_experts % lay.ep):
         problems.append(f"ep={lay.ep} needs a model whose routed experts it divides")
     if problems:

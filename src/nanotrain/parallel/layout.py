@@ -27,7 +27,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from ..config import Config, ConfigError, set_value, validate
+from ..config import Config, ConfigError, expert_groups_errors, set_value, validate
 
 # key -> the config key it sets (Layout.from_config, Layout.apply)
 CONFIG_KEYS = {"tp": "parallel.tp", "pp": "parallel.pp", "dp": "parallel.dp", "ep": "parallel.ep",
@@ -72,13 +72,21 @@ class Layout:
             if key in values:
                 raise ConfigError(f"--layout {text!r}: {key} is given twice; give each key once ({EXAMPLE}).")
             values[key] = _value(text, key, value if eq else None)
-        return dataclasses.replace(base or cls(), **values)
+        layout = dataclasses.replace(base or cls(), **values)
+        if layout.check():
+            raise ConfigError(f"--layout {text!r}: " + " ".join(layout.check()))
+        return layout
 
     @classmethod
     def from_config(cls, cfg: Config) -> Layout:
         p = cfg.parallel
         return cls(tp=p.tp, pp=p.pp, dp=p.dp, ep=p.ep, sp=p.sequence_parallel, zero=cfg.optimizer.zero_stage,
                    micro=cfg.train.micro_batch_size)
+
+    def check(self) -> list[str]:
+        """What no model can run: ep not dividing dp (config.expert_groups_errors). What a given model
+        or world cannot run is checked where they are known (Layout.apply's validate, check_layout)."""
+        return expert_groups_errors(self.dp, self.ep)
 
     def apply(self, cfg: Config) -> Config:
         """A copy of cfg that runs this layout, validated: a layout the config cannot run (heads that

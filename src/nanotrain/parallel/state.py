@@ -133,14 +133,13 @@ class ParallelState:
 
 def check_layout(layout: Layout, world_size: int) -> None:
     """Raise ValueError (with the fix) when the parallel sizes cannot tile this world."""
-    tp, pp, dp, ep = layout.tp, layout.pp, layout.dp, layout.ep
+    tp, pp, dp = layout.tp, layout.pp, layout.dp
     if layout.world_size != world_size:
         raise ValueError(f"parallel.tp={tp} x parallel.pp={pp} x parallel.dp={dp} = {layout.world_size}, but the "
                          f"world has {world_size} processes: launch with --nproc-per-node {layout.world_size} or "
                          f"change the sizes so their product is {world_size}.")
-    if dp % ep:
-        raise ValueError(f"parallel.ep={ep} must divide parallel.dp={dp}: expert-parallel groups are "
-                         "carved out of the data-parallel ranks.")
+    if layout.check():  # a Layout built in code, which no Config validated
+        raise ValueError(" ".join(layout.check()))
 
 
 def backend_for(device_type: str) -> str:
