@@ -67,7 +67,7 @@ def _ranks_and_groups():
     from nanotrain.parallel.state import init_parallel
 
     s = init_parallel(ParallelConfig(tp=2, dp=2, pp=2))
-    members = {name: dist.get_process_group_ranks(getattr(s, f"{name}_group")) for name in ("tp", "dp", "pp")}
+    members = {name: dist.get_process_group_ranks(getattr(s, f"{name}_group").pg) for name in ("tp", "dp", "pp")}
     return s.rank, (s.tp_rank, s.dp_rank, s.pp_rank), members
 
 
