@@ -39,11 +39,13 @@ def adamw_impl(cfg: OptimizerConfig, device: torch.device) -> dict:
 
     auto: fused, the fastest on both devices (CPU, 0.8M parameters, 2 threads, AVX2 kernels: fused
     0.29 ms per step, foreach 0.94-1.58, loop 1.09). ZeroOptimizer runs the same choice on its flat
-    buckets (and, plain fp32 at stage 0, on each parameter: the layout torch's AdamW sees). foreach and loop give an element the same bits whether its parameter is a tensor of
+    buckets. foreach and loop give an element the same bits whether its parameter is a tensor of
     its own or a slice of a flat buffer; the CPU fused kernel computes a tensor's scalar tail in
     double, so a parameter whose size is not a multiple of the vector width may differ by an ulp
-    per step between the two layouts (tests/unit/test_precision_master.py). optimizer.impl=foreach
-    makes ZeRO-0's flat buckets and plain AdamW equal bit for bit whatever the sizes."""
+    per step between the two layouts (tests/unit/test_precision_master.py). That is why plain fp32
+    runs (ZeroOptimizer at stage 0, every copy fp32) update each parameter as a tensor of its own,
+    the layout torch's AdamW sees; optimizer.impl=foreach makes flat buckets and plain AdamW equal
+    bit for bit whatever the sizes."""
     impl = cfg.impl
     if impl == "auto":
         impl = "fused"
