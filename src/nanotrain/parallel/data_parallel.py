@@ -44,6 +44,7 @@ optimizer's clipping and the monitor's per-tensor norms.
 from __future__ import annotations
 
 import contextlib
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -140,7 +141,7 @@ def bucket_layout(params: list[nn.Parameter], ps, stage: int = 0, bucket_mb: flo
         tp_group = ps.tp_group if sp and collectives.size(ps.tp_group) > 1 else None
         sum_group = ps.embd_group if shared else tp_group
         for chunk in _chunks(members, bucket_mb * 2**20):
-            offsets = [sum(p.numel() for p in chunk[:i]) for i in range(len(chunk))]
+            offsets = list(itertools.accumulate((p.numel() for p in chunk[:-1]), initial=0))
             total = offsets[-1] + chunk[-1].numel()
             buckets.append(FlatBucket(chunk, offsets, -(-total // shards) * shards, group, size, rank, shards,
                                       sum_group, decay, lowbit, key, order=position[chunk[0]]))
