@@ -73,7 +73,7 @@ class FlatBucket:
     lowbit: bool = False  # persistent low-bit weights: their gradients arrive from the dequantised copy
     category: tuple = ()  # (expert, decay, sequence parallel, pipeline shared, low-bit): one per kind
     flat: torch.Tensor | None = None  # the parameters' storage in this layout (the optimizer's)
-    order: int = 0  # when backward fills it: the backward position of its first parameter
+    order: int = 0  # when backward completes it: the backward position of its last parameter
     ready: int = 0
     posted: bool = False
     grad_flat: torch.Tensor | None = None  # stages 0/1: the gradients, end to end
@@ -144,7 +144,7 @@ def bucket_layout(params: list[nn.Parameter], ps, stage: int = 0, bucket_mb: flo
             offsets = list(itertools.accumulate((p.numel() for p in chunk[:-1]), initial=0))
             total = offsets[-1] + chunk[-1].numel()
             buckets.append(FlatBucket(chunk, offsets, -(-total // shards) * shards, group, size, rank, shards,
-                                      sum_group, decay, lowbit, key, order=position[chunk[0]]))
+                                      sum_group, decay, lowbit, key, order=position[chunk[-1]]))
     return buckets
 
 
@@ -187,7 +187,10 @@ class GradReducer:
         self.got_grad: set[nn.Parameter] = set()
         # (work, this rank's reduced slice (stage 2), bucket, the buffer sent: alive until the work is done)
         self._pending: list[tuple] = []
-        self._order: dict = {}  # per group: its buckets in the order backward fills them, whatever category
+        # Per group: its buckets in the order backward completes them, whatever category. (Not the
+        # order of their first parameters: the bucket of a category backward reaches early and
+        # completes late, the norms', would hold back every bucket behind it until backward ends.)
+        self._order: dict = {}
         for b in sorted(buckets, key=lambda b: b.order):
             self._order.setdefault(b.group, []).append(b)
         self._queues = {g: list(q) for g, q in self._order.items()}

@@ -127,6 +127,10 @@ class ZeroOptimizer:
         del initial
         self.reducer = GradReducer(self.buckets, stage, dt.grad)
         self.grad = self.reducer.grad
+        # Views of the (persistent) gradient buffers, made once: each unit's, and each parameter's
+        # part of this rank's slices (the norm's and the monitor's).
+        self._unit_grads = {u: self.grad[id(u.bucket)][u.lo:u.hi].view(u.master.shape) for u in self.units}
+        self._parts = [(p, self.grad[id(b)][lo:hi]) for b in self.buckets for p, lo, hi, _ in b.overlaps()]
         # One parameter group per category, in bucket order (the order MixedAdamW's stochastic
         # rounding draws its random numbers in).
         by_category: dict[tuple, list[Unit]] = {}
@@ -188,9 +192,6 @@ class ZeroOptimizer:
         """Wait for the reductions; then this rank's summed gradient slices are in self.grad."""
         self.reducer.sync()
 
-    def _unit_grad(self, u: Unit) -> torch.Tensor:
-        return self.grad[id(u.bucket)][u.lo:u.hi].view(u.master.shape)
-
     def _stepped(self) -> list[Unit]:
         """The units AdamW updates: all of them, except, per parameter, one with no gradient this step
         (plain AdamW skips it: no weight decay, no moment decay), as torch's optimizer does."""
@@ -198,7 +199,7 @@ class ZeroOptimizer:
             return self.units
         return [u for u in self.units if u.param in self.reducer.got_grad]
 
-    def _grad_norm(self, units: list[Unit]) -> torch.Tensor:
+    def _grad_norm(self) -> torch.Tensor:
         """Global norm of the logical model's gradient (data_parallel.grad_norm)."""
         ps = self.ps
         if all(b.shards == 1 for b in self.buckets):
@@ -206,13 +207,12 @@ class ZeroOptimizer:
             # norm, over the parameters in the model's order. A sum of squares in another order
             # (bucket order) differs in the last bit, and so then does the clipping coefficient
             # and every update; bf16 training amplifies that.
-            views = {p: self.grad[id(b)][lo:hi].view(p.shape) for b in self.buckets for p, lo, hi, _ in b.overlaps()}
-            keep = {u.param for u in units} if self.per_param else views
+            views = dict(self._parts)  # whole parameters here
+            keep = self.reducer.got_grad if self.per_param else views
             params = [p for p in self.params if p in views and p in keep]
-            return grad_norm(params, [views[p].float() for p in params], ps)
-        parts = [(p, self.grad[id(b)][lo:hi].float()) for b in self.buckets for p, lo, hi, _ in b.overlaps()]
-        return grad_norm([p for p, _ in parts], [g for _, g in parts], ps, sliced=self.stage > 0,
-                         experts=self.has_experts)
+            return grad_norm(params, [views[p].view(p.shape).float() for p in params], ps)
+        return grad_norm([p for p, _ in self._parts], [g.float() for _, g in self._parts], ps,
+                         sliced=self.stage > 0, experts=self.has_experts)
 
     # -- the step -----------------------------------------------------------------------
 
@@ -221,11 +221,11 @@ class ZeroOptimizer:
         (fp16, or monitoring.nonfinite=skip) a step whose global norm is not finite (the same
         on every rank) is skipped."""
         units = self._stepped()
-        norm = self._grad_norm(units) / (loss_scale or 1.0)  # the norm *before* clipping is what we log
+        norm = self._grad_norm() / (loss_scale or 1.0)  # the norm *before* clipping is what we log
         if skip_nonfinite and not torch.isfinite(norm):
             self.reducer.zero()
             return {"grad_norm": norm, "skipped": True}
-        grads = [self._unit_grad(u) for u in units]
+        grads = [self._unit_grads[u] for u in units]
         coef = clip_coef(norm, self.cfg.grad_clip, loss_scale)
         if coef is not None:  # in place: the buffers are zeroed after the step
             torch._foreach_mul_(grads, coef)
@@ -269,7 +269,7 @@ class ZeroOptimizer:
     def grad_parts(self) -> list[tuple[str, torch.Tensor]]:
         """(parameter name, this rank's part of its summed gradient) for the monitor: the parts
         inside this rank's slices (ZeRO-1/2: summed over dp they make the whole)."""
-        return [(self.names[p], self.grad[id(b)][lo:hi]) for b in self.buckets for p, lo, hi, _ in b.overlaps()]
+        return [(self.names[p], g) for p, g in self._parts]
 
     def state_bytes(self) -> dict[str, int]:
         """Bytes this rank holds per kind (tests, benchmarks): the model's parameters, the master
