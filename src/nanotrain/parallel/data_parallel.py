@@ -20,8 +20,9 @@ Sum, not mean: each rank's loss is already divided by the token count of the *gl
 
 Order. Collectives on a group must be issued in the same order on every rank, and the order in
 which buckets fill can differ between ranks (an expert that got no tokens here has no gradient
-until the end). So each group's buckets are launched in bucket order only (as DDP's reducer
-does): a full bucket waits for the earlier ones of its group; the rest are posted at the end.
+until the end). So each group's buckets are launched in a fixed order (as DDP's reducer does),
+the order in which backward completes them: a full bucket waits for the earlier ones of its
+group; the rest are posted at the end.
 
 Which group. Parameters are bucketed by how they are summed (`spec(p)`, params.py): over dp,
 or over expert-dp for expert shards (`expert_parallel`: an expert exists only on the ranks of
