@@ -3,7 +3,7 @@
     python bench/checkpoint.py [--dp 2] [--d-model 384] [--layers 6] [--vocab 512] [--rounds 3]
                                [--dir /tmp/nanotrain_bench_ckpt]
 
-One model (TransformerModel, fp32) with AdamW state after one step (runtime.components.AdamWState,
+One model (TransformerModel, fp32) with AdamW state after one step (parallel/zero.py's ZeroOptimizer at stage 0,
 no ZeRO: every rank holds the same model and moments, so both sides must write each value once),
 saved and loaded by both sides from the same tensors, in the same world, rounds alternating:
 
@@ -45,8 +45,7 @@ def worker(a: dict) -> dict:
     from nanotrain.models import build_model
     from nanotrain.parallel.layout import Layout
     from nanotrain.parallel.state import init_parallel
-    from nanotrain.runtime.components import AdamWState
-    from nanotrain.runtime.contracts import RuntimeContext
+    from nanotrain.parallel.zero import ZeroOptimizer
 
     cfg = load_config(None, [f"--model.d_model={a['d_model']}", f"--model.n_layers={a['layers']}",
                              f"--model.vocab_size={a['vocab']}", "--model.max_seq_len=64", f"--parallel.dp={a['dp']}"])
@@ -54,9 +53,7 @@ def worker(a: dict) -> dict:
     rank = dist.get_rank()
     model = build_model(cfg.model)
     model.init_weights(0)
-    ctx = RuntimeContext(cfg=cfg, device=torch.device("cpu"), out_dir=Path(a["dir"]), rank=rank,
-                         world_size=ps.world_size, parallel=ps)
-    opt = AdamWState(model, ctx)
+    opt = ZeroOptimizer(model, 0, ps, cfg.optimizer, cfg.parallel.bucket_mb)  # plain AdamW (stage 0)
     x = torch.randint(0, a["vocab"], (2, 64), generator=torch.Generator().manual_seed(rank))
     with opt.backward_context(last=True):
         model(x, x, loss_denominator=128.0).backward()

@@ -4,8 +4,9 @@
 
 Both sides train the same model (same init) on the same batches in the same
 2-process world: rank r takes rows [r*B/2, (r+1)*B/2) of each global batch.
-nano-train: parallel/data_parallel.py's GradSync (buckets all-reduced from
-backward hooks, sum of per-rank losses normalised by the global token count).
+nano-train: parallel/zero.py's ZeroOptimizer at stage 0, the runtime's optimizer for plain data
+parallelism (data_parallel.GradReducer: flat buckets all-reduced from backward hooks; sum of
+per-rank losses normalised by the global token count; clipping and torch's AdamW per parameter).
 DDP: the model wrapped in DistributedDataParallel (gradients averaged, so each
 rank's loss is its local mean: the same gradient). Same optimizer (optim.build_adamw:
 AdamW), same clipping, same bucket size, same precision policy. Rounds
@@ -31,8 +32,9 @@ from nanotrain.data import BatchSampler, prepare_data
 from nanotrain.models import build_model
 from nanotrain.models.attention import Attention
 from nanotrain.optim import build_adamw
-from nanotrain.parallel.data_parallel import GradSync, clip_grad_norm
 from nanotrain.parallel.launch import run_world
+from nanotrain.parallel.state import init_parallel
+from nanotrain.parallel.zero import ZeroOptimizer
 
 
 def build(cfg: Config) -> torch.nn.Module:
@@ -56,9 +58,7 @@ def worker(cfg_dict: dict, steps: int, rounds: int, bucket_mb: float) -> dict:
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.precision.recipe == "bf16")
 
     ours = build(cfg)
-    ours_opt = build_adamw(ours, cfg.optimizer, torch.device("cpu"))
-    params = list(ours.parameters())
-    sync = GradSync(params, dist.group.WORLD, bucket_mb=bucket_mb)
+    ours_opt = ZeroOptimizer(ours, 0, init_parallel(cfg.parallel), cfg.optimizer, bucket_mb)
 
     ddp = DDP(build(cfg), bucket_cap_mb=bucket_mb)
     ddp_opt = build_adamw(ddp.module, cfg.optimizer, torch.device("cpu"))
@@ -67,11 +67,10 @@ def worker(cfg_dict: dict, steps: int, rounds: int, bucket_mb: float) -> dict:
         x, y = sampler.batch(s, rows)
         with autocast:
             loss = ours(x, y, loss_denominator=global_tokens)  # this rank's share of the global mean
-        loss.backward()
-        sync.finish()
-        clip_grad_norm(params, cfg.optimizer.grad_clip, None)
-        ours_opt.step()
-        ours_opt.zero_grad(set_to_none=True)
+        with ours_opt.backward_context(last=True):
+            loss.backward()
+        ours_opt.sync_grads()
+        ours_opt.step(cfg.optimizer.lr)
         return loss.detach()
 
     def step_ddp(s):
@@ -105,7 +104,7 @@ def main() -> None:
     ours, ddp = (statistics.median(res["times"][k]) for k in ("nano-train", "DDP"))
     ratio = statistics.median(a / b for a, b in zip(res["times"]["nano-train"], res["times"]["DDP"]))
     diff = max(abs(a - b) / abs(b) for a, b in zip(res["losses"]["nano-train"], res["losses"]["DDP"]))
-    print(table([["DDP (torch)", ddp * 1e3], ["nano-train GradSync", ours * 1e3]],
+    print(table([["DDP (torch)", ddp * 1e3], ["nano-train ZeroOptimizer(stage 0)", ours * 1e3]],
                 ["gloo world of 2, 1 thread each", "step ms (median)"]))
     print(f"\nratio nano-train/DDP = {ratio:.3f} (median over {args.rounds} rounds; goal <= 1.0), "
           f"bucket {args.bucket_mb} MB")

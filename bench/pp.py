@@ -100,7 +100,7 @@ def worker(mcfg: dict, a: dict) -> dict:
     #    (default True would divide the gradients by n_micro once more);
     #  - return_outputs=False: otherwise the last rank keeps and concatenates every
     #    micro-batch's logits, work our runner does not do.
-    torch_stage = TorchStage(Autocast(theirs, autocast), rank, pp, torch.device("cpu"), group=state.pp_group)
+    torch_stage = TorchStage(Autocast(theirs, autocast), rank, pp, torch.device("cpu"), group=state.pp_group.pg)
 
     def loss_fn(logits, targets):
         return cross_entropy_sum(logits, targets) / denom

@@ -35,7 +35,6 @@ from nanotrain.data import BatchSampler, prepare_data
 from nanotrain.models import build_model
 from nanotrain.models.attention import Attention
 from nanotrain.optim import build_adamw
-from nanotrain.parallel.data_parallel import GradSync
 from nanotrain.parallel.launch import run_world
 from nanotrain.parallel.tensor_parallel import TensorParallel
 
@@ -80,7 +79,6 @@ def worker(cfg_dict: dict, steps: int, rounds: int) -> dict:
     ours = policy(build_model(cfg.model, TensorParallel(dist.group.WORLD, rank, world)), cfg)
     ours.init_weights(t.seed)
     ours_opt = build_adamw(ours, cfg.optimizer, torch.device("cpu"))
-    ours_sync = GradSync(list(ours.parameters()), None)  # no dp: nothing to sync, kept for symmetry
 
     theirs = dtensor_model(cfg)
     theirs_opt = build_adamw(theirs, cfg.optimizer, torch.device("cpu"))
@@ -90,7 +88,6 @@ def worker(cfg_dict: dict, steps: int, rounds: int) -> dict:
         with autocast:
             loss = ours(x, y)
         loss.backward()
-        ours_sync.finish()
         ours_opt.step()
         ours_opt.zero_grad(set_to_none=True)
         return loss.detach()

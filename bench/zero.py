@@ -20,8 +20,8 @@ clipping anywhere (grad_clip=0), a constant learning rate:
            then the root: parameters sharded too (gathered once per step for forward and
            backward), gradients reduce-scattered, AdamW on the local shards.
 
-Losses: ours divides the summed cross entropy by the global batch's token count (GradSync and
-the reduce-scatter sum over ranks); DDP and FSDP2 average over ranks, so they get each rank's
+Losses: ours divides the summed cross entropy by the global batch's token count (the all-reduce
+and the reduce-scatter sum over ranks); DDP and FSDP2 average over ranks, so they get each rank's
 own token count: the same gradient. The first step (same weights) must give the same loss on
 every side, and every later one too if the updates agree (fp32: ~1e-5 relative).
 

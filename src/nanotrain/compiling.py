@@ -15,8 +15,9 @@ What runs eagerly inside a compiled block: the functions marked @eager below. Dy
 graph at each call (a graph break), runs the function as plain Python and starts a new graph
 after it. They are:
   - the tp / sequence-parallel collectives (parallel/collectives.py): communication stays the
-    plain torch.distributed calls that the communication meter (monitoring/comm.py) wraps for
-    one step at a time; traced, they would become functional collectives inside the graph;
+    plain functions of parallel/collectives.py, which report to the communication meter
+    (monitoring/comm.py, Python state that changes each step); traced, they would become
+    functional collectives inside the graph, out of the meter's sight;
   - a module's own GEMM recipe (precision/policy.py: low-bit formats, per-module overrides,
     persistent low-bit weights): amax histories, generators and gradient hand-over hooks are
     Python state that changes on every call;

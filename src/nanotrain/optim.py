@@ -42,8 +42,10 @@ def adamw_impl(cfg: OptimizerConfig, device: torch.device) -> dict:
     buckets. foreach and loop give an element the same bits whether its parameter is a tensor of
     its own or a slice of a flat buffer; the CPU fused kernel computes a tensor's scalar tail in
     double, so a parameter whose size is not a multiple of the vector width may differ by an ulp
-    per step between the two layouts (tests/unit/test_precision_master.py). optimizer.impl=foreach
-    makes ZeRO-0's flat buckets and plain AdamW equal bit for bit whatever the sizes."""
+    per step between the two layouts (tests/unit/test_precision_master.py). That is why plain fp32
+    runs (ZeroOptimizer at stage 0, every copy fp32) update each parameter as a tensor of its own,
+    the layout torch's AdamW sees; optimizer.impl=foreach makes flat buckets and plain AdamW equal
+    bit for bit whatever the sizes."""
     impl = cfg.impl
     if impl == "auto":
         impl = "fused"

@@ -67,7 +67,7 @@ def _ranks_and_groups():
     from nanotrain.parallel.state import init_parallel
 
     s = init_parallel(Layout(tp=2, dp=2, pp=2))
-    members = {name: dist.get_process_group_ranks(getattr(s, f"{name}_group")) for name in ("tp", "dp", "pp")}
+    members = {name: dist.get_process_group_ranks(getattr(s, f"{name}_group").pg) for name in ("tp", "dp", "pp")}
     return s.rank, (s.tp_rank, s.dp_rank, s.pp_rank), members
 
 
@@ -109,3 +109,28 @@ def test_tp_shards_are_slices_of_the_single_process_init():
         assert shards["tok_emb.weight"] == (32, 32)
         for name, p in ref.named_parameters():
             assert torch.equal(full[name], p.detach()), name
+
+
+def _metered():
+    """The named groups report each collective's bytes to the run's meter while it counts, and only
+    then; torch.distributed itself is left as it is."""
+    from nanotrain.monitoring.comm import CommMeter
+
+    meter = CommMeter()
+    original = dist.all_reduce
+    group = C.Group("dp", dist.group.WORLD, dist.get_world_size(), dist.get_rank(), meter)
+    t = torch.ones(8)
+    C.all_reduce(t, group)  # not counting: nothing recorded
+    with meter.counting():
+        assert dist.all_reduce is original
+        C.all_reduce(t, group)  # 32 bytes
+        out = torch.empty(16)
+        C.all_gather_into(out, torch.ones(8), group, async_op=True).wait()  # the gathered 64 bytes
+        C.reduce_scatter(torch.empty(4), torch.ones(8), group)  # the input's 32 bytes
+    return dict(meter.bytes), set(meter.seconds), t
+
+
+def test_groups_report_to_the_meter_without_patching():
+    for nbytes, timed, t in run_world(_metered, WORLD):
+        assert nbytes == {"dp": 32 + 64 + 32} and timed == {"dp"}
+        assert torch.equal(t, torch.full((8,), 4.0))  # both all-reduces ran

@@ -5,31 +5,39 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from nanotrain.parallel.data_parallel import GradSync
+from types import SimpleNamespace
+
+from nanotrain.parallel.data_parallel import GradReducer, bucket_layout
 from nanotrain.parallel.launch import run_world
+
+
+def _reducer(params, dp_group, bucket_mb):
+    """The data-parallel reducer at stage 0 (all-reduce), over dp_group; no other group."""
+    groups = SimpleNamespace(dp_group=dp_group, edp_group=None, tp_group=None, embd_group=None)
+    return GradReducer(bucket_layout(params, groups, stage=0, bucket_mb=bucket_mb))
 
 
 def _sync_run():
     r = dist.get_rank()
     torch.manual_seed(0)  # same weights on both ranks
     model = torch.nn.Sequential(*[torch.nn.Linear(8, 8) for _ in range(4)])
-    sync = GradSync(list(model.parameters()), dist.group.WORLD, bucket_mb=8 * 8 * 4 / 2**20)  # ~1 layer a bucket
+    sync = _reducer(list(model.parameters()), dist.group.WORLD, bucket_mb=8 * 8 * 4 / 2**20)  # ~1 layer a bucket
     x = torch.full((2, 8), float(r + 1))
 
-    sync.sync_enabled = False  # first micro-batch: accumulate only
-    model(x).sum().backward()
-    launched_early = [b.handle is not None for b in sync.buckets]
-    sync.sync_enabled = True  # last micro-batch
-    model(x).sum().backward()
-    launched = [b.handle is not None for b in sync.buckets]  # before finish(): started by hooks
-    sync.finish()
+    with sync.backward_context(last=False):  # first micro-batch: accumulate only
+        model(x).sum().backward()
+    launched_early = [b.posted for b in sync.buckets]
+    with sync.backward_context(last=True):  # last micro-batch
+        model(x).sum().backward()
+    launched = [b.posted for b in sync.buckets]  # before sync(): started by hooks
+    sync.sync()
     return len(sync.buckets), launched_early, launched, [p.grad.clone() for p in model.parameters()]
 
 
 def test_buckets_overlap_backward_and_sum_gradients():
     results = run_world(_sync_run, 2)
     n_buckets, early, launched, grads0 = results[0]
-    assert n_buckets >= 4
+    assert n_buckets >= 4  # (weights and biases apart: a bucket never mixes weight decay)
     assert not any(early)  # accumulation: nothing sent
     assert all(launched)  # every bucket was already in flight when backward returned
     assert all(torch.equal(a, b) for a, b in zip(grads0, results[1][3]))  # ranks agree
@@ -62,14 +70,15 @@ def _idle_experts_run(bucket_mb, autocast=False):
         torch.nn.init.normal_(p, std=0.1, generator=torch.Generator().manual_seed(p.numel()))
     moe.router.expert_bias[:2] = 100.0  # selection only: experts 0 and 1 always win
     # Router and shared expert sync over dp: a group of its own (same ranks), as in ParallelState.
-    sync = GradSync(list(moe.parameters()), dist.new_group([0, 1]), bucket_mb=bucket_mb)
+    sync = _reducer(list(moe.parameters()), dist.new_group([0, 1]), bucket_mb=bucket_mb)
     for _ in range(3):
         # requires_grad: the output of an earlier layer, as in a model
         x = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(rank), requires_grad=True)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             y = moe(x)
-        y.float().square().sum().backward()
-        sync.finish()
+        with sync.backward_context(last=True):
+            y.float().square().sum().backward()
+        sync.sync()
     idle = moe.experts.w1.grad is None or bool((moe.experts.w1.grad == 0).all())
     return {"experts_idle": idle, "router": moe.router.weight.grad}
 

@@ -15,7 +15,6 @@ from nanotrain.config import Config, load_config
 from nanotrain.inspection.comm import comm_per_step
 from nanotrain.inspection.measure import SavedTensorMeter, unique_bytes
 from nanotrain.inspection.memory import Plan, memory_per_rank
-from nanotrain.monitoring.comm import CommMeter
 from nanotrain.parallel.launch import run_world
 from nanotrain.runtime import RuntimeEngine
 from conftest import CORPUS  # noqa: E402
@@ -45,11 +44,12 @@ class MeasuredEngine(RuntimeEngine):
     def train_step(self, step, model, data, opt, lr, ctx, report=False):
         if step != MEASURED_STEP:
             return super().train_step(step, model, data, opt, lr, ctx, report)
-        meter, comm = SavedTensorMeter(model), CommMeter.for_state(ctx.parallel)
-        with meter.counting(), comm.installed():
+        meter, comm = SavedTensorMeter(model), ctx.parallel.meter  # the run's communication meter
+        before = dict(comm.bytes)  # (the monitor's figures since its last report)
+        with meter.counting(), comm.counting():
             out = super().train_step(step, model, data, opt, lr, ctx, report)
         self.measured["activations"] = meter.peak
-        self.comm = dict(comm.bytes)
+        self.comm = {group: n - before.get(group, 0) for group, n in comm.bytes.items()}
         return out
 
     def _grads(self, step, model, ctx) -> None:

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from nanotrain.parallel.data_parallel import clip_grad_norm
+from nanotrain.parallel.data_parallel import clip_coef, grad_norm
 from nanotrain.parallel.layout import Layout
 from nanotrain.parallel.state import ParallelState, check_layout
 from nanotrain.verify import Report, compare, grad_floor, rel_diff
@@ -30,7 +30,8 @@ def test_clip_matches_torch_exactly_on_one_rank():
     for pa, pb in zip(a, b):
         pa.grad = torch.randn_like(pa) * 3
         pb.grad = pa.grad.clone()
-    ours = clip_grad_norm(a, 1.0, None)
+    ours = grad_norm(a, [p.grad for p in a])  # the optimizer's norm and clipping (parallel/zero.py)
+    torch._foreach_mul_([p.grad for p in a], clip_coef(ours, 1.0))
     ref = torch.nn.utils.clip_grad_norm_(b, 1.0)
     assert torch.equal(ours, ref)
     assert all(torch.equal(pa.grad, pb.grad) for pa, pb in zip(a, b))

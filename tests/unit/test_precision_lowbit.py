@@ -66,8 +66,8 @@ def test_lowbit_weights_train_and_the_model_keeps_only_codes(fmt, tmp_path):
     assert "head.weight" not in model.lowbit_weights and "tok_emb.weight" not in model.lowbit_weights
     for name, p in lowbit:
         assert p.untyped_storage().nbytes() == 4  # one element: the parameter keeps its shape, not its values
-        b = opt._bucket_of[p]
-        off = opt._offset_of[p]
+        b = opt.reducer._bucket_of[p]
+        off = opt.reducer._offset_of[p]
         master = b.flat[off:off + p.numel()].view(p.shape)  # the optimizer's fp32 master
         again = type(spec(p).lowbit)(fmt, "channel", p.shape, p.device)
         again.store(master)
@@ -80,7 +80,7 @@ def test_lowbit_weights_train_and_the_model_keeps_only_codes(fmt, tmp_path):
     # the checkpoint holds the fp32 masters under the model's names, so any reader gets real weights
     reader = CheckpointReader(sorted((tmp_path / "run" / "checkpoints").glob("step_*"))[-1])
     name, p = lowbit[0]
-    b, off = opt._bucket_of[p], opt._offset_of[p]
+    b, off = opt.reducer._bucket_of[p], opt.reducer._offset_of[p]
     assert torch.equal(reader.full(f"model/{name}"), b.flat[off:off + p.numel()].view(p.shape))
 
 

@@ -36,6 +36,7 @@ from typing import Any
 import torch.distributed as dist
 from safetensors.torch import save_file
 
+from ..parallel import collectives
 from .pieces import Piece
 from .storage import (FORMAT_VERSION, METADATA, TOKENIZER, CheckpointError, CheckpointReader, build_metadata,
                       chunk_key, dtype_name, rank_file)
@@ -117,7 +118,7 @@ class CheckpointManager:
         everyone = [entries]
         if world > 1:  # also a barrier: rank 0 has made the folder when this returns
             everyone = [None] * world
-            dist.all_gather_object(everyone, entries)
+            collectives.all_gather_object(everyone, entries, None)  # the default group
         owners = assign_owners(everyone)
         mine = {chunk_key(p.name, p.offsets): p.tensor.detach().to("cpu", copy=True).contiguous()
                 for p in pieces if owners[p.key] == rank}

@@ -21,10 +21,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from ..layers import shard_part
+from ..parallel import collectives
 from ..params import spec
 
 
@@ -144,7 +144,7 @@ def gather_full(t: torch.Tensor, shard, groups) -> torch.Tensor:
         return t.detach().clone()
     group = groups[shard.axis] if isinstance(groups, dict) else groups
     parts = [torch.empty_like(t) for _ in range(shard.world)]
-    dist.all_gather(parts, t.detach().contiguous(), group=group)
+    collectives.all_gather(parts, t.detach().contiguous(), group)
     return torch.cat(parts, dim=shard.dim).narrow(shard.dim, 0, shard.full_size(t.shape[shard.dim]))
 
 
@@ -163,10 +163,10 @@ def load_full_model_state(model: nn.Module, state: dict[str, torch.Tensor]) -> N
 def merge_over_pipeline(part: dict, pp_group) -> dict:
     """Every pipeline stage's part of a dict, merged by key on every rank of the pp group
     (each stage holds different layers)."""
-    if pp_group is None or dist.get_world_size(pp_group) == 1:
+    if collectives.size(pp_group) == 1:
         return part
-    parts = [None] * dist.get_world_size(pp_group)
-    dist.all_gather_object(parts, part, group=pp_group)
+    parts = [None] * collectives.size(pp_group)
+    collectives.all_gather_object(parts, part, pp_group)
     merged: dict = {}
     for p in parts:
         merged.update(p)

@@ -30,6 +30,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..compiling import eager
+from ..parallel import collectives
 
 
 SUMS = ("ent_sum", "ent_n", "res_sq", "res_n", "res_out", "norm_sq", "norm_n")
@@ -73,8 +74,10 @@ class Internals:
     variants, armed and not, both compiled once; the recording itself runs eagerly (@eager).
     Every block carries the same hooks, so any block may reuse another's compiled code."""
 
-    def __init__(self, model: nn.Module, sentinels: list[int], tp_rank: int, sequence_parallel: bool):
+    def __init__(self, model: nn.Module, sentinels: list[int], tp_rank: int, sequence_parallel: bool,
+                 world=None):
         self.model, self.sentinels = model, sentinels
+        self.world = world  # the default group, as a collectives.Group (None: an unnamed one)
         self.replicated_resid = not sequence_parallel and tp_rank != 0  # count the stream once over tp
         self._acc: dict[int, dict[str, torch.Tensor]] = {}
         self.spent = 0.0  # seconds inside the hooks (bench/monitoring.py reports it)
@@ -150,8 +153,8 @@ class Internals:
                 if key in acc:
                     maxes[row, j] = float(acc[key])
         if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(sums)
-            dist.all_reduce(maxes, op=dist.ReduceOp.MAX)
+            collectives.all_reduce(sums, self.world)
+            collectives.all_reduce(maxes, self.world, dist.ReduceOp.MAX)
         self._acc = {}
         out = {}
         for row, i in enumerate(self.sentinels):

@@ -13,9 +13,9 @@ monitoring.mode:
 
 Cross-shard sums. A figure such as "the norm of layers.3.attn.wq's gradient" is a figure
 of the logical (one-process) tensor. Each rank adds the squares of what it holds, under
-the rule data_parallel.clip_grad_norm uses: a tp shard counts on every tp rank (the shards
-add up to the whole), anything whole over tp counts on tp rank 0 only, an expert shard is
-summed over the ep group, a ZeRO slice of a gradient over the dp (or expert-dp) group, and
+the rule of the optimizer's gradient norm (data_parallel.grad_norm / reduce_squares): a tp
+shard counts on every tp rank (the shards add up to the whole), anything whole over tp
+counts on tp rank 0 only, an expert shard is summed over the ep group, a ZeRO slice of a gradient over the dp (or expert-dp) group, and
 pipeline stages hold different tensors, summed over pp. So every rank ends with the value
 one process would compute (tests/parity/test_monitoring_layouts.py checks it at tp=2 with
 sequence parallelism, pp=2, dp=2 with ZeRO-2 and ep=2).
@@ -33,9 +33,9 @@ import torch.distributed as dist
 from torch import nn
 
 from ..params import spec
-from ..parallel.state import all_reduce
+from ..parallel import collectives
+from ..parallel.data_parallel import reduce_squares
 from . import health
-from .comm import CommMeter
 from .internals import Internals, default_sentinels
 
 _BLOCK = re.compile(r"^(?:layers|mtp)\.(\d+)\.")
@@ -75,9 +75,10 @@ class TrainingMonitor:
         self.steps = self.skipped = 0
         self.spent = 0.0  # seconds in the monitor's own work (besides its timers), for bench/monitoring.py
         self.timing = {"data": 0.0, "compute": 0.0, "optimizer": 0.0}
-        # Seconds and bytes per parallel group, around the collectives themselves (monitoring/comm.py);
-        # the compute and optimizer times above are reported without them.
-        self.comm = CommMeter.for_state(self.ps) if self.mode != "off" and ctx.world_size > 1 else None
+        # Seconds and bytes per parallel group, around the collectives themselves (monitoring/comm.py:
+        # the run's meter, which the groups report to); the compute and optimizer times above are
+        # reported without them.
+        self.comm = self.ps.meter if self.mode != "off" and ctx.world_size > 1 else None
         self._comm_mark = 0.0
         self._before: dict[str, torch.Tensor] | None = None
         self._grad_sq: torch.Tensor | None = None
@@ -86,14 +87,14 @@ class TrainingMonitor:
         local = list(self.params)
         if dist.is_initialized() and dist.get_world_size() > 1:
             everyone = [None] * dist.get_world_size()
-            dist.all_gather_object(everyone, local)
+            collectives.all_gather_object(everyone, local, self.ps.world_group)
             local = [n for names in everyone for n in names]
         self.names = sorted(set(local), key=lambda n: (_order_key(n), n))
         self.index = {n: i for i, n in enumerate(self.names)}
         self.blocks = list(dict.fromkeys(block_of(n) for n in self.names))
         sentinels = default_sentinels(cfg.model.n_layers, self.cfg.sentinel_blocks, self.mode)
         sp = bool(getattr(model, "sequence_parallel", False))
-        self.internals = Internals(model, sentinels, self.ps.tp_rank, sp) if self.deep else None
+        self.internals = Internals(model, sentinels, self.ps.tp_rank, sp, self.ps.world_group) if self.deep else None
 
     def arm(self) -> None:
         """Before a logging step's forward passes: watch inside the sentinel blocks."""
@@ -108,7 +109,7 @@ class TrainingMonitor:
 
     @contextlib.contextmanager
     def metering(self):
-        """Around a training step: wrap the torch.distributed calls in the communication meter."""
+        """Around a training step: the communication meter counts the collectives issued in it."""
         if self.comm is None:
             yield
             return
@@ -116,7 +117,7 @@ class TrainingMonitor:
         # next step's phases start from here. (The MoE bias update, an optimizer post-step hook,
         # runs inside the optimizer phase.)
         self._comm_mark = sum(self.comm.seconds.values())
-        with self.comm.installed():
+        with self.comm.counting():
             yield
 
     def add_time(self, kind: str, seconds: float) -> None:
@@ -284,16 +285,10 @@ class TrainingMonitor:
     def _reduce(self, sq: torch.Tensor, grads: bool = False) -> torch.Tensor:
         """The logical squares from every rank's: experts over ep; ZeRO gradient slices over
         dp (dense) or expert-dp; then tp and pp. Returns [N]."""
-        ps = self.ps
+        # data_parallel.reduce_squares: the optimizer's norm rule, per tensor here (both rows always
+        # reduced: the expert row is zeros in a dense model).
         sliced = grads and getattr(self.opt, "stage", 0) > 0
-        if sliced:
-            sq[0] = all_reduce(sq[0].clone(), ps.dp_group)
-            sq[1] = all_reduce(sq[1].clone(), ps.edp_group)
-        sq[1] = all_reduce(sq[1].clone(), ps.ep_group)
-        total = sq.sum(0)
-        all_reduce(total, ps.tp_group)
-        all_reduce(total, ps.pp_group)
-        return total
+        return reduce_squares(sq, self.ps, sliced, experts=True)
 
     def _block_index(self) -> torch.Tensor:
         pos = {b: i for i, b in enumerate(self.blocks)}
@@ -305,7 +300,7 @@ class TrainingMonitor:
         ok = torch.tensor(float(all(torch.isfinite(torch.stack(torch._foreach_norm(states))).tolist())
                                 if states else 1.0))
         if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+            collectives.all_reduce(ok, self.ps.world_group, dist.ReduceOp.MIN)
         return bool(ok.item())
 
 

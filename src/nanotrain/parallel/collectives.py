@@ -1,7 +1,30 @@
-"""Autograd-aware collectives for tensor and sequence parallelism (Megatron-LM, Shoeybi et al. 2019;
+"""Every collective nano-train issues, in one file: plain functions over a named `Group`, and the
+autograd-aware pairs of tensor and sequence parallelism (Megatron-LM, Shoeybi et al. 2019;
 Korthikanti et al. 2022).
 
-Each collective is paired with its mirror in backward, so autograd computes
+Groups and the meter. A `Group` is a torch process group with its name in the layout ("tp",
+"dp", "pp", "ep", "edp", "embd", "world"), its size, this process's rank in it, and the run's
+communication meter (monitoring/comm.py's CommMeter, or None). ParallelState builds one per
+kind (parallel/state.py); the functions below take it, call torch.distributed, and report
+(group name, message bytes, seconds blocked) to the meter while it counts (one training step at
+a time), wrapping an async call's handle so that its wait() is timed too. So the meter sees every
+collective without touching torch.distributed, and code that never counts pays one attribute test.
+A raw torch ProcessGroup is accepted as well (tests build their own): it is reported nowhere.
+
+    function              torch.distributed call                         message bytes (metered)
+    all_reduce            all_reduce                                     the tensor
+    all_gather            all_gather (a list of parts)                   the gathered parts
+    all_gather_into       all_gather_single / all_gather_into_tensor     the gathered output
+    reduce_scatter        reduce_scatter_single / reduce_scatter_tensor  the input
+    all_to_all_single     all_to_all_single                              what this rank hands over
+    batch_isend_irecv     batch_isend_irecv (pipeline p2p)               what this rank sends
+    broadcast             broadcast                                      the tensor
+    all_gather_object     all_gather_object                              not metered (a pickle)
+
+Left direct on torch.distributed: creating and destroying groups, get_rank/get_world_size,
+barrier (no data), all outside these functions.
+
+Autograd pairs. Each tp collective is paired with its mirror in backward, so autograd computes
 the right gradient through a sharded layer:
 
     forward                      backward                    used where
@@ -16,10 +39,15 @@ the right gradient through a sharded layer:
 Tensors are [batch, seq, hidden]; the sequence dim is 1. With a group of size
 one every function is the identity. (torch.distributed.tensor's
 `parallelize_module` with Colwise/RowwiseParallel and SequenceParallel styles
-inserts the same collectives through DTensor redistributions.)
+inserts the same collectives through DTensor redistributions; torch.profiler records the
+same calls as `record_param_comms` events.)
 """
 
 from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -28,50 +56,131 @@ from ..compiling import eager
 
 SEQ_DIM = 1
 
+# torch 2.13 names the single-tensor collectives *_single; older releases only *_tensor. Resolved once.
+_REDUCE_SCATTER = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+_ALL_GATHER_INTO = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
-def _size(group) -> int:
-    return 1 if group is None else dist.get_world_size(group)
+
+@dataclass(frozen=True, eq=False)
+class Group:
+    """One process group of the layout, by name (eq=False: hashed by identity, as a process group)."""
+
+    name: str
+    pg: dist.ProcessGroup | None  # None: the default (world) group
+    size: int = 1
+    rank: int = 0
+    meter: Any = None  # monitoring.comm.CommMeter: told about each collective while it counts
 
 
-def _rank(group) -> int:
-    return 0 if group is None else dist.get_rank(group)
+def size(group) -> int:
+    """Ranks in `group` (a Group, a torch process group, or None: one process)."""
+    if group is None:
+        return 1
+    return group.size if isinstance(group, Group) else dist.get_world_size(group)
 
+
+def rank(group) -> int:
+    if group is None:
+        return 0
+    return group.rank if isinstance(group, Group) else dist.get_rank(group)
+
+
+def _pg(group):
+    return group.pg if isinstance(group, Group) else group
+
+
+def _nbytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _metered(group, nbytes: int, call):
+    """Run `call` (a torch.distributed call on `group`); while the group's meter counts, report its
+    bytes and the seconds spent in it, and time the wait() of the handle(s) it returns."""
+    meter = group.meter if isinstance(group, Group) else None
+    if meter is None or not meter.on:
+        return call()
+    start = time.perf_counter()
+    try:
+        out = call()
+    finally:
+        meter.add(group.name, nbytes, time.perf_counter() - start)
+    if out is None:
+        return out
+    if isinstance(out, list):  # batch_isend_irecv: one handle per op
+        return [meter.timed(w, group.name) for w in out]
+    return meter.timed(out, group.name)
+
+
+def all_reduce(t: torch.Tensor, group, op=dist.ReduceOp.SUM, async_op: bool = False):
+    """In place. Returns the handle when async_op (wait() on it), else None."""
+    return _metered(group, _nbytes([t]), lambda: dist.all_reduce(t, op=op, group=_pg(group), async_op=async_op))
+
+
+def all_gather(parts: list[torch.Tensor], t: torch.Tensor, group) -> None:
+    _metered(group, _nbytes(parts), lambda: dist.all_gather(parts, t, group=_pg(group)))
+
+
+def all_gather_into(out: torch.Tensor, t: torch.Tensor, group, async_op: bool = False):
+    """Every rank's `t`, end to end, into `out` (size x t's numel)."""
+    return _metered(group, _nbytes([out]), lambda: _ALL_GATHER_INTO(out, t, group=_pg(group), async_op=async_op))
+
+
+def reduce_scatter(out: torch.Tensor, t: torch.Tensor, group, async_op: bool = False):
+    """Sum `t` over the group and keep this rank's 1/size of dim 0 in `out`."""
+    return _metered(group, _nbytes([t]), lambda: _REDUCE_SCATTER(out, t, group=_pg(group), async_op=async_op))
+
+
+def all_to_all_single(out: torch.Tensor, t: torch.Tensor, group, out_splits=None, in_splits=None) -> None:
+    _metered(group, _nbytes([t]), lambda: dist.all_to_all_single(out, t, out_splits, in_splits, group=_pg(group)))
+
+
+def batch_isend_irecv(sends: list[tuple[torch.Tensor, int]], recvs: list[tuple[torch.Tensor, int]], group) -> list:
+    """Post the sends and receives (tensor, peer's global rank) together; one handle per op, sends first."""
+    ops = [dist.P2POp(dist.isend, t, peer, _pg(group)) for t, peer in sends]
+    ops += [dist.P2POp(dist.irecv, t, peer, _pg(group)) for t, peer in recvs]
+    return _metered(group, _nbytes([t for t, _ in sends]), lambda: dist.batch_isend_irecv(ops))
+
+
+def broadcast(t: torch.Tensor, src: int, group) -> None:
+    _metered(group, _nbytes([t]), lambda: dist.broadcast(t, src=src, group=_pg(group)))
+
+
+def all_gather_object(objs: list, obj, group) -> None:
+    """Python objects (pickled): bookkeeping outside the step, not metered."""
+    dist.all_gather_object(objs, obj, group=_pg(group))
+
+
+# -- the tensor / sequence-parallel pairs ------------------------------------------------------
 
 def _all_reduce(x: torch.Tensor, group) -> torch.Tensor:
-    if _size(group) == 1:
+    if size(group) == 1:
         return x
     x = x.contiguous()
-    dist.all_reduce(x, group=group)
+    all_reduce(x, group)
     return x
 
 
 def _split(x: torch.Tensor, dim: int, group) -> torch.Tensor:
-    n = _size(group)
+    n = size(group)
     if n == 1:
         return x
     if x.shape[dim] % n:
         raise ValueError(f"cannot split dim {dim} of size {x.shape[dim]} into {n} equal parts")
-    return x.chunk(n, dim=dim)[_rank(group)].contiguous()
+    return x.chunk(n, dim=dim)[rank(group)].contiguous()
 
 
 def _gather(x: torch.Tensor, dim: int, group) -> torch.Tensor:
-    n = _size(group)
+    n = size(group)
     if n == 1:
         return x
     parts = [torch.empty_like(x) for _ in range(n)]
-    dist.all_gather(parts, x.contiguous(), group=group)
+    all_gather(parts, x.contiguous(), group)
     return torch.cat(parts, dim=dim)
-
-
-def _reduce_scatter_single(*args, **kwargs):
-    """torch 2.13 renamed reduce_scatter_tensor to reduce_scatter_single; older releases have only
-    the former. Looked up at each call, so that monitoring/comm.py's meter sees it."""
-    return (getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor)(*args, **kwargs)
 
 
 def _reduce_scatter(x: torch.Tensor, dim: int, group) -> torch.Tensor:
     """Sum over the group, then keep this rank's chunk of `dim`, in one collective."""
-    n = _size(group)
+    n = size(group)
     if n == 1:
         return x
     if x.shape[dim] % n:
@@ -79,7 +188,7 @@ def _reduce_scatter(x: torch.Tensor, dim: int, group) -> torch.Tensor:
     # The collective splits dim 0: move `dim` to the front, scatter, move it back.
     src = x.movedim(dim, 0).contiguous()
     out = torch.empty((src.shape[0] // n, *src.shape[1:]), dtype=x.dtype, device=x.device)
-    _reduce_scatter_single(out, src, group=group)
+    reduce_scatter(out, src, group)
     return out.movedim(0, dim).contiguous()
 
 
@@ -105,11 +214,12 @@ class _Collective(torch.autograd.Function):
 
 
 def _pair(forward_fn, backward_fn, doc: str):
-    # Eager under train.compile (a graph break at each call): the communication stays the plain
-    # torch.distributed calls, which the communication meter wraps step by step (compiling.py).
+    # Eager under train.compile (a graph break at each call): the communication stays these plain
+    # functions, with their metering (Python state: the meter's counters), instead of being traced
+    # into functional collectives inside the graph (compiling.py).
     @eager
     def collective(x: torch.Tensor, group) -> torch.Tensor:
-        return _Collective.apply(x, group, forward_fn, backward_fn) if _size(group) > 1 else x
+        return _Collective.apply(x, group, forward_fn, backward_fn) if size(group) > 1 else x
     collective.__doc__ = doc
     return collective
 

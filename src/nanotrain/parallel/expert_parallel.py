@@ -25,15 +25,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 
 from ..precision.formats import E4M3
 from ..precision.scaling import blockwise
+from .collectives import Group, all_to_all_single
 
 
 @dataclass(frozen=True)
 class ExpertParallel:
-    group: dist.ProcessGroup
+    group: Group  # parallel/collectives.py
     rank: int
     size: int
     dispatch_fp8: bool = False  # precision.moe.dispatch_fp8: tokens travel to the experts in e4m3
@@ -42,7 +42,7 @@ class ExpertParallel:
 
 def exchange(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> torch.Tensor:
     out = x.new_empty((sum(out_splits), *x.shape[1:]))
-    dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
+    all_to_all_single(out, x.contiguous(), group, out_splits, in_splits)
     return out
 
 
@@ -96,7 +96,7 @@ def expert_parallel_forward(experts, x_sorted: torch.Tensor, tokens_per_expert: 
     # 1. How many tokens go from each rank to each expert: send[r, e] = ours for rank r's expert e.
     send = tokens_per_expert.view(ep_size, nl)
     recv = torch.empty_like(send)
-    dist.all_to_all_single(recv, send.contiguous(), group=g)
+    all_to_all_single(recv, send.contiguous(), g)
     send_rows, recv_rows = send.tolist(), recv.tolist()  # [dest][expert], [source][expert]
     in_splits, out_splits = [sum(r) for r in send_rows], [sum(r) for r in recv_rows]
     # 2. Dispatch: x_sorted is already grouped by destination rank (experts are numbered rank-major).

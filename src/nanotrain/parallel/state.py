@@ -26,7 +26,8 @@ Each kind of group is built by listing its rank sets and handing them to
 torch.distributed.new_subgroups_by_enumeration (every process creates every
 group, in the same order, as the collective API requires). A DeviceMesh of
 shape (pp, dp, tp) would give the same groups; writing the lists out shows
-the layout.
+the layout. Each is held as a collectives.Group (its name, size, this rank, and the run's
+communication meter), which is what every collective of the project takes.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from . import collectives
+from .collectives import Group
 from .layout import Layout
 
 
@@ -46,14 +49,16 @@ class ParallelState:
     # world_size below read it.
     layout: Layout = Layout()
     rank: int = 0
-    tp_group: dist.ProcessGroup | None = None
-    dp_group: dist.ProcessGroup | None = None
-    pp_group: dist.ProcessGroup | None = None
-    ep_group: dist.ProcessGroup | None = None
-    edp_group: dist.ProcessGroup | None = None  # expert-data-parallel
+    tp_group: Group | None = None
+    dp_group: Group | None = None
+    pp_group: Group | None = None
+    ep_group: Group | None = None
+    edp_group: Group | None = None  # expert-data-parallel
     # First and last pipeline rank of each pipeline: they sum the gradients of tied
     # embedding copies (parallel/pipeline/stage.py). None unless pp > 1.
-    embd_group: dist.ProcessGroup | None = None
+    embd_group: Group | None = None
+    world_group: Group | None = None  # every rank (the default group)
+    meter: object = None  # monitoring.comm.CommMeter given to init_parallel: every group reports to it
 
     # -- sizes (the layout's) ----------------------------------------------------
 
@@ -122,7 +127,7 @@ class ParallelState:
     def prev_stage_rank(self) -> int | None:
         return None if self.is_first_stage else self.global_rank(pp_rank=self.pp_rank - 1)
 
-    def groups(self) -> dict[str, dist.ProcessGroup | None]:
+    def groups(self) -> dict[str, Group | None]:
         """The group of each sharding axis (see layers.Shard.axis)."""
         return {"tp": self.tp_group, "ep": self.ep_group}
 
@@ -146,11 +151,12 @@ def backend_for(device_type: str) -> str:
     return "nccl" if device_type == "cuda" else "gloo"
 
 
-def init_parallel(layout: Layout, device_type: str = "cpu") -> ParallelState:
+def init_parallel(layout: Layout, device_type: str = "cpu", meter=None) -> ParallelState:
     """Join the process group started by torchrun (or the test launcher) and build every group.
 
     With a world of one and no torchrun environment, no process group is created:
-    single-process runs need none.
+    single-process runs need none. `meter` (monitoring.comm.CommMeter): the run's communication
+    meter, which every group reports its collectives to while it counts.
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     check_layout(layout, world_size)
@@ -158,7 +164,8 @@ def init_parallel(layout: Layout, device_type: str = "cpu") -> ParallelState:
         return ParallelState(layout)
     if not dist.is_initialized():
         dist.init_process_group(backend_for(device_type))
-    state = ParallelState(layout, rank=dist.get_rank())
+    state = ParallelState(layout, rank=dist.get_rank(), meter=meter,
+                          world_group=Group("world", None, world_size, dist.get_rank(), meter))
     at = state.global_rank
     T, D, P, E = range(layout.tp), range(layout.dp), range(layout.pp), range(layout.ep)
     edp = range(layout.dp // layout.ep)
@@ -173,7 +180,8 @@ def init_parallel(layout: Layout, device_type: str = "cpu") -> ParallelState:
         groups["embd"] = [[at(t, d, 0), at(t, d, layout.pp - 1)] for t in T for d in D]
     for name, ranks in groups.items():
         mine, _ = dist.new_subgroups_by_enumeration(ranks, backend=backend_for(device_type))
-        setattr(state, f"{name}_group", mine)
+        group = Group(name, mine, dist.get_world_size(mine), dist.get_rank(mine), meter)
+        setattr(state, f"{name}_group", group)
     return state
 
 
@@ -187,8 +195,8 @@ def destroy_parallel() -> None:
         dist.destroy_process_group()
 
 
-def all_reduce(t: torch.Tensor, group: dist.ProcessGroup | None, op=dist.ReduceOp.SUM) -> torch.Tensor:
-    """In-place all-reduce that is a no-op without a group (one process)."""
-    if group is not None and dist.get_world_size(group) > 1:
-        dist.all_reduce(t, op=op, group=group)
+def all_reduce(t: torch.Tensor, group: Group | None, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    """In-place all-reduce that is a no-op without a group (one process); returns t."""
+    if collectives.size(group) > 1:
+        collectives.all_reduce(t, group, op)
     return t

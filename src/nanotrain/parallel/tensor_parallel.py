@@ -45,14 +45,15 @@ from torch import nn
 from ..layers import Embedding, Linear
 from ..params import Shard, declare, spec
 from ..precision.policy import gemm
-from .collectives import (copy_to_region, gather_last, gather_seq, reduce_from_region, reduce_scatter_seq)
+from .collectives import (Group, all_reduce, copy_to_region, gather_last, gather_seq, reduce_from_region,
+                          reduce_scatter_seq)
 
 
 @dataclass(frozen=True)
 class TensorParallel:
     """What a tensor-parallel layer needs to know: its group and whether SP is on."""
 
-    group: dist.ProcessGroup | None
+    group: Group | None  # parallel/collectives.py
     rank: int
     size: int
     sequence_parallel: bool = False
@@ -165,7 +166,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         logits = logits.float()
         # Stable softmax: subtract the global max (one all-reduce of [tokens]).
         zmax = logits.max(dim=-1).values
-        dist.all_reduce(zmax, op=dist.ReduceOp.MAX, group=group)
+        all_reduce(zmax, group, dist.ReduceOp.MAX)
         z = logits - zmax.unsqueeze(-1)
         # The target's logit lives on exactly one rank; the others contribute 0.
         local = targets - vocab_start
@@ -175,7 +176,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         exp = z.exp()
         sum_exp = exp.sum(dim=-1)
         both = torch.stack([z_target, sum_exp])  # one all-reduce for both
-        dist.all_reduce(both, group=group)
+        all_reduce(both, group)
         z_target, sum_exp = both
         loss = sum_exp.log() - z_target
         valid = targets != ignore_index

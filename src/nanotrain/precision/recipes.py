@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from ..parallel import collectives
 from .formats import E4M3, E5M2
 from .scaling import blockwise, mxfp4, nvfp4, tensorwise
 
@@ -54,12 +55,12 @@ class DelayedScaling:
     history_len: int = 16
     histories: dict[str, torch.Tensor] = field(default_factory=dict)
     delayed: bool = True
-    group: object = None  # a torch.distributed process group, or None
+    group: object = None  # the tp group (parallel/collectives.Group), or None
 
     def amax(self, role: str, x: torch.Tensor, record: bool = True) -> torch.Tensor:
         current = x.detach().abs().max().float()
         if self.group is not None:
-            dist.all_reduce(current, op=dist.ReduceOp.MAX, group=self.group)
+            collectives.all_reduce(current, self.group, dist.ReduceOp.MAX)
         if not self.delayed:
             return current
         hist = self.histories.get(role)

@@ -4,30 +4,28 @@ world (tp x pp x dp, with ep inside dp) started by torchrun."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import torch
 from torch import nn
 
-from ..checkpoint import CheckpointManager, CheckpointReader, Piece, sharded, whole
+from ..checkpoint import CheckpointManager
 from ..compiling import check_compiler, compile_blocks
 from ..config import Config, ConfigError
 from ..data import BatchSampler, prepare_data
 from ..models import build_model
 from ..models.attention import Attention
-from ..params import spec
-from ..optim import MOMENTS, adamw_state, build_adamw, lr_at
-from ..parallel.data_parallel import GradSync, clip_grad_norm
+from ..monitoring.comm import CommMeter
+from ..optim import lr_at
 from ..parallel.expert_parallel import ExpertParallel
 from ..parallel.layout import Layout
 from ..parallel.pipeline import chunk_layers, layer_costs, pipeline_stage
-from ..parallel.state import ParallelState, all_reduce, barrier, destroy_parallel, init_parallel
+from ..parallel.state import ParallelState, barrier, destroy_parallel, init_parallel
 from ..parallel.tensor_parallel import TensorParallel
 from ..parallel.zero import ZeroOptimizer
 from ..precision.lowbit import apply_lowbit
@@ -61,7 +59,9 @@ class LocalBootstrap:
         if cfg.train.compile:  # a missing compiler is named now, not at the first step
             check_compiler(device)
         try:
-            parallel = init_parallel(Layout.from_config(cfg), device.type)
+            # The run's communication meter: the groups report to it, the monitor switches it on
+            # for each training step (monitoring/comm.py).
+            parallel = init_parallel(Layout.from_config(cfg), device.type, CommMeter())
         except ValueError as e:
             raise ConfigError(str(e)) from None
         if cfg.train.threads:
@@ -190,109 +190,17 @@ class TransformerProvider:
         return model
 
 
-class AdamWState:
-    """torch AdamW, data-parallel gradient sync and global-norm clipping.
-
-    Per step the engine calls backward_context(last) around each micro-batch's
-    backward, sync_grads() once, then step(lr).
-    """
-
-    def __init__(self, model: nn.Module, ctx: RuntimeContext):
-        ps = ctx.parallel
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        self.names = {p: n for n, p in model.named_parameters()}  # checkpoints key moments by name
-        self.opt = build_adamw(model, ctx.cfg.optimizer, ctx.device)
-        self.grad_clip = ctx.cfg.optimizer.grad_clip
-        self.ps = ps
-        self.sync = GradSync(self.params, ps.dp_group, ps.tp_group, ctx.cfg.parallel.bucket_mb, ps.edp_group)
-        # Pipeline: copies of a tied embedding on the first and last stage (stage.py).
-        self.shared = [p for p in self.params if spec(p).pipeline_shared]
-        self.step_post_hooks: list[Callable[[Any], None]] = []
-
-    def register_step_post_hook(self, hook: Callable[[Any], None]) -> None:
-        """hook(self) after every step that was not skipped."""
-        self.step_post_hooks.append(hook)
-
-    @contextlib.contextmanager
-    def backward_context(self, last: bool):
-        """Gradient accumulation: no data-parallel sync until the last micro-batch's backward."""
-        self.sync.sync_enabled = last
-        yield
-
-    def sync_grads(self) -> None:
-        self.sync.finish()
-        # After the data-parallel sum (finish() rewrites .grad): the two copies of a tied
-        # embedding each hold the gradient of their own use; both need the sum.
-        for p in self.shared:
-            all_reduce(p.grad, self.ps.embd_group)
-
-    def step(self, lr: float, loss_scale: float | None = None,
-             skip_nonfinite: bool = False) -> dict[str, float | torch.Tensor]:
-        """loss_scale (fp16): the gradients hold that multiple of the true ones. With
-        skip_nonfinite (fp16, or monitoring.nonfinite=skip) a step whose global norm is not
-        finite is skipped (the norm is the same on every rank)."""
-        # The norm *before* clipping is what we log.
-        norm = clip_grad_norm(self.params, self.grad_clip, self.ps.tp_group, self.ps.tp_rank, self.ps.ep_group,
-                              self.ps.pp_group, loss_scale or 1.0)
-        if skip_nonfinite and not torch.isfinite(norm):
-            self.opt.zero_grad(set_to_none=True)
-            return {"grad_norm": norm, "skipped": True}
-        for group in self.opt.param_groups:
-            group["lr"] = lr
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
-        for hook in self.step_post_hooks:
-            hook(self)
-        return {"grad_norm": norm, "skipped": False}
-
-    # -- checkpoints: the moments as boxes of the logical parameters (checkpoint/pieces.py) --
-
-    def _moment_pieces(self, p: nn.Parameter, state: dict) -> list[Piece]:
-        pieces = [sharded(f"optim/{k}/{self.names[p]}", state[k], spec(p).shard) for k in MOMENTS]
-        return [piece for piece in pieces if piece is not None]  # None: a shard of padding only
-
-    def pieces(self) -> list[Piece]:
-        """Each moment has its parameter's box (a tp/ep shard, or whole); plus the step count.
-        The parameters are fp32 here and serve as the master weights (saved under model/)."""
-        out, steps = [], []
-        for p in self.params:
-            state = self.opt.state.get(p)
-            if state:  # a parameter that never had a gradient has no moments yet
-                out += self._moment_pieces(p, state)
-                steps.append(state["step"])
-        if steps:
-            out.append(whole("optim/step", max(steps, key=float)))
-        return out
-
-    def load_pieces(self, reader: CheckpointReader) -> None:
-        if not reader.has("optim/step"):  # a weights-only checkpoint: fresh moments
-            return
-        step = reader.full("optim/step")
-        for p in self.params:
-            if reader.has(f"optim/exp_avg/{self.names[p]}"):
-                state = adamw_state(step, p)
-                for piece in self._moment_pieces(p, state):
-                    reader.fill(piece)
-                self.opt.state[p] = state
-
-
 class AdamWRuntime:
-    def build(self, ctx: RuntimeContext, model: nn.Module) -> AdamWState | ZeroOptimizer:
-        stage = ctx.cfg.optimizer.zero_stage
-        dtypes = Dtypes.from_config(ctx.cfg.precision)
-        # torch's AdamW when every copy is fp32; the flat-bucket optimizer for ZeRO, for master
-        # weights, gradients or moments in other dtypes, and for persistent low-bit weights.
-        if stage or not dtypes.all_fp32 or getattr(model, "lowbit_weights", None):
-            opt = ZeroOptimizer(model, stage, ctx.parallel, ctx.cfg.optimizer, ctx.cfg.parallel.bucket_mb,
-                                dtypes, seed=ctx.cfg.train.seed)
-        else:
-            opt = AdamWState(model, ctx)
+    def build(self, ctx: RuntimeContext, model: nn.Module) -> ZeroOptimizer:
+        """The one optimizer: AdamW over the data-parallel layout, at optimizer.zero_stage (0: plain
+        AdamW, one process or plain dp), with the precision policy's dtypes (parallel/zero.py)."""
+        opt = ZeroOptimizer(model, ctx.cfg.optimizer.zero_stage, ctx.parallel, ctx.cfg.optimizer,
+                            ctx.cfg.parallel.bucket_mb, Dtypes.from_config(ctx.cfg.precision), seed=ctx.cfg.train.seed)
         register_moe_load_balancing_hook(opt, model, ctx.parallel)
         return opt
 
 
-def register_moe_load_balancing_hook(opt: AdamWState | ZeroOptimizer, model: nn.Module,
-                                     parallel: ParallelState) -> None:
+def register_moe_load_balancing_hook(opt: ZeroOptimizer, model: nn.Module, parallel: ParallelState) -> None:
     """Auxiliary-loss-free load balancing (models/deepseek.py): after every optimizer step that
     updated, each MoE router moves its expert biases by the step's load, counted over the
     parallel groups. A model (or pipeline stage) without MoE layers has no update_expert_bias;

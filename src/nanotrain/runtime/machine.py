@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 
 from ..inspection.hardware import accelerator_for_device_name, measure_matmul_flops
+from ..parallel import collectives
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -142,7 +143,7 @@ def probe_machine(device: torch.device, dtypes: tuple[str, ...] = ("fp32", "bf16
         keys = sorted(rates)
         values = torch.tensor([rates[k] for k in keys], dtype=torch.float64,
                               device=device if device.type == "cuda" else "cpu")
-        dist.broadcast(values, src=0)
+        collectives.broadcast(values, 0, None)  # the default group
         rates = dict(zip(keys, values.tolist()))
     return Machine(device.type, name, kind, cores, threads, per_node, nodes, rates, source)
 

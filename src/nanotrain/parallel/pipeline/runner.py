@@ -30,12 +30,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..collectives import Group, batch_isend_irecv
 from .actions import Action, cached_timetable
 from .stage import Stage
 
 
 class PipelineRunner:
-    def __init__(self, model: nn.Module, schedule: str, peers: list[int], group: dist.ProcessGroup | None,
+    def __init__(self, model: nn.Module, schedule: str, peers: list[int], group: Group | None,
                  device: torch.device | str = "cpu",
                  autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext):
         """model: cut to this rank's stage (stage.pipeline_stage). peers[q]: global rank of
@@ -143,18 +144,13 @@ class PipelineRunner:
         if not (sends or recvs):
             return
         start = time.perf_counter()
-        ops, buffers = [], []
-        for msg in sends:
-            tensor = outbox.pop(msg.action).contiguous()
-            ops.append(dist.P2POp(dist.isend, tensor, self.peers[msg.dst], self.group))
-            buffers.append(tensor)  # keep it alive until the send completes
-        for msg in recvs:
-            buf = torch.empty(shape, dtype=self.dtype, device=self.device)
-            ops.append(dist.P2POp(dist.irecv, buf, self.peers[msg.src], self.group))
-            buffers.append(buf)
-        works = dist.batch_isend_irecv(ops)
-        if len(works) != len(ops):  # NCCL may return one work for the whole batch
-            works = works * len(ops) if len(works) == 1 else works
+        to_send = [(outbox.pop(msg.action).contiguous(), self.peers[msg.dst]) for msg in sends]
+        to_recv = [(torch.empty(shape, dtype=self.dtype, device=self.device), self.peers[msg.src]) for msg in recvs]
+        buffers = [t for t, _ in to_send + to_recv]  # kept alive until the transfers complete
+        works = batch_isend_irecv(to_send, to_recv, self.group)
+        n_ops = len(buffers)
+        if len(works) != n_ops:  # NCCL may return one work for the whole batch
+            works = works * n_ops if len(works) == 1 else works
         for work, buf in zip(works[:len(sends)], buffers[:len(sends)]):
             in_flight.append((work, buf))
         for msg, work, buf in zip(recvs, works[len(sends):], buffers[len(sends):]):
