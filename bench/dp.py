@@ -33,6 +33,7 @@ from nanotrain.models import build_model
 from nanotrain.models.attention import Attention
 from nanotrain.optim import build_adamw
 from nanotrain.parallel.launch import run_world
+from nanotrain.parallel.layout import Layout
 from nanotrain.parallel.state import init_parallel
 from nanotrain.parallel.zero import ZeroOptimizer
 
@@ -58,7 +59,7 @@ def worker(cfg_dict: dict, steps: int, rounds: int, bucket_mb: float) -> dict:
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.precision.recipe == "bf16")
 
     ours = build(cfg)
-    ours_opt = ZeroOptimizer(ours, 0, init_parallel(cfg.parallel), cfg.optimizer, bucket_mb)
+    ours_opt = ZeroOptimizer(ours, 0, init_parallel(Layout.from_config(cfg)), cfg.optimizer, bucket_mb)
 
     ddp = DDP(build(cfg), bucket_cap_mb=bucket_mb)
     ddp_opt = build_adamw(ddp.module, cfg.optimizer, torch.device("cpu"))
