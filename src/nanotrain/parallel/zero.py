@@ -115,9 +115,9 @@ class ZeroOptimizer:
         self.names = {p: n for n, p in model.named_parameters()}
         self.params = params = [p for p in model.parameters() if p.requires_grad]
         lowbit = any(spec(p).lowbit is not None for p in params)
-        if stage > 0 and lowbit:
-            raise ValueError("precision.lowbit_weights with optimizer.zero_stage>0: the low-bit weights' masters are "
-                             "not sharded. Use optimizer.zero_stage=0, or drop precision.lowbit_weights.")
+        if stage > 0 and lowbit:  # this class's own limit; a config asking for it is refused first (cross_checks)
+            raise ValueError("precision.lowbit.weights with optimizer.zero_stage>0: the low-bit weights' masters are "
+                             "not sharded. Use optimizer.zero_stage=0, or drop precision.lowbit.weights.")
         self.buckets = bucket_layout(params, ps, stage, bucket_mb)
         initial = {id(b): self._store(b, dt.storage) for b in self.buckets}  # fp32 values before any cast
         self.has_experts = any(spec(p).expert_parallel for p in params)
