@@ -31,7 +31,7 @@ import tempfile
 from common import ROOT, table  # noqa: F401  (sets sys.path)
 
 from nanotrain.config import Config, load_config
-from nanotrain.inspection.memory import parse_layout
+from nanotrain.parallel.layout import CONFIG_KEYS, Layout
 from nanotrain.parallel.launch import run_world
 from nanotrain.runtime import RuntimeEngine
 
@@ -64,10 +64,9 @@ def main() -> None:
     ap.add_argument("--config", default=str(ROOT / "configs" / "shakespeare_char.toml"))
     ap.add_argument("--layout", default="", help="e.g. tp=2 or dp=2,zero=2: run in a gloo world of that layout")
     args, overrides = ap.parse_known_args()  # the rest: config overrides (--model.vocab_size=66 for tp=2)
-    sizes = parse_layout(args.layout)
-    layout = [f"--parallel.{k}={v}" for k, v in sizes.items() if k in ("tp", "pp", "dp", "ep")]
-    layout += [f"--optimizer.zero_stage={sizes['zero']}"] if "zero" in sizes else []
-    layout += ["--parallel.sequence_parallel=true"] if sizes.get("sp") else []
+    chosen, default = Layout.parse(args.layout), Layout()  # the --layout every command takes
+    layout = [f"--{CONFIG_KEYS[k]}={str(getattr(chosen, k)).lower()}" for k in CONFIG_KEYS
+              if getattr(chosen, k) != getattr(default, k)]
     layout += overrides
     times: dict[str, list[float]] = {m: [] for m in MODES}
     own: dict[str, list[float]] = {m: [] for m in MODES}
