@@ -43,6 +43,7 @@ def worker(a: dict) -> dict:
     from nanotrain.checkpoint import CheckpointManager, load_checkpoint, model_pieces
     from nanotrain.config import load_config
     from nanotrain.models import build_model
+    from nanotrain.optim import build_adamw
     from nanotrain.parallel.layout import Layout
     from nanotrain.parallel.state import init_parallel
     from nanotrain.parallel.zero import ZeroOptimizer
@@ -59,6 +60,16 @@ def worker(a: dict) -> dict:
         model(x, x, loss_denominator=128.0).backward()
     opt.sync_grads()
     opt.step(1e-3)  # moments exist now
+    # DCP's side: the same model and torch's AdamW after the same step. (get_state_dict maps an
+    # optimizer's parameters to the model's names; our optimizer updates views of its buckets,
+    # which it cannot name, and saves its state as boxes of the logical tensors instead.)
+    peer = build_model(cfg.model)
+    peer.init_weights(0)
+    peer_opt = build_adamw(peer, cfg.optimizer, torch.device("cpu"))
+    peer(x, x, loss_denominator=128.0).backward()
+    for p in peer.parameters():  # the dp sum our optimizer did
+        dist.all_reduce(p.grad)
+    peer_opt.step()
     root = Path(a["dir"])
     objects = {"config": cfg.to_dict()}
 
@@ -75,7 +86,7 @@ def worker(a: dict) -> dict:
         CheckpointManager(root / f"ours_{r}").save(1, model_pieces(model) + opt.pieces(), objects)
 
     def dcp_state():
-        msd, osd = get_state_dict(model, opt.opt)
+        msd, osd = get_state_dict(peer, peer_opt)
         return {"model": msd, "optim": osd}
 
     def dcp_save(r):
@@ -103,7 +114,7 @@ def worker(a: dict) -> dict:
     def dcp_load(r):
         state = dcp_state()
         dcp.load(state, checkpoint_id=str(root / f"dcp_{r}"))
-        set_state_dict(model, opt.opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        set_state_dict(peer, peer_opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
 
     res = {k: [] for k in ("ours save", "dcp save", "ours async total", "dcp async total", "ours load", "dcp load")}
     blocked = {"ours": [], "dcp": []}
