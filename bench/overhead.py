@@ -27,6 +27,7 @@ from common import ROOT, median, table  # noqa: F401  (sets sys.path)
 
 import torch
 
+from nanotrain.runtime.machine import resolve_precision
 from nanotrain.config import load_config
 from nanotrain.data import BatchSampler, prepare_data
 from nanotrain.models import build_model
@@ -44,6 +45,7 @@ def plain_loop(cfg, steps: int) -> tuple[float, list[float]]:
     cfg.model.vocab_size, cfg.model.max_seq_len = data.vocab_size, t.seq_len
     model = build_model(cfg.model)
     model.init_weights(t.seed)
+    resolve_precision(cfg, torch.device("cpu"))  # recipe=auto -> bf16 or fp32, as the engine's bootstrap does
     bf16 = cfg.precision.recipe == "bf16"
     for m in model.modules():  # the same precision policy as the engine: attention core in fp32 on CPU
         if isinstance(m, Attention) and bf16:
