@@ -137,7 +137,7 @@ def model_pieces(model: nn.Module, skip: set[str] = frozenset()) -> list[Piece]:
 # ---------------------------------------------------------------------------
 
 def gather_full(t: torch.Tensor, shard, groups) -> torch.Tensor:
-    """The full tensor from every rank's shard (`shard`: layers.Shard or None; `groups`: the
+    """The full tensor from every rank's shard (`shard`: params.Shard or None; `groups`: the
     process group of each Shard.axis, e.g. ParallelState.groups(), or one group for all),
     without the padding of a padded vocabulary: the single-process tensor."""
     if shard is None or shard.world == 1:

@@ -15,10 +15,11 @@ Cross-shard sums. A figure such as "the norm of layers.3.attn.wq's gradient" is 
 of the logical (one-process) tensor. Each rank adds the squares of what it holds, under
 the rule of the optimizer's gradient norm (data_parallel.grad_norm / reduce_squares): a tp
 shard counts on every tp rank (the shards add up to the whole), anything whole over tp
-counts on tp rank 0 only, an expert shard is summed over the ep group, a ZeRO slice of a gradient over the dp (or expert-dp) group, and
-pipeline stages hold different tensors, summed over pp. So every rank ends with the value
-one process would compute (tests/parity/test_monitoring_layouts.py checks it at tp=2 with
-sequence parallelism, pp=2, dp=2 with ZeRO-2 and ep=2).
+counts on tp rank 0 only, an expert shard is summed over the ep group, a ZeRO slice of a
+gradient over the dp (or expert-dp) group, and pipeline stages hold different tensors,
+summed over pp. So every rank ends with the value one process would compute
+(tests/parity/test_monitoring_layouts.py checks it at tp=2 with sequence parallelism, pp=2,
+dp=2 with ZeRO-2 and ep=2).
 """
 
 from __future__ import annotations

@@ -76,7 +76,7 @@ class FlatBucket:
     flat: torch.Tensor | None = None  # the parameters' storage in this layout (the optimizer's)
     order: int = 0  # when backward completes it: the backward position of its last parameter
     ready: int = 0
-    posted: bool = False
+    posted: bool = False  # launched this round (tests check that hooks launch during backward)
     grad_flat: torch.Tensor | None = None  # stages 0/1: the gradients, end to end
     staging: torch.Tensor | None = None  # stage 2: this backward's gradients, copied in as they arrive
 

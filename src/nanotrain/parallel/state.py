@@ -128,7 +128,7 @@ class ParallelState:
         return None if self.is_first_stage else self.global_rank(pp_rank=self.pp_rank - 1)
 
     def groups(self) -> dict[str, Group | None]:
-        """The group of each sharding axis (see layers.Shard.axis)."""
+        """The group of each sharding axis (see params.Shard.axis)."""
         return {"tp": self.tp_group, "ep": self.ep_group}
 
     def describe(self) -> str:

@@ -179,7 +179,8 @@ def use_scaled_mm(choice: str, a: torch.Tensor, b: torch.Tensor) -> bool:
         if not fits:
             raise RuntimeError(f"precision.fp8.gemm=scaled_mm needs GEMM dimensions that are multiples of 16, "
                                f"got [{a.shape[0]}, {a.shape[1]}] x [{b.shape[0]}, {b.shape[1]}]ᵀ: use "
-                               "precision.fp8.gemm=auto (emulates those) or change the model's widths or the micro-batch tokens.")
+                               "precision.fp8.gemm=auto (emulates those) or change the model's widths or the "
+                               "micro-batch tokens.")
         return True
     return fits and a.device.type == "cuda" and scaled_mm_available(a.device)
 

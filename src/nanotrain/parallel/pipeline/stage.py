@@ -129,9 +129,6 @@ class Stage:
     def has_last(self) -> bool:
         return self.rank == self.n_ranks - 1
 
-    def global_chunk(self, k: int) -> int:
-        return k * self.n_ranks + self.rank
-
     def is_first_chunk(self, k: int) -> bool:
         return self.has_first and k == 0
 
