@@ -177,6 +177,9 @@ class ParallelConfig:
     ep: int = 1  # expert parallel: routed experts split over ep ranks carved out of dp (ep divides dp)
     sequence_parallel: bool = False  # with tp > 1: norms/dropout/residuals split along the sequence
     bucket_mb: float = 25.0  # data-parallel gradient all-reduce bucket size
+    # How long a collective waits for the other ranks before it fails (the process groups' timeout;
+    # gloo's own default is 30 minutes). runtime/watchdog.py names a stalled rank sooner.
+    timeout_s: float = 300.0
     # With pp > 1 (ignored otherwise, like bucket_mb without dp): the schedule
     # (parallel/pipeline/), chunks of layers per rank (interleaved only), and what balances
     # the stages: equal layer counts, or equal parameter counts.
@@ -192,6 +195,7 @@ class ParallelConfig:
         return errors + _failed([
             (self.pp_virtual_stages >= 1, f"parallel.pp_virtual_stages={self.pp_virtual_stages} must be >= 1."),
             (self.bucket_mb > 0, f"parallel.bucket_mb={self.bucket_mb} must be positive."),
+            (self.timeout_s > 0, f"parallel.timeout_s={self.timeout_s} must be positive (seconds)."),
             (not self.sequence_parallel or self.tp > 1, "parallel.sequence_parallel=true needs parallel.tp > 1: "
                                                         "it splits the sequence over the tensor-parallel ranks."),
         ]) + expert_groups_errors(self.dp, self.ep)
@@ -463,7 +467,11 @@ class CheckpointConfig:
     dir: str = ""  # "": <train.out_dir>/checkpoints
     interval: int = 0  # save every N steps; 0: only at the end
     keep_last: int = 3
-    resume: str = ""  # "": fresh run; "latest" or a checkpoint path: continue it
+    # "auto": continue from the newest valid checkpoint in checkpoint.dir if there is one, else start
+    # fresh (a command that is safe to repeat, e.g. under torchrun --max-restarts); "": a fresh run
+    # (refused where another run's checkpoints are, unless train.overwrite); "latest" or a
+    # checkpoint path: continue that one (an error if there is none).
+    resume: str = "auto"
     save_final: bool = True
     async_save: bool = False  # write on a background thread while training goes on (rank 0)
     # Start from these weights (fresh optimizer, step 0): a Hugging Face folder, a
@@ -514,7 +522,11 @@ class MonitoringConfig:
     sentinel_blocks: list[int] = field(default_factory=list)
     # A step whose gradient norm is not finite: stop the run naming the step, or skip the
     # update (no change to weights or optimizer state) and count it (skipped_nonfinite).
-    nonfinite: Literal["stop", "skip"] = "stop"
+    # rollback: reload the newest checkpoint and skip the batches since it (logged), then go on.
+    nonfinite: Literal["stop", "skip", "rollback"] = "stop"
+    # skip and rollback stop the run (a named error, non-zero exit) after this many non-finite
+    # steps in a row: a run that keeps diverging is not saved as if it were training.
+    max_skipped_steps: int = 10
     # The probe batch (monitoring/probe.py): this many fixed val sequences, the same on every
     # layout, whose loss, output entropy and top-1/top-5 mass are logged (standard and debug);
     # 0: off. probe_interval: every that many steps (0: at every evaluation, train.eval_interval).
@@ -525,6 +537,8 @@ class MonitoringConfig:
         """sentinel_blocks against model.n_layers is in cross_checks."""
         return _failed([
             (0 <= self.ema_beta < 1, f"monitoring.ema_beta={self.ema_beta} must be in [0, 1)."),
+            (self.max_skipped_steps >= 1,
+             f"monitoring.max_skipped_steps={self.max_skipped_steps} must be >= 1."),
             (self.probe_batch >= 0, f"monitoring.probe_batch={self.probe_batch} must be >= 0 (0: off)."),
             (self.probe_interval >= 0,
              f"monitoring.probe_interval={self.probe_interval} must be >= 0 (0: at every evaluation)."),
@@ -549,6 +563,12 @@ class TrainConfig:
     # failing block stops the run there, named). Compiled kernels round differently from
     # eager ones: compare a compiled run with a compiled run.
     compile: bool = False
+    # A fresh run (checkpoint.resume="") in an out_dir that holds another run's checkpoints: false
+    # stops with an error; true moves the old run aside to <out_dir>.archived-<time> first.
+    overwrite: bool = False
+    # The watchdog (runtime/watchdog.py): a step that runs longer than this ends the job, naming the
+    # stalled rank and the collective each rank waits in. 0: 10 x the median step, at least 60 s.
+    step_timeout_s: float = 0.0
 
     def micro_batch(self, dp: int) -> int:
         return self.micro_batch_size or self.batch_size // dp
@@ -566,6 +586,8 @@ class TrainConfig:
             (self.eval_interval >= 0,
              f"train.eval_interval={self.eval_interval} must be >= 0 (0: evaluate at the end only)."),
             (self.threads >= 0, f"train.threads={self.threads} must be >= 0 (0: PyTorch's default)."),
+            (self.step_timeout_s >= 0,
+             f"train.step_timeout_s={self.step_timeout_s} must be >= 0 (0: 10 x the median step, at least 60 s)."),
             (bool(self.out_dir), "train.out_dir is empty: name a folder for the run's outputs."),
         ])
 

@@ -161,6 +161,17 @@ class CheckpointManager:
 
     # -- loading ---------------------------------------------------------------------
 
+    def complete(self) -> list[Path]:
+        """The complete checkpoints in the folder, the one `latest` names first, then the others
+        newest step first: what checkpoint.resume=auto tries, in order."""
+        done = sorted((p for p in self.dir.glob("step_*") if (p / METADATA).is_file()), reverse=True)
+        latest = self.dir / "latest"
+        named = self.dir / latest.read_text().strip() if latest.is_file() else None
+        if named in done:
+            done.remove(named)
+            done.insert(0, named)
+        return done
+
     def resolve(self, spec: str) -> Path:
         """'latest', a checkpoint folder, its metadata.json, or a run/checkpoints folder holding `latest`."""
         return resolve_checkpoint(self.dir if spec == "latest" else Path(spec))
