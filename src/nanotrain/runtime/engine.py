@@ -310,7 +310,11 @@ class RuntimeEngine:
         resume from (resolved first: a bad path fails before any work)."""
         cfg = ctx.cfg
         self.ckpt = self.c.checkpoint.build(ctx)
-        resume_path = self.ckpt.resolve(cfg.checkpoint.resume) if cfg.checkpoint.resume else None
+        resume = cfg.checkpoint.resume
+        if resume == "auto":  # provisional: run_dir.py takes this over
+            resume_path = next(iter(self.ckpt.complete()), None)
+        else:
+            resume_path = self.ckpt.resolve(resume) if resume else None
         self.data = self.c.data.build(ctx)
         self.probe = Probe.build(cfg, self.data, ctx.is_main)
         padding = resolve_model_config(cfg, self.data.vocab_size)
