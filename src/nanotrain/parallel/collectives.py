@@ -21,8 +21,11 @@ A raw torch ProcessGroup is accepted as well (tests build their own): it is repo
     broadcast             broadcast                                      the tensor
     all_gather_object     all_gather_object                              not metered (a pickle)
 
+    barrier               barrier                                        not metered (no data)
+
 Left direct on torch.distributed: creating and destroying groups, get_rank/get_world_size,
-barrier (no data), all outside these functions.
+all outside these functions. Every call above is recorded in InFlight while it blocks (an async
+one while its handle's wait() blocks): the watchdog names it when a step stalls.
 
 Autograd pairs. Each tp collective is paired with its mirror in backward, so autograd computes
 the right gradient through a sharded layer:
@@ -93,61 +96,103 @@ def _nbytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def _metered(group, nbytes: int, call):
-    """Run `call` (a torch.distributed call on `group`); while the group's meter counts, report its
-    bytes and the seconds spent in it, and time the wait() of the handle(s) it returns."""
+class InFlight:
+    """The collective this process is blocked in, if any: what the watchdog (runtime/watchdog.py)
+    names when a step stalls (torch's NCCL flight recorder keeps the same record, for CUDA only).
+    Written by the calling thread, read by the watchdog's; a tuple assignment is atomic in CPython."""
+
+    now: tuple[str, str, float] | None = None  # (op, group name, since: time.monotonic())
+
+
+def in_flight() -> tuple[str, str, float] | None:
+    return InFlight.now
+
+
+class _Watched:
+    """An async collective's handle whose wait() is recorded in InFlight (and metered: `work` may be
+    the meter's timed handle)."""
+
+    def __init__(self, work, label: tuple[str, str]):
+        self.work, self.label = work, label
+
+    def wait(self, *args, **kwargs):
+        InFlight.now = (*self.label, time.monotonic())
+        try:
+            return self.work.wait(*args, **kwargs)
+        finally:
+            InFlight.now = None
+
+    def __getattr__(self, name):  # is_completed(), get_future(), ...
+        return getattr(self.work, name)
+
+
+def _metered(group, nbytes: int, call, op: str = "collective"):
+    """Run `call` (a torch.distributed call on `group`), recorded in InFlight while it blocks; while
+    the group's meter counts, report its bytes and the seconds spent in it, and time the wait() of
+    the handle(s) it returns."""
+    label = (op, group.name if isinstance(group, Group) else "world" if group is None else "custom")
     meter = group.meter if isinstance(group, Group) else None
-    if meter is None or not meter.on:
-        return call()
+    InFlight.now = (*label, time.monotonic())
     start = time.perf_counter()
     try:
         out = call()
     finally:
-        meter.add(group.name, nbytes, time.perf_counter() - start)
+        InFlight.now = None
+        if meter is not None and meter.on:
+            meter.add(group.name, nbytes, time.perf_counter() - start)
     if out is None:
         return out
-    if isinstance(out, list):  # batch_isend_irecv: one handle per op
-        return [meter.timed(w, group.name) for w in out]
-    return meter.timed(out, group.name)
+    if meter is not None and meter.on:
+        out = [meter.timed(w, group.name) for w in out] if isinstance(out, list) else meter.timed(out, group.name)
+    return [_Watched(w, label) for w in out] if isinstance(out, list) else _Watched(out, label)
 
 
 def all_reduce(t: torch.Tensor, group, op=dist.ReduceOp.SUM, async_op: bool = False):
     """In place. Returns the handle when async_op (wait() on it), else None."""
-    return _metered(group, _nbytes([t]), lambda: dist.all_reduce(t, op=op, group=_pg(group), async_op=async_op))
+    return _metered(group, _nbytes([t]), lambda: dist.all_reduce(t, op=op, group=_pg(group), async_op=async_op),
+                    "all_reduce")
 
 
 def all_gather(parts: list[torch.Tensor], t: torch.Tensor, group) -> None:
-    _metered(group, _nbytes(parts), lambda: dist.all_gather(parts, t, group=_pg(group)))
+    _metered(group, _nbytes(parts), lambda: dist.all_gather(parts, t, group=_pg(group)), "all_gather")
 
 
 def all_gather_into(out: torch.Tensor, t: torch.Tensor, group, async_op: bool = False):
     """Every rank's `t`, end to end, into `out` (size x t's numel)."""
-    return _metered(group, _nbytes([out]), lambda: _ALL_GATHER_INTO(out, t, group=_pg(group), async_op=async_op))
+    return _metered(group, _nbytes([out]), lambda: _ALL_GATHER_INTO(out, t, group=_pg(group), async_op=async_op),
+                    "all_gather")
 
 
 def reduce_scatter(out: torch.Tensor, t: torch.Tensor, group, async_op: bool = False):
     """Sum `t` over the group and keep this rank's 1/size of dim 0 in `out`."""
-    return _metered(group, _nbytes([t]), lambda: _REDUCE_SCATTER(out, t, group=_pg(group), async_op=async_op))
+    return _metered(group, _nbytes([t]), lambda: _REDUCE_SCATTER(out, t, group=_pg(group), async_op=async_op),
+                    "reduce_scatter")
 
 
 def all_to_all_single(out: torch.Tensor, t: torch.Tensor, group, out_splits=None, in_splits=None) -> None:
-    _metered(group, _nbytes([t]), lambda: dist.all_to_all_single(out, t, out_splits, in_splits, group=_pg(group)))
+    _metered(group, _nbytes([t]), lambda: dist.all_to_all_single(out, t, out_splits, in_splits, group=_pg(group)),
+             "all_to_all")
 
 
 def batch_isend_irecv(sends: list[tuple[torch.Tensor, int]], recvs: list[tuple[torch.Tensor, int]], group) -> list:
     """Post the sends and receives (tensor, peer's global rank) together; one handle per op, sends first."""
     ops = [dist.P2POp(dist.isend, t, peer, _pg(group)) for t, peer in sends]
     ops += [dist.P2POp(dist.irecv, t, peer, _pg(group)) for t, peer in recvs]
-    return _metered(group, _nbytes([t for t, _ in sends]), lambda: dist.batch_isend_irecv(ops))
+    return _metered(group, _nbytes([t for t, _ in sends]), lambda: dist.batch_isend_irecv(ops), "send/recv")
 
 
 def broadcast(t: torch.Tensor, src: int, group) -> None:
-    _metered(group, _nbytes([t]), lambda: dist.broadcast(t, src=src, group=_pg(group)))
+    _metered(group, _nbytes([t]), lambda: dist.broadcast(t, src=src, group=_pg(group)), "broadcast")
 
 
 def all_gather_object(objs: list, obj, group) -> None:
     """Python objects (pickled): bookkeeping outside the step, not metered."""
-    dist.all_gather_object(objs, obj, group=_pg(group))
+    _metered(None, 0, lambda: dist.all_gather_object(objs, obj, group=_pg(group)), "all_gather_object")
+
+
+def barrier(group=None) -> None:
+    """No data: not metered, but recorded in InFlight (a rank that never arrives stalls here)."""
+    _metered(group, 0, lambda: dist.barrier(group=_pg(group)), "barrier")
 
 
 # -- the tensor / sequence-parallel pairs ------------------------------------------------------

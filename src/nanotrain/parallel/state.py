@@ -187,7 +187,7 @@ def init_parallel(layout: Layout, device_type: str = "cpu", meter=None) -> Paral
 
 def barrier() -> None:
     if dist.is_initialized():
-        dist.barrier()
+        collectives.barrier()
 
 
 def destroy_parallel() -> None:
