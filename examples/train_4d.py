@@ -22,8 +22,10 @@ train (tests/parity/test_pipeline_layouts.py checks it step by step).
 import os
 import sys
 
+from nanotrain.checkpoint import CheckpointError
 from nanotrain.config import ConfigError, load_config
 from nanotrain.runtime import RuntimeEngine
+from nanotrain.runtime.divergence import TrainingError
 
 LAYOUT = {"tp": 2, "pp": 2, "dp": 2, "ep": 2}
 
@@ -49,7 +51,14 @@ def main(argv: list[str]) -> None:
         if os.environ.get("RANK", "0") == "0":  # one message, not one per process
             print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    result = RuntimeEngine(cfg).run()
+    try:
+        result = RuntimeEngine(cfg).run()
+    except (ConfigError, CheckpointError, TrainingError) as e:  # named: one line, not 8 tracebacks
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {e}", file=sys.stderr)
+        sys.exit(2 if not isinstance(e, TrainingError) else 1)
+    if result.signal:  # preempted: a checkpoint was saved; 143 (SIGTERM) or 130 (Ctrl-C)
+        sys.exit(result.exit_code)
     if result.rank == 0 and result.val_losses:
         step, val = max(result.val_losses.items())
         print(f"done: step {result.final_step}, val loss {val:.4f}, {result.tokens_per_s:,.0f} tokens/s, "

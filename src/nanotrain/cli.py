@@ -21,6 +21,8 @@ def cmd_train(args, overrides) -> int:
 
     cfg = _config(args, overrides)
     result = RuntimeEngine(cfg).run()
+    if result.signal:  # preempted: the engine said where it saved; 143 (SIGTERM) or 130 (Ctrl-C)
+        return result.exit_code
     if result.val_losses and result.rank == 0:
         step, val = max(result.val_losses.items())
         print(f"done: step {result.final_step}, val loss {val:.4f}, {result.tokens_per_s:,.0f} tokens/s, "
@@ -229,6 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .runtime.divergence import TrainingError
+
     parser = build_parser()
     args, overrides = parser.parse_known_args(argv)
     try:
@@ -239,6 +243,14 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("RANK", "0") == "0":  # under torchrun every process fails alike: say it once
             print(f"error: {e}", file=sys.stderr)
         return 2
+    except TrainingError as e:  # the run diverged: named, with what to change; 1, as any failed run
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:  # Ctrl-C before or after the training loop (inside it: a checkpoint, then 130)
+        if os.environ.get("RANK", "0") == "0":
+            print("interrupted before training started or after it ended: nothing to save", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

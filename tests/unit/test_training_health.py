@@ -10,6 +10,7 @@ import torch
 from conftest import tiny_config
 from nanotrain.monitoring import health
 from nanotrain.runtime import RuntimeEngine
+from nanotrain.runtime.divergence import TrainingError
 
 
 def test_entropy_against_the_definition():
@@ -60,7 +61,7 @@ def _poison_step(engine, bad_step):
 
 def test_a_nonfinite_step_stops_the_run_naming_it(tmp_path):
     engine = _poison_step(RuntimeEngine(tiny_config(tmp_path, *ARGS)), 3)
-    with pytest.raises(FloatingPointError, match="at step 3.*monitoring.nonfinite=skip"):
+    with pytest.raises(TrainingError, match="at step 3.*monitoring.nonfinite=rollback"):
         engine.run()
 
 

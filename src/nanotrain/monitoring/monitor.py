@@ -232,9 +232,8 @@ class TrainingMonitor:
             "optimizer_state_finite": float(self._states_finite()),
         }
         if not math.isfinite(out["param_norm"]):
-            raise FloatingPointError("a parameter became non-finite (parameter norm "
-                                     f"{out['param_norm']}): lower optimizer.lr, enable optimizer.grad_clip, or "
-                                     "resume from an earlier checkpoint.")
+            # The engine adds what to do, from the run's config (runtime/divergence.py).
+            raise FloatingPointError(f"a parameter became non-finite (parameter norm {out['param_norm']})")
         per_block = {}
         for kind, sq in (("grad", g_sq), ("weight", w_sq), ("update", u_sq)):
             sums = torch.zeros(len(self.blocks), dtype=torch.float64)

@@ -1,9 +1,13 @@
 """RuntimeEngine: the training loop, and only the training loop.
 
-    run():  setup -> build: checkpoint, data, model, optimizer, schedule, forward/backward
-            -> resume -> start-up lines (machine, model, MFU peak, precision policy, compile, probe)
-            -> for step in [start, max_steps): train_step; on a logging step: log, probe, eval, save
-            -> loss-curve plot -> teardown
+    run():  setup -> lock the run folder, decide where to start (run_dir.py)
+            -> build: checkpoint, data, model, optimizer, schedule, forward/backward
+            -> resume (the newest valid checkpoint; an older one if it is damaged)
+            -> start-up lines (machine, model, MFU peak, precision policy, compile, probe)
+            -> for step in [start, max_steps): train_step; on a logging step: log, probe, eval, save;
+               a non-finite step: skip it or roll back (divergence.py); a signal: save and stop
+               (preemption.py); a step that never ends: the watchdog ends the job (watchdog.py)
+            -> loss-curve plot -> teardown, unlock
 
 What happens inside each piece (which model, which parallelism, a plain or a pipelined
 forward/backward, which optimizer sharding, what follows the optimizer step) belongs to the
@@ -22,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..checkpoint import CheckpointReader, check_compatible, merge_over_pipeline, model_pieces, whole
+from ..checkpoint import CheckpointError, CheckpointReader, check_compatible, merge_over_pipeline, model_pieces, whole
 from ..compiling import warm_up
 from ..config import Config, ConfigError
 from ..inspection.counts import flops_per_token as logical_flops_per_token
@@ -30,6 +34,7 @@ from ..inspection.counts import meta_model
 from ..monitoring import build_logger, mfu, plot_loss_curve
 from ..monitoring.monitor import TrainingMonitor, timed
 from ..monitoring.probe import Probe, check_resume
+from ..parallel import collectives
 from ..parallel.state import all_reduce, barrier
 from ..parallel.tensor_parallel import padded_vocab
 from ..precision.loss_scaling import LossScaler
@@ -38,7 +43,11 @@ from ..precision.policy import describe_policy, load_state as load_precision_sta
 from ..precision.policy import state_pieces as precision_state_pieces
 from .components import default_components, write_run_config
 from .contracts import RuntimeComponents, RuntimeContext, TrainData
+from .divergence import NonFiniteGuard, TrainingError, hint, nonfinite_error
 from .machine import Machine, compute_dtype, job_peak, probe_machine
+from .preemption import Preemption
+from .run_dir import RunLock, StartPlan, on_rank0, plan_start
+from .watchdog import Watchdog
 
 
 @dataclass
@@ -52,6 +61,12 @@ class RunResult:
     train_time_s: float = 0.0
     compile_s: float = 0.0  # train.compile: the start-up compile of the blocks (not in train_time_s)
     rank: int = 0  # global rank of the process that returns this result
+    signal: int = 0  # preempted: the signal that stopped the run after its checkpoint (0: it ran to the end)
+
+    @property
+    def exit_code(self) -> int:
+        """What the process should exit with: 0, or 128 + the signal (143 for SIGTERM, 130 for Ctrl-C)."""
+        return 128 + self.signal if self.signal else 0
 
     @property
     def last_val_loss(self) -> float | None:
@@ -94,6 +109,11 @@ class StepMeter:
 
     def restart(self) -> None:
         self.mark = time.perf_counter()
+
+    def rewind(self, step: int) -> None:
+        """A roll-back to `step`: the pending losses are of steps that no longer happened."""
+        self.pending.clear()
+        self.mark, self.mark_step = time.perf_counter(), step
 
 
 def resolve_model_config(cfg: Config, vocab_size: int) -> str | None:
@@ -201,6 +221,10 @@ class RuntimeEngine:
         self.on_grads = on_grads
         self.started = time.perf_counter()  # reset by run()
         self.probe: Probe | None = None  # set in run(): the probe batch (monitoring/probe.py), if on
+        # The batch a step trains on is the data stream's at step + batch_offset: a roll-back past
+        # bad batches raises it (divergence.py); checkpoints keep it.
+        self.batch_offset = 0
+        self.guard = NonFiniteGuard(cfg)
         p = cfg.precision
         ls = p.loss_scale
         self.scaler = LossScaler(ls.init, ls.growth_interval, ls.backoff, hysteresis=ls.hysteresis,
@@ -221,7 +245,7 @@ class RuntimeEngine:
                     ctx: RuntimeContext, report: bool) -> tuple[torch.Tensor, dict]:
         monitor = self.monitor
         clock = timed()
-        batches = data.micro_batches(step)
+        batches = data.micro_batches(step + self.batch_offset)
         monitor.add_time("data", clock())
         clock = timed()
         # DESIGN invariant 3: every micro-batch's summed loss is divided by the target
@@ -261,7 +285,10 @@ class RuntimeEngine:
 
     def evaluate(self, data: TrainData, ctx: RuntimeContext) -> float:
         """The mean loss over the fixed val batches, the same on every rank."""
-        sums = self.forward_backward.evaluate(data.val_batches())  # (loss sum, target count)
+        watchdog = getattr(self, "watchdog", None)  # each val batch is a phase (an evaluation may be long)
+        batches = data.val_batches() if watchdog is None else \
+            (b for b in data.val_batches() if watchdog.beat(watchdog.step, "eval") is None)
+        sums = self.forward_backward.evaluate(batches)  # (loss sum, target count)
         all_reduce(sums, ctx.parallel.dp_group)  # each dp rank evaluated its rows
         all_reduce(sums, ctx.parallel.pp_group)  # the last stage's sums (0 on the others)
         return (sums[0] / sums[1]).item()
@@ -271,15 +298,17 @@ class RuntimeEngine:
     def run(self) -> RunResult:
         self.started = time.perf_counter()  # metrics' elapsed_s: wall time since here (set-up included)
         ctx = self.c.bootstrap.setup(self.cfg)
+        self.lock = RunLock(ctx.out_dir)  # rank 0 takes it in _build
         try:
             return self._run(ctx)
         finally:
+            self.lock.release()
             self.c.bootstrap.teardown(ctx)
 
     def _run(self, ctx: RuntimeContext) -> RunResult:
         t = ctx.cfg.train
-        resume_path = self._build(ctx)
-        start = self._resume(resume_path, ctx) if resume_path is not None else 0
+        plan = self._build(ctx)
+        start = self._resume(plan, ctx) if plan.candidates else 0
         if ctx.is_main:
             write_run_config(ctx)
         self.throughput = Throughput.of(ctx)
@@ -287,34 +316,108 @@ class RuntimeEngine:
         compile_s = self._start_up(ctx, start, logger)
         result = RunResult(out_dir=ctx.out_dir, final_step=start, rank=ctx.rank, compile_s=compile_s)
         meter = StepMeter(start)
-        model, data, opt = self.model, self.data, self.optimizer
-        model.train()
+        self.watchdog = Watchdog(ctx.rank, ctx.world_size, t.step_timeout_s, ctx.cfg.parallel.timeout_s,
+                                 on_exit=self.lock.release)
+        preemption = Preemption(ctx.parallel.world_group, ctx.rank, on_exit=self.lock.release)
         try:
-            for step in range(start, t.max_steps):
-                lr = self.schedule.lr(step)
-                due = due_after(step + 1, ctx.cfg, self.probe)
-                loss, stats = self.train_step(step, model, data, opt, lr, ctx, due.report)
-                meter.add(step + 1, loss, stats["grad_norm"])
-                result.final_step = step + 1
-                if due.report:
-                    self._report(step + 1, lr, due, meter, result, ctx, logger)
-                    meter.restart()  # evals and saves stay out of the measured training time
+            with self.watchdog, preemption:
+                self._loop(start, meter, result, preemption, ctx, logger)
         finally:
             logger.close()  # also on errors: a live progress bar must give the terminal back
             self.ckpt.wait()  # a background save must be complete (or its error raised) before we return
         self._finish(result, meter, start, ctx)
         return result
 
-    def _build(self, ctx: RuntimeContext) -> Path | None:
-        """Every component, in the order they depend on each other; returns the checkpoint to
-        resume from (resolved first: a bad path fails before any work)."""
+    def _loop(self, start: int, meter: StepMeter, result: RunResult, preemption: Preemption,
+              ctx: RuntimeContext, logger) -> None:
+        """The steps [start, max_steps); a roll-back moves the step back, a signal ends the loop."""
+        model, data, opt, t = self.model, self.data, self.optimizer, ctx.cfg.train
+        model.train()
+        step = start
+        while step < t.max_steps:
+            lr = self.schedule.lr(step)
+            due = due_after(step + 1, ctx.cfg, self.probe)
+            self.watchdog.beat(step + 1, "train")
+            began = time.perf_counter()
+            loss, stats = self.train_step(step, model, data, opt, lr, ctx, due.report)
+            self.watchdog.step_took(time.perf_counter() - began)
+            meter.add(step + 1, loss, stats["grad_norm"])
+            result.final_step = step + 1
+            if self._diverged(step + 1, stats):
+                step = self._rollback(step + 1, meter, result, ctx, logger)
+                continue
+            if due.report:
+                self._report(step + 1, lr, due, meter, result, ctx, logger)
+                meter.restart()  # evals and saves stay out of the measured training time
+            step += 1
+            result.signal = preemption.agreed()
+            if result.signal:
+                self._preempted(step, due.save, result, ctx, logger)
+                return
+
+    def _diverged(self, done: int, stats: dict) -> bool:
+        """monitoring.nonfinite skip or rollback (and no fp16 loss scaler, whose skips are its own):
+        count a skipped step; True when the run is to roll back."""
+        mode = self.cfg.monitoring.nonfinite
+        if mode == "stop" or self.scaler is not None:
+            return False
+        if not stats["skipped"]:
+            self.guard.good()
+            return False
+        self.guard.skipped(done)  # raises at the limit
+        return mode == "rollback"
+
+    def _rollback(self, bad_step: int, meter: StepMeter, result: RunResult, ctx: RuntimeContext, logger) -> int:
+        """Reload the newest checkpoint and skip the batches from it to the bad step; returns the
+        step to continue from."""
+        self.ckpt.wait()
+        found = [str(p) for p in self.ckpt.complete()]
+        if not found:
+            raise TrainingError(f"the gradient norm was not finite at step {bad_step} and there is no checkpoint to "
+                                "roll back to (monitoring.nonfinite=rollback): set checkpoint.interval so that one is "
+                                f"saved before this step, or {hint(self.cfg)}.")
+        offset = self.batch_offset
+        step = self._resume(StartPlan(found), ctx)  # restores the checkpoint's batch_offset
+        self.guard.rolled_back(step, bad_step)
+        first, last = step + 1 + self.batch_offset, bad_step + offset
+        self.batch_offset = offset + bad_step - step
+        logger.message(f"rollback: the gradient norm was not finite at step {bad_step}; reloaded the checkpoint of "
+                       f"step {step} and skip the batches it trained on since (data positions {first}-{last})")
+        logger.log(bad_step, {"rollback_to": step, "skipped_batches": last - first + 1})
+        meter.rewind(step)
+        for d in (result.losses, result.grad_norms, result.val_losses):
+            for s in [s for s in d if s > step]:
+                del d[s]
+        result.final_step = step
+        return step
+
+    def _preempted(self, step: int, saved: bool, result: RunResult, ctx: RuntimeContext, logger) -> None:
+        """Every rank agreed a signal came: the checkpoint of this step (unless this step's save was
+        just written), synchronously, then one line."""
+        if not saved:
+            self._save(step, ctx, result.last_val_loss, logger, background=False)
+        self.ckpt.wait()
+        import signal as signals
+
+        name = signals.Signals(result.signal).name
+        logger.message(f"stopped by {name} after step {step}: saved checkpoint {self.ckpt.dir / f'step_{step:08d}'}. "
+                       "Run the same command again to continue from it (checkpoint.resume=auto); "
+                       f"exit code {result.exit_code}")
+
+    def _build(self, ctx: RuntimeContext) -> StartPlan:
+        """Every component, in the order they depend on each other; returns where the run starts
+        (decided first, with the run folder locked: a bad path or a busy folder fails before any work)."""
         cfg = ctx.cfg
         self.ckpt = self.c.checkpoint.build(ctx)
-        resume = cfg.checkpoint.resume
-        if resume == "auto":  # provisional: run_dir.py takes this over
-            resume_path = next(iter(self.ckpt.complete()), None)
-        else:
-            resume_path = self.ckpt.resolve(resume) if resume else None
+
+        def lock_and_plan() -> StartPlan:
+            reclaimed = self.lock.acquire()
+            plan = plan_start(cfg, self.ckpt)
+            plan.lines[:0] = [reclaimed] if reclaimed else []
+            return plan
+        plan = on_rank0(lock_and_plan, ctx.parallel.world_group)
+        for line in plan.lines if ctx.is_main else ():
+            print(line, flush=True)
         self.data = self.c.data.build(ctx)
         self.probe = Probe.build(cfg, self.data, ctx.is_main)
         padding = resolve_model_config(cfg, self.data.vocab_size)
@@ -333,7 +436,7 @@ class RuntimeEngine:
         self.monitor = TrainingMonitor(cfg, ctx, model, self.optimizer)
         self.schedule = self.c.schedule.build(ctx)
         self.forward_backward = self.c.forward_backward.build(ctx, model)
-        return resume_path
+        return plan
 
     def _start_up(self, ctx: RuntimeContext, start: int, logger) -> float:
         """The start-up lines, the compile of the blocks (now, so that a block that cannot
@@ -369,7 +472,10 @@ class RuntimeEngine:
         self._check_finite(losses, norms)
         tokens_per_step = self.data.tokens_per_step
         tokens_per_s = tokens_per_step / step_s
-        health = self.monitor.report(losses, norms[done], len(losses), self.targets, tokens_per_step)
+        try:
+            health = self.monitor.report(losses, norms[done], len(losses), self.targets, tokens_per_step)
+        except FloatingPointError as e:  # a parameter became non-finite
+            raise TrainingError(f"{e} at step {done}: {hint(self.cfg)}.") from None
         model_metrics = merge_over_pipeline(self.model.step_metrics(), ps.pp_group)  # each stage: its layers
         if self.scaler is not None:
             model_metrics.update(loss_scale=self.scaler.scale, skipped_steps=self.scaler.skipped)
@@ -379,6 +485,7 @@ class RuntimeEngine:
                           **health, **model_metrics})
         probed = self.probe.measure(self.forward_backward, ctx) if due.probe else {}
         if due.eval:
+            self.watchdog.beat(done, "eval")
             val_loss = result.val_losses[done] = self.evaluate(self.data, ctx)
             logger.log(done, {"val_loss": val_loss, "elapsed_s": time.perf_counter() - self.started,
                               **self.monitor.val_metrics(val_loss), **probed})
@@ -409,9 +516,12 @@ class RuntimeEngine:
 
     # -- checkpoints ---------------------------------------------------------------
 
-    def _save(self, step: int, ctx: RuntimeContext, val_loss: float | None, logger) -> None:
+    def _save(self, step: int, ctx: RuntimeContext, val_loss: float | None, logger, background: bool = True) -> None:
         """Every rank passes the boxes it holds (checkpoint/pieces.py): its shards and stage of
-        the model, its slices of the optimizer state, its RNG state. Each box is written once."""
+        the model, its slices of the optimizer state, its RNG state. Each box is written once.
+        background=False: written before this returns, even with checkpoint.async_save."""
+        # A save is I/O, not a step: it gets the process groups' timeout, not the step's.
+        self.watchdog.beat(step, "save", limit=ctx.cfg.parallel.timeout_s)
         cfg, ps = ctx.cfg, ctx.parallel
         model, opt, data, schedule, ckpt = self.model, self.optimizer, self.data, self.schedule, self.ckpt
         # Where the optimizer keeps a master copy (precision.master_owner=optimizer), it saves the master.
@@ -425,7 +535,7 @@ class RuntimeEngine:
             "lr_schedule": {"step": step, "next_lr": schedule.lr(step)},  # the lr the continuation starts with
             # The data position: the batch at step s is a function of (seed, s) (data/sampler.py).
             "data": {"step": step, "samples_seen": step * cfg.train.batch_size,
-                     "tokens_seen": step * data.tokens_per_step},
+                     "tokens_seen": step * data.tokens_per_step, "batch_offset": self.batch_offset},
             "loss_scaler": self.scaler.state_dict() if self.scaler is not None else None,  # fp16
             "probe": self.probe.state() if self.probe is not None else None,  # its hash, checked on resume
             "layout": {"world_size": ctx.world_size, "tp": ps.tp, "pp": ps.pp, "dp": ps.dp, "ep": ps.ep,
@@ -433,7 +543,7 @@ class RuntimeEngine:
                        "micro_batch_size": cfg.train.micro_batch(ps.dp)}}
         tokenizer = data.tokenizer.to_json() if ctx.is_main else None
         t = time.perf_counter()
-        if cfg.checkpoint.async_save:
+        if cfg.checkpoint.async_save and background:
             path = ckpt.save_async(step, pieces, objects, tokenizer)
             logger.message(f"saving checkpoint {path} in the background")
         else:
@@ -443,27 +553,61 @@ class RuntimeEngine:
 
     def _check_finite(self, losses: dict[int, float], norms: dict[int, float]) -> None:
         """Stop at the first step whose loss or gradient norm is not finite, naming it (an fp16
-        overflow, or monitoring.nonfinite=skip, skipped that step's update instead: counted)."""
-        if self.scaler is not None or self.cfg.monitoring.nonfinite == "skip":
+        overflow, or monitoring.nonfinite=skip or rollback, skipped that step's update instead)."""
+        if self.scaler is not None or self.cfg.monitoring.nonfinite != "stop":
             return
         for step in sorted(losses):
             if not (math.isfinite(losses[step]) and math.isfinite(norms[step])):
                 what = "loss" if not math.isfinite(losses[step]) else "gradient norm"
-                value = losses[step] if what == "loss" else norms[step]
-                raise FloatingPointError(f"{what} became {value} at step {step}: lower optimizer.lr, enable "
-                                         "optimizer.grad_clip, resume from an earlier checkpoint, or set "
-                                         "monitoring.nonfinite=skip to skip such steps.")
+                raise nonfinite_error(what, losses[step] if what == "loss" else norms[step], step, self.cfg)
 
-    def _resume(self, path: Path, ctx: RuntimeContext) -> int:
-        """Model, optimizer, precision and loss-scaler state, RNG; returns the step to continue from."""
-        model, opt, schedule = self.model, self.optimizer, self.schedule
-        reader: CheckpointReader = self.ckpt.load(str(path))
+    def _resume(self, plan: StartPlan, ctx: RuntimeContext) -> int:
+        """Load the first of the plan's checkpoints that every rank reads without error; returns the
+        step to continue from. A damaged one (a checksum that does not match, a missing or truncated
+        shard) is reported and the next tried, unless the user named it (plan.explicit)."""
+        problems: list[str] = []
+        for i, path in enumerate(map(Path, plan.candidates)):
+            try:
+                reader: CheckpointReader | None = self.ckpt.load(str(path))
+            except CheckpointError as e:
+                reader, problem = None, str(e)
+            if reader is not None:
+                self._check_resumable(reader, path, ctx)  # the same on every rank: a config error, raised
+                problem = None
+                try:
+                    self._load(reader, ctx)
+                except CheckpointError as e:
+                    problem = str(e)
+            found = [problem]
+            if ctx.world_size > 1:  # every rank's verdict: all load it, or all go on to the next
+                found = [None] * ctx.world_size
+                collectives.all_gather_object(found, problem, ctx.parallel.world_group)
+            bad = [f"rank {r}: {p}" if ctx.world_size > 1 else p for r, p in enumerate(found) if p]
+            if not bad:
+                if ctx.is_main:
+                    self._say_resumed(reader, path, ctx)
+                return reader.step
+            problems += bad
+            if plan.explicit:
+                raise CheckpointError(" ".join(bad))
+            if ctx.is_main:
+                following = plan.candidates[i + 1] if i + 1 < len(plan.candidates) else None
+                print(f"warning: checkpoint {path} is damaged: {' '.join(bad)}. "
+                      + (f"Falling back to {following}." if following else ""), flush=True)
+        raise CheckpointError(f"none of the {len(plan.candidates)} checkpoint(s) in {self.ckpt.dir} can be read "
+                              f"({' '.join(problems)}): restore them, or start a fresh run with --train.overwrite=true "
+                              "(which moves them aside).")
+
+    def _check_resumable(self, reader: CheckpointReader, path: Path, ctx: RuntimeContext) -> None:
         check_compatible(reader.objects["config"], ctx.cfg.to_dict(), path)
         check_resume(reader.objects.get("probe"), self.probe, path, ctx.is_main)
-        step = reader.step
-        if step >= ctx.cfg.train.max_steps:
-            raise ConfigError(f"checkpoint {path} is at step {step}, already at train.max_steps="
+        if reader.step >= ctx.cfg.train.max_steps:
+            raise ConfigError(f"checkpoint {path} is at step {reader.step}, already at train.max_steps="
                               f"{ctx.cfg.train.max_steps}: raise train.max_steps to train further.")
+
+    def _load(self, reader: CheckpointReader, ctx: RuntimeContext) -> None:
+        """Model, optimizer, precision and loss-scaler state, RNG, the data offset."""
+        model, opt = self.model, self.optimizer
         # The boxes this layout holds, read from whatever boxes the saving layout wrote.
         for piece in model_pieces(model, getattr(opt, "mastered", set())):
             reader.fill(piece)
@@ -471,6 +615,7 @@ class RuntimeEngine:
         load_precision_state(model, reader, ctx.rank)
         if self.scaler is not None and reader.objects.get("loss_scaler"):
             self.scaler.load_state_dict(reader.objects["loss_scaler"])
+        self.batch_offset = reader.objects.get("data", {}).get("batch_offset", 0)
         for kind in ("torch", "cuda"):  # this rank's generator, or rank 0's if the world was smaller
             if kind == "cuda" and ctx.device.type != "cuda":
                 continue
@@ -480,13 +625,13 @@ class RuntimeEngine:
                     torch.set_rng_state(reader.full(name))
                 else:
                     torch.cuda.set_rng_state(reader.full(name), ctx.device)
-        if ctx.is_main:
-            saved = reader.objects.get("layout", {})
-            print(f"resuming from {path} (step {step}; written by {saved.get('world_size')} processes: "
-                  + ", ".join(f"{k}={saved[k]}" for k in ("tp", "pp", "dp", "ep", "zero_stage") if k in saved) + ")",
-                  flush=True)
-            planned, now = reader.objects.get("lr_schedule", {}).get("next_lr"), schedule.lr(step)
-            if planned is not None and not math.isclose(planned, now, rel_tol=1e-9, abs_tol=1e-12):
-                print(f"note: the learning-rate schedule changed: the saved run would continue at lr {planned:.3g}, "
-                      f"this config gives {now:.3g} at step {step}", flush=True)
-        return step
+
+    def _say_resumed(self, reader: CheckpointReader, path: Path, ctx: RuntimeContext) -> None:
+        step, saved = reader.step, reader.objects.get("layout", {})
+        print(f"resuming from {path} (step {step}; written by {saved.get('world_size')} processes: "
+              + ", ".join(f"{k}={saved[k]}" for k in ("tp", "pp", "dp", "ep", "zero_stage") if k in saved) + ")",
+              flush=True)
+        planned, now = reader.objects.get("lr_schedule", {}).get("next_lr"), self.schedule.lr(step)
+        if planned is not None and not math.isclose(planned, now, rel_tol=1e-9, abs_tol=1e-12):
+            print(f"note: the learning-rate schedule changed: the saved run would continue at lr {planned:.3g}, "
+                  f"this config gives {now:.3g} at step {step}", flush=True)
