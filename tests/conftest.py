@@ -9,7 +9,7 @@ import pytest
 from nanotrain.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
-for _sub in ("unit", "parity"):  # shared tiny model configs between test files
+for _sub in ("unit", "parity", "faults"):  # shared tiny model configs between test files
     sys.path.insert(0, str(Path(__file__).resolve().parent / _sub))
 CORPUS = ROOT / "data" / "tinyshakespeare.txt"
 
@@ -33,7 +33,12 @@ def pytest_collection_modifyitems(config, items):
 
 def tiny_config(tmp_path: Path, *overrides: str):
     """A 2-layer, 32-wide model on tiny Shakespeare; everything it writes goes under tmp_path."""
-    base = [f"--data.path={CORPUS}", f"--data.prepared_dir={tmp_path / 'prepared'}",
+    return load_config(None, tiny_overrides(tmp_path) + list(overrides))
+
+
+def tiny_overrides(tmp_path: Path) -> list[str]:
+    """tiny_config's command-line overrides (for a `nanotrain train` process)."""
+    return [f"--data.path={CORPUS}", f"--data.prepared_dir={tmp_path / 'prepared'}",
             f"--train.out_dir={tmp_path / 'run'}", "--model.d_model=32", "--model.n_layers=2",
             "--model.n_heads=2", "--train.seq_len=16", "--train.batch_size=4",
             "--train.max_steps=20", "--train.eval_interval=10", "--train.eval_steps=2",
@@ -42,7 +47,6 @@ def tiny_config(tmp_path: Path, *overrides: str):
             "--train.threads=1",
             # bf16 as every test was written for; recipe=auto is machine-dependent (test_machine.py)
             "--precision.recipe=bf16", f"--train.device={os.environ.get('NANOTRAIN_TEST_DEVICE', 'cpu')}"]
-    return load_config(None, base + list(overrides))
 
 
 @pytest.fixture

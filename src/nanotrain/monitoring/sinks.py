@@ -212,8 +212,11 @@ class ConsoleProgress:
         self._live.console.print(line, markup=False, highlight=False)
 
     def message(self, text: str) -> None:
-        if self.mode == "none":
-            return
+        if self.mode != "none":
+            self.notice(text)
+
+    def notice(self, text: str) -> None:
+        """Printed whatever logging.progress says: a fault and what was done about it."""
         if self._live is None:
             print(text, flush=True)
         else:
@@ -240,6 +243,11 @@ class MetricsLogger:
             if hasattr(s, "message"):
                 s.message(text)
 
+    def notice(self, text: str) -> None:
+        for s in self.sinks:
+            if hasattr(s, "notice"):
+                s.notice(text)
+
     def close(self) -> None:
         for s in self.sinks:
             s.close()
@@ -252,6 +260,9 @@ class NullLogger:
         pass
 
     def message(self, text: str) -> None:
+        pass
+
+    def notice(self, text: str) -> None:
         pass
 
     def close(self) -> None:

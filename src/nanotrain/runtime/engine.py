@@ -381,7 +381,7 @@ class RuntimeEngine:
         self.guard.rolled_back(step, bad_step)
         first, last = step + 1 + self.batch_offset, bad_step + offset
         self.batch_offset = offset + bad_step - step
-        logger.message(f"rollback: the gradient norm was not finite at step {bad_step}; reloaded the checkpoint of "
+        logger.notice(f"rollback: the gradient norm was not finite at step {bad_step}; reloaded the checkpoint of "
                        f"step {step} and skip the batches it trained on since (data positions {first}-{last})")
         logger.log(bad_step, {"rollback_to": step, "skipped_batches": last - first + 1})
         meter.rewind(step)
@@ -400,7 +400,7 @@ class RuntimeEngine:
         import signal as signals
 
         name = signals.Signals(result.signal).name
-        logger.message(f"stopped by {name} after step {step}: saved checkpoint {self.ckpt.dir / f'step_{step:08d}'}. "
+        logger.notice(f"stopped by {name} after step {step}: saved checkpoint {self.ckpt.dir / f'step_{step:08d}'}. "
                        "Run the same command again to continue from it (checkpoint.resume=auto); "
                        f"exit code {result.exit_code}")
 

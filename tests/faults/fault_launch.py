@@ -1,0 +1,70 @@
+"""Launchers for the fault tests: training processes (tests/faults/worker.py, `nanotrain train`
+with a fault injected at a step), alone, as a hand-made gloo world, or under torchrun."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from conftest import tiny_overrides
+from nanotrain.parallel.launch import free_port
+
+WORKER = Path(__file__).with_name("worker.py")
+BIN = Path(sys.executable).parent
+
+
+def fault_args(tmp_path: Path, *overrides: str) -> list[str]:
+    """The tiny model in fp32 (fast on every CPU kind), saving every 10 steps, 40 steps."""
+    return [*tiny_overrides(tmp_path), "--precision.recipe=fp32", "--checkpoint.interval=10",
+            "--train.max_steps=40", "--logging.log_interval=1", "--monitoring.mode=minimal", *overrides]
+
+
+def _env(**extra) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **extra}
+    env.pop("RANK", None)
+    return env
+
+
+def run_one(args: list[str], timeout: float = 120) -> subprocess.CompletedProcess:
+    """One training process (no process group)."""
+    return subprocess.run([sys.executable, str(WORKER), *args], env=_env(), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def start_world(n: int, args: list[str]) -> list[subprocess.Popen]:
+    """n processes joined by the environment torchrun would give them (rank 0 hosts the store)."""
+    port = free_port()
+    return [subprocess.Popen([sys.executable, str(WORKER), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, env=_env(RANK=str(r), WORLD_SIZE=str(n), LOCAL_RANK=str(r),
+                                                 LOCAL_WORLD_SIZE=str(n), MASTER_ADDR="127.0.0.1",
+                                                 MASTER_PORT=str(port)))
+            for r in range(n)]
+
+
+def torchrun(n: int, args: list[str], *launcher: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc-per-node n [launcher options] worker.py args`."""
+    return subprocess.run([str(BIN / "torchrun"), "--standalone", f"--nproc-per-node={n}", *launcher, str(WORKER),
+                           *args], env=_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def losses(path: Path) -> dict[int, float]:
+    return {int(k): v for k, v in json.loads(path.read_text()).items()}
+
+
+def model_tensors(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """Every model/ and optim/ box a checkpoint holds, by key (for bit-exact comparisons)."""
+    out = {}
+    for f in sorted(checkpoint.glob("rank_*.safetensors")):
+        out.update({k: v for k, v in load_file(str(f)).items() if k.startswith(("model/", "optim/"))})
+    return out
+
+
+def assert_same_tensors(a: Path, b: Path) -> None:
+    ta, tb = model_tensors(a), model_tensors(b)
+    assert ta.keys() == tb.keys()
+    for k in ta:
+        assert torch.equal(ta[k], tb[k]), k

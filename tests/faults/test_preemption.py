@@ -1,0 +1,88 @@
+"""Preemption: SIGTERM or SIGINT on any rank -> the step finishes, every rank saves the same step,
+one line says how to resume, exit 128 + signal; the resumed run is bit-exact with a straight one."""
+
+import signal
+
+import pytest
+
+from fault_launch import assert_same_tensors, fault_args, losses, run_one, start_world, torchrun
+from nanotrain.runtime.preemption import Preemption
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """The uninterrupted 40 steps, one process (every layout trains the same model)."""
+    tmp = tmp_path_factory.mktemp("straight")
+    done = run_one(fault_args(tmp, "--losses", str(tmp / "losses.json")))
+    assert done.returncode == 0, done.stderr
+    return tmp
+
+
+def _check_stopped(done, code: int, name: str, run_dir, step: int = 13) -> None:
+    out = done.stdout + done.stderr
+    assert done.returncode == code, out
+    assert "Traceback" not in out
+    assert f"stopped by {name} after step {step}: saved checkpoint" in out
+    assert (run_dir / "checkpoints" / f"step_{step:08d}" / "metadata.json").is_file()
+    assert not (run_dir / ".lock").exists()
+
+
+def _check_resumed(tmp_path, straight, *world) -> None:
+    """The same command again (checkpoint.resume=auto) continues bit-exactly."""
+    args = fault_args(tmp_path, "--losses", str(tmp_path / "losses.json"))
+    done = world[0](args) if world else run_one(args)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "continuing from" in done.stdout
+    resumed, whole = losses(tmp_path / "losses.json"), losses(straight / "losses.json")
+    assert min(resumed) == 14 and resumed == {s: v for s, v in whole.items() if s >= 14}
+    assert_same_tensors(tmp_path / "run" / "checkpoints" / "step_00000040",
+                        straight / "run" / "checkpoints" / "step_00000040")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig,code", [("TERM", 143), ("INT", 130)])
+def test_a_signal_saves_the_step_and_the_run_resumes_bit_exact(tmp_path, straight, sig, code):
+    done = run_one(fault_args(tmp_path, "--fault", f"{sig}@13"))
+    _check_stopped(done, code, f"SIG{sig}", tmp_path / "run")
+    _check_resumed(tmp_path, straight)
+
+
+@pytest.mark.slow
+def test_a_signal_on_one_rank_saves_the_same_step_on_every_rank(tmp_path, straight):
+    """SIGTERM reaches rank 1 only: both ranks agree at the end of the step and save step 13."""
+    procs = start_world(2, fault_args(tmp_path, "--parallel.dp=2", "--fault", "TERM@13:rank1"))
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [143, 143], outs
+    assert all("Traceback" not in o + e for o, e in outs)
+    assert "stopped by SIGTERM after step 13" in outs[0][0]
+    ckpt = tmp_path / "run" / "checkpoints" / "step_00000013"
+    assert sorted(f.name for f in ckpt.glob("rank_*.safetensors")) == ["rank_00000.safetensors",
+                                                                       "rank_00001.safetensors"]
+    _check_resumed(tmp_path, straight, lambda args: torchrun(2, [*args, "--parallel.dp=2"]))
+
+
+@pytest.mark.slow
+def test_sigterm_to_torchrun_reaches_every_worker_and_they_save(tmp_path, straight):
+    """A scheduler's SIGTERM goes to the launcher: torchrun sends it on to its workers."""
+    done = torchrun(2, fault_args(tmp_path, "--parallel.dp=2", "--fault", "TERM@13:parent"))
+    out = done.stdout + done.stderr
+    assert done.returncode != 0, out  # torchrun reports the signal it got
+    assert "Traceback" not in out
+    assert "stopped by SIGTERM after step" in out
+    saved = sorted((tmp_path / "run" / "checkpoints").glob("step_*"))
+    assert saved and saved[-1].name >= "step_00000013"
+    assert len(list(saved[-1].glob("rank_*.safetensors"))) == 2
+
+
+def test_a_second_signal_exits_at_once(monkeypatch):
+    exits, released = [], []
+    monkeypatch.setattr("os._exit", exits.append)
+    clock = iter([100.0, 100.5, 103.0])
+    monkeypatch.setattr("nanotrain.runtime.preemption.time.monotonic", lambda: next(clock))
+    p = Preemption(None, rank=0, on_exit=lambda: released.append(True))
+    p._handle(signal.SIGINT, None)
+    assert p.agreed() == signal.SIGINT and not exits
+    p._handle(signal.SIGTERM, None)  # torchrun's SIGTERM right after a terminal's Ctrl-C: the same event
+    assert not exits
+    p._handle(signal.SIGINT, None)  # the user presses Ctrl-C again
+    assert exits == [128 + signal.SIGINT] and released == [True]

@@ -1,0 +1,60 @@
+"""A training process with a fault injected at a step, for the fault tests: `nanotrain train`, plus
+  --fault SIGNAL@STEP[:rankR][:first]   at step STEP (after its backward) rank R (default 0) sends
+                                        SIGNAL (TERM, INT, KILL, STOP) to itself; `:parent` sends it to
+                                        the parent (torchrun's agent) instead; `:first` only on the
+                                        first attempt of a torchrun --max-restarts job
+  --losses FILE                         rank 0 writes {step: loss} of this process's run as JSON
+Run directly (one process, or a world from the RANK/WORLD_SIZE/MASTER_* environment) or by torchrun."""
+
+import json
+import os
+import signal
+import sys
+
+from nanotrain.checkpoint import CheckpointError
+from nanotrain.config import ConfigError, load_config
+from nanotrain.runtime import RuntimeEngine
+from nanotrain.runtime.divergence import TrainingError
+
+
+def injector(spec: str):
+    what, _, where = spec.partition("@")
+    step, *opts = where.split(":")
+    rank = next((int(o[4:]) for o in opts if o.startswith("rank")), 0)
+    sig = getattr(signal, f"SIG{what}")
+
+    def on_grads(done, model, ctx):
+        if done != int(step) or ctx.rank != rank:
+            return
+        if "first" in opts and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+            return
+        os.kill(os.getppid() if "parent" in opts else os.getpid(), sig)
+    return on_grads
+
+
+def main(argv: list[str]) -> int:
+    fault = losses = None
+    rest = []
+    while argv:
+        arg = argv.pop(0)
+        if arg == "--fault":
+            fault = argv.pop(0)
+        elif arg == "--losses":
+            losses = argv.pop(0)
+        else:
+            rest.append(arg)
+    try:
+        cfg = load_config(None, rest)
+        result = RuntimeEngine(cfg, on_grads=injector(fault) if fault else None).run()
+    except (ConfigError, CheckpointError, TrainingError) as e:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {e}", file=sys.stderr)
+        return 1 if isinstance(e, TrainingError) else 2
+    if losses and result.rank == 0:
+        with open(losses, "w") as f:
+            json.dump(result.losses, f)
+    return result.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
