@@ -24,9 +24,8 @@ def fault_args(tmp_path: Path, *overrides: str) -> list[str]:
 
 
 def _env(**extra) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **extra}
-    env.pop("RANK", None)
-    return env
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    return {**env, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **extra}
 
 
 def run_one(args: list[str], timeout: float = 120) -> subprocess.CompletedProcess:
