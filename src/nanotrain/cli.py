@@ -4,6 +4,7 @@ only assembles library pieces."""
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 
@@ -100,9 +101,11 @@ def cmd_report(args, overrides) -> int:
         raise ConfigError(f"report takes run folders, not config overrides: {' '.join(overrides)}")
     out = Path(args.out) if args.out else Path(args.runs[0]) / "report.html"
     try:
-        path = write_report([Path(r) for r in args.runs], out)
+        path, notes = write_report([Path(r) for r in args.runs], out)
     except FileNotFoundError as e:
         raise ConfigError(str(e)) from None
+    for note in notes:
+        print(f"warning: {note}", file=sys.stderr)
     print(f"wrote {path} ({len(args.runs)} run(s))")
     return 0
 
@@ -131,8 +134,6 @@ def cmd_inspect(args, overrides) -> int:
 
     if args.config and args.hf_config:
         raise ConfigError("inspect takes --config (ours) or --hf-config (Hugging Face config.json), not both")
-    if args.micro_batch_size < 0 or args.micro_batches < 0:
-        raise ConfigError("--micro-batch-size and --micro-batches must be positive (0: the config's)")
     m, seq = model_config(args.config, args.hf_config, overrides, args.seq_len)
     # The run's config (--config), or the defaults (--hf-config: the model is HF's, the other keys
     # still apply); --layout changes its layout (parallel/layout.py) for the memory and communication plan.
@@ -153,6 +154,32 @@ def cmd_inspect(args, overrides) -> int:
     if args.out:  # to stderr: stdout stays one JSON document with --json
         print("wrote " + ", ".join(map(str, write_report(result, args.out))), file=sys.stderr)
     return 0
+
+
+# The valid range of every subcommand's numeric arguments: (least, most; None: no bound). argparse
+# only checks the type; check_numbers checks these after parsing, so that a bad value is a ConfigError
+# naming the argument like any other bad input (a negative temperature would sample the least likely
+# tokens, a negative --max-new-tokens would print the prompt alone). 0 is allowed where it means
+# something: greedy (--temperature), no filtering (--top-k), the config's (--micro-batch-size/-batches).
+NUMBER_RANGES = {
+    "--steps": (1, None), "--tolerance": (0.0, None),  # verify
+    "--max-new-tokens": (1, None), "--temperature": (0.0, None), "--top-k": (0, None),  # sample
+    "--num-samples": (1, None), "--seed": (0, 2**64 - 1),  # a torch.Generator seed is 64-bit unsigned
+    "--seq-len": (1, None), "--micro-batch-size": (0, None), "--micro-batches": (0, None),  # inspect
+}
+
+
+def check_numbers(args: argparse.Namespace) -> None:
+    """Refuse a numeric argument outside NUMBER_RANGES, NaN or infinite (float("nan") parses)."""
+    for flag, (least, most) in NUMBER_RANGES.items():
+        value = getattr(args, flag[2:].replace("-", "_"), None)
+        if value is None:  # not this subcommand's, or left to its default of "the config's"
+            continue
+        finite = not isinstance(value, float) or math.isfinite(value)  # an int is; a huge one has no float
+        if not (finite and value >= least and (most is None or value <= most)):
+            kind = "an integer" if isinstance(least, int) else "a finite number"
+            bound = f">= {least:g}" if most is None else f"in [{least}, {most}]"
+            raise ConfigError(f"{flag} {value} is out of range: it must be {kind} {bound}.")
 
 
 # One text for every command's --layout (parallel/layout.py parses it).
@@ -236,6 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, overrides = parser.parse_known_args(argv)
     try:
+        check_numbers(args)
         return args.fn(args, overrides)
     except (ConfigError, DataError, CheckpointError, OSError) as e:
         # A bad config, input or path (OSError: a folder that cannot be created or read) is the

@@ -797,12 +797,29 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 # ---------------------------------------------------------------------------
 
 def validate(cfg: Config) -> None:
-    """Each section's own check(), then the rules between sections; every problem in one error.
+    """NaN and infinities anywhere, else each section's own check(), then the rules between sections;
+    every problem in one error.
     load_config runs it after the TOML file and the overrides, so errors name the final values."""
-    errors = [e for f in dataclasses.fields(cfg) for e in getattr(cfg, f.name).check()]
-    errors += cross_checks(cfg)
+    # NaN or inf first, alone: the other rules compare numbers and would add odd messages of their own.
+    errors = nonfinite_errors(cfg)
+    if not errors:
+        errors = [e for f in dataclasses.fields(cfg) for e in getattr(cfg, f.name).check()] + cross_checks(cfg)
     if errors:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(errors))
+
+
+def nonfinite_errors(obj: Any, prefix: str = "") -> list[str]:
+    """Every float field, in every section and table, that is NaN or infinite. TOML and float()
+    read "inf" and "nan", and a rule like `lr > 0` lets inf through (nan fails every comparison,
+    so its message would say "must be positive" of a value that is not a number)."""
+    errors = []
+    for f in dataclasses.fields(obj):
+        value, key = getattr(obj, f.name), f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            errors += nonfinite_errors(value, key + ".")
+        elif isinstance(value, float) and not math.isfinite(value):
+            errors.append(f"{key}={value} is not a finite number: set a finite value (the default is {f.default}).")
+    return errors
 
 
 def cross_checks(cfg: Config) -> list[str]:

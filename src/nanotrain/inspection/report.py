@@ -27,8 +27,12 @@ def model_config(config: str | None, hf_config: str | None, overrides: list[str]
         if not path.exists():
             raise ConfigError(f"--hf-config {path} does not exist: pass a Hugging Face config.json.")
         try:
-            m = model_config_from_hf(json.loads(path.read_text()))
-        except (ValueError, KeyError) as e:
+            hf = json.loads(path.read_text())
+        except ValueError as e:
+            raise ConfigError(f"--hf-config {path} is not valid JSON ({e}).") from None
+        try:
+            m = model_config_from_hf(hf)
+        except ValueError as e:
             raise ConfigError(f"--hf-config {path}: {e}") from None
         seq = seq_len or m.max_seq_len
     else:

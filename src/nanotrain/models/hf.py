@@ -283,9 +283,15 @@ def _rope_to_hf(cfg: ModelConfig) -> dict[str, Any]:
 
 
 def _missing_keys(hf: dict[str, Any], keys: tuple[str, ...], model_type: str) -> None:
+    """The sizes a config.json must give (every one an integer), checked before they are read: a
+    hand-written or truncated file gets a named error, not a KeyError."""
     missing = [k for k in keys if hf.get(k) is None]
     if missing:
-        raise ValueError(f"{model_type} config.json lacks required fields: {', '.join(missing)}")
+        raise ValueError(f"{model_type} config lacks required fields: {', '.join(missing)}. Add them "
+                         "(transformers' save_pretrained writes them all).")
+    wrong = [f"{k}={hf[k]!r}" for k in keys if isinstance(hf[k], bool) or not isinstance(hf[k], int)]
+    if wrong:
+        raise ValueError(f"{model_type} config: {', '.join(wrong)}: these sizes must be integers.")
 
 
 def model_config_from_hf(hf_config: dict[str, Any]) -> ModelConfig:
@@ -293,6 +299,9 @@ def model_config_from_hf(hf_config: dict[str, Any]) -> ModelConfig:
 
     Raises ValueError listing every field we cannot honour, with its value."""
     hf = hf_config
+    if not isinstance(hf, dict):
+        raise ValueError(f"the config must hold one JSON object (a Hugging Face model config), not a "
+                         f"{type(hf).__name__}")
     model_type = hf.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         hint = (" (its q/k/v projections always have a bias, which this model lacks)"
@@ -649,7 +658,10 @@ def load_hf_model(folder: str | Path) -> TransformerModel:
         hf_cfg = json.loads((folder / "config.json").read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{folder / 'config.json'} is not valid JSON ({e}).") from None
-    cfg = model_config_from_hf(hf_cfg)
+    try:
+        cfg = model_config_from_hf(hf_cfg)
+    except ValueError as e:  # name the file: convert and init_from only name the folder
+        raise ValueError(f"{folder / 'config.json'}: {e}") from None
     model = build_model(cfg)
     expected = model.state_dict()  # with tied embeddings: both tok_emb.weight and head.weight
     tensors = load_hf_state_dict(folder)

@@ -9,6 +9,8 @@ from nanotrain.monitoring.sinks import (
     NullLogger,
     TensorBoardSink,
     build_logger,
+    read_metrics,
+    repair_metrics,
     tensorboard_tag,
 )
 
@@ -21,6 +23,8 @@ __all__ = [
     "build_logger",
     "mfu",
     "plot_loss_curve",
+    "read_metrics",
+    "repair_metrics",
     "tensorboard_tag",
     "transformer_flops_per_token",
 ]

@@ -6,11 +6,12 @@ checkpoints and can be opened anywhere (or pasted into a report).
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import numpy as np
+
+from .sinks import read_metrics
 
 
 def _read_series(path: Path) -> tuple[dict[int, float], dict[int, float]]:
@@ -19,13 +20,7 @@ def _read_series(path: Path) -> tuple[dict[int, float], dict[int, float]]:
     the curve shows what the surviving run did."""
     train: dict[int, float] = {}
     val: dict[int, float] = {}
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a run killed mid-write leaves a partial last line
-        if not isinstance(rec, dict) or "step" not in rec:
-            continue
+    for rec in read_metrics(path)[0]:  # unreadable lines skipped: a run killed mid-write leaves a partial one
         for key, series in (("loss", train), ("val_loss", val)):
             v = rec.get(key)
             if isinstance(v, (int, float)) and math.isfinite(v):

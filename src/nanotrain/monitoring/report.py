@@ -22,13 +22,16 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from .sinks import read_metrics  # noqa: E402
+
 
 def read_run(run_dir: Path) -> dict:
-    """{"name", "train": [row...], "val": [row...], "config": {...}} of one run folder."""
+    """{"name", "train": [row...], "val": [row...], "config": {...}, "skipped": N} of one run folder
+    (skipped: unreadable lines of its metrics.jsonl, such as the partial last line of a killed run)."""
     path = run_dir / "metrics.jsonl"
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist: pass a run folder (train.out_dir) of a run that logged.")
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows, skipped = read_metrics(path)
     by_step: dict[int, dict] = {}
     val: dict[int, dict] = {}
     for row in rows:  # a resumed run appends: the last value per step wins
@@ -38,8 +41,8 @@ def read_run(run_dir: Path) -> dict:
     name = run_dir.resolve().name
     if name in ("run", "runs", "out"):  # tests' and many users' folder names: say which run
         name = f"{run_dir.resolve().parent.name}/{name}"
-    return {"name": name, "train":
-            [by_step[s] for s in sorted(by_step)], "val": [val[s] for s in sorted(val)], "config": config}
+    return {"name": name, "train": [by_step[s] for s in sorted(by_step)], "val": [val[s] for s in sorted(val)],
+            "config": config, "skipped": skipped}
 
 
 def _series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
@@ -199,8 +202,12 @@ def _config_diff(runs) -> str:
     return f"<h2>What differs</h2><table><tr>{head}</tr>{body}</table>"
 
 
-def write_report(run_dirs: list[Path], out: Path) -> Path:
+def write_report(run_dirs: list[Path], out: Path) -> tuple[Path, list[str]]:
+    """The page, and a line for each run whose metrics.jsonl had unreadable lines (skipped)."""
     runs = [read_run(Path(d)) for d in run_dirs]
+    notes = [f"skipped {r['skipped']} unreadable line{'s' if r['skipped'] > 1 else ''} of "
+             f"{Path(d) / 'metrics.jsonl'} (a run killed mid-write leaves a partial last line)"
+             for d, r in zip(run_dirs, runs) if r["skipped"]]
     names = [r["name"] for r in runs]
     for i, r in enumerate(runs):  # distinct labels even for folders of the same name
         if names.count(r["name"]) > 1:
@@ -232,4 +239,4 @@ table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:2px 8px;fo
 {_summary(runs)}{_config_diff(runs)}<h2>Plots</h2>{figures}</body></html>"""
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(page)
-    return out
+    return out, notes

@@ -16,6 +16,7 @@ pipeline inside the logger where nobody expects it.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -39,18 +40,106 @@ def _as_number(v: Any) -> float | None:
     return None
 
 
+def _row(line: bytes) -> dict | None:
+    """One metrics.jsonl line as its row, or None if it is not one: a line cut short by a kill,
+    or anything else that is not a JSON object with an integer "step"."""
+    try:
+        row = json.loads(line)
+    except ValueError:  # JSONDecodeError and UnicodeDecodeError (a kill can cut a character) both are
+        return None
+    ok = isinstance(row, dict) and isinstance(row.get("step"), int) and not isinstance(row["step"], bool)
+    return row if ok else None
+
+
+def _lines(data: bytes) -> list[bytes]:
+    return [line for line in data.split(b"\n") if line.strip()]
+
+
+def read_metrics(path: str | Path) -> tuple[list[dict], int]:
+    """The rows of a metrics.jsonl in file order, and how many lines were skipped as unreadable
+    (a run killed mid-write leaves a partial last line). Readers (report, plot) go through here."""
+    rows = [_row(line) for line in _lines(Path(path).read_bytes())]
+    return [r for r in rows if r is not None], rows.count(None)
+
+
+def repair_metrics(path: str | Path, start: int) -> str | None:
+    """Make an existing metrics.jsonl fit a run that starts at step `start`, before it appends:
+    drop unreadable lines (a kill's partial last line, the odd broken line) and the rows of steps
+    past `start` (logged after the checkpoint the run resumes from: the resumed run logs those
+    steps again). start=0 is a fresh run: the file starts anew (what is there is a run's that was
+    killed before its first checkpoint). Rewritten atomically (tmp + os.replace) when anything is
+    dropped, or the last line lacks its newline; returns the warning to show, None if nothing was dropped."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    data = path.read_bytes()
+    lines = _lines(data)
+    rows = [_row(line) for line in lines]
+    kept = [line for line, row in zip(lines, rows) if row is not None and start > 0 and row["step"] <= start]
+    bad = rows.count(None)
+    beyond = len(rows) - bad - len(kept)
+    if not bad and not beyond and (not data or data.endswith(b"\n")):
+        return None
+    _atomic_write(path, b"".join(line + b"\n" for line in kept))  # a lost last newline comes back
+    return _repair_warning(path, lines, rows, beyond, start)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    """A temporary file, synced, then os.replace: a kill during the repair leaves the old file or the
+    new one, never half of one."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _plural(n: int, what: str) -> str:
+    return f"{n} {what}{'s' if n > 1 else ''}"
+
+
+def _repair_warning(path: Path, lines: list[bytes], rows: list, beyond: int, start: int) -> str | None:
+    """One line: what repair_metrics dropped, and why."""
+    dropped = []
+    partial = bool(rows) and rows[-1] is None
+    if partial:
+        shown = lines[-1].decode("utf-8", "replace")
+        dropped.append(f"a partial last line ({shown[:40]!r}{'...' if len(shown) > 40 else ''})")
+    other = rows[:-1].count(None) if partial else rows.count(None)
+    if other:
+        dropped.append(_plural(other, "unreadable line") + (" before it" if partial else ""))
+    if beyond and start > 0:
+        dropped.append(f"{_plural(beyond, 'row')} past step {start}, where this run resumes "
+                       "(logged after that checkpoint; they are logged again)")
+    elif beyond:
+        dropped.append(f"{_plural(beyond, 'row')} of a run that stopped before its first "
+                       "checkpoint (a run from step 0 starts the file anew)")
+    return f"warning: {path}: dropped {', '.join(dropped)}." if dropped else None
+
+
 class JSONLSink:
     """One JSON object per line: {"step": 100, "loss": 2.31, ...}.
 
     Append mode, so a resumed run continues the same file (the plot keeps the
-    last value per step). Flushed on every write, so a crash loses nothing
-    that was logged. Non-finite floats are written as NaN/Infinity, as Python's
-    json does: a diverged loss is exactly what the log must show.
+    last value per step). Flushed on every write, so a crash loses at most the
+    line being written; given `start` (the step the run starts at), the sink
+    first repairs what a killed run left (repair_metrics) and prints a warning
+    to stderr saying what it dropped. Non-finite floats are written as
+    NaN/Infinity, as Python's json does: a diverged loss is exactly what the
+    log must show.
     """
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, start: int | None = None):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        warning = repair_metrics(self.path, start) if start is not None else None
+        if warning:
+            print(warning, file=sys.stderr, flush=True)
         self._f = open(self.path, "a", encoding="utf-8")
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
@@ -277,7 +366,7 @@ def build_logger(logging_cfg, out_dir: str | Path, total_steps: int, start_step:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     sinks: list = [ConsoleProgress(total_steps, start_step, logging_cfg.progress),
-                   JSONLSink(out_dir / "metrics.jsonl")]
+                   JSONLSink(out_dir / "metrics.jsonl", start_step)]
     if logging_cfg.tensorboard:
         sinks.append(TensorBoardSink(out_dir / "tensorboard"))
     return MetricsLogger(sinks)
