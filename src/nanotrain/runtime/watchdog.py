@@ -81,6 +81,7 @@ class Watchdog:
     # -- the thread ----------------------------------------------------------------------
 
     def _watch(self) -> None:
+        self._publish()
         while not self._stop.wait(self.period):
             elapsed = time.monotonic() - self.since
             if elapsed > (self.phase_limit or self.limit):
