@@ -272,7 +272,7 @@ class RuntimeEngine:
             self.on_grads(step + 1, model, ctx)
         if report:
             monitor.before_update(scale)
-        skip = scale is not None or ctx.cfg.monitoring.nonfinite == "skip"
+        skip = scale is not None or ctx.cfg.monitoring.nonfinite != "stop"  # skip, rollback
         # Unless the step is skipped, the optimizer's post-step hooks follow the update (the MoE
         # routers' bias step: components.register_moe_load_balancing_hook).
         stats = opt.step(lr, scale, skip_nonfinite=skip)

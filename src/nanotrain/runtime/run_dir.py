@@ -33,7 +33,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..checkpoint import CheckpointManager
+from ..checkpoint import CheckpointError, CheckpointManager
 from ..config import Config, ConfigError
 from ..parallel import collectives
 
@@ -164,18 +164,18 @@ def plan_start(cfg: Config, ckpt: CheckpointManager) -> StartPlan:
 
 
 def on_rank0(fn, world) -> object:
-    """fn() on rank 0, its result (or its ConfigError, re-raised) on every rank: ranks that wait
+    """fn() on rank 0, its result (or its named error, re-raised) on every rank: ranks that wait
     for rank 0's decision must not hang when it fails."""
     outcome = None
     if collectives.rank(world) == 0:
         try:
             outcome = ("ok", fn())
-        except ConfigError as e:
-            outcome = ("error", str(e))
+        except (ConfigError, CheckpointError, OSError) as e:
+            outcome = ("error", e)
     if collectives.size(world) > 1:
         everyone = [None] * collectives.size(world)
         collectives.all_gather_object(everyone, outcome, world)
         outcome = everyone[0]
     if outcome[0] == "error":
-        raise ConfigError(outcome[1])
+        raise outcome[1]
     return outcome[1]

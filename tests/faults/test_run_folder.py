@@ -1,0 +1,115 @@
+"""One run per folder: checkpoint.resume=auto, the refusal to mix a fresh run into another run's
+folder, train.overwrite's archive, and the out_dir lock."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import tiny_config
+from fault_launch import fault_args, run_one
+from nanotrain.checkpoint import CheckpointError
+from nanotrain.config import ConfigError
+from nanotrain.runtime import RuntimeEngine
+from nanotrain.runtime.run_dir import LOCK, RunLock
+
+FP32 = ("--precision.recipe=fp32", "--checkpoint.interval=10")
+
+
+def _run(tmp_path, *overrides):
+    return RuntimeEngine(tiny_config(tmp_path, *FP32, *overrides)).run()
+
+
+def _files(folder):
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_the_issue_sequence_keeps_every_checkpoint(tmp_path):
+    """30 steps, then the same command at max_steps=10, then at 40: nothing is deleted, `latest`
+    always names a checkpoint, and the last run continues the first."""
+    _run(tmp_path, "--train.max_steps=30")
+    with pytest.raises(ConfigError, match="step 30, already at train.max_steps=10"):
+        _run(tmp_path, "--train.max_steps=10")
+    ckpts = tmp_path / "run" / "checkpoints"
+    assert (ckpts / "latest").read_text().strip() == "step_00000030"
+    result = _run(tmp_path, "--train.max_steps=40")
+    assert min(result.losses) == 31 and result.final_step == 40
+
+
+def test_resume_auto_starts_fresh_then_continues(tmp_path, capsys):
+    assert min(_run(tmp_path, "--train.max_steps=10").losses) == 1
+    assert "checkpoint.resume=auto: no checkpoint in" in capsys.readouterr().out
+    assert min(_run(tmp_path, "--train.max_steps=20").losses) == 11
+    assert "checkpoint.resume=auto: continuing from" in capsys.readouterr().out
+
+
+def test_a_fresh_run_in_a_used_folder_is_refused_before_writing_anything(tmp_path):
+    _run(tmp_path, "--train.max_steps=10")
+    before = _files(tmp_path / "run")
+    with pytest.raises(ConfigError, match=r"holds another run's checkpoints.*--checkpoint.resume=auto.*"
+                                          r"--train.out_dir.*--train.overwrite=true"):
+        _run(tmp_path, "--train.max_steps=10", "--checkpoint.resume=")
+    assert _files(tmp_path / "run") == before
+
+
+def test_overwrite_archives_the_old_run_and_starts_fresh(tmp_path, capsys):
+    _run(tmp_path, "--train.max_steps=10")
+    old = _files(tmp_path / "run")
+    result = _run(tmp_path, "--train.max_steps=10", "--train.overwrite=true")
+    assert min(result.losses) == 1
+    archived = [p for p in tmp_path.iterdir() if p.name.startswith("run.archived-")]
+    assert len(archived) == 1 and _files(archived[0]) == old
+    assert "moved the previous run" in capsys.readouterr().out
+    with pytest.raises(ConfigError, match="keep one of them"):
+        _run(tmp_path, "--train.overwrite=true", "--checkpoint.resume=latest")
+
+
+def test_a_live_lock_stops_the_run_and_a_dead_one_is_reclaimed(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (run_dir / LOCK).write_text(json.dumps({"pid": holder.pid, "host": os.uname().nodename, "started": "x"}))
+        with pytest.raises(ConfigError, match=f"in use by another run \\(pid {holder.pid}.*delete .*{LOCK}"):
+            _run(tmp_path, "--train.max_steps=10")
+        assert sorted(p.name for p in run_dir.iterdir()) == [LOCK]  # nothing written
+    finally:
+        holder.kill()
+        holder.wait()
+    result = _run(tmp_path, "--train.max_steps=10")  # the holder is gone: its lock is stale
+    assert result.final_step == 10
+    assert f"reclaimed the lock on {run_dir} left by pid {holder.pid}" in capsys.readouterr().out
+    assert not (run_dir / LOCK).exists()  # released at the end
+
+
+def test_the_lock_is_released_when_the_run_fails(tmp_path):
+    with pytest.raises(CheckpointError, match="no checkpoint at"):
+        _run(tmp_path, "--checkpoint.resume=latest")  # no checkpoint: fails after taking the lock
+    assert not (tmp_path / "run" / LOCK).exists()
+    lock = RunLock(tmp_path / "run")
+    assert lock.acquire() is None and lock.held
+    with pytest.raises(ConfigError, match="in use"):
+        RunLock(tmp_path / "run").acquire()
+    lock.release()
+    assert not (tmp_path / "run" / LOCK).exists()
+
+
+@pytest.mark.slow
+def test_two_runs_started_on_one_folder(tmp_path):
+    """The second stops with the named error before writing; the first's metrics stay in order."""
+    first = subprocess.Popen([sys.executable, "-m", "nanotrain", "train", *fault_args(tmp_path, "--train.max_steps=300")],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lock = tmp_path / "run" / LOCK
+    for _ in range(300):
+        if lock.exists():
+            break
+        time.sleep(0.1)
+    second = run_one(fault_args(tmp_path))
+    out, err = first.communicate(timeout=120)
+    assert second.returncode == 2 and "is in use by another run" in second.stderr
+    assert first.returncode == 0, err
+    steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps)
