@@ -28,10 +28,26 @@ group, in the same order, as the collective API requires). A DeviceMesh of
 shape (pp, dp, tp) would give the same groups; writing the lists out shows
 the layout. Each is held as a collectives.Group (its name, size, this rank, and the run's
 communication meter), which is what every collective of the project takes.
+
+Restarts (`torchrun --max-restarts N`): by default torchrun's agent hosts one TCPStore for the
+whole job and every round of workers joins it (TORCHELASTIC_USE_AGENT_STORE=True; the store is
+created once, in the first rendezvous round: torch/distributed/elastic/rendezvous/
+dynamic_rendezvous.py next_rendezvous, and static_tcp_rendezvous.py likewise). A process group
+writes its connection details under fixed keys (gloo: each rank's address for each peer, under
+"default_pg/0//cpu//0/<rank>"), so after a restart a new worker can read the address a dead worker of
+the previous round left there, connect to a closed port, and fail ("Gloo connectFullMesh
+failed ... Connection refused"; NCCL fails the same way on a stale unique id: pytorch/pytorch
+issue 135712). init_parallel therefore joins that shared store under a prefix named by the
+restart count (TORCHELASTIC_RESTART_COUNT), so each round starts with no keys. The count is kept
+by each node's agent: one machine always agrees with itself; on several machines a restart
+that one agent does not count (a node joining) would give the nodes different prefixes, and
+there TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (a fresh store each round, hosted by rank 0, which
+needs no prefix and gets none) is the safer setting.
 """
 
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass
 
@@ -151,19 +167,22 @@ def backend_for(device_type: str) -> str:
     return "nccl" if device_type == "cuda" else "gloo"
 
 
-def init_parallel(layout: Layout, device_type: str = "cpu", meter=None) -> ParallelState:
+def init_parallel(layout: Layout, device_type: str = "cpu", meter=None, timeout_s: float = 300.0) -> ParallelState:
     """Join the process group started by torchrun (or the test launcher) and build every group.
 
     With a world of one and no torchrun environment, no process group is created:
     single-process runs need none. `meter` (monitoring.comm.CommMeter): the run's communication
-    meter, which every group reports its collectives to while it counts.
+    meter, which every group reports its collectives to while it counts. `timeout_s`
+    (parallel.timeout_s): how long joining the group, and then any collective, may wait for the
+    other ranks before it fails.
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     check_layout(layout, world_size)
     if world_size == 1 and not dist.is_initialized():
         return ParallelState(layout)
+    timeout = datetime.timedelta(seconds=timeout_s)
     if not dist.is_initialized():
-        dist.init_process_group(backend_for(device_type))
+        _init_process_group(backend_for(device_type), timeout)
     state = ParallelState(layout, rank=dist.get_rank(), meter=meter,
                           world_group=Group("world", None, world_size, dist.get_rank(), meter))
     at = state.global_rank
@@ -179,10 +198,22 @@ def init_parallel(layout: Layout, device_type: str = "cpu", meter=None) -> Paral
     if layout.pp > 1:
         groups["embd"] = [[at(t, d, 0), at(t, d, layout.pp - 1)] for t in T for d in D]
     for name, ranks in groups.items():
-        mine, _ = dist.new_subgroups_by_enumeration(ranks, backend=backend_for(device_type))
+        mine, _ = dist.new_subgroups_by_enumeration(ranks, timeout=timeout, backend=backend_for(device_type))
         group = Group(name, mine, dist.get_world_size(mine), dist.get_rank(mine), meter)
         setattr(state, f"{name}_group", group)
     return state
+
+
+def _init_process_group(backend: str, timeout: datetime.timedelta) -> None:
+    """init_process_group from the environment (env://). Under a torchrun agent that shares its
+    store across restarts, under a prefix of this round's own (see the module docstring)."""
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if restart is None or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        dist.init_process_group(backend, timeout=timeout)
+        return
+    store, rank, world_size = next(dist.rendezvous("env://", timeout=timeout))
+    store = dist.PrefixStore(f"nanotrain/restart{restart}", store)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
 
 
 def barrier() -> None:
