@@ -61,7 +61,7 @@ class LocalBootstrap:
         try:
             # The run's communication meter: the groups report to it, the monitor switches it on
             # for each training step (monitoring/comm.py).
-            parallel = init_parallel(Layout.from_config(cfg), device.type, CommMeter())
+            parallel = init_parallel(Layout.from_config(cfg), device.type, CommMeter(), cfg.parallel.timeout_s)
         except ValueError as e:
             raise ConfigError(str(e)) from None
         if cfg.train.threads:
