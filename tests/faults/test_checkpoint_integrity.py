@@ -56,8 +56,8 @@ def test_truncated_file_is_named_before_hashing(tmp_path):
     folder = _save(tmp_path)
     path = folder / "rank_00000.safetensors"
     path.write_bytes(path.read_bytes()[:-8])
-    with pytest.raises(CorruptCheckpointError, match=r"rank_00000.safetensors has \d+ bytes, metadata.json "
-                                                     r"recorded \d+: it is truncated or was replaced"):
+    with pytest.raises(CorruptCheckpointError, match=r"rank_00000.safetensors is damaged: it has \d+ bytes, "
+                                                     r"metadata.json recorded \d+ \(truncated or replaced\)"):
         load_checkpoint(tmp_path).full("model/w")
 
 

@@ -168,8 +168,8 @@ class CheckpointReader:
         path = self.folder / name
         size = path.stat().st_size
         if size != record["bytes"]:
-            raise CorruptCheckpointError(f"checkpoint file {path} has {size} bytes, metadata.json recorded "
-                                         f"{record['bytes']}: it is truncated or was replaced; resume from an "
+            raise CorruptCheckpointError(f"checkpoint file {path} is damaged: it has {size} bytes, metadata.json "
+                                         f"recorded {record['bytes']} (truncated or replaced); resume from an "
                                          "earlier checkpoint.")
         found = file_digest(path)
         if found != record[HASH]:
