@@ -84,3 +84,45 @@ def test_missing_shard_is_named(saved, tmp_path):
     (copy / "rank_00002.safetensors").unlink()
     with pytest.raises(CheckpointError, match=r"missing 1 shard file\(s\): rank_00002.safetensors"):
         CheckpointReader(copy)
+
+
+def test_every_rank_file_has_its_checksum(saved):
+    folder, _ = saved
+    files = json.loads((folder / "metadata.json").read_text())["files"]
+    assert sorted(files) == [f"rank_0000{r}.safetensors" for r in range(4)]
+    assert all(files[f]["bytes"] == (folder / f).stat().st_size for f in files)
+    assert not [p.name for p in folder.iterdir() if p.name.startswith(".")]  # the ranks' checksum files are gone
+    CheckpointReader(folder).verify_all()
+
+
+def _save_with_rank1_disk_full(folder):
+    """Both ranks save; rank 1's write fails. Returns (error, seconds until it was raised)."""
+    import errno
+    import time
+
+    import torch.distributed as dist
+
+    from nanotrain.checkpoint import CheckpointManager, manager, whole
+
+    def full(tensors, path):
+        raise OSError(errno.ENOSPC, "No space left on device", path)
+
+    rank = dist.get_rank()
+    mgr = CheckpointManager(folder, commit_timeout_s=120)
+    if rank == 1:
+        manager.save_file = full
+    t0 = time.monotonic()
+    try:
+        mgr.save(1, [whole(f"rng/torch/rank{rank}", torch.ones(4))], {})
+    except CheckpointError as e:
+        return str(e), time.monotonic() - t0
+    return None, time.monotonic() - t0
+
+
+def test_a_rank_whose_write_fails_stops_rank_0_waiting(tmp_path):
+    (error0, seconds0), (error1, _) = run_world(_save_with_rank1_disk_full, 2, str(tmp_path))
+    expected = (f"no space left on device writing checkpoint step 1 to {tmp_path} (rank 1); no earlier checkpoint "
+                "exists: free space or set checkpoint.dir to another disk.")
+    assert error0 == expected and error1 == expected
+    assert seconds0 < 60  # not the 120 s commit timeout
+    assert list(tmp_path.iterdir()) == []  # rank 0 removed the temporary folder

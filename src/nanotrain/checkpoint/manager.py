@@ -11,11 +11,15 @@ A save, on every rank:
      ranks (a replicated weight on every dp rank, a tp-replicated norm) is assigned to one
      of them, spread round-robin, so each value is written once.
   2. each rank copies its assigned boxes to CPU (the snapshot: training may go on) and
-     writes them to <tmp>/rank_<r>.safetensors, renamed into place when complete.
-  3. rank 0 waits for every rank's file, writes metadata.json, renames the temporary folder
-     to step_<n> (atomic within one file system), then replaces `latest` the same way and
-     keeps only the newest checkpoint.keep_last.
-A crash anywhere before the rename leaves the previous checkpoint and `latest` intact.
+     writes them to <tmp>/rank_<r>.safetensors, renamed into place when complete. It hashes
+     the file first and leaves the checksum beside it (<tmp>/.rank_<r>.safetensors.json).
+  3. rank 0 waits for every rank's file, writes metadata.json (with every file's checksum),
+     renames the temporary folder to step_<n> (atomic within one file system), then replaces
+     `latest` the same way and keeps only the newest checkpoint.keep_last (and always the one
+     `latest` names).
+A crash anywhere before the rename leaves the previous checkpoint and `latest` intact. A write
+that fails (a full disk) raises a CheckpointError on the rank it failed on; that rank leaves a
+<tmp>/.rank_<r>.failed marker, so rank 0 stops waiting, removes the temporary folder and raises too.
 With checkpoint.async_save, steps 2 and 3 run on a background thread. As with
 torch.distributed.checkpoint's FileSystemWriter, all ranks must see one shared folder.
 
@@ -25,8 +29,10 @@ so restoring the step restores the data stream.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import shutil
 import threading
 import time
@@ -34,12 +40,13 @@ from pathlib import Path
 from typing import Any
 
 import torch.distributed as dist
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from ..parallel import collectives
 from .pieces import Piece
 from .storage import (FORMAT_VERSION, METADATA, TOKENIZER, CheckpointError, CheckpointReader, build_metadata,
-                      chunk_key, dtype_name, rank_file)
+                      chunk_key, dtype_name, file_record, rank_file)
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -52,6 +59,22 @@ def _rank_world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def _reason(e: BaseException) -> str:
+    """Why a write failed, in words. safetensors' writer (Rust) reports an I/O error as
+    SafetensorError text ending in '(os error 28)', not as an OSError with an errno."""
+    code = e.errno if isinstance(e, OSError) else None
+    found = re.search(r"os error (\d+)", str(e))
+    code = int(found.group(1)) if code is None and found else code
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        return "no space left on device"
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
+def _sidecar(rank: int, kind: str) -> str:
+    """The hidden file a rank leaves for rank 0's commit: 'json' (its file's checksum) or 'failed'."""
+    return f".{rank_file(rank)}.{kind}"
 
 
 def assign_owners(entries_per_rank: list[list[tuple]]) -> dict[tuple, int]:
@@ -104,6 +127,8 @@ class CheckpointManager:
             self._writer = None
         if self._error is not None:
             error, self._error = self._error, None
+            if isinstance(error, CheckpointError):  # already says what failed and what to do
+                raise error
             raise CheckpointError(f"saving a checkpoint in the background failed: {error}") from error
 
     def _prepare(self, step: int, pieces: list[Piece], objects: dict[str, Any], tokenizer: str | None):
@@ -113,7 +138,10 @@ class CheckpointManager:
         final, tmp = self.dir / f"step_{step:08d}", self.dir / f".tmp_step_{step:08d}"
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)  # a save that was killed half-way
-            tmp.mkdir(parents=True)
+            try:
+                tmp.mkdir(parents=True)
+            except OSError as e:  # (the other ranks then wait in the exchange until the launcher stops them)
+                raise self._failed(step, 0, tmp, e) from e
         entries = [(p.name, p.offsets, p.sizes, p.shape, dtype_name(p.tensor.dtype)) for p in pieces]
         everyone = [entries]
         if world > 1:  # also a barrier: rank 0 has made the folder when this returns
@@ -124,40 +152,99 @@ class CheckpointManager:
                 for p in pieces if owners[p.key] == rank}
         meta = None
         if rank == 0:
-            meta = {"format_version": FORMAT_VERSION, "step": step, "world_size": world, "objects": objects,
-                    "tensors": build_metadata([e for r in everyone for e in r], dict(owners))}
-            meta = json.dumps(meta, indent=1)  # serialised now: objects may change while the thread runs
+            meta = {"format_version": FORMAT_VERSION, "step": step, "world_size": world, "files": {},
+                    "objects": objects, "tensors": build_metadata([e for r in everyone for e in r], dict(owners))}
+            meta = json.loads(json.dumps(meta))  # a copy: objects may change while the thread runs
 
         def write():
-            part = tmp / f".{rank_file(rank)}.part"
-            save_file(mine, str(part))
-            os.replace(part, tmp / rank_file(rank))
-            if rank == 0:
-                self._commit(step, tmp, final, world, meta, tokenizer)
+            try:
+                self._write_rank(tmp, rank, mine)
+                if rank == 0:
+                    self._commit(step, tmp, final, world, meta, tokenizer)
+            except (OSError, SafetensorError, CheckpointError) as e:
+                raise self._failed(step, rank, tmp, e) from e
 
         return write
 
-    def _commit(self, step: int, tmp: Path, final: Path, world: int, meta: str, tokenizer: str | None) -> None:
+    def _write_rank(self, tmp: Path, rank: int, tensors: dict) -> None:
+        """This rank's file and, beside it, its checksum for rank 0's commit (the file appears last)."""
+        part = tmp / f".{rank_file(rank)}.part"
+        save_file(tensors, str(part))
+        # Hashed from the file (just written, so in the page cache): not from bytes in memory,
+        # which would hold a second copy of this rank's whole state.
+        (tmp / _sidecar(rank, "json")).write_text(json.dumps(file_record(part)))
+        os.replace(part, tmp / rank_file(rank))
+
+    def _failed(self, step: int, rank: int, tmp: Path, e: BaseException) -> CheckpointError:
+        """The error for a write that failed on this rank, after leaving the marker (rank > 0) or
+        removing the temporary folder (rank 0), both best effort: the disk may be full."""
+        if isinstance(e, CheckpointError):  # rank 0's commit saw another rank fail, or time out
+            shutil.rmtree(tmp, ignore_errors=True)
+            return e
+        if rank and not tmp.is_dir():  # rank 0 gave the save up after another rank's write failed
+            return CheckpointError(f"checkpoint step {step} was abandoned while rank {rank} wrote it: another "
+                                   "rank's write failed, and its error says why.")
+        reason = _reason(e)
+        try:
+            if rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                (tmp / f".{rank_file(rank)}.part").unlink(missing_ok=True)
+                (tmp / _sidecar(rank, "failed")).write_text(reason)
+        except OSError:
+            pass
+        return self._write_error(step, reason, rank)
+
+    def _write_error(self, step: int, reason: str, rank: int) -> CheckpointError:
+        try:
+            name = (self.dir / "latest").read_text().strip()
+        except OSError:
+            name = None
+        kept = (f"the previous checkpoint ({name}) is intact and `latest` still names it" if name
+                else "no earlier checkpoint exists")
+        fix = "free space" if reason == "no space left on device" else "fix that"
+        who = f" (rank {rank})" if rank else ""
+        return CheckpointError(f"{reason} writing checkpoint step {step} to {self.dir}{who}; {kept}: {fix} or set "
+                               "checkpoint.dir to another disk.")
+
+    def _commit(self, step: int, tmp: Path, final: Path, world: int, meta: dict, tokenizer: str | None) -> None:
         deadline = time.monotonic() + self.commit_timeout_s
         for r in range(world):
             while not (tmp / rank_file(r)).is_file():
+                if (tmp / _sidecar(r, "failed")).is_file():  # its own error names the cause; stop waiting
+                    raise self._write_error(step, (tmp / _sidecar(r, "failed")).read_text(), r)
                 if time.monotonic() > deadline:
                     raise CheckpointError(f"rank {r} did not write its part of checkpoint step {step} within "
                                           f"{self.commit_timeout_s:.0f} s; the previous checkpoint stays `latest`.")
                 time.sleep(0.02)
+            sidecar = tmp / _sidecar(r, "json")
+            meta["files"][rank_file(r)] = json.loads(sidecar.read_text())
+            sidecar.unlink()
         if tokenizer is not None:
             (tmp / TOKENIZER).write_text(tokenizer)
-        (tmp / METADATA).write_text(meta)  # last: a folder without it is never read
+        (tmp / METADATA).write_text(json.dumps(meta, indent=1))  # last: a folder without it is never read
         if final.exists():  # re-saving the same step (e.g. a resumed run's final save)
             shutil.rmtree(final)
         os.replace(tmp, final)
         _atomic_write_text(self.dir / "latest", final.name + "\n")
-        self._prune()
+        try:
+            self._prune(final)
+        except OSError:  # the checkpoint is saved and named: an old one left behind does no harm
+            pass
 
-    def _prune(self) -> None:
+    def _prune(self, written: Path) -> None:
+        """Keep the newest keep_last checkpoints by step, and always the one just written and the
+        one `latest` names. Steps alone are not enough: a folder reused by a new run still holds
+        the old run's checkpoints, whose higher steps would otherwise push out the new run's only
+        checkpoint, the one it would resume from."""
         done = sorted(p for p in self.dir.glob("step_*") if (p / METADATA).is_file())
-        for old in done[: max(0, len(done) - self.keep_last)]:
-            shutil.rmtree(old, ignore_errors=True)
+        latest = self.dir / "latest"
+        keep = set(done[-self.keep_last:]) | {written}
+        if latest.is_file():
+            keep.add(self.dir / latest.read_text().strip())
+        for old in done:
+            if old not in keep:
+                shutil.rmtree(old, ignore_errors=True)
 
     # -- loading ---------------------------------------------------------------------
 
