@@ -1,11 +1,13 @@
-"""Checkpoint integrity: a damaged shard file is caught by its checksum when read and named;
-checkpoints from before checksums still load; pruning never deletes the checkpoint to resume from."""
+"""Checkpoint integrity: a damaged shard file is caught by its checksums when read and named;
+checkpoint.resume=auto falls back to the previous checkpoint; checkpoints from before checksums
+still load; pruning never deletes the checkpoint to resume from."""
 
 import json
 from pathlib import Path
 
 import pytest
 import torch
+import xxhash
 
 from nanotrain.checkpoint import (CheckpointError, CheckpointManager, CheckpointReader, CorruptCheckpointError,
                                   load_checkpoint, whole)
@@ -27,12 +29,12 @@ def _damage(path, size=4096):
         f.write(garbage)
 
 
-def test_checksums_are_recorded_per_file(tmp_path):
+def test_checksums_are_recorded_per_chunk_and_sizes_per_file(tmp_path):
     folder = _save(tmp_path)
     meta = json.loads((folder / "metadata.json").read_text())
-    record = meta["files"]["rank_00000.safetensors"]
-    assert set(record) == {"xxh3_128", "bytes"} and len(record["xxh3_128"]) == 32
-    assert record["bytes"] == (folder / "rank_00000.safetensors").stat().st_size
+    assert meta["files"]["rank_00000.safetensors"] == {"bytes": (folder / "rank_00000.safetensors").stat().st_size}
+    chunk = meta["tensors"]["model/w"]["chunks"][0]
+    assert chunk["xxh3_128"] == xxhash.xxh3_128_hexdigest(torch.linspace(-1, 1, 1 << 16).numpy().tobytes())
     assert sorted(p.name for p in folder.iterdir()) == ["metadata.json", "rank_00000.safetensors"]  # no sidecars
 
 
@@ -43,10 +45,10 @@ def test_damaged_file_is_named_when_filled(tmp_path):
     assert not torch.equal(torch.cat([unchecked.full("model/w"), unchecked.full("optim/exp_avg/w")]),
                            torch.cat([torch.linspace(-1, 1, 1 << 16), torch.full((1 << 16,), 0.25)]))
     reader = load_checkpoint(tmp_path)  # opening reads metadata.json only
-    with pytest.raises(CorruptCheckpointError, match=r"rank_00000.safetensors is damaged: its xxh3_128 is "
+    with pytest.raises(CorruptCheckpointError, match=r"rank_00000.safetensors is damaged: \S+@0 has xxh3_128 "
                                                      r"[0-9a-f]{12}…, metadata.json recorded [0-9a-f]{12}…; "
                                                      r"resume from an earlier checkpoint") as err:
-        reader.full("model/w")
+        reader.full("model/w"), reader.full("optim/exp_avg/w")
     assert "\n" not in str(err.value) and isinstance(err.value, CheckpointError)
     with pytest.raises(CorruptCheckpointError, match="is damaged"):
         CheckpointReader(folder).verify_all()
@@ -78,8 +80,26 @@ def test_resume_from_a_damaged_checkpoint_names_the_file(make_config):
     RuntimeEngine(make_config(*common, "--train.max_steps=5")).run()
     folder = Path(make_config().train.out_dir) / "checkpoints" / "step_00000005"
     _damage(folder / "rank_00000.safetensors", size=256)  # a tiny model: its file is ~40 KB
-    with pytest.raises(CorruptCheckpointError, match=f"{folder / 'rank_00000.safetensors'} is damaged"):
+    with pytest.raises(CheckpointError, match=f"{folder / 'rank_00000.safetensors'} is damaged"):
         RuntimeEngine(make_config(*common, "--train.max_steps=10", "--checkpoint.resume=latest")).run()
+
+
+def test_resume_auto_falls_back_to_the_previous_checkpoint(make_config, capsys):
+    """4 KiB of finite garbage in the newest checkpoint: resume=auto warns, naming the file, and
+    continues from the one before, as the run that saved it would have."""
+    common = ["--checkpoint.interval=5", "--train.eval_interval=0", "--schedule.decay_steps=20",
+              "--precision.recipe=fp32", "--checkpoint.keep_last=3"]
+    straight = RuntimeEngine(make_config(*common, "--train.max_steps=15",
+                                         f"--train.out_dir={make_config().train.out_dir}_straight")).run()
+    RuntimeEngine(make_config(*common, "--train.max_steps=10")).run()
+    damaged = Path(make_config().train.out_dir) / "checkpoints" / "step_00000010" / "rank_00000.safetensors"
+    _damage(damaged, size=256)
+    resumed = RuntimeEngine(make_config(*common, "--train.max_steps=15")).run()
+    out = capsys.readouterr().out
+    assert f"warning: checkpoint {damaged.parent} is damaged: checkpoint file {damaged} is damaged" in out
+    assert "Falling back to" in out and "step_00000005" in out
+    assert min(resumed.losses) == 6
+    assert resumed.losses == {s: v for s, v in straight.losses.items() if s >= 6}
 
 
 def test_prune_keeps_the_new_runs_checkpoint_among_an_old_runs_higher_steps(tmp_path):

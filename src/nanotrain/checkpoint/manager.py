@@ -12,8 +12,9 @@ A save, on every rank:
      of them, spread round-robin, so each value is written once.
   2. each rank copies its assigned boxes to CPU (the snapshot: training may go on) and
      writes them to <tmp>/rank_<r>.safetensors, renamed into place when complete. It hashes
-     the file first and leaves the checksum beside it (<tmp>/.rank_<r>.safetensors.json).
-  3. rank 0 waits for every rank's file, writes metadata.json (with every file's checksum),
+     each box first and leaves the checksums and the file's size beside it
+     (<tmp>/.rank_<r>.safetensors.json).
+  3. rank 0 waits for every rank's file, writes metadata.json (with every box's checksum),
      renames the temporary folder to step_<n> (atomic within one file system), then replaces
      `latest` the same way and keeps only the newest checkpoint.keep_last (and always the one
      `latest` names).
@@ -46,7 +47,7 @@ from safetensors.torch import save_file
 from ..parallel import collectives
 from .pieces import Piece
 from .storage import (FORMAT_VERSION, METADATA, TOKENIZER, CheckpointError, CheckpointReader, build_metadata,
-                      chunk_key, dtype_name, file_record, rank_file)
+                      HASH, chunk_key, dtype_name, rank_file, tensor_digest)
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -167,12 +168,13 @@ class CheckpointManager:
         return write
 
     def _write_rank(self, tmp: Path, rank: int, tensors: dict) -> None:
-        """This rank's file and, beside it, its checksum for rank 0's commit (the file appears last)."""
+        """This rank's file and, beside it, its boxes' checksums and its size for rank 0's commit
+        (the file appears last)."""
         part = tmp / f".{rank_file(rank)}.part"
+        digests = {key: tensor_digest(t) for key, t in tensors.items()}  # the snapshot, as written
         save_file(tensors, str(part))
-        # Hashed from the file (just written, so in the page cache): not from bytes in memory,
-        # which would hold a second copy of this rank's whole state.
-        (tmp / _sidecar(rank, "json")).write_text(json.dumps(file_record(part)))
+        record = {"bytes": part.stat().st_size, "chunks": digests}
+        (tmp / _sidecar(rank, "json")).write_text(json.dumps(record))
         os.replace(part, tmp / rank_file(rank))
 
     def _failed(self, step: int, rank: int, tmp: Path, e: BaseException) -> CheckpointError:
@@ -209,6 +211,7 @@ class CheckpointManager:
 
     def _commit(self, step: int, tmp: Path, final: Path, world: int, meta: dict, tokenizer: str | None) -> None:
         deadline = time.monotonic() + self.commit_timeout_s
+        digests: dict[str, dict[str, str]] = {}
         for r in range(world):
             while not (tmp / rank_file(r)).is_file():
                 if (tmp / _sidecar(r, "failed")).is_file():  # its own error names the cause; stop waiting
@@ -218,8 +221,13 @@ class CheckpointManager:
                                           f"{self.commit_timeout_s:.0f} s; the previous checkpoint stays `latest`.")
                 time.sleep(0.02)
             sidecar = tmp / _sidecar(r, "json")
-            meta["files"][rank_file(r)] = json.loads(sidecar.read_text())
+            record = json.loads(sidecar.read_text())
+            meta["files"][rank_file(r)] = {"bytes": record["bytes"]}
+            digests[rank_file(r)] = record["chunks"]
             sidecar.unlink()
+        for t in meta["tensors"].values():
+            for chunk in t["chunks"]:
+                chunk[HASH] = digests[chunk["file"]][chunk["key"]]
         if tokenizer is not None:
             (tmp / TOKENIZER).write_text(tokenizer)
         (tmp / METADATA).write_text(json.dumps(meta, indent=1))  # last: a folder without it is never read
