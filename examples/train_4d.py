@@ -24,6 +24,7 @@ import sys
 
 from nanotrain.checkpoint import CheckpointError
 from nanotrain.config import ConfigError, load_config
+from nanotrain.parallel.collectives import CollectiveError
 from nanotrain.runtime import RuntimeEngine
 from nanotrain.runtime.divergence import TrainingError
 
@@ -53,10 +54,10 @@ def main(argv: list[str]) -> None:
         sys.exit(2)
     try:
         result = RuntimeEngine(cfg).run()
-    except (ConfigError, CheckpointError, TrainingError) as e:  # named: one line, not 8 tracebacks
-        if os.environ.get("RANK", "0") == "0":
+    except (ConfigError, CheckpointError, TrainingError, CollectiveError) as e:  # one line, not 8 tracebacks
+        if os.environ.get("RANK", "0") == "0" or isinstance(e, CollectiveError):  # a lost peer: each survivor
             print(f"error: {e}", file=sys.stderr)
-        sys.exit(2 if not isinstance(e, TrainingError) else 1)
+        sys.exit(2 if isinstance(e, (ConfigError, CheckpointError)) else 1)
     if result.signal:  # preempted: a checkpoint was saved; 143 (SIGTERM) or 130 (Ctrl-C)
         sys.exit(result.exit_code)
     if result.rank == 0 and result.val_losses:

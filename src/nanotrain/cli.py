@@ -258,6 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .parallel.collectives import CollectiveError
     from .runtime.divergence import TrainingError
 
     parser = build_parser()
@@ -271,6 +272,9 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("RANK", "0") == "0":  # under torchrun every process fails alike: say it once
             print(f"error: {e}", file=sys.stderr)
         return 2
+    except CollectiveError as e:  # another rank is gone: every survivor says so (one line each), 1
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except TrainingError as e:  # the run diverged: named, with what to change; 1, as any failed run
         if os.environ.get("RANK", "0") == "0":
             print(f"error: {e}", file=sys.stderr)

@@ -19,6 +19,7 @@ def test_a_killed_rank_restarts_from_the_newest_checkpoint_bit_exact(tmp_path):
     assert done.returncode == 0, out
     assert "continuing from" in out and "step_00000020" in out  # the second attempt resumed
     assert "connectFullMesh" not in out
+    assert "Traceback" not in out  # the survivor of the first attempt says in one line that its peer is gone
     after = losses(restarted / "losses.json")
     assert min(after) == 21
     assert after == {s: v for s, v in losses(straight / "losses.json").items() if s >= 21}

@@ -13,6 +13,7 @@ import sys
 
 from nanotrain.checkpoint import CheckpointError
 from nanotrain.config import ConfigError, load_config
+from nanotrain.parallel.collectives import CollectiveError
 from nanotrain.runtime import RuntimeEngine
 from nanotrain.runtime.divergence import TrainingError
 
@@ -46,10 +47,10 @@ def main(argv: list[str]) -> int:
     try:
         cfg = load_config(None, rest)
         result = RuntimeEngine(cfg, on_grads=injector(fault) if fault else None).run()
-    except (ConfigError, CheckpointError, TrainingError) as e:
-        if os.environ.get("RANK", "0") == "0":
+    except (ConfigError, CheckpointError, TrainingError, CollectiveError) as e:
+        if os.environ.get("RANK", "0") == "0" or isinstance(e, CollectiveError):
             print(f"error: {e}", file=sys.stderr)
-        return 1 if isinstance(e, TrainingError) else 2
+        return 2 if isinstance(e, (ConfigError, CheckpointError)) else 1
     if losses and result.rank == 0:
         with open(losses, "w") as f:
             json.dump(result.losses, f)

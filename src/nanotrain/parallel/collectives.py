@@ -96,6 +96,25 @@ def _nbytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
+class CollectiveError(RuntimeError):
+    """A collective failed because another rank is gone (dead, or stalled past parallel.timeout_s):
+    one line naming the collective and this rank, instead of gloo's traceback on every survivor."""
+
+
+def _lost(e: BaseException, label: tuple[str, str]) -> BaseException:
+    """The CollectiveError for a transport failure (gloo's and NCCL's are RuntimeErrors whose text
+    names them), else `e` itself: a bug stays a bug."""
+    text = str(e)
+    if not (isinstance(e, getattr(dist, "DistError", ())) or any(
+            w in text for w in ("gloo", "NCCL", "Connection reset", "Connection closed", "Timed out", "timed out"))):
+        return e
+    first = next((ln.strip() for ln in text.splitlines() if ln.strip()), type(e).__name__)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    return CollectiveError(f"rank {rank}: {label[0]}({label[1]}) failed: {first[:200]} -- another rank died or stalled "
+                           "(its own log says why); with checkpoint.resume=auto, running the job again (or torchrun "
+                           "--max-restarts) continues from the newest checkpoint.")
+
+
 class InFlight:
     """The collective this process is blocked in, if any: what the watchdog (runtime/watchdog.py)
     names when a step stalls (torch's NCCL flight recorder keeps the same record, for CUDA only).
@@ -119,6 +138,8 @@ class _Watched:
         InFlight.now = (*self.label, time.monotonic())
         try:
             return self.work.wait(*args, **kwargs)
+        except RuntimeError as e:
+            raise _lost(e, self.label) from None
         finally:
             InFlight.now = None
 
@@ -136,6 +157,8 @@ def _metered(group, nbytes: int, call, op: str = "collective"):
     start = time.perf_counter()
     try:
         out = call()
+    except RuntimeError as e:
+        raise _lost(e, label) from None
     finally:
         InFlight.now = None
         if meter is not None and meter.on:
