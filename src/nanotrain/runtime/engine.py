@@ -491,7 +491,10 @@ class RuntimeEngine:
                               **self.monitor.val_metrics(val_loss), **probed})
         elif probed:
             logger.log(done, probed)
-        if due.save:  # every rank writes its own part
+        if due.save and self.guard.in_row:  # the same on every rank: the norm is global
+            logger.notice(f"not saving step {done}: its update and the {len(self.guard.in_row) - 1} before it were "
+                          "skipped for a non-finite gradient norm; a diverging model is not checkpointed")
+        elif due.save:  # every rank writes its own part
             self._save(done, ctx, result.last_val_loss, logger)
 
     def _finish(self, result: RunResult, meter: StepMeter, start: int, ctx: RuntimeContext) -> None:
