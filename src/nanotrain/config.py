@@ -476,14 +476,16 @@ class CheckpointConfig:
     async_save: bool = False  # write on a background thread while training goes on (rank 0)
     # Start from these weights (fresh optimizer, step 0): a Hugging Face folder, a
     # `nanotrain convert --from-hf` folder, or a training checkpoint. "": initialise from seed.
+    # With resume=auto, only while the run's folder holds no checkpoint (a restarted run resumes).
     init_from: str = ""
 
     def check(self) -> list[str]:
         return _failed([
             (self.interval >= 0, f"checkpoint.interval={self.interval} must be >= 0 (0: save at the end only)."),
-            (not (self.init_from and self.resume), "checkpoint.init_from and checkpoint.resume are both set: resume "
-                                                   "continues a run (weights, optimizer, step); init_from starts a "
-                                                   "new one from weights. Keep one."),
+            (not (self.init_from and self.resume not in ("", "auto")),
+             f"checkpoint.init_from and checkpoint.resume={self.resume!r} are both set: resume continues a run "
+             "(weights, optimizer, step); init_from starts a new one from weights. Keep one (with resume=auto, "
+             "init_from is used when the run's folder holds no checkpoint yet)."),
             (self.keep_last >= 1, f"checkpoint.keep_last={self.keep_last} must be >= 1."),
         ])
 

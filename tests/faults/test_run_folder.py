@@ -27,14 +27,18 @@ def _files(folder):
     return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def test_the_issue_sequence_keeps_every_checkpoint(tmp_path):
+def test_the_issue_sequence_keeps_every_checkpoint(tmp_path, capsys):
     """30 steps, then the same command at max_steps=10, then at 40: nothing is deleted, `latest`
     always names a checkpoint, and the last run continues the first."""
     _run(tmp_path, "--train.max_steps=30")
-    with pytest.raises(ConfigError, match="step 30, already at train.max_steps=10"):
-        _run(tmp_path, "--train.max_steps=10")
     ckpts = tmp_path / "run" / "checkpoints"
+    saved = sorted(p.name for p in ckpts.iterdir())
+    assert _run(tmp_path, "--train.max_steps=10").final_step == 30  # resume=auto: the run is complete
+    assert "is complete: its newest checkpoint is at step 30, train.max_steps=10" in capsys.readouterr().out
+    assert sorted(p.name for p in ckpts.iterdir()) == saved
     assert (ckpts / "latest").read_text().strip() == "step_00000030"
+    with pytest.raises(ConfigError, match="step 30, already at train.max_steps=10"):  # named explicitly: an error
+        _run(tmp_path, "--train.max_steps=10", "--checkpoint.resume=latest")
     result = _run(tmp_path, "--train.max_steps=40")
     assert min(result.losses) == 31 and result.final_step == 40
 
@@ -113,3 +117,15 @@ def test_two_runs_started_on_one_folder(tmp_path):
     assert first.returncode == 0, err
     steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(steps)
+
+
+def test_init_from_starts_the_run_and_a_restart_resumes_it(tmp_path, capsys):
+    """checkpoint.init_from with resume=auto: the weights start a fresh run; once that run has a
+    checkpoint, running the same command again continues it (a preempted fine-tune is not restarted)."""
+    source = _run(tmp_path / "source", "--train.max_steps=10")
+    common = (f"--checkpoint.init_from={source.out_dir}", "--schedule.decay=constant")
+    first = _run(tmp_path, *common, "--train.max_steps=10")
+    assert min(first.losses) == 1 and first.losses[1] < source.losses[1]  # started from trained weights
+    again = _run(tmp_path, *common, "--train.max_steps=20")
+    assert min(again.losses) == 11
+    assert "checkpoint.resume=auto: continuing from" in capsys.readouterr().out

@@ -309,6 +309,12 @@ class RuntimeEngine:
         t = ctx.cfg.train
         plan = self._build(ctx)
         start = self._resume(plan, ctx) if plan.candidates else 0
+        if start >= t.max_steps:  # resume=auto in a finished run: nothing to do (a restart after the last save)
+            if ctx.is_main:
+                print(f"the run in {ctx.out_dir} is complete: its newest checkpoint is at step {start}, "
+                      f"train.max_steps={t.max_steps}. Nothing to train: raise train.max_steps to continue it, or "
+                      "pass --train.overwrite=true to start over.", flush=True)
+            return RunResult(out_dir=ctx.out_dir, final_step=start, rank=ctx.rank)
         if ctx.is_main:
             write_run_config(ctx)
         self.throughput = Throughput.of(ctx)
@@ -424,7 +430,8 @@ class RuntimeEngine:
         if padding and ctx.is_main:
             print(padding, flush=True)
         model = self.c.model.build(ctx)
-        if cfg.checkpoint.init_from:  # weights from elsewhere, then a fresh run from step 0
+        # Weights from elsewhere, then a fresh run from step 0; a run that has checkpoints resumes instead.
+        if cfg.checkpoint.init_from and not plan.candidates:
             from ..models.hf import init_from
 
             try:
@@ -575,7 +582,9 @@ class RuntimeEngine:
             except CheckpointError as e:
                 reader, problem = None, str(e)
             if reader is not None:
-                self._check_resumable(reader, path, ctx)  # the same on every rank: a config error, raised
+                self._check_resumable(reader, path, plan.explicit, ctx)  # the same on every rank: raised
+                if reader.step >= ctx.cfg.train.max_steps:  # resume=auto: the run is complete; nothing to load
+                    return reader.step
                 problem = None
                 try:
                     self._load(reader, ctx)
@@ -601,10 +610,10 @@ class RuntimeEngine:
                               f"({' '.join(problems)}): restore them, or start a fresh run with --train.overwrite=true "
                               "(which moves them aside).")
 
-    def _check_resumable(self, reader: CheckpointReader, path: Path, ctx: RuntimeContext) -> None:
+    def _check_resumable(self, reader: CheckpointReader, path: Path, explicit: bool, ctx: RuntimeContext) -> None:
         check_compatible(reader.objects["config"], ctx.cfg.to_dict(), path)
         check_resume(reader.objects.get("probe"), self.probe, path, ctx.is_main)
-        if reader.step >= ctx.cfg.train.max_steps:
+        if explicit and reader.step >= ctx.cfg.train.max_steps:
             raise ConfigError(f"checkpoint {path} is at step {reader.step}, already at train.max_steps="
                               f"{ctx.cfg.train.max_steps}: raise train.max_steps to train further.")
 
