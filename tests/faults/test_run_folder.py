@@ -123,7 +123,8 @@ def test_init_from_starts_the_run_and_a_restart_resumes_it(tmp_path, capsys):
     """checkpoint.init_from with resume=auto: the weights start a fresh run; once that run has a
     checkpoint, running the same command again continues it (a preempted fine-tune is not restarted)."""
     source = _run(tmp_path / "source", "--train.max_steps=10")
-    common = (f"--checkpoint.init_from={source.out_dir}", "--schedule.decay=constant")
+    weights = source.out_dir / "checkpoints" / "step_00000010"
+    common = (f"--checkpoint.init_from={weights}", "--schedule.decay=constant")
     first = _run(tmp_path, *common, "--train.max_steps=10")
     assert min(first.losses) == 1 and first.losses[1] < source.losses[1]  # started from trained weights
     again = _run(tmp_path, *common, "--train.max_steps=20")
