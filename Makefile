@@ -26,16 +26,17 @@ data: setup
 	$(PY) -m nanotrain prepare --config $(CONFIG)
 
 # The default demo: the DeepSeek-shaped model (MLA + MoE) on tiny Shakespeare in 4D,
-# tp=2 x pp=2 x dp=2 with ep=2: 8 gloo processes under torchrun (3-4 minutes on 2 cores from a
+# tp=2 x pp=2 x dp=2 with ep=2: 8 gloo processes under torchrun (nanotrain.torchrun: torchrun that ends
+# a Ctrl-C with one line, after the workers saved) (3-4 minutes on 2 cores from a
 # fresh clone, README), then a sample from its checkpoint. `make train-dp` is the nanoGPT-sized
 # character model, data parallel over NPROC processes.
 train: data
-	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --standalone --nproc-per-node 8 \
+	OMP_NUM_THREADS=1 $(PY) -m nanotrain.torchrun --standalone --nproc-per-node 8 \
 		examples/train_4d.py --config configs/deepseek_tiny.toml $(ARGS)
 	$(PY) -m nanotrain sample --config configs/deepseek_tiny.toml --prompt "ROMEO:" --max-new-tokens 300
 
 train-dp: data
-	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --standalone --nproc-per-node $(NPROC) \
+	OMP_NUM_THREADS=1 $(PY) -m nanotrain.torchrun --standalone --nproc-per-node $(NPROC) \
 		-m nanotrain train --config $(CONFIG) --parallel.dp=$(NPROC) $(ARGS)
 	$(PY) -m nanotrain sample --config $(CONFIG) --prompt "ROMEO:" --max-new-tokens 300
 

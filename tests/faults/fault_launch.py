@@ -44,10 +44,13 @@ def start_world(n: int, args: list[str]) -> list[subprocess.Popen]:
             for r in range(n)]
 
 
-def torchrun(n: int, args: list[str], *launcher: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    """`torchrun --standalone --nproc-per-node n [launcher options] worker.py args`."""
-    return subprocess.run([str(BIN / "torchrun"), "--standalone", f"--nproc-per-node={n}", *launcher, str(WORKER),
-                           *args], env=_env(), capture_output=True, text=True, timeout=timeout)
+def torchrun(n: int, args: list[str], *launcher: str, timeout: float = 300,
+             ours: bool = False) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc-per-node n [launcher options] worker.py args` (ours: through
+    `python -m nanotrain.torchrun`, which ends on a signal without torchrun's traceback)."""
+    command = [sys.executable, "-m", "nanotrain.torchrun"] if ours else [str(BIN / "torchrun")]
+    return subprocess.run([*command, "--standalone", f"--nproc-per-node={n}", *launcher, str(WORKER), *args],
+                          env=_env(), capture_output=True, text=True, timeout=timeout)
 
 
 def losses(path: Path) -> dict[int, float]:
