@@ -44,16 +44,11 @@ import torch.distributed as dist
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
+from ..atomic import atomic_write
 from ..parallel import collectives
 from .pieces import Piece
 from .storage import (FORMAT_VERSION, METADATA, TOKENIZER, CheckpointError, CheckpointReader, build_metadata,
                       HASH, chunk_key, dtype_name, rank_file, tensor_digest)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _rank_world() -> tuple[int, int]:
@@ -234,7 +229,7 @@ class CheckpointManager:
         if final.exists():  # re-saving the same step (e.g. a resumed run's final save)
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _atomic_write_text(self.dir / "latest", final.name + "\n")
+        atomic_write(self.dir / "latest", final.name + "\n")
         try:
             self._prune(final)
         except OSError:  # the checkpoint is saved and named: an old one left behind does no harm

@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +28,7 @@ from typing import Callable
 
 import numpy as np
 
+from nanotrain.atomic import atomic_write
 from nanotrain.config import DataConfig
 from nanotrain.data.tokenizer import AnyTokenizer, DataError, build_tokenizer, load_tokenizer, text_chunks
 
@@ -101,10 +101,10 @@ def prepare_data(cfg: DataConfig, seq_len: int, log: Callable[[str], None] = pri
     }
     out.mkdir(parents=True, exist_ok=True)
     (out / "meta.json").unlink(missing_ok=True)  # from here on, the folder is "not prepared"
-    _atomic_write(out / "train.bin", ids[:n_train].tofile)
-    _atomic_write(out / "val.bin", ids[n_train:].tofile)
-    _atomic_write(out / "tokenizer.json", lambda f: f.write(tok.to_json().encode("utf-8")))
-    _atomic_write(out / "meta.json", lambda f: f.write(json.dumps(meta, indent=2).encode("utf-8")))
+    atomic_write(out / "train.bin", ids[:n_train].tofile)
+    atomic_write(out / "val.bin", ids[n_train:].tofile)
+    atomic_write(out / "tokenizer.json", lambda f: f.write(tok.to_json().encode("utf-8")))
+    atomic_write(out / "meta.json", lambda f: f.write(json.dumps(meta, indent=2).encode("utf-8")))
 
     note = ""
     if cfg.tokenizer == "bpe" and tok.vocab_size < cfg.vocab_size:
@@ -202,20 +202,6 @@ def _encode(tok: AnyTokenizer, text: str, dtype: np.dtype) -> np.ndarray:
     while group := list(itertools.islice(chunks, 16)):
         parts += [np.asarray(ids, dtype=dtype) for ids in tok.encode_batch(group)]
     return np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
-
-
-def _atomic_write(path: Path, write: Callable) -> None:
-    """Write via a temp file in the same folder + os.replace: readers see the old or the new file, never half."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _load_if_current(out: Path, fingerprint: str) -> PreparedData | None:

@@ -16,11 +16,11 @@ pipeline inside the logger where nobody expects it.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
+from ..atomic import atomic_write
 
 
 def _to_plain(v: Any) -> Any:
@@ -80,23 +80,8 @@ def repair_metrics(path: str | Path, start: int) -> str | None:
     beyond = len(rows) - bad - len(kept)
     if not bad and not beyond and (not data or data.endswith(b"\n")):
         return None
-    _atomic_write(path, b"".join(line + b"\n" for line in kept))  # a lost last newline comes back
+    atomic_write(path, b"".join(line + b"\n" for line in kept))  # a lost last newline comes back
     return _repair_warning(path, lines, rows, beyond, start)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """A temporary file, synced, then os.replace: a kill during the repair leaves the old file or the
-    new one, never half of one."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _plural(n: int, what: str) -> str:
