@@ -565,6 +565,11 @@ class TrainConfig:
     # failing block stops the run there, named). Compiled kernels round differently from
     # eager ones: compare a compiled run with a compiled run.
     compile: bool = False
+    # Activation recomputation (nanotrain/recompute.py): what each block keeps for backward and
+    # recomputes there. none; selective (keeps matmul outputs and attention's core, recomputes norms,
+    # activations, RoPE; for MLA also the up-projections); full (keeps each block's input only).
+    recompute: Literal["none", "selective", "full"] = "none"
+    recompute_layers: int = 0  # full: recompute the first N blocks of each pipeline chunk; 0: all
     # A fresh run (checkpoint.resume="") in an out_dir that holds another run's checkpoints: false
     # stops with an error; true moves the old run aside to <out_dir>.archived-<time> first.
     overwrite: bool = False
@@ -588,6 +593,8 @@ class TrainConfig:
             (self.eval_interval >= 0,
              f"train.eval_interval={self.eval_interval} must be >= 0 (0: evaluate at the end only)."),
             (self.threads >= 0, f"train.threads={self.threads} must be >= 0 (0: PyTorch's default)."),
+            (self.recompute_layers >= 0,
+             f"train.recompute_layers={self.recompute_layers} must be >= 0 (0: every block of each chunk)."),
             (self.step_timeout_s >= 0,
              f"train.step_timeout_s={self.step_timeout_s} must be >= 0 (0: 10 x the median step, at least 60 s)."),
             (bool(self.out_dir), "train.out_dir is empty: name a folder for the run's outputs."),

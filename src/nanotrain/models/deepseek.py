@@ -21,6 +21,7 @@ from ..config import ModelConfig, whole_sequence_errors
 from ..layers import RMSNorm
 from ..parallel.expert_parallel import ExpertParallel
 from ..parallel.tensor_parallel import TensorParallel
+from ..recompute import recomputing
 from .mla import MLAttention
 from .mlp import GatedMLP
 from .moe import ExpertParallelMoE, LocalRoutedMoE
@@ -63,7 +64,7 @@ class DeepSeekBlock(nn.Module):
     def forward(self, x: torch.Tensor, rope) -> torch.Tensor:
         x = x + self.dropout(self.attn(self.attn_norm(x), rope))
         x = x + self.dropout(self.mlp(self.mlp_norm(x)))
-        if self.training and self.is_moe:
+        if self.training and self.is_moe and not recomputing():  # a recomputed forward counts once
             # Tokens per expert summed over the step's micro-batches, for the bias update
             # after the optimizer step. Kept here, in the block, so that a pipeline stage
             # (which runs blocks, not DeepSeekModel.forward) counts its layers too.
@@ -169,8 +170,8 @@ class DeepSeekModel(TransformerModel):
 
             x = self.embed(input_ids)
             rope = self.rope_tables()
-            for layer in self.layers.values():
-                x = layer(x, rope)
+            for position, layer in enumerate(self.layers.values()):
+                x = self.recompute.run(layer, position, x, rope)
             out = self.output(x, targets, loss_denominator)
             denom = loss_denominator if loss_denominator is not None else count_targets(targets)
             # Same denominator as the main loss (DESIGN, invariant 3), weighted lambda / depth.

@@ -54,6 +54,7 @@ from torch import nn
 from ..layers import Linear, RMSNorm
 from ..parallel.collectives import copy_to_region, gather_seq
 from ..parallel.tensor_parallel import TensorParallel, column_linear, row_linear
+from ..recompute import mark_up_projection
 from .rope import apply_rope, deinterleave, rope_tables, yarn_mscale
 
 
@@ -81,6 +82,11 @@ class MLAttention(nn.Module):
         self.kv_norm = RMSNorm(kv_lora_rank, norm_eps)
         self.wkv_b = column_linear(kv_lora_rank, n_heads * (qk_nope_head_dim + v_head_dim), False, init_std, tp)
         self.wo = row_linear(n_heads * v_head_dim, d_model, False, out_std, tp)
+        # train.recompute=selective recomputes the up-projections (their per-head outputs are far
+        # larger than the compressed latents they come from), as DeepSeek-V3 does (recompute.py).
+        for up in (getattr(self, "wq_b", None), self.wkv_b):
+            if up is not None:
+                mark_up_projection(up)
         # YaRN's temperature: DeepSeek puts mscale(factor, mscale_all_dim) on both q and k
         # (hence squared) through the softmax scale, because only the rope channels see
         # cos/sin; it then leaves cos/sin a factor of mscale/mscale_all_dim (1 in V3).

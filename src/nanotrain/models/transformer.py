@@ -20,6 +20,7 @@ from ..parallel.collectives import gather_last
 from ..parallel.expert_parallel import ExpertParallel
 from ..parallel.pipeline.stage import Stage
 from ..parallel.tensor_parallel import TensorParallel, vocab_embedding, vocab_head, vocab_parallel_cross_entropy
+from ..recompute import NONE, Recompute
 from .attention import Attention
 from .mlp import make_mlp
 from .rope import rotary_tables
@@ -46,6 +47,7 @@ class TransformerModel(nn.Module):
     tensor-parallel; the model's code is otherwise the same under every layout."""
 
     stage: Stage | None = None  # set by keep_stage on a pipeline rank; None: the whole model
+    recompute: Recompute = NONE  # train.recompute (recompute.py): set by the runtime
 
     def __init__(self, cfg: ModelConfig, tp: TensorParallel | None = None, ep: ExpertParallel | None = None):
         super().__init__()
@@ -111,8 +113,8 @@ class TransformerModel(nn.Module):
         """
         x = self.embed(input_ids) if self.stage is None or self.stage.is_first_chunk(chunk) else input_ids
         rope = self.rope_tables()
-        for layer in self.chunk_layers(chunk):
-            x = layer(x, rope)
+        for position, layer in enumerate(self.chunk_layers(chunk)):
+            x = self.recompute.run(layer, position, x, rope)
         if self.stage is not None and not self.stage.is_last_chunk(chunk):
             return x  # hidden states, for the next pipeline chunk
         return self.output(x, targets, loss_denominator)

@@ -31,6 +31,7 @@ from torch import nn
 
 from ..compiling import eager
 from ..parallel import collectives
+from ..recompute import recomputing
 
 
 SUMS = ("ent_sum", "ent_n", "res_sq", "res_n", "res_out", "norm_sq", "norm_n")
@@ -106,7 +107,8 @@ class Internals:
 
     def _timed(self, i: int, fn, *args) -> None:
         start = time.perf_counter()
-        self._add(i, fn(*args))
+        with torch.no_grad():  # figures, not part of the graph: nothing kept for backward
+            self._add(i, fn(*args))
         self.spent += time.perf_counter() - start
 
     def _add(self, i: int, stats: dict[str, torch.Tensor]) -> None:
@@ -192,6 +194,10 @@ def _attention_probe(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, scale: f
 @eager
 def _record(module: nn.Module, fn, *args) -> None:
     internals, i = module.monitor_owner
+    if recomputing():  # backward recomputing the block (train.recompute): the first forward recorded it.
+        with torch.no_grad():  # The same ops run, as the recompute must (recompute.py), and are dropped.
+            fn(*args)
+        return
     internals._timed(i, fn, *args)
 
 

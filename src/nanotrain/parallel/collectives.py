@@ -56,6 +56,7 @@ import torch
 import torch.distributed as dist
 
 from ..compiling import eager
+from ..recompute import recomputing
 
 SEQ_DIM = 1
 
@@ -161,8 +162,8 @@ def _metered(group, nbytes: int, call, op: str = "collective"):
         raise _lost(e, label) from None
     finally:
         InFlight.now = None
-        if meter is not None and meter.on:
-            meter.add(group.name, nbytes, time.perf_counter() - start)
+        if meter is not None and meter.on:  # a block recomputed in backward: real traffic, labelled
+            meter.add(group.name + ("/recompute" if recomputing() else ""), nbytes, time.perf_counter() - start)
     if out is None:
         return out
     if meter is not None and meter.on:

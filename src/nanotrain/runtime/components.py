@@ -31,6 +31,7 @@ from ..parallel.zero import ZeroOptimizer
 from ..precision.lowbit import apply_lowbit
 from ..precision.master import Dtypes
 from ..precision.policy import AUTOCAST, apply_policy
+from ..recompute import Recompute
 from .contracts import RuntimeComponents, RuntimeContext
 from .allocator import keep_freed_memory
 from .machine import resolve_precision
@@ -179,6 +180,7 @@ class TransformerProvider:
         for module in model.modules():
             if isinstance(module, Attention):
                 module.core_dtype = core
+        model.recompute = Recompute(ctx.cfg.train.recompute, ctx.cfg.train.recompute_layers)  # recompute.py
         model.gemm_policy = apply_policy(model, ctx.cfg.precision)  # which recipe each GEMM runs in
         model = model.to(ctx.device)
         try:  # persistent fp8/NF4 weights; the optimizer moves the values into them
