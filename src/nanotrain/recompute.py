@@ -20,15 +20,16 @@ that keep nothing but the input, and backward replays it, with the RNG state of 
 saved or recomputed by the op's kind (torch's selective activation checkpointing, as torchtitan's
 "op" mode). Both recompute inside the backward of the same rank, so every layout (tp with sp, pp,
 ep, ZeRO) recomputes the same collectives in the same order on every rank: a recomputed tp
-all-gather is real traffic, and the communication meter counts it under "<group>/recompute".
+all-gather is real traffic, and the communication meter counts it under "<group>_recompute"
+(metrics.jsonl: comm/tp_recompute_mb).
 
 What runs twice must count once. While backward recomputes, `recomputing()` is true, and:
   - the training monitor's hooks and attention probe record nothing (monitoring/internals.py);
   - MoE layers add nothing to the step's expert load (the router-bias update) or statistics;
   - fp8 delayed scaling adds no amax to its history and replays the scale the first forward
     used (a tape per recomputed region: under 1F1B another micro-batch's forward runs in between).
-Each still runs its ops (and drops what they give): selective mode matches the recomputed ops to
-the first forward's by their order.
+Their ops run outside selective mode's op recorder (unrecorded()), which matches the recomputed
+ops to the first forward's by their order.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import _disable_current_modes
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 MODES = ("none", "selective", "full")
@@ -58,17 +60,23 @@ def recomputing() -> bool:
     return Region.now is not None and Region.now.replaying
 
 
+def unrecorded():
+    """Ops that are bookkeeping, not the block's computation (the monitor's figures, an fp8 amax):
+    hidden from selective mode's op recorder, which matches the recomputed ops to the first
+    forward's by their order, so that the recompute may skip them."""
+    return _disable_current_modes() if Region.now is not None else contextlib.nullcontext()
+
+
 def replayed(value_fn):
     """value_fn() in a block's first forward (kept on its region's tape), the kept value when the
-    block is recomputed; outside a recomputed region, value_fn(). The replay still runs value_fn
-    (and drops its result): selective mode matches the recomputed ops to the first forward's by
-    their order, so the recompute must run the same ones."""
+    block is recomputed; outside a recomputed region, value_fn()."""
     region = Region.now
-    value = value_fn()
     if region is None:
-        return value
+        return value_fn()
     if region.replaying:
         return region.tape.pop(0)
+    with unrecorded():
+        value = value_fn()
     region.tape.append(value)
     return value
 

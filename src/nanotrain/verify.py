@@ -146,6 +146,9 @@ def verify(cfg: Config, layout: str, steps: int = 10, tolerance: float = 1e-5, p
 
     with tempfile.TemporaryDirectory(prefix="nanotrain-verify-") as tmp:
         ref_cfg = reference_config(cfg, steps, f"{tmp}/reference", precision)
+        # The reference keeps every activation: recomputation (train.recompute) is a memory trade that
+        # must not change the model, so a layout that recomputes is checked against one that does not.
+        ref_cfg.train.recompute = "none"
         par_cfg = layout_config(reference_config(cfg, steps, f"{tmp}/layout", precision), layout)
         ref = train_and_capture(dataclasses.asdict(ref_cfg))
         world = Layout.from_config(par_cfg).world_size

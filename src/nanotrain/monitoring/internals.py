@@ -31,7 +31,7 @@ from torch import nn
 
 from ..compiling import eager
 from ..parallel import collectives
-from ..recompute import recomputing
+from ..recompute import recomputing, unrecorded
 
 
 SUMS = ("ent_sum", "ent_n", "res_sq", "res_n", "res_out", "norm_sq", "norm_n")
@@ -107,7 +107,9 @@ class Internals:
 
     def _timed(self, i: int, fn, *args) -> None:
         start = time.perf_counter()
-        with torch.no_grad():  # figures, not part of the graph: nothing kept for backward
+        # Figures, not the model's computation: nothing kept for backward, nothing for recompute.py's
+        # selective mode to match in the recompute (which skips them).
+        with torch.no_grad(), unrecorded():
             self._add(i, fn(*args))
         self.spent += time.perf_counter() - start
 
@@ -193,11 +195,9 @@ def _attention_probe(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, scale: f
 
 @eager
 def _record(module: nn.Module, fn, *args) -> None:
-    internals, i = module.monitor_owner
-    if recomputing():  # backward recomputing the block (train.recompute): the first forward recorded it.
-        with torch.no_grad():  # The same ops run, as the recompute must (recompute.py), and are dropped.
-            fn(*args)
+    if recomputing():  # backward recomputing the block (train.recompute): its first forward was recorded
         return
+    internals, i = module.monitor_owner
     internals._timed(i, fn, *args)
 
 

@@ -163,7 +163,7 @@ def _metered(group, nbytes: int, call, op: str = "collective"):
     finally:
         InFlight.now = None
         if meter is not None and meter.on:  # a block recomputed in backward: real traffic, labelled
-            meter.add(group.name + ("/recompute" if recomputing() else ""), nbytes, time.perf_counter() - start)
+            meter.add(group.name + ("_recompute" if recomputing() else ""), nbytes, time.perf_counter() - start)
     if out is None:
         return out
     if meter is not None and meter.on:

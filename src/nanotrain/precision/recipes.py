@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 
 from ..parallel import collectives
-from ..recompute import recomputing, replayed
+from ..recompute import replayed
 from .formats import E4M3, E5M2
 from .scaling import blockwise, mxfp4, nvfp4, tensorwise
 
@@ -61,7 +61,7 @@ class DelayedScaling:
     def amax(self, role: str, x: torch.Tensor, record: bool = True) -> torch.Tensor:
         """The amax this tensor is scaled by. A block recomputed in backward (train.recompute) reuses
         the one its first forward took and adds nothing to the history (recompute.replayed)."""
-        return replayed(lambda: self._amax(role, x, record and not recomputing()))
+        return replayed(lambda: self._amax(role, x, record))
 
     def _amax(self, role: str, x: torch.Tensor, record: bool) -> torch.Tensor:
         current = x.detach().abs().max().float()
