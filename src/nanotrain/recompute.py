@@ -92,8 +92,10 @@ def _inside(region: Region, replaying: bool):
 
 
 # Selective mode: the outputs of these ops are kept; everything else in the block is recomputed.
-_MATMULS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
-            torch.ops.aten.baddbmm.default, torch.ops.aten._scaled_mm.default}
+# (Not bmm: the projections are mm/addmm; a batched matmul in a block is attention's core run as
+# separate ops, the CPU math path for MLA's unequal head dims, whose T x T scores are exactly what
+# Korthikanti et al. recompute.)
+_MATMULS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten._scaled_mm.default}
 _ATTENTION = {getattr(torch.ops.aten, name).default for name in (
     "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention",
     "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention")
