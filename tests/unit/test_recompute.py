@@ -112,3 +112,25 @@ def test_full_recompute_keeps_only_the_block_inputs():
         loss.backward()
         kept[mode] = total[0]
     assert kept["full"] < 0.3 * kept["none"], kept
+
+
+@pytest.mark.parametrize("extra", [
+    ["--precision.recipe=fp16"],  # loss scaling: skipped steps and the scale replay alike
+    ["--precision.recipe=fp8_deepseek"],
+    ["--precision.recipe=nvfp4"],  # stochastic rounding and Hadamard signs draw in backward only
+    ["--precision.recipe=fp32", "--precision.lowbit.weights=layers.*.mlp.*"],  # persistent fp8 weights
+], ids=["fp16", "fp8_deepseek", "nvfp4", "lowbit_fp8"])
+@pytest.mark.parametrize("mode", MODES)
+def test_recompute_under_every_recipe_bit_for_bit(tmp_path, mode, extra):
+    losses = {m: RuntimeEngine(tiny_config(tmp_path / m, f"--train.recompute={m}", "--train.max_steps=6", *extra))
+              .run().losses for m in ("none", mode)}
+    assert losses["none"] == losses[mode]
+
+
+@pytest.mark.slow
+def test_recompute_of_compiled_blocks_bit_for_bit(tmp_path):
+    """train.compile: the checkpoint wraps the compiled block; its replay runs the compiled code again."""
+    losses = {m: RuntimeEngine(tiny_config(tmp_path / m, "--precision.recipe=fp32", "--train.compile=true",
+                                           f"--train.recompute={m}", "--train.max_steps=6")).run().losses
+              for m in ("none", "full", "selective")}
+    assert losses["none"] == losses["full"] == losses["selective"]
