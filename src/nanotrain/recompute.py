@@ -42,9 +42,6 @@ from torch import nn
 from torch.utils._python_dispatch import _disable_current_modes
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-MODES = ("none", "selective", "full")
-
-
 class Region:
     """The recomputed region that runs now: recording its first forward, or replaying it."""
 
@@ -54,6 +51,7 @@ class Region:
         self.tape: list = []  # values the first forward chose that the replay must reuse (fp8 scales)
         self.replaying = False
         self.in_up_projection = 0  # depth inside a module whose matmuls selective mode recomputes
+
 
 def recomputing() -> bool:
     """True while backward recomputes a block's forward."""
@@ -104,7 +102,7 @@ _ATTENTION = {getattr(torch.ops.aten, name).default for name in (
 
 def _selective_policy(region: Region):
     def policy(ctx, op, *args, **kwargs):
-        if not torch.is_grad_enabled():  # the monitor's figures (no_grad): not run again by the recompute
+        if not torch.is_grad_enabled():  # bookkeeping under no_grad (the router's entropy): nothing to keep
             return CheckpointPolicy.PREFER_RECOMPUTE
         if op in _MATMULS and not region.in_up_projection:
             return CheckpointPolicy.MUST_SAVE
