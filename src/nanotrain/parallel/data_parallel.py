@@ -178,13 +178,24 @@ class GradReducer:
     the only copy). `got_grad` holds the parameters that have a gradient this step: every one a
     collective summed, and those backward reached."""
 
-    def __init__(self, buckets: list[FlatBucket], stage: int = 0, grad_dtype: torch.dtype = torch.float32):
+    def __init__(self, buckets: list[FlatBucket], stage: int = 0, grad_dtype: torch.dtype = torch.float32,
+                 local_ok: bool = False):
         self.buckets, self.stage, self.grad_dtype = buckets, stage, grad_dtype
         device = buckets[0].params[0].device if buckets else torch.device("cpu")
         # .grad as a view into the buffer where the dtypes agree; otherwise a hook adds each
         # backward's gradient into the buffer in grad_dtype and drops it (Megatron's main_grad).
         self.grad_views = stage < 2 and all(not b.lowbit and all(p.dtype == grad_dtype for p in b.params)
                                             for b in buckets)
+        self.got_grad: set[nn.Parameter] = set()
+        # Nothing to reduce (one process, or no group of size > 1 and no sum after dp), and the
+        # caller reads each .grad as it is (local_ok: plain fp32 AdamW per parameter): no buffers,
+        # no hooks. Autograd's own .grad tensors are the gradients, set to None after each step, as
+        # a plain PyTorch loop has them (a buffer would cost a memset and an accumulate per step).
+        self.local = local_ok and stage == 0 and self.grad_views and \
+            all(b.size == 1 and b.sum_group is None for b in buckets)
+        if self.local:
+            self.grad = {}
+            return
         if stage < 2:
             for b in buckets:
                 b.grad_flat = torch.zeros(b.numel, dtype=grad_dtype, device=device)
@@ -194,7 +205,6 @@ class GradReducer:
         else:
             self.grad = {id(b): torch.zeros(b.shard_numel, dtype=grad_dtype, device=device) for b in buckets}
         self.sync_enabled = True
-        self.got_grad: set[nn.Parameter] = set()
         # (work, this rank's reduced slice (stage 2), bucket, the buffer sent: alive until the work is done)
         self._pending: list[tuple] = []
         # Per group: its buckets in the order backward completes them, whatever category. (Not the
@@ -220,6 +230,9 @@ class GradReducer:
         backward's gradients and posts the buckets that backward did not fill (experts that got no
         token, the other chunks of an interleaved stage) right after it; stages 0/1 post them in
         sync(). Either way every rank posts the same collectives in the same order."""
+        if self.local:
+            yield
+            return
         self.sync_enabled = last or self.stage == 2
         if self.grad_views:
             for b in self.buckets:
@@ -277,6 +290,9 @@ class GradReducer:
     def sync(self) -> None:
         """Wait for the reductions (posting any a hook did not: unused parameters), accumulate
         stage 2's slices, then the sums that come after dp."""
+        if self.local:  # the parameters that backward reached
+            self.got_grad = {p for b in self.buckets for p in b.params if p.grad is not None}
+            return
         if self.stage < 2:  # every chunk's gradients are complete now
             self._post_rest()
         for work, out, b, *_ in self._pending:
@@ -306,6 +322,12 @@ class GradReducer:
         raise NotImplementedError("ZeRO stage 3 (parameter sharding) is not implemented")
 
     def zero(self) -> None:
+        if self.local:  # the next backward makes fresh ones (zero_grad(set_to_none=True))
+            for b in self.buckets:
+                for p in b.params:
+                    p.grad = None
+            self.got_grad.clear()
+            return
         for b in self.buckets:
             if self.stage < 2:
                 b.grad_flat.zero_()  # any .grad views stay; the next backward accumulates into them

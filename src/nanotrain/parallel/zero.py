@@ -126,12 +126,15 @@ class ZeroOptimizer:
         self.per_param = stage == 0 and dt.all_fp32 and not lowbit and per_param is not False
         self.units = [u for b in self.buckets for u in self._units(b, initial[id(b)])]
         del initial
-        self.reducer = GradReducer(self.buckets, stage, dt.grad)
+        self.reducer = GradReducer(self.buckets, stage, dt.grad, local_ok=self.per_param)
         self.grad = self.reducer.grad
         # Views of the (persistent) gradient buffers, made once: each unit's, and each parameter's
-        # part of this rank's slices (the norm's and the monitor's).
-        self._unit_grads = {u: self.grad[id(u.bucket)][u.lo:u.hi].view(u.master.shape) for u in self.units}
-        self._parts = [(p, self.grad[id(b)][lo:hi]) for b in self.buckets for p, lo, hi, _ in b.overlaps()]
+        # part of this rank's slices (the norm's and the monitor's). With nothing to reduce (the
+        # reducer's `local`) each parameter's own .grad instead, read at each step.
+        if not self.reducer.local:
+            self._unit_grads = {u: self.grad[id(u.bucket)][u.lo:u.hi].view(u.master.shape) for u in self.units}
+            self._views = [(p, self.grad[id(b)][lo:hi]) for b in self.buckets for p, lo, hi, _ in b.overlaps()]
+
         # One parameter group per category, in bucket order (the order MixedAdamW's stochastic
         # rounding draws its random numbers in).
         by_category: dict[tuple, list[Unit]] = {}
@@ -148,6 +151,18 @@ class ZeroOptimizer:
                                   dt.rounding, seed=seed + ps.rank)
         # Parameters whose logical value lives in a master copy, not in the model (checkpoints).
         self.mastered = {self.names[p] for b in self.buckets if not self._master_is_storage(b) for p in b.params}
+
+    @property
+    def _parts(self) -> list[tuple[nn.Parameter, torch.Tensor]]:
+        """Each parameter's gradient on this rank, flat: its part of this rank's slices (a view of
+        the buffers), or its own .grad (local; a parameter backward did not reach: zeros)."""
+        if not self.reducer.local:
+            return self._views
+        return [(p, p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel(), device=p.device))
+                for b in self.buckets for p in b.params]
+
+    def _unit_grad(self, u: Unit) -> torch.Tensor:
+        return u.param.grad if self.reducer.local else self._unit_grads[u]
 
     def _master_is_storage(self, b: FlatBucket) -> bool:
         return not b.lowbit and self.dtypes.master == b.flat.dtype
@@ -225,7 +240,7 @@ class ZeroOptimizer:
         if skip_nonfinite and not torch.isfinite(norm):
             self.reducer.zero()
             return {"grad_norm": norm, "skipped": True}
-        grads = [self._unit_grads[u] for u in units]
+        grads = [self._unit_grad(u) for u in units]
         coef = clip_coef(norm, self.cfg.grad_clip, loss_scale)
         if coef is not None:  # in place: the buffers are zeroed after the step
             torch._foreach_mul_(grads, coef)
