@@ -22,11 +22,9 @@ train (tests/parity/test_pipeline_layouts.py checks it step by step).
 import os
 import sys
 
-from nanotrain.checkpoint import CheckpointError
-from nanotrain.config import ConfigError, load_config
-from nanotrain.parallel.collectives import CollectiveError
+from nanotrain.cli import named_error
+from nanotrain.config import load_config
 from nanotrain.runtime import RuntimeEngine
-from nanotrain.runtime.divergence import TrainingError
 
 LAYOUT = {"tp": 2, "pp": 2, "dp": 2, "ep": 2}
 
@@ -47,17 +45,12 @@ def main(argv: list[str]) -> None:
     # Step 20's pipeline timeline is drawn to timeline.png.
     defaults = ["--parallel.sequence_parallel=true", "--train.micro_batch_size=3", "--logging.timeline_step=20"]
     try:
-        cfg = load_config(config_path, [*layout, *defaults, *overrides])
-    except ConfigError as e:
-        if os.environ.get("RANK", "0") == "0":  # one message, not one per process
-            print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    try:
-        result = RuntimeEngine(cfg).run()
-    except (ConfigError, CheckpointError, TrainingError, CollectiveError) as e:  # one line, not 8 tracebacks
-        if os.environ.get("RANK", "0") == "0" or isinstance(e, CollectiveError):  # a lost peer: each survivor
-            print(f"error: {e}", file=sys.stderr)
-        sys.exit(2 if isinstance(e, (ConfigError, CheckpointError)) else 1)
+        result = RuntimeEngine(load_config(config_path, [*layout, *defaults, *overrides])).run()
+    except Exception as e:  # a named error is one line (rank 0's), not 8 tracebacks; a bug keeps its own
+        code = named_error(e)
+        if code is None:
+            raise
+        sys.exit(code)
     if result.signal:  # preempted: a checkpoint was saved; 143 (SIGTERM) or 130 (Ctrl-C)
         sys.exit(result.exit_code)
     if result.rank == 0 and result.val_losses:

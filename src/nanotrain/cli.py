@@ -257,28 +257,36 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
+def named_error(e: BaseException) -> int | None:
+    """An error the user gets as one line, no traceback: print it, return the exit code. None for
+    anything else, which is a bug and keeps its traceback (the caller re-raises it).
+
+      2  bad input: a config, data, checkpoint or path (OSError: a folder that cannot be made or read)
+      1  the run failed: it diverged (TrainingError), or another rank is gone (CollectiveError)
+
+    Under torchrun every process fails alike: rank 0 says it, except a lost peer, which each
+    survivor names from where it stands."""
     from .parallel.collectives import CollectiveError
     from .runtime.divergence import TrainingError
 
+    if not isinstance(e, (ConfigError, DataError, CheckpointError, OSError, TrainingError, CollectiveError)):
+        return None
+    if os.environ.get("RANK", "0") == "0" or isinstance(e, CollectiveError):
+        print(f"error: {e}", file=sys.stderr)
+    return 1 if isinstance(e, (TrainingError, CollectiveError)) else 2
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, overrides = parser.parse_known_args(argv)
     try:
         check_numbers(args)
         return args.fn(args, overrides)
-    except (ConfigError, DataError, CheckpointError, OSError) as e:
-        # A bad config, input or path (OSError: a folder that cannot be created or read) is the
-        # user's to fix: one line, no traceback. Anything else is a bug and keeps its traceback.
-        if os.environ.get("RANK", "0") == "0":  # under torchrun every process fails alike: say it once
-            print(f"error: {e}", file=sys.stderr)
-        return 2
-    except CollectiveError as e:  # another rank is gone: every survivor says so (one line each), 1
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except TrainingError as e:  # the run diverged: named, with what to change; 1, as any failed run
-        if os.environ.get("RANK", "0") == "0":
-            print(f"error: {e}", file=sys.stderr)
-        return 1
+    except Exception as e:
+        code = named_error(e)
+        if code is None:
+            raise
+        return code
     except KeyboardInterrupt:  # Ctrl-C before or after the training loop (inside it: a checkpoint, then 130)
         if os.environ.get("RANK", "0") == "0":
             print("interrupted before training started or after it ended: nothing to save", file=sys.stderr)

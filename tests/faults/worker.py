@@ -11,11 +11,9 @@ import os
 import signal
 import sys
 
-from nanotrain.checkpoint import CheckpointError
-from nanotrain.config import ConfigError, load_config
-from nanotrain.parallel.collectives import CollectiveError
+from nanotrain.cli import named_error
+from nanotrain.config import load_config
 from nanotrain.runtime import RuntimeEngine
-from nanotrain.runtime.divergence import TrainingError
 
 
 def injector(spec: str):
@@ -47,10 +45,11 @@ def main(argv: list[str]) -> int:
     try:
         cfg = load_config(None, rest)
         result = RuntimeEngine(cfg, on_grads=injector(fault) if fault else None).run()
-    except (ConfigError, CheckpointError, TrainingError, CollectiveError) as e:
-        if os.environ.get("RANK", "0") == "0" or isinstance(e, CollectiveError):
-            print(f"error: {e}", file=sys.stderr)
-        return 2 if isinstance(e, (ConfigError, CheckpointError)) else 1
+    except Exception as e:  # as `nanotrain train` reports it
+        code = named_error(e)
+        if code is None:
+            raise
+        return code
     if losses and result.rank == 0:
         with open(losses, "w") as f:
             json.dump(result.losses, f)

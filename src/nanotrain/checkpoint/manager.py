@@ -69,7 +69,8 @@ def _reason(e: BaseException) -> str:
 
 
 def _sidecar(rank: int, kind: str) -> str:
-    """The hidden file a rank leaves for rank 0's commit: 'json' (its file's checksum) or 'failed'."""
+    """The hidden file a rank leaves for rank 0's commit: 'json' (its boxes' checksums and its file's
+    size) or 'failed' (why its write failed)."""
     return f".{rank_file(rank)}.{kind}"
 
 
@@ -240,27 +241,27 @@ class CheckpointManager:
         one `latest` names. Steps alone are not enough: a folder reused by a new run still holds
         the old run's checkpoints, whose higher steps would otherwise push out the new run's only
         checkpoint, the one it would resume from."""
-        done = sorted(p for p in self.dir.glob("step_*") if (p / METADATA).is_file())
-        latest = self.dir / "latest"
-        keep = set(done[-self.keep_last:]) | {written}
-        if latest.is_file():
-            keep.add(self.dir / latest.read_text().strip())
+        done = self._done()
+        keep = set(done[-self.keep_last:]) | {written, self._latest()}
         for old in done:
             if old not in keep:
                 shutil.rmtree(old, ignore_errors=True)
 
     # -- loading ---------------------------------------------------------------------
 
+    def _done(self) -> list[Path]:
+        """The complete checkpoints (metadata.json written last), oldest step first."""
+        return sorted(p for p in self.dir.glob("step_*") if (p / METADATA).is_file())
+
+    def _latest(self) -> Path | None:
+        latest = self.dir / "latest"
+        return self.dir / latest.read_text().strip() if latest.is_file() else None
+
     def complete(self) -> list[Path]:
         """The complete checkpoints in the folder, the one `latest` names first, then the others
         newest step first: what checkpoint.resume=auto tries, in order."""
-        done = sorted((p for p in self.dir.glob("step_*") if (p / METADATA).is_file()), reverse=True)
-        latest = self.dir / "latest"
-        named = self.dir / latest.read_text().strip() if latest.is_file() else None
-        if named in done:
-            done.remove(named)
-            done.insert(0, named)
-        return done
+        done, named = self._done()[::-1], self._latest()
+        return [named] + [p for p in done if p != named] if named in done else done
 
     def resolve(self, spec: str) -> Path:
         """'latest', a checkpoint folder, its metadata.json, or a run/checkpoints folder holding `latest`."""

@@ -20,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+
 from ..atomic import atomic_write
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -225,6 +226,7 @@ class RuntimeEngine:
         # bad batches raises it (divergence.py); checkpoints keep it.
         self.batch_offset = 0
         self.guard = NonFiniteGuard(cfg)
+        self.watchdog: Watchdog | None = None  # while the training loop runs (watchdog.py)
         p = cfg.precision
         ls = p.loss_scale
         self.scaler = LossScaler(ls.init, ls.growth_interval, ls.backoff, hysteresis=ls.hysteresis,
@@ -285,13 +287,17 @@ class RuntimeEngine:
 
     def evaluate(self, data: TrainData, ctx: RuntimeContext) -> float:
         """The mean loss over the fixed val batches, the same on every rank."""
-        watchdog = getattr(self, "watchdog", None)  # each val batch is a phase (an evaluation may be long)
-        batches = data.val_batches() if watchdog is None else \
-            (b for b in data.val_batches() if watchdog.beat(watchdog.step, "eval") is None)
-        sums = self.forward_backward.evaluate(batches)  # (loss sum, target count)
+        sums = self.forward_backward.evaluate(self._watched(data.val_batches()))  # (loss sum, target count)
         all_reduce(sums, ctx.parallel.dp_group)  # each dp rank evaluated its rows
         all_reduce(sums, ctx.parallel.pp_group)  # the last stage's sums (0 on the others)
         return (sums[0] / sums[1]).item()
+
+    def _watched(self, batches):
+        """Each val batch a phase of its own for the watchdog: an evaluation may last many steps."""
+        for batch in batches:
+            if self.watchdog is not None:
+                self.watchdog.beat(self.watchdog.step, "eval")
+            yield batch
 
     # -- the run -----------------------------------------------------------------------
 
@@ -377,7 +383,7 @@ class RuntimeEngine:
         """Reload the newest checkpoint and skip the batches from it to the bad step; returns the
         step to continue from."""
         self.ckpt.wait()
-        found = [str(p) for p in self.ckpt.complete()]
+        found = self.ckpt.complete()
         if not found:
             raise TrainingError(f"the gradient norm was not finite at step {bad_step} and there is no checkpoint to "
                                 "roll back to (monitoring.nonfinite=rollback): set checkpoint.interval so that one is "
@@ -403,9 +409,7 @@ class RuntimeEngine:
         if not saved:
             self._save(step, ctx, result.last_val_loss, logger, background=False)
         self.ckpt.wait()
-        import signal as signals
-
-        name = signals.Signals(result.signal).name
+        name = signal.Signals(result.signal).name
         logger.notice(f"stopped by {name} after step {step}: saved checkpoint {self.ckpt.dir / f'step_{step:08d}'}. "
                        "Run the same command again to continue from it (checkpoint.resume=auto); "
                        f"exit code {result.exit_code}")
@@ -492,7 +496,6 @@ class RuntimeEngine:
                           **health, **model_metrics})
         probed = self.probe.measure(self.forward_backward, ctx) if due.probe else {}
         if due.eval:
-            self.watchdog.beat(done, "eval")
             val_loss = result.val_losses[done] = self.evaluate(self.data, ctx)
             logger.log(done, {"val_loss": val_loss, "elapsed_s": time.perf_counter() - self.started,
                               **self.monitor.val_metrics(val_loss), **probed})
@@ -576,7 +579,7 @@ class RuntimeEngine:
         step to continue from. A damaged one (a checksum that does not match, a missing or truncated
         shard) is reported and the next tried, unless the user named it (plan.explicit)."""
         problems: list[str] = []
-        for i, path in enumerate(map(Path, plan.candidates)):
+        for i, path in enumerate(plan.candidates):
             try:
                 reader: CheckpointReader | None = self.ckpt.load(str(path))
             except CheckpointError as e:

@@ -112,7 +112,7 @@ class RunLock:
 class StartPlan:
     """Where the run starts: the checkpoints to try, in order (none: a fresh run)."""
 
-    candidates: list[str] = field(default_factory=list)
+    candidates: list[Path] = field(default_factory=list)
     explicit: bool = False  # the user named it: a damaged one is an error, not a fallback
     lines: list[str] = field(default_factory=list)  # what rank 0 says about it
 
@@ -147,7 +147,7 @@ def plan_start(cfg: Config, ckpt: CheckpointManager) -> StartPlan:
         return StartPlan(lines=[f"train.overwrite: moved the previous run in {out_dir} to {dest}; starting a "
                                 "fresh run"])
     if resume == "auto":
-        found = [str(p) for p in ckpt.complete()]
+        found = ckpt.complete()
         if not found:
             return StartPlan(lines=[f"checkpoint.resume=auto: no checkpoint in {ckpt.dir}; starting a fresh run"])
         return StartPlan(found, lines=[f"checkpoint.resume=auto: continuing from {found[0]}"])
@@ -160,7 +160,7 @@ def plan_start(cfg: Config, ckpt: CheckpointManager) -> StartPlan:
                 "--checkpoint.resume=auto, or start fresh with another --train.out_dir or with "
                 f"--train.overwrite=true (moves the old run to {out_dir.name}.archived-<time>).")
         return StartPlan()
-    return StartPlan([str(ckpt.resolve(resume))], explicit=True)
+    return StartPlan([ckpt.resolve(resume)], explicit=True)
 
 
 def on_rank0(fn, world) -> object:
