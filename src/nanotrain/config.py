@@ -414,7 +414,8 @@ class OptimizerConfig:
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
     impl: Literal["auto", "fused", "foreach", "loop"] = "auto"
     # ZeRO (parallel/zero.py): 0 keeps the whole AdamW state on every dp rank; 1 shards the
-    # fp32 master weights and moments over dp (experts: expert-dp); 2 shards the gradients too.
+    # fp32 master weights and moments over dp (experts: expert-dp); 2 shards the gradients too;
+    # 3 the parameters too, gathered block by block for forward and backward (parallel/zero3.py).
     zero_stage: int = 0
 
     def check(self) -> list[str]:
@@ -424,8 +425,9 @@ class OptimizerConfig:
              f"optimizer.beta1={self.beta1}, beta2={self.beta2} must be in [0, 1)."),
             (self.eps > 0, f"optimizer.eps={self.eps} must be positive."),
             (self.weight_decay >= 0, f"optimizer.weight_decay={self.weight_decay} must be >= 0."),
-            (self.zero_stage in (0, 1, 2), f"optimizer.zero_stage={self.zero_stage} is not a ZeRO stage: use 0 "
-                                           "(off), 1 (optimizer state sharded) or 2 (and gradients)."),
+            (self.zero_stage in (0, 1, 2, 3), f"optimizer.zero_stage={self.zero_stage} is not a ZeRO stage: use 0 "
+                                              "(off), 1 (optimizer state sharded), 2 (and gradients) or 3 (and "
+                                              "parameters)."),
             (self.grad_clip >= 0, f"optimizer.grad_clip={self.grad_clip} must be >= 0 (0 disables clipping)."),
         ])
 

@@ -132,3 +132,18 @@ def test_4d_zero2_checkpoint_resumes_on_one_process(tmp_path):
                        (8, 4, "--parallel.tp=2", "--parallel.pp=2", "--parallel.dp=2", "--parallel.ep=2",
                         "--parallel.sequence_parallel=true", "--optimizer.zero_stage=2", "--train.micro_batch_size=2"),
                        (1, 8))
+
+
+def test_zero3_checkpoint_resumes_under_zero1_at_another_dp_and_on_one_process(tmp_path):
+    """ZeRO-3 ranks hold slices of the weights themselves: each writes its slices as boxes of the
+    logical tensors, which ZeRO-1 at dp=4 and then one process read back."""
+    check_resume_chain(lambda out, *extra: run_config(tmp_path, out, *SMALL, *extra),
+                       (2, 4, "--parallel.dp=2", "--optimizer.zero_stage=3"),
+                       (4, 8, "--parallel.dp=4", "--optimizer.zero_stage=1"), (1, 12))
+
+
+def test_checkpoints_resume_under_zero3(tmp_path):
+    """And back: one process, then ZeRO-1 at dp=2, then ZeRO-3 at dp=4."""
+    check_resume_chain(lambda out, *extra: run_config(tmp_path, out, *SMALL, *extra),
+                       (1, 4), (2, 8, "--parallel.dp=2", "--optimizer.zero_stage=1"),
+                       (4, 12, "--parallel.dp=4", "--optimizer.zero_stage=3"))

@@ -1,4 +1,4 @@
-"""ZeRO stages 1 and 2 vs one process (unsharded AdamW): fp32, 10 steps, 1e-5 relative on every
+"""ZeRO stages 1, 2 and 3 vs one process (unsharded AdamW): fp32, 10 steps, 1e-5 relative on every
 step's loss and gradient norm (and, for stage 1, every step-1 gradient: they are still whole).
 
 The update itself is what ZeRO changes (each rank steps its slices of the master weights and
@@ -45,6 +45,19 @@ LAYOUTS = {
                                                             "--parallel.pp_virtual_stages=2"]),
     "4d_zero1": ("tp=2,pp=2,dp=2,ep=2,zero=1,micro=2", deepseek_config, []),
     "4d_zero2_sp": ("tp=2,pp=2,dp=2,ep=2,zero=2,sp,micro=2", deepseek_config, []),
+    # Stage 3: the parameters sharded too, gathered block by block (parallel/zero3.py).
+    "dp2_zero3": ("dp=2,zero=3", dense_config, []),
+    "dp4_zero3_accum": ("dp=4,zero=3,micro=1", dense_config, []),  # each block gathered per micro-batch
+    "dp2_zero3_small_buckets": ("dp=2,zero=3", dense_config, ["--parallel.bucket_mb=0.01"]),
+    "tp2_dp2_zero3_sp": ("tp=2,dp=2,zero=3,sp", dense_config, []),
+    "pp2_dp2_zero3_tied": ("pp=2,dp=2,zero=3", dense_config, ["--model.tie_embeddings=true"]),
+    "pp2_v2_dp2_zero3": ("pp=2,dp=2,zero=3", dense_config, ["--parallel.pp_schedule=interleaved",
+                                                            "--parallel.pp_virtual_stages=2"]),
+    "ep2_dp2_zero3": ("dp=2,ep=2,zero=3", deepseek_config, []),
+    "4d_zero3_sp": ("tp=2,pp=2,dp=2,ep=2,zero=3,sp,micro=2", deepseek_config, []),
+    # A block recomputed inside its backward, while that backward holds its gathered parameters.
+    "dp2_zero3_recompute_full": ("dp=2,zero=3", dense_config, ["--train.recompute=full"]),
+    "dp2_zero3_recompute_selective": ("dp=2,zero=3", deepseek_config, ["--train.recompute=selective"]),
 }
 
 

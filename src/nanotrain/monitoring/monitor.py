@@ -198,7 +198,8 @@ class TrainingMonitor:
         if not self.deep:
             return
         start = time.perf_counter()
-        self._grad_sq = self._reduce(self._squares(self.opt_grads()), grads=True) / (loss_scale or 1.0) ** 2
+        self._grad_sq = self._reduce(self._squares(self.opt_grads()), getattr(self.opt, "stage", 0) > 0) \
+            / (loss_scale or 1.0) ** 2
         self._before = {n: w.detach().float().clone() for n, w in self._weights()}
         self.spent += time.perf_counter() - start
 
@@ -214,10 +215,11 @@ class TrainingMonitor:
 
     def _update_metrics(self, grad_norm: float) -> dict[str, float | list]:
         weights = dict(self._weights())
-        w_sq = self._reduce(self._squares(weights.items()))
+        sliced = self._weights_sliced()
+        w_sq = self._reduce(self._squares(weights.items()), sliced)
         names = list(self._before)
         updates = torch._foreach_sub([weights[n].float() for n in names], [self._before[n] for n in names])
-        u_sq = self._reduce(self._squares(zip(names, updates)))
+        u_sq = self._reduce(self._squares(zip(names, updates)), sliced)
         g_sq = self._grad_sq
         self._before = self._grad_sq = None
         ratios = health.update_ratio(u_sq.sqrt(), w_sq.sqrt())
@@ -251,8 +253,15 @@ class TrainingMonitor:
 
     # -- the pieces -------------------------------------------------------------------
 
+    def _weights_sliced(self) -> bool:
+        return getattr(self.opt, "stage", 0) == 3
+
     def _weights(self):
-        """(name, tensor) of the weights this rank holds, as used (a low-bit weight dequantised)."""
+        """(name, tensor) of the weights this rank holds, as used (a low-bit weight dequantised);
+        under ZeRO-3 its parts of them (the optimizer's slices)."""
+        if self._weights_sliced():
+            yield from self.opt.weight_parts()
+            return
         for n, p in self.params.items():
             store = spec(p).lowbit
             yield n, (store.dequantize() if store is not None else p)
@@ -282,12 +291,11 @@ class TrainingMonitor:
             sq.index_put_((torch.tensor(rows), torch.tensor(cols)), norms.pow(2), accumulate=True)
         return sq
 
-    def _reduce(self, sq: torch.Tensor, grads: bool = False) -> torch.Tensor:
-        """The logical squares from every rank's: experts over ep; ZeRO gradient slices over
-        dp (dense) or expert-dp; then tp and pp. Returns [N]."""
+    def _reduce(self, sq: torch.Tensor, sliced: bool = False) -> torch.Tensor:
+        """The logical squares from every rank's: experts over ep; ZeRO slices (gradients at stages
+        1-3, weights at 3) over dp (dense) or expert-dp; then tp and pp. Returns [N]."""
         # data_parallel.reduce_squares: the optimizer's norm rule, per tensor here (both rows always
         # reduced: the expert row is zeros in a dense model).
-        sliced = grads and getattr(self.opt, "stage", 0) > 0
         return reduce_squares(sq, self.ps, sliced, experts=True)
 
     def _block_index(self) -> torch.Tensor:

@@ -11,9 +11,8 @@ collective starts asynchronously, while backward goes on computing the earlier l
     comm:                 [reduce b0     ][reduce b1     ][reduce b2     ]...wait
 
     stage 0, 1   all-reduce: every rank gets the whole sum (stage 1 then updates its slice only)
-    stage 2      reduce-scatter: rank r keeps the sum of the r-th 1/dp slice of each bucket
-    stage 3      (not built) would also all-gather each block's parameters before its forward
-                 and backward and free them after: the seam is `gather_params` below
+    stage 2, 3   reduce-scatter: rank r keeps the sum of the r-th 1/dp slice of each bucket
+                 (stage 3 also shards the parameters, gathered per block: parallel/zero3.py)
 
 Sum, not mean: each rank's loss is already divided by the token count of the *global* batch
 (DESIGN, invariant 3), so the sum of the ranks' gradients is the gradient of the global mean loss.
@@ -79,6 +78,7 @@ class FlatBucket:
     posted: bool = False  # launched this round (tests check that hooks launch during backward)
     grad_flat: torch.Tensor | None = None  # stages 0/1: the gradients, end to end
     staging: torch.Tensor | None = None  # stage 2: this backward's gradients, copied in as they arrive
+    full: torch.Tensor | None = None  # stage 3: the whole bucket, its storage allocated while gathered (zero3.py)
 
     @property
     def shard_numel(self) -> int:
@@ -130,19 +130,21 @@ def _category(p: nn.Parameter) -> tuple:
 ALIGN = 32
 
 
-def bucket_layout(params: list[nn.Parameter], ps, stage: int = 0, bucket_mb: float = 25.0) -> list[FlatBucket]:
+def bucket_layout(params: list[nn.Parameter], ps, stage: int = 0, bucket_mb: float = 25.0,
+                  units: dict[nn.Parameter, int] | None = None) -> list[FlatBucket]:
     """The trainable `params` in buckets of about bucket_mb (sized at 4 bytes an element, whatever the
     dtypes, so that every precision cuts the same buckets), per category, in backward order; under
     ZeRO (stage > 0) padded to a multiple of the group's size; at stage 0 each parameter starts on
-    an ALIGN boundary. `ps`: a ParallelState, or anything
-    with its dp_group, edp_group, tp_group, embd_group."""
+    an ALIGN boundary. `units` (ZeRO-3: parameter -> the block it belongs to, zero3.units_of): no
+    bucket holds two units' parameters. `ps`: a ParallelState, or anything with its dp_group,
+    edp_group, tp_group, embd_group."""
     backward = list(reversed([p for p in params if p.requires_grad]))  # backward visits the last layers first
     by_key: dict[tuple, list[nn.Parameter]] = {}
     for p in backward:
-        by_key.setdefault(_category(p), []).append(p)
+        by_key.setdefault((units[p] if units else 0, _category(p)), []).append(p)
     position = {p: i for i, p in enumerate(backward)}
     buckets = []
-    for key, members in by_key.items():
+    for (_, key), members in by_key.items():
         expert, decay, sp, shared, lowbit = key
         group = ps.edp_group if expert else ps.dp_group
         size, rank = collectives.size(group), collectives.rank(group)
@@ -174,13 +176,15 @@ class GradReducer:
     (stage 2), launched from backward hooks in bucket order, then the after-dp sums.
 
     After sync(), `grad[id(b)]` is this rank's summed slice of bucket b, in grad_dtype (stages 0/1:
-    a view of the whole summed buffer, and each .grad a view of it where dtypes allow; stage 2:
-    the only copy). `got_grad` holds the parameters that have a gradient this step: every one a
+    a view of the whole summed buffer, and each .grad a view of it where dtypes allow; stages 2
+    and 3: the only copy). At stage 3 `sharding` (zero3.ParameterSharding) hears of each gradient
+    taken, and of each backward's end, to free the blocks' parameters. `got_grad` holds the parameters that have a gradient this step: every one a
     collective summed, and those backward reached."""
 
     def __init__(self, buckets: list[FlatBucket], stage: int = 0, grad_dtype: torch.dtype = torch.float32,
                  local_ok: bool = False):
         self.buckets, self.stage, self.grad_dtype = buckets, stage, grad_dtype
+        self.sharding = None  # stage 3: set by the optimizer
         device = buckets[0].params[0].device if buckets else torch.device("cpu")
         # .grad as a view into the buffer where the dtypes agree; otherwise a hook adds each
         # backward's gradient into the buffer in grad_dtype and drops it (Megatron's main_grad).
@@ -233,13 +237,15 @@ class GradReducer:
         if self.local:
             yield
             return
-        self.sync_enabled = last or self.stage == 2
+        self.sync_enabled = last or self.stage >= 2
         if self.grad_views:
             for b in self.buckets:
                 b.attach_grads()
         yield
-        if self.stage == 2:
+        if self.stage >= 2:
             self._post_rest()
+        if self.sharding is not None:
+            self.sharding.end_backward()
 
     def _on_autograd(self, p: nn.Parameter) -> None:
         grad = p.grad
@@ -252,10 +258,12 @@ class GradReducer:
         and post the buckets that are full, in order."""
         b, off = self._bucket_of[p], self._offset_of[p]
         self.got_grad.add(p)
-        if self.stage == 2:
+        if self.stage >= 2:
             if not self.sync_enabled:
                 return
             b.stage_grad(grad, off, self.grad_dtype)
+            if self.sharding is not None:
+                self.sharding.on_grad(p)
         elif not self.grad_views:  # accumulate over the micro-batches in grad_dtype
             b.grad_flat[off:off + p.numel()].add_(grad.reshape(-1))
         if not self.sync_enabled:
@@ -314,12 +322,6 @@ class GradReducer:
             if b.sum_group is not None:
                 collectives.all_reduce(b.grad_flat if self.stage < 2 else self.grad[id(b)], b.sum_group)
                 self.got_grad.update(b.params)
-
-    def gather_params(self, block: nn.Module) -> None:
-        """Stage 3's seam (not built): all-gather `block`'s parameter slices before its forward and
-        backward, free them after (FSDP's unshard/reshard), with the gradients reduce-scattered as
-        at stage 2."""
-        raise NotImplementedError("ZeRO stage 3 (parameter sharding) is not implemented")
 
     def zero(self) -> None:
         if self.local:  # the next backward makes fresh ones (zero_grad(set_to_none=True))

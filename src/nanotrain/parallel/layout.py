@@ -13,7 +13,7 @@ Layout.parse reads it and str(layout) writes it back. The same value comes out o
     dp     parallel.dp                 data parallel: replicas that split the global batch
     ep     parallel.ep                 expert parallel: routed experts over ep of the dp ranks
     sp     parallel.sequence_parallel  sequence parallelism (with tp > 1); `sp` alone is sp=true
-    zero   optimizer.zero_stage        ZeRO stage: 0 (off), 1 (optimizer state), 2 (and gradients)
+    zero   optimizer.zero_stage        ZeRO stage: 0 (off), 1 (optimizer state), 2 (and gradients), 3 (and parameters)
     micro  train.micro_batch_size      sequences per micro-batch on one rank (0: batch_size / dp)
 
 A text names only what it changes; parse takes the rest from a base layout (a command passes
@@ -99,16 +99,16 @@ class Layout:
 
 
 def _value(text: str, key: str, value: str | None) -> int | bool:
-    """One key's value, checked: sizes are whole numbers >= 1, zero is 0, 1 or 2, micro >= 0, sp a boolean."""
+    """One key's value, checked: sizes are whole numbers >= 1, zero is 0 to 3, micro >= 0, sp a boolean."""
     if key == "sp":
         if value is None or value.lower() in ("true", "1"):
             return True
         if value.lower() in ("false", "0"):
             return False
         raise ConfigError(f"--layout {text!r}: sp={value} must be true or false (sp alone: true).")
-    low, what = {"zero": (0, "0, 1 or 2 (the ZeRO stage)"),
+    low, what = {"zero": (0, "0, 1, 2 or 3 (the ZeRO stage)"),
                  "micro": (0, "a whole number >= 0 (0: batch_size / dp)")}.get(key, (1, "a whole number >= 1"))
     number = int(value) if value is not None and value.isascii() and value.isdigit() else -1
-    if number < low or (key == "zero" and number > 2):
+    if number < low or (key == "zero" and number > 3):
         raise ConfigError(f"--layout {text!r}: {key}={value or ''} must be {what}.")
     return number

@@ -73,6 +73,11 @@ class ParallelState:
     # First and last pipeline rank of each pipeline: they sum the gradients of tied
     # embedding copies (parallel/pipeline/stage.py). None unless pp > 1.
     embd_group: Group | None = None
+    # ZeRO-3 only: the dp and expert-dp ranks again, for the parameters' all-gathers (parallel/zero3.py).
+    # A group of their own keeps them in one order on every rank, whatever order the gradients'
+    # reduce-scatters on dp/edp take (an expert with no tokens on one rank posts its bucket late).
+    dp_gather_group: Group | None = None
+    edp_gather_group: Group | None = None
     world_group: Group | None = None  # every rank (the default group)
     meter: object = None  # monitoring.comm.CommMeter given to init_parallel: every group reports to it
 
@@ -195,6 +200,8 @@ def init_parallel(layout: Layout, device_type: str = "cpu", meter=None, timeout_
         "ep": [[at(t, k * layout.ep + e, q) for e in E] for q in P for t in T for k in edp],
         "edp": [[at(t, k * layout.ep + e, q) for k in edp] for q in P for t in T for e in E],
     }
+    if layout.zero == 3:
+        groups["dp_gather"], groups["edp_gather"] = groups["dp"], groups["edp"]
     if layout.pp > 1:
         groups["embd"] = [[at(t, d, 0), at(t, d, layout.pp - 1)] for t in T for d in D]
     for name, ranks in groups.items():

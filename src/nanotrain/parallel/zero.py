@@ -1,4 +1,4 @@
-"""AdamW over data-parallel ranks, with ZeRO stages 0, 1 and 2 (Rajbhandari et al. 2020): the
+"""AdamW over data-parallel ranks, with ZeRO stages 0 to 3 (Rajbhandari et al. 2020): the
 optimizer's memory split over data-parallel ranks. The one optimizer of the runtime: stage 0 is
 plain AdamW (one process, or plain data parallelism).
 
@@ -15,6 +15,10 @@ each of the dp ranks 1/dp of them:
            micro-batches of the step in the shard). Each gradient is copied into its
            bucket's staging buffer as soon as backward produces it, and dropped; the
            buffer lives until its reduce-scatter is done (DeepSpeed's IPG bucket).
+  stage 3: the parameters too: each rank keeps its slice of every bucket, and each block's
+           are gathered for its forward and its backward and freed after (parallel/zero3.py).
+           Buckets then never span two blocks; the update writes the slices in place, and
+           no all-gather follows the step: the next forward gathers.
 
 Layout. Parameters that are synced over the same group (dp, or expert-dp for experts)
 and handled alike (weight decay or not; sequence-parallel partial sums; the pipeline
@@ -58,8 +62,7 @@ keeps only the quantised codes, rewritten after each step.
 
 (torch's versions: torch.optim.AdamW for stage 0 behind DistributedDataParallel;
 ZeroRedundancyOptimizer shards stage 1 by whole parameters; FSDP2's fully_shard also shards
-the parameters (stage 3, whose seam is GradReducer.gather_params). bench/dp.py and
-bench/zero.py compare.)
+the parameters, as stage 3. bench/dp.py and bench/zero.py compare.)
 """
 
 from __future__ import annotations
@@ -76,6 +79,7 @@ from ..precision.master import Dtypes, MixedAdamW
 from ..params import spec
 from . import collectives
 from .data_parallel import FlatBucket, GradReducer, bucket_layout, clip_coef, grad_norm
+from .zero3 import ParameterSharding, free, units_of
 
 
 @dataclass(eq=False)
@@ -98,8 +102,9 @@ class Unit:
 
 
 class ZeroOptimizer:
-    """AdamW with ZeRO stage 0 (replicated: plain AdamW), 1 or 2 (state sharded over the data-parallel
-    group), over flat buckets, with the precision policy's dtypes (precision/master.py).
+    """AdamW with ZeRO stage 0 (replicated: plain AdamW), 1, 2 or 3 (state, gradients, parameters
+    sharded over the data-parallel group), over flat buckets, with the precision policy's dtypes
+    (precision/master.py).
 
     Per step the engine calls backward_context(last) around each micro-batch's backward,
     sync_grads() once, then step(lr); pieces() / load_pieces() for checkpoints.
@@ -107,18 +112,24 @@ class ZeroOptimizer:
 
     def __init__(self, model: nn.Module, stage: int, ps, cfg, bucket_mb: float = 25.0,
                  dtypes: Dtypes | None = None, seed: int = 0, per_param: bool | None = None):
-        if stage not in (0, 1, 2):
-            raise ValueError(f"optimizer.zero_stage={stage}: ZeRO stages 0 (off), 1 and 2 are implemented here")
+        if stage not in (0, 1, 2, 3):
+            raise ValueError(f"optimizer.zero_stage={stage}: ZeRO stages 0 (off), 1, 2 and 3 are implemented here")
         self.stage, self.ps, self.cfg = stage, ps, cfg
         self.step_post_hooks: list = []  # hook(self) after every step that was not skipped
         self.dtypes = dt = dtypes or Dtypes()
         self.names = {p: n for n, p in model.named_parameters()}
+        # Every name the model's state_dict gives each parameter: a tied head's weight is also
+        # "head.weight", saved under both names (checkpoint.model_pieces), from the master too.
+        self.aliases: dict[nn.Parameter, list[str]] = {}
+        for n, t in model.state_dict(keep_vars=True).items():
+            if isinstance(t, nn.Parameter):
+                self.aliases.setdefault(t, []).append(n)
         self.params = params = [p for p in model.parameters() if p.requires_grad]
         lowbit = any(spec(p).lowbit is not None for p in params)
         if stage > 0 and lowbit:  # this class's own limit; a config asking for it is refused first (cross_checks)
             raise ValueError("precision.lowbit.weights with optimizer.zero_stage>0: the low-bit weights' masters are "
                              "not sharded. Use optimizer.zero_stage=0, or drop precision.lowbit.weights.")
-        self.buckets = bucket_layout(params, ps, stage, bucket_mb)
+        self.buckets = bucket_layout(params, ps, stage, bucket_mb, units_of(model) if stage == 3 else None)
         initial = {id(b): self._store(b, dt.storage) for b in self.buckets}  # fp32 values before any cast
         self.has_experts = any(spec(p).expert_parallel for p in params)
         # Plain AdamW (stage 0, every copy fp32): one unit per parameter (see the module docstring).
@@ -128,6 +139,9 @@ class ZeroOptimizer:
         del initial
         self.reducer = GradReducer(self.buckets, stage, dt.grad, local_ok=self.per_param)
         self.grad = self.reducer.grad
+        # Stage 3: each block's parameters gathered for its forward and backward (zero3.py).
+        self.sharding = ParameterSharding(model, self.buckets, ps) if stage == 3 else None
+        self.reducer.sharding = self.sharding
         # Views of the (persistent) gradient buffers, made once: each unit's, and each parameter's
         # part of this rank's slices (the norm's and the monitor's). With nothing to reduce (the
         # reducer's `local`) each parameter's own .grad instead, read at each step.
@@ -149,8 +163,9 @@ class ZeroOptimizer:
         else:
             self.opt = MixedAdamW(groups, cfg.lr, (cfg.beta1, cfg.beta2), cfg.eps, dt.exp_avg, dt.exp_avg_sq,
                                   dt.rounding, seed=seed + ps.rank)
-        # Parameters whose logical value lives in a master copy, not in the model (checkpoints).
-        self.mastered = {self.names[p] for b in self.buckets if not self._master_is_storage(b) for p in b.params}
+        # Parameters whose logical value lives in a master copy, not in the model (checkpoints); at
+        # stage 3 every one: the model holds slices, which the optimizer saves as the masters.
+        self.mastered = {n for b in self.buckets if self._saves_model(b) for p in b.params for n in self._names(p)}
 
     @property
     def _parts(self) -> list[tuple[nn.Parameter, torch.Tensor]]:
@@ -167,15 +182,26 @@ class ZeroOptimizer:
     def _master_is_storage(self, b: FlatBucket) -> bool:
         return not b.lowbit and self.dtypes.master == b.flat.dtype
 
+    def _saves_model(self, b: FlatBucket) -> bool:
+        """Whether the optimizer saves (and loads) b's weights, from its master slices: when the
+        master is a copy of its own, or (stage 3) the model holds only this rank's slices."""
+        return self.stage == 3 or not self._master_is_storage(b)
+
     # -- layout -------------------------------------------------------------------------
 
-    @staticmethod
-    def _store(b: FlatBucket, storage: torch.dtype) -> torch.Tensor:
+    def _store(self, b: FlatBucket, storage: torch.dtype) -> torch.Tensor:
         """Move b's parameters into one flat buffer (b.flat) that they become views of; returns the
         fp32 values. Low-bit weights: the model keeps the codes, b.flat is their fp32 master."""
         fp32 = torch.zeros(b.numel, dtype=torch.float32, device=b.params[0].device)
         for p, off in zip(b.params, b.offsets):
             fp32[off:off + p.numel()].copy_(p.detach().reshape(-1))
+        if self.stage == 3:  # the model keeps its slice; the parameters view a buffer gathered on demand
+            b.flat = fp32[b.owned()].to(storage, copy=True)
+            b.full = torch.empty(b.numel, dtype=storage, device=fp32.device)
+            for p, off in zip(b.params, b.offsets):
+                p.data = b.full[off:off + p.numel()].view_as(p)
+            free(b)
+            return fp32
         b.flat = fp32 if b.lowbit or storage == torch.float32 else fp32.to(storage)
         for p, off in zip(b.params, b.offsets):
             if b.lowbit:
@@ -192,7 +218,8 @@ class ZeroOptimizer:
         if self.per_param:
             return [Unit(b, off, off + p.numel(), b.flat[off:off + p.numel()].view_as(p), p)
                     for p, off in zip(b.params, b.offsets)]
-        master = b.flat[b.owned()] if self._master_is_storage(b) or b.lowbit else fp32[b.owned()].to(self.dtypes.master)
+        mine = b.flat if self.stage == 3 else b.flat[b.owned()]  # stage 3: flat is the slice
+        master = mine if self._master_is_storage(b) or b.lowbit else fp32[b.owned()].to(self.dtypes.master)
         return [Unit(b, 0, b.shard_numel, master)]
 
     # -- gradients (data_parallel.GradReducer) ------------------------------------------
@@ -273,10 +300,12 @@ class ZeroOptimizer:
             for p, off in zip(b.params, b.offsets):
                 spec(p).lowbit.store(b.flat[off:off + p.numel()].view(p.shape))
             return
-        if self._master_is_storage(b) and b.shards == 1:
+        if self._master_is_storage(b) and (b.shards == 1 or self.stage == 3):
             return  # updated in place
         master = next(u.master for u in self.units if u.bucket is b)
-        if b.shards > 1:
+        if self.stage == 3:  # the slice only: the next forward gathers
+            b.flat.copy_(master)
+        elif b.shards > 1:
             collectives.all_gather_into(b.flat, master if self._master_is_storage(b) else master.to(b.flat.dtype),
                                         b.group)
         else:
@@ -287,6 +316,13 @@ class ZeroOptimizer:
         inside this rank's slices (ZeRO-1/2: summed over dp they make the whole)."""
         return [(self.names[p], g) for p, g in self._parts]
 
+    def weight_parts(self) -> list[tuple[str, torch.Tensor]] | None:
+        """Stage 3: (parameter name, this rank's part of its weights), as grad_parts (summed over dp
+        they make the whole); None at stages 0-2, where every rank holds whole parameters."""
+        if self.stage < 3:
+            return None
+        return [(self.names[p], b.flat[lo:hi]) for b in self.buckets for p, lo, hi, _ in b.overlaps()]
+
     def state_bytes(self) -> dict[str, int]:
         """Bytes this rank holds per kind (tests, benchmarks): the model's parameters, the master
         copies (0 where the master is the storage), gradients, moments, Kahan compensation."""
@@ -295,21 +331,26 @@ class ZeroOptimizer:
 
         moments = size(t for s in self.opt.state.values() for t in s.values() if torch.is_tensor(t) and t.dim() > 0)
         params = sum(spec(p).lowbit.nbytes() if spec(p).lowbit is not None else p.numel() * p.element_size()
-                     for b in self.buckets for p in b.params)
+                     for b in self.buckets for p in b.params) if self.stage < 3 else size(b.flat for b in self.buckets)
         master = size(u.master for u in self.units if not self._master_is_storage(u.bucket))
         comp = size(getattr(self.opt, "compensation", {}).values())
-        grads = size(self.grad.values()) if self.stage == 2 else size(b.grad_flat for b in self.buckets)
+        grads = size(self.grad.values()) if self.stage >= 2 else size(b.grad_flat for b in self.buckets)
         return {"params": params, "master": master, "grads": grads, "moments": moments, "compensation": comp,
                 "grad_shards": size(self.grad.values())}
 
     # -- checkpoints: each rank's slices, as boxes of the logical parameters --------------
 
+    def _names(self, p: nn.Parameter) -> list[str]:
+        return self.aliases.get(p, [self.names[p]])
+
     def _slice_pieces(self, prefix: str, u: Unit, t: torch.Tensor) -> list[Piece]:
         """This rank's part of a per-unit tensor (moments, masters), cut at parameter boundaries
-        into boxes of each parameter (checkpoint.flat_pieces); the padding is not saved."""
+        into boxes of each parameter (checkpoint.flat_pieces); the padding is not saved. The
+        model's weights go under each of their names (a tied head's too), the moments under one."""
         flat = t.reshape(-1)  # a view: filling the pieces fills t
         return [piece for p, lo, hi, first in u.overlaps()
-                for piece in flat_pieces(f"{prefix}{self.names[p]}", flat[lo:hi], p, first, first + hi - lo)]
+                for name in (self._names(p) if prefix == "model/" else [self.names[p]])
+                for piece in flat_pieces(f"{prefix}{name}", flat[lo:hi], p, first, first + hi - lo)]
 
     def _state_pieces(self, u: Unit, state: dict) -> list[Piece]:
         out = [piece for k in MOMENTS for piece in self._slice_pieces(f"optim/{k}/", u, state[k])]
@@ -328,7 +369,7 @@ class ZeroOptimizer:
             if state:  # (a parameter that never had a gradient has no moments yet)
                 out += self._state_pieces(u, state)
                 steps.append(state["step"])
-            if not self._master_is_storage(u.bucket):
+            if self._saves_model(u.bucket):
                 out += self._slice_pieces("model/", u, u.master)
         if steps:
             out.append(whole("optim/step", max(steps, key=float)))
@@ -340,7 +381,7 @@ class ZeroOptimizer:
     def load_pieces(self, reader: CheckpointReader) -> None:
         """This rank's slices of the saved moments and masters, whatever layout and stage wrote them."""
         for b in self.buckets:  # masters first: any checkpoint has the model's weights
-            if not self._master_is_storage(b):
+            if self._saves_model(b):
                 for u in (u for u in self.units if u.bucket is b):
                     for piece in self._slice_pieces("model/", u, u.master):
                         reader.fill(piece)
