@@ -1,9 +1,9 @@
-"""nano-train's ZeRO optimizer (stages 1 and 2) vs torch's peers, gloo world of dp, CPU.
+"""nano-train's ZeRO optimizer (stages 1, 2 and 3) vs torch's peers, gloo world of dp, CPU.
 
-    python bench/zero.py [--dp 2] [--d-model 256] [--layers 4] [--heads 4] [--vocab 512] [--seq 128]
+    python bench/zero.py [--stages 1,2,3] [--dp 2] [--d-model 256] [--layers 4] [--heads 4] [--vocab 512] [--seq 128]
                          [--batch 8] [--steps 10] [--rounds 3] [--bucket-mb 25]
 
-Four implementations train the same model (TransformerModel, fp32, untied embeddings, same
+Six implementations train the same model (TransformerModel, fp32, untied embeddings, same
 init) on the same synthetic batches (each rank takes its --batch rows of a global batch of
 dp * --batch sequences), with the same AdamW (lr 1e-3, betas (0.9, 0.99), eps 1e-8, weight
 decay 0.1 on tensors of dim >= 2 only, via two param groups; foreach kernels), no gradient
@@ -19,6 +19,10 @@ clipping anywhere (grad_clip=0), a constant learning rate:
            torch FSDP2 fully_shard(block, reshard_after_forward=False) per transformer block,
            then the root: parameters sharded too (gathered once per step for forward and
            backward), gradients reduce-scattered, AdamW on the local shards.
+  stage 3  nano-train ZeroOptimizer(model, 3, ...): parameters sharded too, each block gathered
+           for its forward and again for its backward (the next one prefetched), freed after;
+           torch FSDP2 fully_shard(block, reshard_after_forward=True) per block, then the root:
+           the same sharding (the same gathers, one per block per direction).
 
 Losses: ours divides the summed cross entropy by the global batch's token count (the all-reduce
 and the reduce-scatter sum over ranks); DDP and FSDP2 average over ranks, so they get each rank's
@@ -69,8 +73,11 @@ LABELS = {
     "zro": "torch ZeroRedundancyOptimizer + DDP",
     "ours2": "nano-train ZeroOptimizer stage 2",
     "fsdp2": "torch FSDP2 fully_shard (no reshard after fwd)",
+    "ours3": "nano-train ZeroOptimizer stage 3",
+    "fsdp2_rs": "torch FSDP2 fully_shard (reshard after fwd)",
 }
-PAIRS = [("ours1", "zro", "ZeroRedundancyOptimizer"), ("ours2", "fsdp2", "FSDP2")]
+PAIRS = [("ours1", "zro", "ZeroRedundancyOptimizer"), ("ours2", "fsdp2", "FSDP2"),
+         ("ours3", "fsdp2_rs", "FSDP2 resharding after forward")]
 
 
 def build(cfg: ModelConfig) -> TransformerModel:
@@ -144,9 +151,11 @@ def worker(mcfg: dict, a: dict, names: list[str], probe: bool) -> dict:
                 loss = model(x, y, loss_denominator=global_tokens)  # this rank's share of the global mean
                 loss.backward()
             opt.sync_grads()
-            params = list(model.parameters())
-            count(name, s, params, [p.grad for p in params] + list(opt.grad.values()),
-                  state_tensors(opt.opt))  # the fp32 master slices are views of the parameters' buckets
+            # The parameters' storage: the buckets (stage 3: this rank's slices; the gathered
+            # buffers are freed by now); the fp32 master slices are views of them.
+            params = list(model.parameters()) + [b.flat for b in opt.buckets]
+            count(name, s, params, [p.grad for p in model.parameters()] + list(opt.grad.values()),
+                  state_tensors(opt.opt))
             opt.step(LR)
             return loss.detach()
         return step
@@ -174,12 +183,12 @@ def worker(mcfg: dict, a: dict, names: list[str], probe: bool) -> dict:
             return loss.detach() / dp
         return step
 
-    def make_fsdp2():
+    def make_fsdp2(name, reshard):
         model = build(cfg)
         mesh = init_device_mesh("cpu", (dp,))  # CPU mesh: FSDP2 runs its collectives on gloo
         for block in model.layers.values():
-            fully_shard(block, mesh=mesh, reshard_after_forward=False)
-        fully_shard(model, mesh=mesh, reshard_after_forward=False)
+            fully_shard(block, mesh=mesh, reshard_after_forward=reshard)
+        fully_shard(model, mesh=mesh, reshard_after_forward=reshard)
         opt = torch.optim.AdamW(param_groups(model), **ADAMW)  # DTensor params: foreach works on them
 
         def step(s):
@@ -187,14 +196,15 @@ def worker(mcfg: dict, a: dict, names: list[str], probe: bool) -> dict:
             loss = model(x, y)  # local mean; FSDP2 averages the reduce-scattered gradients
             loss.backward()
             params = list(model.parameters())
-            count("fsdp2", s, params, [p.grad for p in params], state_tensors(opt))
+            count(name, s, params, [p.grad for p in params], state_tensors(opt))
             opt.step()
             opt.zero_grad(set_to_none=True)
             return loss.detach() / dp
         return step
 
     makers = {"ours1": lambda: make_ours("ours1", 1), "zro": make_zro,
-              "ours2": lambda: make_ours("ours2", 2), "fsdp2": make_fsdp2}
+              "ours2": lambda: make_ours("ours2", 2), "fsdp2": lambda: make_fsdp2("fsdp2", False),
+              "ours3": lambda: make_ours("ours3", 3), "fsdp2_rs": lambda: make_fsdp2("fsdp2_rs", True)}
     rss_start = current_rss()  # before the model exists: the peak above it is the implementation's own
     fns = {n: makers[n]() for n in names}
     times, losses = alternate_rounds(fns, a["steps"], a["rounds"], dist.barrier)
@@ -225,12 +235,14 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10, help="timed steps per round (round 0 warms up)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--bucket-mb", type=float, default=25.0)
+    ap.add_argument("--stages", default="1,2,3", help="which ZeRO stages to compare, e.g. 3")
     args = ap.parse_args()
+    pairs = [PAIRS[int(k) - 1] for k in args.stages.split(",")]
     mcfg = dict(vocab_size=args.vocab, d_model=args.d_model, n_layers=args.layers, n_heads=args.heads,
                 max_seq_len=args.seq, tie_embeddings=False)
     a = dict(dp=args.dp, batch=args.batch, seq=args.seq, steps=args.steps, rounds=args.rounds,
              bucket_mb=args.bucket_mb)
-    names = list(LABELS)
+    names = [n for ours, peer, _ in pairs for n in (ours, peer)]
 
     res = run_world(worker, args.dp, mcfg, a, names, False)[0]  # ranks lined up by barriers: rank 0 speaks
     times, losses = res["times"], res["losses"]
@@ -243,14 +255,14 @@ def main() -> None:
         mem[n]["total"] = mem[n]["params"] + mem[n]["grads"] + mem[n]["optimizer"]
 
     n_params = sum(p.numel() for p in TransformerModel(ModelConfig(**mcfg)).parameters())
-    print(f"ZeRO: nano-train ZeroOptimizer vs torch ZeroRedundancyOptimizer (stage 1) and FSDP2 (stage 2)\n"
+    print(f"ZeRO: nano-train ZeroOptimizer vs torch ZeroRedundancyOptimizer (stage 1) and FSDP2 (stages 2, 3)\n"
           f"dp={args.dp} (gloo, CPU, 1 thread per process), {args.layers} layers, d_model {args.d_model}, "
           f"{args.heads} heads, vocab {args.vocab}, seq {args.seq}, {args.batch} sequences per rank, fp32, "
           f"{n_params / 1e6:.2f}M parameters; AdamW foreach, no gradient clipping, bucket {args.bucket_mb} MB; "
           f"{args.rounds} timed round(s) x {args.steps} steps each (+1 warm-up round)\n")
 
     ok = True
-    for ours, peer, label in PAIRS:
+    for ours, peer, label in pairs:
         lo, lp = losses[ours], losses[peer]
         rel0 = abs(lo[0] - lp[0]) / abs(lp[0])
         worst = max(abs(x - y) / abs(y) for x, y in zip(lo, lp))
@@ -272,7 +284,7 @@ def main() -> None:
                        "total MB", "peak RSS MB", "peak RSS above start MB"]))
     print(f"\nmemory is per rank (rank 0), at the optimizer step (after backward + gradient sync), "
           f"from distinct tensor storages; fp32 model = {4 * n_params / MB:.2f} MB")
-    for ours, peer, label in PAIRS:
+    for ours, peer, label in pairs:
         ratio = statistics.median(o / p for o, p in zip(times[ours], times[peer]))
         mo, mp = mem[ours], mem[peer]
         print(f"ours / {label} = {ratio:.2f} (time), {mo['total'] / mp['total']:.2f} (state bytes)"

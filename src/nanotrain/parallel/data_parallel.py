@@ -218,6 +218,7 @@ class GradReducer:
         for b in sorted(buckets, key=lambda b: b.order):
             self._order.setdefault(b.group, []).append(b)
         self._queues = {g: list(q) for g, q in self._order.items()}
+        self._summed: set[FlatBucket] = set()  # stages 2, 3: buckets whose slice got a sum this step
         self._bucket_of = {p: b for b in buckets for p in b.params}
         self._offset_of = {p: off for b in buckets for p, off in zip(b.params, b.offsets)}
         for b in buckets:
@@ -289,11 +290,33 @@ class GradReducer:
         flat = b.staging if b.staging is not None else torch.zeros(b.numel, dtype=self.grad_dtype,
                                                                    device=self.grad[id(b)].device)  # none arrived
         b.staging = None  # freed once the reduce-scatter is done: only this rank's slice is kept
-        out = torch.empty(b.shard_numel, dtype=flat.dtype, device=flat.device)
+        self._reap()
+        # The step's first sum of this slice goes straight into it; a later micro-batch's into a
+        # buffer that is added once it arrives.
+        first = b not in self._summed
+        self._summed.add(b)
+        out = self.grad[id(b)] if first else torch.empty(b.shard_numel, dtype=flat.dtype, device=flat.device)
         work = collectives.reduce_scatter(out, flat, b.group, async_op=True) if b.size > 1 else None
         if work is None:
             out.copy_(flat)
-        self._pending.append((work, out, b, flat))
+        self._pending.append((work, None if first else out, b, flat))
+
+    def _reap(self) -> None:
+        """Finish the reduce-scatters that are done (add their slices; drop their buffers), so that
+        the staging buffers do not all live until sync(). A bucket's sums are added in the order
+        they were posted."""
+        waiting, kept = set(), []
+        for entry in self._pending:
+            work, out, b, _ = entry
+            if b in waiting or (work is not None and not work.is_completed()):
+                waiting.add(b)
+                kept.append(entry)
+                continue
+            if work is not None:
+                work.wait()  # (done: raises a failure, if any)
+            if out is not None:
+                self.grad[id(b)] += out
+        self._pending = kept
 
     def sync(self) -> None:
         """Wait for the reductions (posting any a hook did not: unused parameters), accumulate
@@ -308,6 +331,7 @@ class GradReducer:
                 work.wait()
             if out is not None:
                 self.grad[id(b)] += out
+        for b in self.buckets:
             b.posted = False
         self._pending.clear()
         for b in self.buckets:
@@ -330,11 +354,10 @@ class GradReducer:
                     p.grad = None
             self.got_grad.clear()
             return
-        for b in self.buckets:
-            if self.stage < 2:
+        if self.stage < 2:
+            for b in self.buckets:
                 b.grad_flat.zero_()  # any .grad views stay; the next backward accumulates into them
-            else:
-                self.grad[id(b)].zero_()
+        self._summed.clear()  # stages 2, 3: the next step's first reduce-scatter overwrites each slice
         self.got_grad.clear()
 
 

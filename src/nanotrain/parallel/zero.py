@@ -191,7 +191,7 @@ class ZeroOptimizer:
 
     def _store(self, b: FlatBucket, storage: torch.dtype) -> torch.Tensor:
         """Move b's parameters into one flat buffer (b.flat) that they become views of; returns the
-        fp32 values. Low-bit weights: the model keeps the codes, b.flat is their fp32 master."""
+        fp32 values (stage 3: of this rank's slice; the parameters view b.full, gathered on demand). Low-bit weights: the model keeps the codes, b.flat is their fp32 master."""
         fp32 = torch.zeros(b.numel, dtype=torch.float32, device=b.params[0].device)
         for p, off in zip(b.params, b.offsets):
             fp32[off:off + p.numel()].copy_(p.detach().reshape(-1))
@@ -201,7 +201,7 @@ class ZeroOptimizer:
             for p, off in zip(b.params, b.offsets):
                 p.data = b.full[off:off + p.numel()].view_as(p)
             free(b)
-            return fp32
+            return fp32[b.owned()].clone()  # only the slice is needed (and the whole would double the peak)
         b.flat = fp32 if b.lowbit or storage == torch.float32 else fp32.to(storage)
         for p, off in zip(b.params, b.offsets):
             if b.lowbit:
@@ -219,7 +219,8 @@ class ZeroOptimizer:
             return [Unit(b, off, off + p.numel(), b.flat[off:off + p.numel()].view_as(p), p)
                     for p, off in zip(b.params, b.offsets)]
         mine = b.flat if self.stage == 3 else b.flat[b.owned()]  # stage 3: flat is the slice
-        master = mine if self._master_is_storage(b) or b.lowbit else fp32[b.owned()].to(self.dtypes.master)
+        values = fp32 if self.stage == 3 else fp32[b.owned()]  # (stage 3: _store returned the slice)
+        master = mine if self._master_is_storage(b) or b.lowbit else values.to(self.dtypes.master)
         return [Unit(b, 0, b.shard_numel, master)]
 
     # -- gradients (data_parallel.GradReducer) ------------------------------------------
