@@ -148,7 +148,8 @@ def cmd_inspect(args, overrides) -> int:
         fast_bf16 = hardware.fp32_flops is None or hardware.bf16_flops >= hardware.fp32_flops
         cfg.precision.recipe = "bf16" if fast_bf16 else "fp32"
     result = inspect_model(m, seq, hardware=hardware, micro_batch_size=mbs, dtype=args.dtype)
-    result["plan"] = plan_layout(m, seq, cfg, layout, mbs, micro_batches, hardware)
+    capacity = args.gpu_memory * 1e9 if args.gpu_memory else None
+    result["plan"] = plan_layout(m, seq, cfg, layout, mbs, micro_batches, hardware, capacity)
     result["memory_per_rank_bytes"] = result["plan"]["memory_per_rank_bytes"]
     print(json.dumps(result, indent=1) if args.json else markdown(result))
     if args.out:  # to stderr: stdout stays one JSON document with --json
@@ -166,6 +167,7 @@ NUMBER_RANGES = {
     "--max-new-tokens": (1, None), "--temperature": (0.0, None), "--top-k": (0, None),  # sample
     "--num-samples": (1, None), "--seed": (0, 2**64 - 1),  # a torch.Generator seed is 64-bit unsigned
     "--seq-len": (1, None), "--micro-batch-size": (0, None), "--micro-batches": (0, None),  # inspect
+    "--gpu-memory": (0.0, None),
 }
 
 
@@ -183,7 +185,7 @@ def check_numbers(args: argparse.Namespace) -> None:
 
 
 # One text for every command's --layout (parallel/layout.py parses it).
-LAYOUT_HELP = ("comma-separated tp=N, pp=N, dp=N, ep=N, sp (sequence parallel), zero=0|1|2, micro=N "
+LAYOUT_HELP = ("comma-separated tp=N, pp=N, dp=N, ep=N, sp (sequence parallel), zero=0|1|2|3, micro=N "
                "(sequences per micro-batch); what it leaves out is the config's")
 
 
@@ -240,6 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "default: --layout's micro=, else the config's, 1 for --hf-config")
     s.add_argument("--micro-batches", type=int, default=0,
                    help="micro-batches per optimizer step on one rank (default: the config's; pp for --hf-config)")
+    s.add_argument("--gpu-memory", type=float, metavar="GB",
+                   help="memory per device in GB (default: --hardware's): whether each rank fits and, if not, the "
+                        "cheapest change that makes it (recomputation, micro-batch, ZeRO stage, tp, pp)")
     s.add_argument("--dtype", default="bf16", choices=["bf16", "fp8"], help="matmul operand format for the roofline")
     s.add_argument("--out", metavar="DIR", help="also write DIR/report.md, roofline.png and intensity.png")
     s.set_defaults(fn=cmd_inspect)

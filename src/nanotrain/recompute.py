@@ -79,6 +79,19 @@ def replayed(value_fn):
     return value
 
 
+_replay_listeners: list = []  # called as each recomputed forward ends (inspection/measure.py)
+
+
+@contextlib.contextmanager
+def on_replay_end(fn):
+    """Call fn() each time backward has finished recomputing a block (while the context lasts)."""
+    _replay_listeners.append(fn)
+    try:
+        yield
+    finally:
+        _replay_listeners.remove(fn)
+
+
 @contextlib.contextmanager
 def _inside(region: Region, replaying: bool):
     previous, Region.now = Region.now, region
@@ -87,6 +100,9 @@ def _inside(region: Region, replaying: bool):
         yield
     finally:
         Region.now = previous
+        if replaying:
+            for fn in _replay_listeners:
+                fn()
 
 
 # Selective mode: the outputs of these ops are kept; everything else in the block is recomputed.

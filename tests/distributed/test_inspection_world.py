@@ -1,7 +1,8 @@
 """`nanotrain inspect`'s memory per rank (inspection/memory.py) against what each rank of a gloo
 world of 8 really holds (inspection/measure.py): parameters, gradients, master copies and
-moments counted from the tensors, activations as the peak of the tensors autograd keeps for
-backward during one step. Three layouts, one with ZeRO-2 and expert parallelism."""
+moments counted from the tensors, activations as the peak of what the forward passes (and
+backward's recomputations) create and keep during one step, ZeRO-3's gathered parameters as the
+most it held at once. Layouts with ZeRO-1, 2 and 3, expert parallelism, and each recompute mode."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import pytest
 
 from nanotrain.config import Config, load_config
 from nanotrain.inspection.comm import comm_per_step
-from nanotrain.inspection.measure import SavedTensorMeter, unique_bytes
+from nanotrain.inspection.measure import LiveActivationMeter, unique_bytes
 from nanotrain.inspection.memory import Plan, memory_per_rank
 from nanotrain.parallel.launch import run_world
 from nanotrain.runtime import RuntimeEngine
@@ -44,11 +45,13 @@ class MeasuredEngine(RuntimeEngine):
     def train_step(self, step, model, data, opt, lr, ctx, report=False):
         if step != MEASURED_STEP:
             return super().train_step(step, model, data, opt, lr, ctx, report)
-        meter, comm = SavedTensorMeter(model), ctx.parallel.meter  # the run's communication meter
+        meter, comm = LiveActivationMeter(model), ctx.parallel.meter  # the run's communication meter
         before = dict(comm.bytes)  # (the monitor's figures since its last report)
         with meter.counting(), comm.counting():
             out = super().train_step(step, model, data, opt, lr, ctx, report)
         self.measured["activations"] = meter.peak
+        sharding = getattr(opt, "sharding", None)  # ZeRO-3
+        self.measured["gathered_params"] = sharding.peak_bytes if sharding is not None else 0
         self.comm = {group: n - before.get(group, 0) for group, n in comm.bytes.items()}
         return out
 
@@ -81,6 +84,8 @@ def _measure(cfg_dict) -> dict:
     return {"rank": rank, **engine.measured, "comm": engine.comm, "logged": logged}
 
 
+DEEPSEEK = ["--model.arch=deepseek", "--model.n_routed_experts=4", "--model.moe_top_k=2", "--model.moe_d_ff=64",
+            "--model.kv_lora_rank=32"]
 LAYOUTS = {  # name: (arch options, layout options)
     "tp2_sp_pp2_dp2_zero1_1f1b": ([], ["--parallel.tp=2", "--parallel.sequence_parallel=true", "--parallel.pp=2",
                                        "--parallel.dp=2", "--optimizer.zero_stage=1", "--train.batch_size=8",
@@ -89,10 +94,18 @@ LAYOUTS = {  # name: (arch options, layout options)
     "tp2_dp4_zero2_bf16_params": ([], ["--parallel.tp=2", "--parallel.dp=4", "--optimizer.zero_stage=2",
                                        "--precision.recipe=bf16", "--precision.param_dtype=bf16",
                                        "--train.batch_size=16"]),
-    "deepseek_tp2_dp4_ep2_zero2": (["--model.arch=deepseek", "--model.n_routed_experts=4", "--model.moe_top_k=2",
-                                    "--model.moe_d_ff=64", "--model.kv_lora_rank=32"],
-                                   ["--parallel.tp=2", "--parallel.dp=4", "--parallel.ep=2",
-                                    "--optimizer.zero_stage=2", "--train.batch_size=16"]),
+    "deepseek_tp2_dp4_ep2_zero2": (DEEPSEEK, ["--parallel.tp=2", "--parallel.dp=4", "--parallel.ep=2",
+                                              "--optimizer.zero_stage=2", "--train.batch_size=16"]),
+    # Recomputation: selective keeps each block's input, matmul and attention outputs; full its input
+    "tp2_sp_dp4_selective": ([], ["--parallel.tp=2", "--parallel.sequence_parallel=true", "--parallel.dp=4",
+                                  "--train.recompute=selective", "--train.batch_size=16"]),
+    "tp2_pp2_dp2_full_1f1b": ([], ["--parallel.tp=2", "--parallel.pp=2", "--parallel.dp=2", "--optimizer.zero_stage=1",
+                                   "--train.recompute=full", "--train.batch_size=8", "--train.micro_batch_size=1"]),
+    # ZeRO-3: weights sharded too, gathered block by block
+    "dp8_zero3": ([], ["--parallel.dp=8", "--optimizer.zero_stage=3", "--train.batch_size=16"]),
+    "deepseek_tp2_dp4_ep2_zero3_selective": (DEEPSEEK, ["--parallel.tp=2", "--parallel.dp=4", "--parallel.ep=2",
+                                                        "--optimizer.zero_stage=3", "--train.recompute=selective",
+                                                        "--train.batch_size=16"]),
 }
 
 
@@ -108,14 +121,14 @@ def test_memory_per_rank_matches_a_world_of_8(tmp_path, name):
     for r in ranks:
         stage = r["rank"] // (cfg.parallel.tp * cfg.parallel.dp)
         e = estimate[stage]
-        for key in ("weights", "gradients", "master", "optimizer", "activations"):
+        for key in ("weights", "gradients", "master", "optimizer", "activations", "gathered_params"):
             print(f"{name} rank {r['rank']} {key}: estimate {e[key]} measured {r[key]}")
             assert e[key] == pytest.approx(r[key], rel=TOL, abs=64), (r["rank"], key)
         if r["rank"] == 0:  # the time split: exposed communication apart from compute, adding up to the step
             times = {k: v for k, v in r["logged"].items() if k.startswith("time/")}
             assert min(times.values()) >= 0, times
             assert 0.5 * r["logged"]["step_ms"] <= sum(times.values()) <= 1.05 * r["logged"]["step_ms"], times
-        total = sum(r[k] for k in ("weights", "gradients", "master", "optimizer", "activations"))
+        total = sum(r[k] for k in ("weights", "gradients", "master", "optimizer", "activations", "gathered_params"))
         assert e["total"] == pytest.approx(total, rel=TOL)
         predicted = {g: sum(ops.values()) for g, ops in comm_per_step(cfg.model, layout, cfg.precision, stage).items()}
         for group in set(predicted) | set(r["comm"]):

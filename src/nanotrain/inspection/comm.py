@@ -97,6 +97,44 @@ def tp_per_micro_batch(m: ModelConfig, plan: Plan, layers: list[int], first: boo
     return t
 
 
+def tp_recomputed_per_micro_batch(m: ModelConfig, plan: Plan, layers: list[int], c: int, r: int) -> dict[str, int]:
+    """The forward collectives that recomputed blocks run again in backward (the meter's
+    "tp_recompute"): each block's, up to the last tensor its backward needs, where
+    torch.utils.checkpoint stops recomputing: all but the dense MLP's closing row-parallel sum.
+    Forward halves of tp_per_micro_batch's: with sp the columns' all-gathers and the rows'
+    reduce-scatters, without it the rows' all-reduces."""
+    t = {"all_reduce": 0, "all_gather": 0, "reduce_scatter": 0}
+    if plan.tp == 1 or plan.recompute == "none":
+        return t
+    n, d, sp = plan.micro_batch_size * plan.seq_len, m.d_model, plan.sp
+    chunk = max(1, len(layers) // plan.pp_virtual_stages)
+
+    def col(width: int, b: int) -> None:
+        if sp:
+            t["all_gather"] += n * width * b
+
+    def row(b: int) -> None:
+        t["reduce_scatter" if sp else "all_reduce"] += n * d * b
+
+    for pos, i in enumerate(layers):
+        if plan.recompute == "full" and plan.recompute_layers and pos % chunk >= plan.recompute_layers:
+            continue
+        if m.arch == "deepseek":
+            ac = c if c < r else r
+            col(m.q_lora_rank, ac) if m.q_lora_rank else col(d, r)
+            col(m.kv_lora_rank, ac)
+            col(m.qk_rope_head_dim, ac)
+            row(c)
+            if i < m.first_k_dense_replace:
+                col(d, r)
+                col(d, r)
+        else:
+            for _ in range(3 + (2 if m.mlp == "swiglu" else 1)):
+                col(d, r)
+            row(c)
+    return t
+
+
 def comm_per_step(m: ModelConfig, plan: Plan, precision, pp_rank: int = 0,
                   model=None) -> dict[str, dict[str, int]]:
     """{group: {collective: bytes}} that one rank of stage pp_rank moves in one optimizer step
@@ -117,23 +155,41 @@ def comm_per_step(m: ModelConfig, plan: Plan, precision, pp_rank: int = 0,
         tp["all_reduce"] += sum(p.numel() for p in params if not spec(p).tp_sharded) * grad_b
     if plan.tp > 1:
         out["tp"] = tp
+        again = {k: v * mb for k, v in tp_recomputed_per_micro_batch(m, plan, layers, c, r).items() if v}
+        if again:  # counted apart, as the communication meter labels it (parallel/collectives.py)
+            out["tp_recompute"] = again
 
     dense = sum(p.numel() for p in params if not spec(p).expert_parallel)
     expert = sum(p.numel() for p in params if spec(p).expert_parallel)
-    for group, size, numel in (("dp", plan.dp, dense), ("edp", plan.dp // plan.ep, expert)):
+    # Stages 2 and 3 reduce-scatter after every backward (each micro-batch, each chunk of an
+    # interleaved stage: parallel/data_parallel.py posts every bucket of the stage each time).
+    backwards = mb * plan.pp_virtual_stages if plan.zero_stage >= 2 else 1
+    root = _root_numel(model, m, plan, pp_rank) if plan.zero_stage == 3 else (0, 0)
+    for group, size, numel, root_numel in (("dp", plan.dp, dense, root[0]), ("edp", plan.dp // plan.ep, expert,
+                                                                             root[1])):
         if size == 1 or numel == 0:
             continue
         padded = -(-numel // size) * size if plan.zero_stage else numel
-        sync = "reduce_scatter" if plan.zero_stage == 2 else "all_reduce"
-        out[group] = {sync: padded * grad_b}
-        if plan.zero_stage:
+        sync = "reduce_scatter" if plan.zero_stage >= 2 else "all_reduce"
+        out[group] = {sync: padded * grad_b * backwards}
+        if plan.zero_stage in (1, 2):  # the updated slices, after the step
             out[group]["all_gather"] = padded * param_b
+        if plan.zero_stage == 3:  # each block for its forward and its backward; the root for every
+            # forward and backward of the model, one per chunk (parallel/zero3.py), on a group of its own
+            per_pass = padded + root_numel * (plan.pp_virtual_stages - 1)
+            out[f"{group}_gather"] = {"all_gather": 2 * mb * per_pass * param_b}
 
     if plan.ep > 1 and m.arch == "deepseek":
         n = plan.micro_batch_size * plan.seq_len // (plan.tp if plan.sp else 1)
         a = n * m.moe_top_k
         moe = sum(1 for i in layers if i >= m.first_k_dense_replace)
         out["ep"] = {"all_to_all": mb * moe * (m.n_routed_experts * 8 + 2 * a * m.d_model * (r + c))}
+        if plan.recompute != "none":  # a recomputed MoE block sends its tokens out and back again
+            chunk = max(1, len(layers) // plan.pp_virtual_stages)
+            again = sum(1 for pos, i in enumerate(layers) if i >= m.first_k_dense_replace and not (
+                plan.recompute == "full" and plan.recompute_layers and pos % chunk >= plan.recompute_layers))
+            if again:
+                out["ep_recompute"] = {"all_to_all": mb * again * (m.n_routed_experts * 8 + a * m.d_model * (r + c))}
 
     if plan.pp > 1:
         n = plan.micro_batch_size * plan.seq_len // (plan.tp if plan.sp else 1)
@@ -145,8 +201,17 @@ def comm_per_step(m: ModelConfig, plan: Plan, precision, pp_rank: int = 0,
     return out
 
 
+def _root_numel(model, m: ModelConfig, plan: Plan, pp_rank: int) -> tuple[int, int]:
+    """(dense, expert) parameters of stage pp_rank outside its blocks: ZeRO-3's root unit."""
+    in_blocks = {id(p) for i in stage_layers(m, plan, pp_rank, model) for p in model.layers[str(i)].parameters()}
+    rest = [p for p in stage_parameters(model, m, plan, pp_rank) if id(p) not in in_blocks]
+    return (sum(p.numel() for p in rest if not spec(p).expert_parallel),
+            sum(p.numel() for p in rest if spec(p).expert_parallel))
+
+
 def wire_bytes(groups: dict[str, dict[str, int]], plan: Plan) -> dict[str, float]:
     """Bytes each rank puts on the wire per step, per group (ring algorithms)."""
     sizes = {"tp": plan.tp, "dp": plan.dp, "edp": plan.dp // plan.ep, "ep": plan.ep,
-             "pp": plan.pp, "embd": 2}
+             "pp": plan.pp, "embd": 2, "dp_gather": plan.dp, "edp_gather": plan.dp // plan.ep,
+             "tp_recompute": plan.tp, "ep_recompute": plan.ep}
     return {g: sum(WIRE[op](sizes[g]) * b for op, b in ops.items()) for g, ops in groups.items()}

@@ -7,7 +7,8 @@ Static: the rank's own model is built on the meta device (its tp shard of each m
 ep share of the experts, its pipeline stage's layers), so the parameter counts are exact.
 Each copy then takes the bytes of its dtype (precision.*_dtype), and ZeRO divides what it
 shards by dp (experts by expert-dp): stage 1 the master copies and moments, stage 2 the
-gradients too (ZeRO paper, Rajbhandari et al. 2020, Figure 1).
+gradients too, stage 3 the weights too (ZeRO paper, Rajbhandari et al. 2020, Figure 1), which
+then exist whole only while gathered: the root's and two blocks' at a time (gathered_param_bytes).
 
 Activations: the tensors autograd saves for backward, written out per module for the way
 these modules compute (Korthikanti et al. 2022 do the same for Megatron's, §4.1). N tokens
@@ -19,9 +20,11 @@ weight. Each line is checked against the tensors autograd really saves
 
 In flight: GPipe keeps all m micro-batches, 1F1B keeps pp - stage (at most m), interleaved
 1F1B keeps Megatron's warm-up count of chunks (2 (pp - stage - 1) + (v - 1) pp + 1).
-Full recomputation (Korthikanti's "full": keep each block's input, recompute the rest during
-backward) would keep N_s·d·r per layer and one layer's activations: the report shows that
-figure for planning; nanotrain does not recompute yet.
+
+Recomputation (train.recompute, recompute.py): a recomputed block keeps its input (N_s·d·r)
+and, selective, its matmul and fused-attention outputs; its backward rebuilds the rest, one
+block at a time (recomputed_activations). Each line is checked against the storages the
+forward and the recomputations really create (inspection/measure.py's LiveActivationMeter).
 """
 
 from __future__ import annotations
@@ -49,6 +52,8 @@ class Plan:
     pp_schedule: str = "1f1b"
     pp_virtual_stages: int = 1
     pp_partition: str = "layers"
+    recompute: str = "none"  # train.recompute (recompute.py): none | selective | full
+    recompute_layers: int = 0  # the first N blocks of each stage (0: all)
 
     @classmethod
     def from_config(cls, cfg: Config) -> Plan:
@@ -57,7 +62,8 @@ class Plan:
         p, t = cfg.parallel, cfg.train
         layout = replace(Layout.from_config(cfg), micro=t.micro_batch(p.dp))
         return cls(layout, seq_len=t.seq_len, micro_batches=max(1, t.grad_accum_steps(p.dp)),
-                   pp_schedule=p.pp_schedule, pp_virtual_stages=p.pp_virtual_stages, pp_partition=p.pp_partition)
+                   pp_schedule=p.pp_schedule, pp_virtual_stages=p.pp_virtual_stages, pp_partition=p.pp_partition,
+                   recompute=t.recompute, recompute_layers=t.recompute_layers)
 
     # The layout's fields, by the names the formulas below use.
     tp = property(lambda self: self.layout.tp)
@@ -75,7 +81,7 @@ class Plan:
     def to_dict(self) -> dict:
         """Flat, for `nanotrain inspect --json`: the layout's fields under the config's names."""
         keys = ("tp", "pp", "dp", "ep", "sp", "zero_stage", "micro_batch_size", "seq_len", "micro_batches",
-                "pp_schedule", "pp_virtual_stages", "pp_partition")
+                "pp_schedule", "pp_virtual_stages", "pp_partition", "recompute", "recompute_layers")
         return {k: getattr(self, k) for k in keys}
 
 
@@ -138,11 +144,25 @@ def static_bytes(params: list, plan: Plan, precision) -> dict[str, int]:
     n = dense + expert
     master_needed = precision.param_dtype != "fp32" and precision.master_owner == "optimizer"
     return {
-        "weights": n * param_b,
+        "weights": (share(dense, expert) if stage == 3 else n) * param_b,
         "gradients": (share(dense, expert) if stage >= 2 else n) * grad_b,
         "master": share(dense, expert) * BYTES[precision.master_dtype] if master_needed else 0,
         "optimizer": share(dense, expert) * moment_b,
     }
+
+
+def gathered_param_bytes(model, m: ModelConfig, plan: Plan, pp_rank: int, precision) -> int:
+    """ZeRO-3 (parallel/zero3.py): whole parameters held at once, besides the slices: the root's
+    (embeddings, final norm, head: for the whole forward and again for the backward) and two
+    blocks' (the one running and the next one, prefetched)."""
+    if plan.zero_stage != 3:
+        return 0
+    mine = {id(p) for p in stage_parameters(model, m, plan, pp_rank)}
+    blocks = sorted(sum(p.numel() for p in model.layers[str(i)].parameters())
+                    for i in stage_layers(m, plan, pp_rank, model))
+    in_blocks = {id(p) for i in stage_layers(m, plan, pp_rank, model) for p in model.layers[str(i)].parameters()}
+    root = sum(p.numel() for p in model.parameters() if id(p) in mine and id(p) not in in_blocks)
+    return (root + sum(blocks[-2:])) * BYTES[precision.param_dtype]
 
 
 # -- activations -------------------------------------------------------------------------
@@ -346,9 +366,9 @@ def attention_bytes_per_element(precision, device: str) -> int:
     return c
 
 
-def activation_bytes(m: ModelConfig, plan: Plan, precision, layers: list[int], first: bool, last: bool,
-                     device: str = "cuda") -> dict[str, int]:
-    """Activations of one micro-batch on one rank, per kind of module."""
+def _widths(m: ModelConfig, plan: Plan, precision, device: str) -> tuple[Widths, bool]:
+    """One micro-batch on one rank; and whether MLA's attention runs as separate matmuls (the CPU
+    math path, for unequal q/k and v head dims)."""
     c = compute_bytes(precision)
     r = BYTES[precision.param_dtype]
     n = plan.micro_batch_size * plan.seq_len
@@ -356,6 +376,13 @@ def activation_bytes(m: ModelConfig, plan: Plan, precision, layers: list[int], f
                tp=plan.tp, ep=plan.ep, c=min(c, r), r=r, a=attention_bytes_per_element(precision, device))
     math_path = device == "cpu" and m.arch == "deepseek" and \
         m.qk_nope_head_dim + m.qk_rope_head_dim != m.v_head_dim
+    return w, math_path
+
+
+def activation_bytes(m: ModelConfig, plan: Plan, precision, layers: list[int], first: bool, last: bool,
+                     device: str = "cuda") -> dict[str, int]:
+    """Activations of one micro-batch on one rank, per kind of module (no recomputation)."""
+    w, math_path = _widths(m, plan, precision, device)
     out: dict[str, int] = {}
     for i in layers:
         for kind, b in block_bytes(m, w, i, math_path).items():
@@ -363,6 +390,90 @@ def activation_bytes(m: ModelConfig, plan: Plan, precision, layers: list[int], f
     for kind, b in ends_bytes(m, w, first, last, math_path).items():
         out[kind] = out.get(kind, 0) + b
     return out
+
+
+# -- recomputation (recompute.py) -------------------------------------------------------
+#
+# A recomputed block keeps its input through forward (N_s x d in the residual dtype) and, in
+# selective mode, the outputs of its matmuls and of the fused attention kernel; backward then
+# rebuilds the rest of one block at a time, which holds what the block would have kept without
+# recomputation while its backward runs. Under autocast, the c-byte weight copies a block's
+# forward makes stay in autocast's cache until the forward ends, saved or not.
+
+
+def _weight_casts(m: ModelConfig, w: Widths, layer: int) -> int:
+    """Bytes of the c-byte weight copies of one block's matmuls that autocast keeps in its cache."""
+    from ..models.mlp import ffn_width
+
+    if not w.casts_weights:
+        return 0
+    d = m.d_model
+    if m.arch == "deepseek":
+        h = m.n_heads // w.tp
+        dqk, nope, dv = m.qk_nope_head_dim + m.qk_rope_head_dim, m.qk_nope_head_dim, m.v_head_dim
+        q = d * m.q_lora_rank + m.q_lora_rank * h * dqk if m.q_lora_rank else d * h * dqk
+        attn = q + d * (m.kv_lora_rank + m.qk_rope_head_dim) + m.kv_lora_rank * h * (nope + dv) + h * dv * d
+        if layer < m.first_k_dense_replace:
+            mlp = 3 * d * (m.d_ff or ffn_width(m)) // w.tp
+        else:  # the shared experts': autocast caches casts of leaf weights only, not of the routed
+            mlp = m.n_shared_experts * 3 * d * m.moe_d_ff  # experts' slices (moe.py unbinds them)
+        return (attn + mlp) * w.c
+    hd, h, h_kv = d // m.n_heads, m.n_heads // w.tp, (m.n_kv_heads or m.n_heads) // w.tp
+    f = ffn_width(m) // w.tp
+    return (d * (2 * h + 2 * h_kv) * hd + (3 if m.mlp == "swiglu" else 2) * d * f) * w.c
+
+
+def _kept_outputs(m: ModelConfig, w: Widths, layer: int, math_path: bool) -> int:
+    """What selective recomputation keeps of a block besides its input: the outputs of its matmuls
+    (recompute.py's policy: mm and addmm, not MLA's up-projections) and of the fused attention
+    kernel (its output and the log-sum-exp of each row). Matmul outputs are N tokens wide (all of
+    the sequence under sequence parallelism: they come before the reduce-scatter)."""
+    from ..models.mlp import ffn_width
+
+    d, n, c = m.d_model, w.n, w.c
+    if m.arch == "deepseek":
+        h = m.n_heads // w.tp
+        dqk, dv = m.qk_nope_head_dim + m.qk_rope_head_dim, m.v_head_dim
+        q = m.q_lora_rank if m.q_lora_rank else h * dqk  # wq_b is an up-projection: recomputed
+        total = n * (q + m.kv_lora_rank + m.qk_rope_head_dim + d) * c  # wq or wq_a, wkv_a, wo
+        if not math_path:
+            total += w.a * n * h * dv + 4 * w.batch * h * w.seq
+        if layer < m.first_k_dense_replace:
+            return total + n * (2 * (m.d_ff or ffn_width(m)) // w.tp + d) * c
+        a, f = n * m.moe_top_k, m.moe_d_ff
+        total += n * m.n_routed_experts * 4  # the router's scores, in fp32
+        total += a * (2 * f + d) * c  # each expert's w1, w3 and w2 outputs, for its tokens
+        return total + m.n_shared_experts * n * (2 * f + d) * c if m.n_shared_experts else total
+    hd, h, h_kv = d // m.n_heads, m.n_heads // w.tp, (m.n_kv_heads or m.n_heads) // w.tp
+    f = ffn_width(m) // w.tp
+    attn = n * ((h + 2 * h_kv) * hd + d) * c + w.a * n * h * hd + 4 * w.batch * h * w.seq
+    return attn + n * ((2 if m.mlp == "swiglu" else 1) * f + d) * c
+
+
+def recomputed_activations(m: ModelConfig, plan: Plan, precision, layers: list[int], first: bool, last: bool,
+                           device: str, flight: int, mode: str) -> int:
+    """Peak activations of a stage under recompute `mode` with `flight` micro-batches (chunks,
+    interleaved) in flight: the others' kept tensors, plus the larger of this micro-batch's at the
+    end of its forward (and the weight copies in autocast's cache) and, in its backward, the
+    blocks not yet reached plus one block rebuilt."""
+    w, math_path = _widths(m, plan, precision, device)
+    v = plan.pp_virtual_stages
+    chunk = max(1, len(layers) // v)
+    x = w.ns * m.d_model * w.r  # a block's input
+    kept, casts, rebuilt = [], 0, 0
+    for pos, i in enumerate(layers):
+        whole = sum(block_bytes(m, w, i, math_path).values())
+        covered = mode == "selective" or not plan.recompute_layers or pos % chunk < plan.recompute_layers
+        if not covered:
+            kept.append(whole)
+            continue
+        kept.append(x + (_kept_outputs(m, w, i, math_path) if mode == "selective" else 0))
+        casts += _weight_casts(m, w, i)
+        # backward of block i: the blocks before it still keep theirs (its own: rebuilt whole)
+        rebuilt = max(rebuilt, sum(kept[pos - pos % chunk:pos]) + whole)
+    per_mb = sum(kept) + sum(ends_bytes(m, w, first, last, math_path).values())
+    per_chunk, casts = per_mb // v, casts // v
+    return (flight - 1) * per_chunk + max(per_chunk + casts, rebuilt)
 
 
 def stage_layers(m: ModelConfig, plan: Plan, pp_rank: int, model=None) -> list[int]:
@@ -388,19 +499,25 @@ def memory_per_rank(m: ModelConfig, plan: Plan, precision, device: str = "cuda",
         layers = stage_layers(m, plan, stage, model)
         per_mb = activation_bytes(m, plan, precision, layers, stage == 0, stage == plan.pp - 1, device)
         flight = in_flight(plan, stage)
-        chunk_layers = max(1, len(layers) // plan.pp_virtual_stages)
+        gathered = gathered_param_bytes(model, m, plan, stage, precision)
         if plan.pp_schedule == "interleaved":  # in flight counts chunks, each a 1/v share of the stage
             act = sum(per_mb.values()) * flight // plan.pp_virtual_stages
         else:
             act = sum(per_mb.values()) * flight
-        # Full recomputation: each layer's input (N_s x d), kept for every micro-batch in flight,
-        # plus one chunk's activations, rebuilt during its backward.
-        n_s = plan.micro_batch_size * plan.seq_len // (plan.tp if plan.sp else 1)
-        recompute = n_s * m.d_model * BYTES[precision.param_dtype] * len(layers) * flight + \
-            sum(per_mb.values()) * chunk_layers // max(1, len(layers))
+        by_mode = {"none": act}
+        for mode in ("selective", "full"):
+            by_mode[mode] = recomputed_activations(m, plan, precision, layers, stage == 0, stage == plan.pp - 1,
+                                                   device, flight, mode)
+        # A stage's output to the next (kept for its backward, until the gradient comes back): each
+        # chunk in flight but the model's last.
+        sent = plan.micro_batch_size * plan.seq_len // (plan.tp if plan.sp else 1) * m.d_model * \
+            BYTES[precision.param_dtype]
+        sending = flight if stage < plan.pp - 1 else flight * (plan.pp_virtual_stages - 1) // plan.pp_virtual_stages
+        by_mode = {k: v + sending * sent for k, v in by_mode.items()}
+        act = by_mode[plan.recompute]
         out.append({"stage": stage, "layers": len(layers), "params": sum(p.numel() for p in params),
                     **static, "activations_per_micro_batch": sum(per_mb.values()),
                     "activations_by_kind": per_mb, "in_flight": flight, "activations": act,
-                    "activations_full_recompute": recompute,
-                    "total": sum(static.values()) + act})
+                    "activations_by_recompute": by_mode, "gathered_params": gathered,
+                    "total": sum(static.values()) + act + gathered})
     return out

@@ -63,13 +63,95 @@ def inspect_model(m: ModelConfig, seq_len: int, *, hardware: Accelerator | None 
 
 
 def plan_layout(m: ModelConfig, seq_len: int, cfg: Config, layout: Layout, micro_batch_size: int,
-                micro_batches: int | None, hardware: Accelerator | None) -> dict:
+                micro_batches: int | None, hardware: Accelerator | None, capacity: float | None = None) -> dict:
     """Memory per rank and communication per step for a layout (inspection/memory.py, comm.py).
 
-    cfg supplies what the layout does not: precision (dtypes) and the pipeline schedule."""
-    p = cfg.parallel
+    cfg supplies what the layout does not: precision (dtypes), the pipeline schedule and the
+    recomputation. capacity: the device's memory in bytes (default: the hardware's); when the
+    largest rank does not fit, `fix` names the cheapest change that makes it fit (fit_changes)."""
+    p, t = cfg.parallel, cfg.train
     lay = Plan(replace(layout, micro=micro_batch_size), seq_len=seq_len, micro_batches=micro_batches or layout.pp,
-               pp_schedule=p.pp_schedule, pp_virtual_stages=p.pp_virtual_stages, pp_partition=p.pp_partition)
+               pp_schedule=p.pp_schedule, pp_virtual_stages=p.pp_virtual_stages, pp_partition=p.pp_partition,
+               recompute=t.recompute, recompute_layers=t.recompute_layers)
+    out = _plan(m, lay, cfg, hardware)
+    capacity = capacity or (hardware.hbm_bytes if hardware is not None else None)
+    if capacity:
+        out["capacity_bytes"] = capacity
+        out["fits"] = out["memory_per_rank_bytes"] <= capacity
+        if not out["fits"]:
+            out["fix"] = fit_changes(m, lay, cfg, hardware, capacity)
+    return out
+
+
+# The changes `--gpu-memory` tries, cheapest first: each costs more compute or communication than
+# the one before it (selective recomputation ~2-4% more FLOPs, full ~33%; smaller micro-batches
+# lose GEMM efficiency and, with pp, add bubbles; a ZeRO stage adds dp traffic; tp and pp move
+# ranks away from dp at the same world size).
+FIT_ORDER = ("selective recomputation", "smaller micro-batch", "full recomputation", "ZeRO stage", "tp", "pp")
+
+
+def fit_changes(m: ModelConfig, lay: Plan, cfg: Config, hardware, capacity: float) -> dict | None:
+    """The first plan that fits, changing in FIT_ORDER and keeping each change made (the global
+    batch, world size and sequence stay): {"changes": [...], "layout", "memory_per_rank_bytes"};
+    None when even all of them do not fit."""
+    changes: list[str] = []
+
+    def fits(plan: Plan):
+        try:
+            _check_layout(m, plan)
+            total = _plan(m, plan, cfg, hardware, with_comm=False)["memory_per_rank_bytes"]
+        except ConfigError:
+            return None
+        return total if total <= capacity else None
+
+    def candidates(plan: Plan):
+        if plan.recompute == "none":
+            yield "selective recomputation", replace(plan, recompute="selective")
+        mbs, n = plan.micro_batch_size, plan.micro_batches
+        while mbs > 1 and mbs % 2 == 0:  # the same batch in twice as many micro-batches
+            mbs, n = mbs // 2, n * 2
+            yield f"micro-batch {mbs} x {n} micro-batches", replace(plan, layout=replace(plan.layout, micro=mbs),
+                                                                    micro_batches=n)
+        if plan.recompute != "full" or plan.recompute_layers:
+            yield "full recomputation", replace(plan, recompute="full", recompute_layers=0)
+        for stage in range(plan.zero_stage + 1, 4):
+            if plan.dp > 1:
+                yield f"ZeRO-{stage}", replace(plan, layout=replace(plan.layout, zero=stage))
+        tp, dp = plan.tp, plan.dp
+        while dp % 2 == 0 and dp // 2 >= plan.ep and tp * 2 <= 8:  # tp stays inside a node of 8
+            tp, dp = tp * 2, dp // 2
+            yield f"tp={tp} (dp={dp})", replace(plan, layout=replace(plan.layout, tp=tp, dp=dp))
+        pp, dp = plan.pp, plan.dp
+        while dp % 2 == 0 and dp // 2 >= plan.ep:
+            pp, dp = pp * 2, dp // 2
+            yield f"pp={pp} (dp={dp})", replace(plan, layout=replace(plan.layout, pp=pp, dp=dp),
+                                                 micro_batches=plan.micro_batches * 2)
+
+    plan = lay
+    for kind in FIT_ORDER:  # within a kind, the mildest change first; a kind that never fits stays applied
+        best = None
+        for label, option in candidates(plan):
+            if not label.startswith(_KIND_PREFIX[kind]):
+                continue
+            best = (label, option)
+            total = fits(option)
+            if total is not None:
+                kept = [c for c in changes if not (label.startswith("full") and c.startswith("selective"))]
+                return {"changes": kept + [label], "layout": option.to_dict(), "memory_per_rank_bytes": total}
+        if best is not None:
+            if kind == "full recomputation":  # supersedes selective
+                changes = [c for c in changes if not c.startswith("selective")]
+            changes.append(best[0])
+            plan = best[1]
+    return None
+
+
+_KIND_PREFIX = {"selective recomputation": "selective", "smaller micro-batch": "micro-batch",
+                "full recomputation": "full", "ZeRO stage": "ZeRO", "tp": "tp=", "pp": "pp="}
+
+
+def _plan(m: ModelConfig, lay: Plan, cfg: Config, hardware, with_comm: bool = True) -> dict:
+    """Memory per rank (and, with_comm, communication per step) of one plan."""
     _check_layout(m, lay)
     device = "cpu" if hardware is not None and hardware.name.startswith("cpu") else "cuda"
     try:  # the model refuses what it cannot run (e.g. an auxiliary loss under sequence parallelism)
@@ -77,7 +159,7 @@ def plan_layout(m: ModelConfig, seq_len: int, cfg: Config, layout: Layout, micro
         stages = memory_per_rank(m, lay, cfg.precision, device, model)
     except ValueError as e:
         raise ConfigError(f"--layout: {e}") from None
-    comm = [comm_per_step(m, lay, cfg.precision, s, model) for s in range(lay.pp)]
+    comm = [comm_per_step(m, lay, cfg.precision, s, model) for s in range(lay.pp)] if with_comm else []
     link = hardware.interconnect_bandwidth if hardware is not None else None
     for stage, groups in zip(stages, comm):
         stage["comm_bytes"] = {g: sum(ops.values()) for g, ops in groups.items()}
@@ -93,8 +175,6 @@ def plan_layout(m: ModelConfig, seq_len: int, cfg: Config, layout: Layout, micro
     padded = vocab_per_rank(m, lay.tp) * lay.tp
     if padded != m.vocab_size:  # as training pads a tokenizer's vocabulary (tensor_parallel.py)
         out["vocab_padded"] = padded
-    if hardware is not None:
-        out["fits"] = worst["total"] <= hardware.hbm_bytes
     return out
 
 
@@ -121,12 +201,15 @@ def layout_markdown(plan: dict) -> list[str]:
              f"{lay['micro_batches']} micro-batches per step ({lay['pp_schedule']} when pp > 1); "
              f"recipe {pr['recipe']}, "
              f"parameters {pr['param_dtype']}, master {pr['master_dtype']}, gradients {pr['grad_dtype']}, moments "
-             f"{pr['exp_avg_dtype']}/{pr['exp_avg_sq_dtype']}. Every tp, dp and ep rank of a stage holds the same "
-             "amount (expert ranks up to the router's imbalance). Activations are what autograd keeps for backward "
-             "(temporaries inside an op are not counted); full recomputation is a planning figure: nanotrain does not "
-             "recompute yet.", "",
-             "| stage | layers | weights | gradients | master | optimizer | activations / micro-batch | in flight "
-             "| activations | with full recompute | total |",
+             f"{pr['exp_avg_dtype']}/{pr['exp_avg_sq_dtype']}; recomputation {lay['recompute']}"
+             + (f" (the first {lay['recompute_layers']} blocks of each chunk)" if lay['recompute'] == "full"
+                and lay['recompute_layers'] else "")
+             + ". Every tp, dp and ep rank of a stage holds the same "
+             "amount (expert ranks up to the router's imbalance). Activations are what backward will use, at the "
+             "step's peak (temporaries inside an op are not counted); the columns none / selective / full give them "
+             "under each train.recompute. ZeRO-3's gathered parameters: the root's and two blocks' at a time.", "",
+             "| stage | layers | weights | gradients | master | optimizer | gathered (ZeRO-3) "
+             "| activations / micro-batch | in flight | activations none / selective / full | total |",
              "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     if "vocab_padded" in plan:
         v = plan["vocab_padded"]
@@ -134,13 +217,19 @@ def layout_markdown(plan: dict) -> list[str]:
                      "tokenizer's when tp does not divide it: weights, logits and traffic count the padding.")
     for st in plan["stages"]:
         lines.append(f"| {st['stage']} | {st['layers']} | {_bytes(st['weights'])} | {_bytes(st['gradients'])} | "
-                     f"{_bytes(st['master'])} | {_bytes(st['optimizer'])} | "
-                     f"{_bytes(st['activations_per_micro_batch'])} "
-                     f"| {st['in_flight']} | {_bytes(st['activations'])} | {_bytes(st['activations_full_recompute'])} "
-                     f"| **{_bytes(st['total'])}** |")
+                     f"{_bytes(st['master'])} | {_bytes(st['optimizer'])} | {_bytes(st['gathered_params'])} | "
+                     f"{_bytes(st['activations_per_micro_batch'])} | {st['in_flight']} | "
+                     + " / ".join(_bytes(st['activations_by_recompute'][k]) for k in ("none", "selective", "full"))
+                     + f" | **{_bytes(st['total'])}** |")
     if "fits" in plan:
         lines += ["", f"Largest rank: {_bytes(plan['memory_per_rank_bytes'])}: "
-                  f"{'fits' if plan['fits'] else 'does **not** fit'} in the device memory."]
+                  f"{'fits' if plan['fits'] else 'does **not** fit'} in {_bytes(plan['capacity_bytes'])}."]
+        if not plan["fits"]:
+            fix = plan.get("fix")
+            lines.append(f"Cheapest change that fits ({_bytes(fix['memory_per_rank_bytes'])} per rank): "
+                         + ", then ".join(fix["changes"]) + "." if fix else
+                         "Nothing in " + ", ".join(FIT_ORDER) + " makes it fit at this world size: more devices, "
+                         "a shorter sequence or a smaller global batch.")
     lines += ["", "## Communication per optimizer step (one rank of each stage)", "",
               "Message sizes as nccl-tests counts them; on the wire, per rank, with ring algorithms; the time is the "
               "wire bytes over the scale-up link (a lower bound: it assumes every group is inside one node).", "",

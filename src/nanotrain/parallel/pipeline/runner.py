@@ -83,7 +83,7 @@ class PipelineRunner:
 
         inbox: dict[Action, tuple[dist.Work, torch.Tensor]] = {}  # consumer -> (receive, buffer)
         outbox: dict[Action, torch.Tensor] = {}  # producer -> what it sends
-        in_flight: list[tuple[dist.Work, torch.Tensor]] = []  # sends not yet known complete
+        in_flight: list[tuple[dist.Work, torch.Tensor, Action]] = []  # sends not yet known complete, by sender
         acts: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}  # (chunk, mb) -> (input, output)
         loss_sum = torch.zeros((), device=self.device)
         peak = 0
@@ -102,12 +102,19 @@ class PipelineRunner:
             elif a is not None:
                 last = a == last_backward[a.chunk]  # the chunk's gradients are complete after it
                 dx = self._backward(a, *acts.pop((a.chunk, a.mb)), inbox, backward_context, last)
+                # Its gradient came back, so the next rank has received this micro-batch's output:
+                # the send is done (gloo's send reports it only to wait()). Releasing it frees the
+                # output now instead of at the end of the step.
+                for work, _, sent in in_flight:
+                    if sent.kind == "F" and (sent.chunk, sent.mb) == (a.chunk, a.mb):
+                        work.wait()
+                in_flight[:] = [f for f in in_flight if not (f[2].kind == "F" and (f[2].chunk, f[2].mb) == (a.chunk, a.mb))]
                 if dx is not None:
                     outbox[a] = dx
             self._exchange(sends.get(t, ()), recvs.get(t, ()), outbox, inbox, in_flight, shape)
 
         start = time.perf_counter()
-        for work, _ in in_flight:
+        for work, _, _ in in_flight:
             work.wait()
         if in_flight:
             self._event("send", None, start)
@@ -151,11 +158,11 @@ class PipelineRunner:
         n_ops = len(buffers)
         if len(works) != n_ops:  # NCCL may return one work for the whole batch
             works = works * n_ops if len(works) == 1 else works
-        for work, buf in zip(works[:len(sends)], buffers[:len(sends)]):
-            in_flight.append((work, buf))
+        for msg, work, buf in zip(sends, works[:len(sends)], buffers[:len(sends)]):
+            in_flight.append((work, buf, msg.action))
         for msg, work, buf in zip(recvs, works[len(sends):], buffers[len(sends):]):
             inbox[msg.consumer] = (work, buf)
-        in_flight[:] = [(w, b) for w, b in in_flight if not w.is_completed()]
+        in_flight[:] = [f for f in in_flight if not f[0].is_completed()]
         self._event("comm", None, start)
 
     def _take(self, inbox, a: Action) -> torch.Tensor:
