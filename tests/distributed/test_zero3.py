@@ -92,3 +92,13 @@ def test_state_is_a_slice_of_everything(tmp_path):
             assert 4 * n / dp <= s["grad_shards"] == s["grads"] <= 4 * n / dp + slack
             assert 8 * n / dp <= s["moments"] <= 8 * n / dp + 2 * slack
             assert s["master"] == 0
+
+
+def test_bf16_parameters_keep_fp32_master_slices(tmp_path):
+    """bf16 parameters (2 bytes, sliced) with fp32 master slices (4 bytes, sliced) at dp=2."""
+    out = run_world(_one_step, 2, dataclasses.asdict(config(tmp_path, "--precision.recipe=bf16",
+                                                             "--precision.param_dtype=bf16")))
+    for r in out:
+        n, s, slack = r["params"], r["state"], r["buckets"] * 4
+        assert 2 * n / 2 <= s["params"] <= 2 * n / 2 + slack
+        assert 4 * n / 2 <= s["master"] <= 4 * n / 2 + 2 * slack

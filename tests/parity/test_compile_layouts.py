@@ -43,6 +43,11 @@ def test_compiled_pp2_matches_compiled_one_process(tmp_path):
     check_layout(pipeline_config(tmp_path, *LEAN), "pp=2", TOL)
 
 
+def test_compiled_zero3_matches_compiled_one_process(tmp_path):
+    """ZeRO-3's gather and free hooks run eagerly around each compiled block (parallel/zero3.py)."""
+    check_layout(tp_config(tmp_path, *LEAN), "dp=2,zero=3", TOL)
+
+
 def test_compiled_matches_eager_with_bounded_recompiles(tmp_path):
     """One process, fp32, monitor in debug mode (every block a sentinel) armed every 2nd step,
     evaluation every 4th: the compiled run gives the eager run's figures, and every variant a

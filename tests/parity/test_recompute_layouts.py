@@ -18,6 +18,10 @@ TOL = 1e-5
 LAYOUTS = {
     "tp2_sp_full": ("tp=2,sp", ["--train.recompute=full"]),
     "tp2_sp_selective": ("tp=2,sp", ["--train.recompute=selective"]),
+    # Without sp the row-parallel sum is an in-place all-reduce of a kept matmul output: the
+    # recomputation must not sum it again.
+    "tp2_selective": ("tp=2", ["--train.recompute=selective"]),
+    "dp2_zero3_selective": ("dp=2,zero=3", ["--train.recompute=selective"]),
     "pp2_1f1b_full_first_block": ("pp=2", ["--train.recompute=full", "--train.recompute_layers=1"]),
     "pp2_interleaved_selective": ("pp=2", ["--train.recompute=selective", "--parallel.pp_schedule=interleaved",
                                            "--parallel.pp_virtual_stages=2"]),

@@ -142,3 +142,37 @@ def test_inspect_names_an_impossible_layout(capsys):
     assert main(["inspect", "--config", "configs/deepseek_tiny.toml", "--model.vocab_size=64",
                  "--layout", "tp=3"]) == 2
     assert "tp=3 does not divide" in capsys.readouterr().err
+
+
+def _inspect_json(capsys, *extra) -> dict:
+    args = ["inspect", "--config", "configs/deepseek_tiny.toml", "--model.vocab_size=64", "--seq-len", "256",
+            "--layout", "dp=4,ep=2,zero=1", "--micro-batch-size", "4", "--micro-batches", "2", "--json", *extra]
+    assert main(args) == 0
+    return json.loads(capsys.readouterr().out)["plan"]
+
+
+def test_gpu_memory_names_the_cheapest_change_that_fits(capsys):
+    """--gpu-memory: fits or not, and the first change in FIT_ORDER (keeping the earlier ones) that fits."""
+    plan = _inspect_json(capsys, "--gpu-memory", "1000")
+    assert plan["fits"] and "fix" not in plan
+    st = plan["stages"][0]
+    by = st["activations_by_recompute"]
+    assert by["full"] < by["selective"] < by["none"] == st["activations"]
+    static = st["total"] - by["none"]
+    # Room for selective recomputation, not for none: selective is the change named.
+    gb = (static + (by["selective"] + by["none"]) / 2) / 1e9
+    plan = _inspect_json(capsys, "--gpu-memory", f"{gb}")
+    assert not plan["fits"] and plan["fix"]["changes"] == ["selective recomputation"]
+    assert plan["fix"]["memory_per_rank_bytes"] <= gb * 1e9 and plan["fix"]["layout"]["recompute"] == "selective"
+    # Less room: smaller micro-batches come before full recomputation, which comes before ZeRO.
+    gb = (static + by["full"]) * 0.999 / 1e9
+    fix = _inspect_json(capsys, "--gpu-memory", f"{gb}")["fix"]
+    assert fix["changes"][0].startswith("micro-batch") or fix["changes"][0] == "selective recomputation"
+    assert fix["memory_per_rank_bytes"] <= gb * 1e9
+    order = ["selective", "micro-batch", "full", "ZeRO", "tp=", "pp="]
+    kinds = [next(i for i, k in enumerate(order) if c.startswith(k)) for c in fix["changes"]]
+    assert kinds == sorted(kinds)
+    # No room at all: nothing fits, and the markdown says what is left.
+    assert main(["inspect", "--config", "configs/deepseek_tiny.toml", "--model.vocab_size=64", "--seq-len", "256",
+                 "--layout", "dp=4,ep=2", "--gpu-memory", "0.0001"]) == 0
+    assert "makes it fit at this world size" in capsys.readouterr().out
