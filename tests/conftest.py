@@ -1,5 +1,6 @@
 """Shared test helpers: a tiny config that trains in a second on the shipped corpus."""
 
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -65,3 +66,23 @@ def straight_and_resumed(build, *common, stop: int = 5, end: int = 10):
     RuntimeEngine(build(*common, f"--train.max_steps={stop}")).run()
     resumed = RuntimeEngine(build(*common, f"--train.max_steps={end}", "--checkpoint.resume=latest")).run()
     return straight, resumed
+
+
+@contextlib.contextmanager
+def runtime_parts(cfg_dict: dict):
+    """The run's components built as the engine builds them, in this process (one rank of a
+    world): (data, model, optimizer); torn down after."""
+    from nanotrain.config import Config
+    from nanotrain.runtime.components import default_components
+    from nanotrain.runtime.engine import resolve_model_config
+
+    cfg = Config.from_dict(cfg_dict)
+    c = default_components()
+    ctx = c.bootstrap.setup(cfg)
+    try:
+        data = c.data.build(ctx)
+        resolve_model_config(cfg, data.vocab_size)
+        model = c.model.build(ctx)
+        yield data, model, c.optimizer.build(ctx, model)
+    finally:
+        c.bootstrap.teardown(ctx)

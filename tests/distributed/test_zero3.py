@@ -7,8 +7,8 @@ import dataclasses
 
 import pytest
 
-from conftest import CORPUS
-from nanotrain.config import Config, load_config
+from conftest import CORPUS, runtime_parts
+from nanotrain.config import load_config
 from nanotrain.parallel.launch import run_world
 
 
@@ -21,17 +21,7 @@ def config(tmp_path, *extra):
 
 
 def _one_step(cfg_dict):
-    from nanotrain.runtime.components import default_components
-    from nanotrain.runtime.engine import resolve_model_config
-
-    cfg = Config.from_dict(cfg_dict)
-    c = default_components()
-    ctx = c.bootstrap.setup(cfg)
-    try:
-        data = c.data.build(ctx)
-        resolve_model_config(cfg, data.vocab_size)
-        model = c.model.build(ctx)
-        opt = c.optimizer.build(ctx, model)
+    with runtime_parts(cfg_dict) as (data, model, opt):
         sharding = opt.sharding
         seen = []  # when each block runs: which units are gathered
 
@@ -56,8 +46,6 @@ def _one_step(cfg_dict):
                 "unit_bytes": unit_bytes, "state": opt.state_bytes(), "dp": opt.ps.dp,
                 "params": sum(p.numel() for p in model.parameters()),
                 "storage_after_step": sum(b.full.untyped_storage().nbytes() for b in opt.buckets)}
-    finally:
-        c.bootstrap.teardown(ctx)
 
 
 @pytest.mark.parametrize("recompute", ["none", "full", "selective"])

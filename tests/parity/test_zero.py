@@ -10,8 +10,8 @@ import dataclasses
 import pytest
 import torch
 
-from conftest import CORPUS
-from nanotrain.config import Config, load_config
+from conftest import CORPUS, runtime_parts
+from nanotrain.config import load_config
 from nanotrain.parallel.launch import run_world
 
 from test_deepseek import TINY  # noqa: E402  (tests/unit is on sys.path through conftest)
@@ -69,17 +69,7 @@ def test_zero_matches_one_process(tmp_path, name):
 
 
 def _state_bytes(cfg_dict):
-    from nanotrain.runtime.components import default_components
-    from nanotrain.runtime.engine import resolve_model_config
-
-    cfg = Config.from_dict(cfg_dict)
-    c = default_components()
-    ctx = c.bootstrap.setup(cfg)
-    try:
-        data = c.data.build(ctx)
-        resolve_model_config(cfg, data.vocab_size)
-        model = c.model.build(ctx)
-        opt = c.optimizer.build(ctx, model)
+    with runtime_parts(cfg_dict) as (data, model, opt):
         x, y = data.micro_batches(0)[0]
         with opt.backward_context(last=True):
             model(x, y).backward()
@@ -91,8 +81,6 @@ def _state_bytes(cfg_dict):
                             for t in s.values() if torch.is_tensor(t) and t.dim() > 0)}
         out["buckets"] = len(opt.buckets) if hasattr(opt, "buckets") else 0
         return out
-    finally:
-        c.bootstrap.teardown(ctx)
 
 
 # Two of the combinations: the bytes of every stage and dtype, exactly, for three layouts in a
