@@ -448,15 +448,24 @@ class ScheduleConfig:
 
 @dataclass
 class DataConfig:
-    path: str = "data/tinyshakespeare.txt"  # a .txt file or a folder of .txt files
-    tokenizer: Literal["char", "bpe"] = "char"
+    # A .txt, .jsonl (.json) or .parquet file, a datasets.save_to_disk folder, or a folder of them
+    # (data/sources.py)
+    path: str = "data/tinyshakespeare.txt"
+    text_field: str = "text"  # jsonl / parquet / datasets: the field that holds each document's text
+    # "char", "bpe" (trained on the corpus), or a model's own: a tokenizer.json or a Hugging Face
+    # model folder (its tokenizer.json and tokenizer_config.json: EOS ends each document)
+    tokenizer: str = "char"
     vocab_size: int = 2048  # BPE only: size of the learned vocabulary
     val_fraction: float = 0.1  # the last fraction of the token stream is the val split
     prepared_dir: str = ""  # "": next to the data, in <path stem>.nanotrain/
 
     def check(self) -> list[str]:
         return _failed([
-            (bool(self.path), "data.path is empty: point it at a .txt file or a folder of .txt files."),
+            (bool(self.path), "data.path is empty: point it at a .txt, .jsonl or .parquet file, a datasets "
+                              "folder, or a folder of them."),
+            (bool(self.tokenizer), "data.tokenizer is empty: use 'char', 'bpe', or a tokenizer.json or Hugging Face "
+                                   "model folder."),
+            (bool(self.text_field), "data.text_field is empty: name the field that holds the text (e.g. 'text')."),
             (0 < self.val_fraction < 1, f"data.val_fraction={self.val_fraction} must be in (0, 1)."),
             (self.tokenizer != "bpe" or 256 < self.vocab_size <= 2**32 - 1,
              f"data.vocab_size={self.vocab_size} is too small for byte-level BPE: it needs more than 256 "

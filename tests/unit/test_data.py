@@ -102,7 +102,7 @@ def test_missing_path(tmp_path):
 def test_folder_without_txt(tmp_path):
     (tmp_path / "d").mkdir()
     (tmp_path / "d" / "x.csv").write_text("a,b\n")
-    _error(tmp_path / "d", "no .txt files")
+    _error(tmp_path / "d", "no corpus files")
 
 
 def test_empty_file(tmp_path):

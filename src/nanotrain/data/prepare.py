@@ -1,4 +1,4 @@
-"""Data preparation: text file(s) -> tokenizer + flat token files train.bin / val.bin.
+"""Data preparation: a corpus (data/sources.py) -> tokenizer + flat token files train.bin / val.bin.
 
 Like nanoGPT's prepare.py, the corpus is tokenized once into a flat array of
 token ids (raw uint16, or uint32 for vocabularies over 65536) that training
@@ -30,9 +30,11 @@ import numpy as np
 
 from nanotrain.atomic import atomic_write
 from nanotrain.config import DataConfig
-from nanotrain.data.tokenizer import AnyTokenizer, DataError, build_tokenizer, load_tokenizer, text_chunks
+from nanotrain.data.sources import SourceFile, documents, find_sources, fingerprint_files
+from nanotrain.data.tokenizer import (AnyTokenizer, DataError, PretrainedTokenizer, build_tokenizer, is_pretrained,
+                                      load_tokenizer, text_chunks)
 
-FORMAT_VERSION = 1  # bump when the on-disk format changes: old preparations are then redone
+FORMAT_VERSION = 2  # bump when the on-disk format changes: old preparations are then redone
 
 
 @dataclass
@@ -66,38 +68,45 @@ def prepare_data(cfg: DataConfig, seq_len: int, log: Callable[[str], None] = pri
     Every input problem raises DataError before anything is written.
     """
     t0 = time.perf_counter()
-    files = _find_files(Path(cfg.path))
-    blobs = [_read(path) for _, path in files]
-    fingerprint = _fingerprint(cfg, [(rel, b) for (rel, _), b in zip(files, blobs)])
-    out = _out_dir(cfg)
+    files = find_sources(Path(cfg.path))
+    pretrained = PretrainedTokenizer.load(cfg.tokenizer) if is_pretrained(cfg.tokenizer) else None
+    fingerprint = _fingerprint(cfg, files, pretrained)
+    out = _out_dir(cfg, pretrained)
 
     cached = _load_if_current(out, fingerprint)
     if cached is not None:
         _check_length(cached.n_train_tokens, cached.n_val_tokens, seq_len, cfg.val_fraction)
         log(f"data up to date: {out} ({cached.n_train_tokens:,} train + {cached.n_val_tokens:,} val tokens, "
-            f"{cached.meta['tokenizer']} vocab {cached.vocab_size})")
+            f"{_tokenizer_name(cfg, cached.tokenizer)} vocab {cached.vocab_size})")
         return cached
 
-    # Decode and tokenize; everything here may still fail, so nothing is written yet.
-    text = "\n".join(_decode(path, b) for (_, path), b in zip(files, blobs))
-    del blobs
-    tok = build_tokenizer(cfg.tokenizer, text, cfg.vocab_size)
+    # Read and tokenize; everything here may still fail, so nothing is written yet.
+    docs = [d for f in files for d in documents(f, cfg.text_field)]
+    if not any(docs):
+        raise DataError(f"data.path={cfg.path!r} holds no text: its {len(docs)} document(s) are all empty. "
+                        "Point data.path at a corpus with text in it.")
+    tok = pretrained or build_tokenizer(cfg.tokenizer, "\n".join(docs), cfg.vocab_size)
     dtype = token_dtype(tok.vocab_size)
-    ids = _encode(tok, text, dtype)
-    n_train = int(len(ids) * (1 - cfg.val_fraction))  # first 90% train, last 10% val, as nanoGPT
+    ids, ends = _encode_documents(tok, docs, dtype)
+    n_docs = len(docs)
+    del docs
+    # .txt files are running text (nanoGPT's corpora): cut by tokens. Rows are documents: whole.
+    n_train = _split(len(ids), ends if any(f.kind != "txt" for f in files) else [], cfg.val_fraction)
     _check_length(n_train, len(ids) - n_train, seq_len, cfg.val_fraction)
 
     meta = {
         "format_version": FORMAT_VERSION,
         "fingerprint": fingerprint,
-        "tokenizer": cfg.tokenizer,
+        "tokenizer": _tokenizer_name(cfg, tok),
+        "documents": n_docs,
+        "text_field": cfg.text_field,
         "vocab_size": tok.vocab_size,
         "dtype": dtype.name,
         "n_train_tokens": n_train,
         "n_val_tokens": len(ids) - n_train,
         "val_fraction": cfg.val_fraction,
         "source": str(Path(cfg.path)),
-        "files": [{"path": rel, "bytes": path.stat().st_size} for rel, path in files],
+        "files": [{"path": f.rel, "bytes": f.path.stat().st_size} for f in files],
     }
     out.mkdir(parents=True, exist_ok=True)
     (out / "meta.json").unlink(missing_ok=True)  # from here on, the folder is "not prepared"
@@ -110,8 +119,8 @@ def prepare_data(cfg: DataConfig, seq_len: int, log: Callable[[str], None] = pri
     if cfg.tokenizer == "bpe" and tok.vocab_size < cfg.vocab_size:
         note = f" (asked for {cfg.vocab_size}: the corpus has too few distinct merges)"
     log(f"prepared {out}: {meta['n_train_tokens']:,} train + {meta['n_val_tokens']:,} val tokens, "
-        f"{cfg.tokenizer} vocab {tok.vocab_size}{note}, {dtype.name}, "
-        f"{len(files)} file(s), {time.perf_counter() - t0:.1f}s")
+        f"{meta['tokenizer']} vocab {tok.vocab_size}{note}, {dtype.name}, "
+        f"{len(files)} file(s), {n_docs:,} document(s), {time.perf_counter() - t0:.1f}s")
     return _result(out, meta, tok)
 
 
@@ -119,66 +128,42 @@ def prepare_data(cfg: DataConfig, seq_len: int, log: Callable[[str], None] = pri
 # Inputs
 # ---------------------------------------------------------------------------
 
-def _find_files(path: Path) -> list[tuple[str, Path]]:
-    """(relative name, path) of the corpus files, in a stable order (sorted by relative path)."""
-    if not path.exists():
-        raise DataError(f"data.path={str(path)!r} does not exist (looked in {Path.cwd()}). Point data.path at "
-                        "a .txt file or a folder of .txt files; the default corpus is data/tinyshakespeare.txt, "
-                        "relative to the repository root (run from there, or give an absolute path).")
-    if path.is_file():
-        return [(path.name, path)]
-    try:
-        files = sorted((p.relative_to(path).as_posix(), p) for p in path.rglob("*.txt") if p.is_file())
-    except PermissionError as e:
-        raise DataError(f"cannot list {e.filename or path}: permission denied. Fix its permissions "
-                        "(chmod u+rx) or point data.path elsewhere.") from None
-    if not files:
-        raise DataError(f"data.path={str(path)!r} is a folder with no .txt files (searched recursively). "
-                        "Add .txt files to it or point data.path at a .txt file.")
-    return files
-
-
-def _read(path: Path) -> bytes:
-    try:
-        data = path.read_bytes()
-    except PermissionError:
-        raise DataError(f"cannot read {path}: permission denied. Fix its permissions (chmod u+r {path}) "
-                        "or remove it from data.path.") from None
-    except OSError as e:
-        raise DataError(f"cannot read {path}: {e.strerror or e}. Check the file, or remove it from data.path.") from None
-    if not data:
-        raise DataError(f"{path} is empty (0 bytes): put text in it or remove it from data.path.")
-    return data
-
-
-def _decode(path: Path, data: bytes) -> str:
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path} is not valid UTF-8: byte 0x{data[e.start]:02x} at byte offset {e.start} "
-                        f"({e.reason}). Convert the file to UTF-8, e.g. "
-                        f"`iconv -f latin1 -t utf-8 {path} > fixed.txt`.") from None
-
-
-def _fingerprint(cfg: DataConfig, files: list[tuple[str, bytes]]) -> str:
-    """sha256 over everything the prepared output depends on (length-prefixed: no ambiguity)."""
+def _fingerprint(cfg: DataConfig, files: list[SourceFile], pretrained: PretrainedTokenizer | None) -> str:
+    """sha256 over everything the prepared output depends on: the files' names and bytes, the
+    tokenizer (a pretrained one by its content), the text field, the split."""
     h = hashlib.sha256()
     vocab = cfg.vocab_size if cfg.tokenizer == "bpe" else 0
-    h.update(f"nanotrain-data v{FORMAT_VERSION}|{cfg.tokenizer}|{vocab}|{cfg.val_fraction!r}|".encode())
-    for rel, data in files:
-        name = rel.encode("utf-8")
-        h.update(len(name).to_bytes(8, "little") + name + len(data).to_bytes(8, "little"))
-        h.update(data)
+    kind = "pretrained:" + hashlib.sha256(pretrained.to_json().encode()).hexdigest() if pretrained else cfg.tokenizer
+    h.update(f"nanotrain-data v{FORMAT_VERSION}|{kind}|{vocab}|{cfg.val_fraction!r}|{cfg.text_field}|".encode())
+    fingerprint_files(h, files)
     return h.hexdigest()
 
 
-def _out_dir(cfg: DataConfig) -> Path:
+def _tokenizer_name(cfg: DataConfig, tok: AnyTokenizer) -> str:
+    return f"pretrained ({tok.name})" if isinstance(tok, PretrainedTokenizer) else cfg.tokenizer
+
+
+def _out_dir(cfg: DataConfig, pretrained: PretrainedTokenizer | None) -> Path:
     if cfg.prepared_dir:
         return Path(cfg.prepared_dir)
     src = Path(cfg.path).resolve()
-    key = "char" if cfg.tokenizer == "char" else f"bpe-{cfg.vocab_size}"
+    if pretrained is not None:  # one folder per tokenizer content, named after its model
+        key = f"{pretrained.name or 'tokenizer'}-{hashlib.sha256(pretrained.to_json().encode()).hexdigest()[:8]}"
+    else:
+        key = "char" if cfg.tokenizer == "char" else f"bpe-{cfg.vocab_size}"
     stem = src.stem if src.is_file() else src.name
     return src.parent / f"{stem}.nanotrain" / key
+
+
+def _split(n: int, ends: list[int], val_fraction: float) -> int:
+    """Train tokens: the first (1 - val_fraction) of the stream, as nanoGPT, moved to the nearest
+    boundary between documents (`ends`: where each ends; a document is never split between train
+    and val); with no documents to keep whole (running text, one document), exactly there."""
+    target = int(n * (1 - val_fraction))
+    inner = ends[:-1]  # the boundaries between documents
+    if not inner:
+        return target
+    return min(inner, key=lambda e: (abs(e - target), e))
 
 
 def _check_length(n_train: int, n_val: int, seq_len: int, val_fraction: float) -> None:
@@ -194,9 +179,46 @@ def _check_length(n_train: int, n_val: int, seq_len: int, val_fraction: float) -
 # Tokenizing and writing
 # ---------------------------------------------------------------------------
 
-def _encode(tok: AnyTokenizer, text: str, dtype: np.dtype) -> np.ndarray:
-    """Encode in ~1 MB pieces (cut where ids are unaffected) so memory stays bounded:
-    a Python list of ints costs ~36 bytes per token, the numpy array 2."""
+def _encode_documents(tok: AnyTokenizer, docs: list[str], dtype: np.dtype) -> tuple[np.ndarray, list[int]]:
+    """The token stream and where each document ends in it. A pretrained tokenizer ends each
+    document with its EOS; a trained one (char, bpe) joins them with a newline, which belongs to
+    the document before it. Short documents are encoded in batches (HF tokenizers' threads), a long
+    text in ~1 MB pieces (_encode_long): memory stays bounded, a Python list of ints costing ~36
+    bytes per token and the numpy array 2."""
+    pretrained = isinstance(tok, PretrainedTokenizer)
+    separator = np.asarray([] if pretrained else tok.encode("\n"), dtype=dtype)
+    parts: list[np.ndarray] = []
+    ends: list[int] = []
+    batch: list[str] = []
+
+    def add(ids: np.ndarray) -> None:
+        if ends and separator.size:
+            parts.append(separator)
+            ends[-1] += separator.size
+        parts.append(ids)
+        ends.append((ends[-1] if ends else 0) + ids.size)
+
+    def flush() -> None:
+        for ids in tok.encode_documents(batch) if pretrained else tok.encode_batch(batch):
+            add(np.asarray(ids, dtype=dtype))
+        batch.clear()
+
+    for doc in docs:
+        if not pretrained and len(doc) > 1 << 20:
+            flush()
+            add(_encode_long(tok, doc, dtype))
+            continue
+        batch.append(doc)
+        if len(batch) == 256:
+            flush()
+    flush()
+    return (np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)), ends
+
+
+def _encode_long(tok: AnyTokenizer, text: str, dtype: np.dtype) -> np.ndarray:
+    """One long text in pieces cut where the ids are unaffected (text_chunks: GPT-2's byte-level
+    split, which char and our BPE use; a pretrained tokenizer's own split may differ, so its
+    documents are encoded whole)."""
     parts = []
     chunks = text_chunks(text)
     while group := list(itertools.islice(chunks, 16)):

@@ -790,10 +790,23 @@ def load_training_checkpoint(path: str | Path) -> TransformerModel:
 
 
 def convert_to_hf(path: str | Path, out_dir: str | Path) -> TransformerModel:
-    """A nano-train training checkpoint, or a folder written by convert_from_hf -> an HF folder."""
+    """A nano-train training checkpoint, or a folder written by convert_from_hf -> an HF folder.
+    A checkpoint trained with a model's own tokenizer (data.tokenizer: a tokenizer.json or model
+    folder) exports it too, so that AutoTokenizer loads the folder as AutoModelForCausalLM does."""
+    from ..checkpoint.manager import resolve_checkpoint
+    from ..checkpoint.storage import TOKENIZER
+    from ..data.tokenizer import PretrainedTokenizer, tokenizer_from_json
+
     path = Path(path)
     model = load_converted(path) if (path / CONFIG_FILE).is_file() else load_training_checkpoint(path)
     save_hf_model(model, out_dir)
+    if (path / CONFIG_FILE).is_file():
+        return model
+    saved = Path(resolve_checkpoint(path)) / TOKENIZER
+    if saved.is_file():
+        tok = tokenizer_from_json(saved.read_text(encoding="utf-8"))
+        if isinstance(tok, PretrainedTokenizer):
+            tok.save_hf(out_dir)
     return model
 
 

@@ -17,7 +17,8 @@ from torch import nn
 from ..checkpoint import CheckpointManager
 from ..compiling import check_compiler, compile_blocks
 from ..config import Config, ConfigError
-from ..data import BatchSampler, prepare_data
+from ..data import BatchSampler, DataError, PretrainedTokenizer, prepare_data
+from ..data.tokenizer import is_pretrained
 from ..models import build_model
 from ..models.attention import Attention
 from ..monitoring.comm import CommMeter
@@ -133,6 +134,7 @@ class TokenDataProvider:
     def build(self, ctx: RuntimeContext) -> TokenData:
         cfg, t, dp = ctx.cfg, ctx.cfg.train, ctx.parallel.dp
         log = print if ctx.is_main else (lambda *a, **k: None)
+        check_vocabulary(cfg)
         # Rank 0 prepares (writes the token files) while the others wait, then they read them.
         if not ctx.is_main:
             barrier()
@@ -146,6 +148,21 @@ class TokenDataProvider:
             val=BatchSampler(prepared.tokens("val"), t.seq_len, t.batch_size, t.seed, stream=VAL_STREAM),
             micro_batch_size=t.micro_batch(dp), grad_accum_steps=t.grad_accum_steps(dp),
             eval_steps=t.eval_steps, device=ctx.device, dp_rank=ctx.parallel.dp_rank, dp=dp)
+
+
+def check_vocabulary(cfg) -> None:
+    """A model's own tokenizer (data.tokenizer: a tokenizer.json or a model folder) is known
+    before any data is read: a model with fewer embedding rows than it has tokens stops here."""
+    if not (is_pretrained(cfg.data.tokenizer) and cfg.model.vocab_size):
+        return
+    try:
+        n = PretrainedTokenizer.load(cfg.data.tokenizer).vocab_size
+    except DataError as e:
+        raise ConfigError(str(e)) from None
+    if cfg.model.vocab_size < n:
+        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the vocabulary of "
+                          f"data.tokenizer={cfg.data.tokenizer!r} ({n} tokens): its ids would index past the "
+                          "embedding. Use the model that tokenizer belongs to, or model.vocab_size=0 to take it.")
 
 
 def attention_core_dtype(ctx: RuntimeContext) -> torch.dtype | None:
