@@ -18,21 +18,24 @@ inputs only hashes the files and returns.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
+import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 
 from nanotrain.atomic import atomic_write
 from nanotrain.config import DataConfig
 from nanotrain.data.sources import SourceFile, documents, find_sources, fingerprint_files
-from nanotrain.data.tokenizer import (AnyTokenizer, DataError, PretrainedTokenizer, build_tokenizer, is_pretrained,
-                                      load_tokenizer, text_chunks)
+from nanotrain.data.tokenizer import (AnyTokenizer, CharTokenizer, DataError, PretrainedTokenizer, build_tokenizer,
+                                      is_pretrained, load_tokenizer, text_chunks)
 
 FORMAT_VERSION = 2  # bump when the on-disk format changes: old preparations are then redone
 
@@ -80,38 +83,52 @@ def prepare_data(cfg: DataConfig, seq_len: int, log: Callable[[str], None] = pri
             f"{_tokenizer_name(cfg, cached.tokenizer)} vocab {cached.vocab_size})")
         return cached
 
-    # Read and tokenize; everything here may still fail, so nothing is written yet.
-    docs = [d for f in files for d in documents(f, cfg.text_field)]
-    if not any(docs):
-        raise DataError(f"data.path={cfg.path!r} holds no text: its {len(docs)} document(s) are all empty. "
-                        "Point data.path at a corpus with text in it.")
-    tok = pretrained or build_tokenizer(cfg.tokenizer, "\n".join(docs), cfg.vocab_size)
+    # Stream: the documents are read file by file and tokenized batch by batch into temporary
+    # files in the output folder; memory holds one batch, not the corpus. The previous
+    # preparation stays valid until the commit below, and a problem found midway (a bad line in
+    # the last file) removes the temporary files: nothing prepared before is lost.
+    tok = pretrained or _train_tokenizer(cfg, files)
     dtype = token_dtype(tok.vocab_size)
-    ids, ends = _encode_documents(tok, docs, dtype)
-    n_docs = len(docs)
-    del docs
-    # .txt files are running text (nanoGPT's corpora): cut by tokens. Rows are documents: whole.
-    n_train = _split(len(ids), ends if any(f.kind != "txt" for f in files) else [], cfg.val_fraction)
-    _check_length(n_train, len(ids) - n_train, seq_len, cfg.val_fraction)
-
-    meta = {
-        "format_version": FORMAT_VERSION,
-        "fingerprint": fingerprint,
-        "tokenizer": _tokenizer_name(cfg, tok),
-        "documents": n_docs,
-        "text_field": cfg.text_field,
-        "vocab_size": tok.vocab_size,
-        "dtype": dtype.name,
-        "n_train_tokens": n_train,
-        "n_val_tokens": len(ids) - n_train,
-        "val_fraction": cfg.val_fraction,
-        "source": str(Path(cfg.path)),
-        "files": [{"path": f.rel, "bytes": f.path.stat().st_size} for f in files],
-    }
+    made = [d for d in [out, *out.parents] if not d.exists()]  # removed again if this fails
     out.mkdir(parents=True, exist_ok=True)
-    (out / "meta.json").unlink(missing_ok=True)  # from here on, the folder is "not prepared"
-    atomic_write(out / "train.bin", ids[:n_train].tofile)
-    atomic_write(out / "val.bin", ids[n_train:].tofile)
+    tmp = out / ".prepare.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    committed = False
+    try:
+        n, n_docs, chars = _write_tokens(tok, files, cfg.text_field, dtype, tmp, log)
+        if not chars:
+            raise DataError(f"data.path={cfg.path!r} holds no text: its {n_docs} document(s) are all empty. "
+                            "Point data.path at a corpus with text in it.")
+        # .txt files are running text (nanoGPT's corpora): cut by tokens. Rows are documents: whole.
+        ends = np.fromfile(tmp / "ends.bin", dtype=np.int64) if any(f.kind != "txt" for f in files) else None
+        n_train = _split(n, ends, cfg.val_fraction)
+        del ends
+        _check_length(n_train, n - n_train, seq_len, cfg.val_fraction)
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "fingerprint": fingerprint,
+            "tokenizer": _tokenizer_name(cfg, tok),
+            "documents": n_docs,
+            "text_field": cfg.text_field,
+            "vocab_size": tok.vocab_size,
+            "dtype": dtype.name,
+            "n_train_tokens": n_train,
+            "n_val_tokens": n - n_train,
+            "val_fraction": cfg.val_fraction,
+            "source": str(Path(cfg.path)),
+            "files": [{"path": f.rel, "bytes": f.path.stat().st_size} for f in files],
+        }
+        _split_file(tmp / "tokens.bin", n_train * dtype.itemsize, tmp / "val.bin")
+        (out / "meta.json").unlink(missing_ok=True)  # from here on, the folder is "not prepared"
+        os.replace(tmp / "tokens.bin", out / "train.bin")
+        os.replace(tmp / "val.bin", out / "val.bin")
+        committed = True
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        for d in [] if committed else made:  # a failed first preparation leaves no empty folders
+            with contextlib.suppress(OSError):
+                d.rmdir()
     atomic_write(out / "tokenizer.json", lambda f: f.write(tok.to_json().encode("utf-8")))
     atomic_write(out / "meta.json", lambda f: f.write(json.dumps(meta, indent=2).encode("utf-8")))
 
@@ -155,15 +172,17 @@ def _out_dir(cfg: DataConfig, pretrained: PretrainedTokenizer | None) -> Path:
     return src.parent / f"{stem}.nanotrain" / key
 
 
-def _split(n: int, ends: list[int], val_fraction: float) -> int:
+def _split(n: int, ends: np.ndarray | None, val_fraction: float) -> int:
     """Train tokens: the first (1 - val_fraction) of the stream, as nanoGPT, moved to the nearest
     boundary between documents (`ends`: where each ends; a document is never split between train
     and val); with no documents to keep whole (running text, one document), exactly there."""
     target = int(n * (1 - val_fraction))
-    inner = ends[:-1]  # the boundaries between documents
-    if not inner:
+    if ends is None or len(ends) < 2:
         return target
-    return min(inner, key=lambda e: (abs(e - target), e))
+    inner = ends[:-1]  # the boundaries between documents, ascending
+    i = int(np.searchsorted(inner, target))
+    near = [int(inner[j]) for j in (i - 1, i) if 0 <= j < len(inner)]
+    return min(near, key=lambda e: (abs(e - target), e))
 
 
 def _check_length(n_train: int, n_val: int, seq_len: int, val_fraction: float) -> None:
@@ -175,44 +194,95 @@ def _check_length(n_train: int, n_val: int, seq_len: int, val_fraction: float) -
             f"{seq_len + 1}. Use a smaller train.seq_len, a different data.val_fraction, or more text.")
 
 
+def _split_file(path: Path, cut: int, tail: Path) -> None:
+    """Move the bytes of `path` from `cut` on into `tail` (the val split: ~10%), then cut `path` there."""
+    with open(path, "rb") as src, open(tail, "wb") as dst:
+        src.seek(cut)
+        shutil.copyfileobj(src, dst, 1 << 20)
+    os.truncate(path, cut)
+
+
 # ---------------------------------------------------------------------------
 # Tokenizing and writing
 # ---------------------------------------------------------------------------
 
-def _encode_documents(tok: AnyTokenizer, docs: list[str], dtype: np.dtype) -> tuple[np.ndarray, list[int]]:
-    """The token stream and where each document ends in it. A pretrained tokenizer ends each
-    document with its EOS; a trained one (char, bpe) joins them with a newline, which belongs to
-    the document before it. Short documents are encoded in batches (HF tokenizers' threads), a long
-    text in ~1 MB pieces (_encode_long): memory stays bounded, a Python list of ints costing ~36
-    bytes per token and the numpy array 2."""
+BATCH_CHARS = 1 << 20  # documents are tokenized in batches of about this much text
+
+
+def _batches(files: list[SourceFile], field: str) -> Iterator[tuple[list[str], int]]:
+    """(documents, bytes of the files finished so far) in batches of about BATCH_CHARS of text; a
+    longer document alone."""
+    batch: list[str] = []
+    size = done = 0
+    for f in files:
+        for doc in documents(f, field):
+            if batch and size + len(doc) > BATCH_CHARS:
+                yield batch, done
+                batch, size = [], 0
+            batch.append(doc)
+            size += len(doc)
+        done += f.path.stat().st_size
+    if batch:
+        yield batch, done
+
+
+def _train_tokenizer(cfg: DataConfig, files: list[SourceFile]) -> AnyTokenizer:
+    """char or bpe, trained on the corpus as it streams by (the documents joined by newlines)."""
+    def text() -> Iterator[str]:
+        first = True
+        for batch, _ in _batches(files, cfg.text_field):
+            for doc in batch:
+                if not first:
+                    yield "\n"
+                first = False
+                yield from text_chunks(doc)
+
+    if cfg.tokenizer == "char":
+        chars: set[str] = set()
+        for piece in text():
+            chars.update(piece)
+        return CharTokenizer("".join(sorted(chars)))
+    return build_tokenizer(cfg.tokenizer, text(), cfg.vocab_size)
+
+
+def _write_tokens(tok: AnyTokenizer, files: list[SourceFile], field: str, dtype: np.dtype, folder: Path,
+                  log: Callable[[str], None]) -> tuple[int, int, int]:
+    """Tokenize the documents into folder/tokens.bin and where each ends into folder/ends.bin (int64).
+    A pretrained tokenizer ends each document with its EOS; a trained one (char, bpe) joins them
+    with a newline, which belongs to the document before it. Short documents are encoded in
+    batches (HF tokenizers' threads), a long text in ~1 MB pieces (_encode_long). Returns (tokens,
+    documents, characters)."""
     pretrained = isinstance(tok, PretrainedTokenizer)
     separator = np.asarray([] if pretrained else tok.encode("\n"), dtype=dtype)
-    parts: list[np.ndarray] = []
-    ends: list[int] = []
-    batch: list[str] = []
-
-    def add(ids: np.ndarray) -> None:
-        if ends and separator.size:
-            parts.append(separator)
-            ends[-1] += separator.size
-        parts.append(ids)
-        ends.append((ends[-1] if ends else 0) + ids.size)
-
-    def flush() -> None:
-        for ids in tok.encode_documents(batch) if pretrained else tok.encode_batch(batch):
-            add(np.asarray(ids, dtype=dtype))
-        batch.clear()
-
-    for doc in docs:
-        if not pretrained and len(doc) > 1 << 20:
-            flush()
-            add(_encode_long(tok, doc, dtype))
-            continue
-        batch.append(doc)
-        if len(batch) == 256:
-            flush()
-    flush()
-    return (np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)), ends
+    total_bytes = sum(f.path.stat().st_size for f in files)
+    n = n_docs = chars = 0
+    end = None  # the end of the last document, written once we know whether a separator follows
+    start = last_report = time.perf_counter()
+    with open(folder / "tokens.bin", "wb") as out, open(folder / "ends.bin", "wb") as ends:
+        for batch, done in _batches(files, field):
+            if not pretrained and len(batch) == 1 and len(batch[0]) > BATCH_CHARS:
+                encoded = [_encode_long(tok, batch[0], dtype)]
+            else:
+                encoded = tok.encode_documents(batch) if pretrained else tok.encode_batch(batch)
+            for ids in encoded:
+                if end is not None:
+                    if separator.size:
+                        separator.tofile(out)
+                        n += separator.size
+                    np.asarray([n], dtype=np.int64).tofile(ends)
+                np.asarray(ids, dtype=dtype).tofile(out)
+                n += len(ids)
+                end = n
+            n_docs += len(batch)
+            chars += sum(len(d) for d in batch)
+            now = time.perf_counter()
+            if now - last_report > 5:  # long work shows progress
+                last_report = now
+                log(f"prepare: {done / 2**20:,.0f} of {total_bytes / 2**20:,.0f} MB, {n:,} tokens, "
+                    f"{done / 2**20 / (now - start):.1f} MB/s")
+        if end is not None:
+            np.asarray([end], dtype=np.int64).tofile(ends)
+    return n, n_docs, chars
 
 
 def _encode_long(tok: AnyTokenizer, text: str, dtype: np.dtype) -> np.ndarray:

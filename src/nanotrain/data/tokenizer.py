@@ -97,7 +97,8 @@ class BPETokenizer:
         self.hf = hf
 
     @classmethod
-    def train(cls, text: str, vocab_size: int) -> "BPETokenizer":
+    def train(cls, text: str | Iterator[str], vocab_size: int) -> "BPETokenizer":
+        """On a text, or on pieces of one as they stream by (prepare's documents)."""
         hf = Tokenizer(models.BPE())
         # add_prefix_space=False: the text is encoded exactly as written (no
         # invented leading space), so decode(encode(text)) == text.
@@ -109,7 +110,7 @@ class BPETokenizer:
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
             show_progress=False,
         )
-        hf.train_from_iterator(text_chunks(text), trainer=trainer)
+        hf.train_from_iterator(text_chunks(text) if isinstance(text, str) else text, trainer=trainer)
         return cls(hf)
 
     @property
@@ -218,11 +219,11 @@ def is_pretrained(kind: str) -> bool:
     return kind not in ("char", "bpe")
 
 
-def build_tokenizer(kind: str, text: str, vocab_size: int = 0) -> AnyTokenizer:
+def build_tokenizer(kind: str, text: str | Iterator[str], vocab_size: int = 0) -> AnyTokenizer:
     """Train a tokenizer of the given kind on text (vocab_size is used by BPE only), or load the
     pretrained one that `kind` names (a tokenizer.json or a Hugging Face model folder)."""
     if kind == "char":
-        return CharTokenizer.train(text)
+        return CharTokenizer.train(text if isinstance(text, str) else "".join(text))
     if kind == "bpe":
         if vocab_size <= 256:
             raise DataError(f"data.vocab_size={vocab_size} is too small for byte-level BPE: "
