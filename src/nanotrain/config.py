@@ -458,9 +458,31 @@ class DataConfig:
     vocab_size: int = 2048  # BPE only: size of the learned vocabulary
     val_fraction: float = 0.1  # the last fraction of the token stream is the val split
     prepared_dir: str = ""  # "": next to the data, in <path stem>.nanotrain/
+    # A mixture, instead of data.path: ["corpus_a.jsonl:0.7", "shards/:0.3"] draws each sequence
+    # from a corpus picked by weight, deterministically in (seed, step); one tokenizer for all.
+    sources: list[str] = field(default_factory=list)
+
+    def mixture(self) -> list[tuple[str, float]]:
+        """data.sources as (path, weight) pairs, the weights summing to 1."""
+        pairs = [(s.rsplit(":", 1)[0], float(s.rsplit(":", 1)[1])) for s in self.sources]
+        total = sum(w for _, w in pairs)
+        return [(p, w / total) for p, w in pairs]
+
+    def _source_errors(self) -> list[str]:
+        bad = []
+        for s in self.sources:
+            path, _, weight = s.rpartition(":")
+            try:
+                ok = bool(path) and float(weight) > 0 and math.isfinite(float(weight))
+            except ValueError:
+                ok = False
+            if not ok:
+                bad.append(f"data.sources entry {s!r} is not PATH:WEIGHT with a positive weight "
+                           "(e.g. 'corpus.jsonl:0.7').")
+        return bad
 
     def check(self) -> list[str]:
-        return _failed([
+        return self._source_errors() + _failed([
             (bool(self.path), "data.path is empty: point it at a .txt, .jsonl or .parquet file, a datasets "
                               "folder, or a folder of them."),
             (bool(self.tokenizer), "data.tokenizer is empty: use 'char', 'bpe', or a tokenizer.json or Hugging Face "

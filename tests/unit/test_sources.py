@@ -173,3 +173,58 @@ def test_prepare_streams_in_bounded_memory(tmp_path, monkeypatch):
     (small, p_small), (big, p_big) = peak(50), peak(200)
     assert big > 8e6
     assert p_big - p_small < 0.1 * (big - small), f"{p_small / 2**20:.1f} MB -> {p_big / 2**20:.1f} MB"
+
+
+def test_mixture_shares_one_tokenizer_and_samples_by_weight(tmp_path):
+    """data.sources: each corpus prepared on its own with one tokenizer (char trained on both);
+    each row picks its corpus by weight, deterministically in (seed, step)."""
+    from nanotrain.data.prepare import prepare_mixture
+    from nanotrain.data.sampler import MixtureSampler
+
+    a = write_jsonl(tmp_path / "a.jsonl", DOCS)
+    b = write_jsonl(tmp_path / "b.jsonl", [d.upper() + " ~" for d in DOCS])  # '~' only in b
+    cfg = DataConfig(sources=[f"{a}:3", f"{b}:1"], prepared_dir=str(tmp_path / "prep"))
+    assert cfg.mixture() == [(str(a), 0.75), (str(b), 0.25)]
+    tok, parts = prepare_mixture(cfg, 16, log=lambda s: None)
+    assert "~" in tok.chars and all(p.tokenizer.to_json() == tok.to_json() for p, _ in parts)
+    logs = []
+    again, _ = prepare_mixture(cfg, 16, log=logs.append)
+    assert again.to_json() == tok.to_json() and all("up to date" in line for line in logs)
+
+    sampler = MixtureSampler([p.tokens("train") for p, _ in parts], [w for _, w in parts], 16, 8, seed=3)
+    x, _ = sampler.batch(5)
+    assert torch_equal(x, sampler.batch(5)[0]) and torch_equal(x[2:4], sampler.batch(5, slice(2, 4))[0])
+    which = np.concatenate([sampler.offsets(s)[0] for s in range(500)])
+    assert abs((which == 0).mean() - 0.75) < 0.03
+    # Each row comes from its own corpus: b's text has no lower-case letters.
+    rows = [tok.decode(r.tolist()) for r in sampler.batch(7)[0]]
+    for text, corpus in zip(rows, sampler.offsets(7)[0]):
+        assert (text == text.upper()) == (corpus == 1) or not any(c.isalpha() for c in text), (text, corpus)
+
+
+def torch_equal(a, b) -> bool:
+    return bool((a == b).all())
+
+
+@pytest.mark.parametrize("entry", ["corpus.jsonl", "corpus.jsonl:0", "corpus.jsonl:-1", ":1", "c.jsonl:x"])
+def test_mixture_entries_are_checked(entry):
+    with pytest.raises(ConfigError, match="is not PATH:WEIGHT with a positive weight"):
+        load_config(None, [f"--data.sources={entry}"])
+
+
+def test_a_run_trains_on_a_mixture(tmp_path, capsys):
+    from nanotrain.runtime import RuntimeEngine
+
+    a = write_jsonl(tmp_path / "a.jsonl", DOCS)
+    b = write_parquet(tmp_path / "b.parquet", DOCS[::-1])
+    cfg = load_config(None, [f"--data.sources={a}:0.7,{b}:0.3", f"--data.prepared_dir={tmp_path / 'prep'}",
+                             f"--train.out_dir={tmp_path / 'run'}", "--model.d_model=32", "--model.n_layers=1",
+                             "--train.seq_len=16", "--train.batch_size=4", "--train.max_steps=4",
+                             "--schedule.warmup_steps=1",
+                             "--train.eval_interval=2", "--train.eval_steps=1", "--precision.recipe=fp32",
+                             "--logging.progress=none", "--logging.tensorboard=false", "--logging.plot=false",
+                             "--logging.peak_tflops=1"])
+    result = RuntimeEngine(cfg).run()
+    assert np.isfinite(result.losses[4])
+    out = capsys.readouterr().out
+    assert "a.jsonl: weight 0.700" in out and "epochs in 4 steps" in out

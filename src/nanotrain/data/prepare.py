@@ -19,6 +19,7 @@ inputs only hashes the files and returns.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -65,16 +66,19 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
 
 
-def prepare_data(cfg: DataConfig, seq_len: int, log: Callable[[str], None] = print) -> PreparedData:
+def prepare_data(cfg: DataConfig, seq_len: int, log: Callable[[str], None] = print,
+                 tokenizer: AnyTokenizer | None = None) -> PreparedData:
     """Tokenize cfg.path into train/val token files, or reuse them if the inputs are unchanged.
+    `tokenizer`: use this one (a mixture's, shared by its corpora) instead of cfg.tokenizer's.
 
     Every input problem raises DataError before anything is written.
     """
     t0 = time.perf_counter()
     files = find_sources(Path(cfg.path))
-    pretrained = PretrainedTokenizer.load(cfg.tokenizer) if is_pretrained(cfg.tokenizer) else None
-    fingerprint = _fingerprint(cfg, files, pretrained)
-    out = _out_dir(cfg, pretrained)
+    # A tokenizer known before reading the corpus: a model's own, or a mixture's shared one.
+    given = tokenizer or (PretrainedTokenizer.load(cfg.tokenizer) if is_pretrained(cfg.tokenizer) else None)
+    fingerprint = _fingerprint(cfg, files, given)
+    out = _out_dir(cfg, given)
 
     cached = _load_if_current(out, fingerprint)
     if cached is not None:
@@ -87,7 +91,7 @@ def prepare_data(cfg: DataConfig, seq_len: int, log: Callable[[str], None] = pri
     # files in the output folder; memory holds one batch, not the corpus. The previous
     # preparation stays valid until the commit below, and a problem found midway (a bad line in
     # the last file) removes the temporary files: nothing prepared before is lost.
-    tok = pretrained or _train_tokenizer(cfg, files)
+    tok = given or _train_tokenizer(cfg, files)
     dtype = token_dtype(tok.vocab_size)
     made = [d for d in [out, *out.parents] if not d.exists()]  # removed again if this fails
     out.mkdir(parents=True, exist_ok=True)
@@ -145,12 +149,42 @@ def prepare_data(cfg: DataConfig, seq_len: int, log: Callable[[str], None] = pri
 # Inputs
 # ---------------------------------------------------------------------------
 
-def _fingerprint(cfg: DataConfig, files: list[SourceFile], pretrained: PretrainedTokenizer | None) -> str:
+def prepare_mixture(cfg: DataConfig, seq_len: int, log: Callable[[str], None] = print
+                    ) -> tuple[AnyTokenizer, list[tuple[PreparedData, float]]]:
+    """data.sources: each corpus prepared on its own, all with one tokenizer (a model's own, or
+    char/bpe trained on all of them together, kept beside the first corpus). Returns the
+    tokenizer and (prepared corpus, weight) pairs."""
+    pairs = cfg.mixture()
+    files = [find_sources(Path(path)) for path, _ in pairs]
+    if is_pretrained(cfg.tokenizer):
+        tok: AnyTokenizer = PretrainedTokenizer.load(cfg.tokenizer)
+    else:
+        h = hashlib.sha256(f"mixture|{cfg.tokenizer}|{cfg.vocab_size if cfg.tokenizer == 'bpe' else 0}|"
+                           f"{cfg.text_field}|".encode())
+        fingerprint_files(h, [f for fs in files for f in fs])
+        home = Path(cfg.prepared_dir) if cfg.prepared_dir else Path(pairs[0][0]).resolve().parent / "mixture.nanotrain"
+        saved = home / f"{cfg.tokenizer}-{h.hexdigest()[:16]}" / "tokenizer.json"
+        if saved.is_file():
+            tok = load_tokenizer(saved)
+        else:
+            tok = _train_tokenizer(cfg, [f for fs in files for f in fs])
+            saved.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(saved, lambda f: f.write(tok.to_json().encode("utf-8")))
+    out = []
+    for i, (path, weight) in enumerate(pairs):
+        own = dataclasses.replace(cfg, path=path, sources=[],
+                                  prepared_dir=str(Path(cfg.prepared_dir) / f"{i}-{Path(path).stem}")
+                                  if cfg.prepared_dir else "")
+        out.append((prepare_data(own, seq_len, log, tokenizer=tok), weight))
+    return tok, out
+
+
+def _fingerprint(cfg: DataConfig, files: list[SourceFile], given: AnyTokenizer | None) -> str:
     """sha256 over everything the prepared output depends on: the files' names and bytes, the
-    tokenizer (a pretrained one by its content), the text field, the split."""
+    tokenizer (one given or a model's own: by its content), the text field, the split."""
     h = hashlib.sha256()
     vocab = cfg.vocab_size if cfg.tokenizer == "bpe" else 0
-    kind = "pretrained:" + hashlib.sha256(pretrained.to_json().encode()).hexdigest() if pretrained else cfg.tokenizer
+    kind = "given:" + hashlib.sha256(given.to_json().encode()).hexdigest() if given else cfg.tokenizer
     h.update(f"nanotrain-data v{FORMAT_VERSION}|{kind}|{vocab}|{cfg.val_fraction!r}|{cfg.text_field}|".encode())
     fingerprint_files(h, files)
     return h.hexdigest()
@@ -160,12 +194,13 @@ def _tokenizer_name(cfg: DataConfig, tok: AnyTokenizer) -> str:
     return f"pretrained ({tok.name})" if isinstance(tok, PretrainedTokenizer) else cfg.tokenizer
 
 
-def _out_dir(cfg: DataConfig, pretrained: PretrainedTokenizer | None) -> Path:
+def _out_dir(cfg: DataConfig, given: AnyTokenizer | None) -> Path:
     if cfg.prepared_dir:
         return Path(cfg.prepared_dir)
     src = Path(cfg.path).resolve()
-    if pretrained is not None:  # one folder per tokenizer content, named after its model
-        key = f"{pretrained.name or 'tokenizer'}-{hashlib.sha256(pretrained.to_json().encode()).hexdigest()[:8]}"
+    if given is not None:  # one folder per tokenizer content (a model's: named after it; a mixture's)
+        name = given.name if isinstance(given, PretrainedTokenizer) else f"mixture-{given.kind}"
+        key = f"{name or 'tokenizer'}-{hashlib.sha256(given.to_json().encode()).hexdigest()[:8]}"
     else:
         key = "char" if cfg.tokenizer == "char" else f"bpe-{cfg.vocab_size}"
     stem = src.stem if src.is_file() else src.name

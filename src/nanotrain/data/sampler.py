@@ -10,6 +10,9 @@ state. So:
   contiguous slice of rows (and micro-batches slice that further);
 - evaluation (another stream over the val tokens) sees the same fixed batches
   every time: batch(0), ..., batch(eval_steps - 1).
+
+MixtureSampler does the same over several corpora (data.sources): each row of the batch first
+picks its corpus by weight, then its window, both drawn from the step's generator.
 """
 
 from __future__ import annotations
@@ -48,3 +51,37 @@ class BatchSampler:
         starts = self.offsets(step)[rows]
         w = torch.from_numpy(self.tokens[starts[:, None] + self.window].astype(np.int64))
         return w[:, :-1].contiguous(), w[:, 1:].contiguous()
+
+    def resized(self, batch_size: int, stream: int) -> "BatchSampler":
+        """The same tokens, another batch size and stream (the probe's fixed batch)."""
+        return BatchSampler(self.tokens, self.seq_len, batch_size, self.seed, stream)
+
+
+class MixtureSampler:
+    """Batches drawn from several token arrays: each row picks array i with probability
+    weights[i], then a uniform window in it, from the step's own generator (as BatchSampler)."""
+
+    def __init__(self, parts: list[np.ndarray], weights: list[float], seq_len: int, batch_size: int, seed: int,
+                 stream: int = 0):
+        self.parts = [BatchSampler(t, seq_len, batch_size, seed, stream) for t in parts]  # (checks each)
+        self.weights = np.asarray(weights, dtype=np.float64) / sum(weights)
+        self.seq_len, self.batch_size, self.seed, self.stream = seq_len, batch_size, seed, stream
+        self.window = np.arange(seq_len + 1)
+
+    def offsets(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+        """(corpus, start) of each row of the step's global batch."""
+        rng = np.random.default_rng([self.seed, self.stream, step])
+        which = rng.choice(len(self.parts), size=self.batch_size, p=self.weights)
+        spans = np.asarray([len(p.tokens) - self.seq_len for p in self.parts])
+        starts = (rng.random(self.batch_size) * spans[which]).astype(np.int64)
+        return which, starts
+
+    def batch(self, step: int, rows: slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor]:
+        which, starts = (a[rows] for a in self.offsets(step))
+        w = np.stack([self.parts[i].tokens[s + self.window] for i, s in zip(which, starts)]).astype(np.int64)
+        w = torch.from_numpy(w)
+        return w[:, :-1].contiguous(), w[:, 1:].contiguous()
+
+    def resized(self, batch_size: int, stream: int) -> "MixtureSampler":
+        return MixtureSampler([p.tokens for p in self.parts], list(self.weights), self.seq_len, batch_size,
+                              self.seed, stream)

@@ -18,6 +18,8 @@ from ..checkpoint import CheckpointManager
 from ..compiling import check_compiler, compile_blocks
 from ..config import Config, ConfigError
 from ..data import BatchSampler, DataError, PretrainedTokenizer, prepare_data
+from ..data.prepare import prepare_mixture
+from ..data.sampler import MixtureSampler
 from ..data.tokenizer import is_pretrained
 from ..models import build_model
 from ..models.attention import Attention
@@ -99,8 +101,8 @@ class TokenData:
     tokenizer: Any
     vocab_size: int
     tokens_per_step: int
-    train: BatchSampler
-    val: BatchSampler
+    train: BatchSampler | MixtureSampler
+    val: BatchSampler | MixtureSampler
     micro_batch_size: int
     grad_accum_steps: int
     eval_steps: int
@@ -126,8 +128,7 @@ class TokenData:
 
     def probe_batch(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """n fixed val sequences, whole on every rank: a function of (seed, seq_len, val tokens) only."""
-        sampler = BatchSampler(self.val.tokens, self.val.seq_len, n, self.val.seed, stream=PROBE_STREAM)
-        return self._to_device(sampler.batch(0))
+        return self._to_device(self.val.resized(n, PROBE_STREAM).batch(0))
 
 
 class TokenDataProvider:
@@ -138,14 +139,29 @@ class TokenDataProvider:
         # Rank 0 prepares (writes the token files) while the others wait, then they read them.
         if not ctx.is_main:
             barrier()
-        prepared = prepare_data(cfg.data, t.seq_len, log=log)
+        if cfg.data.sources:  # a mixture: each corpus prepared on its own, one tokenizer for all
+            tokenizer, parts = prepare_mixture(cfg.data, t.seq_len, log=log)
+        else:
+            prepared = prepare_data(cfg.data, t.seq_len, log=log)
+            tokenizer, parts = prepared.tokenizer, [(prepared, 1.0)]
         if ctx.is_main:
             barrier()
+        if len(parts) > 1:
+            for (p, w), (path, _) in zip(parts, cfg.data.mixture()):
+                seen = t.max_steps * t.batch_size * t.seq_len * w  # tokens this corpus gives the run
+                log(f"data.sources: {path}: weight {w:.3f}, {p.n_train_tokens:,} train tokens, "
+                    f"{seen / p.n_train_tokens:.2f} epochs in {t.max_steps} steps")
+
+        def sampler(split: str, stream: int = 0):
+            if len(parts) == 1:
+                return BatchSampler(parts[0][0].tokens(split), t.seq_len, t.batch_size, t.seed, stream)
+            return MixtureSampler([p.tokens(split) for p, _ in parts], [w for _, w in parts], t.seq_len,
+                                  t.batch_size, t.seed, stream)
+
         return TokenData(
-            tokenizer=prepared.tokenizer, vocab_size=prepared.vocab_size,
+            tokenizer=tokenizer, vocab_size=tokenizer.vocab_size,
             tokens_per_step=t.batch_size * t.seq_len,
-            train=BatchSampler(prepared.tokens("train"), t.seq_len, t.batch_size, t.seed),
-            val=BatchSampler(prepared.tokens("val"), t.seq_len, t.batch_size, t.seed, stream=VAL_STREAM),
+            train=sampler("train"), val=sampler("val", VAL_STREAM),
             micro_batch_size=t.micro_batch(dp), grad_accum_steps=t.grad_accum_steps(dp),
             eval_steps=t.eval_steps, device=ctx.device, dp_rank=ctx.parallel.dp_rank, dp=dp)
 
