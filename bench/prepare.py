@@ -1,0 +1,156 @@
+"""`nanotrain prepare` on a large jsonl corpus against `tokenizers`' own encode_batch, same text, same cores.
+
+    python bench/prepare.py [--gb 2] [--dir /tmp/nanotrain-prepare-bench] [--keep]
+
+Generates a jsonl corpus of --gb gigabytes (documents of 200-4000 characters cut from tiny
+Shakespeare, shuffled words, so the vocabulary is realistic and nothing is downloaded), and a
+byte-level BPE tokenizer.json of 8192 tokens trained on a sample of it. Then, each in a fresh
+process (so each peak RSS is its own):
+
+  ours     nanotrain's prepare_data with data.tokenizer=<that tokenizer.json>: streams the
+           file, tokenizes in ~1 MB batches, writes train.bin/val.bin
+  peer     tokenizers.Tokenizer.encode_batch over the same documents, read with json.loads in
+           batches of the same size, the ids kept as numpy arrays (nothing written): the library's
+           own speed on this text with the same cores; and encode_batch_fast, the same without
+           computing character offsets, which is what prepare calls
+
+Prints MB/s of each (corpus bytes / wall seconds), the ratio (ours / peer, goal >= 1.0), peak RSS
+(goal under 1 GB) and that both produced the same number of tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def generate(path: Path, gb: float, seed: int = 0) -> int:
+    words = (ROOT / "data" / "tinyshakespeare.txt").read_text(encoding="utf-8").split()
+    rng = random.Random(seed)
+    target, written = int(gb * 2**30), 0
+    with open(path, "w", encoding="utf-8") as f:
+        while written < target:
+            lines = []
+            for _ in range(1000):
+                n = rng.randint(40, 800)
+                start = rng.randrange(len(words) - n)
+                chunk = words[start:start + n]
+                rng.shuffle(chunk)
+                lines.append(json.dumps({"id": written, "text": " ".join(chunk)}) + "\n")
+            block = "".join(lines)
+            f.write(block)
+            written += len(block.encode("utf-8"))
+    return written
+
+
+def train_tokenizer(corpus: Path, out: Path) -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    sample = []
+    with open(corpus, encoding="utf-8") as f:
+        for _, line in zip(range(20000), f):
+            sample.append(json.loads(line)["text"])
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=8192, special_tokens=["<|endoftext|>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(sample, trainer=trainer)
+    tok.save(str(out))
+
+
+def run_ours(corpus: Path, tokenizer: Path, work: Path) -> dict:
+    from nanotrain.config import DataConfig
+    from nanotrain.data import prepare_data
+
+    t0 = time.perf_counter()
+    pd = prepare_data(DataConfig(path=str(corpus), tokenizer=str(tokenizer), prepared_dir=str(work / "ours")),
+                      1024, log=lambda s: print(s, file=sys.stderr, flush=True))
+    return {"seconds": time.perf_counter() - t0, "tokens": pd.n_train_tokens + pd.n_val_tokens}
+
+
+def run_peer(corpus: Path, tokenizer: Path, work: Path, fast: bool = False) -> dict:
+    import numpy as np
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(tokenizer))
+    encode = tok.encode_batch_fast if fast else tok.encode_batch
+    eos = tok.token_to_id("<|endoftext|>")
+    t0 = time.perf_counter()
+    tokens, batch, size = 0, [], 0
+    with open(corpus, "rb") as f:
+        for line in f:
+            text = json.loads(line)["text"]
+            batch.append(text)
+            size += len(text)
+            if size >= 1 << 20:
+                tokens += sum(np.asarray(e.ids + [eos], dtype=np.uint16).size for e in encode(batch))
+                batch, size = [], 0
+    if batch:
+        tokens += sum(np.asarray(e.ids + [eos], dtype=np.uint16).size for e in encode(batch))
+    return {"seconds": time.perf_counter() - t0, "tokens": tokens}
+
+
+def one(who: str, corpus: Path, tokenizer: Path, work: Path) -> None:
+    if who == "ours":
+        r = run_ours(corpus, tokenizer, work)
+    else:
+        r = run_peer(corpus, tokenizer, work, fast=who == "peer_fast")
+    r["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps(r))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--gb", type=float, default=2.0)
+    ap.add_argument("--dir", default="/tmp/nanotrain-prepare-bench")
+    ap.add_argument("--keep", action="store_true", help="keep the generated corpus for the next run")
+    ap.add_argument("--one", choices=["ours", "peer", "peer_fast"], help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    work = Path(args.dir)
+    corpus, tokenizer = work / "corpus.jsonl", work / "tokenizer.json"
+    if args.one:
+        one(args.one, corpus, tokenizer, work)
+        return
+    work.mkdir(parents=True, exist_ok=True)
+    if not corpus.is_file() or abs(corpus.stat().st_size - args.gb * 2**30) > 0.05 * args.gb * 2**30:
+        t = time.perf_counter()
+        generate(corpus, args.gb)
+        print(f"generated {corpus} ({corpus.stat().st_size / 2**30:.2f} GB) in {time.perf_counter() - t:.0f} s")
+    if not tokenizer.is_file():
+        train_tokenizer(corpus, tokenizer)
+    shutil.rmtree(work / "ours", ignore_errors=True)
+    mb = corpus.stat().st_size / 2**20
+    results = {}
+    for who in ("peer", "peer_fast", "ours"):
+        out = subprocess.run([sys.executable, __file__, "--one", who, "--dir", str(work)], check=True,
+                             stdout=subprocess.PIPE, text=True).stdout
+        results[who] = json.loads(out.strip().splitlines()[-1])
+    print(f"\nprepare of {mb:,.0f} MB of jsonl, BPE 8192, 2 cores (same machine, one after the other):")
+    for who, label in (("peer", "tokenizers encode_batch (json.loads, 1 MB batches, ids kept)"),
+                       ("peer_fast", "tokenizers encode_batch_fast (the same, no character offsets)"),
+                       ("ours", "nanotrain prepare_data (streamed, written to train.bin/val.bin)")):
+        r = results[who]
+        print(f"  {label:<66} {mb / r['seconds']:6.1f} MB/s  {r['seconds']:7.1f} s  peak RSS "
+              f"{r['peak_rss'] / 2**20:,.0f} MB  {r['tokens']:,} tokens")
+    ratio = results["peer"]["seconds"] / results["ours"]["seconds"]
+    fast = results["peer_fast"]["seconds"] / results["ours"]["seconds"]
+    print(f"throughput ours / encode_batch = {ratio:.2f} (goal >= 1.0), ours / encode_batch_fast = {fast:.2f} "
+          "(ours calls encode_batch_fast); ours peak RSS "
+          f"{results['ours']['peak_rss'] / 2**30:.2f} GB (goal < 1 GB); tokens "
+          f"{'equal' if results['ours']['tokens'] == results['peer']['tokens'] else 'DIFFER'}")
+    if not args.keep:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
