@@ -28,7 +28,7 @@ def test_parse_and_its_canonical_text():
     ("xp=2", "unknown key 'xp'. Valid keys: tp, pp, dp, ep, sp, zero, micro"),
     ("tp=0", "tp=0 must be a whole number >= 1"),
     ("dp=two", "dp=two must be a whole number >= 1"),
-    ("zero=3", "zero=3 must be 0, 1 or 2"),
+    ("zero=4", "zero=4 must be 0, 1, 2 or 3"),
     ("micro=-1", "micro=-1 must be a whole number >= 0"),
     ("sp=maybe", "sp=maybe must be true or false"),
     ("tp=2,tp=4", "tp is given twice"),
