@@ -39,7 +39,8 @@ from __future__ import annotations
 
 from ..config import ModelConfig
 from ..params import spec
-from .memory import BYTES, Plan, compute_bytes, rank_model, stage_layers, stage_parameters, vocab_per_rank
+from .memory import (BYTES, Plan, compute_bytes, rank_model, root_parameters, stage_layers, stage_parameters,
+                     vocab_per_rank)
 
 WIRE = {"all_reduce": lambda n: 2 * (n - 1) / n, "all_gather": lambda n: (n - 1) / n,
         "reduce_scatter": lambda n: (n - 1) / n, "all_to_all": lambda n: (n - 1) / n, "send": lambda n: 1.0}
@@ -63,6 +64,27 @@ def _row(t: dict, sp: bool, n: int, d: int, b: int) -> None:
         t["all_reduce"] += n * d * b
 
 
+def block_tp_linears(m: ModelConfig, layer: int, c: int, r: int) -> list[tuple[str, int, int]]:
+    """A block's tensor-parallel linears in forward order: ("col", input width, bytes per element)
+    for a column-parallel one's input, ("row", d, bytes) for a row-parallel one's output. Where the
+    block has a dense MLP its closing row-parallel linear comes last."""
+    d = m.d_model
+    if m.arch == "deepseek":
+        ac = c if c < r else r  # the low-rank projections' outputs are in the compute dtype
+        out = [("col", m.q_lora_rank, ac) if m.q_lora_rank else ("col", d, r),
+               ("col", m.kv_lora_rank, ac),  # wkv_b
+               ("col", m.qk_rope_head_dim, ac),  # k_R, shared by every head
+               ("row", d, c)]
+        if layer < m.first_k_dense_replace:
+            out += [("col", d, r), ("col", d, r), ("row", d, c)]
+        return out
+    return [("col", d, r)] * 3 + [("row", d, c)] + [("col", d, r)] * (2 if m.mlp == "swiglu" else 1) + [("row", d, c)]
+
+
+def has_dense_mlp(m: ModelConfig, layer: int) -> bool:
+    return m.arch != "deepseek" or layer < m.first_k_dense_replace
+
+
 def tp_per_micro_batch(m: ModelConfig, plan: Plan, layers: list[int], first: bool, last: bool,
                        c: int, r: int) -> dict[str, int]:
     t = {"all_reduce": 0, "all_gather": 0, "reduce_scatter": 0}
@@ -73,24 +95,8 @@ def tp_per_micro_batch(m: ModelConfig, plan: Plan, layers: list[int], first: boo
         _row(t, sp, n, d, r)
     mtp = [m.n_layers] * m.mtp_depth if last else []  # DeepSeek's MTP block (on T - 1 positions: ~ N)
     for i in [*layers, *mtp]:
-        if m.arch == "deepseek":
-            ac = c if c < r else r  # the low-rank projections' outputs are in the compute dtype
-            if m.q_lora_rank:
-                _col(t, sp, n, m.q_lora_rank, ac)
-            else:
-                _col(t, sp, n, d, r)
-            _col(t, sp, n, m.kv_lora_rank, ac)  # wkv_b
-            _col(t, sp, n, m.qk_rope_head_dim, ac)  # k_R, shared by every head
-            _row(t, sp, n, d, c)
-            if i < m.first_k_dense_replace:
-                _col(t, sp, n, d, r)
-                _col(t, sp, n, d, r)
-                _row(t, sp, n, d, c)
-        else:
-            for _ in range(3 + (2 if m.mlp == "swiglu" else 1)):  # wq, wk, wv; w1 (and w3)
-                _col(t, sp, n, d, r)
-            _row(t, sp, n, d, c)
-            _row(t, sp, n, d, c)
+        for kind, width, b in block_tp_linears(m, i, c, r):
+            (_col if kind == "col" else _row)(t, sp, n, width, b)
     for _ in range(1 + len(mtp) if last else 0):  # the head (shared by MTP) and the loss
         _col(t, sp, n, d, r)
         t["all_reduce"] += 3 * n * 4
@@ -106,32 +112,16 @@ def tp_recomputed_per_micro_batch(m: ModelConfig, plan: Plan, layers: list[int],
     t = {"all_reduce": 0, "all_gather": 0, "reduce_scatter": 0}
     if plan.tp == 1 or plan.recompute == "none":
         return t
-    n, d, sp = plan.micro_batch_size * plan.seq_len, m.d_model, plan.sp
-    chunk = max(1, len(layers) // plan.pp_virtual_stages)
-
-    def col(width: int, b: int) -> None:
-        if sp:
-            t["all_gather"] += n * width * b
-
-    def row(b: int) -> None:
-        t["reduce_scatter" if sp else "all_reduce"] += n * d * b
-
+    n, sp = plan.micro_batch_size * plan.seq_len, plan.sp
     for pos, i in enumerate(layers):
-        if plan.recompute == "full" and plan.recompute_layers and pos % chunk >= plan.recompute_layers:
+        if not plan.recomputes(pos, len(layers)):
             continue
-        if m.arch == "deepseek":
-            ac = c if c < r else r
-            col(m.q_lora_rank, ac) if m.q_lora_rank else col(d, r)
-            col(m.kv_lora_rank, ac)
-            col(m.qk_rope_head_dim, ac)
-            row(c)
-            if i < m.first_k_dense_replace:
-                col(d, r)
-                col(d, r)
-        else:
-            for _ in range(3 + (2 if m.mlp == "swiglu" else 1)):
-                col(d, r)
-            row(c)
+        linears = block_tp_linears(m, i, c, r)
+        for kind, width, b in linears[:-1] if has_dense_mlp(m, i) else linears:
+            if kind == "row":
+                t["reduce_scatter" if sp else "all_reduce"] += n * width * b
+            elif sp:
+                t["all_gather"] += n * width * b
     return t
 
 
@@ -185,9 +175,8 @@ def comm_per_step(m: ModelConfig, plan: Plan, precision, pp_rank: int = 0,
         moe = sum(1 for i in layers if i >= m.first_k_dense_replace)
         out["ep"] = {"all_to_all": mb * moe * (m.n_routed_experts * 8 + 2 * a * m.d_model * (r + c))}
         if plan.recompute != "none":  # a recomputed MoE block sends its tokens out and back again
-            chunk = max(1, len(layers) // plan.pp_virtual_stages)
-            again = sum(1 for pos, i in enumerate(layers) if i >= m.first_k_dense_replace and not (
-                plan.recompute == "full" and plan.recompute_layers and pos % chunk >= plan.recompute_layers))
+            again = sum(1 for pos, i in enumerate(layers)
+                        if i >= m.first_k_dense_replace and plan.recomputes(pos, len(layers)))
             if again:
                 out["ep_recompute"] = {"all_to_all": mb * again * (m.n_routed_experts * 8 + a * m.d_model * (r + c))}
 
@@ -202,9 +191,8 @@ def comm_per_step(m: ModelConfig, plan: Plan, precision, pp_rank: int = 0,
 
 
 def _root_numel(model, m: ModelConfig, plan: Plan, pp_rank: int) -> tuple[int, int]:
-    """(dense, expert) parameters of stage pp_rank outside its blocks: ZeRO-3's root unit."""
-    in_blocks = {id(p) for i in stage_layers(m, plan, pp_rank, model) for p in model.layers[str(i)].parameters()}
-    rest = [p for p in stage_parameters(model, m, plan, pp_rank) if id(p) not in in_blocks]
+    """(dense, expert) parameters of ZeRO-3's root unit on stage pp_rank."""
+    rest = root_parameters(model, m, plan, pp_rank)
     return (sum(p.numel() for p in rest if not spec(p).expert_parallel),
             sum(p.numel() for p in rest if spec(p).expert_parallel))
 

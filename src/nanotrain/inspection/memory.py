@@ -37,6 +37,7 @@ import torch
 from ..config import Config, ModelConfig
 from ..parallel.layout import Layout
 from ..params import spec
+from ..recompute import Recompute
 
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
@@ -54,6 +55,12 @@ class Plan:
     pp_partition: str = "layers"
     recompute: str = "none"  # train.recompute (recompute.py): none | selective | full
     recompute_layers: int = 0  # the first N blocks of each stage (0: all)
+
+    def recomputes(self, position: int, n_layers: int, mode: str | None = None) -> bool:
+        """Whether the block at `position` of a stage of `n_layers` blocks (in pp_virtual_stages
+        chunks) is recomputed under `mode` (default: the plan's): recompute.Recompute's rule."""
+        chunk = max(1, n_layers // self.pp_virtual_stages)
+        return Recompute(mode or self.recompute, self.recompute_layers).covers(position % chunk)
 
     @classmethod
     def from_config(cls, cfg: Config) -> Plan:
@@ -157,12 +164,16 @@ def gathered_param_bytes(model, m: ModelConfig, plan: Plan, pp_rank: int, precis
     blocks' (the one running and the next one, prefetched)."""
     if plan.zero_stage != 3:
         return 0
-    mine = {id(p) for p in stage_parameters(model, m, plan, pp_rank)}
     blocks = sorted(sum(p.numel() for p in model.layers[str(i)].parameters())
                     for i in stage_layers(m, plan, pp_rank, model))
-    in_blocks = {id(p) for i in stage_layers(m, plan, pp_rank, model) for p in model.layers[str(i)].parameters()}
-    root = sum(p.numel() for p in model.parameters() if id(p) in mine and id(p) not in in_blocks)
+    root = sum(p.numel() for p in root_parameters(model, m, plan, pp_rank))
     return (root + sum(blocks[-2:])) * BYTES[precision.param_dtype]
+
+
+def root_parameters(model, m: ModelConfig, plan: Plan, pp_rank: int) -> list:
+    """The parameters of stage pp_rank outside its blocks: ZeRO-3's root unit (parallel/zero3.py)."""
+    in_blocks = {id(p) for i in stage_layers(m, plan, pp_rank, model) for p in model.layers[str(i)].parameters()}
+    return [p for p in stage_parameters(model, m, plan, pp_rank) if id(p) not in in_blocks]
 
 
 # -- activations -------------------------------------------------------------------------
@@ -463,8 +474,7 @@ def recomputed_activations(m: ModelConfig, plan: Plan, precision, layers: list[i
     kept, casts, rebuilt = [], 0, 0
     for pos, i in enumerate(layers):
         whole = sum(block_bytes(m, w, i, math_path).values())
-        covered = mode == "selective" or not plan.recompute_layers or pos % chunk < plan.recompute_layers
-        if not covered:
+        if not plan.recomputes(pos, len(layers), mode):
             kept.append(whole)
             continue
         kept.append(x + (_kept_outputs(m, w, i, math_path) if mode == "selective" else 0))

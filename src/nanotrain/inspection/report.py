@@ -104,50 +104,53 @@ def fit_changes(m: ModelConfig, lay: Plan, cfg: Config, hardware, capacity: floa
             return None
         return total if total <= capacity else None
 
-    def candidates(plan: Plan):
-        if plan.recompute == "none":
-            yield "selective recomputation", replace(plan, recompute="selective")
+    plan = lay
+    for kind in FIT_ORDER:  # within a kind, the mildest change first; a kind that never fits stays applied
+        last = None
+        for label, option in _fit_options(plan, kind):
+            last = (label, option)
+            total = fits(option)
+            if total is not None:
+                return {"changes": _applied(changes, label), "layout": option.to_dict(),
+                        "memory_per_rank_bytes": total}
+        if last is not None:
+            changes, plan = _applied(changes, last[0]), last[1]
+    return None
+
+
+def _fit_options(plan: Plan, kind: str):
+    """The changes of one FIT_ORDER kind to `plan`, mildest first: (label, changed plan)."""
+    if kind == "selective recomputation" and plan.recompute == "none":
+        yield "selective recomputation", replace(plan, recompute="selective")
+    elif kind == "smaller micro-batch":
         mbs, n = plan.micro_batch_size, plan.micro_batches
         while mbs > 1 and mbs % 2 == 0:  # the same batch in twice as many micro-batches
             mbs, n = mbs // 2, n * 2
             yield f"micro-batch {mbs} x {n} micro-batches", replace(plan, layout=replace(plan.layout, micro=mbs),
                                                                     micro_batches=n)
-        if plan.recompute != "full" or plan.recompute_layers:
-            yield "full recomputation", replace(plan, recompute="full", recompute_layers=0)
+    elif kind == "full recomputation" and (plan.recompute != "full" or plan.recompute_layers):
+        yield "full recomputation", replace(plan, recompute="full", recompute_layers=0)
+    elif kind == "ZeRO stage" and plan.dp > 1:
         for stage in range(plan.zero_stage + 1, 4):
-            if plan.dp > 1:
-                yield f"ZeRO-{stage}", replace(plan, layout=replace(plan.layout, zero=stage))
+            yield f"ZeRO-{stage}", replace(plan, layout=replace(plan.layout, zero=stage))
+    elif kind == "tp":
         tp, dp = plan.tp, plan.dp
         while dp % 2 == 0 and dp // 2 >= plan.ep and tp * 2 <= 8:  # tp stays inside a node of 8
             tp, dp = tp * 2, dp // 2
             yield f"tp={tp} (dp={dp})", replace(plan, layout=replace(plan.layout, tp=tp, dp=dp))
+    elif kind == "pp":
         pp, dp = plan.pp, plan.dp
         while dp % 2 == 0 and dp // 2 >= plan.ep:
             pp, dp = pp * 2, dp // 2
             yield f"pp={pp} (dp={dp})", replace(plan, layout=replace(plan.layout, pp=pp, dp=dp),
                                                  micro_batches=plan.micro_batches * 2)
 
-    plan = lay
-    for kind in FIT_ORDER:  # within a kind, the mildest change first; a kind that never fits stays applied
-        best = None
-        for label, option in candidates(plan):
-            if not label.startswith(_KIND_PREFIX[kind]):
-                continue
-            best = (label, option)
-            total = fits(option)
-            if total is not None:
-                kept = [c for c in changes if not (label.startswith("full") and c.startswith("selective"))]
-                return {"changes": kept + [label], "layout": option.to_dict(), "memory_per_rank_bytes": total}
-        if best is not None:
-            if kind == "full recomputation":  # supersedes selective
-                changes = [c for c in changes if not c.startswith("selective")]
-            changes.append(best[0])
-            plan = best[1]
-    return None
 
-
-_KIND_PREFIX = {"selective recomputation": "selective", "smaller micro-batch": "micro-batch",
-                "full recomputation": "full", "ZeRO stage": "ZeRO", "tp": "tp=", "pp": "pp="}
+def _applied(changes: list[str], label: str) -> list[str]:
+    """changes, then `label` (full recomputation supersedes selective)."""
+    if label.startswith("full"):
+        changes = [c for c in changes if not c.startswith("selective")]
+    return changes + [label]
 
 
 def _plan(m: ModelConfig, lay: Plan, cfg: Config, hardware, with_comm: bool = True) -> dict:

@@ -178,8 +178,9 @@ class GradReducer:
     After sync(), `grad[id(b)]` is this rank's summed slice of bucket b, in grad_dtype (stages 0/1:
     a view of the whole summed buffer, and each .grad a view of it where dtypes allow; stages 2
     and 3: the only copy). At stage 3 `sharding` (zero3.ParameterSharding) hears of each gradient
-    taken, and of each backward's end, to free the blocks' parameters. `got_grad` holds the parameters that have a gradient this step: every one a
-    collective summed, and those backward reached."""
+    taken, and of each backward's end, to free the blocks' parameters. `got_grad` holds the
+    parameters that have a gradient this step: every one a collective summed, and those backward
+    reached."""
 
     def __init__(self, buckets: list[FlatBucket], stage: int = 0, grad_dtype: torch.dtype = torch.float32,
                  local_ok: bool = False):
@@ -312,11 +313,15 @@ class GradReducer:
                 waiting.add(b)
                 kept.append(entry)
                 continue
-            if work is not None:
-                work.wait()  # (done: raises a failure, if any)
-            if out is not None:
-                self.grad[id(b)] += out
+            self._finish(work, out, b)  # (done: wait() raises a failure, if any)
         self._pending = kept
+
+    def _finish(self, work, out: torch.Tensor | None, b: FlatBucket) -> None:
+        """Wait for one reduction; add a later micro-batch's slice into the bucket's."""
+        if work is not None:
+            work.wait()
+        if out is not None:
+            self.grad[id(b)] += out
 
     def sync(self) -> None:
         """Wait for the reductions (posting any a hook did not: unused parameters), accumulate
@@ -326,11 +331,8 @@ class GradReducer:
             return
         if self.stage < 2:  # every chunk's gradients are complete now
             self._post_rest()
-        for work, out, b, *_ in self._pending:
-            if work is not None:
-                work.wait()
-            if out is not None:
-                self.grad[id(b)] += out
+        for work, out, b, _ in self._pending:
+            self._finish(work, out, b)
         for b in self.buckets:
             b.posted = False
         self._pending.clear()

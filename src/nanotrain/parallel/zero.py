@@ -191,7 +191,8 @@ class ZeroOptimizer:
 
     def _store(self, b: FlatBucket, storage: torch.dtype) -> torch.Tensor:
         """Move b's parameters into one flat buffer (b.flat) that they become views of; returns the
-        fp32 values (stage 3: of this rank's slice; the parameters view b.full, gathered on demand). Low-bit weights: the model keeps the codes, b.flat is their fp32 master."""
+        fp32 values (stage 3: of this rank's slice; the parameters view b.full, gathered on
+        demand). Low-bit weights: the model keeps the codes, b.flat is their fp32 master."""
         fp32 = torch.zeros(b.numel, dtype=torch.float32, device=b.params[0].device)
         for p, off in zip(b.params, b.offsets):
             fp32[off:off + p.numel()].copy_(p.detach().reshape(-1))

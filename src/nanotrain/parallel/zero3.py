@@ -49,7 +49,6 @@ bench/zero.py compares the two.)
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 
 import torch
@@ -82,9 +81,6 @@ class Unit:
     gathered: bool = False  # the storage is allocated (and filled once `gathering` is done)
     arrived: int = 0  # gradients of this backward
     backward_holds: int = 0
-
-    def done(self) -> bool:
-        return not self.gathering
 
 
 def free(b: FlatBucket) -> None:
@@ -209,14 +205,3 @@ class ParameterSharding:
             u.arrived = 0
             if u.holders == 0 and u.gathered:
                 self._free(u)
-
-    @contextlib.contextmanager
-    def gathered(self):
-        """Every unit's whole parameters, for code that reads them outside forward and backward."""
-        for u in self.units:
-            self.acquire(u)
-        try:
-            yield
-        finally:
-            for u in self.units:
-                self.release(u)

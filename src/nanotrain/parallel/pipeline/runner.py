@@ -105,10 +105,10 @@ class PipelineRunner:
                 # Its gradient came back, so the next rank has received this micro-batch's output:
                 # the send is done (gloo's send reports it only to wait()). Releasing it frees the
                 # output now instead of at the end of the step.
-                for work, _, sent in in_flight:
-                    if sent.kind == "F" and (sent.chunk, sent.mb) == (a.chunk, a.mb):
-                        work.wait()
-                in_flight[:] = [f for f in in_flight if not (f[2].kind == "F" and (f[2].chunk, f[2].mb) == (a.chunk, a.mb))]
+                sent = [f for f in in_flight if (f[2].kind, f[2].chunk, f[2].mb) == ("F", a.chunk, a.mb)]
+                for work, _, _ in sent:
+                    work.wait()
+                in_flight[:] = [f for f in in_flight if all(f is not g for g in sent)]
                 if dx is not None:
                     outbox[a] = dx
             self._exchange(sends.get(t, ()), recvs.get(t, ()), outbox, inbox, in_flight, shape)
