@@ -85,6 +85,9 @@ def run_peer(corpus: Path, tokenizer: Path, work: Path, fast: bool = False) -> d
     tok = Tokenizer.from_file(str(tokenizer))
     encode = tok.encode_batch_fast if fast else tok.encode_batch
     eos = tok.token_to_id("<|endoftext|>")
+    def count(batch: list[str]) -> int:
+        return sum(np.asarray(e.ids + [eos], dtype=np.uint16).size for e in encode(batch))
+
     t0 = time.perf_counter()
     tokens, batch, size = 0, [], 0
     with open(corpus, "rb") as f:
@@ -93,10 +96,9 @@ def run_peer(corpus: Path, tokenizer: Path, work: Path, fast: bool = False) -> d
             batch.append(text)
             size += len(text)
             if size >= 1 << 20:
-                tokens += sum(np.asarray(e.ids + [eos], dtype=np.uint16).size for e in encode(batch))
+                tokens += count(batch)
                 batch, size = [], 0
-    if batch:
-        tokens += sum(np.asarray(e.ids + [eos], dtype=np.uint16).size for e in encode(batch))
+    tokens += count(batch)
     return {"seconds": time.perf_counter() - t0, "tokens": tokens}
 
 

@@ -35,8 +35,8 @@ import numpy as np
 from nanotrain.atomic import atomic_write
 from nanotrain.config import DataConfig
 from nanotrain.data.sources import SourceFile, documents, find_sources, fingerprint_files
-from nanotrain.data.tokenizer import (AnyTokenizer, CharTokenizer, DataError, PretrainedTokenizer, build_tokenizer,
-                                      is_pretrained, load_tokenizer, text_chunks)
+from nanotrain.data.tokenizer import (AnyTokenizer, DataError, PretrainedTokenizer, build_tokenizer, is_pretrained,
+                                      load_tokenizer, text_chunks)
 
 FORMAT_VERSION = 2  # bump when the on-disk format changes: old preparations are then redone
 
@@ -77,8 +77,9 @@ def prepare_data(cfg: DataConfig, seq_len: int, log: Callable[[str], None] = pri
     files = find_sources(Path(cfg.path))
     # A tokenizer known before reading the corpus: a model's own, or a mixture's shared one.
     given = tokenizer or (PretrainedTokenizer.load(cfg.tokenizer) if is_pretrained(cfg.tokenizer) else None)
-    fingerprint = _fingerprint(cfg, files, given)
-    out = _out_dir(cfg, given)
+    given_hash = hashlib.sha256(given.to_json().encode()).hexdigest() if given else ""  # (once: a model's is MBs)
+    fingerprint = _fingerprint(cfg, files, given_hash)
+    out = _out_dir(cfg, given, given_hash)
 
     cached = _load_if_current(out, fingerprint)
     if cached is not None:
@@ -149,15 +150,16 @@ def prepare_data(cfg: DataConfig, seq_len: int, log: Callable[[str], None] = pri
 # Inputs
 # ---------------------------------------------------------------------------
 
-def prepare_mixture(cfg: DataConfig, seq_len: int, log: Callable[[str], None] = print
+def prepare_mixture(cfg: DataConfig, seq_len: int, log: Callable[[str], None] = print,
+                    tokenizer: PretrainedTokenizer | None = None
                     ) -> tuple[AnyTokenizer, list[tuple[PreparedData, float]]]:
     """data.sources: each corpus prepared on its own, all with one tokenizer (a model's own, or
-    char/bpe trained on all of them together, kept beside the first corpus). Returns the
-    tokenizer and (prepared corpus, weight) pairs."""
+    char/bpe trained on all of them together, kept beside the first corpus). `tokenizer`: the
+    model's own, already loaded. Returns the tokenizer and (prepared corpus, weight) pairs."""
     pairs = cfg.mixture()
     files = [find_sources(Path(path)) for path, _ in pairs]
     if is_pretrained(cfg.tokenizer):
-        tok: AnyTokenizer = PretrainedTokenizer.load(cfg.tokenizer)
+        tok: AnyTokenizer = tokenizer or PretrainedTokenizer.load(cfg.tokenizer)
     else:
         h = hashlib.sha256(f"mixture|{cfg.tokenizer}|{cfg.vocab_size if cfg.tokenizer == 'bpe' else 0}|"
                            f"{cfg.text_field}|".encode())
@@ -179,12 +181,12 @@ def prepare_mixture(cfg: DataConfig, seq_len: int, log: Callable[[str], None] = 
     return tok, out
 
 
-def _fingerprint(cfg: DataConfig, files: list[SourceFile], given: AnyTokenizer | None) -> str:
+def _fingerprint(cfg: DataConfig, files: list[SourceFile], given_hash: str) -> str:
     """sha256 over everything the prepared output depends on: the files' names and bytes, the
     tokenizer (one given or a model's own: by its content), the text field, the split."""
     h = hashlib.sha256()
     vocab = cfg.vocab_size if cfg.tokenizer == "bpe" else 0
-    kind = "given:" + hashlib.sha256(given.to_json().encode()).hexdigest() if given else cfg.tokenizer
+    kind = "given:" + given_hash if given_hash else cfg.tokenizer
     h.update(f"nanotrain-data v{FORMAT_VERSION}|{kind}|{vocab}|{cfg.val_fraction!r}|{cfg.text_field}|".encode())
     fingerprint_files(h, files)
     return h.hexdigest()
@@ -194,13 +196,13 @@ def _tokenizer_name(cfg: DataConfig, tok: AnyTokenizer) -> str:
     return f"pretrained ({tok.name})" if isinstance(tok, PretrainedTokenizer) else cfg.tokenizer
 
 
-def _out_dir(cfg: DataConfig, given: AnyTokenizer | None) -> Path:
+def _out_dir(cfg: DataConfig, given: AnyTokenizer | None, given_hash: str) -> Path:
     if cfg.prepared_dir:
         return Path(cfg.prepared_dir)
     src = Path(cfg.path).resolve()
     if given is not None:  # one folder per tokenizer content (a model's: named after it; a mixture's)
         name = given.name if isinstance(given, PretrainedTokenizer) else f"mixture-{given.kind}"
-        key = f"{name or 'tokenizer'}-{hashlib.sha256(given.to_json().encode()).hexdigest()[:8]}"
+        key = f"{name or 'tokenizer'}-{given_hash[:8]}"
     else:
         key = "char" if cfg.tokenizer == "char" else f"bpe-{cfg.vocab_size}"
     stem = src.stem if src.is_file() else src.name
@@ -272,11 +274,6 @@ def _train_tokenizer(cfg: DataConfig, files: list[SourceFile]) -> AnyTokenizer:
                 first = False
                 yield from text_chunks(doc)
 
-    if cfg.tokenizer == "char":
-        chars: set[str] = set()
-        for piece in text():
-            chars.update(piece)
-        return CharTokenizer("".join(sorted(chars)))
     return build_tokenizer(cfg.tokenizer, text(), cfg.vocab_size)
 
 

@@ -16,6 +16,7 @@ the file (and line) and the fix, raised before anything is written.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 from dataclasses import dataclass
@@ -71,14 +72,24 @@ def _is_dataset(folder: Path) -> bool:
 
 
 def fingerprint_files(h: "hashlib._Hash", files: list[SourceFile]) -> None:
-    """Add each file's name and bytes to h, read in 1 MB blocks (length-prefixed: no ambiguity)."""
+    """Add each file's name, size and content digest to h (length-prefixed: no ambiguity)."""
     for f in files:
         name = f.rel.encode("utf-8")
-        h.update(len(name).to_bytes(8, "little") + name + f.path.stat().st_size.to_bytes(8, "little"))
-        with _reading(f.path):
-            with open(f.path, "rb") as fh:
-                while block := fh.read(1 << 20):
-                    h.update(block)
+        stat = f.path.stat()
+        h.update(len(name).to_bytes(8, "little") + name + stat.st_size.to_bytes(8, "little"))
+        h.update(_digest(f.path, stat.st_size, stat.st_mtime_ns))
+
+
+@functools.lru_cache(maxsize=4096)
+def _digest(path: Path, size: int, mtime_ns: int) -> bytes:
+    """sha256 of a file, read in 1 MB blocks; once per (path, size, modification time) in a process
+    (a mixture's shared tokenizer and each of its corpora fingerprint the same files)."""
+    h = hashlib.sha256()
+    with _reading(path):
+        with open(path, "rb") as fh:
+            while block := fh.read(1 << 20):
+                h.update(block)
+    return h.digest()
 
 
 @contextlib.contextmanager

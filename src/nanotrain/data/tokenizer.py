@@ -59,8 +59,12 @@ class CharTokenizer:
         self.stoi = {c: i for i, c in enumerate(chars)}
 
     @classmethod
-    def train(cls, text: str) -> "CharTokenizer":
-        return cls("".join(sorted(set(text))))
+    def train(cls, text: str | Iterator[str]) -> "CharTokenizer":
+        """On a text, or on pieces of one as they stream by (prepare's documents)."""
+        chars: set[str] = set()
+        for piece in [text] if isinstance(text, str) else text:
+            chars.update(piece)
+        return cls("".join(sorted(chars)))
 
     @property
     def vocab_size(self) -> int:
@@ -151,7 +155,8 @@ class PretrainedTokenizer:
         p = Path(path)
         file = p / "tokenizer.json" if p.is_dir() else p
         if not file.is_file():
-            raise DataError(f"data.tokenizer={str(path)!r}: {'the folder has no tokenizer.json' if p.is_dir() else 'no such file'}"
+            missing = "the folder has no tokenizer.json" if p.is_dir() else "no such file"
+            raise DataError(f"data.tokenizer={str(path)!r}: {missing}"
                             ". Point it at a tokenizer.json (HuggingFace tokenizers' format) or a Hugging Face "
                             "model folder that has one (save_pretrained writes it), or use 'char' or 'bpe'.")
         try:
@@ -223,7 +228,7 @@ def build_tokenizer(kind: str, text: str | Iterator[str], vocab_size: int = 0) -
     """Train a tokenizer of the given kind on text (vocab_size is used by BPE only), or load the
     pretrained one that `kind` names (a tokenizer.json or a Hugging Face model folder)."""
     if kind == "char":
-        return CharTokenizer.train(text if isinstance(text, str) else "".join(text))
+        return CharTokenizer.train(text)
     if kind == "bpe":
         if vocab_size <= 256:
             raise DataError(f"data.vocab_size={vocab_size} is too small for byte-level BPE: "

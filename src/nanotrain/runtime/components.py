@@ -135,14 +135,14 @@ class TokenDataProvider:
     def build(self, ctx: RuntimeContext) -> TokenData:
         cfg, t, dp = ctx.cfg, ctx.cfg.train, ctx.parallel.dp
         log = print if ctx.is_main else (lambda *a, **k: None)
-        check_vocabulary(cfg)
+        loaded = check_vocabulary(cfg)  # (prepare then need not load it again)
         # Rank 0 prepares (writes the token files) while the others wait, then they read them.
         if not ctx.is_main:
             barrier()
         if cfg.data.sources:  # a mixture: each corpus prepared on its own, one tokenizer for all
-            tokenizer, parts = prepare_mixture(cfg.data, t.seq_len, log=log)
+            tokenizer, parts = prepare_mixture(cfg.data, t.seq_len, log=log, tokenizer=loaded)
         else:
-            prepared = prepare_data(cfg.data, t.seq_len, log=log)
+            prepared = prepare_data(cfg.data, t.seq_len, log=log, tokenizer=loaded)
             tokenizer, parts = prepared.tokenizer, [(prepared, 1.0)]
         if ctx.is_main:
             barrier()
@@ -166,19 +166,22 @@ class TokenDataProvider:
             eval_steps=t.eval_steps, device=ctx.device, dp_rank=ctx.parallel.dp_rank, dp=dp)
 
 
-def check_vocabulary(cfg) -> None:
+def check_vocabulary(cfg) -> PretrainedTokenizer | None:
     """A model's own tokenizer (data.tokenizer: a tokenizer.json or a model folder) is known
-    before any data is read: a model with fewer embedding rows than it has tokens stops here."""
+    before any data is read: a model with fewer embedding rows than it has tokens stops here.
+    Returns the tokenizer it loaded (None when there was nothing to check), for prepare to use."""
     if not (is_pretrained(cfg.data.tokenizer) and cfg.model.vocab_size):
-        return
+        return None
     try:
-        n = PretrainedTokenizer.load(cfg.data.tokenizer).vocab_size
+        tok = PretrainedTokenizer.load(cfg.data.tokenizer)
     except DataError as e:
         raise ConfigError(str(e)) from None
+    n = tok.vocab_size
     if cfg.model.vocab_size < n:
         raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the vocabulary of "
                           f"data.tokenizer={cfg.data.tokenizer!r} ({n} tokens): its ids would index past the "
                           "embedding. Use the model that tokenizer belongs to, or model.vocab_size=0 to take it.")
+    return tok
 
 
 def attention_core_dtype(ctx: RuntimeContext) -> torch.dtype | None:
