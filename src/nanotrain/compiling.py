@@ -178,7 +178,10 @@ def warm_up(model: nn.Module, shape: tuple[int, ...], dtype: torch.dtype, device
     run trains as if no warm-up had happened. Every rank of a world warms up the same blocks in
     the same order, so the collectives inside them pair up."""
     start = time.perf_counter()
-    rope = (model.rope_cos, model.rope_sin) if getattr(model, "rope_cos", None) is not None else None
+    # The blocks' second input as training builds it: packed documents give per-token RoPE rows
+    # and a mask, which compile differently from the plain tables (documents.py).
+    seq = shape[1] * (model.tp.size if model.sequence_parallel else 1)
+    pos, _ = model.positions(torch.zeros(shape[0], seq, dtype=torch.long, device=device))
     gen = torch.Generator(device=device).manual_seed(0)
     restore_state = snapshot() if snapshot is not None else (lambda: None)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
@@ -187,7 +190,7 @@ def warm_up(model: nn.Module, shape: tuple[int, ...], dtype: torch.dtype, device
             x = torch.randn(shape, generator=gen, device=device).to(dtype).requires_grad_()
             try:
                 with autocast():
-                    y = block(x, rope)
+                    y = block(x, pos)
                 torch.autograd.grad(y.float().square().sum(), x)
             except Exception as e:
                 raise CompileError(f"train.compile: layers.{name} failed to compile ({first_line(e)}); set "

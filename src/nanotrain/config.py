@@ -461,6 +461,9 @@ class DataConfig:
     # A mixture, instead of data.path: ["corpus_a.jsonl:0.7", "shards/:0.3"] draws each sequence
     # from a corpus picked by weight, deterministically in (seed, step); one tokenizer for all.
     sources: list[str] = field(default_factory=list)
+    # Attention stays within each document of a packed window, and positions restart after each
+    # EOS (models/documents.py). Needs a tokenizer with an EOS token: a model's own.
+    document_mask: bool = False
 
     def mixture(self) -> list[tuple[str, float]]:
         """data.sources as (path, weight) pairs, the weights summing to 1."""
@@ -492,6 +495,11 @@ class DataConfig:
             (self.tokenizer != "bpe" or 256 < self.vocab_size <= 2**32 - 1,
              f"data.vocab_size={self.vocab_size} is too small for byte-level BPE: it needs more than 256 "
              "(the byte alphabet); 2048 to 32768 are usual."),
+            (not self.document_mask or self.tokenizer not in ("char", "bpe"),
+             f"data.document_mask=true needs a tokenizer with an end-of-text token to find the documents, and "
+             f"data.tokenizer={self.tokenizer!r} joins them with a newline, which also occurs inside them: use a "
+             "model's own tokenizer (data.tokenizer=path/to/tokenizer.json or a model folder), or "
+             "data.document_mask=false."),
         ])
 
 

@@ -156,10 +156,11 @@ class Recompute:
             return False
         return self.mode == "selective" or not self.layers or position < self.layers
 
-    def run(self, block: nn.Module, position: int, x: torch.Tensor, rope) -> torch.Tensor:
-        """block(x, rope), recomputed in backward when this mode covers it (training with grad only)."""
+    def run(self, block: nn.Module, position: int, x: torch.Tensor, pos) -> torch.Tensor:
+        """block(x, pos), recomputed in backward when this mode covers it (training with grad only);
+        pos: models.documents.Positions."""
         if not (self.covers(position) and block.training and torch.is_grad_enabled()):
-            return block(x, rope)
+            return block(x, pos)
         region = Region()
 
         def contexts():
@@ -168,7 +169,7 @@ class Recompute:
                 keep, redo = create_selective_checkpoint_contexts(_selective_policy(region))
                 return _both(first, keep), _both(again, redo)
             return first, again
-        return checkpoint(block, x, rope, use_reentrant=False, preserve_rng_state=True, context_fn=contexts)
+        return checkpoint(block, x, pos, use_reentrant=False, preserve_rng_state=True, context_fn=contexts)
 
 
 @contextlib.contextmanager

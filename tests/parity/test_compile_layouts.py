@@ -117,3 +117,11 @@ def test_compiled_low_bit_recipe_matches_eager(tmp_path):
     compiled = RuntimeEngine(tp_config(tmp_path / "compiled", *common, COMPILE)).run()
     for step in range(1, 7):
         assert compiled.losses[step] == pytest.approx(eager.losses[step], rel=1e-6, abs=0), step
+
+
+def test_compiled_document_mask_tp2_sp_matches_compiled_one_process(tmp_path):
+    """Packed documents: the compiled blocks take per-token RoPE rows and the additive mask
+    (models/documents.py), which the start-up warm-up compiles at their training shapes."""
+    from test_documents_layouts import config as documents_config  # noqa: E402
+
+    check_layout(documents_config(tmp_path, *LEAN), "tp=2,sp", TOL)

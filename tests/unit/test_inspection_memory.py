@@ -27,10 +27,11 @@ CASES = {
 }
 
 
-def saved_bytes(m: ModelConfig, recipe: str) -> int:
+def saved_bytes(m: ModelConfig, recipe: str, document_eos: int | None = None) -> int:
     torch.manual_seed(0)
     model = build_model(m)
     model.init_weights(0)
+    model.document_eos = document_eos
     if recipe == "bf16":  # as the runtime sets it on CPU (precision.attention=auto)
         for module in model.modules():
             if hasattr(module, "core_dtype"):
@@ -54,6 +55,25 @@ def test_activation_formula_equals_the_saved_tensors(case, recipe):
                                 list(range(LAYERS)), True, True, device="cpu")
     # Exact for these (every expert receives tokens: its weight copy is counted under autocast).
     assert sum(estimate.values()) == pytest.approx(measured, rel=0.01), estimate
+
+
+@pytest.mark.parametrize("recipe", ["fp32", "bf16"])
+@pytest.mark.parametrize("case", ["llama", "gpt2", "deepseek", "deepseek_mtp"])
+def test_document_mask_formula_equals_the_saved_tensors(case, recipe):
+    """data.document_mask: one additive mask per forward, shared by the layers, and RoPE rows (or
+    learned-embedding rows) gathered per token (models/documents.py). Token 5 ends documents:
+    about one token in 96 (random ids), so most windows hold several. What the mask adds is ~1%
+    of the whole, so it is the difference that is compared."""
+    m = ModelConfig(vocab_size=96, d_model=64, n_layers=LAYERS, n_heads=4, max_seq_len=T, **CASES[case])
+
+    def estimate(documents: bool) -> int:
+        return sum(activation_bytes(m, Plan(Layout(micro=B), seq_len=T, document_mask=documents),
+                                    PrecisionConfig(recipe=recipe), list(range(LAYERS)), True, True,
+                                    device="cpu").values())
+
+    added = saved_bytes(m, recipe, document_eos=5) - saved_bytes(m, recipe)
+    assert added > 0
+    assert estimate(True) - estimate(False) == pytest.approx(added, rel=0.01)
 
 
 def live_bytes(m: ModelConfig, recipe: str, mode: str) -> int:

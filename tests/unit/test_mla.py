@@ -12,6 +12,7 @@ from transformers.models.deepseek_v3.modeling_deepseek_v3 import (  # noqa: E402
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding  # noqa: E402
 
 from nanotrain.models.mla import MLAttention  # noqa: E402
+from nanotrain.models.documents import Positions  # noqa: E402
 from nanotrain.models.rope import deinterleave, rope_cache, rotary_tables, yarn_mscale  # noqa: E402
 
 D, H, KV_RANK, NOPE, ROPE, V, MAX_POS, T = 64, 4, 16, 8, 4, 8, 64, 32
@@ -86,7 +87,7 @@ def test_matches_hf_deepseek_v3_attention(q_lora_rank, rope_parameters, hf_inter
     x_hf, x_ours = x.clone().requires_grad_(), x.clone().requires_grad_()
     position_embeddings = DeepseekV3RotaryEmbedding(cfg)(x, torch.arange(T)[None])
     want = hf(x_hf, position_embeddings, causal_mask(T))[0]
-    got = ours(x_ours, rotary_tables(ROPE, MAX_POS, THETA, our_scaling(rope_parameters)))
+    got = ours(x_ours, Positions(rotary_tables(ROPE, MAX_POS, THETA, our_scaling(rope_parameters))))
     assert (got - want).abs().max().item() <= 1e-5
     want.square().sum().backward()
     got.square().sum().backward()
@@ -97,7 +98,7 @@ def test_causal_masking():
     """Changing token t never changes an output at a position before t."""
     _, hf = hf_attention(32, YARN, True, seed=3)
     ours = ours_from_hf(hf, 32, YARN, True)
-    rope = rotary_tables(ROPE, MAX_POS, THETA, our_scaling(YARN))
+    rope = Positions(rotary_tables(ROPE, MAX_POS, THETA, our_scaling(YARN)))
     x = torch.randn(2, T, D, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         base = ours(x, rope)
@@ -113,7 +114,7 @@ def test_core_dtype_under_autocast():
     """bf16 projections with an fp32 RoPE + attention core stay close to all-fp32."""
     _, hf = hf_attention(32, YARN, True, seed=4)
     ours = ours_from_hf(hf, 32, YARN, True)
-    rope = rotary_tables(ROPE, MAX_POS, THETA, our_scaling(YARN))
+    rope = Positions(rotary_tables(ROPE, MAX_POS, THETA, our_scaling(YARN)))
     x = torch.randn(2, T, D, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         ref = ours(x, rope)

@@ -24,10 +24,10 @@ def batch(seed=0):
 def trunk(model, x):
     """The main model's last hidden states, before its final norm, by hand."""
     h = model.tok_emb(x)
-    rope = (model.rope_cos, model.rope_sin)
+    pos, _ = model.positions(x)
     for layer in model.layers.values():
-        h = layer(h, rope)
-    return h, rope
+        h = layer(h, pos)
+    return h, pos
 
 
 def reference_losses(model, x, y, last_token=0):

@@ -55,6 +55,7 @@ class Plan:
     pp_partition: str = "layers"
     recompute: str = "none"  # train.recompute (recompute.py): none | selective | full
     recompute_layers: int = 0  # the first N blocks of each stage (0: all)
+    document_mask: bool = False  # data.document_mask (models/documents.py)
 
     def recomputes(self, position: int, n_layers: int, mode: str | None = None) -> bool:
         """Whether the block at `position` of a stage of `n_layers` blocks (in pp_virtual_stages
@@ -70,7 +71,8 @@ class Plan:
         layout = replace(Layout.from_config(cfg), micro=t.micro_batch(p.dp))
         return cls(layout, seq_len=t.seq_len, micro_batches=max(1, t.grad_accum_steps(p.dp)),
                    pp_schedule=p.pp_schedule, pp_virtual_stages=p.pp_virtual_stages, pp_partition=p.pp_partition,
-                   recompute=t.recompute, recompute_layers=t.recompute_layers)
+                   recompute=t.recompute, recompute_layers=t.recompute_layers,
+                   document_mask=cfg.data.document_mask)
 
     # The layout's fields, by the names the formulas below use.
     tp = property(lambda self: self.layout.tp)
@@ -192,6 +194,7 @@ class Widths:
     r: int  # bytes per element of the residual stream (the parameter dtype)
     a: int  # bytes per element in the attention core (precision.attention: fp32 on CPU under bf16)
     weights_cast: bool = False  # weights stored wider than c, activations already in c (DeepSeek's MTP block)
+    documents: bool = False  # data.document_mask: RoPE rows per token, not per position (models/documents.py)
 
     @property
     def autocast(self) -> bool:
@@ -221,8 +224,24 @@ def _norm(w: Widths, n: int, d: int, kind: str) -> int:
 
 
 def _rope(w: Widths, dim: int) -> int:
-    """cos and sin [T, dim], cast to the compute dtype (a view of the tables in fp32)."""
-    return 2 * w.seq * dim * w.c if w.autocast else 0
+    """cos and sin [T, dim], cast to the compute dtype (a view of the tables in fp32); with packed
+    documents one row per token [B, T, dim], cast by each layer (in fp32: documents_bytes)."""
+    return 2 * (w.n if w.documents else w.seq) * dim * w.c if w.autocast else 0
+
+
+def documents_bytes(m: ModelConfig, w: Widths, first: bool, math_path: bool) -> int:
+    """data.document_mask, once per micro-batch (models/documents.py): the additive [B, T, T] mask
+    in the attention's dtype, which every layer hands SDPA (so a fused kernel saves it once; the
+    math path adds it to the scores and keeps nothing of it); the per-token RoPE rows in fp32
+    where the layers use them uncast (a 16-bit attention casts them per layer: _rope); on the
+    first stage, learned position embeddings' row index per token."""
+    total = 0 if math_path else w.batch * w.seq * w.seq * w.a
+    dim = m.qk_rope_head_dim if m.arch == "deepseek" else m.d_model // m.n_heads
+    if (m.arch == "deepseek" or m.pos_emb == "rope") and not (w.autocast and w.a == w.c):
+        total += 2 * w.n * dim * 4
+    if m.pos_emb == "learned" and m.arch != "deepseek" and first:
+        total += w.n * 8
+    return total
 
 
 def _flash(w: Widths, h: int, h_kv: int, d_qk: int, d_v: int) -> int:
@@ -384,7 +403,8 @@ def _widths(m: ModelConfig, plan: Plan, precision, device: str) -> tuple[Widths,
     r = BYTES[precision.param_dtype]
     n = plan.micro_batch_size * plan.seq_len
     w = Widths(n=n, ns=n // plan.tp if plan.sp else n, batch=plan.micro_batch_size, seq=plan.seq_len,
-               tp=plan.tp, ep=plan.ep, c=min(c, r), r=r, a=attention_bytes_per_element(precision, device))
+               tp=plan.tp, ep=plan.ep, c=min(c, r), r=r, a=attention_bytes_per_element(precision, device),
+               documents=plan.document_mask)
     math_path = device == "cpu" and m.arch == "deepseek" and \
         m.qk_nope_head_dim + m.qk_rope_head_dim != m.v_head_dim
     return w, math_path
@@ -400,6 +420,8 @@ def activation_bytes(m: ModelConfig, plan: Plan, precision, layers: list[int], f
             out[kind] = out.get(kind, 0) + b
     for kind, b in ends_bytes(m, w, first, last, math_path).items():
         out[kind] = out.get(kind, 0) + b
+    if plan.document_mask and layers:
+        out["document_mask"] = documents_bytes(m, w, first, math_path)
     return out
 
 
@@ -482,6 +504,8 @@ def recomputed_activations(m: ModelConfig, plan: Plan, precision, layers: list[i
         # backward of block i: the blocks before it still keep theirs (its own: rebuilt whole)
         rebuilt = max(rebuilt, sum(kept[pos - pos % chunk:pos]) + whole)
     per_mb = sum(kept) + sum(ends_bytes(m, w, first, last, math_path).values())
+    if plan.document_mask and layers:  # the mask and rows are inputs of every block: kept, not rebuilt
+        per_mb += documents_bytes(m, w, first, math_path)
     per_chunk, casts = per_mb // v, casts // v
     return (flight - 1) * per_chunk + max(per_chunk + casts, rebuilt)
 

@@ -22,6 +22,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..parallel.tensor_parallel import TensorParallel, column_linear, row_linear
+from .documents import Positions
 from .rope import apply_rope, rope_tables
 
 
@@ -47,7 +48,7 @@ class Attention(nn.Module):
         # residual stream's variance stays O(1) after 2*n_layers additions.
         self.wo = row_linear(self.n_heads * self.head_dim, cfg.d_model, cfg.bias, std / math.sqrt(2 * cfg.n_layers), tp)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, pos: Positions) -> torch.Tensor:
         # Head counts come from the projection widths, so a projection that holds
         # only some heads (tensor parallel) gives a block that computes only those;
         # T comes from q, as with sequence parallelism x holds only T/tp positions.
@@ -59,8 +60,8 @@ class Attention(nn.Module):
         out_dtype = v.dtype
         if self.core_dtype is not None:
             q, k, v = q.to(self.core_dtype), k.to(self.core_dtype), v.to(self.core_dtype)
-        if rope is not None:
-            cos, sin = rope_tables(rope, T, q.dtype)
+        if pos.rope is not None:
+            cos, sin = rope_tables(pos.rope, T, q.dtype)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.probe is not None:  # monitoring (monitoring/internals.py) on a logging step
             self.probe(self, q, k, self.head_dim ** -0.5)
@@ -68,7 +69,8 @@ class Attention(nn.Module):
         no_autocast = torch.autocast(x.device.type, enabled=False)
         with no_autocast if self.core_dtype is not None else contextlib.nullcontext():
             y = F.scaled_dot_product_attention(
-                q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0,
+                q, k, v, attn_mask=pos.attention_mask(q.dtype), is_causal=pos.mask is None,
+                dropout_p=self.dropout if self.training else 0.0,
                 enable_gqa=q.shape[1] != k.shape[1],
             )
         return self.wo(y.to(out_dtype).transpose(1, 2).reshape(B, T, -1))

@@ -22,6 +22,7 @@ from ..layers import RMSNorm
 from ..parallel.expert_parallel import ExpertParallel
 from ..parallel.tensor_parallel import TensorParallel
 from ..recompute import recomputing
+from .documents import Positions
 from .mla import MLAttention
 from .mlp import GatedMLP
 from .moe import ExpertParallelMoE, LocalRoutedMoE
@@ -61,8 +62,8 @@ class DeepSeekBlock(nn.Module):
         self.mlp = make_moe(cfg, ep) if self.is_moe else GatedMLP(cfg, tp)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, rope) -> torch.Tensor:
-        x = x + self.dropout(self.attn(self.attn_norm(x), rope))
+    def forward(self, x: torch.Tensor, pos: Positions) -> torch.Tensor:
+        x = x + self.dropout(self.attn(self.attn_norm(x), pos))
         x = x + self.dropout(self.mlp(self.mlp_norm(x)))
         if self.training and self.is_moe and not recomputing():  # a recomputed forward counts once
             # Tokens per expert summed over the step's micro-batches, for the bias update
@@ -158,24 +159,24 @@ class DeepSeekModel(TransformerModel):
             metrics[f"moe/layer{name}/expert_bias"] = bias.tolist()
         return metrics
 
-    def forward(self, input_ids, targets=None, loss_denominator=None, chunk: int = 0):
+    def forward(self, input_ids, targets=None, loss_denominator=None, chunk: int = 0, tokens=None):
         use_mtp = self.mtp is not None and self.training and targets is not None
         if not use_mtp:
-            out = super().forward(input_ids, targets, loss_denominator, chunk)
+            out = super().forward(input_ids, targets, loss_denominator, chunk, tokens)
         else:
             # MTP starts from the last hidden states before the final norm: run the trunk
             # with TransformerModel's own pieces and keep them.
             from .mtp import mtp_targets
             from .transformer import count_targets, token_loss_sum
 
-            x = self.embed(input_ids)
-            rope = self.rope_tables()
+            pos, index = self.positions(input_ids)
+            x = self.embed(input_ids, index)
             for position, layer in enumerate(self.layers.values()):
-                x = self.recompute.run(layer, position, x, rope)
+                x = self.recompute.run(layer, position, x, pos)
             out = self.output(x, targets, loss_denominator)
             denom = loss_denominator if loss_denominator is not None else count_targets(targets)
             # Same denominator as the main loss (DESIGN, invariant 3), weighted lambda / depth.
-            mtp_logits = self.mtp(x, input_ids, self.tok_emb, self.head, rope)
+            mtp_logits = self.mtp(x, input_ids, self.tok_emb, self.head, pos)
             out = out + self.mtp.loss_weight * token_loss_sum(mtp_logits, mtp_targets(targets), self.tp) / denom
         ran = self.moe_layers(with_mtp=use_mtp)  # the MTP block runs only in training with targets
         if targets is None or (self.stage is not None and not self.stage.is_last_chunk(chunk)):

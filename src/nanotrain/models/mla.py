@@ -55,6 +55,7 @@ from ..layers import Linear, RMSNorm
 from ..parallel.collectives import copy_to_region, gather_seq
 from ..parallel.tensor_parallel import TensorParallel, column_linear, row_linear
 from ..recompute import mark_up_projection
+from .documents import Positions
 from .rope import apply_rope, deinterleave, rope_tables, yarn_mscale
 
 
@@ -95,7 +96,7 @@ class MLAttention(nn.Module):
         if rope_scaling is not None and rope_scaling.get("mscale_all_dim"):
             self.softmax_scale *= yarn_mscale(rope_scaling["factor"], rope_scaling["mscale_all_dim"]) ** 2
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, pos: Positions) -> torch.Tensor:
         # Head counts come from the projection widths (tensor parallel: this rank's heads);
         # T comes from q, as with sequence parallelism x holds only T/tp positions.
         q = self.wq(x) if self.q_lora_rank == 0 else self.wq_b(self.q_norm(self.wq_a(x)))
@@ -111,7 +112,7 @@ class MLAttention(nn.Module):
             q_nope, q_pe, k_nope, k_pe, v = (t.to(self.core_dtype) for t in (q_nope, q_pe, k_nope, k_pe, v))
         if self.rope_interleaved:
             q_pe, k_pe = deinterleave(q_pe), deinterleave(k_pe)
-        cos, sin = rope_tables(rope, T, q_pe.dtype)
+        cos, sin = rope_tables(pos.rope, T, q_pe.dtype)
         q = torch.cat([q_nope, apply_rope(q_pe, cos, sin)], dim=-1)
         k = torch.cat([k_nope, apply_rope(k_pe, cos, sin).expand(-1, k_nope.shape[1], -1, -1)], dim=-1)
         if self.probe is not None:  # monitoring (monitoring/internals.py) on a logging step
@@ -121,7 +122,8 @@ class MLAttention(nn.Module):
         with no_autocast if self.core_dtype is not None else contextlib.nullcontext():
             # v's head dim may differ from q/k's: CPU kernels take it; on CUDA the flash kernel
             # refuses it and SDPA picks memory-efficient or cuDNN attention instead (no padding).
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale,
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=pos.attention_mask(q.dtype),
+                                               is_causal=pos.mask is None, scale=self.softmax_scale,
                                                dropout_p=self.dropout if self.training else 0.0)
         return self.wo(y.to(out_dtype).transpose(1, 2).reshape(B, T, -1))
 

@@ -53,15 +53,16 @@ class MTPModule(nn.Module):
         self.loss_weight = cfg.mtp_loss_weight / cfg.mtp_depth  # lambda / D
 
     def forward(self, hidden: torch.Tensor, input_ids: torch.Tensor, embed: nn.Module, head: nn.Module,
-                rope) -> torch.Tensor:
+                pos) -> torch.Tensor:
         """Logits [B, T-1, V (/tp)] for t_{i+2} at positions i = 0..T-2.
 
         hidden: the main model's last hidden states [B, T, d], before its final norm;
-        input_ids: [B, T]; t_{i+1} at position i is input_ids[:, i+1]."""
+        input_ids: [B, T]; t_{i+1} at position i is input_ids[:, i+1]; pos: the main model's
+        Positions (documents.py), of which the block takes the first T-1."""
         h = self.hidden_norm(hidden[:, :-1])
         e = self.emb_norm(embed(input_ids[:, 1:]))
         x = self.proj(torch.cat([h, e], dim=-1))
-        x = self.block(x, rope)
+        x = self.block(x, pos.head(x.shape[1]))  # the main model's positions 0..T-2
         return head(self.norm(x))
 
 

@@ -103,12 +103,17 @@ def rotary_tables(head_dim: int, max_seq_len: int, theta: float = 10000.0,
 
 def rope_tables(rope: tuple[torch.Tensor, torch.Tensor], seq_len: int,
                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first seq_len rows of rotary_tables' (cos, signed sin), in dtype."""
+    """The first seq_len rows of rotary_tables' (cos, signed sin), in dtype; tables already
+    gathered per token ([B, 1, T, d]: positions that restart in each document, documents.py)
+    as they are."""
+    if rope[0].dim() == 4:
+        return rope[0].to(dtype), rope[1].to(dtype)
     return rope[0][:seq_len].to(dtype), rope[1][:seq_len].to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
-    """x [batch, heads, seq, head_dim]; cos/signed_sin [seq, head_dim] from rope_tables.
+    """x [batch, heads, seq, head_dim]; cos/signed_sin [seq, head_dim] (or [batch, 1, seq, head_dim])
+    from rope_tables.
 
     The textbook form is x * cos + rotate_half(x) * sin, with rotate_half(x) = [-x2, x1]: the
     halves swapped (a roll by head_dim/2) with the first negated, and the sign can ride on

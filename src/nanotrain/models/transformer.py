@@ -22,6 +22,7 @@ from ..parallel.pipeline.stage import Stage
 from ..parallel.tensor_parallel import TensorParallel, vocab_embedding, vocab_head, vocab_parallel_cross_entropy
 from ..recompute import NONE, Recompute
 from .attention import Attention
+from .documents import Positions, packed_positions
 from .mlp import make_mlp
 from .rope import rotary_tables
 
@@ -37,8 +38,8 @@ class Block(nn.Module):
         self.mlp = make_mlp(cfg, tp)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, rope) -> torch.Tensor:
-        x = x + self.dropout(self.attn(self.attn_norm(x), rope))
+    def forward(self, x: torch.Tensor, pos: Positions) -> torch.Tensor:
+        x = x + self.dropout(self.attn(self.attn_norm(x), pos))
         return x + self.dropout(self.mlp(self.mlp_norm(x)))
 
 
@@ -48,6 +49,7 @@ class TransformerModel(nn.Module):
 
     stage: Stage | None = None  # set by keep_stage on a pipeline rank; None: the whole model
     recompute: Recompute = NONE  # train.recompute (recompute.py): set by the runtime
+    document_eos: int | None = None  # data.document_mask: the id that ends each document (documents.py)
 
     def __init__(self, cfg: ModelConfig, tp: TensorParallel | None = None, ep: ExpertParallel | None = None):
         super().__init__()
@@ -98,7 +100,8 @@ class TransformerModel(nn.Module):
         init_parameters(self, seed)
 
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None,
-                loss_denominator: float | torch.Tensor | None = None, chunk: int = 0) -> torch.Tensor:
+                loss_denominator: float | torch.Tensor | None = None, chunk: int = 0,
+                tokens: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [batch, seq, vocab]; or, given targets, the loss.
 
         The loss is sum(token cross-entropy) / loss_denominator. Training passes the
@@ -109,15 +112,27 @@ class TransformerModel(nn.Module):
 
         On a pipeline stage (keep_stage) it runs this rank's chunk `chunk`: its input is
         input_ids for the first chunk of the model, else the previous chunk's hidden states;
-        every chunk but the model's last returns hidden states.
+        every chunk but the model's last returns hidden states. `tokens`: the micro-batch's token
+        ids, which a later chunk needs where documents are masked (document_eos).
         """
-        x = self.embed(input_ids) if self.stage is None or self.stage.is_first_chunk(chunk) else input_ids
-        rope = self.rope_tables()
+        first = self.stage is None or self.stage.is_first_chunk(chunk)
+        pos, index = self.positions(input_ids if first else tokens)
+        x = self.embed(input_ids, index) if first else input_ids
         for position, layer in enumerate(self.chunk_layers(chunk)):
-            x = self.recompute.run(layer, position, x, rope)
+            x = self.recompute.run(layer, position, x, pos)
         if self.stage is not None and not self.stage.is_last_chunk(chunk):
             return x  # hidden states, for the next pipeline chunk
         return self.output(x, targets, loss_denominator)
+
+    def positions(self, tokens: torch.Tensor | None) -> tuple[Positions, torch.Tensor | None]:
+        """What every block's attention needs (documents.py), and each token's position for the
+        learned embedding (None: 0..T-1). Packed documents restart both at each EOS."""
+        rope = (self.rope_cos, self.rope_sin) if self.rope_cos is not None else None
+        if self.document_eos is None:
+            return Positions(rope), None
+        if tokens is None:
+            raise ValueError("document_eos is set: forward needs the micro-batch's token ids (tokens=)")
+        return packed_positions(tokens, self.document_eos, rope)
 
     # -- pipeline parallelism: this rank's stage of the model (parallel/pipeline/stage.py) --
 
@@ -146,21 +161,19 @@ class TransformerModel(nn.Module):
     # The pieces of forward, shared by subclasses that need the hidden states
     # (DeepSeekModel's multi-token prediction).
 
-    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Token (and learned position) embeddings; under sequence parallelism this rank's T/tp positions."""
+    def embed(self, input_ids: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
+        """Token (and learned position) embeddings; under sequence parallelism this rank's T/tp
+        positions. index: each token's position [B, T] (packed documents); None: 0..T-1."""
         T = input_ids.shape[1]
         if T > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {T} tokens exceeds model.max_seq_len={self.cfg.max_seq_len}")
         x = self.tok_emb(input_ids)
         if self.pos_emb is not None:
-            pos = self.pos_emb.weight[:T]
+            pos = self.pos_emb.weight[:T] if index is None else self.pos_emb.weight[index]
             if self.sequence_parallel:  # our rows only; the gradient sync sums the shards' parts
-                pos = pos.chunk(self.tp.size)[self.tp.rank]
+                pos = pos.chunk(self.tp.size, dim=-2)[self.tp.rank]
             x = x + pos
         return self.dropout(x)
-
-    def rope_tables(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        return (self.rope_cos, self.rope_sin) if self.rope_cos is not None else None
 
     def output(self, x: torch.Tensor, targets: torch.Tensor | None = None,
                loss_denominator: float | torch.Tensor | None = None) -> torch.Tensor:

@@ -152,6 +152,14 @@ class TokenDataProvider:
                 log(f"data.sources: {path}: weight {w:.3f}, {p.n_train_tokens:,} train tokens, "
                     f"{seen / p.n_train_tokens:.2f} epochs in {t.max_steps} steps")
 
+        if cfg.data.document_mask:
+            eos = tokenizer.eos_id if isinstance(tokenizer, PretrainedTokenizer) else None
+            if eos is None:
+                raise DataError(f"data.document_mask=true: the tokenizer of data.tokenizer={cfg.data.tokenizer!r} "
+                                "names no EOS token, so the documents cannot be found: name one in its "
+                                "tokenizer_config.json (\"eos_token\"), or set data.document_mask=false.")
+            ctx.document_eos = eos
+
         def sampler(split: str, stream: int = 0):
             if len(parts) == 1:
                 return BatchSampler(parts[0][0].tokens(split), t.seq_len, t.batch_size, t.seed, stream)
@@ -217,6 +225,7 @@ class TransformerProvider:
             if isinstance(module, Attention):
                 module.core_dtype = core
         model.recompute = Recompute(ctx.cfg.train.recompute, ctx.cfg.train.recompute_layers)  # recompute.py
+        model.document_eos = ctx.document_eos  # data.document_mask (models/documents.py)
         model.gemm_policy = apply_policy(model, ctx.cfg.precision)  # which recipe each GEMM runs in
         model = model.to(ctx.device)
         try:  # persistent fp8/NF4 weights; the optimizer moves the values into them

@@ -52,6 +52,9 @@ class RuntimeContext:
     parallel: ParallelState = field(default_factory=ParallelState)
     machine: Machine | None = None  # the device, cores, threads and matmul rates (runtime/machine.py)
     startup_lines: list[str] = field(default_factory=list)  # what the bootstrap decided, for rank 0's log
+    # data.document_mask: the token that ends each document, set by the data provider for the
+    # model's attention (models/documents.py); None: attention spans the whole window
+    document_eos: int | None = None
 
     @property
     def is_main(self) -> bool:

@@ -131,7 +131,9 @@ class PipelineRunner:
             x.requires_grad_()  # a leaf: after backward, x.grad is what the previous rank needs
         start = time.perf_counter()
         with self.autocast():
-            y = self.model(x, micro_batches[a.mb][1] if last else None, denom if last else None, chunk=a.chunk)
+            # Every chunk gets the micro-batch's token ids: packed documents' masks come from them.
+            y = self.model(x, micro_batches[a.mb][1] if last else None, denom if last else None, chunk=a.chunk,
+                           tokens=micro_batches[a.mb][0])
         self._event("F", a, start)
         return x, y
 
