@@ -1,6 +1,6 @@
 """`nanotrain prepare` on a large jsonl corpus against `tokenizers`' own encode_batch, same text, same cores.
 
-    python bench/prepare.py [--gb 2] [--dir /tmp/nanotrain-prepare-bench] [--keep]
+    python bench/prepare.py [--gb 2] [--workers 0,2] [--shard-tokens 0] [--dir /tmp/nanotrain-prepare-bench] [--keep]
 
 Generates a jsonl corpus of --gb gigabytes (documents of 200-4000 characters cut from tiny
 Shakespeare, shuffled words, so the vocabulary is realistic and nothing is downloaded), and a
@@ -8,20 +8,24 @@ byte-level BPE tokenizer.json of 8192 tokens trained on a sample of it. Then, ea
 process (so each peak RSS is its own):
 
   ours     nanotrain's prepare_data with data.tokenizer=<that tokenizer.json>: streams the
-           file, tokenizes in ~1 MB batches, writes train.bin/val.bin
+           file, tokenizes in ~1 MB batches, writes train.bin/val.bin (or shards of
+           --shard-tokens); once per --workers count (data.prepare_workers; 0: in this process,
+           HF tokenizers' own threads)
   peer     tokenizers.Tokenizer.encode_batch over the same documents, read with json.loads in
            batches of the same size, the ids kept as numpy arrays (nothing written): the library's
            own speed on this text with the same cores; and encode_batch_fast, the same without
            computing character offsets, which is what prepare calls
 
 Prints MB/s of each (corpus bytes / wall seconds), the ratio (ours / peer, goal >= 1.0), peak RSS
-(goal under 1 GB) and that both produced the same number of tokens.
+(goal under 1 GB): the process's own, and the proportional set size of it and every forkserver
+process (the workers), sampled every 0.2 s; and that both produced the same number of tokens.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import resource
 import shutil
@@ -68,12 +72,14 @@ def train_tokenizer(corpus: Path, out: Path) -> None:
     tok.save(str(out))
 
 
-def run_ours(corpus: Path, tokenizer: Path, work: Path) -> dict:
+def run_ours(corpus: Path, tokenizer: Path, work: Path, workers: int, shard_tokens: int) -> dict:
     from nanotrain.config import DataConfig
     from nanotrain.data import prepare_data
 
     t0 = time.perf_counter()
-    pd = prepare_data(DataConfig(path=str(corpus), tokenizer=str(tokenizer), prepared_dir=str(work / "ours")),
+    shutil.rmtree(work / "ours", ignore_errors=True)
+    pd = prepare_data(DataConfig(path=str(corpus), tokenizer=str(tokenizer), prepared_dir=str(work / "ours"),
+                                 prepare_workers=workers, shard_tokens=shard_tokens),
                       1024, log=lambda s: print(s, file=sys.stderr, flush=True))
     return {"seconds": time.perf_counter() - t0, "tokens": pd.n_train_tokens + pd.n_val_tokens}
 
@@ -102,12 +108,42 @@ def run_peer(corpus: Path, tokenizer: Path, work: Path, fast: bool = False) -> d
     return {"seconds": time.perf_counter() - t0, "tokens": tokens}
 
 
-def one(who: str, corpus: Path, tokenizer: Path, work: Path) -> None:
-    if who == "ours":
-        r = run_ours(corpus, tokenizer, work)
+def _pss() -> int:
+    """Proportional set size (shared pages split between their users) of this process and of every
+    forkserver process (the workers are forked from one, not from us): the memory they use in all."""
+    total = 0
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            if d.name != str(os.getpid()) and b"forkserver" not in (d / "cmdline").read_bytes():
+                continue
+            for line in (d / "smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    total += int(line.split()[1]) * 1024
+        except OSError:
+            continue
+    return total
+
+
+def one(who: str, corpus: Path, tokenizer: Path, work: Path, shard_tokens: int) -> None:
+    import threading
+
+    peak, done = [0], threading.Event()
+
+    def sample():  # every 0.2 s, the whole footprint (ru_maxrss cannot see forkserver children)
+        while not done.wait(0.2):
+            peak[0] = max(peak[0], _pss())
+    watcher = threading.Thread(target=sample, daemon=True)
+    watcher.start()
+    if who.startswith("ours"):
+        r = run_ours(corpus, tokenizer, work, int(who.split("_w")[1]), shard_tokens)
     else:
         r = run_peer(corpus, tokenizer, work, fast=who == "peer_fast")
+    done.set()
+    watcher.join()
     r["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    r["peak_pss"] = peak[0]
     print(json.dumps(r))
 
 
@@ -115,13 +151,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--gb", type=float, default=2.0)
     ap.add_argument("--dir", default="/tmp/nanotrain-prepare-bench")
+    ap.add_argument("--workers", default="0,2", help="data.prepare_workers counts to run, comma-separated")
+    ap.add_argument("--shard-tokens", type=int, default=0, help="data.shard_tokens (0: train.bin/val.bin)")
     ap.add_argument("--keep", action="store_true", help="keep the generated corpus for the next run")
-    ap.add_argument("--one", choices=["ours", "peer", "peer_fast"], help=argparse.SUPPRESS)
+    ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args()
     work = Path(args.dir)
     corpus, tokenizer = work / "corpus.jsonl", work / "tokenizer.json"
     if args.one:
-        one(args.one, corpus, tokenizer, work)
+        one(args.one, corpus, tokenizer, work, args.shard_tokens)
         return
     work.mkdir(parents=True, exist_ok=True)
     if not corpus.is_file() or abs(corpus.stat().st_size - args.gb * 2**30) > 0.05 * args.gb * 2**30:
@@ -130,26 +168,32 @@ def main() -> None:
         print(f"generated {corpus} ({corpus.stat().st_size / 2**30:.2f} GB) in {time.perf_counter() - t:.0f} s")
     if not tokenizer.is_file():
         train_tokenizer(corpus, tokenizer)
-    shutil.rmtree(work / "ours", ignore_errors=True)
     mb = corpus.stat().st_size / 2**20
+    counts = [int(w) for w in args.workers.split(",")]
+    ours = [f"ours_w{w}" for w in counts]
     results = {}
-    for who in ("peer", "peer_fast", "ours"):
-        out = subprocess.run([sys.executable, __file__, "--one", who, "--dir", str(work)], check=True,
+    for who in ("peer", "peer_fast", *ours):
+        out = subprocess.run([sys.executable, __file__, "--one", who, "--dir", str(work),
+                              "--shard-tokens", str(args.shard_tokens)], check=True,
                              stdout=subprocess.PIPE, text=True).stdout
         results[who] = json.loads(out.strip().splitlines()[-1])
-    print(f"\nprepare of {mb:,.0f} MB of jsonl, BPE 8192, 2 cores (same machine, one after the other):")
-    for who, label in (("peer", "tokenizers encode_batch (json.loads, 1 MB batches, ids kept)"),
-                       ("peer_fast", "tokenizers encode_batch_fast (the same, no character offsets)"),
-                       ("ours", "nanotrain prepare_data (streamed, written to train.bin/val.bin)")):
+    shutil.rmtree(work / "ours", ignore_errors=True)
+    print(f"\nprepare of {mb:,.0f} MB of jsonl, BPE 8192, {os.cpu_count()} cores (same machine, one after the other):")
+    labels = [("peer", "tokenizers encode_batch (json.loads, 1 MB batches, ids kept)"),
+              ("peer_fast", "tokenizers encode_batch_fast (the same, no character offsets)")]
+    files = f"shards of {args.shard_tokens:,} tokens" if args.shard_tokens else "train.bin/val.bin"
+    labels += [(f"ours_w{w}", f"nanotrain prepare_data, {w} workers ({files})") for w in counts]
+    for who, label in labels:
         r = results[who]
-        print(f"  {label:<66} {mb / r['seconds']:6.1f} MB/s  {r['seconds']:7.1f} s  peak RSS "
-              f"{r['peak_rss'] / 2**20:,.0f} MB  {r['tokens']:,} tokens")
-    ratio = results["peer"]["seconds"] / results["ours"]["seconds"]
-    fast = results["peer_fast"]["seconds"] / results["ours"]["seconds"]
-    print(f"throughput ours / encode_batch = {ratio:.2f} (goal >= 1.0), ours / encode_batch_fast = {fast:.2f} "
-          "(ours calls encode_batch_fast); ours peak RSS "
-          f"{results['ours']['peak_rss'] / 2**30:.2f} GB (goal < 1 GB); tokens "
-          f"{'equal' if results['ours']['tokens'] == results['peer']['tokens'] else 'DIFFER'}")
+        rss = f"peak RSS {r['peak_rss'] / 2**20:,.0f} MB, PSS in all {r['peak_pss'] / 2**20:,.0f} MB"
+        print(f"  {label:<66} {mb / r['seconds']:6.1f} MB/s  {r['seconds']:7.1f} s  {rss}  {r['tokens']:,} tokens")
+    for who in ours:
+        r = results[who]
+        whole = max(r["peak_rss"], r["peak_pss"])
+        print(f"{who}: throughput / encode_batch = {results['peer']['seconds'] / r['seconds']:.2f} (goal >= 1.0), "
+              f"/ encode_batch_fast = {results['peer_fast']['seconds'] / r['seconds']:.2f}; peak RSS "
+              f"{whole / 2**30:.2f} GB in all (goal < 1 GB); tokens "
+              f"{'equal' if r['tokens'] == results['peer']['tokens'] else 'DIFFER'}")
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -91,6 +91,8 @@ class ModelConfig:
     bias_update_rate: float = 0.001  # auxiliary-loss-free balancing; 0 turns it off
     aux_loss_coef: float = 0.0  # sequence-wise auxiliary loss; 0 turns it off
     moe_capacity_factor: float = 0.0  # 0: dropless; > 0: each expert takes at most factor x its fair share
+    # The local experts' GEMMs as one grouped computation (models/grouped.py); false: one per expert
+    moe_grouped_gemm: bool = True
     # -- arch = "deepseek": multi-token prediction (DeepSeek-V3 §2.2), training only -------
     mtp_depth: int = 0  # extra tokens predicted per position; 0 turns it off, only 1 is implemented
     mtp_loss_weight: float = 0.3  # lambda: the MTP loss is lambda / mtp_depth * its cross entropy
@@ -464,6 +466,10 @@ class DataConfig:
     # Attention stays within each document of a packed window, and positions restart after each
     # EOS (models/documents.py). Needs a tokenizer with an EOS token: a model's own.
     document_mask: bool = False
+    # prepare: worker processes that tokenize (0: this process; HF tokenizers then use a thread per
+    # core on their own), and tokens per token file (0: one train.bin and one val.bin)
+    prepare_workers: int = 0
+    shard_tokens: int = 0
 
     def mixture(self) -> list[tuple[str, float]]:
         """data.sources as (path, weight) pairs, the weights summing to 1."""
@@ -492,6 +498,10 @@ class DataConfig:
                                    "model folder."),
             (bool(self.text_field), "data.text_field is empty: name the field that holds the text (e.g. 'text')."),
             (0 < self.val_fraction < 1, f"data.val_fraction={self.val_fraction} must be in (0, 1)."),
+            (self.prepare_workers >= 0, f"data.prepare_workers={self.prepare_workers} must be >= 0 (0: tokenize "
+                                        "in this process)."),
+            (self.shard_tokens >= 0, f"data.shard_tokens={self.shard_tokens} must be >= 0 (0: one file per "
+                                     "split; e.g. 100000000 for shards of 100M tokens)."),
             (self.tokenizer != "bpe" or 256 < self.vocab_size <= 2**32 - 1,
              f"data.vocab_size={self.vocab_size} is too small for byte-level BPE: it needs more than 256 "
              "(the byte alphabet); 2048 to 32768 are usual."),

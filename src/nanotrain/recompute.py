@@ -106,10 +106,12 @@ def _inside(region: Region, replaying: bool):
 
 
 # Selective mode: the outputs of these ops are kept; everything else in the block is recomputed.
+# (_grouped_mm: the experts' GEMMs run grouped, models/grouped.py.)
 # (Not bmm: the projections are mm/addmm; a batched matmul in a block is attention's core run as
 # separate ops, the CPU math path for MLA's unequal head dims, whose T x T scores are exactly what
 # Korthikanti et al. recompute.)
-_MATMULS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten._scaled_mm.default}
+_MATMULS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten._scaled_mm.default,
+            *([torch.ops.aten._grouped_mm.default] if hasattr(torch.ops.aten, "_grouped_mm") else [])}
 _ATTENTION = {getattr(torch.ops.aten, name).default for name in (
     "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention",
     "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention")

@@ -34,18 +34,18 @@ import numpy as np
 
 from nanotrain.atomic import atomic_write
 from nanotrain.config import DataConfig
+from nanotrain.data.shards import ShardWriter, TokenShards
 from nanotrain.data.sources import SourceFile, documents, find_sources, fingerprint_files
 from nanotrain.data.tokenizer import (AnyTokenizer, DataError, PretrainedTokenizer, build_tokenizer, is_pretrained,
                                       load_tokenizer, text_chunks)
 
-FORMAT_VERSION = 2  # bump when the on-disk format changes: old preparations are then redone
+FORMAT_VERSION = 3  # bump when the on-disk format changes: old preparations are then redone
 
 
 @dataclass
 class PreparedData:
     dir: Path
-    train_path: Path
-    val_path: Path
+    files: dict[str, list[Path]]  # "train"/"val" -> its token files: [<split>.bin], or its shards in order
     tokenizer_path: Path
     meta: dict
     tokenizer: AnyTokenizer
@@ -53,12 +53,17 @@ class PreparedData:
     n_train_tokens: int
     n_val_tokens: int
 
-    def tokens(self, split: str) -> np.memmap:
-        """The token ids of "train" or "val" as a read-only memmap (pages load on demand)."""
-        paths = {"train": self.train_path, "val": self.val_path}
-        if split not in paths:
+    @property
+    def train_path(self) -> Path:
+        return self.files["train"][0]
+
+    def tokens(self, split: str) -> np.memmap | TokenShards:
+        """The token ids of "train" or "val", read-only by memory map (pages load on demand): one
+        memmap, or the shards (data.shard_tokens) read as one sequence (data/shards.py)."""
+        if split not in self.files:
             raise ValueError(f"split must be 'train' or 'val', got {split!r}")
-        return np.memmap(paths[split], dtype=np.dtype(self.meta["dtype"]), mode="r")
+        parts = [np.memmap(f, dtype=np.dtype(self.meta["dtype"]), mode="r") for f in self.files[split]]
+        return parts[0] if len(parts) == 1 else TokenShards(parts)
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -100,8 +105,10 @@ def prepare_data(cfg: DataConfig, seq_len: int, log: Callable[[str], None] = pri
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     committed = False
+    writer = ShardWriter(tmp, dtype, cfg.shard_tokens)
     try:
-        n, n_docs, chars = _write_tokens(tok, files, cfg.text_field, dtype, tmp, log)
+        n, n_docs, chars = _write_tokens(tok, files, cfg.text_field, writer, tmp / "ends.bin", log,
+                                         cfg.prepare_workers)
         if not chars:
             raise DataError(f"data.path={cfg.path!r} holds no text: its {n_docs} document(s) are all empty. "
                             "Point data.path at a corpus with text in it.")
@@ -121,15 +128,17 @@ def prepare_data(cfg: DataConfig, seq_len: int, log: Callable[[str], None] = pri
             "n_train_tokens": n_train,
             "n_val_tokens": n - n_train,
             "val_fraction": cfg.val_fraction,
+            "shard_tokens": cfg.shard_tokens,
             "source": str(Path(cfg.path)),
             "files": [{"path": f.rel, "bytes": f.path.stat().st_size} for f in files],
         }
-        _split_file(tmp / "tokens.bin", n_train * dtype.itemsize, tmp / "val.bin")
         (out / "meta.json").unlink(missing_ok=True)  # from here on, the folder is "not prepared"
-        os.replace(tmp / "tokens.bin", out / "train.bin")
-        os.replace(tmp / "val.bin", out / "val.bin")
+        for old in [*out.glob("train*.bin"), *out.glob("val*.bin")]:  # a previous preparation's (shards)
+            old.unlink()
+        meta["token_files"] = writer.split(n_train, out, sharded=cfg.shard_tokens > 0)
         committed = True
     finally:
+        writer.close()
         shutil.rmtree(tmp, ignore_errors=True)
         for d in [] if committed else made:  # a failed first preparation leaves no empty folders
             with contextlib.suppress(OSError):
@@ -140,8 +149,10 @@ def prepare_data(cfg: DataConfig, seq_len: int, log: Callable[[str], None] = pri
     note = ""
     if cfg.tokenizer == "bpe" and tok.vocab_size < cfg.vocab_size:
         note = f" (asked for {cfg.vocab_size}: the corpus has too few distinct merges)"
+    shards = f", {len(meta['token_files']['train'])} + {len(meta['token_files']['val'])} shards" \
+        if cfg.shard_tokens else ""
     log(f"prepared {out}: {meta['n_train_tokens']:,} train + {meta['n_val_tokens']:,} val tokens, "
-        f"{meta['tokenizer']} vocab {tok.vocab_size}{note}, {dtype.name}, "
+        f"{meta['tokenizer']} vocab {tok.vocab_size}{note}, {dtype.name}{shards}, "
         f"{len(files)} file(s), {n_docs:,} document(s), {time.perf_counter() - t0:.1f}s")
     return _result(out, meta, tok)
 
@@ -187,7 +198,8 @@ def _fingerprint(cfg: DataConfig, files: list[SourceFile], given_hash: str) -> s
     h = hashlib.sha256()
     vocab = cfg.vocab_size if cfg.tokenizer == "bpe" else 0
     kind = "given:" + given_hash if given_hash else cfg.tokenizer
-    h.update(f"nanotrain-data v{FORMAT_VERSION}|{kind}|{vocab}|{cfg.val_fraction!r}|{cfg.text_field}|".encode())
+    h.update(f"nanotrain-data v{FORMAT_VERSION}|{kind}|{vocab}|{cfg.val_fraction!r}|{cfg.text_field}|"
+             f"{cfg.shard_tokens}|".encode())
     fingerprint_files(h, files)
     return h.hexdigest()
 
@@ -231,14 +243,6 @@ def _check_length(n_train: int, n_val: int, seq_len: int, val_fraction: float) -
             f"{seq_len + 1}. Use a smaller train.seq_len, a different data.val_fraction, or more text.")
 
 
-def _split_file(path: Path, cut: int, tail: Path) -> None:
-    """Move the bytes of `path` from `cut` on into `tail` (the val split: ~10%), then cut `path` there."""
-    with open(path, "rb") as src, open(tail, "wb") as dst:
-        src.seek(cut)
-        shutil.copyfileobj(src, dst, 1 << 20)
-    os.truncate(path, cut)
-
-
 # ---------------------------------------------------------------------------
 # Tokenizing and writing
 # ---------------------------------------------------------------------------
@@ -277,45 +281,101 @@ def _train_tokenizer(cfg: DataConfig, files: list[SourceFile]) -> AnyTokenizer:
     return build_tokenizer(cfg.tokenizer, text(), cfg.vocab_size)
 
 
-def _write_tokens(tok: AnyTokenizer, files: list[SourceFile], field: str, dtype: np.dtype, folder: Path,
-                  log: Callable[[str], None]) -> tuple[int, int, int]:
-    """Tokenize the documents into folder/tokens.bin and where each ends into folder/ends.bin (int64).
+def _write_tokens(tok: AnyTokenizer, files: list[SourceFile], field: str, writer: ShardWriter, ends_path: Path,
+                  log: Callable[[str], None], workers: int = 0) -> tuple[int, int, int]:
+    """Tokenize the documents into the writer's files and where each ends into ends_path (int64).
     A pretrained tokenizer ends each document with its EOS; a trained one (char, bpe) joins them
-    with a newline, which belongs to the document before it. Short documents are encoded in
-    batches (HF tokenizers' threads), a long text in ~1 MB pieces (_encode_long). Returns (tokens,
-    documents, characters)."""
+    with a newline, which belongs to the document before it. `workers` processes encode the
+    batches (0: this one; data.prepare_workers). Returns (tokens, documents, characters)."""
     pretrained = isinstance(tok, PretrainedTokenizer)
-    separator = np.asarray([] if pretrained else tok.encode("\n"), dtype=dtype)
+    separator = np.asarray([] if pretrained else tok.encode("\n"), dtype=writer.dtype)
     total_bytes = sum(f.path.stat().st_size for f in files)
     n = n_docs = chars = 0
     end = None  # the end of the last document, written once we know whether a separator follows
     start = last_report = time.perf_counter()
-    with open(folder / "tokens.bin", "wb") as out, open(folder / "ends.bin", "wb") as ends:
-        for batch in _batches(files, field):
-            if not pretrained and len(batch) == 1 and len(batch[0]) > BATCH_CHARS:
-                encoded = [_encode_long(tok, batch[0], dtype)]
-            else:
-                encoded = tok.encode_documents(batch) if pretrained else tok.encode_batch(batch)
+    with open(ends_path, "wb") as ends:
+        for n_batch, n_chars, encoded in _encoded(tok, _batches(files, field), writer.dtype, workers):
             for ids in encoded:
                 if end is not None:
                     if separator.size:
-                        separator.tofile(out)
+                        writer.write(separator)
                         n += separator.size
                     np.asarray([n], dtype=np.int64).tofile(ends)
-                np.asarray(ids, dtype=dtype).tofile(out)
+                writer.write(ids)
                 n += len(ids)
                 end = n
-            n_docs += len(batch)
-            chars += sum(len(d) for d in batch)
+            n_docs += n_batch
+            chars += n_chars
             now = time.perf_counter()
             if now - last_report > 5:  # long work shows progress
                 last_report = now
-                # (text read so far; the files are `total_bytes`, markup included)
-                log(f"prepare: {chars / 2**20:,.0f} MB of text of {total_bytes / 2**20:,.0f} MB of files, "
-                    f"{n:,} tokens, {chars / 2**20 / (now - start):.1f} MB/s")
+                log(_progress(chars, total_bytes, n, now - start))
         if end is not None:
             np.asarray([end], dtype=np.int64).tofile(ends)
     return n, n_docs, chars
+
+
+def _progress(chars: int, total_bytes: int, n: int, seconds: float) -> str:
+    """A progress line. The files' bytes include markup (JSON keys, parquet's encoding), so the
+    text read so far is a lower bound of how far the reading is: the bar ends below 100%."""
+    done = min(1.0, chars / max(total_bytes, 1))
+    bar = "#" * int(30 * done) + "." * (30 - int(30 * done))
+    return (f"prepare [{bar}] {chars / 2**20:,.0f} MB of text of {total_bytes / 2**20:,.0f} MB of files, "
+            f"{n:,} tokens, {chars / 2**20 / seconds:.1f} MB/s")
+
+
+def _encode(tok: AnyTokenizer, batch: list[str], dtype: np.dtype) -> tuple[int, int, list[np.ndarray]]:
+    """One batch: (documents, characters, each document's ids). Short documents are encoded
+    together (HF tokenizers' threads), a long text in ~1 MB pieces (_encode_long)."""
+    if isinstance(tok, PretrainedTokenizer):
+        encoded = tok.encode_documents(batch)
+    elif len(batch) == 1 and len(batch[0]) > BATCH_CHARS:
+        encoded = [_encode_long(tok, batch[0], dtype)]
+    else:
+        encoded = tok.encode_batch(batch)
+    return len(batch), sum(len(d) for d in batch), [np.asarray(ids, dtype=dtype) for ids in encoded]
+
+
+def _encoded(tok: AnyTokenizer, batches: Iterator[list[str]], dtype: np.dtype, workers: int
+             ) -> Iterator[tuple[int, int, list[np.ndarray]]]:
+    """_encode of each batch, in order: here, or by `workers` processes. At most two batches per
+    worker are in flight, so memory holds a few MB of text whatever the corpus (Pool.imap would
+    read the whole corpus ahead into its queue). The order is the batches', so the token files are
+    the same for any number of workers. (torch.utils.data.DataLoader with num_workers would do the
+    same for a map over an iterable; this is the one pool prepare needs.)"""
+    if workers <= 0:
+        for batch in batches:
+            yield _encode(tok, batch, dtype)
+        return
+    from collections import deque
+
+    from nanotrain.parallel.launch import _context  # processes from a clean forkserver, not forks of this one
+
+    with _context().Pool(workers, initializer=_start_worker, initargs=(tok.to_json(), dtype.str)) as pool:
+        pending: deque = deque()
+        for batch in batches:
+            pending.append(pool.apply_async(_encode_in_worker, (batch,)))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
+_worker: tuple[AnyTokenizer, np.dtype] | None = None  # a worker process's tokenizer and dtype
+
+
+def _start_worker(tokenizer_json: str, dtype: str) -> None:
+    global _worker
+    # One thread each: the workers are the parallelism (HF tokenizers would otherwise start a
+    # thread per core in every worker).
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    from nanotrain.data.tokenizer import tokenizer_from_json
+
+    _worker = (tokenizer_from_json(tokenizer_json), np.dtype(dtype))
+
+
+def _encode_in_worker(batch: list[str]) -> tuple[int, int, list[np.ndarray]]:
+    return _encode(_worker[0], batch, _worker[1])
 
 
 def _encode_long(tok: AnyTokenizer, text: str, dtype: np.dtype) -> np.ndarray:
@@ -336,9 +396,11 @@ def _load_if_current(out: Path, fingerprint: str) -> PreparedData | None:
         if meta.get("fingerprint") != fingerprint:
             return None
         itemsize = np.dtype(meta["dtype"]).itemsize
-        if ((out / "train.bin").stat().st_size != meta["n_train_tokens"] * itemsize
-                or (out / "val.bin").stat().st_size != meta["n_val_tokens"] * itemsize):
-            return None
+        for split in ("train", "val"):
+            listed = meta["token_files"][split]
+            if sum(n for _, n in listed) != meta[f"n_{split}_tokens"] or \
+                    any((out / name).stat().st_size != n * itemsize for name, n in listed):
+                return None
         tok = load_tokenizer(out / "tokenizer.json")
     except (OSError, ValueError, KeyError, TypeError):  # missing/corrupt: prepare again (DataError is a ValueError)
         return None
@@ -346,7 +408,7 @@ def _load_if_current(out: Path, fingerprint: str) -> PreparedData | None:
 
 
 def _result(out: Path, meta: dict, tok: AnyTokenizer) -> PreparedData:
-    return PreparedData(dir=out, train_path=out / "train.bin", val_path=out / "val.bin",
-                        tokenizer_path=out / "tokenizer.json", meta=meta, tokenizer=tok,
+    files = {split: [out / name for name, _ in meta["token_files"][split]] for split in ("train", "val")}
+    return PreparedData(dir=out, files=files, tokenizer_path=out / "tokenizer.json", meta=meta, tokenizer=tok,
                         vocab_size=meta["vocab_size"], n_train_tokens=meta["n_train_tokens"],
                         n_val_tokens=meta["n_val_tokens"])

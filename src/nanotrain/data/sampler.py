@@ -20,22 +20,24 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from nanotrain.data.shards import TokenShards
 from nanotrain.data.tokenizer import DataError
 
 
 class BatchSampler:
-    def __init__(self, tokens: np.ndarray, seq_len: int, batch_size: int, seed: int, stream: int = 0):
+    """tokens: one array (a memmap of train.bin), or shards read as one (data/shards.py)."""
+
+    def __init__(self, tokens: np.ndarray | TokenShards, seq_len: int, batch_size: int, seed: int, stream: int = 0):
         if len(tokens) < seq_len + 1:
             raise DataError(f"{len(tokens):,} tokens are too few for one sequence of train.seq_len={seq_len} "
                             f"(it needs seq_len + 1 = {seq_len + 1}): use a smaller train.seq_len or more text.")
         if seed < 0 or stream < 0:
             raise DataError(f"seed={seed} and stream={stream} must be >= 0: set train.seed to a non-negative integer.")
-        self.tokens = tokens
+        self.tokens = TokenShards.of(tokens)
         self.seq_len = seq_len
         self.batch_size = batch_size
         self.seed = seed
         self.stream = stream
-        self.window = np.arange(seq_len + 1)  # x = window[:-1], y = window[1:]
 
     def offsets(self, step: int) -> np.ndarray:
         """Start offsets of the step's global batch, uniform in [0, len(tokens) - seq_len - 1]."""
@@ -46,10 +48,11 @@ class BatchSampler:
         """(x, y) int64 [n_rows, seq_len] for the given rows of the step's global batch; y = x shifted by one.
 
         Only the selected rows are read from the memmap, in one fancy-indexing
-        gather of a [rows, seq_len + 1] index, then one conversion to torch.
+        gather of a [rows, seq_len + 1] index (one file; a window per row from shards),
+        then one conversion to torch.
         """
         starts = self.offsets(step)[rows]
-        w = torch.from_numpy(self.tokens[starts[:, None] + self.window].astype(np.int64))
+        w = torch.from_numpy(self.tokens.windows(starts, self.seq_len + 1).astype(np.int64))
         return w[:, :-1].contiguous(), w[:, 1:].contiguous()
 
     def resized(self, batch_size: int, stream: int) -> "BatchSampler":
@@ -61,12 +64,11 @@ class MixtureSampler:
     """Batches drawn from several token arrays: each row picks array i with probability
     weights[i], then a uniform window in it, from the step's own generator (as BatchSampler)."""
 
-    def __init__(self, parts: list[np.ndarray], weights: list[float], seq_len: int, batch_size: int, seed: int,
+    def __init__(self, parts: list[np.ndarray | TokenShards], weights: list[float], seq_len: int, batch_size: int, seed: int,
                  stream: int = 0):
         self.parts = [BatchSampler(t, seq_len, batch_size, seed, stream) for t in parts]  # (checks each)
         self.weights = np.asarray(weights, dtype=np.float64) / sum(weights)
         self.seq_len, self.batch_size, self.seed, self.stream = seq_len, batch_size, seed, stream
-        self.window = np.arange(seq_len + 1)
 
     def offsets(self, step: int) -> tuple[np.ndarray, np.ndarray]:
         """(corpus, start) of each row of the step's global batch."""
@@ -78,7 +80,8 @@ class MixtureSampler:
 
     def batch(self, step: int, rows: slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor]:
         which, starts = (a[rows] for a in self.offsets(step))
-        w = np.stack([self.parts[i].tokens[s + self.window] for i, s in zip(which, starts)]).astype(np.int64)
+        w = np.concatenate([self.parts[i].tokens.windows(np.asarray([s]), self.seq_len + 1)
+                            for i, s in zip(which, starts)]).astype(np.int64)
         w = torch.from_numpy(w)
         return w[:, :-1].contiguous(), w[:, 1:].contiguous()
 

@@ -65,9 +65,10 @@ def _row(t: dict, sp: bool, n: int, d: int, b: int) -> None:
 
 
 def block_tp_linears(m: ModelConfig, layer: int, c: int, r: int) -> list[tuple[str, int, int]]:
-    """A block's tensor-parallel linears in forward order: ("col", input width, bytes per element)
-    for a column-parallel one's input, ("row", d, bytes) for a row-parallel one's output. Where the
-    block has a dense MLP its closing row-parallel linear comes last."""
+    """A block's tensor-parallel collectives in forward order: ("col", input width, bytes per
+    element) where column-parallel linears take their input (once for those that share it: q, k
+    and v; gate and up, tensor_parallel.column_linears), ("row", d, bytes) for a row-parallel
+    one's output. Where the block has a dense MLP its closing row-parallel linear comes last."""
     d = m.d_model
     if m.arch == "deepseek":
         ac = c if c < r else r  # the low-rank projections' outputs are in the compute dtype
@@ -76,9 +77,9 @@ def block_tp_linears(m: ModelConfig, layer: int, c: int, r: int) -> list[tuple[s
                ("col", m.qk_rope_head_dim, ac),  # k_R, shared by every head
                ("row", d, c)]
         if layer < m.first_k_dense_replace:
-            out += [("col", d, r), ("col", d, r), ("row", d, c)]
+            out += [("col", d, r), ("row", d, c)]
         return out
-    return [("col", d, r)] * 3 + [("row", d, c)] + [("col", d, r)] * (2 if m.mlp == "swiglu" else 1) + [("row", d, c)]
+    return [("col", d, r), ("row", d, c), ("col", d, r), ("row", d, c)]
 
 
 def has_dense_mlp(m: ModelConfig, layer: int) -> bool:

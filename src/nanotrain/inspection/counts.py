@@ -144,7 +144,8 @@ _REGISTERED = False
 def register_cpu_sdpa_flops() -> None:
     """torch.utils.flop_counter counts the CUDA attention kernels but not the CPU one that
     F.scaled_dot_product_attention calls here: register its formula (backward = 2 x forward,
-    the four matmuls dQ, dK, dV, dP), so FlopCounterMode sees attention on CPU too."""
+    the four matmuls dQ, dK, dV, dP), so FlopCounterMode sees attention on CPU too; and the
+    grouped GEMMs' (torch._grouped_mm)."""
     global _REGISTERED
     if _REGISTERED:
         return
@@ -159,5 +160,13 @@ def register_cpu_sdpa_flops() -> None:
     @register_flop_formula(aten._scaled_dot_product_flash_attention_for_cpu_backward)
     def _backward(grad_shape, q_shape, k_shape, v_shape, *args, **kwargs) -> int:
         return 2 * _sdpa_forward_flops(q_shape, k_shape, v_shape)
+
+    # The grouped expert GEMMs (models/grouped.py), which flop_counter does not know either:
+    # [M, K] x [E, K, N] with rows in groups is 2MKN, as the experts' loop of matmuls; its
+    # backward's weight gradient, [K, M] x [M, N] grouped along M into [E, K, N], is 2KMN.
+    if hasattr(aten, "_grouped_mm"):
+        @register_flop_formula(aten._grouped_mm)
+        def _grouped(a_shape, b_shape, *args, **kwargs) -> int:
+            return 2 * a_shape[-2] * a_shape[-1] * b_shape[-1]
 
     _REGISTERED = True

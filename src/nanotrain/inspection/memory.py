@@ -195,6 +195,7 @@ class Widths:
     a: int  # bytes per element in the attention core (precision.attention: fp32 on CPU under bf16)
     weights_cast: bool = False  # weights stored wider than c, activations already in c (DeepSeek's MTP block)
     documents: bool = False  # data.document_mask: RoPE rows per token, not per position (models/documents.py)
+    grouped_experts: bool = False  # the routed experts run as grouped GEMMs (models/grouped.py)
 
     @property
     def autocast(self) -> bool:
@@ -299,7 +300,9 @@ def moe_bytes(m: ModelConfig, w: Widths) -> int:
     total += w.n * d * max(w.r, 4)  # the router's input: it scores in fp32 (and shares it when not autocast)
     total += w.n * (e * 4 + k * 8 + 4 + k * 4)  # scores, chosen experts, their sum, the weights
     total += a * (8 + 8 + 4) + 2 * a * d * 4  # order, token of each slot, weights; outputs in fp32
-    total += a * d * w.r + 4 * a * f * w.c  # tokens gathered for the experts; their SwiGLUs
+    # Tokens gathered for the experts; their SwiGLUs. Grouped GEMMs cast the gathered tokens once
+    # (c bytes); a loop of F.linear under autocast casts each expert's slice for w1 and for w3.
+    total += a * d * (w.c if w.grouped_experts else w.r) + 4 * a * f * w.c
     if w.casts_weights:  # c-byte copies of each local expert's three weights
         total += e // w.ep * 3 * d * f * w.c
     if m.n_shared_experts:
@@ -404,10 +407,19 @@ def _widths(m: ModelConfig, plan: Plan, precision, device: str) -> tuple[Widths,
     n = plan.micro_batch_size * plan.seq_len
     w = Widths(n=n, ns=n // plan.tp if plan.sp else n, batch=plan.micro_batch_size, seq=plan.seq_len,
                tp=plan.tp, ep=plan.ep, c=min(c, r), r=r, a=attention_bytes_per_element(precision, device),
-               documents=plan.document_mask)
+               documents=plan.document_mask, grouped_experts=_grouped_experts(m, precision))
     math_path = device == "cpu" and m.arch == "deepseek" and \
         m.qk_nope_head_dim + m.qk_rope_head_dim != m.v_head_dim
     return w, math_path
+
+
+def _grouped_experts(m: ModelConfig, precision) -> bool:
+    """Whether the routed experts run grouped: model.moe_grouped_gemm, in a plain recipe (a
+    low-bit one scales per expert: ExpertMLP runs those in its loop)."""
+    from ..precision.policy import LOW_BIT, recipe_name_for
+
+    experts = recipe_name_for(f"layers.{m.n_layers - 1}.mlp.experts", precision)
+    return m.moe_grouped_gemm and experts == precision.recipe and experts not in LOW_BIT
 
 
 def activation_bytes(m: ModelConfig, plan: Plan, precision, layers: list[int], first: bool, last: bool,

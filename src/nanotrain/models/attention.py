@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from ..parallel.tensor_parallel import TensorParallel, column_linear, row_linear
+from ..parallel.tensor_parallel import TensorParallel, column_linears, enter_columns, row_linear
 from .documents import Positions
 from .rope import apply_rope, rope_tables
 
@@ -39,11 +39,13 @@ class Attention(nn.Module):
         self.core_dtype: torch.dtype | None = None  # None: whatever autocast gives the projections
         self.probe = None  # probe(self, q, k, scale): set by the training monitor to see q and k
         std = cfg.init_std
-        # Separate q/k/v projections (not one fused qkv matrix): with GQA their widths
-        # differ, and a tensor-parallel split then cuts each one by heads.
-        self.wq = column_linear(cfg.d_model, self.n_heads * self.head_dim, cfg.bias, std, tp)
-        self.wk = column_linear(cfg.d_model, self.n_kv_heads * self.head_dim, cfg.bias, std, tp)
-        self.wv = column_linear(cfg.d_model, self.n_kv_heads * self.head_dim, cfg.bias, std, tp)
+        # Separate q/k/v weights (not one fused qkv matrix): with GQA their widths differ, and a
+        # tensor-parallel split then cuts each one by heads. Under tp they share one entry into
+        # the region (column_linears): one collective for the three, as a fused QKV.
+        self.tp = tp
+        self.wq, self.wk, self.wv = column_linears(
+            cfg.d_model, [self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim,
+                          self.n_kv_heads * self.head_dim], cfg.bias, std, tp)
         # GPT-2's scaled init: residual-branch outputs shrink with depth so the
         # residual stream's variance stays O(1) after 2*n_layers additions.
         self.wo = row_linear(self.n_heads * self.head_dim, cfg.d_model, cfg.bias, std / math.sqrt(2 * cfg.n_layers), tp)
@@ -52,6 +54,7 @@ class Attention(nn.Module):
         # Head counts come from the projection widths, so a projection that holds
         # only some heads (tensor parallel) gives a block that computes only those;
         # T comes from q, as with sequence parallelism x holds only T/tp positions.
+        x = enter_columns(x, self.tp)  # under tp: gathered (sp) or copied, once for q, k and v
         q, k, v = self.wq(x), self.wk(x), self.wv(x)
         B, T = q.shape[:2]
         q = q.view(B, T, -1, self.head_dim).transpose(1, 2)  # [B, H, T, hd]

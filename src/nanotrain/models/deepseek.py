@@ -43,6 +43,7 @@ def make_moe(cfg: ModelConfig, ep=None) -> nn.Module:
         init_std=cfg.init_std, out_std=cfg.init_std / math.sqrt(2 * cfg.n_layers),
         capacity_factor=cfg.moe_capacity_factor, **extra)
     # Tokens per expert summed over the micro-batches of one optimizer step (not saved).
+    moe.experts.grouped = cfg.moe_grouped_gemm
     moe.register_buffer("step_load", torch.zeros(cfg.n_routed_experts, dtype=torch.long), persistent=False)
     moe.register_buffer("step_dropped", torch.zeros((), dtype=torch.long), persistent=False)
     # The router's normalised entropy summed over the step's tokens, and the token count (monitoring).

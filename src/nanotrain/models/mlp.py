@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from ..parallel.tensor_parallel import TensorParallel, column_linear, row_linear
+from ..parallel.tensor_parallel import TensorParallel, column_linear, column_linears, enter_columns, row_linear
 
 
 def ffn_width(cfg: ModelConfig) -> int:
@@ -30,16 +30,18 @@ class MLP(nn.Module):
 
 
 class GatedMLP(nn.Module):
-    """x -> W2 (silu(W1 x) * W3 x): SwiGLU, the gate W1 and the up projection W3 side by side."""
+    """x -> W2 (silu(W1 x) * W3 x): SwiGLU, the gate W1 and the up projection W3 side by side.
+    Under tp W1 and W3 enter the region together: one collective for both (column_linears)."""
 
     def __init__(self, cfg: ModelConfig, tp: TensorParallel | None = None):
         super().__init__()
         d_ff = ffn_width(cfg)
-        self.w1 = column_linear(cfg.d_model, d_ff, cfg.bias, cfg.init_std, tp)
-        self.w3 = column_linear(cfg.d_model, d_ff, cfg.bias, cfg.init_std, tp)
+        self.tp = tp
+        self.w1, self.w3 = column_linears(cfg.d_model, [d_ff, d_ff], cfg.bias, cfg.init_std, tp)
         self.w2 = row_linear(d_ff, cfg.d_model, cfg.bias, cfg.init_std / math.sqrt(2 * cfg.n_layers), tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = enter_columns(x, self.tp)
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 

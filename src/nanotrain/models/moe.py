@@ -6,7 +6,8 @@
   experts (aux-loss-free balancing) but the combine weights g come from s alone;
   optional group-limited routing and sequence-wise auxiliary loss.
 - ExpertMLP: E SwiGLU experts as stacked [E, ...] parameters, run over tokens
-  already sorted by expert (one matmul per expert, on a contiguous slice).
+  already sorted by expert: grouped GEMMs over all of them (grouped.py), or one
+  matmul per expert on a contiguous slice.
 - LocalRoutedMoE: route -> sort the (token, slot) pairs by expert -> experts ->
   scale by g -> scatter-add back to tokens, plus shared experts on every token.
   All experts live on this process; expert parallelism swaps the middle for an
@@ -32,6 +33,7 @@ from ..params import Shard, declare, spec
 from ..parallel.expert_parallel import ExpertParallel, expert_parallel_forward
 from ..layers import Linear
 from ..precision.policy import gemm
+from .grouped import group_offsets, grouped_mm
 
 NORM_EPS = 1e-20  # HF's DeepseekV3TopkRouter adds this to the sum of the top-k weights
 
@@ -121,6 +123,7 @@ class ExpertMLP(nn.Module):
     uses_gemm_recipe = True
     gemm_recipe = None
     gemm_state = None
+    grouped = True  # model.moe_grouped_gemm: all experts' GEMMs at once (grouped.py); False: the loop
 
     def __init__(self, n_experts: int, d_model: int, d_ff: int, init_std: float, out_std: float):
         super().__init__()
@@ -130,6 +133,24 @@ class ExpertMLP(nn.Module):
 
     def forward(self, x_sorted: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """x_sorted [M, d]: expert e's tokens are rows [sum(counts[:e]), sum(counts[:e+1]))."""
+        if self.grouped and self.gemm_recipe is None:
+            return self.grouped_forward(x_sorted, counts)
+        return self.loop_forward(x_sorted, counts)
+
+    def grouped_forward(self, x_sorted: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """Three grouped GEMMs over every expert (grouped.py). Autocast does not know
+        torch._grouped_mm, so the operands are cast here as F.linear would be under it. (The
+        low-bit recipes scale per expert and tensor: their experts run in loop_forward.)"""
+        device = x_sorted.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x_sorted.dtype
+        x = x_sorted.to(dtype)
+        w1, w3, w2 = (w.to(dtype).transpose(1, 2) for w in (self.w1, self.w3, self.w2))  # [E, in, out]
+        offs = group_offsets(counts, x.device)
+        h = F.silu(grouped_mm(x, w1, counts, offs)) * grouped_mm(x, w3, counts, offs)
+        return grouped_mm(h, w2, counts, offs)
+
+    def loop_forward(self, x_sorted: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """One GEMM per expert, on its contiguous slice, in the module's recipe."""
         # split and unbind, not x[a:b] and w1[e]: the backward of each slice or index writes a
         # zero-filled gradient of the whole tensor (E of them per tensor per step, half the step
         # time at E=16); split and unbind each have one backward that concatenates the pieces.
