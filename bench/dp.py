@@ -101,6 +101,9 @@ def main() -> None:
     ap.add_argument("--bucket-mb", type=float, default=25.0)
     args = ap.parse_args()
     cfg = load_config(args.config, [f"--data.path={ROOT / 'data/tinyshakespeare.txt'}", "--parallel.dp=2"])
+    # Prepared here, once: the ranks then find it up to date (two ranks preparing a fresh clone's
+    # data at once would race on the same temporary files).
+    prepare_data(cfg.data, cfg.train.seq_len, log=lambda *_: None)
     res = run_world(worker, 2, dataclasses.asdict(cfg), args.steps, args.rounds, args.bucket_mb)[0]
     ours, ddp = (statistics.median(res["times"][k]) for k in ("nano-train", "DDP"))
     ratio = statistics.median(a / b for a, b in zip(res["times"]["nano-train"], res["times"]["DDP"]))

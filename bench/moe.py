@@ -7,9 +7,14 @@ most first implementations write (for each expert: mask of its tokens, gather,
 SwiGLU, y += w * out). Timed: one forward + backward, in alternating rounds
 (machine speed drifts), median seconds per step and the ratio.
 
-    python bench/moe.py [--steps 20] [--rounds 6] [--threads 1] [--ep-steps 30]
+    python bench/moe.py [--steps 20] [--rounds 6] [--threads 1] [--ep-steps 30] [--grouped 8,32,64]
 
-Part 2: expert parallelism. configs/deepseek_tiny.toml trained by the RuntimeEngine in a
+Part 2: grouped expert GEMMs (models/grouped.py, model.moe_grouped_gemm) against the per-expert
+loop they replace, inside the same LocalRoutedMoE (same routing, same sorted tokens), for each
+expert count of --grouped: forward + backward, alternating rounds, median ms and grouped / loop
+(goal: below 1 at 32 experts and more), and the largest output difference (fp32).
+
+Part 3: expert parallelism. configs/deepseek_tiny.toml trained by the RuntimeEngine in a
 gloo world of 2 (1 thread each) as dp=2 with every expert on each rank (ep=1), and as
 dp=2 with the experts split over the two ranks (ep=2, two all-to-alls per MoE layer),
 same batches; median step time of each and the ratio, plus the losses of both.
@@ -61,6 +66,40 @@ def ep_compare(steps: int, rounds: int) -> None:
           f"largest relative loss difference (bf16): {diff:.1e}")
 
 
+def grouped_compare(args) -> None:
+    rows = []
+    for n in [int(e) for e in args.grouped.split(",")]:
+        m = LocalRoutedMoE(args.d_model, n, args.top_k, args.moe_d_ff, args.shared, score_func="sigmoid",
+                           init_std=0.02, out_std=0.02)
+        init_parameters(m, seed=0)
+        x = torch.randn(args.batch, args.seq, args.d_model, requires_grad=True)
+        g = torch.randn(args.batch, args.seq, args.d_model)
+
+        def step(grouped: bool):
+            def run(_step):
+                m.experts.grouped = grouped
+                m.zero_grad(set_to_none=True)
+                x.grad = None
+                loss = (m(x) * g).sum()
+                loss.backward()
+                return loss.detach()
+            return run
+        outs = []
+        for grouped in (True, False):
+            m.experts.grouped = grouped
+            outs.append(m(x).detach())
+        diff = ((outs[0] - outs[1]).abs().max() / outs[1].abs().max()).item()
+        times, _ = alternate_rounds({"grouped": step(True), "loop": step(False)}, args.steps, args.rounds,
+                                    barrier=lambda: None)
+        ratio = median([a / b for a, b in zip(times["grouped"], times["loop"])])
+        rows.append([n, median(times["loop"]) * 1e3, median(times["grouped"]) * 1e3, ratio, f"{diff:.1e}"])
+    kind = "torch._grouped_mm" if hasattr(torch, "_grouped_mm") else "padded bmm"
+    print(f"grouped expert GEMMs ({kind}) vs the per-expert loop: d_model={args.d_model} top_k={args.top_k} "
+          f"moe_d_ff={args.moe_d_ff} tokens={args.batch}x{args.seq} threads={args.threads} fp32")
+    print(table(rows, ["experts", "loop ms", "grouped ms", "grouped / loop (median of rounds)",
+                       "max output difference (relative)"]))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--d-model", type=int, default=128)
@@ -75,6 +114,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--ep-steps", type=int, default=30, help="steps per run of part 2; 0 skips it")
     ap.add_argument("--ep-rounds", type=int, default=2)
+    ap.add_argument("--grouped", default="8,32,64", help="expert counts for part 2; empty skips it")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -97,7 +137,7 @@ def main() -> None:
         return run
 
     times, losses = alternate_rounds({"masked loop": step(lambda t: masked_loop_moe(m, t)),
-                                      "sorted (LocalRoutedMoE)": step(m)},
+                                      "sorted, grouped GEMMs (LocalRoutedMoE)": step(m)},
                                      args.steps, args.rounds, barrier=lambda: None)
     base = median(times["masked loop"])
     rows = [[name, median(ts) * 1e3, base / median(ts)] for name, ts in times.items()]
@@ -107,6 +147,9 @@ def main() -> None:
           f"steps={args.steps} rounds={args.rounds}")
     print(table(rows, ["forward+backward", "ms/step (median)", "speed-up vs masked loop"]))
     print(f"max |loss difference|: {max(abs(a - b) for a, b in zip(*losses.values())):.2e}")
+    if args.grouped:
+        print()
+        grouped_compare(args)
     if args.ep_steps:
         print()
         ep_compare(args.ep_steps, args.ep_rounds)

@@ -117,6 +117,9 @@ def main() -> None:
     cfg = load_config(args.config, [f"--data.path={ROOT / 'data/tinyshakespeare.txt'}", "--model.tie_embeddings=false",
                                      "--optimizer.grad_clip=0", f"--precision.recipe={args.precision}",
                                      f"--optimizer.impl={args.optimizer_impl}"])
+    # Prepared here, once: the ranks then find it up to date (two ranks preparing a fresh clone's
+    # data at once would race on the same temporary files).
+    prepare_data(cfg.data, cfg.train.seq_len, log=lambda *_: None)
     res = run_world(worker, 2, dataclasses.asdict(cfg), args.steps, args.rounds)[0]
     ours, theirs = (statistics.median(res["times"][k]) for k in ("nano-train", "DTensor"))
     ratio = statistics.median(a / b for a, b in zip(res["times"]["nano-train"], res["times"]["DTensor"]))

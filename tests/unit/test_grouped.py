@@ -44,6 +44,17 @@ def test_grouped_mm_equals_the_loop(padded, counts):
             assert not gw[e].any()  # an idle expert's gradient is 0
 
 
+def test_a_broadcast_gradient_is_taken():
+    """y.sum().backward() hands _grouped_mm's backward a stride-0 gradient, which it refuses."""
+    x = torch.randn(6, 16, requires_grad=True)
+    w = torch.randn(2, 16, 8, requires_grad=True)
+    grouped_mm(x, w, [2, 4]).sum().backward()
+    ref_x, ref_w = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    loop(ref_x, ref_w, [2, 4]).sum().backward()
+    close(x.grad, ref_x.grad)
+    close(w.grad, ref_w.grad)
+
+
 @pytest.mark.parametrize("padded", [False, True])
 def test_no_rows_stays_connected(padded):
     x = torch.zeros(0, 8, requires_grad=True)

@@ -52,7 +52,10 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: list[int], offs: torch.
     if not padded:
         if offs is None:
             offs = group_offsets(counts, x.device)
-        return torch._grouped_mm(x, w, offs=offs)
+        y = torch._grouped_mm(x, w, offs=offs)
+        if y.requires_grad:  # its backward refuses a broadcast gradient (stride 0, as from y.sum())
+            y.register_hook(torch.Tensor.contiguous)
+        return y
     return _padded_bmm(x, w, counts)
 
 
