@@ -180,7 +180,7 @@ def warm_up(model: nn.Module, shape: tuple[int, ...], dtype: torch.dtype, device
     start = time.perf_counter()
     # The blocks' second input as training builds it: packed documents give per-token RoPE rows
     # and a mask, which compile differently from the plain tables (documents.py).
-    seq = shape[1] * (model.tp.size if model.sequence_parallel else 1)
+    seq = shape[1] * (model.tp.size if model.sequence_parallel else 1)  # this rank's tokens (1/cp under cp)
     pos, _ = model.positions(torch.zeros(shape[0], seq, dtype=torch.long, device=device))
     gen = torch.Generator(device=device).manual_seed(0)
     restore_state = snapshot() if snapshot is not None else (lambda: None)

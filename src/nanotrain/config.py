@@ -172,8 +172,9 @@ class ModelConfig:
 
 @dataclass
 class ParallelConfig:
-    # Sizes of each parallel dimension; tp * pp * dp is the world size (see parallel/state.py).
+    # Sizes of each parallel dimension; tp * cp * pp * dp is the world size (see parallel/state.py).
     tp: int = 1  # tensor parallel: each layer's matrices split over tp ranks
+    cp: int = 1  # context parallel: each sequence split over cp ranks, attention as a ring
     pp: int = 1  # pipeline parallel: the layers split into pp stages, micro-batches streamed through them
     dp: int = 1  # data parallel: replicas that split the global batch
     ep: int = 1  # expert parallel: routed experts split over ep ranks carved out of dp (ep divides dp)
@@ -192,7 +193,7 @@ class ParallelConfig:
     def check(self) -> list[str]:
         """Rules on the sizes alone. parallel/state.py's init_parallel runs this too: it can be handed
         a ParallelConfig that no Config validated."""
-        errors = [f"parallel.{key}={getattr(self, key)} must be >= 1." for key in ("tp", "pp", "dp", "ep")
+        errors = [f"parallel.{key}={getattr(self, key)} must be >= 1." for key in ("tp", "cp", "pp", "dp", "ep")
                   if getattr(self, key) < 1]
         return errors + _failed([
             (self.pp_virtual_stages >= 1, f"parallel.pp_virtual_stages={self.pp_virtual_stages} must be >= 1."),
@@ -952,10 +953,36 @@ def _layout_errors(cfg: Config) -> list[str]:
             (d_ff % p.tp == 0, f"the MLP width {d_ff} (model.d_ff) is not divisible by parallel.tp={p.tp}: "
                                "set model.d_ff to a multiple of tp."),
         ])
-    if p.sequence_parallel and p.tp > 0 and t.seq_len % p.tp:
-        errors.append(f"train.seq_len={t.seq_len} is not divisible by parallel.tp={p.tp}: sequence parallelism "
-                      "gives each rank seq_len/tp positions.")
-    return errors + _batch_errors(t, p.dp)
+    if p.sequence_parallel and p.tp > 0 and t.seq_len % (p.tp * max(p.cp, 1)):
+        errors.append(f"train.seq_len={t.seq_len} is not divisible by parallel.tp={p.tp}"
+                      + (f" x parallel.cp={p.cp}" if p.cp > 1 else "") + ": sequence parallelism gives each "
+                      "rank seq_len/tp positions" + (" of its seq_len/cp" if p.cp > 1 else "") + ".")
+    return errors + _context_errors(cfg) + _batch_errors(t, p.dp)
+
+
+def _context_errors(cfg: Config) -> list[str]:
+    """What context parallelism (parallel/context_parallel.py) needs, and what it does not run yet."""
+    m, p, t = cfg.model, cfg.parallel, cfg.train
+    if p.cp <= 1:
+        return []
+    fix = "or set parallel.cp=1"
+    return _failed([
+        (t.seq_len % (2 * p.cp) == 0, f"train.seq_len={t.seq_len} is not divisible by 2 x parallel.cp = {2 * p.cp}: "
+                                      "the zigzag split cuts each sequence into 2·cp equal chunks."),
+        (m.dropout == 0, f"model.dropout={m.dropout} with parallel.cp={p.cp}: ring attention has no attention "
+                         f"dropout. Set model.dropout=0 {fix}."),
+        (not cfg.data.document_mask, f"data.document_mask=true with parallel.cp={p.cp} is not implemented: the "
+                                     f"ring attends to every earlier chunk. Set data.document_mask=false {fix}."),
+        (p.pp == 1, f"parallel.pp={p.pp} with parallel.cp={p.cp} is not implemented yet: the pipeline's "
+                    f"messages are whole sequences. Use parallel.pp=1 {fix}."),
+        (p.ep == 1, f"parallel.ep={p.ep} with parallel.cp={p.cp} is not implemented yet: expert groups are "
+                    f"carved out of dp alone. Use parallel.ep=1 {fix}."),
+        (m.mtp_depth == 0, f"model.mtp_depth > 0 with parallel.cp={p.cp}: multi-token prediction shifts the "
+                           f"sequence by a token, which a zigzag chunk does not hold. Set model.mtp_depth=0 {fix}."),
+        (m.arch != "deepseek" or m.aux_loss_coef == 0,
+         f"model.aux_loss_coef > 0 with parallel.cp={p.cp}: the auxiliary loss averages over whole sequences. "
+         f"Use model.aux_loss_coef=0 {fix}."),
+    ])
 
 
 def _batch_errors(t: TrainConfig, dp: int) -> list[str]:

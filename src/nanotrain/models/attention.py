@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from ..parallel.context_parallel import ContextParallel, ring_attention
 from ..parallel.tensor_parallel import TensorParallel, column_linears, enter_columns, row_linear
 from .documents import Positions
 from .rope import apply_rope, rope_tables
@@ -28,7 +29,10 @@ from .rope import apply_rope, rope_tables
 
 class Attention(nn.Module):
     """With tensor parallelism each rank holds n_heads/tp query heads and n_kv_heads/tp KV
-    heads: wq/wk/wv are column-parallel (split by heads), wo row-parallel."""
+    heads: wq/wk/wv are column-parallel (split by heads), wo row-parallel. With context
+    parallelism (cp, set by the runtime) the core runs as a ring over the cp group."""
+
+    cp: ContextParallel | None = None
 
     def __init__(self, cfg: ModelConfig, tp: TensorParallel | None = None):
         super().__init__()
@@ -71,6 +75,8 @@ class Attention(nn.Module):
         # With a core dtype, autocast must be off here: it would cast q, k, v back down.
         no_autocast = torch.autocast(x.device.type, enabled=False)
         with no_autocast if self.core_dtype is not None else contextlib.nullcontext():
+            if self.cp is not None:  # this rank's zigzag tokens against the whole sequence, as a ring
+                return self.wo(ring_attention(q, k, v, self.cp).to(out_dtype).transpose(1, 2).reshape(B, T, -1))
             y = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=pos.attention_mask(q.dtype), is_causal=pos.mask is None,
                 dropout_p=self.dropout if self.training else 0.0,

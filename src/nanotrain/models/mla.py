@@ -53,6 +53,7 @@ from torch import nn
 
 from ..layers import Linear, RMSNorm
 from ..parallel.collectives import copy_to_region, gather_seq
+from ..parallel.context_parallel import ContextParallel, ring_attention
 from ..parallel.tensor_parallel import TensorParallel, column_linear, row_linear
 from ..recompute import mark_up_projection
 from .documents import Positions
@@ -60,6 +61,8 @@ from .rope import apply_rope, deinterleave, rope_tables, yarn_mscale
 
 
 class MLAttention(nn.Module):
+    cp: ContextParallel | None = None  # context parallel: the core as a ring (set by the runtime)
+
     def __init__(self, d_model: int, n_heads: int, q_lora_rank: int, kv_lora_rank: int,
                  qk_nope_head_dim: int, qk_rope_head_dim: int, v_head_dim: int, norm_eps: float,
                  init_std: float, out_std: float, rope_scaling: dict | None, tp: TensorParallel | None = None,
@@ -122,6 +125,9 @@ class MLAttention(nn.Module):
         with no_autocast if self.core_dtype is not None else contextlib.nullcontext():
             # v's head dim may differ from q/k's: CPU kernels take it; on CUDA the flash kernel
             # refuses it and SDPA picks memory-efficient or cuDNN attention instead (no padding).
+            if self.cp is not None:  # context parallel: a ring over the cp group
+                y = ring_attention(q, k, v, self.cp, scale=self.softmax_scale)
+                return self.wo(y.to(out_dtype).transpose(1, 2).reshape(B, T, -1))
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=pos.attention_mask(q.dtype),
                                                is_causal=pos.mask is None, scale=self.softmax_scale,
                                                dropout_p=self.dropout if self.training else 0.0)

@@ -17,6 +17,7 @@ from ..config import ModelConfig
 from ..layers import Embedding, Linear, init_parameters, make_norm
 from ..params import declare, spec
 from ..parallel.collectives import gather_last
+from ..parallel.context_parallel import ContextParallel, zigzag_index
 from ..parallel.expert_parallel import ExpertParallel
 from ..parallel.pipeline.stage import Stage
 from ..parallel.tensor_parallel import TensorParallel, vocab_embedding, vocab_head, vocab_parallel_cross_entropy
@@ -50,6 +51,7 @@ class TransformerModel(nn.Module):
     stage: Stage | None = None  # set by keep_stage on a pipeline rank; None: the whole model
     recompute: Recompute = NONE  # train.recompute (recompute.py): set by the runtime
     document_eos: int | None = None  # data.document_mask: the id that ends each document (documents.py)
+    cp: ContextParallel | None = None  # context parallel: this rank holds zigzag chunks (set by the runtime)
 
     def __init__(self, cfg: ModelConfig, tp: TensorParallel | None = None, ep: ExpertParallel | None = None):
         super().__init__()
@@ -128,6 +130,11 @@ class TransformerModel(nn.Module):
         """What every block's attention needs (documents.py), and each token's position for the
         learned embedding (None: 0..T-1). Packed documents restart both at each EOS."""
         rope = (self.rope_cos, self.rope_sin) if self.rope_cos is not None else None
+        if self.cp is not None:  # this rank's zigzag tokens: their positions in the whole sequence
+            T = tokens.shape[1] * self.cp.size
+            index = zigzag_index(T, self.cp.size, self.cp.rank, tokens.device)
+            rope = (rope[0][index], rope[1][index]) if rope is not None else None
+            return Positions(rope), index.expand(tokens.shape[0], -1)
         if self.document_eos is None:
             return Positions(rope), None
         if tokens is None:

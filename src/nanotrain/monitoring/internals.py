@@ -125,7 +125,7 @@ class Internals:
         for _, block in self._blocks():
             for module in self._watched(block):
                 module.monitor_armed = True
-            if getattr(block, "attn", None) is not None:
+            if getattr(block, "attn", None) is not None and block.attn.cp is None:  # (a ring: no whole rows)
                 block.attn.probe = _attention_probe
 
     def disarm(self) -> None:

@@ -98,6 +98,11 @@ class Probe:
         m = cfg.monitoring
         if m.mode in ("off", "minimal") or m.probe_batch == 0:
             return None
+        if cfg.parallel.cp > 1:
+            if is_main:
+                print("monitoring: the probe batch and the attention figures are off under parallel.cp > 1 (no "
+                      "rank holds a whole sequence, or a whole row of attention)", flush=True)
+            return None
         if not hasattr(data, "probe_batch"):
             if is_main:
                 print(f"monitoring: {type(data).__name__} has no probe_batch(n): the probe batch is off", flush=True)

@@ -45,6 +45,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..compiling import eager
 from .collectives import Group, batch_isend_irecv, rank as group_rank, size as group_size
 
 
@@ -138,9 +139,9 @@ class _Ring:
         self.prev = cp.peers[(cp.rank - 1) % cp.size]
 
     def start(self, tensors: list[torch.Tensor]):
+        tensors = [t.contiguous() for t in tensors]  # (k and v arrive as transposed views)
         bufs = [torch.empty_like(t) for t in tensors]
-        works = batch_isend_irecv([(t.contiguous(), self.next) for t in tensors], [(b, self.prev) for b in bufs],
-                                  self.cp.group)
+        works = batch_isend_irecv([(t, self.next) for t in tensors], [(b, self.prev) for b in bufs], self.cp.group)
         return works, bufs
 
     @staticmethod
@@ -217,6 +218,7 @@ class RingAttention(torch.autograd.Function):
         return dq.to(d), dk.to(d), dv.to(d), None, None
 
 
+@eager  # under train.compile: send/recv and a hand-written backward (compiling.py)
 def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cp: ContextParallel,
                    scale: float | None = None) -> torch.Tensor:
     """Causal attention of this rank's zigzag tokens over the whole sequence (RingAttention)."""

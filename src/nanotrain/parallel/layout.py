@@ -9,6 +9,7 @@ Layout.parse reads it and str(layout) writes it back. The same value comes out o
 
     key    config key                  meaning
     tp     parallel.tp                 tensor parallel: each layer's matrices split over tp ranks
+    cp     parallel.cp                 context parallel: each sequence split over cp ranks (ring attention)
     pp     parallel.pp                 pipeline parallel: the layers split into pp stages
     dp     parallel.dp                 data parallel: replicas that split the global batch
     ep     parallel.ep                 expert parallel: routed experts over ep of the dp ranks
@@ -17,7 +18,7 @@ Layout.parse reads it and str(layout) writes it back. The same value comes out o
     micro  train.micro_batch_size      sequences per micro-batch on one rank (0: batch_size / dp)
 
 A text names only what it changes; parse takes the rest from a base layout (a command passes
-the config's). The world is tp x pp x dp processes; ep is carved out of dp. The zero stage and
+the config's). The world is tp x cp x pp x dp processes; ep is carved out of dp. The zero stage and
 the micro-batch live in other config sections than the sizes, but they are part of how a step
 is laid out over ranks, and a layout that changes them must be checked by the same rules.
 """
@@ -30,7 +31,7 @@ from dataclasses import dataclass
 from ..config import Config, ConfigError, expert_groups_errors, set_value, validate
 
 # key -> the config key it sets (Layout.from_config, Layout.apply)
-CONFIG_KEYS = {"tp": "parallel.tp", "pp": "parallel.pp", "dp": "parallel.dp", "ep": "parallel.ep",
+CONFIG_KEYS = {"tp": "parallel.tp", "cp": "parallel.cp", "pp": "parallel.pp", "dp": "parallel.dp", "ep": "parallel.ep",
                "sp": "parallel.sequence_parallel", "zero": "optimizer.zero_stage", "micro": "train.micro_batch_size"}
 EXAMPLE = "for example tp=2,dp=2,sp or tp=2,pp=2,dp=2,ep=2,zero=1,micro=2"
 
@@ -38,6 +39,7 @@ EXAMPLE = "for example tp=2,dp=2,sp or tp=2,pp=2,dp=2,ep=2,zero=1,micro=2"
 @dataclass(frozen=True)
 class Layout:
     tp: int = 1
+    cp: int = 1
     pp: int = 1
     dp: int = 1
     ep: int = 1
@@ -47,7 +49,7 @@ class Layout:
 
     @property
     def world_size(self) -> int:
-        return self.tp * self.pp * self.dp
+        return self.tp * self.cp * self.pp * self.dp
 
     def __str__(self) -> str:
         """The canonical text: what differs from the defaults, in the order of the fields."""
@@ -80,7 +82,7 @@ class Layout:
     @classmethod
     def from_config(cls, cfg: Config) -> Layout:
         p = cfg.parallel
-        return cls(tp=p.tp, pp=p.pp, dp=p.dp, ep=p.ep, sp=p.sequence_parallel, zero=cfg.optimizer.zero_stage,
+        return cls(tp=p.tp, cp=p.cp, pp=p.pp, dp=p.dp, ep=p.ep, sp=p.sequence_parallel, zero=cfg.optimizer.zero_stage,
                    micro=cfg.train.micro_batch_size)
 
     def check(self) -> list[str]:

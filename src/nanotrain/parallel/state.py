@@ -1,9 +1,9 @@
 """ParallelState: every process group of a run, in one object (no module-level globals), and the
 run's Layout (parallel/layout.py), from which its sizes are read.
 
-Rank layout (Megatron's order): tp varies fastest, then dp, then pp.
+Rank layout (Megatron's order tp-cp-ep-dp-pp): tp varies fastest, then cp, then dp, then pp.
 
-    rank = tp_rank + tp * (dp_rank + dp * pp_rank)
+    rank = tp_rank + tp * (cp_rank + cp * (dp_rank + dp * pp_rank))
 
     world 8 = tp 2 x dp 2 x pp 2:
 
@@ -16,6 +16,20 @@ Rank layout (Megatron's order): tp varies fastest, then dp, then pp.
     dp groups: {0,2} {1,3} {4,6} {5,7}   ranks that hold the same shard, different data
     pp groups: {0,4} {1,5} {2,6} {3,7}   ranks that hold consecutive stages
     (embedding groups: the first and last rank of each pp group, for tied embeddings)
+
+Context parallelism sits next to tp: the cp ranks of a group hold the same weights and the same
+rows of the batch, each 1/cp of every sequence (parallel/context_parallel.py):
+
+    world 8 = tp 2 x cp 2 x dp 2:
+
+              cp0         cp1
+          tp0   tp1   tp0   tp1
+    dp0  [ 0  ,  1 ,   2  ,  3 ]
+    dp1  [ 4  ,  5 ,   6  ,  7 ]
+
+    cp groups: {0,2} {1,3} {4,6} {5,7}         the ring of one sequence's chunks
+    dp groups: {0,2,4,6} {1,3,5,7}             every replica of a weight: dp x cp ranks, whose
+                                               gradients (and ZeRO's shards) are summed over all of them
 
 Expert parallelism is carved out of the dp dimension (ep divides dp):
 dp_rank = edp_rank * ep + ep_rank, so ep groups are runs of ep consecutive dp
@@ -66,6 +80,9 @@ class ParallelState:
     layout: Layout = Layout()
     rank: int = 0
     tp_group: Group | None = None
+    cp_group: Group | None = None  # context parallel: the ring (parallel/context_parallel.py)
+    # Every replica of a weight: the dp ranks, and under context parallelism their cp ranks too
+    # (Megatron's data-parallel group "with context parallel"): gradients, ZeRO, the loss sum.
     dp_group: Group | None = None
     pp_group: Group | None = None
     ep_group: Group | None = None
@@ -86,6 +103,10 @@ class ParallelState:
     @property
     def tp(self) -> int:
         return self.layout.tp
+
+    @property
+    def cp(self) -> int:
+        return self.layout.cp
 
     @property
     def pp(self) -> int:
@@ -110,12 +131,17 @@ class ParallelState:
         return self.rank % self.tp
 
     @property
+    def cp_rank(self) -> int:
+        return self.rank // self.tp % self.cp
+
+    @property
     def dp_rank(self) -> int:
-        return self.rank // self.tp % self.dp
+        """Which rows of the global batch this rank trains on (its cp ranks: the same rows)."""
+        return self.rank // (self.tp * self.cp) % self.dp
 
     @property
     def pp_rank(self) -> int:
-        return self.rank // (self.tp * self.dp)
+        return self.rank // (self.tp * self.cp * self.dp)
 
     @property
     def ep_rank(self) -> int:
@@ -133,12 +159,14 @@ class ParallelState:
     def is_last_stage(self) -> bool:
         return self.pp_rank == self.pp - 1
 
-    def global_rank(self, tp_rank: int | None = None, dp_rank: int | None = None, pp_rank: int | None = None) -> int:
+    def global_rank(self, tp_rank: int | None = None, dp_rank: int | None = None, pp_rank: int | None = None,
+                    cp_rank: int | None = None) -> int:
         """The global rank at these coordinates (each defaults to this process's own)."""
         t = self.tp_rank if tp_rank is None else tp_rank
         d = self.dp_rank if dp_rank is None else dp_rank
         p = self.pp_rank if pp_rank is None else pp_rank
-        return t + self.tp * (d + self.dp * p)
+        c = self.cp_rank if cp_rank is None else cp_rank
+        return t + self.tp * (c + self.cp * (d + self.dp * p))
 
     @property
     def next_stage_rank(self) -> int | None:
@@ -153,7 +181,8 @@ class ParallelState:
         return {"tp": self.tp_group, "ep": self.ep_group}
 
     def describe(self) -> str:
-        return (f"rank {self.rank}/{self.world_size}: tp {self.tp_rank}/{self.tp}, dp {self.dp_rank}/{self.dp}, "
+        return (f"rank {self.rank}/{self.world_size}: tp {self.tp_rank}/{self.tp}, cp {self.cp_rank}/{self.cp}, "
+                f"dp {self.dp_rank}/{self.dp}, "
                 f"pp {self.pp_rank}/{self.pp}, ep {self.ep_rank}/{self.ep}")
 
 
@@ -161,7 +190,8 @@ def check_layout(layout: Layout, world_size: int) -> None:
     """Raise ValueError (with the fix) when the parallel sizes cannot tile this world."""
     tp, pp, dp = layout.tp, layout.pp, layout.dp
     if layout.world_size != world_size:
-        raise ValueError(f"parallel.tp={tp} x parallel.pp={pp} x parallel.dp={dp} = {layout.world_size}, but the "
+        cp = f" x parallel.cp={layout.cp}" if layout.cp > 1 else ""
+        raise ValueError(f"parallel.tp={tp}{cp} x parallel.pp={pp} x parallel.dp={dp} = {layout.world_size}, but the "
                          f"world has {world_size} processes: launch with --nproc-per-node {layout.world_size} or "
                          f"change the sizes so their product is {world_size}.")
     if layout.check():  # a Layout built in code, which no Config validated
@@ -191,19 +221,22 @@ def init_parallel(layout: Layout, device_type: str = "cpu", meter=None, timeout_
     state = ParallelState(layout, rank=dist.get_rank(), meter=meter,
                           world_group=Group("world", None, world_size, dist.get_rank(), meter))
     at = state.global_rank
-    T, D, P, E = range(layout.tp), range(layout.dp), range(layout.pp), range(layout.ep)
+    T, D, P, E, C = range(layout.tp), range(layout.dp), range(layout.pp), range(layout.ep), range(layout.cp)
     edp = range(layout.dp // layout.ep)
+    # (Every list covers every cp rank, so every process creates the same groups. Config refuses cp
+    # with ep or pp for now: their groups are listed, not yet used with cp.)
     groups = {
-        "tp": [[at(t, d, q) for t in T] for q in P for d in D],
-        "dp": [[at(t, d, q) for d in D] for q in P for t in T],
-        "pp": [[at(t, d, q) for q in P] for t in T for d in D],
-        "ep": [[at(t, k * layout.ep + e, q) for e in E] for q in P for t in T for k in edp],
-        "edp": [[at(t, k * layout.ep + e, q) for k in edp] for q in P for t in T for e in E],
+        "tp": [[at(t, d, q, c) for t in T] for q in P for d in D for c in C],
+        "cp": [[at(t, d, q, c) for c in C] for q in P for d in D for t in T],
+        "dp": [[at(t, d, q, c) for d in D for c in C] for q in P for t in T],
+        "pp": [[at(t, d, q, c) for q in P] for t in T for d in D for c in C],
+        "ep": [[at(t, k * layout.ep + e, q, c) for e in E] for q in P for t in T for k in edp for c in C],
+        "edp": [[at(t, k * layout.ep + e, q, c) for k in edp] for q in P for t in T for e in E for c in C],
     }
     if layout.zero == 3:
         groups["dp_gather"], groups["edp_gather"] = groups["dp"], groups["edp"]
     if layout.pp > 1:
-        groups["embd"] = [[at(t, d, 0), at(t, d, layout.pp - 1)] for t in T for d in D]
+        groups["embd"] = [[at(t, d, 0, c), at(t, d, layout.pp - 1, c)] for t in T for d in D for c in C]
     for name, ranks in groups.items():
         mine, _ = dist.new_subgroups_by_enumeration(ranks, timeout=timeout, backend=backend_for(device_type))
         group = Group(name, mine, dist.get_world_size(mine), dist.get_rank(mine), meter)

@@ -23,9 +23,11 @@ from ..data.sampler import MixtureSampler
 from ..data.tokenizer import is_pretrained
 from ..models import build_model
 from ..models.attention import Attention
+from ..models.mla import MLAttention
 from ..monitoring.comm import CommMeter
 from ..optim import lr_at
 from ..parallel.expert_parallel import ExpertParallel
+from ..parallel.context_parallel import ContextParallel, zigzag_split
 from ..parallel.layout import Layout
 from ..parallel.pipeline import chunk_layers, layer_costs, pipeline_stage
 from ..parallel.state import ParallelState, barrier, destroy_parallel, init_parallel
@@ -109,6 +111,17 @@ class TokenData:
     device: torch.device
     dp_rank: int = 0
     dp: int = 1
+    cp_rank: int = 0  # context parallel: this rank keeps its zigzag chunks of every sequence
+    cp: int = 1
+
+    def _local(self, xy: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs and targets on the device, and under context parallelism this rank's tokens of
+        each sequence (parallel/context_parallel.py's zigzag split; the loss denominator, summed
+        over dp x cp, still counts the whole batch's targets)."""
+        x, y = self._to_device(xy)
+        if self.cp > 1:
+            x, y = zigzag_split(x, self.cp, self.cp_rank), zigzag_split(y, self.cp, self.cp_rank)
+        return x, y
 
     def _to_device(self, xy: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         if self.device.type == "cpu":
@@ -118,13 +131,13 @@ class TokenData:
     def micro_batches(self, step: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         mb = self.micro_batch_size
         first = self.dp_rank * mb * self.grad_accum_steps
-        return [self._to_device(self.train.batch(step, slice(first + i * mb, first + (i + 1) * mb)))
+        return [self._local(self.train.batch(step, slice(first + i * mb, first + (i + 1) * mb)))
                 for i in range(self.grad_accum_steps)]
 
     def val_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         rows = self.val.batch_size // self.dp
         for i in range(self.eval_steps):
-            yield self._to_device(self.val.batch(i, slice(self.dp_rank * rows, (self.dp_rank + 1) * rows)))
+            yield self._local(self.val.batch(i, slice(self.dp_rank * rows, (self.dp_rank + 1) * rows)))
 
     def probe_batch(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """n fixed val sequences, whole on every rank: a function of (seed, seq_len, val tokens) only."""
@@ -171,7 +184,8 @@ class TokenDataProvider:
             tokens_per_step=t.batch_size * t.seq_len,
             train=sampler("train"), val=sampler("val", VAL_STREAM),
             micro_batch_size=t.micro_batch(dp), grad_accum_steps=t.grad_accum_steps(dp),
-            eval_steps=t.eval_steps, device=ctx.device, dp_rank=ctx.parallel.dp_rank, dp=dp)
+            eval_steps=t.eval_steps, device=ctx.device, dp_rank=ctx.parallel.dp_rank, dp=dp,
+            cp_rank=ctx.parallel.cp_rank, cp=ctx.parallel.cp)
 
 
 def check_vocabulary(cfg) -> PretrainedTokenizer | None:
@@ -221,7 +235,11 @@ class TransformerProvider:
             chunks = chunk_layers(ctx.cfg.model.n_layers, ps.pp, p.pp_virtual_stages, costs)
             model = pipeline_stage(model, ps.pp_rank, ps.pp, chunks[ps.pp_rank])
         core = attention_core_dtype(ctx)
+        cp = None if ps.cp == 1 else ContextParallel.of(ps.cp_group, [ps.global_rank(cp_rank=c) for c in range(ps.cp)])
+        model.cp = cp  # the positions of this rank's zigzag tokens (models/transformer.py)
         for module in model.modules():
+            if isinstance(module, (Attention, MLAttention)):
+                module.cp = cp  # attention as a ring over the cp group (parallel/context_parallel.py)
             if isinstance(module, Attention):
                 module.core_dtype = core
         model.recompute = Recompute(ctx.cfg.train.recompute, ctx.cfg.train.recompute_layers)  # recompute.py

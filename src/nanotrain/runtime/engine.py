@@ -519,10 +519,11 @@ class RuntimeEngine:
 
     def _compile_blocks(self, model: nn.Module, ctx: RuntimeContext) -> float:
         """Run each compiled block once at the shape it gets in training (compiling.warm_up):
-        a micro-batch of this rank's sequence positions (1/tp of them under sequence parallelism),
-        in the dtype the embedding (or the previous pipeline stage) hands it."""
+        a micro-batch of this rank's sequence positions (1/cp of them under context parallelism, and
+        1/tp of those under sequence parallelism), in the dtype the embedding (or the previous
+        pipeline stage) hands it."""
         cfg, ps = ctx.cfg, ctx.parallel
-        positions = cfg.train.seq_len // (ps.tp if cfg.parallel.sequence_parallel else 1)
+        positions = cfg.train.seq_len // ps.cp // (ps.tp if cfg.parallel.sequence_parallel else 1)
         shape = (cfg.train.micro_batch(ps.dp), positions, cfg.model.d_model)
         return warm_up(model, shape, Dtypes.from_config(cfg.precision).storage, ctx.device, ctx.autocast,
                        partial(state_snapshot, model))
@@ -551,7 +552,7 @@ class RuntimeEngine:
                      "tokens_seen": step * data.tokens_per_step, "batch_offset": self.batch_offset},
             "loss_scaler": self.scaler.state_dict() if self.scaler is not None else None,  # fp16
             "probe": self.probe.state() if self.probe is not None else None,  # its hash, checked on resume
-            "layout": {"world_size": ctx.world_size, "tp": ps.tp, "pp": ps.pp, "dp": ps.dp, "ep": ps.ep,
+            "layout": {"world_size": ctx.world_size, "tp": ps.tp, "cp": ps.cp, "pp": ps.pp, "dp": ps.dp, "ep": ps.ep,
                        "sequence_parallel": cfg.parallel.sequence_parallel, "zero_stage": cfg.optimizer.zero_stage,
                        "micro_batch_size": cfg.train.micro_batch(ps.dp)}}
         tokenizer = data.tokenizer.to_json() if ctx.is_main else None
