@@ -95,13 +95,34 @@ def _fold(grad: torch.Tensor, kv_heads: int) -> torch.Tensor:
     return grad if H == kv_heads else grad.view(B, kv_heads, H // kv_heads, T, d).sum(2)
 
 
-def _block(q, k, v, scale: float, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """softmax(q k^T scale) v over one block, and each row's log-sum-exp (fp32)."""
+_CPU_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+_CPU_FLASH_BACKWARD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+
+
+def _flash(q: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether a block runs in the CPU flash kernel, which returns each row's log-sum-exp and takes
+    the final out and lse in its backward (equal q/k and v head sizes only: MLA's are not). On CUDA,
+    and for MLA, the block is written out below (the same arithmetic, scores materialised)."""
+    return _CPU_FLASH is not None and q.device.type == "cpu" and q.shape[-1] == v.shape[-1]
+
+
+def _masked_scores(q, k, scale: float, causal: bool) -> torch.Tensor:
     s = torch.matmul(q, _expand(k, q.shape[1]).transpose(-1, -2)) * scale
     if causal:
         s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).triu(1), float("-inf"))
+    return s
+
+
+def _block(q, k, v, scale: float, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax(q k^T scale) v over one block, and each row's log-sum-exp (fp32)."""
+    H = q.shape[1]
+    if _flash(q, v):
+        out, lse = _CPU_FLASH(q.contiguous(), _expand(k, H).contiguous(), _expand(v, H).contiguous(), 0.0, causal,
+                              scale=scale)
+        return out, lse
+    s = _masked_scores(q, k, scale, causal)
     lse = torch.logsumexp(s, dim=-1)
-    return torch.matmul(torch.exp(s - lse.unsqueeze(-1)), _expand(v, q.shape[1])), lse
+    return torch.matmul(torch.exp(s - lse.unsqueeze(-1)), _expand(v, H)), lse
 
 
 def _block_backward(dout, q, k, v, out, lse, scale: float, causal: bool):
@@ -109,10 +130,11 @@ def _block_backward(dout, q, k, v, out, lse, scale: float, causal: bool):
     backward: P = exp(S - lse) is the block's share of the whole softmax)."""
     H, kv_heads = q.shape[1], k.shape[1]
     ke, ve = _expand(k, H), _expand(v, H)
-    s = torch.matmul(q, ke.transpose(-1, -2)) * scale
-    if causal:
-        s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).triu(1), float("-inf"))
-    p = torch.exp(s - lse.unsqueeze(-1))
+    if _flash(q, v):
+        dq, dk, dv = _CPU_FLASH_BACKWARD(dout.contiguous(), q.contiguous(), ke.contiguous(), ve.contiguous(),
+                                         out.contiguous(), lse.contiguous(), 0.0, causal, scale=scale)
+        return dq, _fold(dk, kv_heads), _fold(dv, kv_heads)
+    p = torch.exp(_masked_scores(q, k, scale, causal) - lse.unsqueeze(-1))
     dv = torch.matmul(p.transpose(-1, -2), dout)
     dp = torch.matmul(dout, ve.transpose(-1, -2))
     ds = p * (dp - (dout * out).sum(-1, keepdim=True)) * scale
