@@ -140,9 +140,6 @@ def cmd_inspect(args, overrides) -> int:
     cfg = load_config(args.config, [o for o in overrides if not o.startswith("--model.")] if args.hf_config
                       else overrides)
     layout = Layout.parse(args.layout or "", Layout.from_config(cfg))  # as `nanotrain verify` reads it
-    if layout.cp > 1:  # printed figures must be true: none rather than ones that leave cp out
-        raise ConfigError(f"--layout {layout}: nanotrain inspect does not plan context parallelism yet (its ring's "
-                          "memory and bytes); inspect the layout without cp, whose per-rank weights are the same.")
     t = cfg.train
     mbs = args.micro_batch_size or layout.micro or (1 if args.hf_config else max(1, t.batch_size // layout.dp))
     micro_batches = args.micro_batches or (None if args.hf_config else max(1, t.batch_size // (layout.dp * mbs)))

@@ -2,7 +2,8 @@
 world of 8 really holds (inspection/measure.py): parameters, gradients, master copies and
 moments counted from the tensors, activations as the peak of what the forward passes (and
 backward's recomputations) create and keep during one step, ZeRO-3's gathered parameters as the
-most it held at once. Layouts with ZeRO-1, 2 and 3, expert parallelism, and each recompute mode."""
+most it held at once. Layouts with ZeRO-1, 2 and 3, expert and context parallelism, and each
+recompute mode."""
 
 from __future__ import annotations
 
@@ -103,6 +104,11 @@ LAYOUTS = {  # name: (arch options, layout options)
                                    "--train.recompute=full", "--train.batch_size=8", "--train.micro_batch_size=1"]),
     # ZeRO-3: weights sharded too, gathered block by block
     "dp8_zero3": ([], ["--parallel.dp=8", "--optimizer.zero_stage=3", "--train.batch_size=16"]),
+    # Context parallelism: each rank 1/cp of every sequence; the ring's sends; dp x cp replicas
+    "tp2_sp_cp2_dp2_zero1": ([], ["--parallel.tp=2", "--parallel.sequence_parallel=true", "--parallel.cp=2",
+                                  "--parallel.dp=2", "--optimizer.zero_stage=1", "--train.batch_size=8"]),
+    "deepseek_tp2_cp2_dp2_selective": (DEEPSEEK, ["--parallel.tp=2", "--parallel.cp=2", "--parallel.dp=2",
+                                                  "--train.recompute=selective", "--train.batch_size=8"]),
     "deepseek_tp2_dp4_ep2_zero3_selective": (DEEPSEEK, ["--parallel.tp=2", "--parallel.dp=4", "--parallel.ep=2",
                                                         "--optimizer.zero_stage=3", "--train.recompute=selective",
                                                         "--train.batch_size=16"]),
@@ -119,7 +125,7 @@ def test_memory_per_rank_matches_a_world_of_8(tmp_path, name):
     layout = Plan.from_config(cfg)
     estimate = memory_per_rank(cfg.model, layout, cfg.precision, device="cpu")
     for r in ranks:
-        stage = r["rank"] // (cfg.parallel.tp * cfg.parallel.dp)
+        stage = r["rank"] // (cfg.parallel.tp * cfg.parallel.cp * cfg.parallel.dp)
         e = estimate[stage]
         for key in ("weights", "gradients", "master", "optimizer", "activations", "gathered_params"):
             print(f"{name} rank {r['rank']} {key}: estimate {e[key]} measured {r[key]}")

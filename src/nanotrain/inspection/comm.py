@@ -91,7 +91,7 @@ def tp_per_micro_batch(m: ModelConfig, plan: Plan, layers: list[int], first: boo
     t = {"all_reduce": 0, "all_gather": 0, "reduce_scatter": 0}
     if plan.tp == 1:
         return t
-    n, d, sp = plan.micro_batch_size * plan.seq_len, m.d_model, plan.sp
+    n, d, sp = plan.micro_batch_size * plan.seq_len // plan.cp, m.d_model, plan.sp
     if first:
         _row(t, sp, n, d, r)
     mtp = [m.n_layers] * m.mtp_depth if last else []  # DeepSeek's MTP block (on T - 1 positions: ~ N)
@@ -113,7 +113,7 @@ def tp_recomputed_per_micro_batch(m: ModelConfig, plan: Plan, layers: list[int],
     t = {"all_reduce": 0, "all_gather": 0, "reduce_scatter": 0}
     if plan.tp == 1 or plan.recompute == "none":
         return t
-    n, sp = plan.micro_batch_size * plan.seq_len, plan.sp
+    n, sp = plan.micro_batch_size * plan.seq_len // plan.cp, plan.sp
     for pos, i in enumerate(layers):
         if not plan.recomputes(pos, len(layers)):
             continue
@@ -156,7 +156,7 @@ def comm_per_step(m: ModelConfig, plan: Plan, precision, pp_rank: int = 0,
     # interleaved stage: parallel/data_parallel.py posts every bucket of the stage each time).
     backwards = mb * plan.pp_virtual_stages if plan.zero_stage >= 2 else 1
     root = _root_numel(model, m, plan, pp_rank) if plan.zero_stage == 3 else (0, 0)
-    for group, size, numel, root_numel in (("dp", plan.dp, dense, root[0]), ("edp", plan.dp // plan.ep, expert,
+    for group, size, numel, root_numel in (("dp", plan.replicas, dense, root[0]), ("edp", plan.dp // plan.ep, expert,
                                                                              root[1])):
         if size == 1 or numel == 0:
             continue
@@ -171,7 +171,7 @@ def comm_per_step(m: ModelConfig, plan: Plan, precision, pp_rank: int = 0,
             out[f"{group}_gather"] = {"all_gather": 2 * mb * per_pass * param_b}
 
     if plan.ep > 1 and m.arch == "deepseek":
-        n = plan.micro_batch_size * plan.seq_len // (plan.tp if plan.sp else 1)
+        n = plan.micro_batch_size * plan.seq_len // plan.cp // (plan.tp if plan.sp else 1)
         a = n * m.moe_top_k
         moe = sum(1 for i in layers if i >= m.first_k_dense_replace)
         out["ep"] = {"all_to_all": mb * moe * (m.n_routed_experts * 8 + 2 * a * m.d_model * (r + c))}
@@ -181,13 +181,34 @@ def comm_per_step(m: ModelConfig, plan: Plan, precision, pp_rank: int = 0,
             if again:
                 out["ep_recompute"] = {"all_to_all": mb * again * (m.n_routed_experts * 8 + a * m.d_model * (r + c))}
 
+    if plan.cp > 1:
+        out.update(cp_per_step(m, plan, layers))
+
     if plan.pp > 1:
-        n = plan.micro_batch_size * plan.seq_len // (plan.tp if plan.sp else 1)
+        n = plan.micro_batch_size * plan.seq_len // plan.cp // (plan.tp if plan.sp else 1)
         chunks = plan.pp_virtual_stages
         sends = chunks * 2 - (1 if last else 0) - (1 if first else 0)
         out["pp"] = {"send": mb * sends * n * m.d_model * param_b}
         if m.tie_embeddings and (first or last):
             out["embd"] = {"all_reduce": vocab_per_rank(m, plan.tp) * m.d_model * grad_b}
+    return out
+
+
+def cp_per_step(m: ModelConfig, plan: Plan, layers: list[int]) -> dict[str, dict[str, int]]:
+    """The ring's sends (parallel/context_parallel.py): per attention layer and micro-batch, k and
+    v of this rank's tokens (fp32, this tp rank's KV heads) go cp - 1 hops forward and again in
+    backward, and their gradients cp hops; a recomputed block runs its forward ring again."""
+    n = plan.micro_batch_size * plan.seq_len // plan.cp
+    if m.arch == "deepseek":  # MLA's keys and values: every head, q/k and v widths apart
+        kv = m.n_heads // plan.tp * (m.qk_nope_head_dim + m.qk_rope_head_dim + m.v_head_dim)
+    else:
+        kv = 2 * (m.n_kv_heads or m.n_heads) // plan.tp * (m.d_model // m.n_heads)
+    hop = n * kv * 4
+    cp, mb = plan.cp, plan.micro_batches
+    out = {"cp": {"send": mb * len(layers) * hop * ((cp - 1) + (cp - 1) + cp)}}
+    again = sum(1 for pos, _ in enumerate(layers) if plan.recompute != "none" and plan.recomputes(pos, len(layers)))
+    if again:
+        out["cp_recompute"] = {"send": mb * again * hop * (cp - 1)}
     return out
 
 
@@ -200,7 +221,7 @@ def _root_numel(model, m: ModelConfig, plan: Plan, pp_rank: int) -> tuple[int, i
 
 def wire_bytes(groups: dict[str, dict[str, int]], plan: Plan) -> dict[str, float]:
     """Bytes each rank puts on the wire per step, per group (ring algorithms)."""
-    sizes = {"tp": plan.tp, "dp": plan.dp, "edp": plan.dp // plan.ep, "ep": plan.ep,
-             "pp": plan.pp, "embd": 2, "dp_gather": plan.dp, "edp_gather": plan.dp // plan.ep,
-             "tp_recompute": plan.tp, "ep_recompute": plan.ep}
+    sizes = {"tp": plan.tp, "dp": plan.replicas, "edp": plan.dp // plan.ep, "ep": plan.ep,
+             "pp": plan.pp, "embd": 2, "dp_gather": plan.replicas, "edp_gather": plan.dp // plan.ep,
+             "tp_recompute": plan.tp, "ep_recompute": plan.ep, "cp": plan.cp, "cp_recompute": plan.cp}
     return {g: sum(WIRE[op](sizes[g]) * b for op, b in ops.items()) for g, ops in groups.items()}

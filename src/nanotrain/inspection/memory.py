@@ -76,8 +76,11 @@ class Plan:
 
     # The layout's fields, by the names the formulas below use.
     tp = property(lambda self: self.layout.tp)
+    cp = property(lambda self: self.layout.cp)
     pp = property(lambda self: self.layout.pp)
     dp = property(lambda self: self.layout.dp)
+    # Every replica of a weight: dp x cp ranks sum its gradient and split ZeRO's state (parallel/state.py)
+    replicas = property(lambda self: self.layout.dp * self.layout.cp)
     ep = property(lambda self: self.layout.ep)
     sp = property(lambda self: self.layout.sp and self.layout.tp > 1)  # nothing to split without tp
     zero_stage = property(lambda self: self.layout.zero)
@@ -89,7 +92,7 @@ class Plan:
 
     def to_dict(self) -> dict:
         """Flat, for `nanotrain inspect --json`: the layout's fields under the config's names."""
-        keys = ("tp", "pp", "dp", "ep", "sp", "zero_stage", "micro_batch_size", "seq_len", "micro_batches",
+        keys = ("tp", "cp", "pp", "dp", "ep", "sp", "zero_stage", "micro_batch_size", "seq_len", "micro_batches",
                 "pp_schedule", "pp_virtual_stages", "pp_partition", "recompute", "recompute_layers")
         return {k: getattr(self, k) for k in keys}
 
@@ -148,7 +151,7 @@ def static_bytes(params: list, plan: Plan, precision) -> dict[str, int]:
     stage = plan.zero_stage
 
     def share(n_dense: int, n_expert: int) -> int:
-        return _sharded(n_dense, plan.dp) + _sharded(n_expert, edp) if stage >= 1 else n_dense + n_expert
+        return _sharded(n_dense, plan.replicas) + _sharded(n_expert, edp) if stage >= 1 else n_dense + n_expert
 
     n = dense + expert
     master_needed = precision.param_dtype != "fp32" and precision.master_owner == "optimizer"
@@ -196,6 +199,7 @@ class Widths:
     weights_cast: bool = False  # weights stored wider than c, activations already in c (DeepSeek's MTP block)
     documents: bool = False  # data.document_mask: RoPE rows per token, not per position (models/documents.py)
     grouped_experts: bool = False  # the routed experts run as grouped GEMMs (models/grouped.py)
+    ring: bool = False  # context parallel: attention is the ring (parallel/context_parallel.py)
 
     @property
     def autocast(self) -> bool:
@@ -401,16 +405,30 @@ def attention_bytes_per_element(precision, device: str) -> int:
 
 def _widths(m: ModelConfig, plan: Plan, precision, device: str) -> tuple[Widths, bool]:
     """One micro-batch on one rank; and whether MLA's attention runs as separate matmuls (the CPU
-    math path, for unequal q/k and v head dims)."""
+    math path, for unequal q/k and v head dims). Under context parallelism a rank holds 1/cp of
+    each sequence, and its attention is the ring (parallel/context_parallel.py), which keeps q, k,
+    v, the output and the log-sum-exp in fp32, as a flash kernel keeps them, whatever the dims."""
     c = compute_bytes(precision)
     r = BYTES[precision.param_dtype]
-    n = plan.micro_batch_size * plan.seq_len
-    w = Widths(n=n, ns=n // plan.tp if plan.sp else n, batch=plan.micro_batch_size, seq=plan.seq_len,
-               tp=plan.tp, ep=plan.ep, c=min(c, r), r=r, a=attention_bytes_per_element(precision, device),
-               documents=plan.document_mask, grouped_experts=_grouped_experts(m, precision))
-    math_path = device == "cpu" and m.arch == "deepseek" and \
+    seq = plan.seq_len // plan.cp
+    n = plan.micro_batch_size * seq
+    a = 4 if plan.cp > 1 else attention_bytes_per_element(precision, device)
+    w = Widths(n=n, ns=n // plan.tp if plan.sp else n, batch=plan.micro_batch_size, seq=seq,
+               tp=plan.tp, ep=plan.ep, c=min(c, r), r=r, a=a,
+               documents=plan.document_mask, grouped_experts=_grouped_experts(m, precision), ring=plan.cp > 1)
+    math_path = device == "cpu" and m.arch == "deepseek" and plan.cp == 1 and \
         m.qk_nope_head_dim + m.qk_rope_head_dim != m.v_head_dim
     return w, math_path
+
+
+def context_bytes(m: ModelConfig, w: Widths, first: bool) -> int:
+    """Context parallelism, once per micro-batch: the RoPE rows of this rank's positions in the
+    whole sequence, gathered once ([T/cp, dim] fp32, kept by the layers that use them uncast), or
+    on the first stage the learned embedding's row index per position."""
+    if m.arch == "deepseek" or m.pos_emb == "rope":
+        dim = m.qk_rope_head_dim if m.arch == "deepseek" else m.d_model // m.n_heads
+        return 2 * w.seq * dim * 4 if not (w.autocast and w.a == w.c) else 0
+    return w.seq * 8 if first else 0
 
 
 def _grouped_experts(m: ModelConfig, precision) -> bool:
@@ -434,6 +452,8 @@ def activation_bytes(m: ModelConfig, plan: Plan, precision, layers: list[int], f
         out[kind] = out.get(kind, 0) + b
     if plan.document_mask and layers:
         out["document_mask"] = documents_bytes(m, w, first, math_path)
+    if plan.cp > 1 and layers:
+        out["context_positions"] = context_bytes(m, w, first)
     return out
 
 
@@ -471,8 +491,10 @@ def _weight_casts(m: ModelConfig, w: Widths, layer: int) -> int:
 def _kept_outputs(m: ModelConfig, w: Widths, layer: int, math_path: bool) -> int:
     """What selective recomputation keeps of a block besides its input: the outputs of its matmuls
     (recompute.py's policy: mm and addmm, not MLA's up-projections) and of the fused attention
-    kernel (its output and the log-sum-exp of each row). Matmul outputs are N tokens wide (all of
-    the sequence under sequence parallelism: they come before the reduce-scatter)."""
+    kernel (its output and the log-sum-exp of each row; not the ring's under context parallelism:
+    its forward runs without grad inside an autograd.Function, which the policy recomputes).
+    Matmul outputs are N tokens wide (all of the sequence under sequence parallelism: they come
+    before the reduce-scatter)."""
     from ..models.mlp import ffn_width
 
     d, n, c = m.d_model, w.n, w.c
@@ -481,7 +503,7 @@ def _kept_outputs(m: ModelConfig, w: Widths, layer: int, math_path: bool) -> int
         dqk, dv = m.qk_nope_head_dim + m.qk_rope_head_dim, m.v_head_dim
         q = m.q_lora_rank if m.q_lora_rank else h * dqk  # wq_b is an up-projection: recomputed
         total = n * (q + m.kv_lora_rank + m.qk_rope_head_dim + d) * c  # wq or wq_a, wkv_a, wo
-        if not math_path:
+        if not (math_path or w.ring):
             total += w.a * n * h * dv + 4 * w.batch * h * w.seq
         if layer < m.first_k_dense_replace:
             return total + n * (2 * (m.d_ff or ffn_width(m)) // w.tp + d) * c
@@ -491,7 +513,7 @@ def _kept_outputs(m: ModelConfig, w: Widths, layer: int, math_path: bool) -> int
         return total + m.n_shared_experts * n * (2 * f + d) * c if m.n_shared_experts else total
     hd, h, h_kv = d // m.n_heads, m.n_heads // w.tp, (m.n_kv_heads or m.n_heads) // w.tp
     f = ffn_width(m) // w.tp
-    attn = n * ((h + 2 * h_kv) * hd + d) * c + w.a * n * h * hd + 4 * w.batch * h * w.seq
+    attn = n * ((h + 2 * h_kv) * hd + d) * c + (0 if w.ring else w.a * n * h * hd + 4 * w.batch * h * w.seq)
     return attn + n * ((2 if m.mlp == "swiglu" else 1) * f + d) * c
 
 
@@ -518,6 +540,8 @@ def recomputed_activations(m: ModelConfig, plan: Plan, precision, layers: list[i
     per_mb = sum(kept) + sum(ends_bytes(m, w, first, last, math_path).values())
     if plan.document_mask and layers:  # the mask and rows are inputs of every block: kept, not rebuilt
         per_mb += documents_bytes(m, w, first, math_path)
+    if plan.cp > 1 and layers:
+        per_mb += context_bytes(m, w, first)
     per_chunk, casts = per_mb // v, casts // v
     return (flight - 1) * per_chunk + max(per_chunk + casts, rebuilt)
 

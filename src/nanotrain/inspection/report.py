@@ -197,17 +197,19 @@ def _check_layout(m: ModelConfig, lay: Plan) -> None:
 
 def layout_markdown(plan: dict) -> list[str]:
     lay = plan["layout"]
-    name = ", ".join(f"{k}={lay[k]}" for k in ("tp", "pp", "dp", "ep") if lay[k] > 1) or "one process"
+    name = ", ".join(f"{k}={lay[k]}" for k in ("tp", "cp", "pp", "dp", "ep") if lay[k] > 1) or "one process"
     pr = plan["precision"]
     lines = [f"## Memory per rank: {name}{' with sequence parallelism' if lay['sp'] else ''}, ZeRO-{lay['zero_stage']}",
-             "", f"{plan['world_size']} ranks; micro-batch {lay['micro_batch_size']} x {lay['seq_len']} tokens, "
+             "", f"{plan['world_size']} ranks; micro-batch {lay['micro_batch_size']} x {lay['seq_len']} tokens"
+             + (f" ({lay['seq_len'] // lay['cp']} of each sequence per rank: context parallel)" if lay['cp'] > 1 else "")
+             + ", "
              f"{lay['micro_batches']} micro-batches per step ({lay['pp_schedule']} when pp > 1); "
              f"recipe {pr['recipe']}, "
              f"parameters {pr['param_dtype']}, master {pr['master_dtype']}, gradients {pr['grad_dtype']}, moments "
              f"{pr['exp_avg_dtype']}/{pr['exp_avg_sq_dtype']}; recomputation {lay['recompute']}"
              + (f" (the first {lay['recompute_layers']} blocks of each chunk)" if lay['recompute'] == "full"
                 and lay['recompute_layers'] else "")
-             + ". Every tp, dp and ep rank of a stage holds the same "
+             + ". Every tp, cp, dp and ep rank of a stage holds the same "
              "amount (expert ranks up to the router's imbalance). Activations are what backward will use, at the "
              "step's peak (temporaries inside an op are not counted); the columns none / selective / full give them "
              "under each train.recompute. ZeRO-3's gathered parameters: the root's and two blocks' at a time.", "",

@@ -76,10 +76,11 @@ class Attention(nn.Module):
         no_autocast = torch.autocast(x.device.type, enabled=False)
         with no_autocast if self.core_dtype is not None else contextlib.nullcontext():
             if self.cp is not None:  # this rank's zigzag tokens against the whole sequence, as a ring
-                return self.wo(ring_attention(q, k, v, self.cp).to(out_dtype).transpose(1, 2).reshape(B, T, -1))
-            y = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=pos.attention_mask(q.dtype), is_causal=pos.mask is None,
-                dropout_p=self.dropout if self.training else 0.0,
-                enable_gqa=q.shape[1] != k.shape[1],
-            )
+                y = ring_attention(q, k, v, self.cp)
+            else:
+                y = F.scaled_dot_product_attention(
+                    q, k, v, attn_mask=pos.attention_mask(q.dtype), is_causal=pos.mask is None,
+                    dropout_p=self.dropout if self.training else 0.0,
+                    enable_gqa=q.shape[1] != k.shape[1],
+                )
         return self.wo(y.to(out_dtype).transpose(1, 2).reshape(B, T, -1))

@@ -127,10 +127,10 @@ class MLAttention(nn.Module):
             # refuses it and SDPA picks memory-efficient or cuDNN attention instead (no padding).
             if self.cp is not None:  # context parallel: a ring over the cp group
                 y = ring_attention(q, k, v, self.cp, scale=self.softmax_scale)
-                return self.wo(y.to(out_dtype).transpose(1, 2).reshape(B, T, -1))
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=pos.attention_mask(q.dtype),
-                                               is_causal=pos.mask is None, scale=self.softmax_scale,
-                                               dropout_p=self.dropout if self.training else 0.0)
+            else:
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=pos.attention_mask(q.dtype),
+                                                   is_causal=pos.mask is None, scale=self.softmax_scale,
+                                                   dropout_p=self.dropout if self.training else 0.0)
         return self.wo(y.to(out_dtype).transpose(1, 2).reshape(B, T, -1))
 
     def _replicate(self, k_pe: torch.Tensor) -> torch.Tensor:
