@@ -32,8 +32,6 @@ import statistics
 
 from common import ROOT, table  # noqa: F401  (sets sys.path)
 
-import torch
-
 from nanotrain.config import Config, load_config
 from nanotrain.parallel.launch import run_world
 from nanotrain.runtime import RuntimeEngine
@@ -101,9 +99,9 @@ def main() -> None:
     peaks, losses = {}, {}
     for i in range(args.rounds):
         for name in (("one process", "cp=2") if i % 2 == 0 else ("cp=2", "one process")):
+            # Each in fresh processes, so that each peak RSS is its own.
             if name == "one process":
-                torch.set_num_threads(2)
-                r = train(dataclasses.asdict(config(args, f"one{i}")))
+                r = run_world(train, 1, dataclasses.asdict(config(args, f"one{i}")), threads=2)[0]
             else:
                 r = run_world(train, 2, dataclasses.asdict(config(args, f"cp{i}", "--parallel.cp=2")))[0]
             times[name].append(r["step_s"])

@@ -973,10 +973,6 @@ def _context_errors(cfg: Config) -> list[str]:
                          f"dropout. Set model.dropout=0 {fix}."),
         (not cfg.data.document_mask, f"data.document_mask=true with parallel.cp={p.cp} is not implemented: the "
                                      f"ring attends to every earlier chunk. Set data.document_mask=false {fix}."),
-        (p.pp == 1, f"parallel.pp={p.pp} with parallel.cp={p.cp} is not implemented yet: the pipeline's "
-                    f"messages are whole sequences. Use parallel.pp=1 {fix}."),
-        (p.ep == 1, f"parallel.ep={p.ep} with parallel.cp={p.cp} is not implemented yet: expert groups are "
-                    f"carved out of dp alone. Use parallel.ep=1 {fix}."),
         (m.mtp_depth == 0, f"model.mtp_depth > 0 with parallel.cp={p.cp}: multi-token prediction shifts the "
                            f"sequence by a token, which a zigzag chunk does not hold. Set model.mtp_depth=0 {fix}."),
         (m.arch != "deepseek" or m.aux_loss_coef == 0,

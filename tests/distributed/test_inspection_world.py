@@ -107,6 +107,10 @@ LAYOUTS = {  # name: (arch options, layout options)
     # Context parallelism: each rank 1/cp of every sequence; the ring's sends; dp x cp replicas
     "tp2_sp_cp2_dp2_zero1": ([], ["--parallel.tp=2", "--parallel.sequence_parallel=true", "--parallel.cp=2",
                                   "--parallel.dp=2", "--optimizer.zero_stage=1", "--train.batch_size=8"]),
+    "cp2_pp2_dp2_zero1_1f1b": ([], ["--parallel.cp=2", "--parallel.pp=2", "--parallel.dp=2",
+                                    "--optimizer.zero_stage=1", "--train.batch_size=8", "--train.micro_batch_size=1"]),
+    "deepseek_cp2_dp4_ep2_zero1": (DEEPSEEK, ["--parallel.cp=2", "--parallel.dp=4", "--parallel.ep=2",
+                                              "--optimizer.zero_stage=1", "--train.batch_size=16"]),
     "deepseek_tp2_cp2_dp2_selective": (DEEPSEEK, ["--parallel.tp=2", "--parallel.cp=2", "--parallel.dp=2",
                                                   "--train.recompute=selective", "--train.batch_size=8"]),
     "deepseek_tp2_dp4_ep2_zero3_selective": (DEEPSEEK, ["--parallel.tp=2", "--parallel.dp=4", "--parallel.ep=2",

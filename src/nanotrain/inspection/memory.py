@@ -147,7 +147,7 @@ def static_bytes(params: list, plan: Plan, precision) -> dict[str, int]:
     expert = sum(p.numel() for p in params if spec(p).expert_parallel)
     param_b, grad_b = BYTES[precision.param_dtype], BYTES[precision.grad_dtype]
     moment_b = BYTES[precision.exp_avg_dtype] + BYTES[precision.exp_avg_sq_dtype]
-    edp = plan.dp // plan.ep
+    edp = plan.dp // plan.ep * plan.cp  # the replicas of an expert: the other ep groups, and their cp ranks
     stage = plan.zero_stage
 
     def share(n_dense: int, n_expert: int) -> int:

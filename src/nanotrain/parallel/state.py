@@ -34,7 +34,7 @@ rows of the batch, each 1/cp of every sequence (parallel/context_parallel.py):
 Expert parallelism is carved out of the dp dimension (ep divides dp):
 dp_rank = edp_rank * ep + ep_rank, so ep groups are runs of ep consecutive dp
 ranks, and the expert-data-parallel group links the ranks that hold the same
-experts. Expert parameters sync over expert-dp, all others over dp.
+experts (and their cp ranks). Expert parameters sync over expert-dp, all others over dp.
 
 Each kind of group is built by listing its rank sets and handing them to
 torch.distributed.new_subgroups_by_enumeration (every process creates every
@@ -223,15 +223,15 @@ def init_parallel(layout: Layout, device_type: str = "cpu", meter=None, timeout_
     at = state.global_rank
     T, D, P, E, C = range(layout.tp), range(layout.dp), range(layout.pp), range(layout.ep), range(layout.cp)
     edp = range(layout.dp // layout.ep)
-    # (Every list covers every cp rank, so every process creates the same groups. Config refuses cp
-    # with ep or pp for now: their groups are listed, not yet used with cp.)
+    # (Every list covers every cp rank, so every process creates the same groups.)
     groups = {
         "tp": [[at(t, d, q, c) for t in T] for q in P for d in D for c in C],
         "cp": [[at(t, d, q, c) for c in C] for q in P for d in D for t in T],
         "dp": [[at(t, d, q, c) for d in D for c in C] for q in P for t in T],
         "pp": [[at(t, d, q, c) for q in P] for t in T for d in D for c in C],
         "ep": [[at(t, k * layout.ep + e, q, c) for e in E] for q in P for t in T for k in edp for c in C],
-        "edp": [[at(t, k * layout.ep + e, q, c) for k in edp] for q in P for t in T for e in E for c in C],
+        # the ranks that hold the same experts: the other expert-parallel groups, and their cp ranks
+        "edp": [[at(t, k * layout.ep + e, q, c) for k in edp for c in C] for q in P for t in T for e in E],
     }
     if layout.zero == 3:
         groups["dp_gather"], groups["edp_gather"] = groups["dp"], groups["edp"]
