@@ -178,6 +178,9 @@ class ParallelConfig:
     pp: int = 1  # pipeline parallel: the layers split into pp stages, micro-batches streamed through them
     dp: int = 1  # data parallel: replicas that split the global batch
     ep: int = 1  # expert parallel: routed experts split over ep ranks carved out of dp (ep divides dp)
+    # expert tensor parallel: 1 (each expert whole on every tp rank) or parallel.tp (each expert's
+    # width split over the tp group, Megatron's expert-tensor-parallel size; models/moe.py)
+    etp: int = 1
     sequence_parallel: bool = False  # with tp > 1: norms/dropout/residuals split along the sequence
     bucket_mb: float = 25.0  # data-parallel gradient all-reduce bucket size
     # How long a collective waits for the other ranks before it fails (the process groups' timeout;
@@ -193,7 +196,7 @@ class ParallelConfig:
     def check(self) -> list[str]:
         """Rules on the sizes alone. parallel/state.py's init_parallel runs this too: it can be handed
         a ParallelConfig that no Config validated."""
-        errors = [f"parallel.{key}={getattr(self, key)} must be >= 1." for key in ("tp", "cp", "pp", "dp", "ep")
+        errors = [f"parallel.{key}={getattr(self, key)} must be >= 1." for key in ("tp", "cp", "pp", "dp", "ep", "etp")
                   if getattr(self, key) < 1]
         return errors + _failed([
             (self.pp_virtual_stages >= 1, f"parallel.pp_virtual_stages={self.pp_virtual_stages} must be >= 1."),
@@ -201,6 +204,8 @@ class ParallelConfig:
             (self.timeout_s > 0, f"parallel.timeout_s={self.timeout_s} must be positive (seconds)."),
             (not self.sequence_parallel or self.tp > 1, "parallel.sequence_parallel=true needs parallel.tp > 1: "
                                                         "it splits the sequence over the tensor-parallel ranks."),
+            (self.etp in (1, self.tp), f"parallel.etp={self.etp} must be 1 (experts whole on every tp rank) or "
+                                       f"parallel.tp={self.tp} (each expert split over the tp group)."),
         ]) + expert_groups_errors(self.dp, self.ep)
 
 
@@ -934,6 +939,14 @@ def _layout_errors(cfg: Config) -> list[str]:
              "model.aux_loss_coef > 0 with parallel.pp > 1 is not implemented: each stage's auxiliary loss "
              "would need its own backward. Use the auxiliary-loss-free balancing (model.aux_loss_coef=0, "
              "model.bias_update_rate > 0) or parallel.pp=1."),
+        ])
+    if p.etp > 1:
+        errors += _failed([
+            (m.arch == "deepseek", f"parallel.etp={p.etp} splits routed experts, which model.arch={m.arch!r} "
+                                   "does not have: use model.arch='deepseek' or parallel.etp=1."),
+            (m.arch != "deepseek" or m.moe_d_ff % p.etp == 0,
+             f"model.moe_d_ff={m.moe_d_ff} is not divisible by parallel.etp={p.etp}: each tp rank holds "
+             "moe_d_ff/etp of every expert's width."),
         ])
     if p.ep > 1:
         errors += _failed([

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .params import Shard, declare, spec
+from .params import Shard, declare, shards_of, spec
 from .precision.policy import gemm
 
 
@@ -118,8 +118,8 @@ def param_seed(seed: int, name: str) -> int:
 
 
 def full_shape(p: nn.Parameter) -> tuple[int, ...]:
-    shape, shard = list(p.shape), spec(p).shard
-    if shard is not None:
+    shape = list(p.shape)
+    for shard in spec(p).shards:
         shape[shard.dim] = shard.full_size(shape[shard.dim])
     return tuple(shape)
 
@@ -129,11 +129,15 @@ def logical_numel(model: nn.Module) -> int:
     return sum(math.prod(full_shape(p)) for p in model.parameters())
 
 
-def shard_part(full: torch.Tensor, shard: Shard | None) -> torch.Tensor:
-    """The part of the full tensor that `shard` holds, zero where the part runs past the full
-    tensor (padding)."""
-    if shard is None or shard.world == 1:
+def shard_part(full: torch.Tensor, shard: Shard | tuple[Shard, ...] | None) -> torch.Tensor:
+    """The part of the full tensor that `shard` holds (each split of a tuple in turn), zero where
+    the part runs past the full tensor (padding)."""
+    splits = shards_of(shard)
+    if len(splits) != 1:
+        for one in splits:
+            full = shard_part(full, one)
         return full
+    shard = splits[0]
     dim = shard.dim % full.dim()
     part = -(-full.shape[dim] // shard.world)  # padded parts: the full length rounded up to world parts
     start, stop = shard.span(part)

@@ -64,7 +64,9 @@ class ParamSpec:
 
     init: str | None = None  # "normal" | "ones" | "zeros"; None: not built by nanotrain.layers
     init_std: float = 0.0  # the normal init's standard deviation
-    shard: Shard | None = None  # None: whole on every rank of its replicas
+    # None: whole on every rank of its replicas. A tuple: split along several dims over several
+    # axes (an expert's matrices: experts over ep on dim 0, their width over tp: parallel.etp).
+    shard: Shard | tuple[Shard, ...] | None = None
     # Applied to a sequence shard (norms, row-parallel biases, experts under sequence
     # parallelism): each tp rank's gradient is a partial sum, summed over tp after dp.
     sequence_parallel: bool = False
@@ -78,19 +80,30 @@ class ParamSpec:
     lowbit: Any = None
 
     @property
+    def shards(self) -> tuple[Shard, ...]:
+        return shards_of(self.shard)
+
+    @property
     def expert_parallel(self) -> bool:
         """An expert shard: its replicas are the expert-data-parallel group, not dp."""
-        return self.shard is not None and self.shard.axis == "ep"
+        return any(s.axis == "ep" for s in self.shards)
 
     @property
     def tp_sharded(self) -> bool:
-        return self.shard is not None and self.shard.axis == "tp"
+        return any(s.axis == "tp" for s in self.shards)
 
     def counts_in_norm(self, tp_rank: int) -> bool:
         """Whether this rank's copy counts in the global gradient norm: a tp shard on every tp
         rank (the shards add up to the whole), anything whole over tp (replicated parameters,
         experts) on tp rank 0 only, and never the last pipeline stage's copy of a tied embedding."""
         return not self.pipeline_duplicate and (tp_rank == 0 or self.tp_sharded)
+
+
+def shards_of(shard: Shard | tuple[Shard, ...] | None) -> tuple[Shard, ...]:
+    """A ParamSpec.shard as a tuple of the splits that matter (world > 1)."""
+    if shard is None:
+        return ()
+    return tuple(s for s in (shard if isinstance(shard, tuple) else (shard,)) if s.world > 1)
 
 
 UNDECLARED = ParamSpec()  # a parameter no nanotrain layer made: replicated, no init recipe

@@ -25,7 +25,7 @@ from torch import nn
 
 from ..layers import shard_part
 from ..parallel import collectives
-from ..params import spec
+from ..params import shards_of, spec
 
 
 @dataclass
@@ -52,16 +52,17 @@ def whole(name: str, t: torch.Tensor) -> Piece:
 def sharded(name: str, t: torch.Tensor, shard, local_offsets: tuple[int, ...] | None = None,
             local_shape: tuple[int, ...] | None = None) -> Piece | None:
     """A box of a tensor-/expert-parallel shard: `t` sits at `local_offsets` of this rank's
-    shard (of shape `local_shape`), which is part `shard.rank` of `shard.world` along shard.dim.
-    A shard that ends in padding (a padded vocabulary: Shard.size) gives the box cut at the
-    logical tensor's end, or None if the box is all padding."""
+    shard (of shape `local_shape`), which is part `shard.rank` of `shard.world` along shard.dim
+    (a tuple of shards: along each of their dims). A shard that ends in padding (a padded
+    vocabulary: Shard.size) gives the box cut at the logical tensor's end, or None if the box is
+    all padding."""
     local_shape = tuple(local_shape or t.shape)
     offsets = list(local_offsets or (0,) * t.dim())
     shape = list(local_shape)
-    if shard is not None and shard.world > 1:
-        dim = shard.dim % len(shape)
-        offsets[dim] += shard.rank * local_shape[dim]
-        shape[dim] = shard.full_size(local_shape[dim])
+    for one in shards_of(shard):
+        dim = one.dim % len(shape)
+        offsets[dim] += one.rank * local_shape[dim]
+        shape[dim] = one.full_size(local_shape[dim])
         keep = min(t.shape[dim], shape[dim] - offsets[dim])
         if keep <= 0:
             return None
@@ -137,15 +138,19 @@ def model_pieces(model: nn.Module, skip: set[str] = frozenset()) -> list[Piece]:
 # ---------------------------------------------------------------------------
 
 def gather_full(t: torch.Tensor, shard, groups) -> torch.Tensor:
-    """The full tensor from every rank's shard (`shard`: params.Shard or None; `groups`: the
-    process group of each Shard.axis, e.g. ParallelState.groups(), or one group for all),
-    without the padding of a padded vocabulary: the single-process tensor."""
-    if shard is None or shard.world == 1:
-        return t.detach().clone()
-    group = groups[shard.axis] if isinstance(groups, dict) else groups
-    parts = [torch.empty_like(t) for _ in range(shard.world)]
-    collectives.all_gather(parts, t.detach().contiguous(), group)
-    return torch.cat(parts, dim=shard.dim).narrow(shard.dim, 0, shard.full_size(t.shape[shard.dim]))
+    """The full tensor from every rank's shard (`shard`: params.Shard, a tuple of them, or None;
+    `groups`: the process group of each Shard.axis, e.g. ParallelState.groups(), or one group for
+    all), without the padding of a padded vocabulary: the single-process tensor."""
+    t = t.detach()
+    splits = shards_of(shard)
+    if not splits:
+        return t.clone()
+    for one in splits:  # one axis at a time: each gather makes the tensor whole along one dim
+        group = groups[one.axis] if isinstance(groups, dict) else groups
+        parts = [torch.empty_like(t) for _ in range(one.world)]
+        collectives.all_gather(parts, t.contiguous(), group)
+        t = torch.cat(parts, dim=one.dim).narrow(one.dim, 0, one.full_size(t.shape[one.dim]))
+    return t
 
 
 def local_slice(full: torch.Tensor, shard) -> torch.Tensor:

@@ -29,12 +29,13 @@ from .moe import ExpertParallelMoE, LocalRoutedMoE
 from .transformer import TransformerModel
 
 
-def make_moe(cfg: ModelConfig, ep=None) -> nn.Module:
-    """All experts here (ep None), or split over the expert-parallel group."""
+def make_moe(cfg: ModelConfig, ep=None, etp: TensorParallel | None = None) -> nn.Module:
+    """All experts here (ep None), or split over the expert-parallel group; each expert's width
+    split over the tp group too under expert tensor parallelism (etp: parallel.etp = parallel.tp)."""
     kind = LocalRoutedMoE
-    extra = {}
+    extra = {"etp": etp}
     if ep is not None:
-        kind, extra = ExpertParallelMoE, {"ep": ep}
+        kind, extra = ExpertParallelMoE, {"ep": ep, "etp": etp}
     moe = kind(
         cfg.d_model, cfg.n_routed_experts, cfg.moe_top_k, cfg.moe_d_ff, cfg.n_shared_experts,
         score_func=cfg.score_func, n_group=cfg.n_group, topk_group=cfg.topk_group,
@@ -60,7 +61,8 @@ class DeepSeekBlock(nn.Module):
                                 cfg.init_std / math.sqrt(2 * cfg.n_layers), cfg.rope_scaling_dict(), tp)
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.is_moe = index >= cfg.first_k_dense_replace
-        self.mlp = make_moe(cfg, ep) if self.is_moe else GatedMLP(cfg, tp)
+        etp = tp if tp is not None and tp.experts else None
+        self.mlp = make_moe(cfg, ep, etp) if self.is_moe else GatedMLP(cfg, tp)
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, pos: Positions) -> torch.Tensor:

@@ -30,7 +30,9 @@ from torch import nn
 
 from ..compiling import eager
 from ..params import Shard, declare, spec
+from ..parallel.collectives import all_gather_into, copy_to_region, gather_seq, reduce_from_region, reduce_scatter_seq
 from ..parallel.expert_parallel import ExpertParallel, expert_parallel_forward
+from ..parallel.tensor_parallel import TensorParallel
 from ..layers import Linear
 from ..precision.policy import gemm
 from .grouped import group_offsets, grouped_mm
@@ -124,6 +126,7 @@ class ExpertMLP(nn.Module):
     gemm_recipe = None
     gemm_state = None
     grouped = True  # model.moe_grouped_gemm: all experts' GEMMs at once (grouped.py); False: the loop
+    tp: TensorParallel | None = None  # expert tensor parallelism (parallel.etp): each expert's d_ff split
 
     def __init__(self, n_experts: int, d_model: int, d_ff: int, init_std: float, out_std: float):
         super().__init__()
@@ -131,8 +134,62 @@ class ExpertMLP(nn.Module):
         self.w3 = declare(nn.Parameter(torch.empty(n_experts, d_ff, d_model)), init="normal", init_std=init_std)
         self.w2 = declare(nn.Parameter(torch.empty(n_experts, d_model, d_ff)), init="normal", init_std=out_std)
 
+    def split(self, ep: ExpertParallel | None, tp: TensorParallel | None) -> None:
+        """Keep this rank's part of the stacked experts: its E/ep experts (ep, dim 0) and, under
+        expert tensor parallelism, its d_ff/tp slice of each (tp: w1 and w3 by rows, dim 1, as a
+        column-parallel linear; w2 by columns, dim 2, as a row-parallel one). One logical tensor
+        per weight still: init and checkpoints see the single-process [E, ...] tensors."""
+        for name, tp_dim in (("w1", 1), ("w3", 1), ("w2", 2)):
+            full = getattr(self, name)
+            shape, shards = list(full.shape), []
+            if ep is not None:
+                shape[0] //= ep.size
+                shards.append(Shard(0, ep.rank, ep.size, axis="ep"))
+            if tp is not None:
+                if shape[tp_dim] % tp.size:
+                    raise ValueError(f"model.moe_d_ff={shape[tp_dim]} is not divisible by parallel.etp={tp.size}")
+                shape[tp_dim] //= tp.size
+                shards.append(Shard(tp_dim, tp.rank, tp.size, axis="tp"))
+            local = nn.Parameter(torch.empty(shape))
+            declare(local, init=spec(full).init, init_std=spec(full).init_std,
+                    shard=shards[0] if len(shards) == 1 else tuple(shards))
+            setattr(self, name, local)
+        self.tp = tp
+
     def forward(self, x_sorted: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """x_sorted [M, d]: expert e's tokens are rows [sum(counts[:e]), sum(counts[:e+1]))."""
+        if self.tp is not None:
+            return self.tensor_parallel_forward(x_sorted, counts)
+        return self.local_forward(x_sorted, counts)
+
+    def tensor_parallel_forward(self, x_sorted: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """Expert tensor parallelism (Megatron's expert-tensor-parallel size): each tp rank holds
+        d_ff/tp of every local expert, so each expert's SwiGLU is a column -> row pair over the tp
+        group, as the dense MLP's.
+
+        Without sequence parallelism every tp rank routed the same tokens: enter the region (its
+        backward all-reduces the input gradient), compute this rank's slice, all-reduce the outputs.
+        With it each tp rank routed its own tokens: all-gather every tp rank's sorted tokens
+        (padded to the longest: the ranks' counts differ), run each rank's rows through this rank's
+        slices, and reduce-scatter the partial outputs back to the ranks the tokens came from."""
+        tp, g = self.tp, self.tp.group
+        if not tp.sequence_parallel:
+            return reduce_from_region(self.local_forward(copy_to_region(x_sorted, g), counts), g)
+        mine = torch.tensor(counts, dtype=torch.long, device=x_sorted.device)
+        every = torch.empty(tp.size * len(counts), dtype=torch.long, device=x_sorted.device)
+        all_gather_into(every, mine, g)
+        rows = every.view(tp.size, -1).tolist()  # [tp rank][expert]
+        most = max(sum(r) for r in rows)
+        pad = x_sorted.new_zeros(most - x_sorted.shape[0], x_sorted.shape[1])
+        gathered = gather_seq(torch.cat([x_sorted, pad])[None], g)[0]  # [tp x most, d]
+        outs = []
+        for r, row in enumerate(rows):
+            part = self.local_forward(gathered[r * most:r * most + sum(row)], row)
+            outs += [part, part.new_zeros(most - part.shape[0], part.shape[1])]
+        return reduce_scatter_seq(torch.cat(outs)[None], g)[0][:x_sorted.shape[0]]
+
+    def local_forward(self, x_sorted: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """The experts (this rank's slices of them) on tokens sorted by expert."""
         if self.grouped and self.gemm_recipe is None:
             return self.grouped_forward(x_sorted, counts)
         return self.loop_forward(x_sorted, counts)
@@ -192,7 +249,8 @@ class LocalRoutedMoE(nn.Module):
                  n_shared_experts: int = 0, score_func: str = "softmax", n_group: int = 1,
                  topk_group: int = 1, norm_topk_prob: bool = True, routed_scaling_factor: float = 1.0,
                  bias_update_rate: float = 0.0, aux_loss_coef: float = 0.0,
-                 init_std: float = 0.02, out_std: float = 0.02, capacity_factor: float = 0.0):
+                 init_std: float = 0.02, out_std: float = 0.02, capacity_factor: float = 0.0,
+                 etp: TensorParallel | None = None):
         super().__init__()
         self.n_experts, self.top_k = n_routed_experts, top_k
         # 0: dropless. Otherwise each expert takes at most ceil(factor * assignments / E) of
@@ -204,6 +262,8 @@ class LocalRoutedMoE(nn.Module):
                                  norm_topk_prob, routed_scaling_factor, bias_update_rate,
                                  aux_loss_coef, init_std)
         self.experts = ExpertMLP(n_routed_experts, d_model, moe_d_ff, init_std, out_std)
+        if etp is not None:  # each expert's width split over the tp group (parallel.etp)
+            self.experts.split(None, etp)
         self.shared_experts = (SwiGLU(d_model, n_shared_experts * moe_d_ff, init_std, out_std)
                                if n_shared_experts > 0 else None)
         self.aux_loss: torch.Tensor | None = None
@@ -262,18 +322,13 @@ class ExpertParallelMoE(LocalRoutedMoE):
     routing, shared experts and the combine are unchanged (the router is replicated: every
     rank routes its own tokens)."""
 
-    def __init__(self, *args, ep: ExpertParallel, **kwargs):
+    def __init__(self, *args, ep: ExpertParallel, etp: TensorParallel | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         if self.n_experts % ep.size:
             raise ValueError(f"model.n_routed_experts={self.n_experts} is not divisible by parallel.ep={ep.size}")
         self.ep = ep
         self.n_local = self.n_experts // ep.size
-        for name in ("w1", "w3", "w2"):  # keep this rank's experts only
-            full = getattr(self.experts, name)
-            local = nn.Parameter(torch.empty(self.n_local, *full.shape[1:]))
-            declare(local, init=spec(full).init, init_std=spec(full).init_std,
-                    shard=Shard(0, ep.rank, ep.size, axis="ep"))
-            setattr(self.experts, name, local)
+        self.experts.split(ep, etp)  # this rank's experts only (and their tp slice under etp)
 
     def run_experts(self, x_sorted: torch.Tensor, tokens_per_expert: torch.Tensor, counts: list[int]) -> torch.Tensor:
         return expert_parallel_forward(self.experts, x_sorted, tokens_per_expert, self.ep)

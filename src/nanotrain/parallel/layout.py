@@ -13,6 +13,7 @@ Layout.parse reads it and str(layout) writes it back. The same value comes out o
     pp     parallel.pp                 pipeline parallel: the layers split into pp stages
     dp     parallel.dp                 data parallel: replicas that split the global batch
     ep     parallel.ep                 expert parallel: routed experts over ep of the dp ranks
+    etp    parallel.etp                expert tensor parallel: each expert's width over the tp ranks (1 or tp)
     sp     parallel.sequence_parallel  sequence parallelism (with tp > 1); `sp` alone is sp=true
     zero   optimizer.zero_stage        ZeRO stage: 0 (off), 1 (optimizer state), 2 (and gradients), 3 (and parameters)
     micro  train.micro_batch_size      sequences per micro-batch on one rank (0: batch_size / dp)
@@ -32,7 +33,8 @@ from ..config import Config, ConfigError, expert_groups_errors, set_value, valid
 
 # key -> the config key it sets (Layout.from_config, Layout.apply)
 CONFIG_KEYS = {"tp": "parallel.tp", "cp": "parallel.cp", "pp": "parallel.pp", "dp": "parallel.dp", "ep": "parallel.ep",
-               "sp": "parallel.sequence_parallel", "zero": "optimizer.zero_stage", "micro": "train.micro_batch_size"}
+               "etp": "parallel.etp", "sp": "parallel.sequence_parallel", "zero": "optimizer.zero_stage",
+               "micro": "train.micro_batch_size"}
 EXAMPLE = "for example tp=2,dp=2,sp or tp=2,pp=2,dp=2,ep=2,zero=1,micro=2"
 
 
@@ -43,6 +45,7 @@ class Layout:
     pp: int = 1
     dp: int = 1
     ep: int = 1
+    etp: int = 1
     sp: bool = False
     zero: int = 0
     micro: int = 0
@@ -82,7 +85,7 @@ class Layout:
     @classmethod
     def from_config(cls, cfg: Config) -> Layout:
         p = cfg.parallel
-        return cls(tp=p.tp, cp=p.cp, pp=p.pp, dp=p.dp, ep=p.ep, sp=p.sequence_parallel, zero=cfg.optimizer.zero_stage,
+        return cls(tp=p.tp, cp=p.cp, pp=p.pp, dp=p.dp, ep=p.ep, etp=p.etp, sp=p.sequence_parallel, zero=cfg.optimizer.zero_stage,
                    micro=cfg.train.micro_batch_size)
 
     def check(self) -> list[str]:

@@ -58,6 +58,7 @@ class TensorParallel:
     rank: int
     size: int
     sequence_parallel: bool = False
+    experts: bool = False  # parallel.etp = tp: each routed expert's width split over the group too (models/moe.py)
 
 
 def _shard_param(p: nn.Parameter, dim: int, tp: TensorParallel, size: int = 0) -> nn.Parameter:

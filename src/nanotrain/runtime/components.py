@@ -221,7 +221,8 @@ class TransformerProvider:
 
     def build(self, ctx: RuntimeContext) -> nn.Module:
         ps = ctx.parallel
-        tp = None if ps.tp == 1 else TensorParallel(ps.tp_group, ps.tp_rank, ps.tp, ctx.cfg.parallel.sequence_parallel)
+        p = ctx.cfg.parallel
+        tp = None if ps.tp == 1 else TensorParallel(ps.tp_group, ps.tp_rank, ps.tp, p.sequence_parallel, p.etp > 1)
         pr = ctx.cfg.precision
         ep = None if ps.ep == 1 else ExpertParallel(ps.ep_group, ps.ep_rank, ps.ep, pr.moe.dispatch_fp8,
                                                     pr.moe.combine_fp8)
@@ -230,7 +231,6 @@ class TransformerProvider:
         if ps.pp > 1:
             # This rank keeps its stage's layers (parallel/pipeline/stage.py), under the
             # single-process parameter names.
-            p = ctx.cfg.parallel
             costs = layer_costs(model, p.pp_partition)
             chunks = chunk_layers(ctx.cfg.model.n_layers, ps.pp, p.pp_virtual_stages, costs)
             model = pipeline_stage(model, ps.pp_rank, ps.pp, chunks[ps.pp_rank])
