@@ -98,6 +98,18 @@ def tp_per_micro_batch(m: ModelConfig, plan: Plan, layers: list[int], first: boo
     for i in [*layers, *mtp]:
         for kind, width, b in block_tp_linears(m, i, c, r):
             (_col if kind == "col" else _row)(t, sp, n, width, b)
+    if plan.layout.etp > 1 and m.arch == "deepseek":  # expert tensor parallelism, each MoE layer:
+        # the routed (token, slot) rows: without sp the same on every tp rank; with sp each rank's
+        # n/tp tokens pick k experts each (dropless), so the all-gather pads nothing (models/moe.py)
+        a = n * m.moe_top_k
+        for i in [*layers, *mtp]:
+            if i < m.first_k_dense_replace:
+                continue
+            if sp:  # tokens gathered (r), outputs reduce-scattered (c); each mirrored in backward
+                t["all_gather"] += a * d * (r + c) + plan.tp * m.n_routed_experts * 8  # (and the counts)
+                t["reduce_scatter"] += a * d * (r + c)
+            else:  # outputs summed (c); the input's gradient (r)
+                t["all_reduce"] += a * d * (c + r)
     for _ in range(1 + len(mtp) if last else 0):  # the head (shared by MTP) and the loss
         _col(t, sp, n, d, r)
         t["all_reduce"] += 3 * n * 4

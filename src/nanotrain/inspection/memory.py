@@ -107,7 +107,7 @@ def rank_model(m: ModelConfig, plan: Plan):
     from ..parallel.expert_parallel import ExpertParallel
     from ..parallel.tensor_parallel import TensorParallel
 
-    tp = TensorParallel(None, 0, plan.tp, plan.sp) if plan.tp > 1 else None
+    tp = TensorParallel(None, 0, plan.tp, plan.sp, plan.layout.etp > 1) if plan.tp > 1 else None
     ep = ExpertParallel(None, 0, plan.ep) if plan.ep > 1 else None
     with torch.device("meta"):
         return build_model(m, tp, ep)
@@ -200,6 +200,7 @@ class Widths:
     documents: bool = False  # data.document_mask: RoPE rows per token, not per position (models/documents.py)
     grouped_experts: bool = False  # the routed experts run as grouped GEMMs (models/grouped.py)
     ring: bool = False  # context parallel: attention is the ring (parallel/context_parallel.py)
+    etp: int = 1  # expert tensor parallel: each routed expert's width split over this many tp ranks
 
     @property
     def autocast(self) -> bool:
@@ -297,25 +298,30 @@ def mla_bytes(m: ModelConfig, w: Widths, math_path: bool) -> int:
 
 
 def moe_bytes(m: ModelConfig, w: Widths) -> int:
-    """Router, dispatch, routed experts (balanced load: N·k / E tokens per expert) and shared experts."""
-    d, e, k, f = m.d_model, m.n_routed_experts, m.moe_top_k, m.moe_d_ff
-    a = w.n * k  # (token, slot) assignments; under ep each rank receives as many as it sends, on average
+    """Router, dispatch, routed experts (balanced load: N·k / E tokens per expert) and shared experts.
+    The layer routes the tokens this rank holds (1/tp of them under sequence parallelism). Under
+    expert tensor parallelism (parallel.etp) each expert is d_ff/etp wide here, and with sequence
+    parallelism it runs on every tp rank's tokens, all-gathered (models/moe.py)."""
+    d, e, k, f = m.d_model, m.n_routed_experts, m.moe_top_k, m.moe_d_ff // w.etp
+    n = w.ns  # tokens routed on this rank
+    a = n * k  # (token, slot) assignments; under ep each rank receives as many as it sends, on average
+    rows = a * (w.tp if w.etp > 1 and w.ns < w.n else 1)  # the experts' rows: every tp rank's under etp + sp
     total = _norm(w, w.ns, d, "rmsnorm")
-    total += w.n * d * max(w.r, 4)  # the router's input: it scores in fp32 (and shares it when not autocast)
-    total += w.n * (e * 4 + k * 8 + 4 + k * 4)  # scores, chosen experts, their sum, the weights
+    total += n * d * max(w.r, 4)  # the router's input: it scores in fp32 (and shares it when not autocast)
+    total += n * (e * 4 + k * 8 + 4 + k * 4)  # scores, chosen experts, their sum, the weights
     total += a * (8 + 8 + 4) + 2 * a * d * 4  # order, token of each slot, weights; outputs in fp32
     # Tokens gathered for the experts; their SwiGLUs. Grouped GEMMs cast the gathered tokens once
     # (c bytes); a loop of F.linear under autocast casts each expert's slice for w1 and for w3.
-    total += a * d * (w.c if w.grouped_experts else w.r) + 4 * a * f * w.c
+    total += rows * d * (w.c if w.grouped_experts else w.r) + 4 * rows * f * w.c
     if w.casts_weights:  # c-byte copies of each local expert's three weights
         total += e // w.ep * 3 * d * f * w.c
     if m.n_shared_experts:
-        fs = m.n_shared_experts * f
-        total += 4 * w.n * fs * w.c + (3 * d * fs * w.c if w.casts_weights else 0)
+        fs = m.n_shared_experts * m.moe_d_ff  # whole on every tp rank
+        total += 4 * n * fs * w.c + (3 * d * fs * w.c if w.casts_weights else 0)
         if w.autocast:  # w1 and w3 each cast the input
-            total += 2 * w.n * d * w.c
+            total += 2 * n * d * w.c
         elif w.r < 4:  # a 16-bit input: the router kept an fp32 copy, the experts keep the input itself
-            total += w.n * d * w.r
+            total += n * d * w.r
     return total
 
 
@@ -415,7 +421,8 @@ def _widths(m: ModelConfig, plan: Plan, precision, device: str) -> tuple[Widths,
     a = 4 if plan.cp > 1 else attention_bytes_per_element(precision, device)
     w = Widths(n=n, ns=n // plan.tp if plan.sp else n, batch=plan.micro_batch_size, seq=seq,
                tp=plan.tp, ep=plan.ep, c=min(c, r), r=r, a=a,
-               documents=plan.document_mask, grouped_experts=_grouped_experts(m, precision), ring=plan.cp > 1)
+               documents=plan.document_mask, grouped_experts=_grouped_experts(m, precision), ring=plan.cp > 1,
+               etp=plan.layout.etp)
     math_path = device == "cpu" and m.arch == "deepseek" and plan.cp == 1 and \
         m.qk_nope_head_dim + m.qk_rope_head_dim != m.v_head_dim
     return w, math_path
@@ -507,10 +514,11 @@ def _kept_outputs(m: ModelConfig, w: Widths, layer: int, math_path: bool) -> int
             total += w.a * n * h * dv + 4 * w.batch * h * w.seq
         if layer < m.first_k_dense_replace:
             return total + n * (2 * (m.d_ff or ffn_width(m)) // w.tp + d) * c
-        a, f = n * m.moe_top_k, m.moe_d_ff
+        a, f = n * m.moe_top_k, m.moe_d_ff // w.etp
         total += n * m.n_routed_experts * 4  # the router's scores, in fp32
         total += a * (2 * f + d) * c  # each expert's w1, w3 and w2 outputs, for its tokens
-        return total + m.n_shared_experts * n * (2 * f + d) * c if m.n_shared_experts else total
+        fs = m.n_shared_experts * m.moe_d_ff  # the shared experts are whole on every tp rank
+        return total + n * (2 * fs + d) * c if m.n_shared_experts else total
     hd, h, h_kv = d // m.n_heads, m.n_heads // w.tp, (m.n_kv_heads or m.n_heads) // w.tp
     f = ffn_width(m) // w.tp
     attn = n * ((h + 2 * h_kv) * hd + d) * c + (0 if w.ring else w.a * n * h * hd + 4 * w.batch * h * w.seq)
