@@ -66,6 +66,17 @@ def ep_compare(steps: int, rounds: int) -> None:
           f"largest relative loss difference (bf16): {diff:.1e}")
 
 
+def fwd_bwd(m: LocalRoutedMoE, x: torch.Tensor, g: torch.Tensor, forward):
+    """One timed step: forward(x), a fixed upstream gradient g, backward."""
+    def run(_step):
+        m.zero_grad(set_to_none=True)
+        x.grad = None
+        loss = (forward(x) * g).sum()
+        loss.backward()
+        return loss.detach()
+    return run
+
+
 def grouped_compare(args) -> None:
     rows = []
     for n in [int(e) for e in args.grouped.split(",")]:
@@ -76,14 +87,10 @@ def grouped_compare(args) -> None:
         g = torch.randn(args.batch, args.seq, args.d_model)
 
         def step(grouped: bool):
-            def run(_step):
+            def forward(t):
                 m.experts.grouped = grouped
-                m.zero_grad(set_to_none=True)
-                x.grad = None
-                loss = (m(x) * g).sum()
-                loss.backward()
-                return loss.detach()
-            return run
+                return m(t)
+            return fwd_bwd(m, x, g, forward)
         outs = []
         for grouped in (True, False):
             m.experts.grouped = grouped
@@ -127,17 +134,8 @@ def main() -> None:
     # Same function, checked before timing.
     torch.testing.assert_close(m(x), masked_loop_moe(m, x), rtol=0, atol=1e-6)
 
-    def step(forward):
-        def run(_step):
-            m.zero_grad(set_to_none=True)
-            x.grad = None
-            loss = (forward(x) * g).sum()
-            loss.backward()
-            return loss.detach()
-        return run
-
-    times, losses = alternate_rounds({"masked loop": step(lambda t: masked_loop_moe(m, t)),
-                                      "sorted, grouped GEMMs (LocalRoutedMoE)": step(m)},
+    times, losses = alternate_rounds({"masked loop": fwd_bwd(m, x, g, lambda t: masked_loop_moe(m, t)),
+                                      "sorted, grouped GEMMs (LocalRoutedMoE)": fwd_bwd(m, x, g, m)},
                                      args.steps, args.rounds, barrier=lambda: None)
     base = median(times["masked loop"])
     rows = [[name, median(ts) * 1e3, base / median(ts)] for name, ts in times.items()]

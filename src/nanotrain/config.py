@@ -940,22 +940,18 @@ def _layout_errors(cfg: Config) -> list[str]:
              "would need its own backward. Use the auxiliary-loss-free balancing (model.aux_loss_coef=0, "
              "model.bias_update_rate > 0) or parallel.pp=1."),
         ])
-    if p.etp > 1:
-        errors += _failed([
-            (m.arch == "deepseek", f"parallel.etp={p.etp} splits routed experts, which model.arch={m.arch!r} "
-                                   "does not have: use model.arch='deepseek' or parallel.etp=1."),
-            (m.arch != "deepseek" or m.moe_d_ff % p.etp == 0,
-             f"model.moe_d_ff={m.moe_d_ff} is not divisible by parallel.etp={p.etp}: each tp rank holds "
-             "moe_d_ff/etp of every expert's width."),
-        ])
-    if p.ep > 1:
-        errors += _failed([
-            (m.arch == "deepseek", f"parallel.ep={p.ep} splits routed experts, which model.arch={m.arch!r} "
-                                   "does not have: use model.arch='deepseek' or parallel.ep=1."),
-            (m.arch != "deepseek" or m.n_routed_experts % p.ep == 0,
-             f"model.n_routed_experts={m.n_routed_experts} is not divisible by parallel.ep={p.ep}: each "
-             "expert-parallel rank holds n_routed_experts/ep experts."),
-        ])
+    # Routed experts split over ep (whole experts) or etp (each expert's width): a DeepSeek model's,
+    # in equal parts.
+    for key, size, total, name, part in (("ep", p.ep, m.n_routed_experts, "n_routed_experts", "experts"),
+                                         ("etp", p.etp, m.moe_d_ff, "moe_d_ff", "of every expert's width")):
+        if size > 1:
+            errors += _failed([
+                (m.arch == "deepseek", f"parallel.{key}={size} splits routed experts, which model.arch={m.arch!r} "
+                                       f"does not have: use model.arch='deepseek' or parallel.{key}=1."),
+                (m.arch != "deepseek" or total % size == 0,
+                 f"model.{name}={total} is not divisible by parallel.{key}={size}: each rank holds "
+                 f"{name}/{key} {part}."),
+            ])
     if p.tp > 1 and m.n_heads > 0:
         n_kv, d_ff = m.n_kv_heads or m.n_heads, m.ffn_width()
         errors += _failed([

@@ -25,7 +25,7 @@ def test_parse_and_its_canonical_text():
 
 
 @pytest.mark.parametrize("text,message", [
-    ("xp=2", "unknown key 'xp'. Valid keys: tp, cp, pp, dp, ep, sp, zero, micro"),
+    ("xp=2", "unknown key 'xp'. Valid keys: tp, cp, pp, dp, ep, etp, sp, zero, micro"),
     ("tp=0", "tp=0 must be a whole number >= 1"),
     ("dp=two", "dp=two must be a whole number >= 1"),
     ("zero=4", "zero=4 must be 0, 1, 2 or 3"),
@@ -66,7 +66,7 @@ def test_both_commands_reject_an_unknown_key_with_the_same_line(capsys):
     assert main(["inspect", "--config", CONFIG, "--model.vocab_size=64", "--layout", "tp=2,xp=2"]) == 2
     inspect_err = capsys.readouterr().err
     assert verify_err == inspect_err == ("error: --layout 'tp=2,xp=2': unknown key 'xp'. Valid keys: tp, cp, pp, "
-                                         "dp, ep, sp, zero, micro (for example tp=2,dp=2,sp or "
+                                         "dp, ep, etp, sp, zero, micro (for example tp=2,dp=2,sp or "
                                          "tp=2,pp=2,dp=2,ep=2,zero=1,micro=2).\n")
 
 
