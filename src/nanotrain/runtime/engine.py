@@ -553,7 +553,7 @@ class RuntimeEngine:
             "loss_scaler": self.scaler.state_dict() if self.scaler is not None else None,  # fp16
             "probe": self.probe.state() if self.probe is not None else None,  # its hash, checked on resume
             "layout": {"world_size": ctx.world_size, "tp": ps.tp, "cp": ps.cp, "pp": ps.pp, "dp": ps.dp, "ep": ps.ep,
-                       "sequence_parallel": cfg.parallel.sequence_parallel, "zero_stage": cfg.optimizer.zero_stage,
+                       "etp": cfg.parallel.etp, "sequence_parallel": cfg.parallel.sequence_parallel, "zero_stage": cfg.optimizer.zero_stage,
                        "micro_batch_size": cfg.train.micro_batch(ps.dp)}}
         tokenizer = data.tokenizer.to_json() if ctx.is_main else None
         t = time.perf_counter()
