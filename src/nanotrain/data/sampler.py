@@ -24,6 +24,12 @@ from nanotrain.data.shards import TokenShards
 from nanotrain.data.tokenizer import DataError
 
 
+def inputs_and_targets(windows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """[rows, seq_len + 1] token windows -> (x, y) int64 [rows, seq_len], y = x shifted by one."""
+    w = torch.from_numpy(windows.astype(np.int64))
+    return w[:, :-1].contiguous(), w[:, 1:].contiguous()
+
+
 class BatchSampler:
     """tokens: one array (a memmap of train.bin), or shards read as one (data/shards.py)."""
 
@@ -51,9 +57,7 @@ class BatchSampler:
         gather of a [rows, seq_len + 1] index (one file; a window per row from shards),
         then one conversion to torch.
         """
-        starts = self.offsets(step)[rows]
-        w = torch.from_numpy(self.tokens.windows(starts, self.seq_len + 1).astype(np.int64))
-        return w[:, :-1].contiguous(), w[:, 1:].contiguous()
+        return inputs_and_targets(self.tokens.windows(self.offsets(step)[rows], self.seq_len + 1))
 
     def resized(self, batch_size: int, stream: int) -> "BatchSampler":
         """The same tokens, another batch size and stream (the probe's fixed batch)."""
@@ -64,8 +68,8 @@ class MixtureSampler:
     """Batches drawn from several token arrays: each row picks array i with probability
     weights[i], then a uniform window in it, from the step's own generator (as BatchSampler)."""
 
-    def __init__(self, parts: list[np.ndarray | TokenShards], weights: list[float], seq_len: int, batch_size: int, seed: int,
-                 stream: int = 0):
+    def __init__(self, parts: list[np.ndarray | TokenShards], weights: list[float], seq_len: int, batch_size: int,
+                 seed: int, stream: int = 0):
         self.parts = [BatchSampler(t, seq_len, batch_size, seed, stream) for t in parts]  # (checks each)
         self.weights = np.asarray(weights, dtype=np.float64) / sum(weights)
         self.seq_len, self.batch_size, self.seed, self.stream = seq_len, batch_size, seed, stream
@@ -80,10 +84,8 @@ class MixtureSampler:
 
     def batch(self, step: int, rows: slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor]:
         which, starts = (a[rows] for a in self.offsets(step))
-        w = np.concatenate([self.parts[i].tokens.windows(np.asarray([s]), self.seq_len + 1)
-                            for i, s in zip(which, starts)]).astype(np.int64)
-        w = torch.from_numpy(w)
-        return w[:, :-1].contiguous(), w[:, 1:].contiguous()
+        return inputs_and_targets(np.concatenate([self.parts[i].tokens.windows(np.asarray([s]), self.seq_len + 1)
+                                                  for i, s in zip(which, starts)]))
 
     def resized(self, batch_size: int, stream: int) -> "MixtureSampler":
         return MixtureSampler([p.tokens for p in self.parts], list(self.weights), self.seq_len, batch_size,

@@ -168,8 +168,8 @@ def comm_per_step(m: ModelConfig, plan: Plan, precision, pp_rank: int = 0,
     # interleaved stage: parallel/data_parallel.py posts every bucket of the stage each time).
     backwards = mb * plan.pp_virtual_stages if plan.zero_stage >= 2 else 1
     root = _root_numel(model, m, plan, pp_rank) if plan.zero_stage == 3 else (0, 0)
-    edp = plan.dp // plan.ep * plan.cp  # an expert's replicas: the other ep groups, and their cp ranks
-    for group, size, numel, root_numel in (("dp", plan.replicas, dense, root[0]), ("edp", edp, expert, root[1])):
+    for group, size, numel, root_numel in (("dp", plan.replicas, dense, root[0]),
+                                           ("edp", plan.expert_replicas, expert, root[1])):
         if size == 1 or numel == 0:
             continue
         padded = -(-numel // size) * size if plan.zero_stage else numel
@@ -233,7 +233,7 @@ def _root_numel(model, m: ModelConfig, plan: Plan, pp_rank: int) -> tuple[int, i
 
 def wire_bytes(groups: dict[str, dict[str, int]], plan: Plan) -> dict[str, float]:
     """Bytes each rank puts on the wire per step, per group (ring algorithms)."""
-    sizes = {"tp": plan.tp, "dp": plan.replicas, "edp": plan.dp // plan.ep * plan.cp, "ep": plan.ep,
-             "pp": plan.pp, "embd": 2, "dp_gather": plan.replicas, "edp_gather": plan.dp // plan.ep * plan.cp,
+    sizes = {"tp": plan.tp, "dp": plan.replicas, "edp": plan.expert_replicas, "ep": plan.ep,
+             "pp": plan.pp, "embd": 2, "dp_gather": plan.replicas, "edp_gather": plan.expert_replicas,
              "tp_recompute": plan.tp, "ep_recompute": plan.ep, "cp": plan.cp, "cp_recompute": plan.cp}
     return {g: sum(WIRE[op](sizes[g]) * b for op, b in ops.items()) for g, ops in groups.items()}

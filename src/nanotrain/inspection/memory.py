@@ -81,6 +81,8 @@ class Plan:
     dp = property(lambda self: self.layout.dp)
     # Every replica of a weight: dp x cp ranks sum its gradient and split ZeRO's state (parallel/state.py)
     replicas = property(lambda self: self.layout.dp * self.layout.cp)
+    # An expert's replicas: the other expert-parallel groups, and their cp ranks (the edp group)
+    expert_replicas = property(lambda self: self.layout.dp // self.layout.ep * self.layout.cp)
     ep = property(lambda self: self.layout.ep)
     sp = property(lambda self: self.layout.sp and self.layout.tp > 1)  # nothing to split without tp
     zero_stage = property(lambda self: self.layout.zero)
@@ -147,7 +149,7 @@ def static_bytes(params: list, plan: Plan, precision) -> dict[str, int]:
     expert = sum(p.numel() for p in params if spec(p).expert_parallel)
     param_b, grad_b = BYTES[precision.param_dtype], BYTES[precision.grad_dtype]
     moment_b = BYTES[precision.exp_avg_dtype] + BYTES[precision.exp_avg_sq_dtype]
-    edp = plan.dp // plan.ep * plan.cp  # the replicas of an expert: the other ep groups, and their cp ranks
+    edp = plan.expert_replicas
     stage = plan.zero_stage
 
     def share(n_dense: int, n_expert: int) -> int:
@@ -231,23 +233,26 @@ def _norm(w: Widths, n: int, d: int, kind: str) -> int:
 
 def _rope(w: Widths, dim: int) -> int:
     """cos and sin [T, dim], cast to the compute dtype (a view of the tables in fp32); with packed
-    documents one row per token [B, T, dim], cast by each layer (in fp32: documents_bytes)."""
+    documents one row per token [B, T, dim], cast by each layer (in fp32: gathered_positions_bytes)."""
     return 2 * (w.n if w.documents else w.seq) * dim * w.c if w.autocast else 0
 
 
 def documents_bytes(m: ModelConfig, w: Widths, first: bool, math_path: bool) -> int:
     """data.document_mask, once per micro-batch (models/documents.py): the additive [B, T, T] mask
     in the attention's dtype, which every layer hands SDPA (so a fused kernel saves it once; the
-    math path adds it to the scores and keeps nothing of it); the per-token RoPE rows in fp32
-    where the layers use them uncast (a 16-bit attention casts them per layer: _rope); on the
-    first stage, learned position embeddings' row index per token."""
-    total = 0 if math_path else w.batch * w.seq * w.seq * w.a
-    dim = m.qk_rope_head_dim if m.arch == "deepseek" else m.d_model // m.n_heads
-    if (m.arch == "deepseek" or m.pos_emb == "rope") and not (w.autocast and w.a == w.c):
-        total += 2 * w.n * dim * 4
-    if m.pos_emb == "learned" and m.arch != "deepseek" and first:
-        total += w.n * 8
-    return total
+    math path adds it to the scores and keeps nothing of it), and the positions, one per token."""
+    return (0 if math_path else w.batch * w.seq * w.seq * w.a) + gathered_positions_bytes(m, w, w.n, first)
+
+
+def gathered_positions_bytes(m: ModelConfig, w: Widths, rows: int, first: bool) -> int:
+    """Positions gathered once per micro-batch instead of read from the tables: one per token
+    (packed documents) or one per position this rank holds (context parallelism). RoPE rows in
+    fp32, kept by the layers that use them uncast (a 16-bit attention casts them per layer:
+    _rope); or, on the first stage, the learned embedding's row index."""
+    if m.arch == "deepseek" or m.pos_emb == "rope":
+        dim = m.qk_rope_head_dim if m.arch == "deepseek" else m.d_model // m.n_heads
+        return 0 if w.autocast and w.a == w.c else 2 * rows * dim * 4
+    return rows * 8 if first else 0
 
 
 def _flash(w: Widths, h: int, h_kv: int, d_qk: int, d_v: int) -> int:
@@ -428,16 +433,6 @@ def _widths(m: ModelConfig, plan: Plan, precision, device: str) -> tuple[Widths,
     return w, math_path
 
 
-def context_bytes(m: ModelConfig, w: Widths, first: bool) -> int:
-    """Context parallelism, once per micro-batch: the RoPE rows of this rank's positions in the
-    whole sequence, gathered once ([T/cp, dim] fp32, kept by the layers that use them uncast), or
-    on the first stage the learned embedding's row index per position."""
-    if m.arch == "deepseek" or m.pos_emb == "rope":
-        dim = m.qk_rope_head_dim if m.arch == "deepseek" else m.d_model // m.n_heads
-        return 2 * w.seq * dim * 4 if not (w.autocast and w.a == w.c) else 0
-    return w.seq * 8 if first else 0
-
-
 def _grouped_experts(m: ModelConfig, precision) -> bool:
     """Whether the routed experts run grouped: model.moe_grouped_gemm, in a plain recipe (a
     low-bit one scales per expert: ExpertMLP runs those in its loop)."""
@@ -460,7 +455,7 @@ def activation_bytes(m: ModelConfig, plan: Plan, precision, layers: list[int], f
     if plan.document_mask and layers:
         out["document_mask"] = documents_bytes(m, w, first, math_path)
     if plan.cp > 1 and layers:
-        out["context_positions"] = context_bytes(m, w, first)
+        out["context_positions"] = gathered_positions_bytes(m, w, w.seq, first)  # [T/cp] rows, every row alike
     return out
 
 
@@ -549,7 +544,7 @@ def recomputed_activations(m: ModelConfig, plan: Plan, precision, layers: list[i
     if plan.document_mask and layers:  # the mask and rows are inputs of every block: kept, not rebuilt
         per_mb += documents_bytes(m, w, first, math_path)
     if plan.cp > 1 and layers:
-        per_mb += context_bytes(m, w, first)
+        per_mb += gathered_positions_bytes(m, w, w.seq, first)
     per_chunk, casts = per_mb // v, casts // v
     return (flight - 1) * per_chunk + max(per_chunk + casts, rebuilt)
 

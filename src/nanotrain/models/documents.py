@@ -25,8 +25,8 @@ window computes for each document exactly what that document alone would (Llama 
 Everything is computed from the token ids, so every rank builds the same mask from its micro-
 batch: tensor-parallel ranks (whose attention sees the whole sequence after sequence
 parallelism's all-gather) and every pipeline stage (the runner hands each stage the micro-batch's
-token ids) alike. The mask is a dense [B, 1, T, T] boolean given to SDPA, built once per forward
-and shared by every layer. Megatron builds the same from its EOD token (get_ltor_masks_and_
+token ids) alike. The mask is a dense [B, 1, T, T] boolean, built once per forward and handed to
+SDPA in its additive form (Positions.attention_mask), one tensor shared by every layer. Megatron builds the same from its EOD token (get_ltor_masks_and_
 position_ids with reset_position_ids and reset_attention_mask); torchtitan uses flex_attention's
 BlockMask, which skips whole masked tiles: the long-sequence GPU version of this mask.
 """

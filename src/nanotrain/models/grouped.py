@@ -27,6 +27,8 @@ in fp32); bench/moe.py times grouped against the loop.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 
@@ -61,11 +63,7 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: list[int], offs: torch.
 
 def group_offsets(counts: list[int], device) -> torch.Tensor:
     """Where each group's rows end, int32 (torch._grouped_mm's `offs`)."""
-    ends, total = [], 0
-    for c in counts:
-        total += c
-        ends.append(total)
-    return torch.tensor(ends, dtype=torch.int32, device=device)
+    return torch.tensor(list(itertools.accumulate(counts)), dtype=torch.int32, device=device)
 
 
 def _padded_bmm(x: torch.Tensor, w: torch.Tensor, counts: list[int]) -> torch.Tensor:

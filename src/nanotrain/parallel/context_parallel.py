@@ -106,8 +106,9 @@ def _flash(q: torch.Tensor, v: torch.Tensor) -> bool:
     return _CPU_FLASH is not None and q.device.type == "cpu" and q.shape[-1] == v.shape[-1]
 
 
-def _masked_scores(q, k, scale: float, causal: bool) -> torch.Tensor:
-    s = torch.matmul(q, _expand(k, q.shape[1]).transpose(-1, -2)) * scale
+def _masked_scores(q, ke, scale: float, causal: bool) -> torch.Tensor:
+    """q ke^T scale, -inf above the diagonal when causal (ke: the keys expanded to q's heads)."""
+    s = torch.matmul(q, ke.transpose(-1, -2)) * scale
     if causal:
         s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).triu(1), float("-inf"))
     return s
@@ -115,26 +116,24 @@ def _masked_scores(q, k, scale: float, causal: bool) -> torch.Tensor:
 
 def _block(q, k, v, scale: float, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """softmax(q k^T scale) v over one block, and each row's log-sum-exp (fp32)."""
-    H = q.shape[1]
+    ke, ve = _expand(k, q.shape[1]), _expand(v, q.shape[1])
     if _flash(q, v):
-        out, lse = _CPU_FLASH(q.contiguous(), _expand(k, H).contiguous(), _expand(v, H).contiguous(), 0.0, causal,
-                              scale=scale)
-        return out, lse
-    s = _masked_scores(q, k, scale, causal)
+        return _CPU_FLASH(q.contiguous(), ke.contiguous(), ve.contiguous(), 0.0, causal, scale=scale)
+    s = _masked_scores(q, ke, scale, causal)
     lse = torch.logsumexp(s, dim=-1)
-    return torch.matmul(torch.exp(s - lse.unsqueeze(-1)), _expand(v, H)), lse
+    return torch.matmul(torch.exp(s - lse.unsqueeze(-1)), ve), lse
 
 
 def _block_backward(dout, q, k, v, out, lse, scale: float, causal: bool):
     """Gradients of one block given the *final* out and lse of its rows (flash attention's
     backward: P = exp(S - lse) is the block's share of the whole softmax)."""
-    H, kv_heads = q.shape[1], k.shape[1]
-    ke, ve = _expand(k, H), _expand(v, H)
+    kv_heads = k.shape[1]
+    ke, ve = _expand(k, q.shape[1]), _expand(v, q.shape[1])
     if _flash(q, v):
         dq, dk, dv = _CPU_FLASH_BACKWARD(dout.contiguous(), q.contiguous(), ke.contiguous(), ve.contiguous(),
                                          out.contiguous(), lse.contiguous(), 0.0, causal, scale=scale)
         return dq, _fold(dk, kv_heads), _fold(dv, kv_heads)
-    p = torch.exp(_masked_scores(q, k, scale, causal) - lse.unsqueeze(-1))
+    p = torch.exp(_masked_scores(q, ke, scale, causal) - lse.unsqueeze(-1))
     dv = torch.matmul(p.transpose(-1, -2), dout)
     dp = torch.matmul(dout, ve.transpose(-1, -2))
     ds = p * (dp - (dout * out).sum(-1, keepdim=True)) * scale

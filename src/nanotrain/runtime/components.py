@@ -26,8 +26,8 @@ from ..models.attention import Attention
 from ..models.mla import MLAttention
 from ..monitoring.comm import CommMeter
 from ..optim import lr_at
-from ..parallel.expert_parallel import ExpertParallel
 from ..parallel.context_parallel import ContextParallel, zigzag_split
+from ..parallel.expert_parallel import ExpertParallel
 from ..parallel.layout import Layout
 from ..parallel.pipeline import chunk_layers, layer_costs, pipeline_stage
 from ..parallel.state import ParallelState, barrier, destroy_parallel, init_parallel
