@@ -189,9 +189,14 @@ class ParallelConfig:
     # With pp > 1 (ignored otherwise, like bucket_mb without dp): the schedule
     # (parallel/pipeline/), chunks of layers per rank (interleaved only), and what balances
     # the stages: equal layer counts, or equal parameter counts.
-    pp_schedule: Literal["gpipe", "1f1b", "interleaved"] = "1f1b"
+    pp_schedule: Literal["gpipe", "1f1b", "interleaved", "zb_h1", "dualpipev"] = "1f1b"
     pp_virtual_stages: int = 1
     pp_partition: Literal["layers", "params"] = "layers"
+
+    @property
+    def chunks_per_rank(self) -> int:
+        """Chunks of layers each pipeline rank holds: pp_virtual_stages, or DualPipeV's 2."""
+        return 2 if self.pp_schedule == "dualpipev" else self.pp_virtual_stages
 
     def check(self) -> list[str]:
         """Rules on the sizes alone. parallel/state.py's init_parallel runs this too: it can be handed
@@ -610,7 +615,9 @@ class TrainConfig:
     max_steps: int = 2000
     seq_len: int = 64
     batch_size: int = 12  # global batch: sequences per optimizer step, over all dp ranks
-    micro_batch_size: int = 0  # sequences per forward on one rank; 0: batch_size / dp (no accumulation)
+    # sequences per forward on one rank; 0: batch_size / dp (no accumulation), except under
+    # parallel.pp_schedule='dualpipev', which needs 2 pp micro-batches: the largest size that makes them
+    micro_batch_size: int = 0
     eval_interval: int = 250  # 0: only at the end
     eval_steps: int = 20  # val batches per evaluation
     out_dir: str = "runs/default"
@@ -869,9 +876,25 @@ def validate(cfg: Config) -> None:
     # NaN or inf first, alone: the other rules compare numbers and would add odd messages of their own.
     errors = nonfinite_errors(cfg)
     if not errors:
-        errors = [e for f in dataclasses.fields(cfg) for e in getattr(cfg, f.name).check()] + cross_checks(cfg)
+        errors = [e for f in dataclasses.fields(cfg) for e in getattr(cfg, f.name).check()]
+    if not errors:
+        fill_micro_batch(cfg)
+        errors = cross_checks(cfg)
     if errors:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(errors))
+
+
+def fill_micro_batch(cfg: Config) -> None:
+    """train.micro_batch_size=0 under DualPipeV: the largest micro-batch that still gives the schedule
+    its 2 pp micro-batches per step (it cannot run with fewer). Where none does, the size stays 0 and
+    the schedule's check names the fix."""
+    t, p = cfg.train, cfg.parallel
+    if t.micro_batch_size or p.pp_schedule != "dualpipev" or p.pp < 2 or t.batch_size % p.dp:
+        return
+    per_rank = t.batch_size // p.dp
+    sizes = [s for s in range(per_rank, 0, -1) if per_rank % s == 0 and per_rank // s >= 2 * p.pp]
+    if sizes:
+        t.micro_batch_size = sizes[0]
 
 
 def nonfinite_errors(obj: Any, prefix: str = "") -> list[str]:

@@ -16,6 +16,7 @@ from nanotrain.parallel.pipeline import (
     pipeline_stage,
     cached_timetable,
     check_schedule,
+    chunk_ids,
     chunk_layers,
     partition_layers,
     textbook_bubble,
@@ -23,6 +24,7 @@ from nanotrain.parallel.pipeline import (
 )
 from nanotrain.parallel.pipeline.actions import Action
 from nanotrain.parallel.pipeline.runner import PipelineRunner
+from nanotrain.parallel.pipeline.timeline import measured_bubble, timetable_timelines
 from nanotrain.parallel.state import init_parallel
 from nanotrain.verify import grad_floor, rel_diff
 from nanotrain.params import spec
@@ -139,35 +141,83 @@ def test_check_schedule_messages():
     assert any("pp_schedule='interleaved'" in e for e in check_schedule("1f1b", 2, 2, 4, 4))
     assert any("n_layers" in e for e in check_schedule("interleaved", 2, 4, 4, 4))
     assert any("one of" in e for e in check_schedule("zb", 2, 1, 4, 4))
-    assert set(SCHEDULES) == {"gpipe", "1f1b", "interleaved"}
+    assert check_schedule("zb_h1", 2, 1, 4, 4) == [] and check_schedule("dualpipev", 2, 1, 4, 4) == []
+    assert any("2 x parallel.pp = 4 micro-batches" in e for e in check_schedule("dualpipev", 2, 1, 3, 4))
+    assert any("2 chunks per rank" in e for e in check_schedule("dualpipev", 2, 3, 4, 8))
+    assert any("n_layers" in e for e in check_schedule("dualpipev", 4, 1, 8, 4))  # 8 chunks, 4 layers
+    assert set(SCHEDULES) == {"gpipe", "1f1b", "interleaved", "zb_h1", "dualpipev"}
+
+
+@pytest.mark.parametrize("pp,m", [(2, 4), (4, 8), (4, 4), (3, 5), (4, 2)])
+def test_zb_h1_fills_the_cool_down_with_weight_gradients(pp, m):
+    """With F, B and W one slot each, 1F1B (B and W together: 2 slots) idles 2 (pp - 1) slots
+    of its 3 m + 2 (pp - 1); ZB-H1 idles pp - 1 of 3 m + pp - 1 (m >= pp), and holds 1F1B's
+    peak (pp)."""
+    zb = cached_timetable("zb_h1", pp, 1, m)
+    if m >= pp:
+        assert zb.n_slots == 3 * m + pp - 1
+        assert textbook_bubble(pp, m, 1, "zb_h1") == pytest.approx((pp - 1) / (3 * m + pp - 1))
+    assert zb.bubble() == pytest.approx(textbook_bubble(pp, m, 1, "zb_h1"))
+    one_f_one_b = timetable_timelines(cached_timetable("1f1b", pp, 1, m))  # backward = 2 slots
+    assert textbook_bubble(pp, m, 1, "zb_h1") < measured_bubble(one_f_one_b)
+    assert [zb.peak_in_flight(r) for r in range(pp)] == [min(pp, m)] * pp
+    for r in range(pp):  # every B has its W, later, on the same rank; nothing is sent for a W
+        row = [a for a in zb.slots[r] if a is not None]
+        assert sorted((a.mb for a in row if a.kind == "W")) == list(range(m))
+        assert all(row.index(Action("B", 0, i)) < row.index(Action("W", 0, i)) for i in range(m))
+    assert all(msg.action.kind != "W" for msg in zb.messages)
+
+
+@pytest.mark.parametrize("pp,m", [(2, 4), (4, 8), (2, 7), (4, 16)])
+def test_dualpipev_is_a_v_and_beats_interleaved(pp, m):
+    """Rank r holds chunks r and 2 pp - 1 - r; the tip hands over on one rank (no message);
+    the play-through's bubble (backward = 2 x forward) is below interleaved 1F1B's with v = 2."""
+    assert chunk_ids("dualpipev", pp, 2) == [[r, 2 * pp - 1 - r] for r in range(pp)]
+    tt = cached_timetable("dualpipev", pp, 2, m)
+    assert not [msg for msg in tt.messages if msg.src != msg.dst and abs(msg.src - msg.dst) != 1]
+    assert [msg for msg in tt.messages if msg.src == msg.dst]  # the tip: chunk pp - 1 -> chunk pp on rank pp - 1
+    assert all(msg.src == pp - 1 for msg in tt.messages if msg.src == msg.dst)
+    v_shape = measured_bubble(timetable_timelines(tt))
+    assert v_shape < measured_bubble(timetable_timelines(cached_timetable("1f1b", pp, 1, m)))
+    if m % pp == 0:
+        assert v_shape < measured_bubble(timetable_timelines(cached_timetable("interleaved", pp, 2, m)))
+    with pytest.raises(ValueError, match="at least 2 pp"):
+        cached_timetable("dualpipev", pp, 2, 2 * pp - 1)
 
 
 # -- distributed schedules ------------------------------------------------------------------
 
-def _pipeline_run(pp, schedule, v, n_layers, tie):
+def _pipeline_run(pp, schedule, v, n_layers, tie, micro=MICRO):
     state = init_parallel(Layout(pp=pp))
-    stage = pipeline_stage(make_model(n_layers, tie), state.pp_rank, pp, chunk_layers(n_layers, pp, v)[state.pp_rank])
+    ids = chunk_ids(schedule, pp, v)
+    stage = pipeline_stage(make_model(n_layers, tie), state.pp_rank, pp, chunk_layers(n_layers, pp, v, None, ids)[
+        state.pp_rank], ids[state.pp_rank])
     runner = PipelineRunner.from_state(stage, schedule, state)
     x, y = make_batch()
-    mbs = list(zip(x.split(MICRO), y.split(MICRO)))
+    mbs = list(zip(x.split(micro), y.split(micro)))
     loss = runner.train_step(mbs, y.numel(), record=True)
     kinds = {e[0] for e in runner.events}
     grads = {n: p.grad.clone() for n, p in stage.named_parameters()}
     with torch.no_grad():
         eval_sum = runner.forward_only(mbs)
     return {"loss": loss.item(), "grads": grads, "max_in_flight": runner.max_in_flight, "kinds": kinds,
-            "eval_sum": eval_sum.item()}
+            "eval_sum": eval_sum.item(), "has_last": stage.stage.has_last,
+            "planned_in_flight": cached_timetable(schedule, pp, v, len(mbs)).peak_in_flight(state.pp_rank)}
 
 
-@pytest.mark.parametrize("pp,schedule,v,n_layers", [(2, "gpipe", 1, 4), (2, "1f1b", 1, 4), (4, "gpipe", 1, 4),
-                                                    (4, "1f1b", 1, 4), (2, "interleaved", 2, 4)])
-def test_schedules_match_single_process(pp, schedule, v, n_layers):
+@pytest.mark.parametrize("pp,schedule,v,n_layers,micro", [
+    (2, "gpipe", 1, 4, MICRO), (2, "1f1b", 1, 4, MICRO), (4, "gpipe", 1, 4, MICRO), (4, "1f1b", 1, 4, MICRO),
+    (2, "interleaved", 2, 4, MICRO), (2, "zb_h1", 1, 4, MICRO), (4, "zb_h1", 1, 4, MICRO),
+    (2, "dualpipev", 2, 4, MICRO), (4, "dualpipev", 2, 8, 1)])
+def test_schedules_match_single_process(pp, schedule, v, n_layers, micro):
     ref_loss, ref_grads = reference(n_layers)
-    results = run_world(_pipeline_run, pp, pp, schedule, v, n_layers, False)
+    results = run_world(_pipeline_run, pp, pp, schedule, v, n_layers, False, micro)
     seen = set()
     floor = grad_floor(ref_grads, 1e-5)  # verify's measure: each tensor's norm, floored at rounding of the whole
     for rank, out in enumerate(results):
-        if rank == pp - 1:
+        # The loss is on the last rank, or on rank 0 where DualPipeV's V turns back.
+        assert out["has_last"] == (rank == (0 if schedule == "dualpipev" else pp - 1))
+        if out["has_last"]:
             assert out["loss"] == pytest.approx(ref_loss, rel=1e-6)
             assert out["eval_sum"] == pytest.approx(ref_loss * MICRO * N_MICRO * SEQ, rel=1e-6)
         else:
@@ -177,11 +227,23 @@ def test_schedules_match_single_process(pp, schedule, v, n_layers):
             assert err <= 1e-5, (schedule, rank, n, err)
             seen.add(n)
         assert {"F", "B"} <= out["kinds"]
+        assert ("W" in out["kinds"]) == (schedule in ("zb_h1", "dualpipev") and not (rank == 0 and schedule == "zb_h1"))
+        assert out["max_in_flight"] == out["planned_in_flight"]  # measured = the play-through's count
         if schedule == "gpipe":
             assert out["max_in_flight"] == N_MICRO  # GPipe keeps every micro-batch
         elif schedule == "1f1b":
             assert out["max_in_flight"] == min(pp - rank, N_MICRO)  # first rank: pp, not m
     assert seen == set(ref_grads), "parameters not held by any rank"
+
+
+def test_dualpipev_rank_0_holds_both_ends_of_a_tied_embedding():
+    """In the V, the lookup and the head are on rank 0: one tensor, its two uses' gradients in it."""
+    ref_loss, ref_grads = reference(tie=True)
+    results = run_world(_pipeline_run, 2, 2, "dualpipev", 2, 4, True)
+    assert "tok_emb.weight" not in results[1]["grads"]
+    ref = ref_grads["tok_emb.weight"]
+    assert rel_diff(results[0]["grads"]["tok_emb.weight"], ref, grad_floor(ref_grads, 1e-5)) <= 1e-5
+    assert results[0]["loss"] == pytest.approx(ref_loss, rel=1e-6)
 
 
 def test_tied_embeddings_sum_over_the_embedding_group():

@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 
 from ..parallel import collectives
+from ..parallel.pipeline.split_backward import running_half
 from ..recompute import replayed
 from .formats import E4M3, E5M2
 from .scaling import blockwise, mxfp4, nvfp4, tensorwise
@@ -320,9 +321,16 @@ class QuantizedLinear(torch.autograd.Function):
     def backward(ctx, dy):
         x2, weight = ctx.saved_tensors
         recipe, state = ctx.recipe, ctx.state
+        # A backward split in two (parallel/pipeline/split_backward.py) runs this twice: the
+        # input's GEMM in B, the weight's in W, each once, as autograd's own mm does.
+        half = running_half()
+        dx = dw = db = None
         with torch.autocast(dy.device.type, enabled=False):
             dy2 = dy.reshape(-1, dy.shape[-1]).float()
-            dx = recipe.gemm(dy2, weight.float().t(), ("dy", "w_t"), state)  # [M, N] x [K, N]ᵀ
-            dw = recipe.gemm(dy2.t(), x2.t(), ("dy_t", "x_t"), state)  # [N, M] x [K, M]ᵀ
-            db = dy2.sum(0) if ctx.has_bias else None
-        return dx.reshape(ctx.x_shape).to(ctx.x_dtype), dw.to(weight.dtype), db, None, None
+            if half != "weights":
+                dx = recipe.gemm(dy2, weight.float().t(), ("dy", "w_t"), state)  # [M, N] x [K, N]ᵀ
+                dx = dx.reshape(ctx.x_shape).to(ctx.x_dtype)
+            if half != "input":
+                dw = recipe.gemm(dy2.t(), x2.t(), ("dy_t", "x_t"), state).to(weight.dtype)  # [N, M] x [K, M]ᵀ
+                db = dy2.sum(0) if ctx.has_bias else None
+        return dx, dw, db, None, None

@@ -95,7 +95,7 @@ class PipelineStep:
             loss_sum = self.runner.forward_only(batches)  # 0 except on the last stage
         finally:
             self.model.train()
-        if self.ctx.parallel.is_last_stage:  # the only stage that has a loss to count
+        if self.runner.stage.has_last:  # the only stage that has a loss to count (rank 0 in DualPipeV's V)
             sums[0] = loss_sum.double()
             sums[1] = sum((y != -100).sum() for _, y in batches)
         return sums
@@ -108,18 +108,19 @@ class PipelineStep:
 
         ctx, runner = self.ctx, self.runner
         ps, p = ctx.parallel, ctx.cfg.parallel
-        mine = RankTimeline(ps.pp_rank, runner.t0_wall, runner.events, p.pp_virtual_stages)
+        v = p.chunks_per_rank
+        mine = RankTimeline(ps.pp_rank, runner.t0_wall, runner.events, v)
         timelines = merge_over_pipeline({ps.pp_rank: mine}, ps.pp_group)
         if not ctx.is_main:
             return
         timelines = [timelines[r] for r in range(ps.pp)]
-        measured, textbook = measured_bubble(timelines), textbook_bubble(ps.pp, n_micro, p.pp_virtual_stages)
+        measured, textbook = measured_bubble(timelines), textbook_bubble(ps.pp, n_micro, v, p.pp_schedule)
         step = ctx.cfg.logging.timeline_step
-        title = f"{p.pp_schedule}, pp={ps.pp}" + (f", v={p.pp_virtual_stages}" if p.pp_virtual_stages > 1 else "") \
+        title = f"{p.pp_schedule}, pp={ps.pp}" + (f", v={v}" if v > 1 else "") \
             + f", m={n_micro}, step {step}"
         plot_timeline(timelines, ctx.out_dir / "timeline.png", title, textbook, measured)
         (ctx.out_dir / "timeline.json").write_text(json.dumps(
-            {"schedule": p.pp_schedule, "pp": ps.pp, "v": p.pp_virtual_stages, "micro_batches": n_micro,
+            {"schedule": p.pp_schedule, "pp": ps.pp, "v": v, "micro_batches": n_micro,
              "step": step, "bubble_measured": measured, "bubble_textbook": textbook,
              "ranks": [{"rank": t.rank, "t0_wall": t.t0_wall, "events": t.events} for t in timelines]}) + "\n")
         print(format_bubble(measured, textbook) + f"; picture in {ctx.out_dir / 'timeline.png'}", flush=True)

@@ -5,7 +5,10 @@ Read in this order:
     gpipe.py        all forwards, then all backwards
     one_f_one_b.py  1F1B: warm-up, one forward / one backward, cool-down
     interleaved.py  1F1B over v chunks per rank
+    zero_bubble.py  ZB-H1: 1F1B with each backward split into B (input) and W (weights)
+    dualpipev.py    DualPipeV: two chunks per rank in a V, forwards paired with backwards
     actions.py      a schedule as per-rank action orders, played in time slots
+    split_backward.py  B now, W later: the autograd graph cut at the weights
     runner.py       executes one rank's slots: compute, then batched send/recv
     timeline.py     measured intervals, bubble fraction, the timeline picture
 
@@ -18,35 +21,56 @@ micro-batch losses is the global mean loss and the accumulated gradients are the
 single-process gradients of the same parameters (same names, same values).
 
 (torch.distributed.pipelining is the library version: PipelineStage, Schedule1F1B,
-ScheduleInterleaved1F1B; bench/pp.py times ours against it.)
+ScheduleInterleaved1F1B, ScheduleInterleavedZeroBubble, ScheduleDualPipeV; bench/pp.py
+times ours against it.)
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-from .actions import Action, Timetable, cached_timetable, timetable
+from .actions import Action, Timetable, cached_timetable, loop_placement, timetable
+from .dualpipev import dualpipev_order
 from .gpipe import gpipe_order
 from .interleaved import interleaved_order
 from .one_f_one_b import one_f_one_b_order
 from .stage import Stage, chunk_layers, layer_costs, partition_layers, pipeline_stage
+from .zero_bubble import zb_h1_order
 
 # parallel.pp_schedule -> order(rank, pp, v, m)
 SCHEDULES: dict[str, Callable[[int, int, int, int], list[Action]]] = {
-    "gpipe": gpipe_order, "1f1b": one_f_one_b_order, "interleaved": interleaved_order}
+    "gpipe": gpipe_order, "1f1b": one_f_one_b_order, "interleaved": interleaved_order, "zb_h1": zb_h1_order,
+    "dualpipev": dualpipev_order}
 
 
-def forward_only_order(rank: int, pp: int, v: int, m: int) -> list[Action]:
-    """Evaluation: each micro-batch through every chunk, no backward."""
-    return [Action("F", k, i) for i in range(m) for k in range(v)]
+def chunks_per_rank(name: str, v: int) -> int:
+    """Chunks each rank holds: DualPipeV's two, else parallel.pp_virtual_stages."""
+    return 2 if name == "dualpipev" else v
+
+
+def chunk_ids(name: str, pp: int, v: int) -> list[list[int]]:
+    """ids[rank][k]: the global chunk of rank's local chunk k under this schedule (stage.py)."""
+    if name == "dualpipev":
+        return [[r, 2 * pp - 1 - r] for r in range(pp)]  # the V
+    return loop_placement(pp, v)
 
 
 def check_schedule(name: str, pp: int, v: int, m: int, n_layers: int) -> list[str]:
-    """What is wrong with this combination, as messages that name the fix (empty: fine)."""
+    """What is wrong with this combination, as messages that name the fix (empty: fine).
+    v: parallel.pp_virtual_stages as configured."""
     errors = []
     if name not in SCHEDULES:
         return [f"parallel.pp_schedule={name!r} is not a schedule: use one of {', '.join(SCHEDULES)}."]
-    if name == "interleaved":
+    if name == "dualpipev":
+        if v not in (1, 2):
+            errors.append(f"parallel.pp_schedule='dualpipev' runs 2 chunks per rank (a V), not "
+                          f"parallel.pp_virtual_stages={v}: leave pp_virtual_stages at 1.")
+        if m < 2 * pp:
+            errors.append(f"DualPipeV needs at least 2 x parallel.pp = {2 * pp} micro-batches per step, got {m} "
+                          "(train.batch_size / (parallel.dp x train.micro_batch_size)): lower "
+                          "train.micro_batch_size or raise train.batch_size.")
+        v = 2
+    elif name == "interleaved":
         if v < 2:
             errors.append("parallel.pp_schedule='interleaved' needs parallel.pp_virtual_stages >= 2 "
                           "(chunks per rank); with 1 it is plain 1F1B: set pp_schedule='1f1b'.")
@@ -63,15 +87,21 @@ def check_schedule(name: str, pp: int, v: int, m: int, n_layers: int) -> list[st
     return errors
 
 
-def textbook_bubble(pp: int, m: int, v: int = 1) -> float:
-    """Idle fraction of a step: (pp - 1) / (m + pp - 1) for GPipe and 1F1B.
+def textbook_bubble(pp: int, m: int, v: int = 1, name: str = "1f1b") -> float:
+    """Idle fraction of a step, with a backward twice a forward and free communication.
 
-    Interleaving makes fill and drain v times shorter: Narayanan et al. give the bubble
-    as (1/v) (pp - 1) / m of the compute time, i.e. (pp - 1) / (v m + pp - 1) of the
-    step, which is about the 1F1B fraction divided by v (exactly so as m grows)."""
+    GPipe and 1F1B: (pp - 1) / (m + pp - 1). Interleaving makes fill and drain v times
+    shorter: Narayanan et al. give the bubble as (1/v) (pp - 1) / m of the compute time,
+    i.e. (pp - 1) / (v m + pp - 1) of the step, about the 1F1B fraction divided by v.
+    The split schedules' is their play-through's (timeline.timetable_timelines: F, B and W
+    one unit each). For ZB-H1 with m >= pp that is pp - 1 idle units per rank beside 3 m of
+    work, (pp - 1) / (3 m + pp - 1); DualPipeV has no short formula."""
+    if name in ("zb_h1", "dualpipev"):
+        from .timeline import measured_bubble, timetable_timelines
+        return measured_bubble(timetable_timelines(cached_timetable(name, pp, chunks_per_rank(name, v), m)))
     return (pp - 1) / (v * m + pp - 1)
 
 
 __all__ = ["Action", "Stage", "pipeline_stage", "SCHEDULES", "Timetable", "cached_timetable", "check_schedule",
-           "chunk_layers", "forward_only_order", "layer_costs", "partition_layers", "textbook_bubble",
+           "chunk_ids", "chunk_layers", "chunks_per_rank", "layer_costs", "partition_layers", "textbook_bubble",
            "timetable"]

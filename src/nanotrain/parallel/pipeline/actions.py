@@ -1,9 +1,14 @@
 """A schedule is, for every pipeline rank, the order of its compute actions.
 
     Action("F", k, i): forward of micro-batch i through this rank's local chunk k
-    Action("B", k, i): its backward
+    Action("B", k, i): its backward: the gradient of the chunk's input, which the previous
+                       chunk waits for, and (unless a W follows) the weights' gradients
+    Action("W", k, i): the weights' gradients of that backward, split off and run later
+                       (zero-bubble schedules): it needs its own B and sends nothing
 
-gpipe.py, one_f_one_b.py and interleaved.py each only produce these orders. Turning
+gpipe.py, one_f_one_b.py, interleaved.py, zero_bubble.py and dualpipev.py each only
+produce these orders. Which global chunk a rank's local chunk k is comes from the
+placement (stage.chunk_ids): chunk k * pp + rank for all but DualPipeV's V. Turning
 an order into communication is shared, here: `timetable` plays all ranks' orders
 in unit time slots (each rank runs its next action as soon as the inputs it needs
 were produced in an earlier slot), which tells every rank in which slot each message
@@ -26,7 +31,7 @@ from functools import lru_cache
 
 @dataclass(frozen=True)
 class Action:
-    kind: str  # "F" or "B"
+    kind: str  # "F", "B" or "W"
     chunk: int  # local chunk index on its rank (0..v-1)
     mb: int  # micro-batch
 
@@ -72,20 +77,45 @@ class Timetable:
         busy = sum(a is not None for row in self.slots for a in row)
         return 1 - busy / (self.pp * self.n_slots)
 
+    def peak_in_flight(self, rank: int) -> int:
+        """Most (chunk, micro-batch) pairs whose activations this rank holds at once: from a
+        forward until the backward that finishes with them (the W where one follows the B).
+        It depends on the rank's order alone, so it is what the runner measures too."""
+        orders = [a for a in self.slots[rank] if a is not None]
+        split = {(a.chunk, a.mb) for a in orders if a.kind == "W"}
+        live = peak = 0
+        for a in orders:
+            if a.kind == "F":
+                live += 1
+                peak = max(peak, live)
+            elif a.kind == "W" or (a.chunk, a.mb) not in split:
+                live -= 1
+        return peak
 
-def timetable(orders: list[list[Action]], v: int = 1) -> Timetable:
-    """Play the per-rank orders in unit slots; raise ValueError if they cannot all finish."""
+
+def loop_placement(pp: int, v: int) -> list[list[int]]:
+    """Global chunk of each rank's local chunk k: k * pp + rank (every schedule but DualPipeV)."""
+    return [[k * pp + r for k in range(v)] for r in range(pp)]
+
+
+def timetable(orders: list[list[Action]], v: int = 1, placement: list[list[int]] | None = None) -> Timetable:
+    """Play the per-rank orders in unit slots; raise ValueError if they cannot all finish.
+    placement[rank][k]: the global chunk of rank's local chunk k (default: loop_placement)."""
     pp = len(orders)
     n_chunks = pp * v
+    placement = placement or loop_placement(pp, v)
+    where = {c: (r, k) for r, ids in enumerate(placement) for k, c in enumerate(ids)}
+    if sorted(where) != list(range(n_chunks)):
+        raise ValueError(f"the placement {placement} does not hold every chunk 0..{n_chunks - 1} once")
 
-    def rank_of(c: int) -> int:  # global chunk c = k * pp + rank
-        return c % pp
+    def rank_of(c: int) -> int:
+        return where[c][0]
 
     def local(c: int) -> int:
-        return c // pp
+        return where[c][1]
 
     def glob(rank: int, k: int) -> int:
-        return k * pp + rank
+        return placement[rank][k]
 
     done: dict[tuple[str, int, int], int] = {}  # (kind, global chunk, mb) -> slot
     pos = [0] * pp
@@ -102,8 +132,12 @@ def timetable(orders: list[list[Action]], v: int = 1) -> Timetable:
             c = glob(r, a.chunk)
             if a.kind == "F":
                 need = [("F", c - 1, a.mb)] if c > 0 else []
-            else:  # a backward needs its own forward, and the gradient from the next chunk
+            elif a.kind == "B":  # a backward needs its own forward, and the gradient from the next chunk
                 need = [("F", c, a.mb)] + ([("B", c + 1, a.mb)] if c < n_chunks - 1 else [])
+            elif a.kind == "W":  # the weights' half needs the input's half (its captured gradients)
+                need = [("B", c, a.mb)]
+            else:
+                raise ValueError(f"pipeline rank {r}: unknown action kind {a.kind!r} (F, B or W)")
             if all(done.get(d, t) < t for d in need):
                 slots[r].append(a)
                 ran.append((r, a, c))
@@ -115,6 +149,8 @@ def timetable(orders: list[list[Action]], v: int = 1) -> Timetable:
         for r, a, c in ran:
             done[(a.kind, c, a.mb)] = t
             pos[r] += 1
+            if a.kind == "W":
+                continue  # weight gradients stay on the rank
             nxt = c + 1 if a.kind == "F" else c - 1
             if 0 <= nxt < n_chunks:  # the last chunk's forward ends in the loss, chunk 0's backward at the tokens
                 messages.append(Message(r, rank_of(nxt), t, a, Action(a.kind, local(nxt), a.mb)))
@@ -123,15 +159,28 @@ def timetable(orders: list[list[Action]], v: int = 1) -> Timetable:
         want = {(a.kind, glob(r, a.chunk), a.mb) for a in orders[r]}
         if len(want) != len(orders[r]):
             raise ValueError(f"pipeline rank {r}: an action appears twice in the schedule")
+        late = {(a.chunk, a.mb) for a in orders[r] if a.kind == "W"} - \
+            {(a.chunk, a.mb) for a in orders[r] if a.kind == "B"}
+        if late:
+            raise ValueError(f"pipeline rank {r}: W without its B for (chunk, micro-batch) {sorted(late)}")
     return Timetable(pp, v, slots, messages)
 
 
 @lru_cache(maxsize=64)
 def cached_timetable(schedule: str, pp: int, v: int, m: int, forward_only: bool = False) -> Timetable:
-    from . import SCHEDULES, forward_only_order
+    from . import SCHEDULES, chunk_ids
 
+    placement = chunk_ids(schedule, pp, v)
     if forward_only:
-        orders = [forward_only_order(r, pp, v, m) for r in range(pp)]
+        orders = [forward_only_order(ids, m) for ids in placement]
     else:
         orders = [SCHEDULES[schedule](r, pp, v, m) for r in range(pp)]
-    return timetable(orders, v)
+    return timetable(orders, v, placement)
+
+
+def forward_only_order(ids: list[int], m: int) -> list[Action]:
+    """Evaluation: a rank's chunks in the order of their global index, each through every
+    micro-batch. Any placement plays without waiting in a cycle: every forward needs only
+    the previous global chunk's, which comes earlier on its own rank too."""
+    by_global = sorted(range(len(ids)), key=lambda k: ids[k])
+    return [Action("F", k, i) for k in by_global for i in range(m)]

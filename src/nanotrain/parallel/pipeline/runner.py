@@ -3,7 +3,9 @@
     for each slot t of the timetable (actions.py):
         compute this rank's action of slot t, if any:
             F: wait for the input (received earlier), forward the chunk, keep (input, output)
-            B: wait for the output's gradient, backpropagate, free (input, output)
+            B: wait for the output's gradient, backpropagate, free (input, output); where the
+               schedule has a W for it, only the input's gradient (split_backward.py)
+            W: the weights' gradients that B left
         exchange: one batch_isend_irecv with the messages produced in slot t:
             this rank's output (hidden states, or the gradient of its input) to the rank
             of the next (previous) chunk, and the receives matching its neighbours' sends
@@ -12,7 +14,9 @@ Receives are posted early and waited for only when the action that needs them ru
 sends are waited for at the end of the step. What crosses ranks is the hidden state
 [micro_batch, seq_len, d_model] in the residual stream's dtype (fp32, or bf16 parameters'), or its shard
 [micro_batch, seq_len / tp, d_model] under sequence parallelism; the receiver knows
-the shape from its own micro-batch (point-to-point carries no metadata).
+the shape from its own micro-batch (point-to-point carries no metadata). A message
+to the same rank (DualPipeV's tip, where one rank holds two neighbouring chunks) is
+handed over in memory.
 
 Megatron's equivalent is schedules.py (forward_backward_pipelining_*), written as
 explicit loops per schedule with send_forward_recv_backward-style pairs; torch's is
@@ -32,7 +36,18 @@ from torch import nn
 
 from ..collectives import Group, batch_isend_irecv
 from .actions import Action, cached_timetable
+from .split_backward import WeightGradients, backward_input
 from .stage import Stage
+
+
+class _Here:
+    """A message this rank sends itself: already delivered."""
+
+    def wait(self) -> None:
+        pass
+
+    def is_completed(self) -> bool:
+        return True
 
 
 class PipelineRunner:
@@ -58,9 +73,12 @@ class PipelineRunner:
     def train_step(self, micro_batches: list, loss_denominator, backward_context=None,
                    record: bool = False) -> torch.Tensor:
         """Forward and backward every micro-batch; gradients accumulate in the stage's
-        parameters. Returns the summed loss on the last rank (0 elsewhere).
-        backward_context(last) wraps each backward; last=True for the final backward of
-        each chunk, when the chunk's gradients are complete (data-parallel sync hooks)."""
+        parameters. Returns the summed loss on the rank with the last chunk (0 elsewhere).
+        backward_context(last) wraps each backward that accumulates weight gradients (a
+        whole B, or a W); last=True for the final one of each chunk, when the chunk's
+        gradients are complete (data-parallel sync hooks). Where one rank holds both ends
+        of the model (DualPipeV), their chunks can share a weight (tied embeddings), so
+        only the rank's final one is last."""
         return self._run(micro_batches, loss_denominator, backward_context, record, forward_only=False)
 
     @torch.no_grad()
@@ -75,7 +93,13 @@ class PipelineRunner:
         tt = cached_timetable(self.schedule, stage.n_ranks, stage.v, m, forward_only)
         me = stage.rank
         sends, recvs = tt.sends(me), tt.recvs(me)
-        last_backward = {a.chunk: a for a in tt.slots[me] if a is not None and a.kind == "B"}
+        order = [a for a in tt.slots[me] if a is not None]
+        # Split: a W follows the B. Not the model's first chunk: its input is token ids, with
+        # no gradient to send, so its B runs whole and the W has nothing left.
+        split = {(a.chunk, a.mb) for a in order if a.kind == "W" and not stage.is_first_chunk(a.chunk)}
+        accumulates = [a for a in order if (a.kind == "W") == ((a.chunk, a.mb) in split) and a.kind != "F"]
+        whole = stage.has_first and stage.has_last  # one sync for the rank: see train_step
+        last_backward = {0 if whole else a.chunk: a for a in accumulates}
         shape = self._message_shape(micro_batches[0][0])
         self.events = [] if record else None
         self._t0 = time.perf_counter()
@@ -85,6 +109,7 @@ class PipelineRunner:
         outbox: dict[Action, torch.Tensor] = {}  # producer -> what it sends
         in_flight: list[tuple[dist.Work, torch.Tensor, Action]] = []  # sends not yet known complete, by sender
         acts: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}  # (chunk, mb) -> (input, output)
+        weights_left: dict[tuple[int, int], WeightGradients] = {}  # (chunk, mb) -> its W, after the B
         loss_sum = torch.zeros((), device=self.device)
         peak = 0
 
@@ -98,10 +123,18 @@ class PipelineRunner:
                     outbox[a] = y.detach().to(self.dtype)
                 if not forward_only:
                     acts[(a.chunk, a.mb)] = (x, y)
-                    peak = max(peak, len(acts))
+                    peak = max(peak, len(acts) + len(weights_left))
+            elif a is not None and a.kind == "W":
+                if (a.chunk, a.mb) in split:
+                    self._weights(a, weights_left.pop((a.chunk, a.mb)), backward_context,
+                                  a == last_backward[0 if whole else a.chunk])
             elif a is not None:
-                last = a == last_backward[a.chunk]  # the chunk's gradients are complete after it
-                dx = self._backward(a, *acts.pop((a.chunk, a.mb)), inbox, backward_context, last)
+                last = a == last_backward[0 if whole else a.chunk]  # the chunk's gradients are complete after it
+                x, y = acts.pop((a.chunk, a.mb))
+                if (a.chunk, a.mb) in split:
+                    dx, weights_left[(a.chunk, a.mb)] = self._backward_input(a, x, y, inbox)
+                else:
+                    dx = self._backward(a, x, y, inbox, backward_context, last)
                 # Its gradient came back, so the next rank has received this micro-batch's output:
                 # the send is done (gloo's send reports it only to wait()). Releasing it frees the
                 # output now instead of at the end of the step.
@@ -149,13 +182,36 @@ class PipelineRunner:
         self._event("B", a, start)
         return None if stage.is_first_chunk(a.chunk) else x.grad
 
+    def _backward_input(self, a: Action, x, y, inbox) -> tuple[torch.Tensor, WeightGradients]:
+        """B of a split backward: the input's gradient, now; the weights' are left for W.
+        Not inside backward_context: no weight gradient arrives here, so no bucket fills."""
+        grad = None if self.stage.is_last_chunk(a.chunk) else self._take(inbox, a)
+        start = time.perf_counter()
+        dx, rest = backward_input(y, None if grad is None else grad.to(y.dtype), x)
+        self._event("B", a, start)
+        return dx, rest
+
+    def _weights(self, a: Action, rest: WeightGradients, backward_context, last: bool) -> None:
+        """W: the weights' gradients of a split backward, where the gradient hooks fire."""
+        ctx = backward_context(last) if backward_context else contextlib.nullcontext()
+        start = time.perf_counter()
+        with ctx:
+            rest.run()
+        self._event("W", a, start)
+
     def _exchange(self, sends, recvs, outbox, inbox, in_flight, shape) -> None:
         if not (sends or recvs):
             return
         start = time.perf_counter()
+        me = self.stage.rank
+        for msg in [m for m in sends if m.dst == me]:  # to this rank's other chunk: no message
+            inbox[msg.consumer] = (_Here(), outbox.pop(msg.action))
+        sends, recvs = [m for m in sends if m.dst != me], [m for m in recvs if m.src != me]
         to_send = [(outbox.pop(msg.action).contiguous(), self.peers[msg.dst]) for msg in sends]
         to_recv = [(torch.empty(shape, dtype=self.dtype, device=self.device), self.peers[msg.src]) for msg in recvs]
         buffers = [t for t, _ in to_send + to_recv]  # kept alive until the transfers complete
+        if not buffers:
+            return
         works = batch_isend_irecv(to_send, to_recv, self.group)
         n_ops = len(buffers)
         if len(works) != n_ops:  # NCCL may return one work for the whole batch

@@ -1,15 +1,21 @@
 """Pipeline stages: which layers each pipeline rank holds, and the cut that leaves it only those.
 
 The model's n_layers are cut into pp * v contiguous *chunks* (v = virtual stages per
-rank, 1 unless the schedule is interleaved). Chunk c lives on pipeline rank c % pp,
-so with v = 2 and pp = 2, 8 layers go:
+rank: 1, the interleaved schedule's pp_virtual_stages, or DualPipeV's 2). Chunk c lives
+on pipeline rank c % pp, so with v = 2 and pp = 2, 8 layers go:
 
     chunk:   0        1        2        3
     layers:  0 1      2 3      4 5      6 7
     rank:    0        1        0        1        (rank 0 holds layers 0,1 and 4,5)
 
+DualPipeV places them in a V instead: rank r holds chunks r and 2 pp - 1 - r, so the
+micro-batches go down the ranks and back up, and rank 0 also holds the last chunk:
+
+    chunk:   0        1        2        3
+    rank:    0        1        1        0        (rank 0 holds layers 0,1 and 6,7)
+
 The embedding lives with chunk 0 (rank 0), the final norm, head and loss with the last
-chunk (rank pp - 1). A micro-batch's hidden states travel chunk 0 -> 1 -> ... and its
+chunk (rank pp - 1, or rank 0 in the V). A micro-batch's hidden states travel chunk 0 -> 1 -> ... and its
 gradients back; see schedules in gpipe.py, one_f_one_b.py and interleaved.py.
 
 The stage is the model itself, cut down: `pipeline_stage` gives the model a `Stage` (which
@@ -38,6 +44,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from ...params import declare
+from .actions import loop_placement
 
 # -- partitioning ---------------------------------------------------------------------
 
@@ -100,21 +107,30 @@ def layer_costs(model: nn.Module, by: str) -> list[float] | None:
     return [float(sum(p.numel() for p in layer.parameters())) for layer in model.layers.values()]
 
 
-def chunk_layers(n_layers: int, pp: int, v: int = 1, costs: list[float] | None = None) -> list[list[list[int]]]:
-    """Layer ids of each rank's chunks: result[rank][k] = layers of global chunk k * pp + rank."""
+def chunk_layers(n_layers: int, pp: int, v: int = 1, costs: list[float] | None = None,
+                 placement: list[list[int]] | None = None) -> list[list[list[int]]]:
+    """Layer ids of each rank's chunks: result[rank][k] = layers of global chunk placement[rank][k]
+    (by default k * pp + rank; actions.loop_placement)."""
     chunks = partition_layers(n_layers, pp * v, costs)
-    return [[chunks[k * pp + rank] for k in range(v)] for rank in range(pp)]
+    placement = placement or loop_placement(pp, v)
+    return [[chunks[c] for c in ids] for ids in placement]
 
 
 @dataclass(frozen=True)
 class Stage:
     """Which part of the model pipeline rank `rank` of `n_ranks` runs: `chunks[k]` are the layer
-    ids of its k-th chunk (global chunk k * n_ranks + rank). The first rank also embeds, the last
-    also runs the final norm, head and loss."""
+    ids of its k-th chunk, global chunk `ids[k]` of the model's n_ranks * v (by default
+    k * n_ranks + rank). The rank with chunk 0 also embeds; the one with the last chunk also runs
+    the final norm, head and loss."""
 
     rank: int
     n_ranks: int
     chunks: tuple[tuple[int, ...], ...]
+    ids: tuple[int, ...] = ()  # () : k * n_ranks + rank
+
+    def __post_init__(self):
+        if not self.ids:
+            object.__setattr__(self, "ids", tuple(k * self.n_ranks + self.rank for k in range(len(self.chunks))))
 
     @property
     def v(self) -> int:
@@ -122,32 +138,39 @@ class Stage:
         return len(self.chunks)
 
     @property
+    def n_chunks(self) -> int:
+        return self.n_ranks * self.v
+
+    @property
     def has_first(self) -> bool:
-        return self.rank == 0
+        return 0 in self.ids
 
     @property
     def has_last(self) -> bool:
-        return self.rank == self.n_ranks - 1
+        return self.n_chunks - 1 in self.ids
 
     def is_first_chunk(self, k: int) -> bool:
-        return self.has_first and k == 0
+        return self.ids[k] == 0
 
     def is_last_chunk(self, k: int) -> bool:
-        return self.has_last and k == self.v - 1
+        return self.ids[k] == self.n_chunks - 1
 
 
-def pipeline_stage(model: nn.Module, rank: int, n_ranks: int, chunks: list[list[int]]) -> nn.Module:
+def pipeline_stage(model: nn.Module, rank: int, n_ranks: int, chunks: list[list[int]],
+                   ids: list[int] | None = None) -> nn.Module:
     """Cut `model` (built whole and initialised) down to what pipeline rank `rank` runs, in place,
-    and return it. The model implements `keep_stage(stage)` (models/transformer.py): it knows
-    which of its modules the first and last stage need."""
+    and return it. ids: the global index of each chunk (None: k * n_ranks + rank). The model
+    implements `keep_stage(stage)` (models/transformer.py): it knows which of its modules the
+    first and last stage need."""
     if not 0 <= rank < n_ranks:
         raise ValueError(f"pipeline rank {rank} is outside 0..{n_ranks - 1}")
     missing = [i for c in chunks for i in c if str(i) not in model.layers]
     if missing:
         raise ValueError(f"layers {missing} are not in the model (it has {len(model.layers)})")
-    stage = Stage(rank, n_ranks, tuple(tuple(c) for c in chunks))
+    stage = Stage(rank, n_ranks, tuple(tuple(c) for c in chunks), tuple(ids or ()))
     model.keep_stage(stage)
-    if model.cfg.tie_embeddings and n_ranks > 1 and (stage.has_first or stage.has_last):
+    # The tied matrix on two ranks (not on DualPipeV's rank 0, which holds both ends: one tensor).
+    if model.cfg.tie_embeddings and n_ranks > 1 and (stage.has_first != stage.has_last):
         # The tied matrix: its gradient is summed over the embedding group, and only
         # the first rank's copy counts in the gradient norm (it is one parameter).
         declare(model.tok_emb.weight, pipeline_shared=True, pipeline_duplicate=not stage.has_first)

@@ -3,6 +3,7 @@
 With record=True, PipelineRunner keeps per-rank events (kind, chunk, mb, start, end):
 
     F, B    forward / backward of micro-batch mb through local chunk `chunk`: compute
+    W       the weights' gradients of a backward split in two (zero-bubble schedules)
     wait    blocked on the receive an action needs (its chunk and mb)
     comm    posting one slot's batched send/recv exchange (chunk = mb = -1)
     send    waiting for the last sends at the end of the step (chunk = mb = -1)
@@ -29,7 +30,7 @@ from pathlib import Path
 from .actions import Action, Timetable
 
 Event = tuple[str, int, int, float, float]  # (kind, chunk, mb, start_s, end_s)
-COMPUTE = ("F", "B")
+COMPUTE = ("F", "B", "W")
 
 
 @dataclass
@@ -67,7 +68,7 @@ def measured_bubble(timelines: list[RankTimeline]) -> float:
     """Fraction of the step the ranks did not compute: 1 - mean(busy) / span.
 
     span is from the first event of any rank to the last one to end (absolute times);
-    busy is a rank's summed F and B time. Waiting, communication and idle all count
+    busy is a rank's summed F, B and W time. Waiting, communication and idle all count
     as bubble, as in the textbook definition (anything not compute is bubble)."""
     aligned = align(timelines)
     span = max(e for events in aligned for *_, e in events)  # aligned: the earliest start is 0
@@ -81,7 +82,7 @@ def format_bubble(measured: float, textbook: float | None = None) -> str:
     """One log line, e.g. 'pipeline bubble: measured 31.2%, textbook 27.3% (...)'."""
     line = f"pipeline bubble: measured {measured:.1%}"
     if textbook is not None:
-        line += f", textbook {textbook:.1%} ((pp-1)/(v*m+pp-1), v=1 unless interleaved)"
+        line += f", textbook {textbook:.1%} (backward = 2 x forward, free communication: textbook_bubble)"
     return line
 
 
@@ -89,7 +90,8 @@ def timetable_timelines(tt: Timetable, slot_ms: float = 1.0, backward_cost: floa
     """Synthetic timelines from a schedule's play-through, with no process running.
 
     A forward lasts slot_ms and a backward backward_cost * slot_ms (real backwards
-    cost about 2x a forward). Each rank runs its actions in the timetable's order,
+    cost about 2x a forward); a backward split into B and W gives B one slot and W the
+    rest (the input's and the weights' gradients are one GEMM each per linear). Each rank runs its actions in the timetable's order,
     each as soon as the rank is free and its input (a message in tt.messages) has
     been produced; communication is free. With backward_cost=1 this is exactly the
     unit-slot play-through (the action in slot t runs over [t, t + 1) * slot_ms);
@@ -99,6 +101,7 @@ def timetable_timelines(tt: Timetable, slot_ms: float = 1.0, backward_cost: floa
     end: dict[tuple[int, Action], float] = {}  # (rank, action) -> end time, ms
     free = [0.0] * tt.pp  # when each rank finishes its previous action
     events: list[list[Event]] = [[] for _ in range(tt.pp)]
+    split = [{(a.chunk, a.mb) for a in row if a is not None and a.kind == "W"} for row in tt.slots]
     # Slot by slot: an action's producer always ran in an earlier slot, so its end is known.
     for t in range(tt.n_slots):
         for r in range(tt.pp):
@@ -107,21 +110,38 @@ def timetable_timelines(tt: Timetable, slot_ms: float = 1.0, backward_cost: floa
                 continue
             src = producer.get((r, a))
             start = max(free[r], end[src] if src else 0.0)
-            free[r] = end[(r, a)] = start + slot_ms * (1.0 if a.kind == "F" else backward_cost)
+            cost = {"F": 1.0, "W": backward_cost - 1.0}.get(a.kind, 1.0 if (a.chunk, a.mb) in split[r] else backward_cost)
+            free[r] = end[(r, a)] = start + slot_ms * cost
             events[r].append((a.kind, a.chunk, a.mb, start / 1e3, free[r] / 1e3))
     return [RankTimeline(r, 0.0, events[r], tt.v) for r in range(tt.pp)]
+
+
+def format_timetable(tt: Timetable) -> str:
+    """The play-through as text, one row per rank, as in the schedules' docstrings
+    (F3b: forward of micro-batch 3 through the rank's second chunk)."""
+    width = 3 + (tt.v > 1)
+
+    def cell(a: Action | None) -> str:
+        return "." if a is None else f"{a.kind}{a.mb + 1}" + (chr(ord("a") + a.chunk) if tt.v > 1 else "")
+
+    rows = [f"rank {r} |" + " ".join(cell(a).ljust(width) for a in row).rstrip() + "|" for r, row in enumerate(tt.slots)]
+    return "\n".join(rows) + f"\n{tt.n_slots} slots, bubble {tt.bubble():.1%} (every action one slot)"
 
 
 def _darker(rgb, f: float = 0.6):
     return tuple(c * f for c in rgb[:3])
 
 
+def _lighter(rgb, f: float = 0.55):
+    return tuple(c + (1 - c) * f for c in rgb[:3])
+
+
 def plot_timeline(timelines: list[RankTimeline], path: str | Path, title: str = "",
                   textbook: float | None = None, measured: float | None = None) -> Path:
     """Draw the step as one row per pipeline rank (rank 0 on top), time in ms; return the PNG's path.
 
-    Forward bars take their micro-batch's colour; backward bars the same colour,
-    darker and hatched. Thin grey bars: waiting on a receive (light) and posting or
+    Forward bars take their micro-batch's colour; backward bars (B) the same colour,
+    darker and hatched; weight-gradient bars (W) the same colour, pale and dotted. Thin grey bars: waiting on a receive (light) and posting or
     finishing sends (dark). Blank: the rank had nothing to do."""
     # Figure + the Agg canvas directly, not pyplot: no display, no global figure state.
     from matplotlib import colormaps
@@ -154,14 +174,15 @@ def plot_timeline(timelines: list[RankTimeline], path: str | Path, title: str = 
             x, w = s * 1e3, (e - s) * 1e3
             if kind in COMPUTE:
                 base = palette[mb % len(palette)]
-                fwd = kind == "F"
+                fill, hatch, edge, ink = {"F": (base, None, "white", "black"),
+                                          "B": (_darker(base), "//", base, "white"),
+                                          "W": (_lighter(base), "..", base, "black")}[kind]
                 # The hatch takes the edge colour: the micro-batch's own, so it stays faint under the label.
-                ax.barh(y, w, left=x, height=0.8, color=base if fwd else _darker(base),
-                        hatch=None if fwd else "//", edgecolor="white" if fwd else base, linewidth=0.5)
+                ax.barh(y, w, left=x, height=0.8, color=fill, hatch=hatch, edgecolor=edge, linewidth=0.5)
                 label = f"{kind}{mb + 1}" + (chr(ord("a") + chunk) if tl.v > 1 else "")
                 if w * px_per_ms > len(label) * char_px + 4:
                     ax.text(x + w / 2, y, label, ha="center", va="center", fontsize=fontsize,
-                            color="black" if fwd else "white", fontweight="bold" if not fwd else None)
+                            color=ink, fontweight="bold" if kind == "B" else None)
             else:  # waiting and messaging: thin, under the row's centre line
                 ax.barh(y - 0.3, w, left=x, height=0.15, color="0.75" if kind == "wait" else "0.4", linewidth=0)
 
@@ -178,7 +199,9 @@ def plot_timeline(timelines: list[RankTimeline], path: str | Path, title: str = 
         parts.append(f"bubble: textbook {textbook:.1%}")
     ax.set_title(" — ".join(parts))
     handles = [Patch(color="0.6", label="forward (colour: micro-batch)"),
-               Patch(facecolor=_darker((0.6,) * 3), hatch="//", edgecolor="0.6", label="backward")]
+               Patch(facecolor=_darker((0.6,) * 3), hatch="//", edgecolor="0.6", label="backward (B: input gradient)")]
+    if any(k == "W" for events in aligned for k, *_ in events):
+        handles.append(Patch(facecolor=_lighter((0.6,) * 3), hatch="..", edgecolor="0.6", label="W: weight gradient"))
     if any(k not in COMPUTE for events in aligned for k, *_ in events):
         handles += [Patch(color="0.75", label="wait (recv)"), Patch(color="0.4", label="comm / send")]
     ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8, frameon=False)
