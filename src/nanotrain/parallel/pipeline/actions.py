@@ -53,6 +53,7 @@ class Timetable:
     v: int
     slots: list[list[Action | None]]  # slots[rank][t]
     messages: list[Message] = field(default_factory=list)
+    placement: list[list[int]] = field(default_factory=list)  # [rank][k]: global chunk (loop_placement)
 
     @property
     def n_slots(self) -> int:
@@ -77,19 +78,25 @@ class Timetable:
         busy = sum(a is not None for row in self.slots for a in row)
         return 1 - busy / (self.pp * self.n_slots)
 
-    def peak_in_flight(self, rank: int) -> int:
-        """Most (chunk, micro-batch) pairs whose activations this rank holds at once: from a
-        forward until the backward that finishes with them (the W where one follows the B).
-        It depends on the rank's order alone, so it is what the runner measures too."""
-        orders = [a for a in self.slots[rank] if a is not None]
-        split = {(a.chunk, a.mb) for a in orders if a.kind == "W"}
+    def split(self, rank: int) -> set[tuple[int, int]]:
+        """(chunk, micro-batch) pairs whose backward this rank runs as B then W: those with a W,
+        except on the model's first chunk, whose input (token ids) has no gradient to send, so
+        its B runs whole and the W has nothing left (runner.py)."""
+        first = [k for k, c in enumerate(self.placement[rank]) if c == 0]
+        return {(a.chunk, a.mb) for a in self.slots[rank] if a is not None and a.kind == "W" and a.chunk not in first}
+
+    def peak_in_flight(self, rank: int, size=lambda chunk: 1) -> int:
+        """Most (chunk, micro-batch) pairs whose activations this rank holds at once, from a forward
+        to the backward that finishes with them (the W of a split one); each pair counts size(chunk)
+        (1, or the chunk's layers). It depends on the rank's order alone: the runner measures it too."""
+        split = self.split(rank)
         live = peak = 0
-        for a in orders:
+        for a in (a for a in self.slots[rank] if a is not None):
             if a.kind == "F":
-                live += 1
+                live += size(a.chunk)
                 peak = max(peak, live)
-            elif a.kind == "W" or (a.chunk, a.mb) not in split:
-                live -= 1
+            elif (a.kind == "W") == ((a.chunk, a.mb) in split):
+                live -= size(a.chunk)
         return peak
 
 
@@ -163,7 +170,7 @@ def timetable(orders: list[list[Action]], v: int = 1, placement: list[list[int]]
             {(a.chunk, a.mb) for a in orders[r] if a.kind == "B"}
         if late:
             raise ValueError(f"pipeline rank {r}: W without its B for (chunk, micro-batch) {sorted(late)}")
-    return Timetable(pp, v, slots, messages)
+    return Timetable(pp, v, slots, messages, placement)
 
 
 @lru_cache(maxsize=64)

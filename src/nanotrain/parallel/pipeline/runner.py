@@ -94,9 +94,7 @@ class PipelineRunner:
         me = stage.rank
         sends, recvs = tt.sends(me), tt.recvs(me)
         order = [a for a in tt.slots[me] if a is not None]
-        # Split: a W follows the B. Not the model's first chunk: its input is token ids, with
-        # no gradient to send, so its B runs whole and the W has nothing left.
-        split = {(a.chunk, a.mb) for a in order if a.kind == "W" and not stage.is_first_chunk(a.chunk)}
+        split = tt.split(me)  # B then W; the model's first chunk has no input gradient: its B runs whole
         accumulates = [a for a in order if (a.kind == "W") == ((a.chunk, a.mb) in split) and a.kind != "F"]
         whole = stage.has_first and stage.has_last  # one sync for the rank: see train_step
         last_backward = {0 if whole else a.chunk: a for a in accumulates}

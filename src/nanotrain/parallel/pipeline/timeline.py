@@ -101,7 +101,7 @@ def timetable_timelines(tt: Timetable, slot_ms: float = 1.0, backward_cost: floa
     end: dict[tuple[int, Action], float] = {}  # (rank, action) -> end time, ms
     free = [0.0] * tt.pp  # when each rank finishes its previous action
     events: list[list[Event]] = [[] for _ in range(tt.pp)]
-    split = [{(a.chunk, a.mb) for a in row if a is not None and a.kind == "W"} for row in tt.slots]
+    split = [tt.split(r) for r in range(tt.pp)]
     # Slot by slot: an action's producer always ran in an earlier slot, so its end is known.
     for t in range(tt.n_slots):
         for r in range(tt.pp):
@@ -110,6 +110,8 @@ def timetable_timelines(tt: Timetable, slot_ms: float = 1.0, backward_cost: floa
                 continue
             src = producer.get((r, a))
             start = max(free[r], end[src] if src else 0.0)
+            if a.kind == "W" and (a.chunk, a.mb) not in split[r]:
+                continue  # the first chunk's W: its B ran whole
             cost = {"F": 1.0, "W": backward_cost - 1.0}.get(a.kind, 1.0 if (a.chunk, a.mb) in split[r] else backward_cost)
             free[r] = end[(r, a)] = start + slot_ms * cost
             events[r].append((a.kind, a.chunk, a.mb, start / 1e3, free[r] / 1e3))
@@ -218,15 +220,16 @@ def draw_schedule(name: str, pp: int, m: int, v: int, path: str | Path) -> Path:
     from . import cached_timetable, textbook_bubble
 
     tt = cached_timetable(name, pp, v, m)
-    label = {"gpipe": "GPipe", "1f1b": "1F1B", "interleaved": "interleaved 1F1B"}[name]
-    title = f"{label}, pp={pp}" + (f", v={v}" if v > 1 else "") + f", m={m} (backward = 2 x forward)"
+    label = {"gpipe": "GPipe", "1f1b": "1F1B", "interleaved": "interleaved 1F1B", "zb_h1": "ZB-H1",
+             "dualpipev": "DualPipeV"}[name]
+    title = f"{label}, pp={pp}" + (f", v={v}" if v > 1 else "") + f", m={m} (backward = 2 x forward = B + W)"
     timelines = timetable_timelines(tt)
-    return plot_timeline(timelines, path, title, textbook_bubble(pp, m, v), measured_bubble(timelines))
+    return plot_timeline(timelines, path, title, textbook_bubble(pp, m, v, name), measured_bubble(timelines))
 
 
 if __name__ == "__main__":  # python -m nanotrain.parallel.pipeline.timeline docs/img
     import sys
 
     out = Path(sys.argv[1] if len(sys.argv) > 1 else "docs/img")
-    for name, v in (("gpipe", 1), ("1f1b", 1), ("interleaved", 2)):
+    for name, v in (("gpipe", 1), ("1f1b", 1), ("interleaved", 2), ("zb_h1", 1), ("dualpipev", 2)):
         print(draw_schedule(name, 4, 8, v, out / f"pp_{name}.png"))
