@@ -39,8 +39,8 @@ from __future__ import annotations
 
 from ..config import ModelConfig
 from ..params import spec
-from .memory import (BYTES, Plan, compute_bytes, rank_model, root_parameters, stage_layers, stage_parameters,
-                     vocab_per_rank)
+from .memory import (BYTES, Plan, compute_bytes, rank_model, root_parameters, stage_ends, stage_layers,
+                     stage_parameters, vocab_per_rank)
 
 WIRE = {"all_reduce": lambda n: 2 * (n - 1) / n, "all_gather": lambda n: (n - 1) / n,
         "reduce_scatter": lambda n: (n - 1) / n, "all_to_all": lambda n: (n - 1) / n, "send": lambda n: 1.0}
@@ -148,7 +148,7 @@ def comm_per_step(m: ModelConfig, plan: Plan, precision, pp_rank: int = 0,
     grad_b, param_b = BYTES[precision.grad_dtype], BYTES[precision.param_dtype]
     model = model if model is not None else rank_model(m, plan)
     layers = stage_layers(m, plan, pp_rank, model)
-    first, last = pp_rank == 0, pp_rank == plan.pp - 1
+    first, last = stage_ends(plan, pp_rank)
     mb = plan.micro_batches
     out: dict[str, dict[str, int]] = {}
 
@@ -198,12 +198,22 @@ def comm_per_step(m: ModelConfig, plan: Plan, precision, pp_rank: int = 0,
 
     if plan.pp > 1:
         n = plan.micro_batch_size * plan.seq_len // plan.cp // (plan.tp if plan.sp else 1)
-        chunks = plan.pp_virtual_stages
-        sends = chunks * 2 - (1 if last else 0) - (1 if first else 0)
-        out["pp"] = {"send": mb * sends * n * m.d_model * param_b}
-        if m.tie_embeddings and (first or last):
+        out["pp"] = {"send": mb * pp_sends(plan, pp_rank) * n * m.d_model * param_b}
+        if m.tie_embeddings and first != last:  # both on one rank (DualPipeV): one copy, no sum
             out["embd"] = {"all_reduce": vocab_per_rank(m, plan.tp) * m.d_model * grad_b}
     return out
+
+
+def pp_sends(plan: Plan, pp_rank: int) -> int:
+    """Messages a rank sends per micro-batch: each chunk's output forward and its input's gradient
+    backward, except at the model's ends and where the neighbouring chunk is on the same rank (the
+    tip of DualPipeV's V: handed over in memory)."""
+    from ..parallel.pipeline import chunk_ids
+
+    placement = chunk_ids(plan.pp_schedule, plan.pp, plan.pp_virtual_stages)
+    rank_of = {c: r for r, ids in enumerate(placement) for c in ids}
+    return sum(rank_of.get(c + 1, pp_rank) != pp_rank for c in placement[pp_rank]) + \
+        sum(rank_of.get(c - 1, pp_rank) != pp_rank for c in placement[pp_rank])
 
 
 def cp_per_step(m: ModelConfig, plan: Plan, layers: list[int]) -> dict[str, dict[str, int]]:

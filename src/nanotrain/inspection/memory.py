@@ -70,7 +70,7 @@ class Plan:
         p, t = cfg.parallel, cfg.train
         layout = replace(Layout.from_config(cfg), micro=t.micro_batch(p.dp))
         return cls(layout, seq_len=t.seq_len, micro_batches=max(1, t.grad_accum_steps(p.dp)),
-                   pp_schedule=p.pp_schedule, pp_virtual_stages=p.pp_virtual_stages, pp_partition=p.pp_partition,
+                   pp_schedule=p.pp_schedule, pp_virtual_stages=p.chunks_per_rank, pp_partition=p.pp_partition,
                    recompute=t.recompute, recompute_layers=t.recompute_layers,
                    document_mask=cfg.data.document_mask)
 
@@ -122,14 +122,14 @@ def stage_parameters(model, m: ModelConfig, plan: Plan, pp_rank: int) -> list:
     if plan.pp == 1:
         return list(model.parameters())
     layers = {str(i) for i in stage_layers(m, plan, pp_rank, model)}
-    first, last = pp_rank == 0, pp_rank == plan.pp - 1
+    first, last = stage_ends(plan, pp_rank)
     keep = []
     for name, p in model.named_parameters():
         top = name.split(".")[0]
         if top == "layers":
             ok = name.split(".")[1] in layers
         elif top in ("tok_emb", "pos_emb"):
-            ok = first or (last and top == "tok_emb" and m.tie_embeddings)
+            ok = first or (last and top == "tok_emb" and m.tie_embeddings)  # (both: DualPipeV's rank 0, one copy)
         elif top in ("norm", "head", "mtp"):  # MTP beside the head (as DeepSeek-V3 places it; nanotrain's
             ok = last                           # runtime refuses MTP with pp > 1 for now)
         else:
@@ -386,15 +386,24 @@ def _head_and_loss(m: ModelConfig, w: Widths) -> int:
 
 
 def in_flight(plan: Plan, pp_rank: int) -> int:
-    """Micro-batches (chunks, interleaved) whose activations a stage holds at its peak."""
-    m, pp, v = plan.micro_batches, plan.pp, plan.pp_virtual_stages
-    if pp == 1:
+    """Micro-batches (chunks, with several per rank) whose activations a stage holds at its peak:
+    counted on the schedule's own order (actions.Timetable.peak_in_flight), from a forward to the
+    backward that frees it (a split one's W). GPipe: m; 1F1B: pp - rank; ZB-H1: pp on every rank."""
+    from ..parallel.pipeline import cached_timetable
+
+    if plan.pp == 1:
         return 1
-    if plan.pp_schedule == "gpipe":
-        return m
-    if plan.pp_schedule == "interleaved":
-        return min(m * v, 2 * (pp - pp_rank - 1) + (v - 1) * pp + 1)
-    return min(m, pp - pp_rank)
+    return cached_timetable(plan.pp_schedule, plan.pp, plan.pp_virtual_stages, plan.micro_batches) \
+        .peak_in_flight(pp_rank)
+
+
+def stage_ends(plan: Plan, pp_rank: int) -> tuple[bool, bool]:
+    """Whether stage pp_rank holds the model's first chunk (embedding) and its last (head, loss):
+    rank 0 and rank pp - 1, or both on rank 0 in DualPipeV's V."""
+    from ..parallel.pipeline import chunk_ids
+
+    ids = chunk_ids(plan.pp_schedule, plan.pp, plan.pp_virtual_stages)[pp_rank]
+    return 0 in ids, plan.pp * plan.pp_virtual_stages - 1 in ids
 
 
 def compute_bytes(precision) -> int:
@@ -552,12 +561,14 @@ def recomputed_activations(m: ModelConfig, plan: Plan, precision, layers: list[i
 def stage_layers(m: ModelConfig, plan: Plan, pp_rank: int, model=None) -> list[int]:
     """The layers of stage pp_rank, as the runtime assigns them (runtime/components.py); balancing by
     parameter count (parallel.pp_partition=params) needs the model."""
+    from ..parallel.pipeline import chunk_ids
     from ..parallel.pipeline.stage import chunk_layers, layer_costs
 
     if plan.pp == 1:
         return list(range(m.n_layers))
     costs = layer_costs(model, plan.pp_partition) if model is not None else None
-    chunks = chunk_layers(m.n_layers, plan.pp, plan.pp_virtual_stages, costs)
+    placement = chunk_ids(plan.pp_schedule, plan.pp, plan.pp_virtual_stages)
+    chunks = chunk_layers(m.n_layers, plan.pp, plan.pp_virtual_stages, costs, placement)
     return [i for chunk in chunks[pp_rank] for i in chunk]
 
 
@@ -570,7 +581,8 @@ def memory_per_rank(m: ModelConfig, plan: Plan, precision, device: str = "cuda",
         params = stage_parameters(model, m, plan, stage)
         static = static_bytes(params, plan, precision)
         layers = stage_layers(m, plan, stage, model)
-        per_mb = activation_bytes(m, plan, precision, layers, stage == 0, stage == plan.pp - 1, device)
+        first, last = stage_ends(plan, stage)
+        per_mb = activation_bytes(m, plan, precision, layers, first, last, device)
         flight = in_flight(plan, stage)
         gathered = gathered_param_bytes(model, m, plan, stage, precision)
         if plan.pp_schedule == "interleaved":  # in flight counts chunks, each a 1/v share of the stage
@@ -579,13 +591,13 @@ def memory_per_rank(m: ModelConfig, plan: Plan, precision, device: str = "cuda",
             act = sum(per_mb.values()) * flight
         by_mode = {"none": act}
         for mode in ("selective", "full"):
-            by_mode[mode] = recomputed_activations(m, plan, precision, layers, stage == 0, stage == plan.pp - 1,
+            by_mode[mode] = recomputed_activations(m, plan, precision, layers, first, last,
                                                    device, flight, mode)
         # A stage's output to the next (kept for its backward, until the gradient comes back): each
         # chunk in flight but the model's last.
         sent = plan.micro_batch_size * plan.seq_len // (plan.tp if plan.sp else 1) * m.d_model * \
             BYTES[precision.param_dtype]
-        sending = flight if stage < plan.pp - 1 else flight * (plan.pp_virtual_stages - 1) // plan.pp_virtual_stages
+        sending = flight if not last else flight * (plan.pp_virtual_stages - 1) // plan.pp_virtual_stages
         by_mode = {k: v + sending * sent for k, v in by_mode.items()}
         act = by_mode[plan.recompute]
         out.append({"stage": stage, "layers": len(layers), "params": sum(p.numel() for p in params),

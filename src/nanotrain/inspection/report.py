@@ -70,8 +70,9 @@ def plan_layout(m: ModelConfig, seq_len: int, cfg: Config, layout: Layout, micro
     recomputation. capacity: the device's memory in bytes (default: the hardware's); when the
     largest rank does not fit, `fix` names the cheapest change that makes it fit (fit_changes)."""
     p, t = cfg.parallel, cfg.train
-    lay = Plan(replace(layout, micro=micro_batch_size), seq_len=seq_len, micro_batches=micro_batches or layout.pp,
-               pp_schedule=p.pp_schedule, pp_virtual_stages=p.pp_virtual_stages, pp_partition=p.pp_partition,
+    fill = layout.pp * (2 if p.pp_schedule == "dualpipev" else 1)  # the fewest micro-batches the schedule runs
+    lay = Plan(replace(layout, micro=micro_batch_size), seq_len=seq_len, micro_batches=micro_batches or fill,
+               pp_schedule=p.pp_schedule, pp_virtual_stages=p.chunks_per_rank, pp_partition=p.pp_partition,
                recompute=t.recompute, recompute_layers=t.recompute_layers)
     out = _plan(m, lay, cfg, hardware)
     capacity = capacity or (hardware.hbm_bytes if hardware is not None else None)
