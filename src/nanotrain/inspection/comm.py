@@ -155,7 +155,7 @@ def comm_per_step(m: ModelConfig, plan: Plan, precision, pp_rank: int = 0,
     tp = {k: v * mb for k, v in tp_per_micro_batch(m, plan, layers, first, last, c, r).items()}
     params = stage_parameters(model, m, plan, pp_rank)
     if plan.tp > 1 and plan.sp:  # once per step: the weights that saw only this rank's tokens
-        tp["all_reduce"] += sum(p.numel() for p in params if not spec(p).tp_sharded) * grad_b
+        tp["all_reduce"] += summed_slice(sum(p.numel() for p in params if not spec(p).tp_sharded), plan) * grad_b
     if plan.tp > 1:
         out["tp"] = tp
         again = {k: v * mb for k, v in tp_recomputed_per_micro_batch(m, plan, layers, c, r).items() if v}
@@ -200,8 +200,15 @@ def comm_per_step(m: ModelConfig, plan: Plan, precision, pp_rank: int = 0,
         n = plan.micro_batch_size * plan.seq_len // plan.cp // (plan.tp if plan.sp else 1)
         out["pp"] = {"send": mb * pp_sends(plan, pp_rank) * n * m.d_model * param_b}
         if m.tie_embeddings and first != last:  # both on one rank (DualPipeV): one copy, no sum
-            out["embd"] = {"all_reduce": vocab_per_rank(m, plan.tp) * m.d_model * grad_b}
+            out["embd"] = {"all_reduce": summed_slice(vocab_per_rank(m, plan.tp) * m.d_model, plan) * grad_b}
     return out
+
+
+def summed_slice(numel: int, plan: Plan) -> int:
+    """Elements of a gradient summed over a second group after dp (sequence parallelism's tp sum,
+    the tied embedding's): the whole, or under ZeRO-2/3 this rank's slice (data_parallel.py sums
+    the reduce-scattered slice)."""
+    return -(-numel // plan.replicas) if plan.zero_stage >= 2 else numel
 
 
 def pp_sends(plan: Plan, pp_rank: int) -> int:

@@ -585,7 +585,7 @@ def memory_per_rank(m: ModelConfig, plan: Plan, precision, device: str = "cuda",
         per_mb = activation_bytes(m, plan, precision, layers, first, last, device)
         flight = in_flight(plan, stage)
         gathered = gathered_param_bytes(model, m, plan, stage, precision)
-        if plan.pp_schedule == "interleaved":  # in flight counts chunks, each a 1/v share of the stage
+        if plan.pp_virtual_stages > 1:  # in flight counts chunks, each a 1/v share of the stage
             act = sum(per_mb.values()) * flight // plan.pp_virtual_stages
         else:
             act = sum(per_mb.values()) * flight
