@@ -954,7 +954,21 @@ def _layout_errors(cfg: Config) -> list[str]:
         from .parallel.pipeline import check_schedule
 
         errors += check_schedule(p.pp_schedule, p.pp, p.pp_virtual_stages, t.grad_accum_steps(p.dp), m.n_layers)
+        split = p.pp_schedule in ("zb_h1", "dualpipev")  # a backward split into B and W
         errors += _failed([
+            (not (split and t.recompute != "none"),
+             f"parallel.pp_schedule={p.pp_schedule!r} with train.recompute={t.recompute!r}: the W half of a split "
+             "backward would recompute each block a second time (B's recomputation is freed when B ends). "
+             "Set train.recompute=none, or use pp_schedule='1f1b' or 'interleaved' with recomputation."),
+            (not (split and t.compile),
+             f"parallel.pp_schedule={p.pp_schedule!r} with train.compile=true: a compiled block's backward is one "
+             "kernel graph that computes the input's and the weights' gradients together, so B and W would each "
+             "run all of it (torch's zero-bubble schedules refuse compile too). Set train.compile=false, or use "
+             "pp_schedule='1f1b'."),
+            (not (split and cfg.optimizer.zero_stage == 3),
+             f"parallel.pp_schedule={p.pp_schedule!r} with optimizer.zero_stage=3: the W half of a split backward "
+             "runs after ZeRO-3 has released the gathered weights its nodes saved. Use optimizer.zero_stage=1 or "
+             "2, or pp_schedule='1f1b'."),
             (m.mtp_depth == 0, "model.mtp_depth > 0 (multi-token prediction) with parallel.pp > 1 is not "
                                "implemented: the MTP block needs the embedding on the last stage. Set "
                                "model.mtp_depth=0 or parallel.pp=1."),

@@ -64,3 +64,26 @@ def test_split_schedule_deepseek_experts_over_ep2(tmp_path, schedule, pp):
     cfg = deepseek(tmp_path, f"--model.n_layers={layers}", f"--parallel.pp_schedule={schedule}",
                    f"--train.batch_size={8 * pp // 2}")
     check_layout(cfg, f"pp={pp},dp=2,ep=2,micro=1", TOL)
+
+
+@pytest.mark.parametrize("extra,named", [
+    (["--train.recompute=full"], "train.recompute='full'"),
+    (["--train.recompute=selective"], "train.recompute='selective'"),
+    (["--parallel.dp=2", "--optimizer.zero_stage=3"], "optimizer.zero_stage=3"),
+    (["--train.compile=true"], "train.compile=true"),
+    (["--parallel.pp=4", "--train.batch_size=6", "--train.micro_batch_size=1"], "at least 2 x parallel.pp = 8"),
+])
+def test_split_schedules_refuse_what_they_cannot_run(tmp_path, extra, named):
+    """Refused before any process starts, naming the key and the fix."""
+    from nanotrain.config import ConfigError
+
+    schedule = "dualpipev" if "at least" in named else "zb_h1"
+    with pytest.raises(ConfigError, match=named.replace("(", r"\(").replace(")", r"\)")):
+        config(tmp_path, "--parallel.pp=2", f"--parallel.pp_schedule={schedule}", "--model.n_layers=8", *extra)
+
+
+def test_dualpipev_fills_its_micro_batches(tmp_path):
+    """train.micro_batch_size = 0 under DualPipeV: the largest micro-batch giving 2 pp of them."""
+    cfg = load_config(None, [f"--data.path={CORPUS}", "--parallel.pp=2", "--parallel.pp_schedule=dualpipev",
+                             "--train.batch_size=12", "--model.n_layers=4"])
+    assert cfg.train.micro_batch_size == 3 and cfg.train.grad_accum_steps(1) == 4
