@@ -26,6 +26,7 @@ for an all-gather, reduce-scatter or all-to-all, all of it for a send
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import defaultdict
 from contextlib import contextmanager
@@ -39,8 +40,9 @@ class _TimedWork:
 
     def wait(self, *args, **kwargs):
         start = time.perf_counter()
-        out = self._work.wait(*args, **kwargs)
-        self._meter.seconds[self._group] += time.perf_counter() - start
+        with self._meter.blocked():
+            out = self._work.wait(*args, **kwargs)
+        self._meter.add(self._group, 0, time.perf_counter() - start, start)
         return out
 
     def __getattr__(self, name):
@@ -48,12 +50,77 @@ class _TimedWork:
 
 
 class CommMeter:
-    """Bytes and seconds per group name, added by parallel/collectives.py while `on`."""
+    """Bytes and seconds per group name, added by parallel/collectives.py while `on`.
+
+    Two threads of one rank can compute and communicate at once: DualPipeV runs a forward and a
+    backward side by side where experts are spread over ranks (pipeline/runner.py), and while one
+    waits in its all-to-all the other computes. The runner marks each thread's compute
+    (`computing`); a collective's blocked time that another thread spent computing is `hidden`,
+    not exposed, and only the exposed rest goes into `seconds` (so the time split still adds up
+    to the step)."""
 
     def __init__(self):
         self.bytes: dict[str, int] = defaultdict(int)
-        self.seconds: dict[str, float] = defaultdict(float)
+        self.seconds: dict[str, float] = defaultdict(float)  # exposed: nothing else computed meanwhile
+        self.hidden: dict[str, float] = defaultdict(float)  # blocked while another thread computed
         self.on = False
+        self._lock = threading.Lock()
+        self._open: dict[int, float] = {}  # thread -> since when it computes
+        self._done: list[tuple[int, float, float]] = []  # (thread, start, end): recent compute spans
+
+    @contextmanager
+    def computing(self):
+        """This thread computes for the block, except while it blocks in a collective."""
+        tid = threading.get_ident()
+        with self._lock:
+            self._open[tid] = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._close(tid)
+
+    def _close(self, tid: int) -> None:
+        with self._lock:
+            start = self._open.pop(tid, None)
+            if start is not None:
+                self._done.append((tid, start, time.perf_counter()))
+                del self._done[:-256]  # a collective overlaps only recent spans
+
+    @contextmanager
+    def blocked(self):
+        """Around a blocking call (parallel/collectives.py): this thread does not compute meanwhile."""
+        tid = threading.get_ident()
+        was = tid in self._open
+        if was:
+            self._close(tid)
+        try:
+            yield
+        finally:
+            if was:
+                with self._lock:
+                    self._open[tid] = time.perf_counter()
+
+    def _hidden(self, start: float, end: float) -> float:
+        """Seconds of [start, end] during which another thread computed (the union of its spans)."""
+        tid = threading.get_ident()
+        with self._lock:
+            spans = [(s, e) for t, s, e in self._done if t != tid and e > start]
+            spans += [(s, end) for t, s in self._open.items() if t != tid]
+        covered, reach = 0.0, start
+        for s, e in sorted(spans):
+            s, e = max(s, reach), min(e, end)
+            if e > s:
+                covered += e - s
+                reach = e
+        return covered
+
+    def add(self, group: str, nbytes: int, seconds: float, start: float | None = None) -> None:
+        hidden = self._hidden(start, start + seconds) if start is not None and (self._open or self._done) else 0.0
+        with self._lock:
+            self.bytes[group] += nbytes
+            self.seconds[group] += seconds - hidden  # the call itself (all of it, if blocking), less what hid it
+            if hidden:
+                self.hidden[group] += hidden
 
     @contextmanager
     def counting(self):
@@ -64,13 +131,9 @@ class CommMeter:
         finally:
             self.on = before
 
-    def add(self, group: str, nbytes: int, seconds: float) -> None:
-        self.bytes[group] += nbytes
-        self.seconds[group] += seconds  # the call itself (all of it, if blocking)
-
     def timed(self, work, group: str) -> _TimedWork:
         return _TimedWork(work, self, group)
 
     def reset(self) -> None:
-        for d in (self.bytes, self.seconds):
+        for d in (self.bytes, self.seconds, self.hidden):
             d.clear()

@@ -155,6 +155,8 @@ class TrainingMonitor:
             for group, seconds in sorted(self.comm.seconds.items()):
                 out[f"time/comm_{group}_ms"] = seconds / steps * 1e3
                 out[f"comm/{group}_mb"] = self.comm.bytes[group] / steps / 2**20
+            for group, seconds in sorted(self.comm.hidden.items()):  # behind another thread's compute
+                out[f"comm/{group}_hidden_ms"] = seconds / steps * 1e3
             self.comm.reset()
             self._comm_mark = 0.0
         return {**out, **process_memory(self.device)}

@@ -155,15 +155,21 @@ def _metered(group, nbytes: int, call, op: str = "collective"):
     label = (op, group.name if isinstance(group, Group) else "world" if group is None else "custom")
     meter = group.meter if isinstance(group, Group) else None
     InFlight.now = (*label, time.monotonic())
+    counting = meter is not None and meter.on
     start = time.perf_counter()
     try:
-        out = call()
+        if counting:
+            with meter.blocked():
+                out = call()
+        else:
+            out = call()
     except RuntimeError as e:
         raise _lost(e, label) from None
     finally:
         InFlight.now = None
-        if meter is not None and meter.on:  # a block recomputed in backward: real traffic, labelled
-            meter.add(group.name + ("_recompute" if recomputing() else ""), nbytes, time.perf_counter() - start)
+        if counting:  # a block recomputed in backward: real traffic, labelled
+            meter.add(group.name + ("_recompute" if recomputing() else ""), nbytes, time.perf_counter() - start,
+                      start)
     if out is None:
         return out
     if meter is not None and meter.on:

@@ -38,6 +38,9 @@ class ExpertParallel:
     size: int
     dispatch_fp8: bool = False  # precision.moe.dispatch_fp8: tokens travel to the experts in e4m3
     combine_fp8: bool = False  # precision.moe.combine_fp8: expert outputs travel back in e4m3
+    # The same ranks, for backward's all-to-alls (None: `group`): a forward and a backward can run
+    # side by side in two threads (DualPipeV, pipeline/runner.py), each in its own group's order.
+    backward_group: Group | None = None
 
 
 def exchange(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> torch.Tensor:
@@ -63,14 +66,14 @@ class _AllToAll(torch.autograd.Function):
     the forward exchange is quantised; the backward one (gradients) stays full precision."""
 
     @staticmethod
-    def forward(ctx, x, out_splits: list[int], in_splits: list[int], group, fp8: bool = False):
-        ctx.splits, ctx.group = (out_splits, in_splits), group
+    def forward(ctx, x, out_splits: list[int], in_splits: list[int], group, fp8: bool = False, backward_group=None):
+        ctx.splits, ctx.group = (out_splits, in_splits), backward_group or group
         return (exchange_fp8 if fp8 else exchange)(x, out_splits, in_splits, group)
 
     @staticmethod
     def backward(ctx, grad):
         out_splits, in_splits = ctx.splits
-        return exchange(grad, in_splits, out_splits, ctx.group), None, None, None, None
+        return exchange(grad, in_splits, out_splits, ctx.group), None, None, None, None, None
 
 
 def combine_dtype(x: torch.Tensor) -> torch.dtype:
@@ -83,8 +86,8 @@ def combine_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
 
-def all_to_all(x, out_splits, in_splits, group, fp8: bool = False):
-    return _AllToAll.apply(x, out_splits, in_splits, group, fp8)
+def all_to_all(x, out_splits, in_splits, group, fp8: bool = False, backward_group=None):
+    return _AllToAll.apply(x, out_splits, in_splits, group, fp8, backward_group)
 
 
 def expert_parallel_forward(experts, x_sorted: torch.Tensor, tokens_per_expert: torch.Tensor,
@@ -100,7 +103,7 @@ def expert_parallel_forward(experts, x_sorted: torch.Tensor, tokens_per_expert: 
     send_rows, recv_rows = send.tolist(), recv.tolist()  # [dest][expert], [source][expert]
     in_splits, out_splits = [sum(r) for r in send_rows], [sum(r) for r in recv_rows]
     # 2. Dispatch: x_sorted is already grouped by destination rank (experts are numbered rank-major).
-    received = all_to_all(x_sorted, out_splits, in_splits, g, ep.dispatch_fp8)  # source-major, then expert
+    received = all_to_all(x_sorted, out_splits, in_splits, g, ep.dispatch_fp8, ep.backward_group)  # source-major
     # 3. Regroup source-major -> expert-major, run the local experts, and back.
     chunks = received.split([c for row in recv_rows for c in row])
     x_local = torch.cat([chunks[s * nl + e] for e in range(nl) for s in range(ep_size)])
@@ -108,4 +111,5 @@ def expert_parallel_forward(experts, x_sorted: torch.Tensor, tokens_per_expert: 
     y_chunks = y_local.split([recv_rows[s][e] for e in range(nl) for s in range(ep_size)])
     y_source_major = torch.cat([y_chunks[e * ep_size + s] for s in range(ep_size) for e in range(nl)])
     # 4. Combine: return each output to the rank (and sorted position) its token came from.
-    return all_to_all(y_source_major.to(combine_dtype(x_sorted)), in_splits, out_splits, g, ep.combine_fp8)
+    return all_to_all(y_source_major.to(combine_dtype(x_sorted)), in_splits, out_splits, g, ep.combine_fp8,
+                      ep.backward_group)

@@ -86,6 +86,10 @@ class ParallelState:
     dp_group: Group | None = None
     pp_group: Group | None = None
     ep_group: Group | None = None
+    # The ep ranks again, for the all-to-alls of backward (metered as "ep"): DualPipeV runs one
+    # micro-batch's forward beside another's backward (pipeline/runner.py), and each thread's
+    # collectives keep one order on every rank only on a group of their own.
+    ep_backward_group: Group | None = None
     edp_group: Group | None = None  # expert-data-parallel
     # First and last pipeline rank of each pipeline: they sum the gradients of tied
     # embedding copies (parallel/pipeline/stage.py). None unless pp > 1.
@@ -235,11 +239,14 @@ def init_parallel(layout: Layout, device_type: str = "cpu", meter=None, timeout_
     }
     if layout.zero == 3:
         groups["dp_gather"], groups["edp_gather"] = groups["dp"], groups["edp"]
+    if layout.ep > 1:
+        groups["ep_backward"] = groups["ep"]
     if layout.pp > 1:
         groups["embd"] = [[at(t, d, 0, c), at(t, d, layout.pp - 1, c)] for t in T for d in D for c in C]
     for name, ranks in groups.items():
         mine, _ = dist.new_subgroups_by_enumeration(ranks, timeout=timeout, backend=backend_for(device_type))
-        group = Group(name, mine, dist.get_world_size(mine), dist.get_rank(mine), meter)
+        group = Group("ep" if name == "ep_backward" else name, mine, dist.get_world_size(mine), dist.get_rank(mine),
+                      meter)
         setattr(state, f"{name}_group", group)
     return state
 

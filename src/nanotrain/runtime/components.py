@@ -225,7 +225,7 @@ class TransformerProvider:
         tp = None if ps.tp == 1 else TensorParallel(ps.tp_group, ps.tp_rank, ps.tp, p.sequence_parallel, p.etp > 1)
         pr = ctx.cfg.precision
         ep = None if ps.ep == 1 else ExpertParallel(ps.ep_group, ps.ep_rank, ps.ep, pr.moe.dispatch_fp8,
-                                                    pr.moe.combine_fp8)
+                                                    pr.moe.combine_fp8, ps.ep_backward_group)
         model = build_model(ctx.cfg.model, tp, ep)
         model.init_weights(ctx.cfg.train.seed)
         if ps.pp > 1:

@@ -67,6 +67,17 @@ class LocalStep:
         return sums
 
 
+def overlaps(ctx: RuntimeContext) -> bool:
+    """Whether DualPipeV runs its paired forward and backward side by side (pipeline/runner.py):
+    where routed experts are spread over ranks, so that one micro-batch's all-to-alls wait while
+    the other computes. Each thread's all-to-alls have a group of their own (ep, ep_backward);
+    tensor and context parallelism's collectives have one group each, so with tp or cp > 1 the
+    pairs run in turn, as they do under the low-bit recipes, whose scaling state both would write."""
+    ps, pr = ctx.parallel, ctx.cfg.precision
+    return ctx.cfg.parallel.pp_schedule == "dualpipev" and ps.ep > 1 and ps.tp == 1 and ps.cp == 1 and \
+        pr.recipe in ("fp32", "bf16", "fp16") and not pr.lowbit.weights
+
+
 class PipelineStep:
     """This rank's stage of a pipeline: the schedule (parallel/pipeline/runner.py) runs every
     micro-batch's forward and backward through the stages. At logging.timeline_step it records
@@ -78,6 +89,7 @@ class PipelineStep:
         self.runner = PipelineRunner.from_state(model, cfg.parallel.pp_schedule, ctx.parallel, ctx.device,
                                                 ctx.autocast)
         self.runner.dtype = Dtypes.from_config(cfg.precision).storage  # what the stages send
+        self.runner.overlap = overlaps(ctx)
 
     def train(self, batches: list[Batch], denom: torch.Tensor, opt: OptimizerState, step: int) -> torch.Tensor:
         record = step == self.ctx.cfg.logging.timeline_step

@@ -40,6 +40,17 @@ from .split_backward import WeightGradients, backward_input
 from .stage import Stage
 
 
+class _NoMeter:
+    """Stands in for the communication meter where the runner's group has none (tests' raw groups)."""
+
+    @contextlib.contextmanager
+    def computing(self):
+        yield
+
+
+_NO_METER = _NoMeter()
+
+
 class _Here:
     """A message this rank sends itself: already delivered."""
 
@@ -62,6 +73,10 @@ class PipelineRunner:
         self.device, self.autocast = torch.device(device), autocast
         self.events: list[tuple[str, int, int, float, float]] | None = None  # timeline, when recording
         self.dtype = torch.float32  # the residual stream's: the parameters' storage dtype (precision.param_dtype)
+        # Run DualPipeV's paired forward and backward side by side (set by runtime/step.py where
+        # experts are spread over ranks: their all-to-alls are what the pair hides).
+        self.overlap = False
+        self._pool = None
 
     @classmethod
     def from_state(cls, model: nn.Module, schedule: str, state, device="cpu", autocast=contextlib.nullcontext):
@@ -111,38 +126,64 @@ class PipelineRunner:
         loss_sum = torch.zeros((), device=self.device)
         peak = 0
 
-        for t in range(tt.n_slots):
+        def forward(a: Action, held: int = 0) -> None:
+            nonlocal loss_sum, peak
+            x, y = self._forward(a, micro_batches, denom, inbox, forward_only)
+            if stage.is_last_chunk(a.chunk):
+                loss_sum += y.detach()  # a tensor, not .item(): no host sync per micro-batch
+            else:
+                outbox[a] = y.detach().to(self.dtype)
+            if not forward_only:
+                acts[(a.chunk, a.mb)] = (x, y)
+                peak = max(peak, len(acts) + len(weights_left) + held)
+
+        def backward(a: Action, x, y) -> torch.Tensor | None:
+            last = a == last_backward[0 if whole else a.chunk]  # the chunk's gradients are complete after it
+            if (a.chunk, a.mb) in split:
+                dx, weights_left[(a.chunk, a.mb)] = self._backward_input(a, x, y, inbox)
+                return dx
+            return self._backward(a, x, y, inbox, backward_context, last)
+
+        def backward_done(a: Action, dx) -> None:
+            # Its gradient came back, so the next rank has received this micro-batch's output:
+            # the send is done (gloo's send reports it only to wait()). Releasing it frees the
+            # output now instead of at the end of the step.
+            sent = [f for f in in_flight if (f[2].kind, f[2].chunk, f[2].mb) == ("F", a.chunk, a.mb)]
+            for work, _, _ in sent:
+                work.wait()
+            in_flight[:] = [f for f in in_flight if all(f is not g for g in sent)]
+            if dx is not None:
+                outbox[a] = dx
+
+        t = 0
+        while t < tt.n_slots:
             a = tt.slots[me][t]
+            b = tt.slots[me][t + 1] if t + 1 < tt.n_slots else None
+            if self.overlap and not forward_only and self._pair(a, b, inbox) and (b.chunk, b.mb) in acts:
+                # One micro-batch's forward beside another's backward (DualPipeV's F0 B1 / F1 B0):
+                # the backward in the second thread, so that while one waits in its all-to-all
+                # the other computes. The pair's messages go out after both, in slot order.
+                x, y = acts.pop((b.chunk, b.mb))
+                meter = self._meter()
+                with meter.computing():
+                    job = self._second_thread().submit(self._computing, meter, backward, b, x, y)
+                    forward(a, held=1)
+                dx = job.result()
+                backward_done(b, dx)
+                for slot in (t, t + 1):
+                    self._exchange(sends.get(slot, ()), recvs.get(slot, ()), outbox, inbox, in_flight, shape)
+                t += 2
+                continue
             if a is not None and a.kind == "F":
-                x, y = self._forward(a, micro_batches, denom, inbox, forward_only)
-                if stage.is_last_chunk(a.chunk):
-                    loss_sum += y.detach()  # a tensor, not .item(): no host sync per micro-batch
-                else:
-                    outbox[a] = y.detach().to(self.dtype)
-                if not forward_only:
-                    acts[(a.chunk, a.mb)] = (x, y)
-                    peak = max(peak, len(acts) + len(weights_left))
+                forward(a)
             elif a is not None and a.kind == "W":
                 if (a.chunk, a.mb) in split:
                     self._weights(a, weights_left.pop((a.chunk, a.mb)), backward_context,
                                   a == last_backward[0 if whole else a.chunk])
             elif a is not None:
-                last = a == last_backward[0 if whole else a.chunk]  # the chunk's gradients are complete after it
-                x, y = acts.pop((a.chunk, a.mb))
-                if (a.chunk, a.mb) in split:
-                    dx, weights_left[(a.chunk, a.mb)] = self._backward_input(a, x, y, inbox)
-                else:
-                    dx = self._backward(a, x, y, inbox, backward_context, last)
-                # Its gradient came back, so the next rank has received this micro-batch's output:
-                # the send is done (gloo's send reports it only to wait()). Releasing it frees the
-                # output now instead of at the end of the step.
-                sent = [f for f in in_flight if (f[2].kind, f[2].chunk, f[2].mb) == ("F", a.chunk, a.mb)]
-                for work, _, _ in sent:
-                    work.wait()
-                in_flight[:] = [f for f in in_flight if all(f is not g for g in sent)]
-                if dx is not None:
-                    outbox[a] = dx
+                backward_done(a, backward(a, *acts.pop((a.chunk, a.mb))))
             self._exchange(sends.get(t, ()), recvs.get(t, ()), outbox, inbox, in_flight, shape)
+            t += 1
 
         start = time.perf_counter()
         for work, _, _ in in_flight:
@@ -152,6 +193,30 @@ class PipelineRunner:
         if not forward_only:
             self.max_in_flight = peak
         return loss_sum
+
+    # -- DualPipeV's overlapped pairs -----------------------------------------------------------
+
+    def _pair(self, a: Action | None, b: Action | None, inbox) -> bool:
+        """Whether the forward `a` and the backward `b` of the next slot can run side by side: b's
+        input gradient has been posted for (its message came before a's slot), or b needs none
+        (and, checked by the caller, b's own forward is done: not a)."""
+        return a is not None and b is not None and a.kind == "F" and b.kind == "B" and \
+            (self.stage.is_last_chunk(b.chunk) or b in inbox)
+
+    def _second_thread(self):
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="pipeline-backward")
+        return self._pool
+
+    def _meter(self):
+        meter = getattr(self.group, "meter", None)
+        return meter if meter is not None else _NO_METER
+
+    @staticmethod
+    def _computing(meter, fn, *args):
+        with meter.computing():
+            return fn(*args)
 
     def _forward(self, a: Action, micro_batches, denom, inbox, forward_only) -> tuple[torch.Tensor, torch.Tensor]:
         """One chunk's forward of one micro-batch: (its input, its output or loss)."""

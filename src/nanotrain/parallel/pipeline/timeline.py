@@ -68,14 +68,25 @@ def measured_bubble(timelines: list[RankTimeline]) -> float:
     """Fraction of the step the ranks did not compute: 1 - mean(busy) / span.
 
     span is from the first event of any rank to the last one to end (absolute times);
-    busy is a rank's summed F, B and W time. Waiting, communication and idle all count
+    busy is the time a rank computed F, B or W (the union: a pair can overlap). Waiting, communication and idle all count
     as bubble, as in the textbook definition (anything not compute is bubble)."""
     aligned = align(timelines)
     span = max(e for events in aligned for *_, e in events)  # aligned: the earliest start is 0
     if span <= 0:
         raise ValueError("pipeline events span no time")
-    busy = [sum(e - s for k, _, _, s, e in events if k in COMPUTE) for events in aligned]
+    busy = [_covered(sorted((s, e) for k, _, _, s, e in events if k in COMPUTE)) for events in aligned]
     return 1 - sum(busy) / len(busy) / span
+
+
+def _covered(spans: list[tuple[float, float]]) -> float:
+    """Length of the union of sorted intervals: DualPipeV's paired forward and backward can run at once."""
+    total, reach = 0.0, float("-inf")
+    for s, e in spans:
+        s = max(s, reach)
+        if e > s:
+            total += e - s
+            reach = e
+    return total
 
 
 def format_bubble(measured: float, textbook: float | None = None) -> str:
