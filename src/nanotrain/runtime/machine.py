@@ -81,6 +81,17 @@ def _cpu_rates(dtypes: tuple[str, ...], threads: int) -> tuple[float, ...]:
         torch.set_num_threads(saved)
 
 
+def remeasure_cpu_rate(machine, dtype: str) -> float:
+    """One node's matmul FLOP/s in `dtype`, timed again now with the job's cores (not the cached
+    start-up figure), with more repeats: the MFU's peak when the start-up probe ran on busy cores."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(machine.cores)
+    try:
+        return measure_matmul_flops(DTYPES[dtype], repeats=7)
+    finally:
+        torch.set_num_threads(saved)
+
+
 @dataclass(frozen=True)
 class Machine:
     """What the job runs on, the same on every rank (rank 0's view, broadcast)."""
