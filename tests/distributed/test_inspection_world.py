@@ -46,6 +46,9 @@ class MeasuredEngine(RuntimeEngine):
     def train_step(self, step, model, data, opt, lr, ctx, report=False):
         if step != MEASURED_STEP:
             return super().train_step(step, model, data, opt, lr, ctx, report)
+        runner = getattr(self.forward_backward, "runner", None)
+        if runner is not None:  # DualPipeV's pairs in turn, as the plan counts them: side by side, the
+            runner.overlap = False  # backward frees its activations during the forward, by the clock
         meter, comm = LiveActivationMeter(model), ctx.parallel.meter  # the run's communication meter
         before = dict(comm.bytes)  # (the monitor's figures since its last report)
         with meter.counting(), comm.counting():

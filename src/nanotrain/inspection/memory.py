@@ -397,6 +397,23 @@ def in_flight(plan: Plan, pp_rank: int) -> int:
         .peak_in_flight(pp_rank)
 
 
+def chunked_activations(m: ModelConfig, plan: Plan, precision, pp_rank: int, device: str, model=None) -> int:
+    """Peak activations of a stage that holds several chunks (interleaved, DualPipeV): the most
+    the schedule's order keeps at once, each (chunk, micro-batch) in flight weighing its chunk's
+    own activations (its layers, and the embedding or head where it has them)."""
+    from ..parallel.pipeline import cached_timetable, chunk_ids
+    from ..parallel.pipeline.stage import chunk_layers, layer_costs
+
+    v = plan.pp_virtual_stages
+    placement = chunk_ids(plan.pp_schedule, plan.pp, v)
+    costs = layer_costs(model, plan.pp_partition) if model is not None else None
+    chunks = chunk_layers(m.n_layers, plan.pp, v, costs, placement)[pp_rank]
+    last = plan.pp * v - 1
+    size = [sum(activation_bytes(m, plan, precision, layers, c == 0, c == last, device).values())
+            for layers, c in zip(chunks, placement[pp_rank])]
+    return cached_timetable(plan.pp_schedule, plan.pp, v, plan.micro_batches).peak_in_flight(pp_rank, size.__getitem__)
+
+
 def stage_ends(plan: Plan, pp_rank: int) -> tuple[bool, bool]:
     """Whether stage pp_rank holds the model's first chunk (embedding) and its last (head, loss):
     rank 0 and rank pp - 1, or both on rank 0 in DualPipeV's V."""
@@ -585,8 +602,8 @@ def memory_per_rank(m: ModelConfig, plan: Plan, precision, device: str = "cuda",
         per_mb = activation_bytes(m, plan, precision, layers, first, last, device)
         flight = in_flight(plan, stage)
         gathered = gathered_param_bytes(model, m, plan, stage, precision)
-        if plan.pp_virtual_stages > 1:  # in flight counts chunks, each a 1/v share of the stage
-            act = sum(per_mb.values()) * flight // plan.pp_virtual_stages
+        if plan.pp_virtual_stages > 1:  # in flight counts chunks: weigh each by its own activations
+            act = chunked_activations(m, plan, precision, stage, device, model)
         else:
             act = sum(per_mb.values()) * flight
         by_mode = {"none": act}
