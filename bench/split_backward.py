@@ -4,8 +4,9 @@ torch.distributed.pipelining's own split (stage_backward_input / stage_backward_
     python bench/split_backward.py [--layers 2] [--d-model 256] [--seq 128] [--micro 2] [--repeats 20]
 
 One pipeline chunk (the last stage of a 2-stage cut: `layers` blocks, final norm, head, loss)
-from a hidden-state input, one thread. Each repeat runs a fresh forward, then the backward three
-ways, in turn: whole (loss.backward()), ours (backward_input, then WeightGradients.run), torch's.
+from a hidden-state input, one thread. Each repeat runs, for each of three ways in a rotating
+order, a fresh forward and then that backward: whole (loss.backward()), ours (backward_input, then
+WeightGradients.run), torch's.
 Prints the medians and the ratios: what moving W into the bubble costs in extra work.
 """
 
@@ -61,8 +62,10 @@ def main() -> None:
 
     ways = {"whole backward": whole, "nano-train B + W": ours, "torch stage_backward_input + _weight": theirs}
     times: dict[str, list[float]] = {k: [] for k in ways}
+    names = list(ways)
     for r in range(args.repeats + 2):
-        for name, fn in ways.items():
+        for name in names[r % 3:] + names[:r % 3]:  # each way first in turn: no place in the round favoured
+            fn = ways[name]
             stage.zero_grad(set_to_none=True)
             x, y = forward()
             start = time.perf_counter()
