@@ -168,8 +168,8 @@ class PipelineRunner:
                 with meter.computing():
                     job = self._second_thread().submit(self._computing, meter, backward, b, x, y)
                     forward(a, held=1)
-                dx = job.result()
-                backward_done(b, dx)
+                backward_done(b, job.result())
+                del x, y  # not until the next pair: locals of this loop would keep them
                 for slot in (t, t + 1):
                     self._exchange(sends.get(slot, ()), recvs.get(slot, ()), outbox, inbox, in_flight, shape)
                 t += 2
