@@ -150,8 +150,8 @@ def test_check_schedule_messages():
 
 @pytest.mark.parametrize("pp,m", [(2, 4), (4, 8), (4, 4), (3, 5), (4, 2)])
 def test_zb_h1_fills_the_cool_down_with_weight_gradients(pp, m):
-    """With F, B and W one slot each, 1F1B (B and W together: 2 slots) idles 2 (pp - 1) slots
-    of its 3 m + 2 (pp - 1); ZB-H1 idles pp - 1 of 3 m + pp - 1 (m >= pp), and holds 1F1B's
+    """With F, B and W one unit each, 1F1B (B and W together: 2 units) idles 3 (pp - 1) units
+    of its 3 m + 3 (pp - 1); ZB-H1 idles pp - 1 of 3 m + pp - 1 (m >= pp), and holds 1F1B's
     peak (pp)."""
     zb = cached_timetable("zb_h1", pp, 1, m)
     if m >= pp:

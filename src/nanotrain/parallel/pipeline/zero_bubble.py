@@ -8,9 +8,9 @@ every other rank's cool-down waits on its Bs) and runs them in the cool-down, wh
 1F1B idles. Play-through for pp = 4, m = 8 (F, B, W one slot each):
 
   rank 0 |F1 F2 F3 F4 .  .  .  B1 W1 F5 B2 W2 F6 B3 W3 F7 B4 W4 F8 B5 W5 B6 W6 B7 W7 B8 W8|
-  rank 1 |.  F1 F2 F3 .  .  B1 F4 W1 B2 F5 W2 B3 F6 W3 B4 F7 W4 B5 F8 W5 B6 W6 B7 W7 B8 W8 . |
-  ...
-  rank 3 |.  .  .  F1 B1 F2 B2 F3 B3 F4 B4 W1 F5 B5 W2 F6 B6 W3 F7 B7 W4 F8 B8 W5 W6 W7 W8 .|
+  rank 1 |.  F1 F2 F3 .  .  B1 F4 B2 W1 F5 B3 W2 F6 B4 W3 F7 B5 W4 F8 B6 W5 B7 W6 B8 W7 W8|
+  rank 2 |.  .  F1 F2 .  B1 F3 B2 F4 B3 W1 F5 B4 W2 F6 B5 W3 F7 B6 W4 F8 B7 W5 B8 W6 W7 W8|
+  rank 3 |.  .  .  F1 B1 F2 B2 F3 B3 F4 B4 W1 F5 B5 W2 F6 B6 W3 F7 B7 W4 F8 B8 W5 W6 W7 W8|
 
 (`python -m nanotrain.parallel.pipeline zb_h1 4 8` prints it.) The idle slots
 fall from 3 (pp - 1) per rank (1F1B, whose backward is B and W together) to about
