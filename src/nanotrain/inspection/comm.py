@@ -39,7 +39,7 @@ from __future__ import annotations
 
 from ..config import ModelConfig
 from ..params import spec
-from .memory import (BYTES, Plan, compute_bytes, rank_model, root_parameters, stage_ends, stage_layers,
+from .memory import (BYTES, Plan, compute_bytes, plan_stage, rank_model, root_parameters, stage_layers,
                      stage_parameters, vocab_per_rank)
 
 WIRE = {"all_reduce": lambda n: 2 * (n - 1) / n, "all_gather": lambda n: (n - 1) / n,
@@ -148,7 +148,8 @@ def comm_per_step(m: ModelConfig, plan: Plan, precision, pp_rank: int = 0,
     grad_b, param_b = BYTES[precision.grad_dtype], BYTES[precision.param_dtype]
     model = model if model is not None else rank_model(m, plan)
     layers = stage_layers(m, plan, pp_rank, model)
-    first, last = stage_ends(plan, pp_rank)
+    stage = plan_stage(m, plan, pp_rank, model)
+    first, last = stage.has_first, stage.has_last
     mb = plan.micro_batches
     out: dict[str, dict[str, int]] = {}
 

@@ -121,8 +121,9 @@ def stage_parameters(model, m: ModelConfig, plan: Plan, pp_rank: int) -> list:
     its copy of a tied embedding)."""
     if plan.pp == 1:
         return list(model.parameters())
-    layers = {str(i) for i in stage_layers(m, plan, pp_rank, model)}
-    first, last = stage_ends(plan, pp_rank)
+    stage = plan_stage(m, plan, pp_rank, model)
+    layers = {str(i) for c in stage.chunks for i in c}
+    first, last = stage.has_first, stage.has_last
     keep = []
     for name, p in model.named_parameters():
         top = name.split(".")[0]
@@ -401,26 +402,24 @@ def chunked_activations(m: ModelConfig, plan: Plan, precision, pp_rank: int, dev
     """Peak activations of a stage that holds several chunks (interleaved, DualPipeV): the most
     the schedule's order keeps at once, each (chunk, micro-batch) in flight weighing its chunk's
     own activations (its layers, and the embedding or head where it has them)."""
-    from ..parallel.pipeline import cached_timetable, chunk_ids
-    from ..parallel.pipeline.stage import chunk_layers, layer_costs
+    from ..parallel.pipeline import cached_timetable
 
-    v = plan.pp_virtual_stages
-    placement = chunk_ids(plan.pp_schedule, plan.pp, v)
+    stage = plan_stage(m, plan, pp_rank, model)
+    size = [sum(activation_bytes(m, plan, precision, list(layers), stage.is_first_chunk(k), stage.is_last_chunk(k),
+                                 device).values()) for k, layers in enumerate(stage.chunks)]
+    return cached_timetable(plan.pp_schedule, plan.pp, stage.v, plan.micro_batches).peak_in_flight(pp_rank,
+                                                                                                  size.__getitem__)
+
+
+def plan_stage(m: ModelConfig, plan: Plan, pp_rank: int, model=None):
+    """The pipeline.Stage of rank pp_rank, as the runtime assigns it (runtime/components.py): its
+    chunks' layers, and whether it holds the model's first chunk (embedding) and last (head, loss;
+    both on rank 0 in DualPipeV's V). Balancing by parameter count (parallel.pp_partition=params)
+    needs the model."""
+    from ..parallel.pipeline import layer_costs, schedule_stage
+
     costs = layer_costs(model, plan.pp_partition) if model is not None else None
-    chunks = chunk_layers(m.n_layers, plan.pp, v, costs, placement)[pp_rank]
-    last = plan.pp * v - 1
-    size = [sum(activation_bytes(m, plan, precision, layers, c == 0, c == last, device).values())
-            for layers, c in zip(chunks, placement[pp_rank])]
-    return cached_timetable(plan.pp_schedule, plan.pp, v, plan.micro_batches).peak_in_flight(pp_rank, size.__getitem__)
-
-
-def stage_ends(plan: Plan, pp_rank: int) -> tuple[bool, bool]:
-    """Whether stage pp_rank holds the model's first chunk (embedding) and its last (head, loss):
-    rank 0 and rank pp - 1, or both on rank 0 in DualPipeV's V."""
-    from ..parallel.pipeline import chunk_ids
-
-    ids = chunk_ids(plan.pp_schedule, plan.pp, plan.pp_virtual_stages)[pp_rank]
-    return 0 in ids, plan.pp * plan.pp_virtual_stages - 1 in ids
+    return schedule_stage(plan.pp_schedule, m.n_layers, plan.pp, plan.pp_virtual_stages, pp_rank, costs)
 
 
 def compute_bytes(precision) -> int:
@@ -578,15 +577,9 @@ def recomputed_activations(m: ModelConfig, plan: Plan, precision, layers: list[i
 def stage_layers(m: ModelConfig, plan: Plan, pp_rank: int, model=None) -> list[int]:
     """The layers of stage pp_rank, as the runtime assigns them (runtime/components.py); balancing by
     parameter count (parallel.pp_partition=params) needs the model."""
-    from ..parallel.pipeline import chunk_ids
-    from ..parallel.pipeline.stage import chunk_layers, layer_costs
-
     if plan.pp == 1:
         return list(range(m.n_layers))
-    costs = layer_costs(model, plan.pp_partition) if model is not None else None
-    placement = chunk_ids(plan.pp_schedule, plan.pp, plan.pp_virtual_stages)
-    chunks = chunk_layers(m.n_layers, plan.pp, plan.pp_virtual_stages, costs, placement)
-    return [i for chunk in chunks[pp_rank] for i in chunk]
+    return [i for chunk in plan_stage(m, plan, pp_rank, model).chunks for i in chunk]
 
 
 def memory_per_rank(m: ModelConfig, plan: Plan, precision, device: str = "cuda", model=None) -> list[dict]:
@@ -598,7 +591,8 @@ def memory_per_rank(m: ModelConfig, plan: Plan, precision, device: str = "cuda",
         params = stage_parameters(model, m, plan, stage)
         static = static_bytes(params, plan, precision)
         layers = stage_layers(m, plan, stage, model)
-        first, last = stage_ends(plan, stage)
+        s = plan_stage(m, plan, stage, model)
+        first, last = s.has_first, s.has_last
         per_mb = activation_bytes(m, plan, precision, layers, first, last, device)
         flight = in_flight(plan, stage)
         gathered = gathered_param_bytes(model, m, plan, stage, precision)

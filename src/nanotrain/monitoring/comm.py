@@ -32,6 +32,17 @@ from collections import defaultdict
 from contextlib import contextmanager
 
 
+def union_length(spans) -> float:
+    """Length of the union of (start, end) intervals (empty ones, end <= start, count nothing)."""
+    total, reach = 0.0, float("-inf")
+    for s, e in sorted(spans):
+        s = max(s, reach)
+        if e > s:
+            total += e - s
+            reach = e
+    return total
+
+
 class _TimedWork:
     """An async collective's handle: its wait() adds the time the caller spends blocked in it."""
 
@@ -104,15 +115,8 @@ class CommMeter:
         """Seconds of [start, end] during which another thread computed (the union of its spans)."""
         tid = threading.get_ident()
         with self._lock:
-            spans = [(s, e) for t, s, e in self._done if t != tid and e > start]
-            spans += [(s, end) for t, s in self._open.items() if t != tid]
-        covered, reach = 0.0, start
-        for s, e in sorted(spans):
-            s, e = max(s, reach), min(e, end)
-            if e > s:
-                covered += e - s
-                reach = e
-        return covered
+            spans = [(s, e) for t, s, e in self._done if t != tid] + [(s, end) for t, s in self._open.items() if t != tid]
+        return union_length((max(s, start), min(e, end)) for s, e in spans)
 
     def add(self, group: str, nbytes: int, seconds: float, start: float | None = None) -> None:
         hidden = self._hidden(start, start + seconds) if start is not None and (self._open or self._done) else 0.0

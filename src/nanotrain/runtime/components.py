@@ -29,7 +29,7 @@ from ..optim import lr_at
 from ..parallel.context_parallel import ContextParallel, zigzag_split
 from ..parallel.expert_parallel import ExpertParallel
 from ..parallel.layout import Layout
-from ..parallel.pipeline import chunk_ids, chunk_layers, layer_costs, pipeline_stage
+from ..parallel.pipeline import layer_costs, pipeline_stage, schedule_stage
 from ..parallel.state import ParallelState, barrier, destroy_parallel, init_parallel
 from ..parallel.tensor_parallel import TensorParallel
 from ..parallel.zero import ZeroOptimizer
@@ -231,10 +231,9 @@ class TransformerProvider:
         if ps.pp > 1:
             # This rank keeps its stage's layers (parallel/pipeline/stage.py), under the
             # single-process parameter names.
-            costs = layer_costs(model, p.pp_partition)
-            placement = chunk_ids(p.pp_schedule, ps.pp, p.chunks_per_rank)
-            chunks = chunk_layers(ctx.cfg.model.n_layers, ps.pp, p.chunks_per_rank, costs, placement)
-            model = pipeline_stage(model, ps.pp_rank, ps.pp, chunks[ps.pp_rank], placement[ps.pp_rank])
+            stage = schedule_stage(p.pp_schedule, ctx.cfg.model.n_layers, ps.pp, p.chunks_per_rank, ps.pp_rank,
+                                   layer_costs(model, p.pp_partition))
+            model = pipeline_stage(model, ps.pp_rank, ps.pp, stage.chunks, stage.ids)
         core = attention_core_dtype(ctx)
         cp = None if ps.cp == 1 else ContextParallel.of(ps.cp_group, [ps.global_rank(cp_rank=c) for c in range(ps.cp)])
         model.cp = cp  # the positions of this rank's zigzag tokens (models/transformer.py)

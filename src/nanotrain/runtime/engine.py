@@ -183,6 +183,7 @@ class Throughput:
     peak_source: str
     machine: Machine
     dtype: str = "fp32"  # what the run's matmuls compute in
+    probed: bool = False  # the peak was timed on this CPU at start-up (not logging.peak_tflops)
     remeasured: bool = False
 
     @classmethod
@@ -196,11 +197,12 @@ class Throughput:
             machine = probe_machine(ctx.device)
         dtype = compute_dtype(cfg.precision.recipe, ctx.device, cfg.precision.fp8.gemm)
         peak, peak_source = job_peak(machine, dtype, cfg.logging.peak_tflops)
-        return cls(n_params, flops_per_token, peak, peak_source, machine, dtype)
+        probed = machine.device_type == "cpu" and not cfg.logging.peak_tflops
+        return cls(n_params, flops_per_token, peak, peak_source, machine, dtype, probed)
 
     def mfu(self, tokens_per_s: float) -> float:
         value = mfu(tokens_per_s, self.flops_per_token, self.peak)
-        if value > 1 and not self.remeasured and self.machine.device_type == "cpu" and "measured" in self.peak_source:
+        if value > 1 and self.probed and not self.remeasured:
             # The run computes faster than the start-up probe measured: the cores were busy with
             # something else while it ran (a short probe; another job). Time the matmuls again, once.
             self.remeasured = True

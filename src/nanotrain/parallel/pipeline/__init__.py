@@ -55,6 +55,15 @@ def chunk_ids(name: str, pp: int, v: int) -> list[list[int]]:
     return loop_placement(pp, v)
 
 
+def schedule_stage(name: str, n_layers: int, pp: int, v: int, rank: int, costs: list[float] | None = None) -> Stage:
+    """What pipeline rank `rank` runs under schedule `name`: its chunks' layers (the balanced
+    partition, stage.py) and their global indices (the placement). The runtime cuts the model to
+    it (pipeline_stage); `nanotrain inspect` plans with it."""
+    ids = chunk_ids(name, pp, v)
+    chunks = chunk_layers(n_layers, pp, v, costs, ids)[rank]
+    return Stage(rank, pp, tuple(tuple(c) for c in chunks), tuple(ids[rank]))
+
+
 def check_schedule(name: str, pp: int, v: int, m: int, n_layers: int) -> list[str]:
     """What is wrong with this combination, as messages that name the fix (empty: fine).
     v: parallel.pp_virtual_stages as configured."""
@@ -69,7 +78,6 @@ def check_schedule(name: str, pp: int, v: int, m: int, n_layers: int) -> list[st
             errors.append(f"DualPipeV needs at least 2 x parallel.pp = {2 * pp} micro-batches per step, got {m} "
                           "(train.batch_size / (parallel.dp x train.micro_batch_size)): lower "
                           "train.micro_batch_size or raise train.batch_size.")
-        v = 2
     elif name == "interleaved":
         if v < 2:
             errors.append("parallel.pp_schedule='interleaved' needs parallel.pp_virtual_stages >= 2 "
@@ -81,6 +89,7 @@ def check_schedule(name: str, pp: int, v: int, m: int, n_layers: int) -> list[st
     elif v != 1:
         errors.append(f"parallel.pp_virtual_stages={v} needs parallel.pp_schedule='interleaved' "
                       f"({name} runs one chunk per rank): set pp_virtual_stages=1 or pp_schedule='interleaved'.")
+    v = chunks_per_rank(name, v)
     if n_layers < pp * v:
         errors.append(f"model.n_layers={n_layers} cannot fill parallel.pp={pp} x pp_virtual_stages={v} = "
                       f"{pp * v} chunks (each needs a layer): lower pp or pp_virtual_stages.")
@@ -103,5 +112,5 @@ def textbook_bubble(pp: int, m: int, v: int = 1, name: str = "1f1b") -> float:
 
 
 __all__ = ["Action", "Stage", "pipeline_stage", "SCHEDULES", "Timetable", "cached_timetable", "check_schedule",
-           "chunk_ids", "chunk_layers", "chunks_per_rank", "layer_costs", "partition_layers", "textbook_bubble",
-           "timetable"]
+           "chunk_ids", "chunk_layers", "chunks_per_rank", "layer_costs", "partition_layers", "schedule_stage",
+           "textbook_bubble", "timetable"]

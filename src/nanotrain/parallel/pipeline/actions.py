@@ -8,7 +8,7 @@
 
 gpipe.py, one_f_one_b.py, interleaved.py, zero_bubble.py and dualpipev.py each only
 produce these orders. Which global chunk a rank's local chunk k is comes from the
-placement (stage.chunk_ids): chunk k * pp + rank for all but DualPipeV's V. Turning
+placement (chunk_ids in __init__.py): chunk k * pp + rank for all but DualPipeV's V. Turning
 an order into communication is shared, here: `timetable` plays all ranks' orders
 in unit time slots (each rank runs its next action as soon as the inputs it needs
 were produced in an earlier slot), which tells every rank in which slot each message
@@ -85,17 +85,24 @@ class Timetable:
         first = [k for k, c in enumerate(self.placement[rank]) if c == 0]
         return {(a.chunk, a.mb) for a in self.slots[rank] if a is not None and a.kind == "W" and a.chunk not in first}
 
+    def finishes(self, rank: int) -> list[Action]:
+        """This rank's actions that end a backward, in order: the W of a split one, else the whole
+        B. Each accumulates the weights' gradients and frees its (chunk, micro-batch)'s activations."""
+        split = self.split(rank)
+        return [a for a in self.slots[rank]
+                if a is not None and a.kind != "F" and (a.kind == "W") == ((a.chunk, a.mb) in split)]
+
     def peak_in_flight(self, rank: int, size=lambda chunk: 1) -> int:
         """Most (chunk, micro-batch) pairs whose activations this rank holds at once, from a forward
         to the backward that finishes with them (the W of a split one); each pair counts size(chunk)
         (1, or the chunk's layers). It depends on the rank's order alone: the runner measures it too."""
-        split = self.split(rank)
+        ends = set(self.finishes(rank))
         live = peak = 0
         for a in (a for a in self.slots[rank] if a is not None):
             if a.kind == "F":
                 live += size(a.chunk)
                 peak = max(peak, live)
-            elif (a.kind == "W") == ((a.chunk, a.mb) in split):
+            elif a in ends:
                 live -= size(a.chunk)
         return peak
 

@@ -108,11 +108,10 @@ class PipelineRunner:
         tt = cached_timetable(self.schedule, stage.n_ranks, stage.v, m, forward_only)
         me = stage.rank
         sends, recvs = tt.sends(me), tt.recvs(me)
-        order = [a for a in tt.slots[me] if a is not None]
         split = tt.split(me)  # B then W; the model's first chunk has no input gradient: its B runs whole
-        accumulates = [a for a in order if (a.kind == "W") == ((a.chunk, a.mb) in split) and a.kind != "F"]
         whole = stage.has_first and stage.has_last  # one sync for the rank: see train_step
-        last_backward = {0 if whole else a.chunk: a for a in accumulates}
+        # The backward after which a chunk's (or the rank's) gradients are complete: the sync hooks' `last`.
+        lasts = set({0 if whole else a.chunk: a for a in tt.finishes(me)}.values())
         shape = self._message_shape(micro_batches[0][0])
         self.events = [] if record else None
         self._t0 = time.perf_counter()
@@ -138,11 +137,10 @@ class PipelineRunner:
                 peak = max(peak, len(acts) + len(weights_left) + held)
 
         def backward(a: Action, x, y) -> torch.Tensor | None:
-            last = a == last_backward[0 if whole else a.chunk]  # the chunk's gradients are complete after it
             if (a.chunk, a.mb) in split:
                 dx, weights_left[(a.chunk, a.mb)] = self._backward_input(a, x, y, inbox)
                 return dx
-            return self._backward(a, x, y, inbox, backward_context, last)
+            return self._backward(a, x, y, inbox, backward_context, a in lasts)
 
         def backward_done(a: Action, dx) -> None:
             # Its gradient came back, so the next rank has received this micro-batch's output:
@@ -159,7 +157,7 @@ class PipelineRunner:
         while t < tt.n_slots:
             a = tt.slots[me][t]
             b = tt.slots[me][t + 1] if t + 1 < tt.n_slots else None
-            if self.overlap and not forward_only and self._pair(a, b, inbox) and (b.chunk, b.mb) in acts:
+            if self.overlap and not forward_only and self._pair(a, b, inbox, acts):
                 # One micro-batch's forward beside another's backward (DualPipeV's F0 B1 / F1 B0):
                 # the backward in the second thread, so that while one waits in its all-to-all
                 # the other computes. The pair's messages go out after both, in slot order.
@@ -178,8 +176,7 @@ class PipelineRunner:
                 forward(a)
             elif a is not None and a.kind == "W":
                 if (a.chunk, a.mb) in split:
-                    self._weights(a, weights_left.pop((a.chunk, a.mb)), backward_context,
-                                  a == last_backward[0 if whole else a.chunk])
+                    self._weights(a, weights_left.pop((a.chunk, a.mb)), backward_context, a in lasts)
             elif a is not None:
                 backward_done(a, backward(a, *acts.pop((a.chunk, a.mb))))
             self._exchange(sends.get(t, ()), recvs.get(t, ()), outbox, inbox, in_flight, shape)
@@ -196,12 +193,12 @@ class PipelineRunner:
 
     # -- DualPipeV's overlapped pairs -----------------------------------------------------------
 
-    def _pair(self, a: Action | None, b: Action | None, inbox) -> bool:
-        """Whether the forward `a` and the backward `b` of the next slot can run side by side: b's
-        input gradient has been posted for (its message came before a's slot), or b needs none
-        (and, checked by the caller, b's own forward is done: not a)."""
-        return a is not None and b is not None and a.kind == "F" and b.kind == "B" and \
-            (self.stage.is_last_chunk(b.chunk) or b in inbox)
+    def _pair(self, a: Action | None, b: Action | None, inbox, acts) -> bool:
+        """Whether the forward `a` and the backward `b` of the next slot can run side by side: b's own
+        forward is done (it is not a), and b's input gradient has been posted for (its message came
+        before a's slot), or b needs none."""
+        return a is not None and b is not None and a.kind == "F" and b.kind == "B" and (b.chunk, b.mb) in acts \
+            and (self.stage.is_last_chunk(b.chunk) or b in inbox)
 
     def _second_thread(self):
         if self._pool is None:

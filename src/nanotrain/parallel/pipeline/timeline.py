@@ -27,6 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from ...monitoring.comm import union_length
 from .actions import Action, Timetable
 
 Event = tuple[str, int, int, float, float]  # (kind, chunk, mb, start_s, end_s)
@@ -68,25 +69,15 @@ def measured_bubble(timelines: list[RankTimeline]) -> float:
     """Fraction of the step the ranks did not compute: 1 - mean(busy) / span.
 
     span is from the first event of any rank to the last one to end (absolute times);
-    busy is the time a rank computed F, B or W (the union: a pair can overlap). Waiting, communication and idle all count
-    as bubble, as in the textbook definition (anything not compute is bubble)."""
+    busy is the time a rank computed F, B or W (the union: a pair can overlap). Waiting,
+    communication and idle all count as bubble, as in the textbook definition."""
     aligned = align(timelines)
     span = max(e for events in aligned for *_, e in events)  # aligned: the earliest start is 0
     if span <= 0:
         raise ValueError("pipeline events span no time")
-    busy = [_covered(sorted((s, e) for k, _, _, s, e in events if k in COMPUTE)) for events in aligned]
+    # The union: DualPipeV's paired forward and backward can run at once.
+    busy = [union_length((s, e) for k, _, _, s, e in events if k in COMPUTE) for events in aligned]
     return 1 - sum(busy) / len(busy) / span
-
-
-def _covered(spans: list[tuple[float, float]]) -> float:
-    """Length of the union of sorted intervals: DualPipeV's paired forward and backward can run at once."""
-    total, reach = 0.0, float("-inf")
-    for s, e in spans:
-        s = max(s, reach)
-        if e > s:
-            total += e - s
-            reach = e
-    return total
 
 
 def format_bubble(measured: float, textbook: float | None = None) -> str:
@@ -102,8 +93,8 @@ def timetable_timelines(tt: Timetable, slot_ms: float = 1.0, backward_cost: floa
 
     A forward lasts slot_ms and a backward backward_cost * slot_ms (real backwards
     cost about 2x a forward); a backward split into B and W gives B one slot and W the
-    rest (the input's and the weights' gradients are one GEMM each per linear). Each rank runs its actions in the timetable's order,
-    each as soon as the rank is free and its input (a message in tt.messages) has
+    rest (the input's and the weights' gradients are one GEMM each per linear). Each rank
+    runs its actions in the timetable's order, each as soon as the rank is free and its input (a message in tt.messages) has
     been produced; communication is free. With backward_cost=1 this is exactly the
     unit-slot play-through (the action in slot t runs over [t, t + 1) * slot_ms);
     GPipe and 1F1B keep their (pp - 1) / (m + pp - 1) bubble at any backward_cost."""
@@ -113,16 +104,15 @@ def timetable_timelines(tt: Timetable, slot_ms: float = 1.0, backward_cost: floa
     free = [0.0] * tt.pp  # when each rank finishes its previous action
     events: list[list[Event]] = [[] for _ in range(tt.pp)]
     split = [tt.split(r) for r in range(tt.pp)]
+    ends = [set(tt.finishes(r)) for r in range(tt.pp)]
     # Slot by slot: an action's producer always ran in an earlier slot, so its end is known.
     for t in range(tt.n_slots):
         for r in range(tt.pp):
             a = tt.slots[r][t]
-            if a is None:
-                continue
+            if a is None or (a.kind == "W" and a not in ends[r]):
+                continue  # (the first chunk's W: its B ran whole)
             src = producer.get((r, a))
             start = max(free[r], end[src] if src else 0.0)
-            if a.kind == "W" and (a.chunk, a.mb) not in split[r]:
-                continue  # the first chunk's W: its B ran whole
             cost = {"F": 1.0, "W": backward_cost - 1.0}.get(a.kind, 1.0 if (a.chunk, a.mb) in split[r] else backward_cost)
             free[r] = end[(r, a)] = start + slot_ms * cost
             events[r].append((a.kind, a.chunk, a.mb, start / 1e3, free[r] / 1e3))
@@ -154,8 +144,8 @@ def plot_timeline(timelines: list[RankTimeline], path: str | Path, title: str = 
     """Draw the step as one row per pipeline rank (rank 0 on top), time in ms; return the PNG's path.
 
     Forward bars take their micro-batch's colour; backward bars (B) the same colour,
-    darker and hatched; weight-gradient bars (W) the same colour, pale and dotted. Thin grey bars: waiting on a receive (light) and posting or
-    finishing sends (dark). Blank: the rank had nothing to do."""
+    darker and hatched; weight-gradient bars (W) the same colour, pale and dotted. Thin grey
+    bars: waiting on a receive (light) and posting or finishing sends (dark). Blank: the rank had nothing to do."""
     # Figure + the Agg canvas directly, not pyplot: no display, no global figure state.
     from matplotlib import colormaps
     from matplotlib.backends.backend_agg import FigureCanvasAgg
