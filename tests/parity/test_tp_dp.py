@@ -3,7 +3,10 @@
 Tolerance: losses and gradients (after step 1, gathered to full tensors) within 1e-5 relative
 (|a - b| / max(|b|, u·G/tol) per tensor: verify.grad_floor). Measured differences are ~1e-7:
 the only change between layouts is the order of floating-point sums (row-parallel partial
-sums, dp all-reduce). test_verify_fails_on_a_real_bug checks that the measure still sees bugs."""
+sums, dp all-reduce). Past step 1 a step over the tolerance is read against the rounding spread
+of one process (verify.rounding_spread). test_verify_fails_on_a_real_bug and
+test_verify_fails_on_a_late_bug_with_the_rounding_spread_measured check that both measures still
+see bugs."""
 
 import dataclasses
 
@@ -13,7 +16,7 @@ from conftest import CORPUS
 from nanotrain.config import load_config
 from nanotrain.parallel.launch import run_world
 from nanotrain.parallel.layout import Layout
-from nanotrain.verify import compare, layout_config, reference_config, train_and_capture, verify
+from nanotrain.verify import compare, judge, layout_config, reference_config, train_and_capture, verify
 
 TOL = 1e-5
 
@@ -115,3 +118,37 @@ def test_verify_fails_on_a_real_bug(tmp_path, bug, name):
     print(report.table("tp=2,sp"))
     assert report.worst_grad[0] == name and report.worst_grad[1] > 100 * TOL, report.table("tp=2,sp")
     assert ref["grads"][name].norm() < report.floor  # measured against the floor, not its own norm
+
+
+def _late_bug(cfg_dict):
+    """A bug that waits: from step 4 on, tp rank 1's shard of layers.1.mlp.w2.weight's gradient is
+    doubled (as by a reduction applied twice once a buffer is reused); steps 1-3 are exact."""
+    from nanotrain.runtime import RuntimeEngine
+
+    init = RuntimeEngine.__init__
+
+    def buggy(self, cfg, components=None, on_grads=None):
+        def double_then_capture(step, model, ctx):
+            if step >= 4 and ctx.parallel.tp_rank == 1:
+                model.get_parameter("layers.1.mlp.w2.weight").grad.mul_(2)
+            on_grads(step, model, ctx)
+        init(self, cfg, components, double_then_capture)
+
+    RuntimeEngine.__init__ = buggy
+    return train_and_capture(cfg_dict)
+
+
+def test_verify_fails_on_a_late_bug_with_the_rounding_spread_measured(tmp_path):
+    """Past step 1 verify reads a difference above the tolerance against the rounding spread of one
+    process (verify.rounding_spread: micro-batch splits). That spread is rounding-sized where the
+    steps are well conditioned, so a bug from step 4 on still fails there, and only there."""
+    cfg = config(tmp_path)
+    ref_cfg = reference_config(cfg, 6, str(tmp_path / "reference"))
+    ref = train_and_capture(dataclasses.asdict(ref_cfg))
+    par_cfg = layout_config(reference_config(cfg, 6, str(tmp_path / "layout")), "tp=2")
+    other = run_world(_late_bug, Layout.from_config(par_cfg).world_size, dataclasses.asdict(par_cfg))[0]
+    report = judge(ref, other, dataclasses.asdict(ref_cfg), str(tmp_path / "probes"), TOL)
+    print(report.table("tp=2"))
+    assert report.spread and max(report.spread.values()) < TOL / 10, report.table("tp=2")  # measured, small
+    assert not report.ok and report.over()[0] == 4, report.table("tp=2")
+    assert report.norm_diffs[4] > 10 * report.limit(4), report.table("tp=2")  # measured: 62x

@@ -6,7 +6,7 @@ import torch
 from nanotrain.parallel.data_parallel import clip_coef, grad_norm
 from nanotrain.parallel.layout import Layout
 from nanotrain.parallel.state import ParallelState, check_layout
-from nanotrain.verify import Report, compare, grad_floor, rel_diff
+from nanotrain.verify import SPREAD_MARGIN, Report, compare, grad_floor, rel_diff
 
 
 def test_world_size_must_match_the_layout():
@@ -42,6 +42,21 @@ def test_verdict():
     assert good.ok
     assert not Report([(1, 4.0, 4.1, 0.025)], ("w", 1e-7), 1e-5).ok
     assert not Report([(1, 4.0, 4.0, 0.0)], ("w", 1e-3), 1e-5).ok
+
+
+def test_verdict_past_step_1_reads_the_rounding_spread():
+    """Step 1 (the same parameters on both sides) is held to the tolerance whatever the spread; a
+    later step to the tolerance or SPREAD_MARGIN x the measured spread, whichever is larger."""
+    rows = [(1, 4.0, 4.0, 0.0), (2, 3.9, 3.9, 1e-7)]
+    late = Report(rows, ("w", 1e-7), 1e-5, {1: 1e-7, 2: 1.5e-5})
+    assert not late.ok and late.over() == [2]
+    late.spread = {1: 1e-5, 2: 1e-5}  # rounding alone moved step 2 by 1e-5 on one process
+    assert late.ok and late.limit(2) == SPREAD_MARGIN * 1e-5 and late.limit(1) == 1e-5
+    assert "limit" in late.table("x").splitlines()[0]
+    late.norm_diffs[2] = 3e-5  # beyond twice the spread
+    assert not late.ok and late.over() == [2]
+    early = Report(rows, ("w", 1e-7), 1e-5, {1: 1.5e-5, 2: 0.0}, spread={1: 1.0, 2: 1.0})
+    assert not early.ok and early.over() == [1]
 
 
 def test_gradient_measure_floors_vanishing_gradients_and_still_sees_bugs():
