@@ -170,9 +170,18 @@ needs_scaled_mm = pytest.mark.skipif(not scaled_mm_available(torch.device("cpu")
 def test_scaled_mm_path_is_the_emulation():
     """torch._scaled_mm (the hardware fp8 GEMM; this build also runs it on CPU) multiplies the
     same fp8 codes and applies the same scales: y, dx and dW equal the emulation's up to the
-    order of the fp32 sums."""
+    order of the fp32 sums.
+
+    Where the kernel itself refuses the product, the run names it and the test skips with its
+    message: with oneDNN limited to AVX2 on a CPU with AMX (make test-avx2), once a bf16 matmul has
+    run in the process, this build sends _scaled_mm to oneDNN, which then has no fp8 matmul."""
     emulated = run(Fp8Tensorwise(0, "emulated"))
-    fp8 = run(Fp8Tensorwise(0, "scaled_mm"))
+    try:
+        fp8 = run(Fp8Tensorwise(0, "scaled_mm"))
+    except RuntimeError as e:
+        if "torch._scaled_mm could not run" not in str(e):
+            raise
+        pytest.skip(str(e))
     for a, b in zip(fp8, emulated):
         assert rel(a, b) < 1e-6
     assert not use_scaled_mm("auto", X, W)  # auto: CUDA only (the CPU kernel is slower than the emulation)

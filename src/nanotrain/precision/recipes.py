@@ -148,8 +148,13 @@ class Fp8Tensorwise(Recipe):
         qb, sb = self.codes(b, roles[1], state)
         fa, fb = (E5M2 if r.startswith("dy") else E4M3 for r in roles)
         # a row-major [M, K], b column-major [K, N] (the transpose of our [N, K]), as cuBLASLt wants.
-        return torch._scaled_mm(qa.to(fa.torch_dtype).contiguous(), qb.to(fb.torch_dtype).contiguous().t(),
-                                scale_a=sa, scale_b=sb, out_dtype=torch.float32)
+        try:
+            return torch._scaled_mm(qa.to(fa.torch_dtype).contiguous(), qb.to(fb.torch_dtype).contiguous().t(),
+                                    scale_a=sa, scale_b=sb, out_dtype=torch.float32)
+        except RuntimeError as e:  # e.g. this build's CPU kernel on oneDNN limited below fp8 matmuls
+            raise RuntimeError(f"precision.fp8.gemm=scaled_mm: torch._scaled_mm could not run a [{a.shape[0]}, "
+                               f"{a.shape[1]}] x [{a.shape[1]}, {b.shape[0]}] fp8 GEMM on {a.device.type} "
+                               f"({str(e).splitlines()[0]}): use precision.fp8.gemm=auto or emulated.") from e
 
 
 _SCALED_MM_WORKS: dict[str, bool] = {}
