@@ -41,7 +41,11 @@ def _overlapping(events) -> bool:
 
 @pytest.mark.world
 def test_pairs_overlap_and_hide_all_to_all_time(tmp_path):
-    cfg = _config(tmp_path, "--parallel.pp=2", "--parallel.dp=2", "--parallel.ep=2")
+    # 8 micro-batches per rank: 8 paired forward/backward per recorded step. With 4 (batch 8) the
+    # pairs overlapped 2 to 4 times per rank on 2 cores, and once none did on one rank: whether
+    # two threads of one of 4 processes share a moment on 2 cores is up to the OS scheduler.
+    # With 8: 10 to 12 overlapping pairs per rank (Intel Xeon, 2 cores).
+    cfg = _config(tmp_path, "--parallel.pp=2", "--parallel.dp=2", "--parallel.ep=2", "--train.batch_size=16")
     run_world(_train, 4, dataclasses.asdict(cfg))
     timeline = json.loads((Path(cfg.train.out_dir) / "timeline.json").read_text())
     assert timeline["schedule"] == "dualpipev"
