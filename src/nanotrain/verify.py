@@ -162,9 +162,16 @@ def rel_diff(a: torch.Tensor, b: torch.Tensor, floor: float) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm().clamp(min=floor)).item()
 
 
+def step_diffs(ref: dict, other: dict) -> tuple[dict[int, float], dict[int, float]]:
+    """Per step, the relative differences of `other`'s loss and global gradient norm from `ref`'s."""
+    losses = {s: abs(other["losses"][s] - a) / abs(a) for s, a in ref["losses"].items()}
+    norms = {s: abs(other["grad_norms"][s] - n) / n for s, n in ref["grad_norms"].items()}
+    return losses, norms
+
+
 def compare(ref: dict, other: dict, tolerance: float, precision: str = "fp32") -> Report:
-    rows = [(s, ref["losses"][s], other["losses"][s], abs(other["losses"][s] - ref["losses"][s]) / abs(ref["losses"][s]))
-            for s in sorted(ref["losses"])]
+    losses, norms = step_diffs(ref, other)
+    rows = [(s, ref["losses"][s], other["losses"][s], losses[s]) for s in sorted(ref["losses"])]
     floor = grad_floor(ref["grads"], tolerance, precision)
     worst = ("", 0.0)
     for name, g in ref["grads"].items():
@@ -173,7 +180,6 @@ def compare(ref: dict, other: dict, tolerance: float, precision: str = "fp32") -
         d = rel_diff(other["grads"][name], g, floor)
         if d >= worst[1]:
             worst = (name, d)
-    norms = {s: abs(other["grad_norms"][s] - n) / n for s, n in ref["grad_norms"].items()}
     return Report(rows, worst, tolerance, norms, floor)
 
 
@@ -187,11 +193,9 @@ def rounding_spread(ref_cfg: dict, ref: dict, out_dir: str, probes: int = PROBES
     spread: dict[int, float] = {}
     for m in [d for d in range(micro - 1, 0, -1) if t["batch_size"] % d == 0][:probes]:
         cfg = {**ref_cfg, "train": {**t, "micro_batch_size": m, "out_dir": f"{out_dir}/probe_micro{m}"}}
-        run = train_and_capture(cfg)
-        for s, n in ref["grad_norms"].items():
-            d = max(abs(run["losses"][s] - ref["losses"][s]) / abs(ref["losses"][s]),
-                    abs(run["grad_norms"][s] - n) / n)
-            spread[s] = max(spread.get(s, 0.0), d)
+        losses, norms = step_diffs(ref, train_and_capture(cfg))
+        for s in norms:
+            spread[s] = max(spread.get(s, 0.0), losses[s], norms[s])
     return spread
 
 
@@ -214,6 +218,7 @@ def judge(ref: dict, other: dict, ref_cfg: dict, out_dir: str, tolerance: float,
     """compare(); where only steps past the first exceed the tolerance, with the rounding spread of
     the one-process run `ref` (of config ref_cfg) measured (the probes run in out_dir)."""
     report = compare(ref, other, tolerance, precision)
-    if report.over() and min(report.over()) > 1 and report.worst_grad[1] <= tolerance:  # step 1 stays strict
+    over = report.over()
+    if over and over[0] > 1 and report.worst_grad[1] <= tolerance:  # step 1 stays strict
         report.spread = rounding_spread(ref_cfg, ref, out_dir)
     return report

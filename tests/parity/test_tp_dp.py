@@ -9,6 +9,7 @@ test_verify_fails_on_a_late_bug_with_the_rounding_spread_measured check that bot
 see bugs."""
 
 import dataclasses
+import functools
 
 import pytest
 
@@ -86,22 +87,26 @@ def _skip_first_sp_reduction(cfg_dict):
     return train_and_capture(cfg_dict)
 
 
-def _double_one_shard(cfg_dict):
-    """A bug: tp rank 1's shard of layers.0.attn.wq.bias's gradient is doubled (as by a reduction
-    applied twice) before the optimizer step; the bias's gradient is ~1e-4 of the global norm."""
+def _double_a_shard(cfg_dict, name: str, from_step: int = 1):
+    """A bug: from step `from_step` on, tp rank 1's shard of `name`'s gradient is doubled (as by a
+    reduction applied twice) before the optimizer step."""
     from nanotrain.runtime import RuntimeEngine
 
     init = RuntimeEngine.__init__
 
     def buggy(self, cfg, components=None, on_grads=None):
         def double_then_capture(step, model, ctx):
-            if ctx.parallel.tp_rank == 1:
-                model.get_parameter("layers.0.attn.wq.bias").grad.mul_(2)
+            if step >= from_step and ctx.parallel.tp_rank == 1:
+                model.get_parameter(name).grad.mul_(2)
             on_grads(step, model, ctx)
         init(self, cfg, components, double_then_capture)
 
     RuntimeEngine.__init__ = buggy
     return train_and_capture(cfg_dict)
+
+
+# The bias's gradient is ~1e-4 of the global norm.
+_double_one_shard = functools.partial(_double_a_shard, name="layers.0.attn.wq.bias")
 
 
 @pytest.mark.parametrize("bug,name", [(_skip_first_sp_reduction, "layers.0.attn_norm.weight"),
@@ -120,22 +125,8 @@ def test_verify_fails_on_a_real_bug(tmp_path, bug, name):
     assert ref["grads"][name].norm() < report.floor  # measured against the floor, not its own norm
 
 
-def _late_bug(cfg_dict):
-    """A bug that waits: from step 4 on, tp rank 1's shard of layers.1.mlp.w2.weight's gradient is
-    doubled (as by a reduction applied twice once a buffer is reused); steps 1-3 are exact."""
-    from nanotrain.runtime import RuntimeEngine
-
-    init = RuntimeEngine.__init__
-
-    def buggy(self, cfg, components=None, on_grads=None):
-        def double_then_capture(step, model, ctx):
-            if step >= 4 and ctx.parallel.tp_rank == 1:
-                model.get_parameter("layers.1.mlp.w2.weight").grad.mul_(2)
-            on_grads(step, model, ctx)
-        init(self, cfg, components, double_then_capture)
-
-    RuntimeEngine.__init__ = buggy
-    return train_and_capture(cfg_dict)
+# A bug that waits (as a reduction applied twice once a buffer is reused): steps 1-3 are exact.
+_late_bug = functools.partial(_double_a_shard, name="layers.1.mlp.w2.weight", from_step=4)
 
 
 def test_verify_fails_on_a_late_bug_with_the_rounding_spread_measured(tmp_path):
