@@ -4,8 +4,12 @@ torchrun's arguments (ARGS) and runs torch.distributed.run's main.
 On SIGTERM or SIGINT torchrun forwards the signal to its workers, which finish their step and
 save a checkpoint (runtime/preemption.py), and then ends itself by raising SignalException: a
 25-line traceback under the workers' one-line messages, at every Ctrl-C. Here it ends with one
-line and the shell's code for the signal (143, 130) instead. Everything else (rendezvous,
-restarts, its report of a failed worker) is torchrun's own.
+line and the shell's code for the signal (143, 130) instead.
+
+When the workers stop on bad input (a config, data or checkpoint error: exit code 2, which each
+names in one line, cli.named_error), torchrun would add a traceback and a table of the failed
+workers; here it ends with one line and code 2. Everything else (rendezvous, restarts, its log
+lines, its report of a worker that crashed or diverged) is torchrun's own.
 """
 
 from __future__ import annotations
@@ -14,7 +18,17 @@ import signal
 import sys
 
 from torch.distributed.elastic.multiprocessing.api import SignalException
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.run import main
+
+BAD_INPUT = 2  # cli.named_error's exit code for a config, data, checkpoint or path error
+
+
+def stopped_on_bad_input(e: ChildFailedError) -> bool:
+    """Some worker exited with the bad-input code and the others with it too or were stopped by
+    torchrun (a negative code: the signal torchrun sent when the first one exited)."""
+    codes = [f.exitcode for f in e.failures.values()]
+    return BAD_INPUT in codes and all(c == BAD_INPUT or c < 0 for c in codes)
 
 
 def run() -> int:
@@ -25,6 +39,11 @@ def run() -> int:
         print(f"torchrun: {name} forwarded to the workers; each saved its checkpoint or said why above",
               file=sys.stderr)
         return 128 + int(e.sigval)
+    except ChildFailedError as e:
+        if not stopped_on_bad_input(e):
+            raise
+        print("torchrun: the workers stopped on the input error above; fix it and run again", file=sys.stderr)
+        return BAD_INPUT
     return 0
 
 

@@ -124,3 +124,15 @@ def test_hf_config_with_a_size_of_the_wrong_type(tmp_path, capsys):
     (tmp_path / "hf" / "config.json").write_text("[1, 2]")
     err = _error(capsys, ["inspect", "--hf-config", f"{folder}/config.json"])
     assert "JSON object" in err and "list" in err, err
+
+
+def test_a_config_error_under_the_launcher_is_one_line(tmp_path):
+    """`make train ARGS=...` with a bad value: every worker exits 2 on the same named error;
+    nanotrain.torchrun ends with one line and code 2, not torchrun's traceback and failure table."""
+    from fault_launch import fault_args, torchrun
+
+    done = torchrun(2, fault_args(tmp_path, "--parallel.dp=2", "--schedule.warmup_steps=400"), ours=True)
+    out = done.stdout + done.stderr
+    assert done.returncode == 2, out
+    assert "schedule.warmup_steps=400 must be below" in out and "Traceback" not in out, out
+    assert "ChildFailedError" not in out and "the workers stopped on the input error above" in out, out
