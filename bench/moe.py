@@ -45,6 +45,7 @@ def ep_compare(steps: int, rounds: int) -> None:
     def cfg(ep, i):
         return dataclasses.asdict(load_config(ROOT / "configs/deepseek_tiny.toml", [
             f"--data.path={ROOT / 'data/tinyshakespeare.txt'}", "--parallel.dp=2", f"--parallel.ep={ep}",
+            "--train.batch_size=12",  # 6 sequences of 64 per rank, as docs/deepseek.md's table was measured
             f"--train.max_steps={steps}", "--train.eval_interval=0", "--train.eval_steps=1",
             "--schedule.warmup_steps=2", "--schedule.decay_steps=1000", "--checkpoint.save_final=false", "--logging.progress=none",
             "--logging.tensorboard=false", "--logging.plot=false", f"--train.out_dir=/tmp/nanotrain-bench-ep{ep}-{i}"]))
