@@ -57,7 +57,8 @@ def test_verify_and_inspect_read_the_same_layout(capsys):
     planned = json.loads(capsys.readouterr().out)["plan"]["layout"]
     assert {k: planned[k] for k in ("tp", "pp", "dp", "ep", "sp", "zero_stage")} == \
         {"tp": 2, "pp": 2, "dp": 2, "ep": 2, "sp": True, "zero_stage": verify_layout.zero}
-    assert planned["micro_batch_size"] == 12 // 2  # micro left out: batch_size / dp, as a run computes it
+    # micro left out: batch_size / dp, as a run computes it
+    assert planned["micro_batch_size"] == load_config(CONFIG).train.batch_size // 2
 
 
 def test_both_commands_reject_an_unknown_key_with_the_same_line(capsys):
