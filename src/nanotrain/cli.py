@@ -262,6 +262,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+BAD_INPUT = 2  # exit code of a config, data, checkpoint or path error (nanotrain.torchrun reads it too)
+RUN_FAILED = 1  # exit code of a run that diverged or lost a peer
+
+
 def named_error(e: BaseException) -> int | None:
     """An error the user gets as one line, no traceback: print it, return the exit code. None for
     anything else, which is a bug and keeps its traceback (the caller re-raises it).
@@ -278,7 +282,7 @@ def named_error(e: BaseException) -> int | None:
         return None
     if os.environ.get("RANK", "0") == "0" or isinstance(e, CollectiveError):
         print(f"error: {e}", file=sys.stderr)
-    return 1 if isinstance(e, (TrainingError, CollectiveError)) else 2
+    return RUN_FAILED if isinstance(e, (TrainingError, CollectiveError)) else BAD_INPUT
 
 
 def main(argv: list[str] | None = None) -> int:

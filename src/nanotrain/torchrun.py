@@ -21,7 +21,7 @@ from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.run import main
 
-BAD_INPUT = 2  # cli.named_error's exit code for a config, data, checkpoint or path error
+from .cli import BAD_INPUT
 
 
 def stopped_on_bad_input(e: ChildFailedError) -> bool:
