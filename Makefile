@@ -7,6 +7,11 @@ PY     := $(VENV)/bin/python
 CONFIG ?= configs/shakespeare_char.toml
 NPROC  ?= 2
 ARGS   ?=
+# make test runs the suite in JOBS pytest-xdist workers. Two on a 2-core machine: one pytest process
+# alone leaves a core idle while a single-process test runs and while a world's ranks wait on each
+# other; a third worker only adds oversubscription (measured: README, "The test suite").
+JOBS   ?= 2
+PYTEST := $(PY) -m pytest -q -n $(JOBS) --dist worksteal
 
 .PHONY: train train-dp test test-avx2 setup data bench clean
 
@@ -41,13 +46,13 @@ train-dp: data
 	$(PY) -m nanotrain sample --config $(CONFIG) --prompt "ROMEO:" --max-new-tokens 300
 
 test: data
-	$(PY) -m pytest -q $(ARGS)
+	$(PYTEST) $(ARGS)
 
 # The suite as an AVX2-only CPU runs it (no AVX-512, no bf16 units), on any x86 CPU: oneDNN, MKL and
 # PyTorch's own kernels are told to use AVX2 at most. Their rounding and speed are then the AVX2
 # machine's (a bf16 matmul ~100x slower than fp32), so both kinds of CPU can be tested on one machine.
 test-avx2: data
-	MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 $(PY) -m pytest -q $(ARGS)
+	MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 $(PYTEST) $(ARGS)
 
 bench: setup
 	$(PY) bench/overhead.py

@@ -22,6 +22,16 @@ def pytest_addoption(parser):
 
 def pytest_configure(config):
     os.environ["NANOTRAIN_TEST_DEVICE"] = config.getoption("--train-device")
+    # Under pytest-xdist (`make test` runs two workers: -n 2), each worker gets its share of the
+    # cores for the tests it runs in-process, as a world's ranks get one thread each (launch.py):
+    # two workers each running PyTorch's default (every core) would oversubscribe the machine.
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        import torch
+
+        from nanotrain.runtime.machine import job_cores
+
+        torch.set_num_threads(max(1, job_cores() // workers))
 
 
 def pytest_collection_modifyitems(config, items):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import math
 import re
 import tomllib
@@ -772,8 +773,15 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 
 
 def _section_fields(section_obj: Any) -> dict[str, Any]:
-    hints = typing.get_type_hints(type(section_obj))
-    return {f.name: hints[f.name] for f in dataclasses.fields(section_obj)}
+    return _fields_of(type(section_obj))
+
+
+@functools.cache
+def _fields_of(section_type: type) -> dict[str, Any]:
+    """{field: type} of a config table. Cached: get_type_hints evaluates every annotation string
+    on each call, and a config is built key by key (Config.from_dict: ~150 calls)."""
+    hints = typing.get_type_hints(section_type)
+    return {f.name: hints[f.name] for f in dataclasses.fields(section_type)}
 
 
 def set_value(cfg: Config, dotted: str, value: Any, source: str = "command line") -> None:

@@ -199,7 +199,10 @@ def rounding_spread(ref_cfg: dict, ref: dict, out_dir: str, probes: int = PROBES
     return spread
 
 
-def verify(cfg: Config, layout: str, steps: int = 10, tolerance: float = 1e-5, precision: str = "fp32") -> Report:
+def verify(cfg: Config, layout: str, steps: int = 10, tolerance: float = 1e-5, precision: str = "fp32",
+           references: dict | None = None) -> Report:
+    """references: a dict the caller keeps to reuse one-process runs between calls (the test suite
+    checks many layouts of one config); None runs the reference every time."""
     from .parallel.launch import run_world
 
     with tempfile.TemporaryDirectory(prefix="nanotrain-verify-") as tmp:
@@ -208,10 +211,24 @@ def verify(cfg: Config, layout: str, steps: int = 10, tolerance: float = 1e-5, p
         # must not change the model, so a layout that recomputes is checked against one that does not.
         ref_cfg.train.recompute = "none"
         par_cfg = layout_config(reference_config(cfg, steps, f"{tmp}/layout", precision), layout)
-        ref = train_and_capture(dataclasses.asdict(ref_cfg))
+        ref = reference_run(dataclasses.asdict(ref_cfg), references)
         world = Layout.from_config(par_cfg).world_size
         other = run_world(train_and_capture, world, dataclasses.asdict(par_cfg))[0]
         return judge(ref, other, dataclasses.asdict(ref_cfg), tmp, tolerance, precision)
+
+
+def reference_run(ref_cfg: dict, references: dict | None = None) -> dict:
+    """train_and_capture(ref_cfg), or the result of an earlier call with the same config in
+    `references`. The key is the whole config but where it writes (train.out_dir) and where its
+    prepared tokens live (data.prepared_dir: the same tokens wherever prepared): a one-process run is
+    deterministic, so a run with an equal key gives equal losses and gradients, bit for bit."""
+    if references is None:
+        return train_and_capture(ref_cfg)
+    key = repr({section: {k: v for k, v in body.items() if k not in ("out_dir", "prepared_dir")}
+                for section, body in ref_cfg.items()})
+    if key not in references:
+        references[key] = train_and_capture(ref_cfg)
+    return references[key]
 
 
 def judge(ref: dict, other: dict, ref_cfg: dict, out_dir: str, tolerance: float, precision: str = "fp32") -> Report:

@@ -48,9 +48,14 @@ LAYOUTS = {
 }
 
 
+# One-process reference runs by config, shared by the parity tests of this process (verify.reference_run):
+# many layouts of one config are checked against the same run, and it is deterministic.
+REFERENCES: dict = {}
+
+
 def check_layout(cfg, layout: str, tolerance: float = TOL):
     """10 steps of `layout` against one process (nanotrain verify); fails with the side-by-side table."""
-    report = verify(cfg, layout, steps=10, tolerance=tolerance)
+    report = verify(cfg, layout, steps=10, tolerance=tolerance, references=REFERENCES)
     print(report.table(layout))
     assert len(report.rows) == 10
     assert report.ok, report.table(layout)
