@@ -79,3 +79,23 @@ def test_gradient_measure_floors_vanishing_gradients_and_still_sees_bugs():
     report = compare({**run, "grads": ref}, {**run, "grads": buggy}, 1e-5)
     assert not report.ok and report.worst_grad[0] == "bias", report.table("x")
 
+
+
+def test_reference_runs_are_shared_by_config_not_by_folder(make_config, tmp_path):
+    """verify.reference_run: a second call whose config differs only in where it writes and where its
+    tokens are prepared returns the first run (its folder is never written); any other difference
+    trains again."""
+    import dataclasses
+
+    from nanotrain.verify import reference_config, reference_run
+
+    cfg = make_config("--train.max_steps=3", "--schedule.warmup_steps=1")
+    runs: dict = {}
+    first = reference_run(dataclasses.asdict(reference_config(cfg, 3, str(tmp_path / "a"))), runs)
+    moved = dataclasses.asdict(reference_config(cfg, 3, str(tmp_path / "b")))
+    moved["data"]["prepared_dir"] = str(tmp_path / "elsewhere")
+    assert reference_run(moved, runs) is first and not (tmp_path / "b").exists()
+    reseeded = dataclasses.asdict(reference_config(cfg, 3, str(tmp_path / "c")))
+    reseeded["train"]["seed"] += 1
+    other = reference_run(reseeded, runs)
+    assert len(runs) == 2 and (tmp_path / "c").exists() and other["losses"] != first["losses"]
