@@ -9,7 +9,7 @@ NPROC  ?= 2
 ARGS   ?=
 # make test runs the suite in JOBS pytest-xdist workers. Two on a 2-core machine: one pytest process
 # alone leaves a core idle while a single-process test runs and while a world's ranks wait on each
-# other; a third worker only adds oversubscription (measured: README, "The test suite").
+# other; a third worker only adds oversubscription (measured: README, under `make test`).
 JOBS   ?= 2
 PYTEST := $(PY) -m pytest -q -n $(JOBS) --dist worksteal
 

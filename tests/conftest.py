@@ -40,9 +40,6 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if {"distributed", "parity"} & set(Path(str(item.fspath)).parts):
             item.add_marker(pytest.mark.world)
-    # The slow tests (compiles, killed and restarted runs) first, the rest in file order: the workers
-    # of `make test` (pytest-xdist) then end on short tests, not one of them on a 40 s compile.
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 def tiny_config(tmp_path: Path, *overrides: str):
