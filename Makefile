@@ -11,7 +11,7 @@ ARGS   ?=
 # alone leaves a core idle while a single-process test runs and while a world's ranks wait on each
 # other; a third worker only adds oversubscription (measured: README, under `make test`).
 JOBS   ?= 2
-PYTEST := $(PY) -m pytest -q -n $(JOBS) --dist worksteal
+PYTEST := $(PY) -m pytest -q -n $(JOBS) --dist loadgroup
 
 .PHONY: train train-dp test test-avx2 setup data bench clean
 

@@ -14,6 +14,10 @@ from nanotrain.parallel.launch import run_world
 from nanotrain.runtime import RuntimeEngine
 from test_resume_across_layouts import SMALL, run_config
 
+# One pytest-xdist worker runs this file (make test: --dist loadgroup): its module-scoped
+# fixture runs once, not once per worker.
+pytestmark = pytest.mark.xdist_group("checkpoint_shards")
+
 
 def _train_and_shards(cfg_dict):
     """Train, then return this rank's tensor-parallel shards of two weights, and its moments."""

@@ -8,6 +8,10 @@ import pytest
 from fault_launch import assert_same_tensors, fault_args, losses, run_one, start_world, torchrun
 from nanotrain.runtime.preemption import Preemption
 
+# One pytest-xdist worker runs this file (make test: --dist loadgroup): its module-scoped
+# fixtures run once, not once per worker.
+pytestmark = pytest.mark.xdist_group("preemption")
+
 
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory):

@@ -15,6 +15,10 @@ from nanotrain.models.hf import convert_to_hf, load_hf_model
 from nanotrain.parallel.launch import run_world
 from nanotrain.runtime import RuntimeEngine
 
+# One pytest-xdist worker runs this file (make test: --dist loadgroup): its module-scoped
+# fixture runs once, not once per worker.
+pytestmark = pytest.mark.xdist_group("init_from")
+
 
 def config(tmp_path, out, *extra):
     return load_config(None, [

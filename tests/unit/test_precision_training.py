@@ -11,6 +11,10 @@ import pytest
 from conftest import straight_and_resumed, tiny_config
 from nanotrain.runtime import RuntimeEngine
 
+# One pytest-xdist worker runs this file (make test: --dist loadgroup): its module-scoped
+# fixture runs once, not once per worker.
+pytestmark = pytest.mark.xdist_group("precision_training")
+
 ARGS = ["--train.max_steps=200", "--train.eval_interval=200", "--train.eval_steps=8", "--model.d_model=64",
         "--model.n_heads=4", "--train.seq_len=32", "--train.batch_size=8", "--schedule.decay_steps=200",
         "--schedule.warmup_steps=20", "--optimizer.lr=3e-3", "--checkpoint.save_final=false"]
