@@ -33,8 +33,8 @@ data: setup
 # The default demo: the DeepSeek-shaped model (MLA + MoE) on tiny Shakespeare in 4D,
 # tp=2 x pp=2 x dp=2 with ep=2: 8 gloo processes under torchrun (nanotrain.torchrun: torchrun that ends
 # a Ctrl-C with one line, after the workers saved) (about 3 minutes of training on 2 cores of an
-# AVX2-only AMD EPYC, 5 from a fresh clone, README), then a sample from its checkpoint. `make train-dp` is the nanoGPT-sized
-# character model, data parallel over NPROC processes.
+# AVX2-only AMD EPYC, 5 from a fresh clone, README), then a sample from its checkpoint.
+# `make train-dp` is the nanoGPT-sized character model, data parallel over NPROC processes.
 train: data
 	OMP_NUM_THREADS=1 $(PY) -m nanotrain.torchrun --standalone --nproc-per-node 8 \
 		examples/train_4d.py --config configs/deepseek_tiny.toml $(ARGS)

@@ -211,10 +211,11 @@ def verify(cfg: Config, layout: str, steps: int = 10, tolerance: float = 1e-5, p
         # must not change the model, so a layout that recomputes is checked against one that does not.
         ref_cfg.train.recompute = "none"
         par_cfg = layout_config(reference_config(cfg, steps, f"{tmp}/layout", precision), layout)
-        ref = reference_run(dataclasses.asdict(ref_cfg), references)
+        ref_dict = dataclasses.asdict(ref_cfg)
+        ref = reference_run(ref_dict, references)
         world = Layout.from_config(par_cfg).world_size
         other = run_world(train_and_capture, world, dataclasses.asdict(par_cfg))[0]
-        return judge(ref, other, dataclasses.asdict(ref_cfg), tmp, tolerance, precision)
+        return judge(ref, other, ref_dict, tmp, tolerance, precision)
 
 
 def reference_run(ref_cfg: dict, references: dict | None = None) -> dict:

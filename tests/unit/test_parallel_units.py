@@ -80,7 +80,6 @@ def test_gradient_measure_floors_vanishing_gradients_and_still_sees_bugs():
     assert not report.ok and report.worst_grad[0] == "bias", report.table("x")
 
 
-
 def test_reference_runs_are_shared_by_config_not_by_folder(make_config, tmp_path):
     """verify.reference_run: a second call whose config differs only in where it writes and where its
     tokens are prepared returns the first run (its folder is never written); any other difference
