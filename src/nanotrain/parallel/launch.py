@@ -28,6 +28,8 @@ import torch.multiprocessing as mp
 
 
 def free_port() -> int:
+    """A port free now, for a launcher that must name one before a process binds it (another
+    process may take it in between: run_world avoids this by holding its store itself)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -40,7 +42,9 @@ def _worker(rank: int, world_size: int, port: int, threads: int, fn: Callable, a
     # oversubscribing (and makes results independent of the core count).
     torch.set_num_threads(threads)
     try:
-        dist.init_process_group("gloo", rank=rank, world_size=world_size)
+        # The parent holds the store; each rank joins it as a client (see run_world).
+        store = dist.TCPStore("127.0.0.1", port, is_master=False)
+        dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size)
         # Serialise to bytes: a tensor put on the queue as-is travels as a shared-memory
         # handle that dies with this process, which may exit before the parent reads it.
         buf = io.BytesIO()
@@ -95,7 +99,12 @@ def run_world(fn: Callable[..., Any], world_size: int, *args: Any, threads: int 
     """
     ctx = _context()
     queue = ctx.Queue()
-    port = free_port()
+    # The world's rendezvous store lives here, on a port the OS picks as it binds (port 0), as
+    # torchrun's agent hosts it for its workers. Asking the OS for a free port and letting rank 0
+    # bind it later is a race: with tests running side by side, another world can take the port
+    # in between ("address already in use").
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    port = store.port
     procs = [ctx.Process(target=_worker, args=(r, world_size, port, threads, fn, args, queue), daemon=True)
              for r in range(world_size)]
     for p in procs:
