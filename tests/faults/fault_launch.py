@@ -3,6 +3,7 @@ with a fault injected at a step), alone, as a hand-made gloo world, or under tor
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,6 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import tiny_overrides
-from nanotrain.parallel.launch import free_port
 
 WORKER = Path(__file__).with_name("worker.py")
 BIN = Path(sys.executable).parent
@@ -32,6 +32,14 @@ def run_one(args: list[str], timeout: float = 120) -> subprocess.CompletedProces
     """One training process (no process group)."""
     return subprocess.run([sys.executable, str(WORKER), *args], env=_env(), capture_output=True, text=True,
                           timeout=timeout)
+
+
+def free_port() -> int:
+    """A port free now. Rank 0 binds it later, as under torchrun with MASTER_PORT; another process
+    may take it in between (run_world avoids this by hosting its store itself)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def start_world(n: int, args: list[str]) -> list[subprocess.Popen]:

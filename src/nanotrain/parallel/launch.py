@@ -18,21 +18,12 @@ import io
 import os
 import pickle
 import queue as queue_module
-import socket
 import traceback
 from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
-
-def free_port() -> int:
-    """A port free now, for a launcher that must name one before a process binds it (another
-    process may take it in between: run_world avoids this by holding its store itself)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank: int, world_size: int, port: int, threads: int, fn: Callable, args: tuple, queue) -> None:
@@ -102,7 +93,8 @@ def run_world(fn: Callable[..., Any], world_size: int, *args: Any, threads: int 
     # The world's rendezvous store lives here, on a port the OS picks as it binds (port 0), as
     # torchrun's agent hosts it for its workers. Asking the OS for a free port and letting rank 0
     # bind it later is a race: with tests running side by side, another world can take the port
-    # in between ("address already in use").
+    # in between ("address already in use"). `store` must outlive the world: it is held until
+    # this function returns.
     store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
     port = store.port
     procs = [ctx.Process(target=_worker, args=(r, world_size, port, threads, fn, args, queue), daemon=True)
