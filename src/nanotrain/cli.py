@@ -185,7 +185,8 @@ def check_numbers(args: argparse.Namespace) -> None:
 
 
 # One text for every command's --layout (parallel/layout.py parses it).
-LAYOUT_HELP = ("comma-separated tp=N, pp=N, dp=N, ep=N, sp (sequence parallel), zero=0|1|2|3, micro=N "
+LAYOUT_HELP = ("comma-separated tp=N, pp=N, vp=N (pipeline chunks per rank, with "
+               "--parallel.pp_schedule=interleaved), dp=N, ep=N, sp (sequence parallel), zero=0|1|2|3, micro=N "
                "(sequences per micro-batch); what it leaves out is the config's")
 
 

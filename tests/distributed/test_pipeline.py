@@ -15,6 +15,7 @@ from nanotrain.parallel.pipeline import (
     SCHEDULES,
     pipeline_stage,
     cached_timetable,
+    check_chunks,
     check_schedule,
     chunk_ids,
     chunk_layers,
@@ -146,6 +147,10 @@ def test_check_schedule_messages():
     assert any("2 chunks per rank" in e for e in check_schedule("dualpipev", 2, 3, 4, 8))
     assert any("n_layers" in e for e in check_schedule("dualpipev", 4, 1, 8, 4))  # 8 chunks, 4 layers
     assert set(SCHEDULES) == {"gpipe", "1f1b", "interleaved", "zb_h1", "dualpipev"}
+    # The chunk rule alone (what `nanotrain inspect --layout ...,vp=N` checks): check_schedule's first.
+    for name, v in (("1f1b", 2), ("gpipe", 3), ("interleaved", 1), ("dualpipev", 3)):
+        assert check_chunks(name, v) == check_schedule(name, 2, v, 4, 16)[:1] != []
+    assert check_chunks("interleaved", 3) == check_chunks("dualpipev", 2) == check_chunks("zb_h1", 1) == []
 
 
 @pytest.mark.parametrize("pp,m", [(2, 4), (4, 8), (4, 4), (3, 5), (4, 2)])

@@ -1,6 +1,7 @@
 """parallel/layout.py: one layout text, one parser, one value, the same in every command."""
 
 import json
+import re
 
 import pytest
 
@@ -24,12 +25,24 @@ def test_parse_and_its_canonical_text():
     assert Layout.parse("tp=2", Layout(dp=4, zero=2)) == Layout(tp=2, dp=4, zero=2)
 
 
+def test_vp_parses_and_writes_back_after_pp():
+    """vp (parallel.pp_virtual_stages) is a size like the others: canonical text in the field order,
+    left out at its default, and no part of the world size."""
+    layout = Layout.parse("vp=2,dp=2,pp=2,tp=2")
+    assert layout == Layout(tp=2, pp=2, vp=2, dp=2) and layout.world_size == 8
+    assert str(layout) == "tp=2,pp=2,vp=2,dp=2" and Layout.parse(str(layout)) == layout
+    assert str(Layout(pp=2, vp=1)) == "pp=2"
+    assert Layout.parse("pp=4", Layout(pp=2, vp=3)) == Layout(pp=4, vp=3)  # the base's vp stays
+
+
 @pytest.mark.parametrize("text,message", [
-    ("xp=2", "unknown key 'xp'. Valid keys: tp, cp, pp, dp, ep, etp, sp, zero, micro"),
+    ("xp=2", "unknown key 'xp'. Valid keys: tp, cp, pp, vp, dp, ep, etp, sp, zero, micro"),
     ("tp=0", "tp=0 must be a whole number >= 1"),
     ("dp=two", "dp=two must be a whole number >= 1"),
     ("zero=4", "zero=4 must be 0, 1, 2 or 3"),
     ("micro=-1", "micro=-1 must be a whole number >= 0"),
+    ("vp=0", "vp=0 must be a whole number >= 1"),
+    ("pp=2,vp=1.5", r"vp=1\.5 must be a whole number >= 1"),
     ("sp=maybe", "sp=maybe must be true or false"),
     ("tp=2,tp=4", "tp is given twice"),
 ])
@@ -47,6 +60,44 @@ def test_apply_writes_the_config_keys_and_checks_them():
     assert Layout.from_config(out) == Layout(dp=2, zero=1, micro=3)
     with pytest.raises(ConfigError, match="parallel.sequence_parallel=true needs parallel.tp > 1"):
         Layout(sp=True).apply(cfg)
+
+
+def test_vp_is_parallel_pp_virtual_stages_both_ways():
+    cfg = load_config(CONFIG, ["--parallel.pp_schedule=interleaved"])
+    out = Layout.parse("pp=2,vp=2,micro=2").apply(cfg)
+    assert (out.parallel.pp, out.parallel.pp_virtual_stages, out.parallel.chunks_per_rank) == (2, 2, 2)
+    assert Layout.from_config(out) == Layout(pp=2, vp=2, micro=2)
+    configured = load_config(CONFIG, ["--parallel.pp=2", "--parallel.pp_schedule=interleaved",
+                                      "--parallel.pp_virtual_stages=2", "--train.micro_batch_size=2"])
+    assert Layout.from_config(configured) == Layout(pp=2, vp=2, micro=2)
+
+
+VP_FIX = "parallel.pp_virtual_stages=2 needs parallel.pp_schedule='interleaved' (1f1b runs one chunk per rank): " \
+         "set pp_virtual_stages=1 or pp_schedule='interleaved'."
+
+
+def test_vp_without_the_interleaved_schedule_is_refused_with_the_fix(capsys):
+    """The schedule is the config's: verify's config check and inspect's plan both refuse vp=2 under
+    1F1B with the config check's line (pipeline.check_chunks), before any process or schedule runs."""
+    with pytest.raises(ConfigError, match=re.escape(VP_FIX)):
+        Layout.parse("pp=2,vp=2,micro=2").apply(load_config(CONFIG))
+    assert main(["verify", "--config", CONFIG, "--layout", "pp=2,vp=2,micro=2"]) == 2
+    assert VP_FIX in capsys.readouterr().err
+    assert main(["inspect", "--config", CONFIG, "--model.vocab_size=64", "--layout", "pp=2,vp=2,micro=2"]) == 2
+    assert capsys.readouterr().err == f"error: --layout: {VP_FIX}\n"
+    # DualPipeV holds its V of 2 chunks whatever vp says, and takes vp=1 (or 2), not 3.
+    dualpipev = ["inspect", "--config", CONFIG, "--model.vocab_size=64", "--parallel.pp_schedule=dualpipev", "--json"]
+    assert main([*dualpipev, "--layout", "pp=2,micro=2"]) == 0
+    assert json.loads(capsys.readouterr().out)["plan"]["layout"]["pp_virtual_stages"] == 2
+    assert main([*dualpipev, "--layout", "pp=2,vp=3,micro=2"]) == 2
+    assert "leave pp_virtual_stages at 1" in capsys.readouterr().err
+
+
+def test_inspect_plans_the_chunks_of_the_layouts_vp(capsys):
+    """inspect's plan takes its chunks per rank from --layout's vp, not from the config's."""
+    args = ["inspect", "--config", CONFIG, "--model.vocab_size=64", "--parallel.pp_schedule=interleaved", "--json"]
+    assert main([*args, "--layout", "pp=2,vp=2,micro=2"]) == 0
+    assert json.loads(capsys.readouterr().out)["plan"]["layout"]["pp_virtual_stages"] == 2
 
 
 def test_verify_and_inspect_read_the_same_layout(capsys):
@@ -67,7 +118,7 @@ def test_both_commands_reject_an_unknown_key_with_the_same_line(capsys):
     assert main(["inspect", "--config", CONFIG, "--model.vocab_size=64", "--layout", "tp=2,xp=2"]) == 2
     inspect_err = capsys.readouterr().err
     assert verify_err == inspect_err == ("error: --layout 'tp=2,xp=2': unknown key 'xp'. Valid keys: tp, cp, pp, "
-                                         "dp, ep, etp, sp, zero, micro (for example tp=2,dp=2,sp or "
+                                         "vp, dp, ep, etp, sp, zero, micro (for example tp=2,dp=2,sp or "
                                          "tp=2,pp=2,dp=2,ep=2,zero=1,micro=2).\n")
 
 

@@ -68,12 +68,19 @@ def plan_layout(m: ModelConfig, seq_len: int, cfg: Config, layout: Layout, micro
 
     cfg supplies what the layout does not: precision (dtypes), the pipeline schedule and the
     recomputation. capacity: the device's memory in bytes (default: the hardware's); when the
-    largest rank does not fit, `fix` names the cheapest change that makes it fit (fit_changes)."""
+    largest rank does not fit, `fix` names the cheapest change that makes it fit (fit_changes).
+    The layout's vp meets the config's schedule here, in no validated config: a vp the schedule
+    cannot run is the config check's line (pipeline.check_chunks, with pp > 1 as there), not an assert
+    in the schedule's order. DualPipeV holds 2 chunks per rank whatever vp says (chunks_per_rank)."""
+    from ..parallel.pipeline import check_chunks, chunks_per_rank
+
     p, t = cfg.parallel, cfg.train
+    if layout.pp > 1 and (errors := check_chunks(p.pp_schedule, layout.vp)):
+        raise ConfigError("--layout: " + " ".join(errors))
     fill = layout.pp * (2 if p.pp_schedule == "dualpipev" else 1)  # the fewest micro-batches the schedule runs
     lay = Plan(replace(layout, micro=micro_batch_size), seq_len=seq_len, micro_batches=micro_batches or fill,
-               pp_schedule=p.pp_schedule, pp_virtual_stages=p.chunks_per_rank, pp_partition=p.pp_partition,
-               recompute=t.recompute, recompute_layers=t.recompute_layers)
+               pp_schedule=p.pp_schedule, pp_virtual_stages=chunks_per_rank(p.pp_schedule, layout.vp),
+               pp_partition=p.pp_partition, recompute=t.recompute, recompute_layers=t.recompute_layers)
     out = _plan(m, lay, cfg, hardware)
     capacity = capacity or (hardware.hbm_bytes if hardware is not None else None)
     if capacity:

@@ -11,6 +11,7 @@ Layout.parse reads it and str(layout) writes it back. The same value comes out o
     tp     parallel.tp                 tensor parallel: each layer's matrices split over tp ranks
     cp     parallel.cp                 context parallel: each sequence split over cp ranks (ring attention)
     pp     parallel.pp                 pipeline parallel: the layers split into pp stages
+    vp     parallel.pp_virtual_stages  pipeline chunks per rank (virtual stages): pp_schedule='interleaved' only
     dp     parallel.dp                 data parallel: replicas that split the global batch
     ep     parallel.ep                 expert parallel: routed experts over ep of the dp ranks
     etp    parallel.etp                expert tensor parallel: each expert's width over the tp ranks (1 or tp)
@@ -21,7 +22,11 @@ Layout.parse reads it and str(layout) writes it back. The same value comes out o
 A text names only what it changes; parse takes the rest from a base layout (a command passes
 the config's). The world is tp x cp x pp x dp processes; ep is carved out of dp. The zero stage and
 the micro-batch live in other config sections than the sizes, but they are part of how a step
-is laid out over ranks, and a layout that changes them must be checked by the same rules.
+is laid out over ranks, and a layout that changes them must be checked by the same rules. vp is
+checked against the schedule, which stays the config's (parallel.pp_schedule): a vp it cannot run
+(vp > 1 without 'interleaved'; DualPipeV holds its V of 2 chunks whatever vp says, and takes vp=1)
+is refused where the schedule is known, by pipeline.check_chunks (through Layout.apply's validate,
+and in `nanotrain inspect`'s plan).
 """
 
 from __future__ import annotations
@@ -32,9 +37,9 @@ from dataclasses import dataclass
 from ..config import Config, ConfigError, expert_groups_errors, set_value, validate
 
 # key -> the config key it sets (Layout.from_config, Layout.apply)
-CONFIG_KEYS = {"tp": "parallel.tp", "cp": "parallel.cp", "pp": "parallel.pp", "dp": "parallel.dp", "ep": "parallel.ep",
-               "etp": "parallel.etp", "sp": "parallel.sequence_parallel", "zero": "optimizer.zero_stage",
-               "micro": "train.micro_batch_size"}
+CONFIG_KEYS = {"tp": "parallel.tp", "cp": "parallel.cp", "pp": "parallel.pp", "vp": "parallel.pp_virtual_stages",
+               "dp": "parallel.dp", "ep": "parallel.ep", "etp": "parallel.etp", "sp": "parallel.sequence_parallel",
+               "zero": "optimizer.zero_stage", "micro": "train.micro_batch_size"}
 EXAMPLE = "for example tp=2,dp=2,sp or tp=2,pp=2,dp=2,ep=2,zero=1,micro=2"
 
 
@@ -43,6 +48,7 @@ class Layout:
     tp: int = 1
     cp: int = 1
     pp: int = 1
+    vp: int = 1
     dp: int = 1
     ep: int = 1
     etp: int = 1
@@ -85,8 +91,8 @@ class Layout:
     @classmethod
     def from_config(cls, cfg: Config) -> Layout:
         p = cfg.parallel
-        return cls(tp=p.tp, cp=p.cp, pp=p.pp, dp=p.dp, ep=p.ep, etp=p.etp, sp=p.sequence_parallel, zero=cfg.optimizer.zero_stage,
-                   micro=cfg.train.micro_batch_size)
+        return cls(tp=p.tp, cp=p.cp, pp=p.pp, vp=p.pp_virtual_stages, dp=p.dp, ep=p.ep, etp=p.etp,
+                   sp=p.sequence_parallel, zero=cfg.optimizer.zero_stage, micro=cfg.train.micro_batch_size)
 
     def check(self) -> list[str]:
         """What no model can run: ep not dividing dp (config.expert_groups_errors). What a given model

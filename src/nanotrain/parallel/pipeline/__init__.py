@@ -64,31 +64,35 @@ def schedule_stage(name: str, n_layers: int, pp: int, v: int, rank: int, costs: 
     return Stage(rank, pp, tuple(tuple(c) for c in chunks), tuple(ids[rank]))
 
 
+def check_chunks(name: str, v: int) -> list[str]:
+    """Whether schedule `name` runs v (parallel.pp_virtual_stages) chunks per rank, as messages that
+    name the fix (empty: fine). check_schedule's first rule, on its own for `nanotrain inspect`: its
+    layout's vp (parallel/layout.py) meets the config's schedule in no validated config."""
+    if name == "dualpipev":  # the V is 2 chunks whatever v says (chunks_per_rank): 1, the default, or 2
+        return [] if v in (1, 2) else [f"parallel.pp_schedule='dualpipev' runs 2 chunks per rank (a V), not "
+                                       f"parallel.pp_virtual_stages={v}: leave pp_virtual_stages at 1."]
+    if name == "interleaved":
+        return [] if v >= 2 else ["parallel.pp_schedule='interleaved' needs parallel.pp_virtual_stages >= 2 "
+                                  "(chunks per rank); with 1 it is plain 1F1B: set pp_schedule='1f1b'."]
+    return [] if v == 1 else [f"parallel.pp_virtual_stages={v} needs parallel.pp_schedule='interleaved' ({name} "
+                              "runs one chunk per rank): set pp_virtual_stages=1 or pp_schedule='interleaved'."]
+
+
 def check_schedule(name: str, pp: int, v: int, m: int, n_layers: int) -> list[str]:
     """What is wrong with this combination, as messages that name the fix (empty: fine).
     v: parallel.pp_virtual_stages as configured."""
-    errors = []
     if name not in SCHEDULES:
         return [f"parallel.pp_schedule={name!r} is not a schedule: use one of {', '.join(SCHEDULES)}."]
+    errors = check_chunks(name, v)
     if name == "dualpipev":
-        if v not in (1, 2):
-            errors.append(f"parallel.pp_schedule='dualpipev' runs 2 chunks per rank (a V), not "
-                          f"parallel.pp_virtual_stages={v}: leave pp_virtual_stages at 1.")
         if m < 2 * pp:
             errors.append(f"DualPipeV needs at least 2 x parallel.pp = {2 * pp} micro-batches per step, got {m} "
                           "(train.batch_size / (parallel.dp x train.micro_batch_size)): lower "
                           "train.micro_batch_size or raise train.batch_size.")
-    elif name == "interleaved":
-        if v < 2:
-            errors.append("parallel.pp_schedule='interleaved' needs parallel.pp_virtual_stages >= 2 "
-                          "(chunks per rank); with 1 it is plain 1F1B: set pp_schedule='1f1b'.")
-        if m % pp:
-            errors.append(f"interleaved 1F1B needs the micro-batches per step ({m} = train.batch_size / "
-                          f"(parallel.dp x train.micro_batch_size)) to be a multiple of parallel.pp={pp}: "
-                          "change train.micro_batch_size or train.batch_size.")
-    elif v != 1:
-        errors.append(f"parallel.pp_virtual_stages={v} needs parallel.pp_schedule='interleaved' "
-                      f"({name} runs one chunk per rank): set pp_virtual_stages=1 or pp_schedule='interleaved'.")
+    elif name == "interleaved" and m % pp:
+        errors.append(f"interleaved 1F1B needs the micro-batches per step ({m} = train.batch_size / "
+                      f"(parallel.dp x train.micro_batch_size)) to be a multiple of parallel.pp={pp}: "
+                      "change train.micro_batch_size or train.batch_size.")
     v = chunks_per_rank(name, v)
     if n_layers < pp * v:
         errors.append(f"model.n_layers={n_layers} cannot fill parallel.pp={pp} x pp_virtual_stages={v} = "
@@ -111,6 +115,6 @@ def textbook_bubble(pp: int, m: int, v: int = 1, name: str = "1f1b") -> float:
     return (pp - 1) / (v * m + pp - 1)
 
 
-__all__ = ["Action", "Stage", "pipeline_stage", "SCHEDULES", "Timetable", "cached_timetable", "check_schedule",
-           "chunk_ids", "chunk_layers", "chunks_per_rank", "layer_costs", "partition_layers", "schedule_stage",
-           "textbook_bubble", "timetable"]
+__all__ = ["Action", "Stage", "pipeline_stage", "SCHEDULES", "Timetable", "cached_timetable", "check_chunks",
+           "check_schedule", "chunk_ids", "chunk_layers", "chunks_per_rank", "layer_costs", "partition_layers",
+           "schedule_stage", "textbook_bubble", "timetable"]
