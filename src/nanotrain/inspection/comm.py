@@ -39,8 +39,8 @@ from __future__ import annotations
 
 from ..config import ModelConfig
 from ..params import spec
-from .memory import (BYTES, Plan, compute_bytes, plan_stage, rank_model, root_parameters, stage_layers,
-                     stage_parameters, vocab_per_rank)
+from .memory import (BYTES, Plan, compute_bytes, dense_and_expert, plan_stage, rank_model, root_parameters,
+                     stage_layers, stage_parameters, vocab_per_rank)
 
 WIRE = {"all_reduce": lambda n: 2 * (n - 1) / n, "all_gather": lambda n: (n - 1) / n,
         "reduce_scatter": lambda n: (n - 1) / n, "all_to_all": lambda n: (n - 1) / n, "send": lambda n: 1.0}
@@ -163,12 +163,32 @@ def comm_per_step(m: ModelConfig, plan: Plan, precision, pp_rank: int = 0,
         if again:  # counted apart, as the communication meter labels it (parallel/collectives.py)
             out["tp_recompute"] = again
 
-    dense = sum(p.numel() for p in params if not spec(p).expert_parallel)
-    expert = sum(p.numel() for p in params if spec(p).expert_parallel)
+    dense, expert = dense_and_expert(params)
+    root = _root_numel(model, m, plan, pp_rank) if plan.zero_stage == 3 else (0, 0)
+    out.update(dp_per_step(plan, dense, expert, root, grad_b, param_b))
+    ep = ep_per_micro_batch(m, plan, layers, c, r)
+    out.update({g: {op: b * mb for op, b in ops.items()} for g, ops in ep.items()})
+
+    if plan.cp > 1:
+        out.update(cp_per_step(m, plan, layers))
+
+    if plan.pp > 1:
+        n = plan.micro_batch_size * plan.seq_len // plan.cp // (plan.tp if plan.sp else 1)
+        out["pp"] = {"send": mb * pp_sends(plan, pp_rank) * n * m.d_model * param_b}
+        if m.tie_embeddings and first != last:  # both on one rank (DualPipeV): one copy, no sum
+            out["embd"] = {"all_reduce": summed_slice(vocab_per_rank(m, plan.tp) * m.d_model, plan) * grad_b}
+    return out
+
+
+def dp_per_step(plan: Plan, dense: int, expert: int, root: tuple[int, int], grad_b: int, param_b: int
+                ) -> dict[str, dict[str, int]]:
+    """The data-parallel groups' bytes per step for a stage holding `dense` parameters (synced over
+    dp x cp) and `expert` ones (over expert-dp); root: ZeRO-3's root unit's (dense, expert)."""
+    out: dict[str, dict[str, int]] = {}
+    mb = plan.micro_batches
     # Stages 2 and 3 reduce-scatter after every backward (each micro-batch, each chunk of an
     # interleaved stage: parallel/data_parallel.py posts every bucket of the stage each time).
     backwards = mb * plan.pp_virtual_stages if plan.zero_stage >= 2 else 1
-    root = _root_numel(model, m, plan, pp_rank) if plan.zero_stage == 3 else (0, 0)
     for group, size, numel, root_numel in (("dp", plan.replicas, dense, root[0]),
                                            ("edp", plan.expert_replicas, expert, root[1])):
         if size == 1 or numel == 0:
@@ -182,26 +202,24 @@ def comm_per_step(m: ModelConfig, plan: Plan, precision, pp_rank: int = 0,
             # forward and backward of the model, one per chunk (parallel/zero3.py), on a group of its own
             per_pass = padded + root_numel * (plan.pp_virtual_stages - 1)
             out[f"{group}_gather"] = {"all_gather": 2 * mb * per_pass * param_b}
+    return out
 
-    if plan.ep > 1 and m.arch == "deepseek":
-        n = plan.micro_batch_size * plan.seq_len // plan.cp // (plan.tp if plan.sp else 1)
-        a = n * m.moe_top_k
-        moe = sum(1 for i in layers if i >= m.first_k_dense_replace)
-        out["ep"] = {"all_to_all": mb * moe * (m.n_routed_experts * 8 + 2 * a * m.d_model * (r + c))}
-        if plan.recompute != "none":  # a recomputed MoE block sends its tokens out and back again
-            again = sum(1 for pos, i in enumerate(layers)
-                        if i >= m.first_k_dense_replace and plan.recomputes(pos, len(layers)))
-            if again:
-                out["ep_recompute"] = {"all_to_all": mb * again * (m.n_routed_experts * 8 + a * m.d_model * (r + c))}
 
-    if plan.cp > 1:
-        out.update(cp_per_step(m, plan, layers))
-
-    if plan.pp > 1:
-        n = plan.micro_batch_size * plan.seq_len // plan.cp // (plan.tp if plan.sp else 1)
-        out["pp"] = {"send": mb * pp_sends(plan, pp_rank) * n * m.d_model * param_b}
-        if m.tie_embeddings and first != last:  # both on one rank (DualPipeV): one copy, no sum
-            out["embd"] = {"all_reduce": summed_slice(vocab_per_rank(m, plan.tp) * m.d_model, plan) * grad_b}
+def ep_per_micro_batch(m: ModelConfig, plan: Plan, layers: list[int], c: int, r: int) -> dict[str, dict[str, int]]:
+    """Expert parallelism's all-to-alls for one micro-batch through `layers` (models/moe.py): per MoE
+    layer the token counts (E int64), dispatch (N·k tokens of d, r bytes) and combine (c) forward,
+    the same two backward; a recomputed MoE block sends its tokens out and back again."""
+    if plan.ep == 1 or m.arch != "deepseek":
+        return {}
+    n = plan.micro_batch_size * plan.seq_len // plan.cp // (plan.tp if plan.sp else 1)
+    a = n * m.moe_top_k
+    moe = sum(1 for i in layers if i >= m.first_k_dense_replace)
+    out = {"ep": {"all_to_all": moe * (m.n_routed_experts * 8 + 2 * a * m.d_model * (r + c))}}
+    if plan.recompute != "none":
+        again = sum(1 for pos, i in enumerate(layers)
+                    if i >= m.first_k_dense_replace and plan.recomputes(pos, len(layers)))
+        if again:
+            out["ep_recompute"] = {"all_to_all": again * (m.n_routed_experts * 8 + a * m.d_model * (r + c))}
     return out
 
 

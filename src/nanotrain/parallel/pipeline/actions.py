@@ -112,6 +112,67 @@ def loop_placement(pp: int, v: int) -> list[list[int]]:
     return [[k * pp + r for k in range(v)] for r in range(pp)]
 
 
+def needs(kind: str, c: int, mb: int, n_chunks: int, rank: int) -> list[tuple[str, int, int]]:
+    """The (kind, global chunk, micro-batch) actions that must finish before this one can start."""
+    if kind == "F":
+        return [("F", c - 1, mb)] if c > 0 else []
+    if kind == "B":  # a backward needs its own forward, and the gradient from the next chunk
+        return [("F", c, mb)] + ([("B", c + 1, mb)] if c < n_chunks - 1 else [])
+    if kind == "W":  # the weights' half needs the input's half (its captured gradients)
+        return [("B", c, mb)]
+    raise ValueError(f"pipeline rank {rank}: unknown action kind {kind!r} (F, B or W)")
+
+
+def timed_play(schedule: str, pp: int, v: int, m: int, cost, hop) -> tuple[float, list[float]]:
+    """Play the schedule's real orders (the ones the runner executes) with times instead of unit
+    slots: each rank runs its actions in order, each as soon as the rank is free and its inputs
+    have arrived. cost(rank, action, split) -> seconds of compute (exposed communication included),
+    where split says that a B computes only the input's gradient (a W follows with the weights')
+    and that a W has work left (on the model's first chunk a B runs whole: Timetable.split);
+    hop(src_rank, dst_rank) -> seconds for the activation or gradient to travel (0 on one rank).
+    Returns (makespan, busy seconds of each rank): the bubble is what lies between them.
+    nanotrain plan's step-time model (inspection/steptime.py) uses it, so every schedule's bubble
+    comes out of the schedule itself."""
+    from . import SCHEDULES, chunk_ids
+
+    placement = chunk_ids(schedule, pp, v)
+    orders = [SCHEDULES[schedule](r, pp, v, m) for r in range(pp)]
+    n_chunks = pp * v
+    rank_of = {c: r for r, ids in enumerate(placement) for c in ids}
+    finish: dict[tuple[str, int, int], float] = {}
+    free = [0.0] * pp
+    busy = [0.0] * pp
+    pos = [0] * pp
+    split = [{(a.chunk, a.mb) for a in order if a.kind == "W" and placement[r][a.chunk] != 0}
+             for r, order in enumerate(orders)]
+    remaining = sum(map(len, orders))
+    while remaining:
+        progressed = False
+        for r in range(pp):
+            while pos[r] < len(orders[r]):  # run this rank until it waits on another
+                a = orders[r][pos[r]]
+                c = placement[r][a.chunk]
+                ready = free[r]
+                for kind, cc, mb in needs(a.kind, c, a.mb, n_chunks, r):
+                    done = finish.get((kind, cc, mb))
+                    if done is None:
+                        break
+                    src = rank_of[cc]
+                    ready = max(ready, done + (hop(src, r) if src != r else 0.0))
+                else:
+                    t = cost(r, a, (a.chunk, a.mb) in split[r])
+                    finish[(a.kind, c, a.mb)] = free[r] = ready + t
+                    busy[r] += t
+                    pos[r] += 1
+                    remaining -= 1
+                    progressed = True
+                    continue
+                break
+        if not progressed:
+            raise ValueError(f"pipeline schedule {schedule} cannot proceed: every rank waits")
+    return max(free), busy
+
+
 def timetable(orders: list[list[Action]], v: int = 1, placement: list[list[int]] | None = None) -> Timetable:
     """Play the per-rank orders in unit slots; raise ValueError if they cannot all finish.
     placement[rank][k]: the global chunk of rank's local chunk k (default: loop_placement)."""
@@ -144,14 +205,7 @@ def timetable(orders: list[list[Action]], v: int = 1, placement: list[list[int]]
                 continue
             a = orders[r][pos[r]]
             c = glob(r, a.chunk)
-            if a.kind == "F":
-                need = [("F", c - 1, a.mb)] if c > 0 else []
-            elif a.kind == "B":  # a backward needs its own forward, and the gradient from the next chunk
-                need = [("F", c, a.mb)] + ([("B", c + 1, a.mb)] if c < n_chunks - 1 else [])
-            elif a.kind == "W":  # the weights' half needs the input's half (its captured gradients)
-                need = [("B", c, a.mb)]
-            else:
-                raise ValueError(f"pipeline rank {r}: unknown action kind {a.kind!r} (F, B or W)")
+            need = needs(a.kind, c, a.mb, n_chunks, r)
             if all(done.get(d, t) < t for d in need):
                 slots[r].append(a)
                 ran.append((r, a, c))

@@ -40,6 +40,7 @@ pipeline) before every optimizer step, as Megatron does.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 from torch import nn
 
@@ -57,6 +58,13 @@ def partition_layers(n_layers: int, n_stages: int, costs: list[float] | None = N
     broken towards giving *later* stages fewer layers: the last stage also runs the
     head and the loss, which the per-layer costs do not count.
     """
+    return [list(r) for r in _partition(n_layers, n_stages, None if costs is None else tuple(costs))]
+
+
+@lru_cache(maxsize=1024)
+def _partition(n_layers: int, n_stages: int, costs: tuple[float, ...] | None) -> tuple[tuple[int, ...], ...]:
+    """partition_layers, kept: the dynamic programme is O(n^2 stages), and `nanotrain plan` asks for the
+    same split once per layout it weighs (DeepSeek-V3: 61 layers)."""
     if n_stages < 1:
         raise ValueError(f"n_stages must be >= 1, got {n_stages}")
     if n_layers < n_stages:
@@ -95,7 +103,7 @@ def partition_layers(n_layers: int, n_stages: int, costs: list[float] | None = N
         j = cut[k][i]
         ranges.append(list(range(j, i)))
         i = j
-    return ranges[::-1]
+    return tuple(tuple(r) for r in ranges[::-1])
 
 
 # -- the stage ------------------------------------------------------------------------

@@ -1,0 +1,539 @@
+"""How long one optimizer step takes for a layout on a cluster, as a sum whose parts can be read.
+
+    step = pipeline makespan                     (the schedule played with each action's time)
+         + exposed data-parallel communication   (what the backward could not hide)
+         + optimizer                              (AdamW over this rank's share, memory bound)
+
+Each pipeline action (F, B, W of one micro-batch through one chunk, parallel/pipeline/actions.py)
+costs what its layers cost on one rank:
+
+    GEMMs        each linear layer's [tokens, in] @ [in, out] on this rank's shard: forward once,
+                 backward twice (the input's gradient in B, the weights' in W), each through
+                 Cluster.gemm_s: max(FLOPs / achievable peak, bytes / HBM) + a kernel's fixed cost
+    attention    a fused (flash) kernel over the causal half of the T x T square it really
+                 computes: forward F, backward 2.5 F (FlashAttention recomputes the scores)
+    elementwise  norms, residual adds, RoPE, the MLP activation, the MoE permutation, the loss:
+                 the bytes they read and write at HBM bandwidth, backward twice the forward
+    tp, ep, cp   the bytes comm.py counts for this code's collectives, through the alpha-beta
+                 cost of the group's links (cluster.py), exposed: tensor-parallel collectives
+                 wait for their inputs; the expert all-to-alls too, except under DualPipeV, whose
+                 paired forward and backward hide each other's; the context-parallel ring
+                 overlaps its sends with attention and shows what attention cannot cover
+    recompute    a recomputed block's forward again in its backward: everything under
+                 `full`; under `selective` (recompute.py keeps matmul and attention outputs) the
+                 elementwise ops and the collectives before them
+
+The pipeline is then played (actions.timed_play) with these costs, the real orders the runner
+executes, so every schedule's bubble comes from the schedule itself. Pipeline sends overlap: they
+only delay the neighbour's next action by their transfer time. The data-parallel gradient sync
+overlaps with the last micro-batch's backward (bucketed, as parallel/data_parallel.py posts it),
+ZeRO-3's gathers with the compute they prefetch for; the tail that cannot hide is exposed.
+
+MFU counts model FLOPs (counts.py: 6 N + attention over the full square, no recomputation)
+against the dense peak of the GEMM dtype; HFU adds the recomputed forward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from ..config import ModelConfig
+from ..layers import Linear
+from ..params import shards_of, spec
+from .cluster import Cluster
+from .comm import block_tp_linears, cp_per_step, dp_per_step, ep_per_micro_batch, tp_per_micro_batch, \
+    tp_recomputed_per_micro_batch
+from .memory import BYTES, Plan, RankModelView, compute_bytes, dense_and_expert, plan_stage, stage_parameters, \
+    vocab_per_rank
+
+DP_BUCKET_BYTES = 40e6  # the last gradient bucket, whose sync nothing hides (Megatron's default size)
+
+
+@dataclass
+class Cost:
+    """Seconds of one pass (F, B's input half, W) of one micro-batch through some layers, by part."""
+    compute: float = 0.0
+    tp: float = 0.0
+    ep: float = 0.0
+    cp: float = 0.0
+    dp: float = 0.0  # ZeRO-3's gathers that prefetching could not hide
+
+    def __add__(self, o: Cost) -> Cost:
+        return Cost(*(a + b for a, b in zip(self.parts(), o.parts())))
+
+    def __mul__(self, k: float) -> Cost:
+        return Cost(*(a * k for a in self.parts()))
+
+    def parts(self) -> tuple[float, ...]:
+        return self.compute, self.tp, self.ep, self.cp, self.dp
+
+    @property
+    def total(self) -> float:
+        return sum(self.parts())
+
+
+# -- one micro-batch through one block ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Shapes:
+    """One micro-batch on one rank: tokens through the matmuls (n) and through the norms and the
+    router (ns: n / tp under sequence parallelism), bytes per element of the compute dtype (c)
+    and of the residual stream (r), and the GEMM dtype."""
+    n: int
+    ns: int
+    c: int
+    r: int
+    dtype: str
+
+
+def _tp_split(p) -> bool:
+    return any(s.axis == "tp" for s in shards_of(spec(p).shard))
+
+
+def block_gemms(module, m: ModelConfig, plan: Plan, w: Shapes) -> list[tuple[float, int, int, float]]:
+    """(tokens, in, out, count) of every GEMM a block (or the head, the MTP module) runs forward on
+    this rank. A weight split over tp sees all n tokens (gathered under sequence parallelism); a
+    replicated one (router, low-rank projections, shared experts) the ns this rank holds. Routed
+    experts: each of this rank's experts takes its share of the (token, slot) assignments, which
+    all-to-all brings from every rank of the ep group (balanced routing)."""
+    out = []
+    for name, mod in module.named_modules():
+        if isinstance(mod, Linear):
+            out.append((w.n if _tp_split(mod.weight) else w.ns, mod.in_features, mod.out_features, 1))
+        elif name.endswith("router"):
+            out.append((w.ns, mod.weight.shape[1], mod.weight.shape[0], 1))
+        elif name.endswith("experts") and not name.endswith("shared_experts"):
+            rows = w.ns * m.moe_top_k * (plan.tp if plan.layout.etp > 1 and plan.sp else 1)
+            for p in mod.parameters():  # [local experts, out, in]
+                e = p.shape[0]
+                out.append((rows * plan.ep / m.n_routed_experts, p.shape[2], p.shape[1], e))
+    return out
+
+
+def attention_flops(m: ModelConfig, plan: Plan) -> float:
+    """Forward FLOPs of one micro-batch's attention core in one block on one rank, over the causal
+    half of the square that a flash kernel computes (cp ranks share it evenly: the ring's load
+    balancing)."""
+    from .counts import attention_dims
+
+    heads, dqk, dv = attention_dims(m)
+    t = plan.seq_len
+    return 2.0 * plan.micro_batch_size * heads / plan.tp * t * t / 2 * (dqk + dv) / plan.cp
+
+
+def elementwise_bytes(m: ModelConfig, plan: Plan, layer: int, w: Shapes) -> tuple[float, int]:
+    """(bytes, kernels) the memory-bound ops of one block move forward: each reads its inputs and
+    writes its output once. Norms and residual adds run on ns tokens in the residual dtype."""
+    from ..models.mlp import ffn_width
+
+    d, n, ns, c, r = m.d_model, w.n, w.ns, w.c, w.r
+    total = 2 * ns * d * (r + c) + 2 * 3 * ns * d * r  # two norms, two residual adds
+    kernels = 4
+    heads = m.n_heads // plan.tp
+    if m.arch == "deepseek":
+        lo = (m.q_lora_rank + m.kv_lora_rank) * ns * 2 * c  # q_norm, kv_norm
+        qk = m.qk_nope_head_dim + m.qk_rope_head_dim
+        total += lo + 2 * 2 * n * heads * qk * c  # RoPE and the q, k assembled from nope and rope parts
+        kernels += 4
+    elif m.pos_emb == "rope":
+        hd, kv = d // m.n_heads, (m.n_kv_heads or m.n_heads) // plan.tp
+        total += 2 * n * (heads + kv) * hd * c
+        kernels += 2
+    if m.arch == "deepseek" and layer >= m.first_k_dense_replace:
+        a = ns * m.moe_top_k * (plan.tp if plan.layout.etp > 1 and plan.sp else 1)
+        f = m.moe_d_ff // plan.layout.etp
+        total += 3 * ns * m.n_routed_experts * 4  # scores, top-k, their weights (fp32)
+        total += 2 * 2 * a * d * c + a * d * c + ns * d * c  # permute out and back, weighted combine
+        total += 3 * a * f * c + 3 * ns * m.n_shared_experts * m.moe_d_ff * c  # SwiGLUs
+        kernels += 8
+    else:
+        f = (m.d_ff or ffn_width(m)) // plan.tp
+        total += (3 if m.mlp == "swiglu" or m.arch == "deepseek" else 2) * n * f * c
+        kernels += 1
+    return total, kernels
+
+
+def weight_cast_bytes(module, w: Shapes) -> float:
+    """Under autocast with wider stored weights (r > c), every weight is cast to the compute dtype
+    once per micro-batch: read r bytes, write c."""
+    if w.r <= w.c:
+        return 0.0
+    return sum(p.numel() for p in module.parameters() if p.dim() >= 2) * (w.r + w.c)
+
+
+def loss_bytes(m: ModelConfig, plan: Plan, w: Shapes) -> float:
+    """The last stage's final norm and cross entropy over this rank's vocabulary slice, forward:
+    the logits written, then read and written in fp32 by the softmax."""
+    v = vocab_per_rank(m, plan.tp)
+    return w.ns * m.d_model * (w.r + w.c) + w.n * v * (w.c + 3 * 4)
+
+
+class BlockCosts:
+    """The costs of one micro-batch through each kind of block and through the model's ends, on one
+    rank of a layout: computed once per (model, layout, micro-batch, dtype), shared by every
+    chunk (a DeepSeek model has two kinds of block; a dense transformer one)."""
+
+    def __init__(self, m: ModelConfig, plan: Plan, precision, cluster: Cluster, dtype: str, view: RankModelView,
+                 tp_overlap: bool = False, attention: str = "flash", selective_core: bool = False):
+        self.m, self.plan, self.cluster, self.dtype = m, plan, cluster, dtype
+        self.tp_overlap = tp_overlap and cluster.overlap
+        self.attention, self.selective_core = attention, selective_core
+        r = BYTES[precision.param_dtype]
+        c = min(compute_bytes(precision), r)
+        n = plan.micro_batch_size * plan.seq_len // plan.cp
+        self.w = Shapes(n, n // plan.tp if plan.sp else n, c, r, dtype)
+        self.view = view
+        self._kind: dict[str, tuple[Cost, Cost, Cost, Cost, Cost]] = {}
+
+    def _gemm_passes(self, gemms) -> tuple[float, float, float]:
+        g, dt = self.cluster.gemm_s, self.dtype
+        fwd = sum(g(t, k, o, dt, e) for t, k, o, e in gemms)
+        dx = sum(g(t, o, k, dt, e) for t, k, o, e in gemms)  # dX = dY W^T: [t, out] @ [out, in]
+        dw = sum(g(k, t, o, dt, e) for t, k, o, e in gemms)  # dW = X^T dY: [in, t] @ [t, out]
+        if dt == "fp8":  # every operand quantized first: read in 16 bits, written in 8, and again transposed
+            # for the backward's other layout (Transformer Engine's cast-transpose): 4 bytes per element
+            fwd += self.cluster.memory_s(sum(4 * e * (t * k + k * o) for t, k, o, e in gemms), len(gemms))
+            dx += self.cluster.memory_s(sum(4 * e * t * o for t, k, o, e in gemms), len(gemms))
+        return fwd, dx, dw
+
+    def block(self, layer: int) -> tuple[Cost, Cost, Cost, Cost, Cost]:
+        """(F, B's input half, W, recomputed forward under `selective`, under `full`) of one block."""
+        dense = self.m.arch != "deepseek" or layer < self.m.first_k_dense_replace
+        kind = "dense" if dense else "moe"
+        if kind not in self._kind:
+            self._kind[kind] = self._block(layer)
+        return self._kind[kind]
+
+    def _block(self, layer: int):
+        m, plan, cl, w = self.m, self.plan, self.cluster, self.w
+        module = self.view.layers[str(layer)]
+        fwd, dx, dw = self._gemm_passes(block_gemms(module, m, plan, w))
+        if self.attention == "unfused":
+            attn, attn_b = self._unfused_attention()
+        else:
+            attn = cl.attention_s(attention_flops(m, plan), self.dtype)
+            attn_b = cl.attention_s(2.5 * attention_flops(m, plan), self.dtype)
+        elem, kernels = elementwise_bytes(m, plan, layer, w)
+        elem_f = cl.memory_s(elem + weight_cast_bytes(module, w), kernels)
+        elem_b = cl.memory_s(2 * elem, 2 * kernels)
+        tp_f, tp_b = self._tp(layer)
+        if self.tp_overlap:  # each collective pipelined with the GEMM beside it: only the excess shows
+            tp_f, tp_b = max(0.0, tp_f - fwd), max(0.0, tp_b - dx - dw)
+        ep = self._ep(layer)
+        cp_f, cp_b = self._cp(attn, attn_b)
+        F = Cost(fwd + attn + elem_f, tp_f, ep, cp_f)
+        B = Cost(dx + attn_b + elem_b, tp_b, ep, cp_b)
+        W = Cost(dw)
+        tp_again = self._tp_recomputed(layer)
+        ep_again = ep if plan.recompute != "none" else 0.0
+        # Selective recomputation reruns what is cheap to compute and costly to keep: here (recompute.py)
+        # the elementwise ops and the collectives before them; in Megatron, the attention core alone.
+        if self.selective_core:
+            selective = Cost(attn, 0.0, 0.0, cp_f)
+        else:
+            selective = Cost(cl.memory_s(elem, kernels), tp_again, ep_again, cp_f)
+        full = Cost(fwd + attn + elem_f, tp_again, ep_again, cp_f)
+        if plan.pp > 1 and plan.pp_schedule == "dualpipev":  # a paired backward's compute hides the all-to-alls
+            for cost in (F, B, selective, full):
+                cost.ep = max(0.0, cost.ep - cost.compute)
+        return F, B, W, selective, full
+
+    def _unfused_attention(self) -> tuple[float, float]:
+        """Forward and backward seconds of an attention core that writes the T x T scores to memory
+        (Megatron before FlashAttention: batched QK^T and PV GEMMs over the full square, a fused
+        scale-mask-softmax and dropout between them): per head, the scores written (2 bytes), read and
+        the probabilities written by the softmax (4), the dropout's mask and output (3), read by PV (2)."""
+        from .counts import attention_dims
+
+        m, plan, cl = self.m, self.plan, self.cluster
+        heads, dqk, dv = attention_dims(m)
+        t, count = plan.seq_len // plan.cp, plan.micro_batch_size * heads // plan.tp
+        square = count * t * plan.seq_len
+        fwd = cl.gemm_s(t, dqk, plan.seq_len, self.dtype, count) + cl.gemm_s(t, plan.seq_len, dv, self.dtype, count)
+        return fwd + cl.memory_s(11 * square, 3), 2 * fwd + cl.memory_s(2 * 11 * square, 6)
+
+    def _tp(self, layer: int) -> tuple[float, float]:
+        """A block's tensor-parallel collectives, each mirrored in backward: half the time each way."""
+        if self.plan.tp == 1:
+            return 0.0, 0.0
+        t = tp_per_micro_batch(self.m, self.plan, [layer], False, False, self.w.c, self.w.r)
+        count = len(block_tp_linears(self.m, layer, self.w.c, self.w.r))
+        s = sum(self.cluster.collective_s(op, b, 1, self.plan.tp, count) for op, b in t.items() if b)
+        return s / 2, s / 2
+
+    def _tp_recomputed(self, layer: int) -> float:
+        if self.plan.tp == 1 or self.plan.recompute == "none":
+            return 0.0
+        plan = replace(self.plan, recompute_layers=0)  # per block: the caller chooses which recompute
+        t = tp_recomputed_per_micro_batch(self.m, plan, [layer], self.w.c, self.w.r)
+        count = len(block_tp_linears(self.m, layer, self.w.c, self.w.r))
+        return sum(self.cluster.collective_s(op, b, 1, self.plan.tp, count) for op, b in t.items() if b)
+
+    def _ep(self, layer: int) -> float:
+        """One direction's all-to-alls of one MoE block: dispatch and combine (half of the pass's)."""
+        plan = replace(self.plan, recompute="none")
+        ep = ep_per_micro_batch(self.m, plan, [layer], self.w.c, self.w.r).get("ep")
+        if not ep:
+            return 0.0
+        return self.cluster.collective_s("all_to_all", ep["all_to_all"] / 2, self.plan.tp, self.plan.ep, 2)
+
+    def _cp(self, attn_f: float, attn_b: float) -> tuple[float, float]:
+        """The ring's sends of one block: k and v cp - 1 hops forward; again and their gradients
+        cp hops backward. Each hop hides behind the attention step it feeds."""
+        cp = self.plan.cp
+        if cp == 1:
+            return 0.0, 0.0
+        total = cp_per_step(self.m, replace(self.plan, micro_batches=1, recompute="none"), [0])["cp"]["send"]
+        hop = total / (3 * cp - 2)
+        send = self.cluster.collective_s("send", hop, self.plan.tp, cp)
+        return (max(0.0, (cp - 1) * send - attn_f * (cp - 1) / cp),
+                max(0.0, (2 * cp - 1) * send - attn_b * (cp - 1) / cp))
+
+    def ends(self, first: bool, last: bool) -> tuple[Cost, Cost, Cost]:
+        """(F, B, W) of the embedding (first) and of the final norm, head, loss and MTP (last)."""
+        F, B, W = Cost(), Cost(), Cost()
+        m, plan, cl, w = self.m, self.plan, self.cluster, self.w
+        if first:
+            emb = w.n * m.d_model * w.r
+            F += Cost(cl.memory_s(emb))
+            B += Cost(cl.memory_s(2 * emb))
+            if plan.tp > 1:  # the vocabulary-parallel lookup is summed like a row-parallel output
+                s = cl.collective_s("reduce_scatter" if plan.sp else "all_reduce", w.n * m.d_model * w.r, 1, plan.tp)
+                F += Cost(tp=s)
+                B += Cost(tp=s if plan.sp else 0.0)
+        if last:
+            template = self.view.template
+            head = template.head
+            uses = 1 + m.mtp_depth
+            fwd, dx, dw = self._gemm_passes([(w.n, head.in_features, head.out_features, uses)])
+            loss = cl.memory_s(uses * loss_bytes(m, plan, w), 3)
+            cast = cl.memory_s(weight_cast_bytes(head, w)) if w.r > w.c else 0.0
+            F += Cost(fwd + loss + cast)
+            B += Cost(dx + 2 * loss / 3 * 2)
+            W += Cost(dw)
+            if m.mtp_depth and getattr(template, "mtp", None) is not None:
+                f2, dx2, dw2 = self._gemm_passes(block_gemms(template.mtp, m, plan, w))
+                F += Cost(f2)
+                B += Cost(dx2)
+                W += Cost(dw2)
+            if plan.tp > 1:
+                t = tp_per_micro_batch(m, plan, [], False, True, w.c, w.r)
+                s = sum(cl.collective_s(op, b, 1, plan.tp, 2) for op, b in t.items() if b)
+                F += Cost(tp=s / 2)
+                B += Cost(tp=s / 2)
+        return F, B, W
+
+
+# -- the step --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """What the step-time model needs beyond memory's Plan: the global batch and the GEMM dtype."""
+    plan: Plan
+    global_batch: int  # sequences per optimizer step
+    dtype: str = "bf16"
+    # Tensor-parallel collectives overlapped with the GEMMs beside them (Megatron's --tp-comm-overlap,
+    # Transformer Engine's userbuffers); off, as this code base runs them: exposed.
+    tp_overlap: bool = False
+    # The attention core: "flash" (fused, as this code base and every current framework run it) or
+    # "unfused" (the T x T scores in memory: Megatron-LM before 2023).
+    attention: str = "flash"
+    # ZeRO-1 syncs gradients by reduce-scatter (Megatron's distributed optimizer) instead of this code
+    # base's all-reduce (parallel/zero.py: every rank keeps the whole gradient).
+    distributed_optimizer: bool = False
+    # train.recompute=selective reruns the attention core alone (Megatron's --recompute-granularity
+    # selective) instead of recompute.py's elementwise ops and the collectives before them.
+    selective_core: bool = False
+
+
+def chunk_costs(costs: BlockCosts, m: ModelConfig, plan: Plan, rank: int) -> list[tuple[Cost, Cost, Cost]]:
+    """(F, B, W) of one micro-batch through each of this pipeline rank's chunks; B whole includes
+    the recomputed forward of the blocks its recompute mode covers, and W."""
+    stage = plan_stage(m, plan, rank, costs.view) if plan.pp > 1 else None
+    chunks = stage.chunks if stage is not None else (tuple(range(m.n_layers)),)
+    out = []
+    n_layers = sum(len(c) for c in chunks)
+    pos = 0
+    for k, layers in enumerate(chunks):
+        F, B, W = Cost(), Cost(), Cost()
+        for i in layers:
+            f, b, w, sel, full = costs.block(i)
+            F, B, W = F + f, B + b, W + w
+            if plan.recompute != "none" and plan.recomputes(pos, n_layers):
+                B = B + (full if plan.recompute == "full" else sel)
+            pos += 1
+        first = stage.is_first_chunk(k) if stage is not None else True
+        last = stage.is_last_chunk(k) if stage is not None else True
+        ef, eb, ew = costs.ends(first, last)
+        out.append((F + ef, B + eb, W + ew))
+    return out
+
+
+def pipeline_makespan(plan: Plan, chunks: list[list[tuple[Cost, Cost, Cost]]], hop_s: float,
+                      cap: int = 64) -> tuple[float, list[float]]:
+    """The played schedule's makespan and each rank's busy seconds. Long steps are played up to
+    `cap` micro-batches (a multiple of pp) and extended at the steady state's pace: past the
+    warm-up every further micro-batch adds the same time, which playing two lengths measures."""
+    from ..parallel.pipeline import chunks_per_rank
+    from ..parallel.pipeline.actions import timed_play
+
+    pp, m = plan.pp, plan.micro_batches
+    v = chunks_per_rank(plan.pp_schedule, plan.pp_virtual_stages)
+
+    def cost(rank, a, split):
+        f, b, w = chunks[rank][a.chunk]
+        if a.kind == "F":
+            return f.total
+        if a.kind == "B":
+            return b.total if split else b.total + w.total
+        return w.total if split else 0.0
+
+    def play(n):
+        return timed_play(plan.pp_schedule, pp, v, n, cost, lambda s, d: hop_s)
+
+    if pp == 1:
+        f, b, w = chunks[0][0]
+        return m * (f.total + b.total + w.total), [m * (f.total + b.total + w.total)]
+    step = 2 * pp if plan.pp_schedule == "dualpipev" else pp
+    base = max(step, cap // step * step)
+    if m <= base + step:
+        return play(m)
+    t1, busy1 = play(base)
+    t2, busy2 = play(base + step)
+    k = (m - base) / step
+    return t1 + k * (t2 - t1), [b1 + k * (b2 - b1) for b1, b2 in zip(busy1, busy2)]
+
+
+def stage_counts(view: RankModelView, m: ModelConfig, plan: Plan) -> list[tuple[int, int]]:
+    """(dense, expert) parameters of each pipeline stage, kept on the view: they depend only on how
+    the layers are cut."""
+    key = ("stage_counts", plan.pp, plan.pp_virtual_stages, plan.pp_schedule if plan.pp > 1 else "")
+    if key not in view.cache:
+        view.cache[key] = [dense_and_expert(stage_parameters(view, m, plan, r)) for r in range(plan.pp)]
+    return view.cache[key]
+
+
+def optimizer_s(cluster: Cluster, dense: int, expert: int, plan: Plan, precision) -> float:
+    """AdamW over the parameters this rank updates (its ZeRO slice), memory bound: read the gradient,
+    master weight and two moments, write them back and the model's copy; and one read of the
+    gradients for their norm."""
+    n = dense / plan.replicas + expert / plan.expert_replicas if plan.zero_stage >= 1 else dense + expert
+    g, p = BYTES[precision.grad_dtype], BYTES[precision.param_dtype]
+    moments = BYTES[precision.exp_avg_dtype] + BYTES[precision.exp_avg_sq_dtype]
+    master = BYTES[precision.master_dtype] if p != 4 or precision.master_dtype != precision.param_dtype else 0
+    per = 2 * g + 2 * moments + 2 * master + 2 * p
+    return cluster.memory_s(n * per, 4)
+
+
+def data_parallel_s(cluster: Cluster, plan: Plan, dense: int, expert: int, root: tuple[int, int], precision,
+                    backward_s: float, forward_s: float, distributed_optimizer: bool = False) -> dict[str, float]:
+    """Exposed seconds of the data-parallel groups' collectives per step. The gradient sync and
+    ZeRO-1/2's parameter gather are bucketed: all but one bucket hides behind the last
+    micro-batch's backward (its forward, for the gather) where the cluster overlaps at all."""
+    groups = dp_per_step(plan, dense, expert, root, BYTES[precision.grad_dtype], BYTES[precision.param_dtype])
+    strides = {"dp": plan.tp, "edp": plan.tp * plan.ep, "dp_gather": plan.tp, "edp_gather": plan.tp * plan.ep}
+    sizes = {"dp": plan.replicas, "edp": plan.expert_replicas, "dp_gather": plan.replicas,
+             "edp_gather": plan.expert_replicas}
+    out = {}
+    for g, ops in groups.items():
+        if g.endswith("_gather"):  # ZeRO-3's per-pass gathers are charged inside the passes
+            continue
+        exposed = 0.0
+        for op, nbytes in ops.items():
+            if distributed_optimizer and plan.zero_stage == 1 and op == "all_reduce":
+                op = "reduce_scatter"
+            # ZeRO-2/3 reduce-scatter after every micro-batch's backward (each hides behind its own);
+            # the others sync once, behind the last backward (the gather: the next step's first forward).
+            repeats = plan.micro_batches * plan.pp_virtual_stages if op == "reduce_scatter" and \
+                plan.zero_stage >= 2 else 1
+            t = cluster.collective_s(op, nbytes / repeats, strides[g], sizes[g])
+            if not cluster.overlap:
+                exposed += repeats * t
+                continue
+            window = forward_s if op == "all_gather" else backward_s
+            tail = cluster.collective_s(op, min(nbytes / repeats, DP_BUCKET_BYTES), strides[g], sizes[g])
+            exposed += repeats * max(tail, t - window)
+        out[g] = out.get(g, 0.0) + exposed
+    return out
+
+
+def zero3_gather_s(cluster: Cluster, plan: Plan, dense: int, expert: int, precision) -> float:
+    """ZeRO-3: the seconds of one pass's parameter gathers over this stage (all its blocks)."""
+    if plan.zero_stage != 3:
+        return 0.0
+    p = BYTES[precision.param_dtype]
+    t = cluster.collective_s("all_gather", dense * p, plan.tp, plan.replicas)
+    return t + cluster.collective_s("all_gather", expert * p, plan.tp * plan.ep, plan.expert_replicas)
+
+
+def predict(m: ModelConfig, sp: StepPlan, precision, cluster: Cluster, view: RankModelView | None = None,
+            flops: dict | None = None, cap: int = 512) -> dict:
+    """The step time of a plan and its parts (see the module docstring); with flops (model_flops),
+    also model TFLOP/s per GPU, MFU and HFU."""
+    plan = sp.plan
+    view = view if view is not None else RankModelView(m, plan)
+    costs = BlockCosts(m, plan, precision, cluster, sp.dtype, view, sp.tp_overlap, sp.attention, sp.selective_core)
+    chunks = [chunk_costs(costs, m, plan, r) for r in range(plan.pp)]
+    stages = stage_counts(view, m, plan)
+    # ZeRO-3 gathers each pass's weights ahead of it: only what the pass's compute cannot cover shows.
+    for r, (dense, expert) in enumerate(stages):
+        gather = zero3_gather_s(cluster, plan, dense, expert, precision) / max(1, len(chunks[r]))
+        for f, b, _ in chunks[r]:
+            for c in (f, b):
+                c.dp = gather if not cluster.overlap else max(0.0, gather - c.compute)
+    n_send = plan.micro_batch_size * plan.seq_len // plan.cp // (plan.tp if plan.sp else 1)
+    hop = cluster.collective_s("send", n_send * m.d_model * BYTES[precision.param_dtype],
+                               plan.tp * plan.cp * plan.dp, 2) if plan.pp > 1 else 0.0
+    makespan, busy = pipeline_makespan(plan, chunks, hop, cap)
+    # The breakdown follows the busiest rank: its work, then the wait the schedule leaves it.
+    rank = max(range(plan.pp), key=busy.__getitem__)
+    mb = plan.micro_batches
+    work = Cost()
+    for f, b, w in chunks[rank]:
+        work = work + (f + b + w) * mb
+    dense, expert = stages[rank]
+    backward = sum(b.compute + w.compute for _, b, w in chunks[rank])
+    forward = sum(f.compute for f, _, _ in chunks[rank])
+    root = (0, 0)
+    if plan.zero_stage == 3:
+        from .comm import _root_numel
+        root = _root_numel(view, m, plan, rank)
+    dp = data_parallel_s(cluster, plan, dense, expert, root, precision, backward, forward, sp.distributed_optimizer)
+    opt = optimizer_s(cluster, dense, expert, plan, precision)
+    breakdown = {"compute": work.compute, "tp": work.tp, "ep": work.ep, "cp": work.cp,
+                 "dp": work.dp + dp.get("dp", 0.0), "edp": dp.get("edp", 0.0),
+                 "bubble": max(0.0, makespan - busy[rank]), "optimizer": opt}
+    breakdown = {k: v for k, v in breakdown.items() if v > 0 or k in ("compute", "bubble", "optimizer")}
+    step = sum(breakdown.values())
+    gpus = plan.world
+    tokens = sp.global_batch * plan.seq_len
+    out = {"step_s": step, "tokens_per_s_per_gpu": tokens / step / gpus, "breakdown": breakdown}
+    if flops is not None:
+        peak = cluster.peak(sp.dtype)
+        per_gpu = tokens / step / gpus
+        out.update(model_tflops_per_gpu=flops["train"] * per_gpu / 1e12, mfu=flops["train"] * per_gpu / peak,
+                   hfu=(flops["train"] + recomputed_flops_per_token(flops, m, plan)) * per_gpu / peak)
+    return out
+
+
+def model_flops(m: ModelConfig, seq_len: int) -> dict:
+    """counts.flops_per_token of the whole model (built once on the meta device): "train" per token
+    and its parts per kind."""
+    from .counts import flops_per_token, meta_model
+
+    return flops_per_token(meta_model(m), m, seq_len)
+
+
+def recomputed_flops_per_token(flops: dict, m: ModelConfig, plan: Plan) -> float:
+    """The forward FLOPs recomputation reruns per token: full reruns the covered blocks' forward
+    (a third of their training FLOPs); selective reruns no matmul (recompute.py keeps their
+    outputs), so its FLOPs are the model's."""
+    if plan.recompute != "full":
+        return 0.0
+    per_kind = flops["train_per_kind"]
+    blocks = flops["train"] - per_kind.get("head", 0.0) - per_kind.get("mtp", 0.0)
+    chunk = max(1, m.n_layers // (plan.pp * plan.pp_virtual_stages))
+    covered = min(1.0, plan.recompute_layers / chunk) if plan.recompute_layers else 1.0
+    return blocks / 3 * covered
