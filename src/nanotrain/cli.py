@@ -157,6 +157,24 @@ def cmd_inspect(args, overrides) -> int:
     return 0
 
 
+def cmd_plan(args, overrides) -> int:
+    import json
+
+    from .inspection.plan import FIELDS, plan_request, search, table
+
+    req, notes = plan_request(args, overrides)
+    result = search(req)
+    for note in notes + result.get("notes", []):
+        print(f"note: {note}", file=sys.stderr)
+    if args.json:
+        out = {k: result[k] for k in FIELDS}
+        out["candidates"] = [{k: c[k] for k in FIELDS} for c in result["candidates"]]
+        print(json.dumps(out, indent=1))
+    else:
+        print(table(req, result))
+    return 0
+
+
 # The valid range of every subcommand's numeric arguments: (least, most; None: no bound). argparse
 # only checks the type; check_numbers checks these after parsing, so that a bad value is a ConfigError
 # naming the argument like any other bad input (a negative temperature would sample the least likely
@@ -168,6 +186,7 @@ NUMBER_RANGES = {
     "--num-samples": (1, None), "--seed": (0, 2**64 - 1),  # a torch.Generator seed is 64-bit unsigned
     "--seq-len": (1, None), "--micro-batch-size": (0, None), "--micro-batches": (0, None),  # inspect
     "--gpu-memory": (0.0, None),
+    "--gpus": (1, None), "--global-batch": (1, None), "--top": (1, None),  # plan
 }
 
 
@@ -249,6 +268,27 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dtype", default="bf16", choices=["bf16", "fp8"], help="matmul operand format for the roofline")
     s.add_argument("--out", metavar="DIR", help="also write DIR/report.md, roofline.png and intensity.png")
     s.set_defaults(fn=cmd_inspect)
+    s = sub.add_parser("plan", help="predict the step time and MFU of layouts on a cluster, and rank them",
+                       description="Search every layout of a model on --gpus devices (whatever --layout, --schedule "
+                                   "and --recompute leave open), predict each one's step time, memory and MFU, "
+                                   "drop what does not fit, and print the fastest (docs/planning.md).")
+    s.add_argument("--config", help="one of our TOML configs (plus --section.key=value overrides)")
+    s.add_argument("--hf-config", help="a Hugging Face config.json (Llama family, DeepSeek-V3)")
+    where = s.add_mutually_exclusive_group(required=True)
+    where.add_argument("--hardware", help="a100, h100, h200, b200, mi300x (8-GPU nodes, cluster.py), or cpu "
+                                          "(this machine, measured; --gpus counts processes)")
+    where.add_argument("--cluster", metavar="FILE.toml", help="your own cluster: a preset with the keys it changes")
+    s.add_argument("--gpus", type=int, required=True, help="devices (processes with --hardware cpu)")
+    s.add_argument("--global-batch", type=int, required=True, help="sequences per optimizer step")
+    s.add_argument("--seq-len", type=int, required=True, help="tokens per sequence")
+    s.add_argument("--layout", help=LAYOUT_HELP + "; what it fixes stays, the rest is searched")
+    s.add_argument("--schedule", choices=["gpipe", "1f1b", "interleaved", "zb_h1", "dualpipev"])
+    s.add_argument("--recompute", choices=["none", "selective", "full"])
+    s.add_argument("--dtype", choices=["fp32", "bf16", "fp8"],
+                   help="GEMM operands (default: the config's precision.recipe as it resolves on that hardware)")
+    s.add_argument("--top", type=int, default=10, help="candidates to print")
+    s.add_argument("--json", action="store_true", help="one JSON object: the best plan and the ranked candidates")
+    s.set_defaults(fn=cmd_plan)
     s = sub.add_parser("report", help="an HTML page with the health plots of one or more runs, side by side")
     s.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders (train.out_dir) holding metrics.jsonl")
     s.add_argument("--out", help="the HTML file (default: RUN_DIR/report.html of the first run)")

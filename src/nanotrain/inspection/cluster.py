@@ -124,7 +124,8 @@ class Cluster:
         per message, for the nearest measured world size."""
         tables = self.measured["gloo"]
         world = min(tables, key=lambda w: abs(int(w) - size))
-        fit = tables[world].get(op) or tables[world]["all_reduce"]
+        name = {"send": "send_recv", "all_gather": "all_gather_into"}.get(op, op)  # cpu_measure.OPS
+        fit = tables[world].get(name) or tables[world].get(op) or tables[world]["all_reduce"]
         per = nbytes / count
         return count * (fit["alpha_s"] + per / fit["bytes_per_s"])
 
@@ -133,7 +134,7 @@ class Cluster:
         if m <= 0 or count <= 0:
             return 0.0
         if self.measured.get("gemm"):
-            return count * self.measured["gemm"](int(m), int(k), int(n))
+            return count * (self.measured["gemm"](max(1, round(m)), int(k), int(n), dtype) + self.kernel_overhead_s)
         peak = self.peak(dtype) * self.gemm_efficiency
         b = {"fp8": 1, "bf16": 2, "fp16": 2, "fp32": 4, "tf32": 4}[dtype]
         nbytes = b * (m * k + k * n) + 2 * m * n  # operands in, a 16-bit output
@@ -246,3 +247,45 @@ def _replace_checked(obj, values: dict, where: str):
             if isinstance(current, int) and not isinstance(value, int):
                 raise ConfigError(f"{where}: {key} = {value!r} must be a whole number.")
     return replace(obj, **values)
+
+
+def cpu_cluster(procs: int) -> Cluster:
+    """This machine with `procs` processes, measured (cpu_measure.py): each GEMM timed at its shape with
+    the threads a process gets, slowed by the time-sharing of more processes than cores; gloo's
+    collectives as fitted lines; elementwise ops at the measured copy bandwidth. Nothing overlaps:
+    gloo runs on the cores that compute."""
+    import torch
+
+    from . import cpu_measure as cm
+    from .hardware import measure_cpu
+
+    ncores = cm.cores()
+    threads = cm.threads_per_process(procs, ncores)
+    share = min(1.0, ncores / (procs * threads))  # a rank's share of a core when ranks outnumber cores
+    acc = replace(measure_cpu(), interconnect_bandwidth=None, name=f"cpu (measured, {procs} processes)")
+    gloo = {procs: cm.measure_gloo(procs)} if procs > 1 else {}
+
+    def gemm(m: int, k: int, n: int, dtype: str = "fp32") -> float:
+        return cm.gemm_seconds(m, k, n, torch.float32 if dtype == "fp32" else torch.bfloat16, threads) / share
+
+    return Cluster(acc, gpus_per_node=procs, scale_out_bandwidth=1.0, memory_efficiency=share,
+                   kernel_overhead_s=op_overhead_s() / share, overlap=False,
+                   source=f"measured here: {ncores} cores, {threads} thread(s) per process",
+                   measured={"gloo": gloo, "gemm": gemm})
+
+
+def op_overhead_s(calls: int = 200) -> float:
+    """Seconds PyTorch spends on one small CPU operation beyond its arithmetic (dispatch, allocation):
+    the fixed cost of every kernel of a tiny model's step, timed on a 64-element add."""
+    import torch
+
+    from .hardware import _best_seconds
+
+    x = torch.ones(64)
+
+    def run():
+        for _ in range(calls):
+            torch.add(x, x)
+
+    run()
+    return _best_seconds(run, 3) / calls

@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass, replace
 
 from ..config import Config, ConfigError, ModelConfig, validate
-from ..parallel.layout import CONFIG_KEYS, Layout
+from ..parallel.layout import Layout
 from .cluster import Cluster
 from .memory import Plan, RankModelView, memory_per_rank
 from .steptime import StepPlan, model_flops, predict
@@ -51,12 +51,7 @@ class Request:
 
 def parse_fixed(text: str | None) -> dict:
     """The keys --layout gives, checked as every command's --layout is (parallel/layout.py)."""
-    if not text:
-        return {}
-    Layout.parse(text)  # one-line errors for unknown keys and bad values
-    given = {item.split("=")[0].strip() for item in text.split(",") if item.strip()}
-    parsed = Layout.parse(text)
-    return {k: getattr(parsed, k) for k in CONFIG_KEYS if k in given}
+    return Layout.keys(text) if text else {}
 
 
 def _divisors(n: int) -> list[int]:
@@ -89,9 +84,12 @@ def structures(req: Request):
                     continue
                 eps = [e for e in _divisors(dp) if m.n_routed_experts % e == 0] if moe else [1]
                 for ep in _options(req, "ep", eps):
+                    if dp % ep:  # expert-parallel groups are carved out of the data-parallel ranks
+                        continue
                     etps = [1, tp] if moe and tp > 1 and m.moe_d_ff % tp == 0 else [1]
                     for etp in _options(req, "etp", etps):
-                        yield tp, cp, pp, dp, ep, etp
+                        if etp in (1, tp):
+                            yield tp, cp, pp, dp, ep, etp
 
 
 def schedules(req: Request, pp: int, micro_batches: int) -> list[tuple[str, int]]:
@@ -271,6 +269,8 @@ def search(req: Request, shortlist: int = 40, structures_kept: int = 24) -> dict
     if not any(True for _ in structures(req)):
         raise ConfigError(_nothing_runs(req))
     screened = screen(req, planner)
+    if not screened and fully_fixed(req):  # weigh the given layout whatever its memory
+        screened = [(0.0, s) for s in structures(req)]
     if not screened:
         raise ConfigError(f"no layout of {req.gpus} GPUs fits {req.cluster.accelerator.hbm_bytes / 1e9:.0f} GB per "
                           "GPU, even with micro-batch 1, full recomputation and the highest ZeRO stage: add GPUs, "
@@ -287,19 +287,32 @@ def search(req: Request, shortlist: int = 40, structures_kept: int = 24) -> dict
         if result["fits"]:
             ranked.append(entry(req, plan, result))
     ranked.sort(key=lambda e: -e["tokens_per_s_per_gpu"])
+    notes = []
     if not ranked:
-        closest = min(quick, key=lambda c: c[1]["memory_per_rank_gb"])
-        raise ConfigError(f"no layout of {req.gpus} GPUs fits {req.cluster.accelerator.hbm_bytes / 1e9:.0f} GB per "
-                          f"GPU: the smallest needs {closest[1]['memory_per_rank_gb']:.1f} GB "
-                          f"({layout_text(closest[0])}). Add GPUs, shorten --seq-len or lower --global-batch.")
+        closest = min(quick, key=lambda c: c[1]["memory_per_rank_gb"]) if quick else None
+        if closest is None or not fully_fixed(req):
+            need = f"the smallest needs {closest[1]['memory_per_rank_gb']:.1f} GB ({layout_text(closest[0])})" \
+                if closest else "none fits even with micro-batch 1, full recomputation and the highest ZeRO stage"
+            raise ConfigError(f"no layout of {req.gpus} GPUs fits {req.cluster.accelerator.hbm_bytes / 1e9:.0f} GB per "
+                              f"GPU: {need}. Add GPUs, shorten --seq-len or lower --global-batch.")
+        # The layout was given whole: predict it all the same, marked as not fitting.
+        plan = closest[0]
+        ranked = [entry(req, plan, planner.weigh(plan, full=True))]
+        notes.append(f"--layout does not fit: {ranked[0]['memory_per_rank_gb']:.1f} GB per rank against "
+                     f"{req.cluster.accelerator.hbm_bytes / 1e9:.0f} GB (fits: false); the prediction is for it anyway.")
     best = ranked[0]
-    out = {**best, "candidates": ranked[:max(req.top, 1)]}
+    out = {**best, "candidates": ranked[:max(req.top, 1)], "notes": notes}
     unfit = sorted((c for c in quick if not c[1]["fits"]), key=lambda c: -c[1]["tokens_per_s_per_gpu"])
     out["not_fitting"] = [entry(req, p, r) for p, r in unfit[:max(req.top, 1)]]
     out["explanation"] = explain(ranked)
     out["searched"] = {"structures": sum(1 for _ in structures(req)), "structures_fitting": len(screened),
                        "candidates": len(quick), "fitting": len(fitting), "seconds": time.perf_counter() - started}
     return out
+
+
+def fully_fixed(req: Request) -> bool:
+    """Whether --layout fixes how the GPUs split (tp, pp and dp; cp and ep default to 1 there)."""
+    return all(k in req.fixed for k in ("tp", "pp", "dp"))
 
 
 def layout_text(plan: Plan) -> str:
@@ -318,7 +331,7 @@ def _nothing_runs(req: Request) -> str:
 def explain(ranked: list[dict]) -> str:
     """Why the best beats the runner-up, in a line: the parts of the step that differ most."""
     if len(ranked) < 2:
-        return "only one layout fits."
+        return "only one layout was weighed." if not ranked or not ranked[0]["fits"] else "only one layout fits."
     a, b = ranked[0], ranked[1]
     diff = {k: b["breakdown"].get(k, 0.0) - a["breakdown"].get(k, 0.0) for k in set(a["breakdown"]) | set(b["breakdown"])}
     knobs = [f"{k}={a['layout'][k]} vs {b['layout'][k]}" for k in a["layout"] if a["layout"][k] != b["layout"][k]]
@@ -337,3 +350,75 @@ def _link_note(a: dict, b: dict) -> str:
     if a["layout"]["tp"] != b["layout"]["tp"] and max(a["layout"]["tp"], b["layout"]["tp"]) > 8:
         return " A tp group wider than a node sends its all-reduces over the NICs instead of NVLink."
     return ""
+
+
+# -- the command -------------------------------------------------------------------------------
+
+
+def plan_request(args, overrides: list[str]) -> tuple[Request, list[str]]:
+    """`nanotrain plan`'s arguments as a Request, and the notes to print about what was assumed."""
+    from ..config import load_config
+    from .cluster import cpu_cluster, load_cluster, preset
+    from .report import model_config
+
+    if args.config and args.hf_config:
+        raise ConfigError("plan takes --config (ours) or --hf-config (Hugging Face config.json), not both")
+    if not (args.config or args.hf_config):
+        raise ConfigError("plan needs a model: --config FILE.toml (e.g. configs/deepseek_v3.toml) or "
+                          "--hf-config config.json")
+    m, seq = model_config(args.config, args.hf_config, overrides, args.seq_len)
+    cfg = load_config(args.config, [o for o in overrides if not o.startswith("--model.")] if args.hf_config
+                      else overrides)
+    notes = []
+    if m.arch == "deepseek" and m.aux_loss_coef:
+        # The sequence-wise balance loss is a few FLOPs; the runtime cannot yet split it over pp, cp or
+        # sequence parallelism, which would rule out every layout DeepSeek-V3 was trained with.
+        m.aux_loss_coef = 0.0
+        notes.append("planned with model.aux_loss_coef=0 (auxiliary-loss-free balancing): the runtime cannot split "
+                     "the sequence-wise balance loss over pp, cp or sequence parallelism yet; its cost is negligible.")
+    fixed = parse_fixed(args.layout)
+    if args.hardware and args.hardware.strip().lower() == "cpu":
+        cluster = cpu_cluster(args.gpus)
+    elif args.hardware:
+        cluster = preset(args.hardware)
+    else:
+        cluster = load_cluster(args.cluster)
+    dtype = args.dtype or resolved_dtype(cfg.precision.recipe, cluster)
+    if cfg.precision.recipe == "auto":  # memory's dtypes as a run there would pick them
+        cfg.precision.recipe = "fp32" if dtype == "fp32" else "bf16"
+    cluster.peak(dtype)  # one line if the device has no such matmul (fp8 on an A100)
+    req = Request(m, cfg, cluster, args.gpus, args.global_batch, seq, fixed, args.schedule, args.recompute, dtype,
+                  args.top)
+    return req, notes
+
+
+def resolved_dtype(recipe: str, cluster: Cluster) -> str:
+    """The GEMM dtype of precision.recipe on this cluster: auto is bf16 where bf16 multiplies at least
+    as fast as fp32 (runtime/machine.py's rule), the fp8 and fp4 recipes run fp8-or-narrower GEMMs
+    (planned at the fp8 peak), fp16 has bf16's."""
+    if recipe == "auto":
+        acc = cluster.accelerator
+        return "bf16" if acc.fp32_flops is None or acc.bf16_flops >= acc.fp32_flops else "fp32"
+    if recipe in ("fp32", "bf16"):
+        return recipe
+    return "bf16" if recipe == "fp16" else "fp8"
+
+
+def table(req: Request, result: dict) -> str:
+    """The ranked candidates as text, the best one's parts, and why it wins."""
+    head = (f"{req.gpus} x {req.cluster.describe()}; global batch {req.global_batch} x {req.seq_len} tokens, "
+            f"{req.dtype} GEMMs")
+    rows = [head, "", f"{'#':>2}  {'layout':44} {'schedule':11} {'recompute':9} {'step s':>8} {'tok/s/GPU':>10} "
+                      f"{'MFU':>6} {'mem GB':>7}  parts of the step (s)"]
+    for i, c in enumerate(result["candidates"], 1):
+        lay = ",".join(f"{k}={v}" for k, v in c["layout"].items() if k != "sp") + (",sp" if c["layout"]["sp"] else "")
+        parts = " ".join(f"{k} {v:.3g}" for k, v in c["breakdown"].items() if v > 0)
+        rows.append(f"{i:>2}  {lay:44} {c['schedule']:11} {c['recompute']:9} {c['step_s']:8.3f} "
+                    f"{c['tokens_per_s_per_gpu']:10,.0f} {c['mfu']:6.1%} {c['memory_per_rank_gb']:7.1f}"
+                    f"{'' if c['fits'] else ' (does not fit)'}  {parts}")
+    searched = result.get("searched")
+    if searched:
+        rows += ["", f"searched {searched['candidates']} candidates of {searched['structures_fitting']} splits that "
+                     f"fit (of {searched['structures']}) in {searched['seconds']:.1f} s"]
+    rows += ["", result.get("explanation", "")]
+    return "\n".join(rows)

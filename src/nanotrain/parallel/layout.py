@@ -74,6 +74,15 @@ class Layout:
     def parse(cls, text: str, base: Layout | None = None) -> Layout:
         """'tp=2,dp=2,sp' -> base with tp=2, dp=2 and sp=True. A ConfigError (one line: the key, what
         it takes, the valid keys) for an unknown key, a bad value or a key given twice."""
+        layout = dataclasses.replace(base or cls(), **cls.keys(text))
+        if layout.check():
+            raise ConfigError(f"--layout {text!r}: " + " ".join(layout.check()))
+        return layout
+
+    @staticmethod
+    def keys(text: str) -> dict[str, int | bool]:
+        """The keys a layout text gives and their values, each checked alone (`nanotrain plan` searches
+        the ones it leaves out)."""
         values: dict[str, int | bool] = {}
         for item in filter(None, (part.strip() for part in text.split(","))):
             key, eq, value = (s.strip() for s in item.partition("="))
@@ -83,10 +92,7 @@ class Layout:
             if key in values:
                 raise ConfigError(f"--layout {text!r}: {key} is given twice; give each key once ({EXAMPLE}).")
             values[key] = _value(text, key, value if eq else None)
-        layout = dataclasses.replace(base or cls(), **values)
-        if layout.check():
-            raise ConfigError(f"--layout {text!r}: " + " ".join(layout.check()))
-        return layout
+        return values
 
     @classmethod
     def from_config(cls, cfg: Config) -> Layout:
