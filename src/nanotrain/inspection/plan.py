@@ -66,8 +66,8 @@ def structures(req: Request):
     """(tp, cp, pp, dp, ep, etp) that split the GPUs and the model evenly."""
     m, node = req.m, req.cluster.gpus_per_node
     kv = m.n_kv_heads or m.n_heads
-    tps = _options(req, "tp", [t for t in _divisors(req.gpus) if t <= node and m.n_heads % t == 0 and kv % t == 0
-                               and m.ffn_width() % t == 0])
+    tps = [t for t in _options(req, "tp", [t for t in _divisors(req.gpus) if t <= node])
+           if m.n_heads % t == 0 and kv % t == 0 and m.ffn_width() % t == 0]
     cps = _options(req, "cp", [c for c in (1, 2, 4, 8) if req.seq_len % (2 * c) == 0 or c == 1])
     moe = m.arch == "deepseek" and m.n_routed_experts
     for tp in tps:
@@ -290,6 +290,9 @@ def search(req: Request, shortlist: int = 40, structures_kept: int = 24) -> dict
     notes = []
     if not ranked:
         closest = min(quick, key=lambda c: c[1]["memory_per_rank_gb"]) if quick else None
+        if dropped and all(not c[1]["fits"] for c in quick if c[0] not in {d[0] for d in dropped}):
+            raise ConfigError(f"every layout that fits is refused by the config checks, e.g. "
+                              f"{layout_text(dropped[0][0])}: {dropped[0][1][0]}")
         if closest is None or not fully_fixed(req):
             need = f"the smallest needs {closest[1]['memory_per_rank_gb']:.1f} GB ({layout_text(closest[0])})" \
                 if closest else "none fits even with micro-batch 1, full recomputation and the highest ZeRO stage"
@@ -323,9 +326,11 @@ def layout_text(plan: Plan) -> str:
 
 def _nothing_runs(req: Request) -> str:
     fixed = ",".join(f"{k}={int(v)}" for k, v in req.fixed.items())
+    m = req.m
     return (f"no layout of this model splits {req.gpus} GPUs with global batch {req.global_batch}"
             + (f" and --layout {fixed}" if fixed else "") + ": tp x cp x pp x dp must equal --gpus, dp must divide "
-            "--global-batch, tp the attention heads, pp at most the layers. Change --gpus, --global-batch or --layout.")
+            f"--global-batch, tp the {m.n_heads} attention heads and {m.n_kv_heads or m.n_heads} KV heads, pp at "
+            f"most the {m.n_layers} layers. Change --gpus, --global-batch or --layout.")
 
 
 def explain(ranked: list[dict]) -> str:
