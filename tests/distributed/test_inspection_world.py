@@ -16,7 +16,7 @@ import pytest
 from nanotrain.config import Config, load_config
 from nanotrain.inspection.comm import comm_per_step
 from nanotrain.inspection.measure import LiveActivationMeter, unique_bytes
-from nanotrain.inspection.memory import Plan, memory_per_rank
+from nanotrain.inspection.memory import Plan, RankModelView, memory_per_rank
 from nanotrain.parallel.launch import run_world
 from nanotrain.runtime import RuntimeEngine
 from conftest import CORPUS  # noqa: E402
@@ -146,6 +146,9 @@ def test_memory_per_rank_matches_a_world_of_8(tmp_path, name):
     cfg.model.vocab_size = 65  # the tokenizer's, as `nanotrain inspect --model.vocab_size=65` plans it (padded)
     layout = Plan.from_config(cfg)
     estimate = memory_per_rank(cfg.model, layout, cfg.precision, device="cpu")
+    # `nanotrain plan` weighs the same figures on a model of one block per kind (memory.RankModelView)
+    view = RankModelView(cfg.model, layout)
+    assert memory_per_rank(cfg.model, layout, cfg.precision, "cpu", view) == estimate
     per_stage = cfg.parallel.tp * cfg.parallel.cp * cfg.parallel.dp
     for r in ranks:
         stage = r["rank"] // per_stage
@@ -159,7 +162,9 @@ def test_memory_per_rank_matches_a_world_of_8(tmp_path, name):
             assert 0.5 * r["logged"]["step_ms"] <= sum(times.values()) <= 1.05 * r["logged"]["step_ms"], times
         total = sum(r[k] for k in ("weights", "gradients", "master", "optimizer", "activations", "gathered_params"))
         assert e["total"] == pytest.approx(total, rel=TOL)
-        predicted = {g: sum(ops.values()) for g, ops in comm_per_step(cfg.model, layout, cfg.precision, stage).items()}
+        by_op = comm_per_step(cfg.model, layout, cfg.precision, stage)
+        assert comm_per_step(cfg.model, layout, cfg.precision, stage, view) == by_op
+        predicted = {g: sum(ops.values()) for g, ops in by_op.items()}
         for group in set(predicted) | set(r["comm"]):
             measured = r["comm"].get(group, 0)
             if group.startswith("ep"):  # an all-to-all sends what the router sent where: the plan counts
