@@ -59,22 +59,15 @@ def mfu_vs_tp(path: str) -> list[tuple[int, float, float]]:
     ax.annotate("one node: 8 GPUs on NVLink", (8, 5), xytext=(4, 0), textcoords="offset points", fontsize=8)
     ax.set_xscale("log", base=2)
     ax.set_xticks(tps, [str(t) for t in tps])
-    ax.set_xlabel("tensor-parallel size tp")
-    ax.set_ylabel("%")
-    ax.set_title("GPT-3 175B on 384 H100: MFU against tp (nanotrain plan)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
+    _finish(fig, ax, path, "tensor-parallel size tp", "%", "GPT-3 175B on 384 H100: MFU against tp (nanotrain plan)")
     return points
 
 
 def bubble(path: str) -> dict[str, list[tuple[int, float]]]:
     from .roofline import _figure
 
-    cfg = load_config(CONFIG, [])
-    cfg.precision.recipe = "bf16"
     req = _request(64, 0, {})
+    cfg = req.cfg
     curves: dict[str, list[tuple[int, float]]] = {}
     for schedule, v in (("gpipe", 1), ("1f1b", 1), ("interleaved", 2), ("zb_h1", 1), ("dualpipev", 2)):
         for m in (8, 16, 32, 64):
@@ -90,14 +83,19 @@ def bubble(path: str) -> dict[str, list[tuple[int, float]]]:
     for name, pts in curves.items():
         ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], "o-", label=name)
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("micro-batches per step (per pipeline)")
-    ax.set_ylabel("bubble, % of the step")
-    ax.set_title("Llama 3 70B, pp = 8 on H100: the bubble as each schedule plays out")
+    _finish(fig, ax, path, "micro-batches per step (per pipeline)", "bubble, % of the step",
+            "Llama 3 70B, pp = 8 on H100: the bubble as each schedule plays out")
+    return curves
+
+
+def _finish(fig, ax, path: str, xlabel: str, ylabel: str, title: str) -> None:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
-    return curves
 
 
 def main(argv: list[str] | None = None) -> int:
