@@ -121,20 +121,25 @@ class Cluster:
 
     def _gloo_s(self, op: str, nbytes: float, size: int, count: int) -> float:
         """A measured world (cpu_measure.measure_gloo): alpha + bytes / beta of the fitted line,
-        per message, for the nearest measured world size."""
+        per message, for the nearest measured world size; the line of the calls' mean where it was
+        measured (what a step pays per call, the slow ones included), else of their median."""
         tables = self.measured["gloo"]
         world = min(tables, key=lambda w: abs(int(w) - size))
         name = {"send": "send_recv", "all_gather": "all_gather_into"}.get(op, op)  # cpu_measure.OPS
         fit = tables[world].get(name) or tables[world].get(op) or tables[world]["all_reduce"]
+        fit = fit.get("mean", fit)
         per = nbytes / count
         return count * (fit["alpha_s"] + per / fit["bytes_per_s"])
 
-    def gemm_s(self, m: float, k: float, n: float, dtype: str, count: float = 1.0) -> float:
-        """Seconds for `count` GEMMs [m, k] @ [k, n] in dtype (operands of 1, 2 or 4 bytes)."""
+    def gemm_s(self, m: float, k: float, n: float, dtype: str, count: float = 1.0, layout: str = "nn") -> float:
+        """Seconds for `count` GEMMs [m, k] @ [k, n] in dtype (operands of 1, 2 or 4 bytes). layout:
+        which operand a training step hands over transposed (cpu_measure.LAYOUTS), which a measured
+        cluster times; the formula does not distinguish."""
         if m <= 0 or count <= 0:
             return 0.0
         if self.measured.get("gemm"):
-            return count * (self.measured["gemm"](max(1, round(m)), int(k), int(n), dtype) + self.kernel_overhead_s)
+            return count * (self.measured["gemm"](max(1, round(m)), int(k), int(n), dtype, layout)
+                            + self.kernel_overhead_s)
         peak = self.peak(dtype) * self.gemm_efficiency
         b = {"fp8": 1, "bf16": 2, "fp16": 2, "fp32": 4, "tf32": 4}[dtype]
         nbytes = b * (m * k + k * n) + 2 * m * n  # operands in, a 16-bit output
@@ -154,6 +159,14 @@ class Cluster:
 
     def describe(self) -> str:
         a = self.accelerator
+        if self.measured:  # --hardware cpu: processes on one machine, gloo over loopback, nothing to scale up to
+            gloo = self.measured.get("gloo") or {}
+            line = f"{a.name}: {self.source}; copy {a.hbm_bandwidth / GB:.0f} GB/s"
+            for world, table in sorted(gloo.items()):
+                fit = table["all_reduce"].get("mean", table["all_reduce"])
+                line += (f"; gloo all-reduce ({world} ranks) {fit['alpha_s'] * 1e6:.0f} us + "
+                         f"{fit['bytes_per_s'] / GB:.2f} GB/s")
+            return line
         up = a.interconnect_bandwidth / GB if a.interconnect_bandwidth else 0
         return (f"{a.name}, {self.gpus_per_node} per node, scale-up {up:.0f} GB/s, scale-out "
                 f"{self.scale_out_bandwidth / GB:.0f} GB/s per GPU" + (f" (a NIC per {self.gpus_per_nic} GPUs)"
@@ -249,11 +262,52 @@ def _replace_checked(obj, values: dict, where: str):
     return replace(obj, **values)
 
 
+@dataclass(frozen=True)
+class CpuPieces:
+    """cpu_measure's timings of a tiny model's pieces (a block, the model's ends, the optimizer step,
+    a GEMM at a new shape, drawing a batch) for one of this machine's processes: `threads` threads
+    each, slowed by `share` where the processes outnumber the cores. steptime.py uses them in place
+    of its GPU formulas where a cluster has them (cpu_cluster); None from block or ends: too large to
+    time, the formulas stand in."""
+    threads: int
+    share: float
+
+    def block(self, m, kind: str, micro_batch: int, seq: int, tp: int, sp: bool, etp: int, ep: int, dtype: str,
+              chain: int):
+        from . import cpu_measure as cm
+
+        t = cm.block_seconds(m, kind, micro_batch, seq, tp, sp, etp, ep, dtype, self.threads, chain)
+        return None if t is None else tuple(x / self.share for x in t)
+
+    def ends(self, m, micro_batch: int, seq: int, vocab: int, dtype: str):
+        from . import cpu_measure as cm
+
+        t = cm.ends_seconds(m, micro_batch, seq, vocab, dtype, self.threads)
+        return None if t is None else tuple(x / self.share for x in t)
+
+    def optimizer(self, numels: tuple[int, ...], units: tuple[int, ...]) -> float:
+        from . import cpu_measure as cm
+
+        return cm.optimizer_seconds(numels, units, self.threads) / self.share
+
+    def new_shape(self, dtype: str, layout: str, width: int) -> float:
+        from . import cpu_measure as cm
+
+        return cm.new_shape_seconds(dtype, self.threads, layout, width) / self.share
+
+    def data(self, micro_batch: int, seq: int, micro_batches: int) -> float:
+        from . import cpu_measure as cm
+
+        return cm.data_seconds(micro_batch, seq, micro_batches) / self.share
+
+
 def cpu_cluster(procs: int) -> Cluster:
-    """This machine with `procs` processes, measured (cpu_measure.py): each GEMM timed at its shape with
-    the threads a process gets, slowed by the time-sharing of more processes than cores; gloo's
-    collectives as fitted lines; elementwise ops at the measured copy bandwidth. Nothing overlaps:
-    gloo runs on the cores that compute."""
+    """This machine with `procs` processes, measured (cpu_measure.py): each GEMM timed at its shape and
+    operand layout with the threads a process gets, slowed by the time-sharing of more processes than
+    cores; a tiny model's blocks, ends and optimizer step timed whole at each rank's shapes (CpuPieces;
+    steptime.py says where); gloo's collectives as lines fitted to what a call costs between two
+    computations; elementwise ops at the measured copy bandwidth. Nothing overlaps: gloo runs on the
+    cores that compute."""
     import torch
 
     from . import cpu_measure as cm
@@ -263,15 +317,16 @@ def cpu_cluster(procs: int) -> Cluster:
     threads = cm.threads_per_process(procs, ncores)
     share = min(1.0, ncores / (procs * threads))  # a rank's share of a core when ranks outnumber cores
     acc = replace(measure_cpu(), interconnect_bandwidth=None, name=f"cpu (measured, {procs} processes)")
-    gloo = {procs: cm.measure_gloo(procs)} if procs > 1 else {}
+    gloo = {procs: cm.measure_gloo(procs, gap_s=cm.GAP_S)} if procs > 1 else {}
 
-    def gemm(m: int, k: int, n: int, dtype: str = "fp32") -> float:
-        return cm.gemm_seconds(m, k, n, torch.float32 if dtype == "fp32" else torch.bfloat16, threads) / share
+    def gemm(m: int, k: int, n: int, dtype: str = "fp32", layout: str = "nn") -> float:
+        dt = torch.float32 if dtype == "fp32" else torch.bfloat16
+        return cm.gemm_seconds(m, k, n, dt, threads, layout=layout) / share
 
     return Cluster(acc, gpus_per_node=procs, scale_out_bandwidth=1.0, memory_efficiency=share,
                    kernel_overhead_s=op_overhead_s() / share, overlap=False,
                    source=f"measured here: {ncores} cores, {threads} thread(s) per process",
-                   measured={"gloo": gloo, "gemm": gemm})
+                   measured={"gloo": gloo, "gemm": gemm, "pieces": CpuPieces(threads, share)})
 
 
 def op_overhead_s(calls: int = 200) -> float:

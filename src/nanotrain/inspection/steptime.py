@@ -31,6 +31,26 @@ ZeRO-3's gathers with the compute they prefetch for; the tail that cannot hide i
 
 MFU counts model FLOPs (counts.py: 6 N + attention over the full square, no recomputation)
 against the dense peak of the GEMM dtype; HFU adds the recomputed forward.
+
+On this machine's CPU (--hardware cpu: cluster.cpu_cluster, a cluster with measured `pieces`), a
+tiny model's step is another machine's: PyTorch's per-operation cost, not arithmetic, rules it,
+and gloo's calls cost what a VM's sleeping cores take to wake. There the parts are:
+
+    blocks       each kind of block's forward and backward timed whole at the rank's shapes
+                 (cpu_measure.block_seconds: its tp shard, its share of the experts, the run's
+                 autocast and attention dtype, a chunk's blocks in a row); W is its weight-gradient
+                 GEMMs, timed at their shapes and operand layouts (cpu_measure.gemm_seconds)
+    new shapes   the routed experts' GEMMs: the rows each expert receives change every step, and a
+                 bf16 GEMM at a shape oneDNN has not built yet costs ~30x one it has
+                 (cpu_measure.new_shape_seconds): NEW_SHAPE_SHARE of them, a stated measurement
+    ends         the embedding, and the final norm, head and loss, timed the same way
+    collectives  each call as the code makes it (one per bucket, per ZeRO-3 unit, the expert
+                 all-to-alls' token counts, the step's scalar all-reduces: the loss's token count,
+                 the gradient norm, the experts' load, the tied embedding's gradient), each at the
+                 mean cost of a gloo call between two computations (cpu_measure.measure_gloo)
+    optimizer    ZeroOptimizer's step over the rank's tensors timed (cpu_measure.optimizer_seconds:
+                 the norm, the clipping and fused AdamW cost per tensor more than per byte)
+    data         drawing the step's micro-batches (cpu_measure.data_seconds)
 """
 
 from __future__ import annotations
@@ -43,10 +63,18 @@ from ..params import shards_of, spec
 from .cluster import Cluster
 from .comm import block_tp_linears, cp_per_step, dp_per_step, ep_per_micro_batch, tp_per_micro_batch, \
     tp_recomputed_per_micro_batch
-from .memory import BYTES, Plan, RankModelView, compute_bytes, dense_and_expert, plan_stage, stage_parameters, \
-    vocab_per_rank
+from .memory import BYTES, Plan, RankModelView, compute_bytes, dense_and_expert, plan_stage, stage_layers, \
+    stage_parameters, vocab_per_rank
 
 DP_BUCKET_BYTES = 40e6  # the last gradient bucket, whose sync nothing hides (Megatron's default size)
+
+# A measured CPU (cluster.CpuPieces): the share of the routed experts' GEMMs that meet a shape oneDNN
+# has not built in this process. Measured on the 2-core AMX Xeon with ONEDNN_VERBOSE=all over steps
+# 1-60 of deepseek_tiny at dp=2, ep=2: 24 cache misses per rank and step among its 108 expert GEMMs
+# (3 MoE layers x 4 local experts x 3 forward + 6 backward), 0.22; the routing's spread keeps them
+# coming for hundreds of steps (the step time at steps 280-300 is within 10% of steps 5-25's).
+NEW_SHAPE_SHARE = 0.22
+BLOCK_CHAIN = 4  # a measured CPU times up to this many blocks of a kind in a row (cpu_measure.block_seconds)
 
 
 @dataclass
@@ -177,6 +205,7 @@ class BlockCosts:
     def __init__(self, m: ModelConfig, plan: Plan, precision, cluster: Cluster, dtype: str, view: RankModelView,
                  tp_overlap: bool = False, attention: str = "flash", selective_core: bool = False):
         self.m, self.plan, self.cluster, self.dtype = m, plan, cluster, dtype
+        self.precision_recipe = precision.recipe
         self.tp_overlap = tp_overlap and cluster.overlap
         self.attention, self.selective_core = attention, selective_core
         r = BYTES[precision.param_dtype]
@@ -185,9 +214,16 @@ class BlockCosts:
         self.w = Shapes(n, n // plan.tp if plan.sp else n, c, r, dtype)
         self.view = view
         self._kind: dict[str, tuple[Cost, Cost, Cost, Cost, Cost]] = {}
+        # A measured CPU's timed pieces (cluster.CpuPieces), None elsewhere: the formulas below.
+        self.pieces = cluster.measured.get("pieces") if cluster.measured else None
 
     def _gemm_passes(self, gemms) -> tuple[float, float, float]:
         g, dt = self.cluster.gemm_s, self.dtype
+        if self.pieces is not None:  # the operand layouts autograd hands torch.mm (cpu_measure.LAYOUTS)
+            fwd = sum(g(t, k, o, dt, e, "nt") for t, k, o, e in gemms)  # Y = X W^T, W stored [out, in]
+            dx = sum(g(t, o, k, dt, e, "nn") for t, k, o, e in gemms)
+            dw = sum(g(k, t, o, dt, e, "tn") for t, k, o, e in gemms)
+            return fwd, dx, dw
         fwd = sum(g(t, k, o, dt, e) for t, k, o, e in gemms)
         dx = sum(g(t, o, k, dt, e) for t, k, o, e in gemms)  # dX = dY W^T: [t, out] @ [out, in]
         dw = sum(g(k, t, o, dt, e) for t, k, o, e in gemms)  # dW = X^T dY: [in, t] @ [t, out]
@@ -208,6 +244,10 @@ class BlockCosts:
     def _block(self, layer: int):
         m, plan, cl, w = self.m, self.plan, self.cluster, self.w
         module = self.view.layers[str(layer)]
+        if self.pieces is not None:
+            timed = self._timed_block(layer, module)
+            if timed is not None:
+                return timed
         fwd, dx, dw = self._gemm_passes(block_gemms(module, m, plan, w))
         if self.attention == "unfused":
             attn, attn_b = self._unfused_attention()
@@ -238,6 +278,58 @@ class BlockCosts:
             for cost in (F, B, selective, full):
                 cost.ep = max(0.0, cost.ep - cost.compute)
         return F, B, W, selective, full
+
+    def _timed_block(self, layer: int, module):
+        """A measured CPU: the block's forward and backward timed whole (cpu_measure.block_seconds,
+        None where it cannot be: too large, or context parallel, whose ring needs its group), its
+        collectives as the code calls them, and the routed experts' GEMMs at new shapes."""
+        m, plan, w = self.m, self.plan, self.w
+        moe = m.arch == "deepseek" and layer >= m.first_k_dense_replace
+        if plan.cp > 1 or self.precision_recipe not in ("bf16", "fp32"):
+            return None
+        kind_count = m.n_layers - m.first_k_dense_replace if moe else \
+            (m.first_k_dense_replace if m.arch == "deepseek" else m.n_layers)
+        chunk = max(1, m.n_layers // (plan.pp * plan.pp_virtual_stages))
+        chain = max(1, min(BLOCK_CHAIN, kind_count, chunk))
+        timed = self.pieces.block(m, "moe" if moe else "dense", plan.micro_batch_size, plan.seq_len // plan.cp,
+                                  plan.tp, plan.sp, plan.layout.etp, plan.ep, self.dtype, chain)
+        if timed is None:
+            return None
+        fwd, bwd = timed
+        gemms = block_gemms(module, m, plan, w)
+        fwd_gemms, _, dw = self._gemm_passes(gemms)
+        dw = min(dw, bwd)  # the weights' gradients (W), the rest of backward is B
+        if moe:  # each local expert's 3 GEMMs forward and 6 backward, some at shapes not built yet
+            experts = sum(e for _, _, _, e in gemms if e > 1) / 3 or m.n_routed_experts / plan.ep
+            width = m.moe_d_ff // plan.layout.etp
+            new = {lay: 3 * NEW_SHAPE_SHARE * experts * self.pieces.new_shape(self.dtype, lay, width)
+                   for lay in ("nn", "nt", "tn")}  # forward X W; backward dY W^T and X^T dY
+            fwd, bwd = fwd + new["nn"], bwd + new["nt"] + new["tn"]
+        tp_f, tp_b = self._tp(layer)
+        ep_f, ep_b = self._ep_calls(layer)
+        F = Cost(fwd, tp_f, ep_f)
+        B = Cost(bwd - dw, tp_b, ep_b)
+        W = Cost(dw)
+        tp_again = self._tp_recomputed(layer)
+        ep_again = ep_f if plan.recompute != "none" else 0.0
+        # Selective recomputation reruns what is not a GEMM (recompute.py keeps the matmul outputs).
+        selective = Cost(max(0.0, fwd - fwd_gemms), tp_again, ep_again)
+        full = Cost(fwd, tp_again, ep_again)
+        return F, B, W, selective, full
+
+    def _ep_calls(self, layer: int) -> tuple[float, float]:
+        """A measured CPU: one MoE block's all-to-alls as expert_parallel_forward calls them: forward
+        the token counts (E integers), the dispatch and the combine; backward the two reversed."""
+        plan = replace(self.plan, recompute="none")
+        ep = ep_per_micro_batch(self.m, plan, [layer], self.w.c, self.w.r).get("ep")
+        if not ep:
+            return 0.0, 0.0
+        counts = self.m.n_routed_experts * 8
+        data = (ep["all_to_all"] - counts) / 2  # each direction's dispatch and combine
+        a2a = self.cluster.collective_s
+        return (a2a("all_to_all", counts, self.plan.tp, self.plan.ep) + a2a("all_to_all", data, self.plan.tp,
+                                                                             self.plan.ep, 2),
+                a2a("all_to_all", data, self.plan.tp, self.plan.ep, 2))
 
     def _unfused_attention(self) -> tuple[float, float]:
         """Forward and backward seconds of an attention core that writes the T x T scores to memory
@@ -302,15 +394,23 @@ class BlockCosts:
                 s = cl.collective_s("reduce_scatter" if plan.sp else "all_reduce", w.n * m.d_model * w.r, 1, plan.tp)
                 F += Cost(tp=s)
                 B += Cost(tp=s if plan.sp else 0.0)
+        timed = self._timed_ends() if first or last else None
+        if timed is not None and first:  # a measured CPU: the embedding timed (the formula above, replaced)
+            F, B = Cost(timed[0], F.tp), Cost(timed[1], B.tp)
         if last:
             template = self.view.template
             head = template.head
             uses = 1 + m.mtp_depth
             fwd, dx, dw = self._gemm_passes([(w.n, head.in_features, head.out_features, uses)])
-            loss = cl.memory_s(uses * loss_bytes(m, plan, w), 3)
-            cast = cl.memory_s(weight_cast_bytes(head, w)) if w.r > w.c else 0.0
-            F += Cost(fwd + loss + cast)
-            B += Cost(dx + 2 * loss / 3 * 2)
+            if timed is not None:  # norm, head and loss timed whole; W their weight-gradient GEMM
+                dw = min(dw, timed[3])
+                F += Cost(timed[2])
+                B += Cost(timed[3] - dw)
+            else:
+                loss = cl.memory_s(uses * loss_bytes(m, plan, w), 3)
+                cast = cl.memory_s(weight_cast_bytes(head, w)) if w.r > w.c else 0.0
+                F += Cost(fwd + loss + cast)
+                B += Cost(dx + 2 * loss / 3 * 2)
             W += Cost(dw)
             if m.mtp_depth and getattr(template, "mtp", None) is not None:
                 f2, dx2, dw2 = self._gemm_passes(block_gemms(template.mtp, m, plan, w))
@@ -319,10 +419,23 @@ class BlockCosts:
                 W += Cost(dw2)
             if plan.tp > 1:
                 t = tp_per_micro_batch(m, plan, [], False, True, w.c, w.r)
-                s = sum(cl.collective_s(op, b, 1, plan.tp, 2) for op, b in t.items() if b)
+                # the head's input (its gradient summed backward) and the loss (the logits' max and
+                # the (target logit, sum of exponentials) pair, forward: tensor_parallel.py), counted
+                # per call on a measured CPU
+                calls = 3 if self.pieces is not None else 2
+                s = sum(cl.collective_s(op, b, 1, plan.tp, calls) for op, b in t.items() if b)
                 F += Cost(tp=s / 2)
                 B += Cost(tp=s / 2)
         return F, B, W
+
+    def _timed_ends(self):
+        """A measured CPU: (embedding forward, backward, output forward, backward) timed at this rank's
+        vocabulary slice (cpu_measure.ends_seconds); None elsewhere, or where they cannot be timed."""
+        if self.pieces is None or self.plan.cp > 1 or self.precision_recipe not in ("bf16", "fp32") \
+                or self.m.mtp_depth:
+            return None
+        return self.pieces.ends(self.m, self.plan.micro_batch_size, self.plan.seq_len,
+                                vocab_per_rank(self.m, self.plan.tp), self.dtype)
 
 
 # -- the step --------------------------------------------------------------------------------------
@@ -428,10 +541,14 @@ def optimizer_s(cluster: Cluster, dense: int, expert: int, plan: Plan, precision
 
 
 def data_parallel_s(cluster: Cluster, plan: Plan, dense: int, expert: int, root: tuple[int, int], precision,
-                    backward_s: float, forward_s: float, distributed_optimizer: bool = False) -> dict[str, float]:
+                    backward_s: float, forward_s: float, distributed_optimizer: bool = False,
+                    calls: dict[str, int] | None = None) -> dict[str, float]:
     """Exposed seconds of the data-parallel groups' collectives per step. The gradient sync and
     ZeRO-1/2's parameter gather are bucketed: all but one bucket hides behind the last
-    micro-batch's backward (its forward, for the gather) where the cluster overlaps at all."""
+    micro-batch's backward (its forward, for the gather) where the cluster overlaps at all.
+    calls: the buckets each group's collectives run in, one call each (a measured CPU, where a
+    call's fixed cost is a good part of it: cpu_buckets); default one."""
+    calls = calls or {}
     groups = dp_per_step(plan, dense, expert, root, BYTES[precision.grad_dtype], BYTES[precision.param_dtype])
     strides = {"dp": plan.tp, "edp": plan.tp * plan.ep, "dp_gather": plan.tp, "edp_gather": plan.tp * plan.ep}
     sizes = {"dp": plan.replicas, "edp": plan.expert_replicas, "dp_gather": plan.replicas,
@@ -448,7 +565,7 @@ def data_parallel_s(cluster: Cluster, plan: Plan, dense: int, expert: int, root:
             # the others sync once, behind the last backward (the gather: the next step's first forward).
             repeats = plan.micro_batches * plan.pp_virtual_stages if op == "reduce_scatter" and \
                 plan.zero_stage >= 2 else 1
-            t = cluster.collective_s(op, nbytes / repeats, strides[g], sizes[g])
+            t = cluster.collective_s(op, nbytes / repeats, strides[g], sizes[g], calls.get(g, 1))
             if not cluster.overlap:
                 exposed += repeats * t
                 continue
@@ -459,13 +576,102 @@ def data_parallel_s(cluster: Cluster, plan: Plan, dense: int, expert: int, root:
     return out
 
 
-def zero3_gather_s(cluster: Cluster, plan: Plan, dense: int, expert: int, precision) -> float:
-    """ZeRO-3: the seconds of one pass's parameter gathers over this stage (all its blocks)."""
+def zero3_gather_s(cluster: Cluster, plan: Plan, dense: int, expert: int, precision,
+                   calls: dict[str, int] | None = None) -> float:
+    """ZeRO-3: the seconds of one pass's parameter gathers over this stage (all its blocks). calls:
+    the all-gathers they take ({"dp": n, "edp": n}: every unit's buckets, cpu_buckets); default one."""
     if plan.zero_stage != 3:
         return 0.0
+    calls = calls or {}
     p = BYTES[precision.param_dtype]
-    t = cluster.collective_s("all_gather", dense * p, plan.tp, plan.replicas)
-    return t + cluster.collective_s("all_gather", expert * p, plan.tp * plan.ep, plan.expert_replicas)
+    t = cluster.collective_s("all_gather", dense * p, plan.tp, plan.replicas, calls.get("dp", 1))
+    return t + cluster.collective_s("all_gather", expert * p, plan.tp * plan.ep, plan.expert_replicas,
+                                    calls.get("edp", 1))
+
+
+def cpu_buckets(view: RankModelView, m: ModelConfig, plan: Plan, rank: int, bucket_mb: float = 25.0
+                ) -> dict[str, int]:
+    """The flat buckets (parallel/data_parallel.bucket_layout) of pipeline stage `rank`'s parameters,
+    per group: one per category (experts or not, matrices or not, summed after dp over tp or the
+    embedding group) and per bucket_mb, and under ZeRO-3 per unit (each block, and the rest: the
+    root) too. Each is one collective of its own."""
+    from ..parallel.data_parallel import _category
+
+    def count(params) -> dict[str, int]:
+        sizes: dict[tuple, int] = {}
+        for p in params:
+            key = _category(p)
+            sizes[key] = sizes.get(key, 0) + p.numel() * 4
+        out = {"dp": 0, "edp": 0}
+        for key, nbytes in sizes.items():
+            out["edp" if key[0] else "dp"] += max(1, -(-nbytes // int(bucket_mb * 2 ** 20)))
+        return out
+
+    layers = stage_layers(m, plan, rank, view)
+    params = stage_parameters(view, m, plan, rank)
+    if plan.zero_stage < 3:
+        return count(params)
+    in_blocks = {id(p) for i in layers for p in view.layers[str(i)].parameters()}
+    units = [list(view.layers[str(i)].parameters()) for i in layers]
+    units.append([p for p in params if id(p) not in in_blocks])
+    total = {"dp": 0, "edp": 0}
+    for unit in units:
+        for g, n in count(unit).items():
+            total[g] += n
+    return total
+
+
+def cpu_step_extras(cluster: Cluster, m: ModelConfig, plan: Plan, view: RankModelView, rank: int,
+                    precision) -> dict[str, float]:
+    """A measured CPU: what a step does beside the passes and the gradient sync, each of which costs
+    there (cluster.CpuPieces): drawing the micro-batches ("data"), the optimizer step over this
+    rank's tensors timed ("optimizer"), and the step's small all-reduces ("scalars"): the loss's
+    token count over dp, the gradient norm's partial sums (ZeRO-1+ over dp, experts over edp and ep,
+    then tp and pp), the experts' load for the bias update (over dp), and a tied embedding's gradient
+    summed by its two pipeline stages (the embd group)."""
+    from ..parallel.data_parallel import _category
+    from ..params import spec
+
+    pieces = cluster.measured["pieces"]
+    data = pieces.data(plan.micro_batch_size, plan.seq_len, plan.micro_batches)
+    params = stage_parameters(view, m, plan, rank)
+    sliced = plan.zero_stage >= 1 and plan.replicas > 1
+    dense_n = [p.numel() for p in params if not spec(p).expert_parallel]
+    expert_n = [p.numel() for p in params if spec(p).expert_parallel]
+    numels = tuple(-(-n // plan.replicas) if sliced else n for n in dense_n) + \
+        tuple(-(-n // plan.expert_replicas) if sliced else n for n in expert_n)
+    if plan.zero_stage == 0:
+        units = numels  # plain AdamW: a unit per parameter
+    else:  # this rank's slice of each category's buckets
+        sizes: dict[tuple, int] = {}
+        for p in params:
+            key = _category(p)
+            sizes[key] = sizes.get(key, 0) + p.numel()
+        units = tuple(-(-n // (plan.expert_replicas if key[0] else plan.replicas)) for key, n in sizes.items())
+    optimizer = pieces.optimizer(numels, units)
+
+    def scalar(stride: int, size: int) -> float:  # one all-reduce of a few numbers over a group
+        return cluster.collective_s("all_reduce", 8, stride, size)
+
+    experts = bool(expert_n)
+    scalars = scalar(plan.tp, plan.replicas) if plan.replicas > 1 else 0.0  # the loss's token count
+    if sliced or any(g > 1 for g in (plan.tp, plan.ep, plan.pp)):  # the gradient norm (reduce_squares)
+        if sliced:
+            scalars += scalar(plan.tp, plan.replicas)
+            if experts and plan.expert_replicas > 1:
+                scalars += scalar(plan.tp * plan.ep, plan.expert_replicas)
+        if experts and plan.ep > 1:
+            scalars += scalar(plan.tp, plan.ep)
+        if plan.tp > 1:
+            scalars += scalar(1, plan.tp)
+        if plan.pp > 1:
+            scalars += scalar(plan.tp * plan.cp * plan.dp, plan.pp)
+    if m.arch == "deepseek" and m.n_layers > m.first_k_dense_replace and plan.replicas > 1:
+        scalars += scalar(plan.tp, plan.replicas)  # the experts' load (DeepSeekModel.update_expert_bias)
+    if plan.pp > 1 and m.tie_embeddings and rank in (0, plan.pp - 1):
+        embedding = vocab_per_rank(m, plan.tp) * m.d_model * BYTES[precision.grad_dtype]
+        scalars += cluster.collective_s("all_reduce", embedding, plan.tp * plan.cp * plan.dp, 2)
+    return {"data": data, "optimizer": optimizer, "scalars": scalars}
 
 
 def predict(m: ModelConfig, sp: StepPlan, precision, cluster: Cluster, view: RankModelView | None = None,
@@ -477,9 +683,11 @@ def predict(m: ModelConfig, sp: StepPlan, precision, cluster: Cluster, view: Ran
     costs = BlockCosts(m, plan, precision, cluster, sp.dtype, view, sp.tp_overlap, sp.attention, sp.selective_core)
     chunks = [chunk_costs(costs, m, plan, r) for r in range(plan.pp)]
     stages = stage_counts(view, m, plan)
+    pieces = cluster.measured.get("pieces") if cluster.measured else None
+    buckets = [cpu_buckets(view, m, plan, r) if pieces is not None else None for r in range(plan.pp)]
     # ZeRO-3 gathers each pass's weights ahead of it: only what the pass's compute cannot cover shows.
     for r, (dense, expert) in enumerate(stages):
-        gather = zero3_gather_s(cluster, plan, dense, expert, precision) / max(1, len(chunks[r]))
+        gather = zero3_gather_s(cluster, plan, dense, expert, precision, buckets[r]) / max(1, len(chunks[r]))
         for f, b, _ in chunks[r]:
             for c in (f, b):
                 c.dp = gather if not cluster.overlap else max(0.0, gather - c.compute)
@@ -500,11 +708,14 @@ def predict(m: ModelConfig, sp: StepPlan, precision, cluster: Cluster, view: Ran
     if plan.zero_stage == 3:
         from .comm import _root_numel
         root = _root_numel(view, m, plan, rank)
-    dp = data_parallel_s(cluster, plan, dense, expert, root, precision, backward, forward, sp.distributed_optimizer)
-    opt = optimizer_s(cluster, dense, expert, plan, precision)
+    dp = data_parallel_s(cluster, plan, dense, expert, root, precision, backward, forward, sp.distributed_optimizer,
+                         buckets[rank])
+    extras = cpu_step_extras(cluster, m, plan, view, rank, precision) if pieces is not None else {}
+    opt = extras.pop("optimizer", None)
+    opt = optimizer_s(cluster, dense, expert, plan, precision) if opt is None else opt
     breakdown = {"compute": work.compute, "tp": work.tp, "ep": work.ep, "cp": work.cp,
                  "dp": work.dp + dp.get("dp", 0.0), "edp": dp.get("edp", 0.0),
-                 "bubble": max(0.0, makespan - busy[rank]), "optimizer": opt}
+                 "bubble": max(0.0, makespan - busy[rank]), "optimizer": opt, **extras}
     breakdown = {k: v for k, v in breakdown.items() if v > 0 or k in ("compute", "bubble", "optimizer")}
     step = sum(breakdown.values())
     gpus = plan.world
