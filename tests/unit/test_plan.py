@@ -198,3 +198,11 @@ def test_placement_follows_the_rank_order():
     assert c.placement(1, 16) == (2, 8)  # tp=16 crosses nodes
     assert c.placement(8, 4) == (4, 1)  # a dp group beside tp=8: one rank per node
     assert c.link(1, 8)[0] > c.link(1, 16)[0]
+
+
+def test_inspect_without_a_pipeline_ignores_vp(capsys):
+    """pp = 1 has no chunks: a vp the schedule could not run is ignored, as the runtime ignores it, and
+    the fit search's pp step starts from one chunk per rank (it hit 1F1B's assert)."""
+    assert main(["inspect", "--config", "configs/shakespeare_char.toml", "--model.vocab_size=65",
+                 "--layout", "dp=4,vp=2,micro=1", "--gpu-memory", "0.0001"]) == 0
+    assert "does **not** fit" in capsys.readouterr().out

@@ -79,7 +79,8 @@ def plan_layout(m: ModelConfig, seq_len: int, cfg: Config, layout: Layout, micro
         raise ConfigError("--layout: " + " ".join(errors))
     fill = layout.pp * (2 if p.pp_schedule == "dualpipev" else 1)  # the fewest micro-batches the schedule runs
     lay = Plan(replace(layout, micro=micro_batch_size), seq_len=seq_len, micro_batches=micro_batches or fill,
-               pp_schedule=p.pp_schedule, pp_virtual_stages=chunks_per_rank(p.pp_schedule, layout.vp),
+               pp_schedule=p.pp_schedule,  # no pipeline, no chunks: pp=1 ignores vp, as the runtime does
+               pp_virtual_stages=chunks_per_rank(p.pp_schedule, layout.vp) if layout.pp > 1 else 1,
                pp_partition=p.pp_partition, recompute=t.recompute, recompute_layers=t.recompute_layers)
     out = _plan(m, lay, cfg, hardware)
     capacity = capacity or (hardware.hbm_bytes if hardware is not None else None)
