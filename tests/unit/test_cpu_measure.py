@@ -70,22 +70,31 @@ def _all_reduce_seconds(nbytes: int, calls: int) -> float:
 
 @pytest.mark.world
 def test_gloo_fit_predicts_a_direct_4mb_all_reduce():
+    """The fitted lines go through their own points (closely where bandwidth rules, 4 and 16 MiB, and in
+    the median over all sizes: a single small size may sit a few times off when other work shares the
+    cores), and the all-reduce's line predicts a plain 4 MB dist.all_reduce timed in another world
+    within 3x. Timings on 2 cores shared with the rest of the suite swing when that work starts or
+    stops between two worlds, so the whole measurement may run three times; the bounds stay."""
     sizes = (1024, 64 * 1024, MB, 4 * MB, 16 * MB)
+    for _ in range(3):
+        problems = _gloo_fit_problems(sizes)
+        if not problems:
+            return
+    assert not problems, problems
+
+
+def _gloo_fit_problems(sizes) -> list:
     table = M.measure_gloo(2, sizes=sizes, ops=("all_reduce", "send_recv"))
+    problems = []
     for op, fit in table.items():
         assert fit["alpha_s"] >= 0 and 0 < fit["bytes_per_s"] < math.inf
         assert [s for s, _ in fit["points"]] == list(sizes)
-        # The line goes through its own points: closely where bandwidth rules (4 and 16 MiB), and in
-        # the median over all sizes. A single small size may sit a few times off it when other work
-        # shares the cores (a test suite running beside this one), so none is held to a bound alone.
         ratios = {s: M.predict_seconds(fit, s) / t for s, t in fit["points"]}
-        assert all(0.5 < ratios[s] < 2 for s in (4 * MB, 16 * MB)), (op, ratios)
-        assert 0.5 < statistics.median(ratios.values()) < 2, (op, ratios)
+        if not all(0.5 < ratios[s] < 2 for s in (4 * MB, 16 * MB)) or \
+                not 0.5 < statistics.median(ratios.values()) < 2:
+            problems.append((op, ratios))
     predicted = M.predict_seconds(table["all_reduce"], 4 * MB)
-    # The fit and the direct call are timed in two worlds, seconds apart: where other work (the rest of
-    # the suite on 2 cores) starts or stops in between, the direct one is timed once more.
-    for _ in range(2):
-        direct = max(run_world(_all_reduce_seconds, 2, 4 * MB, 5))  # the slower rank: when the collective ends
-        if 1 / 3 < predicted / direct < 3:
-            break
-    assert 1 / 3 < predicted / direct < 3, (predicted, direct)
+    direct = max(run_world(_all_reduce_seconds, 2, 4 * MB, 5))  # the slower rank: when the collective ends
+    if not 1 / 3 < predicted / direct < 3:
+        problems.append(("direct 4 MB all-reduce", predicted, direct))
+    return problems
