@@ -164,7 +164,7 @@ def comm_per_step(m: ModelConfig, plan: Plan, precision, pp_rank: int = 0,
             out["tp_recompute"] = again
 
     dense, expert = dense_and_expert(params)
-    root = _root_numel(model, m, plan, pp_rank) if plan.zero_stage == 3 else (0, 0)
+    root = root_numel(model, m, plan, pp_rank) if plan.zero_stage == 3 else (0, 0)
     out.update(dp_per_step(plan, dense, expert, root, grad_b, param_b))
     ep = ep_per_micro_batch(m, plan, layers, c, r)
     out.update({g: {op: b * mb for op, b in ops.items()} for g, ops in ep.items()})
@@ -260,7 +260,7 @@ def cp_per_step(m: ModelConfig, plan: Plan, layers: list[int]) -> dict[str, dict
     return out
 
 
-def _root_numel(model, m: ModelConfig, plan: Plan, pp_rank: int) -> tuple[int, int]:
+def root_numel(model, m: ModelConfig, plan: Plan, pp_rank: int) -> tuple[int, int]:
     """(dense, expert) parameters of ZeRO-3's root unit on stage pp_rank."""
     rest = root_parameters(model, m, plan, pp_rank)
     return (sum(p.numel() for p in rest if not spec(p).expert_parallel),

@@ -59,9 +59,9 @@ from dataclasses import dataclass, replace
 
 from ..config import ModelConfig
 from ..layers import Linear
-from ..params import shards_of, spec
+from ..params import spec
 from .cluster import Cluster
-from .comm import block_tp_linears, cp_per_step, dp_per_step, ep_per_micro_batch, tp_per_micro_batch, \
+from .comm import block_tp_linears, cp_per_step, dp_per_step, ep_per_micro_batch, root_numel, tp_per_micro_batch, \
     tp_recomputed_per_micro_batch
 from .memory import BYTES, Plan, RankModelView, compute_bytes, dense_and_expert, plan_stage, stage_layers, \
     stage_parameters, vocab_per_rank
@@ -115,10 +115,6 @@ class Shapes:
     dtype: str
 
 
-def _tp_split(p) -> bool:
-    return any(s.axis == "tp" for s in shards_of(spec(p).shard))
-
-
 def block_gemms(module, m: ModelConfig, plan: Plan, w: Shapes) -> list[tuple[float, int, int, float]]:
     """(tokens, in, out, count) of every GEMM a block (or the head, the MTP module) runs forward on
     this rank. A weight split over tp sees all n tokens (gathered under sequence parallelism); a
@@ -128,7 +124,7 @@ def block_gemms(module, m: ModelConfig, plan: Plan, w: Shapes) -> list[tuple[flo
     out = []
     for name, mod in module.named_modules():
         if isinstance(mod, Linear):
-            out.append((w.n if _tp_split(mod.weight) else w.ns, mod.in_features, mod.out_features, 1))
+            out.append((w.n if spec(mod.weight).tp_sharded else w.ns, mod.in_features, mod.out_features, 1))
         elif name.endswith("router"):
             out.append((w.ns, mod.weight.shape[1], mod.weight.shape[0], 1))
         elif name.endswith("experts") and not name.endswith("shared_experts"):
@@ -706,8 +702,7 @@ def predict(m: ModelConfig, sp: StepPlan, precision, cluster: Cluster, view: Ran
     forward = sum(f.compute for f, _, _ in chunks[rank])
     root = (0, 0)
     if plan.zero_stage == 3:
-        from .comm import _root_numel
-        root = _root_numel(view, m, plan, rank)
+        root = root_numel(view, m, plan, rank)
     dp = data_parallel_s(cluster, plan, dense, expert, root, precision, backward, forward, sp.distributed_optimizer,
                          buckets[rank])
     extras = cpu_step_extras(cluster, m, plan, view, rank, precision) if pieces is not None else {}
