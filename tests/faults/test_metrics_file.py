@@ -4,6 +4,9 @@ rows past the checkpoint it resumes from), and the readers (report, plot) skip b
 import json
 from pathlib import Path
 
+import numpy as np
+from pictures import assert_picture
+
 from nanotrain.cli import main
 from nanotrain.monitoring import JSONLSink, plot_loss_curve, read_metrics, repair_metrics
 from nanotrain.runtime import RuntimeEngine
@@ -85,7 +88,10 @@ def test_report_and_plot_skip_bad_lines_and_say_how_many(tmp_path, capsys):
     capsys.readouterr()
     assert main(["report", str(run)]) == 0
     out, err = capsys.readouterr()
-    assert (run / "report.html").exists() and "wrote" in out
+    # The six good rows were read: the summary's last step is 6, its loss 9 - 6 + 0.5.
+    assert "wrote" in out and "run</td><td>6</td><td>3.5</td>" in (run / "report.html").read_text()
     assert err == f"warning: skipped 2 unreadable lines of {run / 'metrics.jsonl'} (a run killed mid-write " \
                   "leaves a partial last line)\n"
-    assert plot_loss_curve(run / "metrics.jsonl", tmp_path / "loss.png").exists()
+    pixels = assert_picture(plot_loss_curve(run / "metrics.jsonl", tmp_path / "loss.png"), size=(960, 600))
+    blue = (np.abs(pixels[..., :3] - np.array([31, 119, 180]) / 255).max(-1) < 0.02).mean()
+    assert blue > 1e-4  # the train loss, drawn in tab:blue

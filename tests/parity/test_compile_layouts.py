@@ -19,6 +19,7 @@ These compile (about 5-30 s each on 2 cores, less with inductor's on-disk cache 
 slow; `pytest -m "not slow"` leaves them out."""
 
 import pytest
+from torch._dynamo.utils import compilation_time_metrics
 
 from nanotrain.runtime import RuntimeEngine
 from test_pipeline_layouts import config as pipeline_config  # noqa: E402
@@ -63,13 +64,23 @@ def test_compiled_matches_eager_with_bounded_recompiles(tmp_path):
               "--logging.peak_tflops=1"]
     eager = RuntimeEngine(tp_config(tmp_path / "eager", *common)).run()
     stats = {}
-    compiled = RuntimeEngine(tp_config(tmp_path / "compiled", *common, COMPILE),
-                             on_grads=lambda step, model, ctx: stats.__setitem__(step, compile_stats())).run()
+    at_step = {}
+
+    def on_grads(step, model, ctx):
+        stats[step] = compile_stats()
+        # Dynamo's own clock, per frame compiled since compile_blocks reset it (torch._dynamo.reset).
+        at_step.setdefault(step, sum(compilation_time_metrics.get("_compile.compile_inner", [])))
+
+    compiled = RuntimeEngine(tp_config(tmp_path / "compiled", *common, COMPILE), on_grads=on_grads).run()
     print(f"compile stats after step 1: {stats[1]}, step 8: {stats[8]}, step 16: {stats[16]}; "
-          f"start-up compile {compiled.compile_s:.1f} s")
+          f"start-up compile {compiled.compile_s:.1f} s (Dynamo's clock by step 1: {at_step[1]:.1f} s)")
     worst = max(abs(compiled.losses[s] - eager.losses[s]) / eager.losses[s] for s in eager.losses)
     print(f"compiled vs eager: largest loss difference {worst:.1e} relative")
-    assert compiled.compile_s > 0
+    # The start-up compile the run reports is the time Dynamo spent compiling the blocks before the
+    # first step (its own per-frame record: 3.6 s of the 3.8 reported on the 2-core AMX Xeon), plus
+    # running each block once. By step 1 Dynamo may also have compiled a variant step 1 met first.
+    assert eager.compile_s == 0
+    assert 0.5 * at_step[1] <= compiled.compile_s <= at_step[1] + 1.0, (compiled.compile_s, at_step[1])
     assert stats[16] == stats[8]  # nothing recompiles once every variant has been met
     assert stats[16]["recompiles"] <= 6
     for step in range(1, 17):

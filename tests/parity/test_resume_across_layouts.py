@@ -10,6 +10,7 @@ from conftest import CORPUS
 from nanotrain.config import Config, load_config
 from nanotrain.parallel.launch import run_world
 from nanotrain.runtime import RuntimeEngine
+from pictures import assert_picture
 
 
 def _train(cfg_dict):
@@ -71,7 +72,7 @@ def test_pipeline_checkpoint_resumes_under_another_pipeline(tmp_path):
         assert other.val_losses[step] == pytest.approx(one.val_losses[step], rel=1e-5)
     # The recorded step's timeline: picture and measured vs textbook bubble.
     timeline = json.loads((tmp_path / "par" / "timeline.json").read_text())
-    assert (tmp_path / "par" / "timeline.png").stat().st_size > 1000
+    assert_picture(tmp_path / "par" / "timeline.png", min_size=(600, 150))
     assert timeline["bubble_textbook"] == pytest.approx(1 / 5)  # (pp - 1) / (m + pp - 1), m = 4
     assert 0 < timeline["bubble_measured"] < 1 and len(timeline["ranks"]) == 2
 

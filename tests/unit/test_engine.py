@@ -9,6 +9,7 @@ from nanotrain.config import ConfigError
 from nanotrain.runtime import RuntimeEngine
 from nanotrain.runtime.divergence import TrainingError
 from nanotrain.sample import sample_text
+from pictures import assert_picture
 
 
 def run(cfg):
@@ -55,7 +56,7 @@ def test_outputs_and_metrics(make_config):
     assert [r["step"] for r in records if "val_loss" in r] == [10, 20]
     elapsed = [r["elapsed_s"] for r in records if "elapsed_s" in r]  # every train and val row, in order
     assert len(elapsed) == 6 and 0 < elapsed[0] and elapsed == sorted(elapsed)
-    assert (out / "loss.png").stat().st_size > 1000
+    assert_picture(out / "loss.png", size=(960, 600))  # figsize (8, 5) at 120 dpi
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
     assert json.loads((out / "config.json").read_text())["model"]["vocab_size"] == 65
     ckpts = sorted(p.name for p in (out / "checkpoints").glob("step_*"))

@@ -13,6 +13,7 @@ from nanotrain.parallel.pipeline.timeline import (
     plot_timeline,
     timetable_timelines,
 )
+from pictures import assert_picture
 
 
 def _two_ranks(t0_rank1: float = 100.0) -> list[RankTimeline]:
@@ -60,8 +61,9 @@ def test_plot_timeline_png(tmp_path):
     tls[0].events.append(("wait", 0, 1, 0.0005, 0.001))  # grey bars are drawn too
     out = plot_timeline(tls, tmp_path / "sub" / "pp.png", title="interleaved",
                         textbook=textbook_bubble(2, 4, 2), measured=measured_bubble(tls))
-    assert out.exists() and out.stat().st_size > 1000
-    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # Two ranks' rows of bars: wider than tall, and drawn in the phases' colours.
+    pixels = assert_picture(out, min_size=(600, 150))
+    assert pixels.shape[1] > 2 * pixels.shape[0]
 
 
 def test_format_bubble():

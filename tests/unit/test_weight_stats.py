@@ -20,6 +20,7 @@ from nanotrain.inspection.weights import (checkpoint_stats, compare_checkpoints,
                                           plot_weights, to_json)
 from nanotrain.runtime import RuntimeEngine
 from nanotrain.params import spec
+from pictures import assert_picture
 
 ARGS = ["--train.max_steps=4", "--checkpoint.interval=2", "--train.eval_interval=0", "--schedule.warmup_steps=1"]
 
@@ -130,18 +131,21 @@ def test_plot_and_cli(run, tmp_path, capsys):
     folder, _ = run
     ckpts = folder / "checkpoints"
     png = plot_weights(checkpoint_stats(folder), tmp_path / "one.png")
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    assert_picture(png, min_size=(450, 300))
 
     assert main(["weights", str(folder), "--out", str(tmp_path / "out")]) == 0
     out = capsys.readouterr()
     assert out.out.startswith("# Weights of") and "weights.png" in out.err
-    assert all((tmp_path / "out" / f).is_file() for f in ("weights.md", "weights.json", "weights.png"))
+    saved = json.loads((tmp_path / "out" / "weights.json").read_text())
+    assert (tmp_path / "out" / "weights.md").read_text() == out.out  # the page printed is the page saved
+    assert saved["step"] == 4 and saved["tensors"] and {"name", "key", "kind"} <= saved["tensors"][0].keys()
+    assert_picture(tmp_path / "out" / "weights.png", min_size=(450, 300))
 
     assert main(["weights", str(ckpts / "step_00000002"), str(ckpts / "step_00000004"), "--json", "--optimizer",
                  "--out", str(tmp_path / "cmp")]) == 0
     c = json.loads(capsys.readouterr().out)  # stdout is one JSON document
     assert c["a"]["step"] == 2 and c["b"]["step"] == 4 and "optim/exp_avg_sq" in c["kinds"]
-    assert (tmp_path / "cmp" / "weights.png").stat().st_size > 10_000
+    assert_picture(tmp_path / "cmp" / "weights.png", min_size=(450, 300))
 
 
 def test_not_a_checkpoint_is_a_clear_error(run, tmp_path, capsys):
