@@ -109,10 +109,6 @@ def accelerator_for_device_name(device_name: str) -> Accelerator | None:
     return best
 
 
-def known_names() -> list[str]:
-    return [*ACCELERATORS, "cpu"]
-
-
 def get_accelerator(name: str) -> Accelerator:
     """By short name (h100) or full name (H100 SXM), any case; "cpu" measures this machine."""
     key = name.strip().lower()

@@ -45,10 +45,6 @@ class FloatFormat:
         return 1 - self.bias
 
     @property
-    def min_normal(self) -> float:
-        return 2.0 ** self.min_exp
-
-    @property
     def min_subnormal(self) -> float:
         return 2.0 ** (self.min_exp - self.man_bits)
 
