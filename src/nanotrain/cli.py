@@ -249,6 +249,23 @@ def build_parser() -> argparse.ArgumentParser:
                                         "or a convert --from-hf folder")
     s.add_argument("--out", required=True, help="output folder")
     s.set_defaults(fn=cmd_convert)
+    _add_inspect(sub)
+    _add_plan(sub)
+    s = sub.add_parser("report", help="an HTML page with the health plots of one or more runs, side by side")
+    s.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders (train.out_dir) holding metrics.jsonl")
+    s.add_argument("--out", help="the HTML file (default: RUN_DIR/report.html of the first run)")
+    s.set_defaults(fn=cmd_report)
+    s = sub.add_parser("weights", help="per-tensor weight statistics of a checkpoint, or how two checkpoints differ")
+    s.add_argument("ckpt", metavar="CKPT", help="checkpoint folder (step_N), or a run folder (its latest checkpoint)")
+    s.add_argument("ckpt2", metavar="CKPT2", nargs="?", help="a second checkpoint: compare it against CKPT")
+    s.add_argument("--out", metavar="DIR", help="also write DIR/weights.md, weights.json and weights.png (histograms)")
+    s.add_argument("--json", action="store_true", help="one JSON object instead of the markdown tables")
+    s.add_argument("--optimizer", action="store_true", help="also Adam's moments (optim/exp_avg, optim/exp_avg_sq)")
+    s.set_defaults(fn=cmd_weights)
+    return p
+
+
+def _add_inspect(sub) -> None:
     s = sub.add_parser("inspect", help="a model's parameters (per kind, total and active) and FLOPs per token")
     s.add_argument("--config", help="one of our TOML configs (plus --section.key=value overrides)")
     s.add_argument("--hf-config", help="a Hugging Face config.json (Llama family, DeepSeek-V3)")
@@ -268,6 +285,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dtype", default="bf16", choices=["bf16", "fp8"], help="matmul operand format for the roofline")
     s.add_argument("--out", metavar="DIR", help="also write DIR/report.md, roofline.png and intensity.png")
     s.set_defaults(fn=cmd_inspect)
+
+
+def _add_plan(sub) -> None:
     s = sub.add_parser("plan", help="predict the step time and MFU of layouts on a cluster, and rank them",
                        description="Search every layout of a model on --gpus devices (whatever --layout, --schedule "
                                    "and --recompute leave open), predict each one's step time, memory and MFU, "
@@ -289,18 +309,6 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--top", type=int, default=10, help="candidates to print")
     s.add_argument("--json", action="store_true", help="one JSON object: the best plan and the ranked candidates")
     s.set_defaults(fn=cmd_plan)
-    s = sub.add_parser("report", help="an HTML page with the health plots of one or more runs, side by side")
-    s.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders (train.out_dir) holding metrics.jsonl")
-    s.add_argument("--out", help="the HTML file (default: RUN_DIR/report.html of the first run)")
-    s.set_defaults(fn=cmd_report)
-    s = sub.add_parser("weights", help="per-tensor weight statistics of a checkpoint, or how two checkpoints differ")
-    s.add_argument("ckpt", metavar="CKPT", help="checkpoint folder (step_N), or a run folder (its latest checkpoint)")
-    s.add_argument("ckpt2", metavar="CKPT2", nargs="?", help="a second checkpoint: compare it against CKPT")
-    s.add_argument("--out", metavar="DIR", help="also write DIR/weights.md, weights.json and weights.png (histograms)")
-    s.add_argument("--json", action="store_true", help="one JSON object instead of the markdown tables")
-    s.add_argument("--optimizer", action="store_true", help="also Adam's moments (optim/exp_avg, optim/exp_avg_sq)")
-    s.set_defaults(fn=cmd_weights)
-    return p
 
 
 BAD_INPUT = 2  # exit code of a config, data, checkpoint or path error (nanotrain.torchrun reads it too)

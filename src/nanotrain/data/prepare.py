@@ -117,21 +117,7 @@ def prepare_data(cfg: DataConfig, seq_len: int, log: Callable[[str], None] = pri
         n_train = _split(n, ends, cfg.val_fraction)
         del ends
         _check_length(n_train, n - n_train, seq_len, cfg.val_fraction)
-        meta = {
-            "format_version": FORMAT_VERSION,
-            "fingerprint": fingerprint,
-            "tokenizer": _tokenizer_name(cfg, tok),
-            "documents": n_docs,
-            "text_field": cfg.text_field,
-            "vocab_size": tok.vocab_size,
-            "dtype": dtype.name,
-            "n_train_tokens": n_train,
-            "n_val_tokens": n - n_train,
-            "val_fraction": cfg.val_fraction,
-            "shard_tokens": cfg.shard_tokens,
-            "source": str(Path(cfg.path)),
-            "files": [{"path": f.rel, "bytes": f.path.stat().st_size} for f in files],
-        }
+        meta = _meta(cfg, files, fingerprint, tok, dtype, n_docs, n_train, n - n_train)
         (out / "meta.json").unlink(missing_ok=True)  # from here on, the folder is "not prepared"
         for old in [*out.glob("train*.bin"), *out.glob("val*.bin")]:  # a previous preparation's (shards)
             old.unlink()
@@ -146,15 +132,38 @@ def prepare_data(cfg: DataConfig, seq_len: int, log: Callable[[str], None] = pri
     atomic_write(out / "tokenizer.json", lambda f: f.write(tok.to_json().encode("utf-8")))
     atomic_write(out / "meta.json", lambda f: f.write(json.dumps(meta, indent=2).encode("utf-8")))
 
+    log(_prepared_line(cfg, out, meta, tok, len(files), time.perf_counter() - t0))
+    return _result(out, meta, tok)
+
+
+def _meta(cfg: DataConfig, files, fingerprint: str, tok, dtype, n_docs: int, n_train: int, n_val: int) -> dict:
+    """meta.json of a preparation (token_files is added once the shards are in place)."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "fingerprint": fingerprint,
+        "tokenizer": _tokenizer_name(cfg, tok),
+        "documents": n_docs,
+        "text_field": cfg.text_field,
+        "vocab_size": tok.vocab_size,
+        "dtype": dtype.name,
+        "n_train_tokens": n_train,
+        "n_val_tokens": n_val,
+        "val_fraction": cfg.val_fraction,
+        "shard_tokens": cfg.shard_tokens,
+        "source": str(Path(cfg.path)),
+        "files": [{"path": f.rel, "bytes": f.path.stat().st_size} for f in files],
+    }
+
+
+def _prepared_line(cfg: DataConfig, out: Path, meta: dict, tok, n_files: int, seconds: float) -> str:
     note = ""
     if cfg.tokenizer == "bpe" and tok.vocab_size < cfg.vocab_size:
         note = f" (asked for {cfg.vocab_size}: the corpus has too few distinct merges)"
     shards = f", {len(meta['token_files']['train'])} + {len(meta['token_files']['val'])} shards" \
         if cfg.shard_tokens else ""
-    log(f"prepared {out}: {meta['n_train_tokens']:,} train + {meta['n_val_tokens']:,} val tokens, "
-        f"{meta['tokenizer']} vocab {tok.vocab_size}{note}, {dtype.name}{shards}, "
-        f"{len(files)} file(s), {n_docs:,} document(s), {time.perf_counter() - t0:.1f}s")
-    return _result(out, meta, tok)
+    return (f"prepared {out}: {meta['n_train_tokens']:,} train + {meta['n_val_tokens']:,} val tokens, "
+            f"{meta['tokenizer']} vocab {tok.vocab_size}{note}, {meta['dtype']}{shards}, "
+            f"{n_files} file(s), {meta['documents']:,} document(s), {seconds:.1f}s")
 
 
 # ---------------------------------------------------------------------------

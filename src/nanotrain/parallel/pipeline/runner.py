@@ -104,14 +104,9 @@ class PipelineRunner:
     # -- the slot loop -------------------------------------------------------------------
 
     def _run(self, micro_batches, denom, backward_context, record, forward_only) -> torch.Tensor:
-        stage, m = self.stage, len(micro_batches)
-        tt = cached_timetable(self.schedule, stage.n_ranks, stage.v, m, forward_only)
-        me = stage.rank
+        stage, me = self.stage, self.stage.rank
+        tt, split, lasts = self._step_plan(len(micro_batches), forward_only)
         sends, recvs = tt.sends(me), tt.recvs(me)
-        split = tt.split(me)  # B then W; the model's first chunk has no input gradient: its B runs whole
-        whole = stage.has_first and stage.has_last  # one sync for the rank: see train_step
-        # The backward after which a chunk's (or the rank's) gradients are complete: the sync hooks' `last`.
-        lasts = set({0 if whole else a.chunk: a for a in tt.finishes(me)}.values())
         shape = self._message_shape(micro_batches[0][0])
         self.events = [] if record else None
         self._t0 = time.perf_counter()
@@ -182,14 +177,29 @@ class PipelineRunner:
             self._exchange(sends.get(t, ()), recvs.get(t, ()), outbox, inbox, in_flight, shape)
             t += 1
 
+        self._finish_sends(in_flight)
+        if not forward_only:
+            self.max_in_flight = peak
+        return loss_sum
+
+    def _step_plan(self, m: int, forward_only: bool):
+        """This rank's timetable for m micro-batches, the (chunk, mb) whose backward splits into B
+        then W (the model's first chunk has no input gradient: its B runs whole), and the backwards
+        after which a chunk's gradients are complete (the sync hooks' `last`: one for the whole
+        rank where it holds the whole model, see train_step)."""
+        stage = self.stage
+        tt = cached_timetable(self.schedule, stage.n_ranks, stage.v, m, forward_only)
+        whole = stage.has_first and stage.has_last
+        lasts = set({0 if whole else a.chunk: a for a in tt.finishes(stage.rank)}.values())
+        return tt, tt.split(stage.rank), lasts
+
+    def _finish_sends(self, in_flight) -> None:
+        """Wait for the sends still in flight at the end of the step (a timeline's "send" bar)."""
         start = time.perf_counter()
         for work, _, _ in in_flight:
             work.wait()
         if in_flight:
             self._event("send", None, start)
-        if not forward_only:
-            self.max_in_flight = peak
-        return loss_sum
 
     # -- DualPipeV's overlapped pairs -----------------------------------------------------------
 
