@@ -8,10 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import load_checkpoint
-from .config import Config
 from .data import tokenizer_from_json
-from .models import build_model
+from .models import load_model
 
 
 @torch.no_grad()
@@ -39,12 +37,8 @@ def generate(model: nn.Module, ids: torch.Tensor, max_new_tokens: int, temperatu
 
 def load_for_sampling(path: str | Path, device: str = "cpu"):
     """(model, tokenizer) from a checkpoint folder, state file, or run folder."""
-    reader = load_checkpoint(path)  # any layout wrote it: the tensors are read whole
-    cfg = Config.from_dict(reader.objects["config"], source=f"checkpoint {path}")
-    model = build_model(cfg.model)
-    model.load_state_dict(reader.full_state("model/"))
-    model.eval().to(device)
-    return model, tokenizer_from_json(reader.tokenizer_json())
+    model, reader = load_model(path)  # any layout wrote it: the tensors are read whole
+    return model.to(device), tokenizer_from_json(reader.tokenizer_json())
 
 
 def sample_text(path: str | Path, prompt: str, max_new_tokens: int = 200, temperature: float = 0.8,

@@ -18,7 +18,8 @@ transformers = pytest.importorskip("transformers")
 from nanotrain.cli import main  # noqa: E402
 from nanotrain.config import load_config  # noqa: E402
 from nanotrain.data import prepare_data  # noqa: E402
-from nanotrain.models.hf import load_training_checkpoint, model_config_from_hf  # noqa: E402
+from nanotrain.models import load_model  # noqa: E402
+from nanotrain.models.hf import model_config_from_hf  # noqa: E402
 from nanotrain.runtime import RuntimeEngine  # noqa: E402
 
 
@@ -61,7 +62,7 @@ def test_imported_model_trains_on_its_own_tokenizer_and_exports_back(tmp_path):
     assert tokenizer(DOCS[3], add_special_tokens=False)["input_ids"] == oracle.encode(DOCS[3]).ids
 
     ids = torch.from_numpy(prepared.tokens("val")[:32].astype(np.int64))[None]
-    ours = load_training_checkpoint(tmp_path / "run")
+    ours, _ = load_model(tmp_path / "run")
     before = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     with torch.no_grad():
         want, got, start = ours(ids), model(input_ids=ids).logits, before(input_ids=ids).logits

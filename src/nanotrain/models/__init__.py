@@ -2,7 +2,7 @@
 
 from .transformer import IGNORE_INDEX, TransformerModel
 
-__all__ = ["IGNORE_INDEX", "TransformerModel", "build_model"]
+__all__ = ["IGNORE_INDEX", "TransformerModel", "build_model", "load_model"]
 
 
 def build_model(cfg, tp=None, ep=None):
@@ -18,3 +18,18 @@ def build_model(cfg, tp=None, ep=None):
 
         return DeepSeekModel(cfg, tp, ep)
     raise ValueError(f"unknown model.arch={cfg.arch!r}")
+
+
+def load_model(path):
+    """(model in eval mode, the checkpoint's reader) from a training checkpoint: a checkpoint folder,
+    its metadata.json, or a run folder with a `latest`. Whatever layout wrote it, the tensors are
+    read whole into the one-process model its config describes. The one loader of a trained model
+    (sampling, conversion to Hugging Face); the reader gives the rest (its tokenizer, its step)."""
+    from ..checkpoint import load_checkpoint
+    from ..config import Config
+
+    reader = load_checkpoint(path)
+    cfg = Config.from_dict(reader.objects["config"], source=f"checkpoint {path}")
+    model = build_model(cfg.model)
+    model.load_state_dict(reader.full_state("model/"))
+    return model.eval(), reader

@@ -128,7 +128,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..config import Config, ModelConfig
-from . import build_model
+from . import build_model, load_model
 from .transformer import TransformerModel
 
 # Per-layer names: HF suffix after "model.layers.{i}." -> ours after "layers.{i}.".
@@ -777,18 +777,6 @@ def load_converted(folder: str | Path) -> TransformerModel:
     return model.eval()
 
 
-def load_training_checkpoint(path: str | Path) -> TransformerModel:
-    """The model of a nano-train training checkpoint (a checkpoint folder, its metadata.json, or a
-    run folder with a `latest`), as sample.load_for_sampling builds it, in eval mode."""
-    from ..checkpoint import load_checkpoint
-
-    reader = load_checkpoint(path)
-    cfg = Config.from_dict(reader.objects["config"], source=f"checkpoint {path}")
-    model = build_model(cfg.model)
-    model.load_state_dict(reader.full_state("model/"))
-    return model.eval()
-
-
 def convert_to_hf(path: str | Path, out_dir: str | Path) -> TransformerModel:
     """A nano-train training checkpoint, or a folder written by convert_from_hf -> an HF folder.
     A checkpoint trained with a model's own tokenizer (data.tokenizer: a tokenizer.json or model
@@ -798,7 +786,7 @@ def convert_to_hf(path: str | Path, out_dir: str | Path) -> TransformerModel:
     from ..data.tokenizer import PretrainedTokenizer, tokenizer_from_json
 
     path = Path(path)
-    model = load_converted(path) if (path / CONFIG_FILE).is_file() else load_training_checkpoint(path)
+    model = load_converted(path) if (path / CONFIG_FILE).is_file() else load_model(path)[0]
     save_hf_model(model, out_dir)
     if (path / CONFIG_FILE).is_file():
         return model
@@ -817,7 +805,7 @@ def load_any(path: str | Path) -> TransformerModel:
         return load_converted(path)
     if (path / "config.json").is_file():
         return load_hf_model(path)
-    return load_training_checkpoint(path)
+    return load_model(path)[0]
 
 
 IGNORED_FOR_INIT = ("dropout", "init_std")  # training settings, not the weights' shape or meaning
