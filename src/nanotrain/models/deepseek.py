@@ -167,15 +167,12 @@ class DeepSeekModel(TransformerModel):
         if not use_mtp:
             out = super().forward(input_ids, targets, loss_denominator, chunk, tokens)
         else:
-            # MTP starts from the last hidden states before the final norm: run the trunk
-            # with TransformerModel's own pieces and keep them.
+            # MTP starts from the last hidden states before the final norm: run the trunk and
+            # keep them (no pipeline here: the config refuses mtp_depth with pp > 1).
             from .mtp import mtp_targets
             from .transformer import count_targets, token_loss_sum
 
-            pos, index = self.positions(input_ids)
-            x = self.embed(input_ids, index)
-            for position, layer in enumerate(self.layers.values()):
-                x = self.recompute.run(layer, position, x, pos)
+            x, pos = self.trunk(input_ids)
             out = self.output(x, targets, loss_denominator)
             denom = loss_denominator if loss_denominator is not None else count_targets(targets)
             # Same denominator as the main loss (DESIGN, invariant 3), weighted lambda / depth.

@@ -117,14 +117,22 @@ class TransformerModel(nn.Module):
         every chunk but the model's last returns hidden states. `tokens`: the micro-batch's token
         ids, which a later chunk needs where documents are masked (document_eos).
         """
+        x, _ = self.trunk(input_ids, chunk, tokens)
+        if self.stage is not None and not self.stage.is_last_chunk(chunk):
+            return x  # hidden states, for the next pipeline chunk
+        return self.output(x, targets, loss_denominator)
+
+    def trunk(self, input_ids: torch.Tensor, chunk: int = 0, tokens: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor, Positions]:
+        """The hidden states after this chunk's blocks (all of them without a pipeline), before
+        the final norm, and the positions the blocks used: forward's body, and the start of
+        DeepSeek's multi-token prediction, which continues from them."""
         first = self.stage is None or self.stage.is_first_chunk(chunk)
         pos, index = self.positions(input_ids if first else tokens)
         x = self.embed(input_ids, index) if first else input_ids
         for position, layer in enumerate(self.chunk_layers(chunk)):
             x = self.recompute.run(layer, position, x, pos)
-        if self.stage is not None and not self.stage.is_last_chunk(chunk):
-            return x  # hidden states, for the next pipeline chunk
-        return self.output(x, targets, loss_denominator)
+        return x, pos
 
     def positions(self, tokens: torch.Tensor | None) -> tuple[Positions, torch.Tensor | None]:
         """What every block's attention needs (documents.py), and each token's position for the
