@@ -500,7 +500,7 @@ def _op_call(op: str, nbytes: int, world: int, rank: int):
     part = numel // world
     t = torch.ones(numel)
     if op == "all_reduce":
-        return lambda: C.all_reduce(t, None)
+        return lambda: C.all_reduce(t, dist.group.WORLD)  # (None would be one process: nothing to do)
     if op == "all_gather":  # a list of parts: what tensor/sequence parallelism gathers into
         parts, mine = [torch.empty(part) for _ in range(world)], torch.ones(part)
         return lambda: C.all_gather(parts, mine, None)

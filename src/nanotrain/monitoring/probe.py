@@ -39,11 +39,10 @@ import hashlib
 from typing import TYPE_CHECKING
 
 import torch
-import torch.distributed as dist
 
 from ..checkpoint.storage import CheckpointError
-from ..parallel.collectives import gather_last
-from ..parallel.state import all_reduce
+from ..parallel.collectives import all_reduce, gather_last
+from ..parallel.tensor_parallel import shifted_softmax_sums
 
 if TYPE_CHECKING:
     from ..runtime.step import ForwardBackward
@@ -68,14 +67,11 @@ def logit_sums(logits: torch.Tensor, targets: torch.Tensor, group=None, rank: in
     keep = targets.flatten() != IGNORE_INDEX
     z, t = logits.detach().float().flatten(0, -2)[keep], targets.flatten()[keep]
     n = z.shape[-1]
-    zmax = all_reduce(z.max(-1).values, group, dist.ReduceOp.MAX)
-    z = z - zmax.unsqueeze(-1)  # <= 0: exp never overflows
-    e = z.exp()
-    local = t - rank * n  # the target's column in this shard, if it is in it
-    mine = (local >= 0) & (local < n)
-    z_target = torch.where(mine, z.gather(-1, local.clamp(0, n - 1).unsqueeze(-1)).squeeze(-1), 0.0)
-    ez = torch.where(e > 0, e * z, 0.0)  # e z -> 0 as z -> -inf (padding columns: 0 x -inf)
-    s, ez, z_target = all_reduce(torch.stack([e.sum(-1), ez.sum(-1), z_target]), group)
+
+    def ez_sum(z, e):  # for the entropy: sum e z (e z -> 0 as z -> -inf: padding columns are 0 x -inf)
+        return (torch.where(e > 0, e * z, 0.0).sum(-1),)
+
+    _, e, (z_target, s, ez), _, _ = shifted_softmax_sums(z, t, rank * n, group, IGNORE_INDEX, ez_sum)
     log_s = s.log()
     most = max(TOP_K)
     top = gather_last(e.topk(min(most, n), -1).values, group)  # each shard's own top k, side by side

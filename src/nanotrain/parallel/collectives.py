@@ -178,9 +178,14 @@ def _metered(group, nbytes: int, call, op: str = "collective"):
 
 
 def all_reduce(t: torch.Tensor, group, op=dist.ReduceOp.SUM, async_op: bool = False):
-    """In place. Returns the handle when async_op (wait() on it), else None."""
-    return _metered(group, _nbytes([t]), lambda: dist.all_reduce(t, op=op, group=_pg(group), async_op=async_op),
+    """In place over `group`; a group of one (None: one process) leaves t as it is. Returns t, or
+    with async_op the handle to wait() on (None for a group of one: nothing to wait for). The one
+    all-reduce of the code: the step's sums, the gradient buckets and the autograd pairs below."""
+    if size(group) == 1:
+        return None if async_op else t
+    work = _metered(group, _nbytes([t]), lambda: dist.all_reduce(t, op=op, group=_pg(group), async_op=async_op),
                     "all_reduce")
+    return work if async_op else t
 
 
 def all_gather(parts: list[torch.Tensor], t: torch.Tensor, group) -> None:
@@ -228,11 +233,7 @@ def barrier(group=None) -> None:
 # -- the tensor / sequence-parallel pairs ------------------------------------------------------
 
 def _all_reduce(x: torch.Tensor, group) -> torch.Tensor:
-    if size(group) == 1:
-        return x
-    x = x.contiguous()
-    all_reduce(x, group)
-    return x
+    return x if size(group) == 1 else all_reduce(x.contiguous(), group)
 
 
 def _split(x: torch.Tensor, dim: int, group) -> torch.Tensor:

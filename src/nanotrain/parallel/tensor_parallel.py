@@ -171,27 +171,36 @@ class VocabParallelHead(ColumnParallelLinear):
         return y.masked_fill(padding, float("-inf"))
 
 
+def shifted_softmax_sums(logits: torch.Tensor, targets: torch.Tensor, vocab_start: int, group, ignore_index: int,
+                         more=None):
+    """The half of a softmax over a vocabulary split across `group` that every user of it shares
+    (the cross-entropy below, the monitor's probe): logits [tokens, V/tp] (fp32) shifted by the
+    global max (one all-reduce MAX), so exp never overflows; then one all-reduce SUM of
+    [the target's shifted logit (the one rank whose shard holds it; 0 on the others), the sum of
+    exp, *more(z, exp)]. Returns (z, exp, the sums, mine, idx): mine marks the tokens whose target
+    is in this shard, at column idx. group None: the whole vocabulary on one rank.
+    (Megatron's VocabParallelCrossEntropy; DTensor's loss_parallel is the library version.)"""
+    zmax = logits.max(dim=-1).values
+    all_reduce(zmax, group, dist.ReduceOp.MAX)
+    z = logits - zmax.unsqueeze(-1)
+    local = targets - vocab_start
+    mine = (local >= 0) & (local < z.shape[-1]) & (targets != ignore_index)
+    idx = local.clamp(0, z.shape[-1] - 1).unsqueeze(-1)
+    z_target = torch.where(mine, z.gather(-1, idx).squeeze(-1), torch.zeros_like(zmax))
+    exp = z.exp()
+    sums = torch.stack([z_target, exp.sum(dim=-1), *(more(z, exp) if more else ())])  # one all-reduce for all
+    all_reduce(sums, group)
+    return z, exp, sums, mine, idx
+
+
 class _VocabParallelCrossEntropy(torch.autograd.Function):
     """Per-token -log softmax(z)[target] with z split over the tp group along the vocabulary
     (padding columns arrive as -inf from VocabParallelHead: they add exp(-inf) = 0 to the sum)."""
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, vocab_start: int, group, ignore_index: int):
-        logits = logits.float()
-        # Stable softmax: subtract the global max (one all-reduce of [tokens]).
-        zmax = logits.max(dim=-1).values
-        all_reduce(zmax, group, dist.ReduceOp.MAX)
-        z = logits - zmax.unsqueeze(-1)
-        # The target's logit lives on exactly one rank; the others contribute 0.
-        local = targets - vocab_start
-        mine = (local >= 0) & (local < z.shape[-1]) & (targets != ignore_index)
-        idx = local.clamp(0, z.shape[-1] - 1).unsqueeze(-1)
-        z_target = torch.where(mine, z.gather(-1, idx).squeeze(-1), torch.zeros_like(zmax))
-        exp = z.exp()
-        sum_exp = exp.sum(dim=-1)
-        both = torch.stack([z_target, sum_exp])  # one all-reduce for both
-        all_reduce(both, group)
-        z_target, sum_exp = both
+        _, exp, (z_target, sum_exp), mine, idx = shifted_softmax_sums(logits.float(), targets, vocab_start, group,
+                                                                      ignore_index)
         loss = sum_exp.log() - z_target
         valid = targets != ignore_index
         loss = torch.where(valid, loss, torch.zeros_like(loss))
