@@ -39,7 +39,7 @@ from nanotrain.data.sources import SourceFile, documents, find_sources, fingerpr
 from nanotrain.data.tokenizer import (AnyTokenizer, DataError, PretrainedTokenizer, build_tokenizer, is_pretrained,
                                       load_tokenizer, text_chunks)
 
-FORMAT_VERSION = 3  # bump when the on-disk format changes: old preparations are then redone
+FORMAT_VERSION = 4  # bump when the on-disk format changes: old preparations are then redone
 
 
 @dataclass
@@ -86,13 +86,48 @@ def prepare_data(cfg: DataConfig, seq_len: int, log: Callable[[str], None] = pri
     fingerprint = _fingerprint(cfg, files, given_hash)
     out = _out_dir(cfg, given, given_hash)
 
-    cached = _load_if_current(out, fingerprint)
-    if cached is not None:
-        _check_length(cached.n_train_tokens, cached.n_val_tokens, seq_len, cfg.val_fraction)
-        log(f"data up to date: {out} ({cached.n_train_tokens:,} train + {cached.n_val_tokens:,} val tokens, "
-            f"{_tokenizer_name(cfg, cached.tokenizer)} vocab {cached.vocab_size})")
-        return cached
+    cached = _load_if_current(out, fingerprint, log=lambda _: None)  # (said below, once, if it must be redone)
+    if cached is None:
+        # One preparation of a corpus at a time: a second process (another `prepare`, a second run
+        # on a new corpus) waits here, then finds the first one's result.
+        with corpus_lock(Path(cfg.path), log):
+            cached = _load_if_current(out, fingerprint, log)
+            if cached is None:
+                return _prepare(cfg, seq_len, log, files, given, fingerprint, out, t0)
+    _check_length(cached.n_train_tokens, cached.n_val_tokens, seq_len, cfg.val_fraction)
+    log(f"data up to date: {out} ({cached.n_train_tokens:,} train + {cached.n_val_tokens:,} val tokens, "
+        f"{_tokenizer_name(cfg, cached.tokenizer)} vocab {cached.vocab_size})")
+    return cached
 
+
+@contextlib.contextmanager
+def corpus_lock(path: Path, log: Callable[[str], None]):
+    """Hold an exclusive lock on the corpus (flock on the file or folder itself: nothing is created,
+    and the kernel releases it when its holder dies, so no lock is ever left stale). Where the
+    filesystem has no locks (some network ones), preparation goes on unlocked."""
+    import fcntl
+
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log(f"waiting for another process preparing {path} ...")
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:  # no locks here (ENOLCK)
+            pass
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _prepare(cfg: DataConfig, seq_len: int, log, files, given, fingerprint: str, out: Path, t0: float
+             ) -> PreparedData:
+    """Tokenize the corpus into out/ (the caller holds the corpus's lock)."""
     # Stream: the documents are read file by file and tokenized batch by batch into temporary
     # files in the output folder; memory holds one batch, not the corpus. The previous
     # preparation stays valid until the commit below, and a problem found midway (a bad line in
@@ -122,6 +157,9 @@ def prepare_data(cfg: DataConfig, seq_len: int, log: Callable[[str], None] = pri
         for old in [*out.glob("train*.bin"), *out.glob("val*.bin")]:  # a previous preparation's (shards)
             old.unlink()
         meta["token_files"] = writer.split(n_train, out, sharded=cfg.shard_tokens > 0)
+        meta["checks"] = {name: _file_check(out / name, dtype) for split in ("train", "val")
+                          for name, _ in meta["token_files"][split]}
+        meta["max_id"] = max((c["max_id"] for c in meta["checks"].values()), default=-1)
         committed = True
     finally:
         writer.close()
@@ -297,7 +335,7 @@ def _write_tokens(tok: AnyTokenizer, files: list[SourceFile], field: str, writer
     with a newline, which belongs to the document before it. `workers` processes encode the
     batches (0: this one; data.prepare_workers). Returns (tokens, documents, characters)."""
     pretrained = isinstance(tok, PretrainedTokenizer)
-    separator = np.asarray([] if pretrained else tok.encode("\n"), dtype=writer.dtype)
+    separator = None  # encoded at the second document: a one-document corpus needs no joiner (nor has it)
     total_bytes = sum(f.path.stat().st_size for f in files)
     n = n_docs = chars = 0
     end = None  # the end of the last document, written once we know whether a separator follows
@@ -306,6 +344,8 @@ def _write_tokens(tok: AnyTokenizer, files: list[SourceFile], field: str, writer
         for n_batch, n_chars, encoded in _encoded(tok, _batches(files, field), writer.dtype, workers):
             for ids in encoded:
                 if end is not None:
+                    if separator is None:
+                        separator = np.asarray([] if pretrained else tok.encode("\n"), dtype=writer.dtype)
                     if separator.size:
                         writer.write(separator)
                         n += separator.size
@@ -398,8 +438,10 @@ def _encode_long(tok: AnyTokenizer, text: str, dtype: np.dtype) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
 
 
-def _load_if_current(out: Path, fingerprint: str) -> PreparedData | None:
-    """The existing preparation if it matches the fingerprint and its files are complete, else None."""
+def _load_if_current(out: Path, fingerprint: str, log: Callable[[str], None] = print) -> PreparedData | None:
+    """The existing preparation if it matches the fingerprint and its token files are the ones it
+    wrote (their sizes; where a file was modified since, its checksum; every id inside the
+    vocabulary), else None: prepare again."""
     try:
         meta = json.loads((out / "meta.json").read_text(encoding="utf-8"))
         if meta.get("fingerprint") != fingerprint:
@@ -409,11 +451,39 @@ def _load_if_current(out: Path, fingerprint: str) -> PreparedData | None:
             listed = meta["token_files"][split]
             if sum(n for _, n in listed) != meta[f"n_{split}_tokens"] or \
                     any((out / name).stat().st_size != n * itemsize for name, n in listed):
+                log(f"warning: {out}: a token file's size is not what meta.json says: preparing again")
                 return None
+        changed = [name for name, check in meta["checks"].items() if not _same_file(out / name, check)]
+        if changed:
+            log(f"warning: {out / changed[0]} changed since it was prepared (its checksum differs): preparing again")
+            return None
         tok = load_tokenizer(out / "tokenizer.json")
+        if not meta["max_id"] < tok.vocab_size == meta["vocab_size"]:
+            log(f"warning: {out}: token id {meta['max_id']} does not fit the vocabulary of {tok.vocab_size}: "
+                "preparing again")
+            return None
     except (OSError, ValueError, KeyError, TypeError):  # missing/corrupt: prepare again (DataError is a ValueError)
         return None
     return _result(out, meta, tok)
+
+
+def _file_check(path: Path, dtype: np.dtype) -> dict:
+    """What a token file must still be when it is used: its checksum, the time it was last written
+    (a file not written since need not be read again to trust it), and its largest token id."""
+    tokens = np.memmap(path, dtype=dtype, mode="r") if path.stat().st_size else np.zeros(0, dtype)
+    top = max((int(tokens[i:i + (1 << 24)].max()) for i in range(0, len(tokens), 1 << 24)), default=-1)
+    del tokens
+    return {"sha256": _sha256(path), "mtime_ns": path.stat().st_mtime_ns, "max_id": top}
+
+
+def _same_file(path: Path, check: dict) -> bool:
+    """Unchanged since _file_check: not written since, or written with the same bytes (a copy)."""
+    return path.stat().st_mtime_ns == check["mtime_ns"] or _sha256(path) == check["sha256"]
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _result(out: Path, meta: dict, tok: AnyTokenizer) -> PreparedData:

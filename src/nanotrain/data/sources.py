@@ -43,6 +43,10 @@ def find_sources(path: Path) -> list[SourceFile]:
                         "a .txt, .jsonl or .parquet file, a `datasets` folder, or a folder of them; the default "
                         "corpus is data/tinyshakespeare.txt, relative to the repository root (run from there, or "
                         "give an absolute path).")
+    if path.exists() and not path.is_file() and not path.is_dir():
+        raise DataError(f"data.path={str(path)!r} is not a regular file or a folder (a pipe, socket or device): a "
+                        "corpus is read twice (its fingerprint, then its text), which a stream cannot give. Save it "
+                        "to a .txt, .jsonl or .parquet file and point data.path there.")
     if path.is_file():
         kind = KINDS.get(path.suffix.lower())
         if kind is None or kind == "arrow":
