@@ -7,6 +7,7 @@ import argparse
 import math
 import os
 import sys
+from pathlib import Path
 
 from .checkpoint import CheckpointError
 from .config import ConfigError, load_config
@@ -51,12 +52,23 @@ def cmd_sample(args, overrides) -> int:
     else:
         raise ConfigError("sample needs --checkpoint PATH or --config FILE (to use that run's latest checkpoint)")
     texts = sample_text(path, args.prompt, args.max_new_tokens, args.temperature, args.top_k,
-                        args.seed, args.num_samples, args.device)
+                        args.seed, args.num_samples, _sample_device(args.device))
     for i, text in enumerate(texts):
         if len(texts) > 1:
             print(f"--- sample {i + 1} ---")
         print(text)
     return 0
+
+
+def _sample_device(name: str) -> str:
+    """--device as torch takes it: cpu, cuda where one is visible, or auto (cuda if visible)."""
+    import torch
+
+    if name not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"--device {name!r} is not a device: use cpu, cuda or auto.")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda, but no CUDA device is visible: use --device cpu (or auto).")
+    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
 
 
 def cmd_verify(args, overrides) -> int:
@@ -78,6 +90,7 @@ def cmd_convert(args, overrides) -> int:
                           "convert --from-hf folder)")
     if args.from_hf and args.checkpoint:
         raise ConfigError("convert --from-hf FOLDER reads FOLDER; --checkpoint goes with --to-hf")
+    check_convert_out(Path(args.out), args.overwrite)
     try:
         if args.from_hf:
             model = convert_from_hf(args.from_hf, args.out)
@@ -90,6 +103,29 @@ def cmd_convert(args, overrides) -> int:
     except (ValueError, FileNotFoundError) as e:  # CheckpointError is a ValueError
         raise ConfigError(str(e)) from None
     return 0
+
+
+# What marks a folder as a training run's (train.out_dir): convert never writes there.
+RUN_MARKERS = ("metrics.jsonl", "checkpoints", ".lock")
+
+
+def check_convert_out(out: Path, overwrite: bool) -> None:
+    """convert writes config.json and model.safetensors (or nanotrain_config.json) into --out: never
+    into a run's folder (its config.json is the run's), and into a folder holding anything only
+    with --overwrite, so that no file of the user's is replaced unasked."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file: give a folder (new or empty).")
+    if not out.is_dir():
+        return
+    if any((out / m).exists() for m in RUN_MARKERS):
+        raise ConfigError(f"--out {out} is a training run's folder (it holds "
+                          f"{', '.join(m for m in RUN_MARKERS if (out / m).exists())}): writing there would "
+                          "replace the run's config.json. Give convert a folder of its own.")
+    held = sorted(p.name for p in out.iterdir())
+    if held and not overwrite:
+        shown = ", ".join(held[:3]) + (f" and {len(held) - 3} more" if len(held) > 3 else "")
+        raise ConfigError(f"--out {out} is not empty (it holds {shown}): give a new or empty folder, or pass "
+                          "--overwrite to replace the files convert writes there.")
 
 
 def cmd_report(args, overrides) -> int:
@@ -148,7 +184,7 @@ def cmd_inspect(args, overrides) -> int:
         fast_bf16 = hardware.fp32_flops is None or hardware.bf16_flops >= hardware.fp32_flops
         cfg.precision.recipe = "bf16" if fast_bf16 else "fp32"
     result = inspect_model(m, seq, hardware=hardware, micro_batch_size=mbs, dtype=args.dtype)
-    capacity = args.gpu_memory * 1e9 if args.gpu_memory else None
+    capacity = args.gpu_memory * 1e9 if args.gpu_memory is not None else None
     result["plan"] = plan_layout(m, seq, cfg, layout, mbs, micro_batches, hardware, capacity)
     result["memory_per_rank_bytes"] = result["plan"]["memory_per_rank_bytes"]
     print(json.dumps(result, indent=1) if args.json else markdown(result))
@@ -185,9 +221,12 @@ NUMBER_RANGES = {
     "--max-new-tokens": (1, None), "--temperature": (0.0, None), "--top-k": (0, None),  # sample
     "--num-samples": (1, None), "--seed": (0, 2**64 - 1),  # a torch.Generator seed is 64-bit unsigned
     "--seq-len": (1, None), "--micro-batch-size": (0, None), "--micro-batches": (0, None),  # inspect
-    "--gpu-memory": (0.0, None),
+    "--gpu-memory": (0.0, None),  # and not 0 itself (ABOVE_LEAST): a device has some memory
     "--gpus": (1, None), "--global-batch": (1, None), "--top": (1, None),  # plan
 }
+
+
+ABOVE_LEAST = {"--gpu-memory"}  # the bound itself is out of range
 
 
 def check_numbers(args: argparse.Namespace) -> None:
@@ -197,9 +236,10 @@ def check_numbers(args: argparse.Namespace) -> None:
         if value is None:  # not this subcommand's, or left to its default of "the config's"
             continue
         finite = not isinstance(value, float) or math.isfinite(value)  # an int is; a huge one has no float
-        if not (finite and value >= least and (most is None or value <= most)):
+        above = flag in ABOVE_LEAST
+        if not (finite and (value > least if above else value >= least) and (most is None or value <= most)):
             kind = "an integer" if isinstance(least, int) else "a finite number"
-            bound = f">= {least:g}" if most is None else f"in [{least}, {most}]"
+            bound = f"{'>' if above else '>='} {least:g}" if most is None else f"in [{least}, {most}]"
             raise ConfigError(f"{flag} {value} is out of range: it must be {kind} {bound}.")
 
 
@@ -235,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--top-k", type=int, default=200, help="0 = no top-k filtering")
     s.add_argument("--num-samples", type=int, default=1)
     s.add_argument("--seed", type=int, default=1337)
-    s.add_argument("--device", default="cpu")
+    s.add_argument("--device", default="cpu", help="cpu, cuda or auto (cuda where one is visible)")
     s.set_defaults(fn=cmd_sample)
     s = sub.add_parser("convert", help="convert weights to or from a Hugging Face checkpoint folder",
                        description="--from-hf FOLDER --out DIR: an HF Llama/Mistral/DeepSeek-V3 folder -> "
@@ -247,7 +287,9 @@ def build_parser() -> argparse.ArgumentParser:
     way.add_argument("--to-hf", action="store_true", help="write a Hugging Face folder from --checkpoint")
     s.add_argument("--checkpoint", help="with --to-hf: checkpoint folder, its metadata.json, a run's out_dir, "
                                         "or a convert --from-hf folder")
-    s.add_argument("--out", required=True, help="output folder")
+    s.add_argument("--out", required=True, help="output folder (new or empty; never a run's folder)")
+    s.add_argument("--overwrite", action="store_true", help="write into a non-empty --out, replacing the files "
+                                                             "convert writes")
     s.set_defaults(fn=cmd_convert)
     _add_inspect(sub)
     _add_plan(sub)

@@ -29,7 +29,7 @@ def _error(capsys, argv: list[str]) -> str:
     ("sample", "--num-samples", "0"), ("sample", "--seed", "-1"), ("sample", "--seed", str(2**64)),
     ("verify", "--steps", "0"), ("verify", "--tolerance", "-1e-3"), ("verify", "--tolerance", "nan"),
     ("inspect", "--seq-len", "-5"), ("inspect", "--seq-len", "0"), ("inspect", "--micro-batch-size", "-1"),
-    ("inspect", "--micro-batches", "-2"),
+    ("inspect", "--micro-batches", "-2"), ("inspect", "--gpu-memory", "0"), ("inspect", "--gpu-memory", "-8"),
 ])
 def test_numeric_arguments_out_of_range_are_named(capsys, command, flag, value):
     err = _error(capsys, BASE[command] + [f"{flag}={value}"])  # -1e-3 alone would read as an option

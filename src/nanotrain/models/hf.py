@@ -124,9 +124,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from ..atomic import as_umask_allows
 from ..config import Config, ModelConfig
 from . import build_model, load_model
 from .transformer import TransformerModel
@@ -309,7 +310,7 @@ def model_config_from_hf(hf_config: dict[str, Any]) -> ModelConfig:
         raise ValueError(f"model_type={model_type!r} is not supported{hint}: "
                          f"expected one of {', '.join(SUPPORTED_MODEL_TYPES)}")
     if model_type == "deepseek_v3":
-        return _deepseek_config_from_hf(hf)
+        return _checked(_deepseek_config_from_hf(hf), model_type)
 
     _missing_keys(hf, ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"),
                   model_type)
@@ -338,7 +339,7 @@ def model_config_from_hf(hf_config: dict[str, Any]) -> ModelConfig:
     if problems:
         raise ValueError(f"unsupported {model_type} config:\n  - " + "\n  - ".join(problems))
 
-    return ModelConfig(
+    return _checked(ModelConfig(
         arch="transformer",
         vocab_size=hf["vocab_size"],
         d_model=d_model,
@@ -356,7 +357,31 @@ def model_config_from_hf(hf_config: dict[str, Any]) -> ModelConfig:
         dropout=0.0,
         bias=False,
         **rope,
-    )
+    ), model_type)
+
+
+# Our ModelConfig's fields under their Hugging Face names, to say which key of config.json is wrong.
+HF_NAMES = {"d_model": "hidden_size", "n_layers": "num_hidden_layers", "n_heads": "num_attention_heads",
+            "n_kv_heads": "num_key_value_heads", "d_ff": "intermediate_size", "max_seq_len": "max_position_embeddings",
+            "norm_eps": "rms_norm_eps", "moe_top_k": "num_experts_per_tok", "moe_d_ff": "moe_intermediate_size",
+            "vocab_size": "vocab_size", "kv_lora_rank": "kv_lora_rank", "q_lora_rank": "q_lora_rank",
+            "qk_nope_head_dim": "qk_nope_head_dim", "qk_rope_head_dim": "qk_rope_head_dim",
+            "v_head_dim": "v_head_dim", "n_routed_experts": "n_routed_experts",
+            "n_shared_experts": "n_shared_experts", "first_k_dense_replace": "first_k_dense_replace",
+            "n_group": "n_group", "topk_group": "topk_group"}
+
+
+def _checked(cfg: ModelConfig, model_type: str) -> ModelConfig:
+    """cfg, if our own model checks (ModelConfig.check: positive sizes, heads dividing the width, ...)
+    accept it; else ValueError naming the config.json keys (hidden_size=64 with 5 heads: transformers
+    refuses it too), not our names for them."""
+    problems = cfg.check()
+    if problems:
+        def hf_name(m: re.Match) -> str:
+            return HF_NAMES.get(m.group(1), f"model.{m.group(1)}")
+        problems = [re.sub(r"model\.([a-z_]+)", hf_name, p) for p in problems]
+        raise ValueError(f"unsupported {model_type} config:\n  - " + "\n  - ".join(problems))
+    return cfg
 
 
 def _deepseek_config_from_hf(hf: dict[str, Any]) -> ModelConfig:
@@ -622,12 +647,30 @@ def load_hf_state_dict(folder: str | Path) -> dict[str, torch.Tensor]:
     """Every tensor of an HF safetensors checkpoint (sharded or not), by its HF name, as stored."""
     tensors: dict[str, torch.Tensor] = {}
     for path in _safetensors_files(Path(folder)):
-        with safe_open(str(path), framework="pt", device="cpu") as f:
+        with _open_safetensors(path) as f:
             for name in f.keys():
                 if name in tensors:
                     raise ValueError(f"tensor {name!r} appears in more than one file of {folder}")
-                tensors[name] = f.get_tensor(name)
+                tensors[name] = _read_tensor(f, name, path)
     return tensors
+
+
+def _open_safetensors(path: Path):
+    """safe_open, with a damaged file (truncated by an interrupted download, not safetensors at
+    all) named as a ValueError instead of safetensors' own error."""
+    try:
+        return safe_open(str(path), framework="pt", device="cpu")
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{path} is not a readable safetensors file ({e}): it may be truncated (an "
+                         "interrupted download or copy). Download or convert it again.") from None
+
+
+def _read_tensor(f, name: str, path: Path) -> torch.Tensor:
+    try:
+        return f.get_tensor(name)
+    except SafetensorError as e:
+        raise ValueError(f"{path}: tensor {name!r} cannot be read ({e}): the file may be truncated. Download or "
+                         "convert it again.") from None
 
 
 def _llama_tensors_to_ours(tensors: dict[str, torch.Tensor], cfg: ModelConfig, expected: dict[str, torch.Tensor]):
@@ -732,6 +775,7 @@ def save_hf_model(model: TransformerModel, folder: str | Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
     save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
+    as_umask_allows(folder / WEIGHTS_FILE)
 
 
 # ---------------------------------------------------------------------------
@@ -756,6 +800,7 @@ def convert_from_hf(hf_folder: str | Path, out_dir: str | Path) -> TransformerMo
     if model.cfg.arch == "deepseek":
         metadata["mla_norm_eps"] = repr(HF_MLA_NORM_EPS)
     save_file(state, str(out / WEIGHTS_FILE), metadata=metadata)
+    as_umask_allows(out / WEIGHTS_FILE)
     (out / CONFIG_FILE).write_text(json.dumps({"model": dataclasses.asdict(model.cfg)}, indent=2) + "\n")
     return model
 
@@ -766,8 +811,8 @@ def load_converted(folder: str | Path) -> TransformerModel:
     folder = Path(folder)
     cfg = Config.from_dict(json.loads((folder / CONFIG_FILE).read_text()), source=str(folder / CONFIG_FILE)).model
     model = build_model(cfg)
-    with safe_open(str(folder / WEIGHTS_FILE), framework="pt", device="cpu") as f:
-        state = {k: f.get_tensor(k) for k in f.keys()}
+    with _open_safetensors(folder / WEIGHTS_FILE) as f:
+        state = {k: _read_tensor(f, k, folder / WEIGHTS_FILE) for k in f.keys()}
         metadata = f.metadata() or {}
     if cfg.tie_embeddings and "tok_emb.weight" in state:
         state["head.weight"] = state["tok_emb.weight"]

@@ -22,6 +22,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from ..config import ConfigError  # noqa: E402
 from .sinks import read_metrics  # noqa: E402
 
 
@@ -32,6 +33,10 @@ def read_run(run_dir: Path) -> dict:
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist: pass a run folder (train.out_dir) of a run that logged.")
     rows, skipped = read_metrics(path)
+    if not rows:  # nothing to show: an empty page would look like a run that logged nothing yet
+        raise ConfigError(f"{path} has no readable rows ({skipped} unreadable line{'s' if skipped != 1 else ''}): it "
+                         "is not a run's metrics file, or the run stopped before its first log step. Pass the "
+                         "folder of a run that logged (train.out_dir).")
     by_step: dict[int, dict] = {}
     val: dict[int, dict] = {}
     for row in rows:  # a resumed run appends: the last value per step wins
