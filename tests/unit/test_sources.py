@@ -228,3 +228,14 @@ def test_a_run_trains_on_a_mixture(tmp_path, capsys):
     assert np.isfinite(result.losses[4])
     out = capsys.readouterr().out
     assert "a.jsonl: weight 0.700" in out and "epochs in 4 steps" in out
+
+
+def test_a_tokenizer_without_eos_is_warned_about(tmp_path):
+    """Its documents are joined with nothing between them: prepared, but said (issue 40)."""
+    tok_path = bpe_tokenizer_json(tmp_path / "noeos.json", eos="<pad>")  # no usual end-of-text name
+    corpus = write_jsonl(tmp_path / "c.jsonl", DOCS)
+    said = []
+    pd = prepare_data(DataConfig(path=str(corpus), tokenizer=str(tok_path)), 16, log=said.append)
+    assert pd.tokenizer.eos is None
+    (warning,) = [line for line in said if line.startswith("warning:")]
+    assert "has no end-of-text token" in warning and "joined with nothing between them" in warning

@@ -133,6 +133,11 @@ def _prepare(cfg: DataConfig, seq_len: int, log, files, given, fingerprint: str,
     # preparation stays valid until the commit below, and a problem found midway (a bad line in
     # the last file) removes the temporary files: nothing prepared before is lost.
     tok = given or _train_tokenizer(cfg, files)
+    if isinstance(tok, PretrainedTokenizer) and tok.eos_id is None:
+        log(f"warning: the tokenizer {_tokenizer_name(cfg, tok)} has no end-of-text token (no eos_token in its "
+            "tokenizer_config.json, none of the usual names in its vocabulary): the documents of "
+            f"{cfg.path} are joined with nothing between them, so a sequence can run from one into the next "
+            "unmarked. Use a tokenizer with an EOS token if the documents are separate texts.")
     dtype = token_dtype(tok.vocab_size)
     made = [d for d in [out, *out.parents] if not d.exists()]  # removed again if this fails
     out.mkdir(parents=True, exist_ok=True)
