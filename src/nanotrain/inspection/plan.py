@@ -220,6 +220,7 @@ def candidates(req: Request, planner: Planner, structures_: list[tuple]):
 def config_errors(req: Request, plan: Plan) -> list[str]:
     """What the config checks say of this candidate (an empty list: accepted)."""
     cfg = candidate_config(req, plan)
+    cfg.resolve()
     try:
         validate(cfg)
     except ConfigError as e:

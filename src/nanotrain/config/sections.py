@@ -1,34 +1,26 @@
-"""Typed configuration: dataclasses loaded from TOML, overridable from the command line.
+"""The sections of a config: one dataclass per [section] of the TOML file, each with its own rules.
 
-A config is validated before any heavy work (data preparation, model build,
-process groups), so a typo costs a second, not a run. Every error names the
-key and says how to fix it. Each section's check() holds the rules on its own
-fields, next to them; cross_checks() the few that span sections. A section may
-hold tables of its own (precision's [precision.fp8], set as --precision.fp8.margin=1).
+    [model] [parallel] [precision] [optimizer] [schedule] [data] [checkpoint] [logging] [monitoring] [train]
 
-    cfg = load_config("configs/shakespeare_char.toml", ["--train.max_steps=200"])
+Each section's check() holds the rules on its own fields, next to them, as messages that name
+the key and the fix; a section may hold tables of its own (precision's [precision.fp8]). Config
+holds the sections. The rules that span sections are in rules.py, and how a file or the command
+line sets a key in keys.py and parser.py.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import functools
 import math
 import re
-import tomllib
-import types
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
-
-class ConfigError(ValueError):
-    """A config problem: the message names the key and the fix."""
+from .keys import apply_dict, upgrade_saved
 
 
-def _failed(rules: list[tuple[bool, str]]) -> list[str]:
+def failed(rules: list[tuple[bool, str]]) -> list[str]:
     """The messages of the rules that do not hold: each check lists (holds, message) pairs."""
     return [msg for ok, msg in rules if not ok]
 
@@ -128,7 +120,7 @@ class ModelConfig:
         if self.n_kv_heads and self.n_heads % self.n_kv_heads:
             errors.append(f"model.n_heads={self.n_heads} is not divisible by model.n_kv_heads={self.n_kv_heads}: "
                           "each KV head must serve the same number of query heads.")
-        errors += _failed([
+        errors += failed([
             (self.vocab_size >= 0, f"model.vocab_size={self.vocab_size} must be >= 0 (0 takes it from the tokenizer)."),
             (self.n_kv_heads >= 0, f"model.n_kv_heads={self.n_kv_heads} must be >= 0 (0 means n_heads)."),
             (self.d_ff >= 0, f"model.d_ff={self.d_ff} must be >= 0 (0 picks the usual width for model.mlp)."),
@@ -150,7 +142,7 @@ class ModelConfig:
         errors = [f"model.{key}={getattr(self, key)} must be positive for model.arch='deepseek'."
                   for key in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
                               "n_routed_experts", "moe_top_k", "moe_d_ff") if getattr(self, key) <= 0]
-        errors += _failed([
+        errors += failed([
             (self.qk_rope_head_dim % 2 == 0,
              f"model.qk_rope_head_dim={self.qk_rope_head_dim} must be even (RoPE rotates pairs)."),
             (0 <= self.first_k_dense_replace <= self.n_layers, f"model.first_k_dense_replace="
@@ -169,6 +161,18 @@ class ModelConfig:
             errors.append(f"model.topk_group={self.topk_group} must be in [1, n_group={self.n_group}] and leave "
                           f"at least moe_top_k={self.moe_top_k} experts to choose from.")
         return errors
+
+
+# parallel.pp_schedule's values: the schedules parallel/pipeline/schedules.py runs (SCHEDULES)
+PPSchedule = Literal["gpipe", "1f1b", "interleaved", "zb_h1", "dualpipev"]
+PP_SCHEDULES = typing.get_args(PPSchedule)
+
+
+def chunks_per_rank(schedule: str, v: int) -> int:
+    """Chunks of layers each pipeline rank holds: parallel.pp_virtual_stages (v), or DualPipeV's 2,
+    whatever v says. The one place this rule lives (ParallelConfig.chunks_per_rank, the pipeline,
+    `nanotrain inspect` and `plan`)."""
+    return 2 if schedule == "dualpipev" else v
 
 
 @dataclass
@@ -190,21 +194,20 @@ class ParallelConfig:
     # With pp > 1 (ignored otherwise, like bucket_mb without dp): the schedule
     # (parallel/pipeline/), chunks of layers per rank (interleaved only), and what balances
     # the stages: equal layer counts, or equal parameter counts.
-    pp_schedule: Literal["gpipe", "1f1b", "interleaved", "zb_h1", "dualpipev"] = "1f1b"
+    pp_schedule: PPSchedule = "1f1b"
     pp_virtual_stages: int = 1
     pp_partition: Literal["layers", "params"] = "layers"
 
     @property
     def chunks_per_rank(self) -> int:
-        """Chunks of layers each pipeline rank holds: pp_virtual_stages, or DualPipeV's 2."""
-        return 2 if self.pp_schedule == "dualpipev" else self.pp_virtual_stages
+        return chunks_per_rank(self.pp_schedule, self.pp_virtual_stages)
 
     def check(self) -> list[str]:
         """Rules on the sizes alone. parallel/state.py's init_parallel runs this too: it can be handed
         a ParallelConfig that no Config validated."""
         errors = [f"parallel.{key}={getattr(self, key)} must be >= 1." for key in ("tp", "cp", "pp", "dp", "ep", "etp")
                   if getattr(self, key) < 1]
-        return errors + _failed([
+        return errors + failed([
             (self.pp_virtual_stages >= 1, f"parallel.pp_virtual_stages={self.pp_virtual_stages} must be >= 1."),
             (self.bucket_mb > 0, f"parallel.bucket_mb={self.bucket_mb} must be positive."),
             (self.timeout_s > 0, f"parallel.timeout_s={self.timeout_s} must be positive (seconds)."),
@@ -250,7 +253,7 @@ class FP8Config:
     grad_rounding: Literal["nearest", "stochastic"] = "nearest"
 
     def check(self) -> list[str]:
-        return _failed([
+        return failed([
             (self.amax_history_len >= 1, f"precision.fp8.amax_history_len={self.amax_history_len} must be >= 1."),
             (self.margin >= 0, f"precision.fp8.margin={self.margin} must be >= 0."),
         ])
@@ -307,7 +310,7 @@ class LossScaleConfig:
     min: float = 1.0
 
     def check(self) -> list[str]:
-        return _failed([
+        return failed([
             (self.init >= self.min > 0, f"precision.loss_scale.init={self.init} and precision.loss_scale.min="
                                         f"{self.min} must satisfy init >= min > 0."),
             (0 < self.backoff < 1, f"precision.loss_scale.backoff={self.backoff} must be in (0, 1)."),
@@ -376,7 +379,7 @@ class PrecisionConfig:
         """The weight copies' dtypes must suit the recipe and each other (precision/master.py)."""
         storage = self.param_dtype if self.master_owner == "optimizer" else self.master_dtype
         compute = {"bf16": "bf16", "fp16": "fp16"}.get(self.recipe, "bf16" if self.recipe != "fp32" else "fp32")
-        return _failed([
+        return failed([
             (self.recipe != "auto" or (storage == "fp32" and self.param_dtype == "fp32"),
              f"precision.recipe=auto with {self.param_dtype} parameters: auto picks fp32 on CPUs without fast "
              "bf16, and fp32 computes with fp32 parameters. Name the recipe (precision.recipe=bf16), or keep "
@@ -402,21 +405,6 @@ class PrecisionConfig:
         ])
 
 
-# The flat precision keys before the knobs moved into tables: an old key is refused with its new
-# name (TOML, command line), and a config saved before (checkpoints, config.json) is read through
-# this map (upgrade_saved).
-RENAMED = {f"precision.{old}": f"precision.{new}" for old, new in {
-    "fp8_scaling": "fp8.scaling", "fp8_gemm": "fp8.gemm", "amax_history_len": "fp8.amax_history_len",
-    "fp8_margin": "fp8.margin", "fp8_x_scaling": "fp8.x_scaling", "fp8_w_scaling": "fp8.w_scaling",
-    "fp8_grad_scaling": "fp8.grad_scaling", "fp8_grad_format": "fp8.grad_format",
-    "fp8_grad_rounding": "fp8.grad_rounding", "nvfp4_2d_weights": "nvfp4.weights_2d",
-    "nvfp4_hadamard": "nvfp4.hadamard", "moe_dispatch_fp8": "moe.dispatch_fp8", "moe_combine_fp8": "moe.combine_fp8",
-    "lowbit_weights": "lowbit.weights", "lowbit_exclude": "lowbit.exclude", "lowbit_format": "lowbit.format",
-    "lowbit_scaling": "lowbit.scaling", "loss_scale_init": "loss_scale.init",
-    "loss_scale_growth_interval": "loss_scale.growth_interval", "loss_scale_backoff": "loss_scale.backoff",
-    "loss_scale_hysteresis": "loss_scale.hysteresis", "loss_scale_min": "loss_scale.min"}.items()}
-
-
 @dataclass
 class OptimizerConfig:
     name: Literal["adamw"] = "adamw"
@@ -433,7 +421,7 @@ class OptimizerConfig:
     zero_stage: int = 0
 
     def check(self) -> list[str]:
-        return _failed([
+        return failed([
             (self.lr > 0, f"optimizer.lr={self.lr} must be positive."),
             (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1,
              f"optimizer.beta1={self.beta1}, beta2={self.beta2} must be in [0, 1)."),
@@ -454,7 +442,7 @@ class ScheduleConfig:
     min_lr: float = 1e-4
 
     def check(self) -> list[str]:
-        return _failed([
+        return failed([
             (self.warmup_steps >= 0, f"schedule.warmup_steps={self.warmup_steps} must be >= 0."),
             (self.decay_steps >= 0, f"schedule.decay_steps={self.decay_steps} must be >= 0 (0: train.max_steps)."),
         ])
@@ -503,7 +491,7 @@ class DataConfig:
         return bad
 
     def check(self) -> list[str]:
-        return self._source_errors() + _failed([
+        return self._source_errors() + failed([
             (bool(self.path), "data.path is empty: point it at a .txt, .jsonl or .parquet file, a datasets "
                               "folder, or a folder of them."),
             (bool(self.tokenizer), "data.tokenizer is empty: use 'char', 'bpe', or a tokenizer.json or Hugging Face "
@@ -543,7 +531,7 @@ class CheckpointConfig:
     init_from: str = ""
 
     def check(self) -> list[str]:
-        return _failed([
+        return failed([
             (self.interval >= 0, f"checkpoint.interval={self.interval} must be >= 0 (0: save at the end only)."),
             (not (self.init_from and self.resume not in ("", "auto")),
              f"checkpoint.init_from and checkpoint.resume={self.resume!r} are both set: resume continues a run "
@@ -567,7 +555,7 @@ class LoggingConfig:
     timeline_step: int = 0
 
     def check(self) -> list[str]:
-        return _failed([
+        return failed([
             (self.log_interval >= 1, f"logging.log_interval={self.log_interval} must be >= 1."),
             (self.timeline_step >= 0, f"logging.timeline_step={self.timeline_step} must be >= 0 (0: off)."),
             (self.peak_tflops >= 0, f"logging.peak_tflops={self.peak_tflops} must be >= 0 (0: measure it)."),
@@ -600,7 +588,7 @@ class MonitoringConfig:
 
     def check(self) -> list[str]:
         """sentinel_blocks against model.n_layers is in cross_checks."""
-        return _failed([
+        return failed([
             (0 <= self.ema_beta < 1, f"monitoring.ema_beta={self.ema_beta} must be in [0, 1)."),
             (self.max_skipped_steps >= 1,
              f"monitoring.max_skipped_steps={self.max_skipped_steps} must be >= 1."),
@@ -652,7 +640,7 @@ class TrainConfig:
     def check(self) -> list[str]:
         errors = [f"train.{key}={getattr(self, key)} must be positive."
                   for key in ("max_steps", "seq_len", "batch_size", "eval_steps") if getattr(self, key) <= 0]
-        return errors + _failed([
+        return errors + failed([
             (self.micro_batch_size >= 0,
              f"train.micro_batch_size={self.micro_batch_size} must be >= 0 (0: train.batch_size / parallel.dp)."),
             (self.eval_interval >= 0,
@@ -686,210 +674,15 @@ class Config:
     def from_dict(cls, d: dict[str, Any], source: str = "config") -> "Config":
         """A config saved by to_dict (a checkpoint's, a run's config.json), also from before a rename."""
         cfg = cls()
-        _apply_dict(cfg, upgrade_saved(d), source)
+        apply_dict(cfg, upgrade_saved(d), source)
+        cfg.resolve()
         return cfg
 
-
-def upgrade_saved(d: dict[str, Any]) -> dict[str, Any]:
-    """A saved config dict with the keys RENAMED lists moved to their new places (a copy): a checkpoint
-    written before precision's tables stays readable. TOML files and the command line get an error instead."""
-    d = {section: dict(body) if isinstance(body, dict) else body for section, body in d.items()}
-    for old, new in RENAMED.items():
-        section, key = old.split(".")
-        if isinstance(d.get(section), dict) and key in d[section]:
-            value = d[section].pop(key)
-            *tables, leaf = new.split(".")[1:]
-            body = d[section]
-            for table in tables:  # copied, so the caller's nested dicts stay as they were
-                body[table] = dict(body.get(table, {}))
-                body = body[table]
-            body[leaf] = value
-    return d
-
-
-# ---------------------------------------------------------------------------
-# Loading and overriding
-# ---------------------------------------------------------------------------
-
-def _suggest(name: str, choices: list[str]) -> str:
-    close = difflib.get_close_matches(name, choices, n=1)
-    return f" Did you mean '{close[0]}'?" if close else f" Valid keys: {', '.join(sorted(choices))}."
-
-
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check (and for strings from the command line, convert) a value to a field's type."""
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        choices = typing.get_args(tp)
-        if value not in choices:
-            raise ConfigError(f"{key}={value!r} is not allowed. Choose one of: {', '.join(map(repr, choices))}.")
-        return value
-    if origin in (typing.Union, types.UnionType):
-        errors = []
-        for arg in typing.get_args(tp):
-            try:
-                return _coerce(value, arg, key)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[0])
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
-            return value.lower() in ("true", "1", "yes")
-        raise ConfigError(f"{key} must be true or false, got {value!r}.")
-    if tp is int:
-        if isinstance(value, bool):
-            raise ConfigError(f"{key} must be an integer, got {value!r}.")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, str):
-            try:
-                return int(value.replace("_", ""))
-            except ValueError:
-                pass
-        raise ConfigError(f"{key} must be an integer, got {value!r}.")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{key} must be a number, got {value!r}.")
-    if origin is list:  # from TOML a list; from the command line "a,b,c" ("" is the empty list)
-        (item,) = typing.get_args(tp)
-        if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
-        if not isinstance(value, list):
-            raise ConfigError(f"{key} must be a list, got {value!r}.")
-        return [_coerce(v, item, key) for v in value]
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise ConfigError(f"{key} must be a string, got {value!r} (quote it in TOML).")
-    raise TypeError(f"unsupported config field type {tp} for {key}")
-
-
-def _section_fields(section_obj: Any) -> dict[str, Any]:
-    return _fields_of(type(section_obj))
-
-
-@functools.cache
-def _fields_of(section_type: type) -> dict[str, Any]:
-    """{field: type} of a config table. Cached: get_type_hints evaluates every annotation string
-    on each call, and a config is built key by key (Config.from_dict: ~150 calls)."""
-    hints = typing.get_type_hints(section_type)
-    return {f.name: hints[f.name] for f in dataclasses.fields(section_type)}
-
-
-def set_value(cfg: Config, dotted: str, value: Any, source: str = "command line") -> None:
-    """Set `section.key` (or `section.table.key`, e.g. precision.fp8.margin) on cfg, checking that
-    each part exists and the value fits the type."""
-    if "." not in dotted:
-        raise ConfigError(f"{source}: '{dotted}' must be written as section.key (for example train.max_steps).")
-    if dotted in RENAMED:
-        table, _, key = RENAMED[dotted].rpartition(".")
-        raise ConfigError(f"{source}: {dotted} was renamed: use {RENAMED[dotted]} (in TOML: {key} = ... "
-                          f"under [{table}]).")
-    *path, key = dotted.split(".")
-    sections = [f.name for f in dataclasses.fields(cfg)]
-    if path[0] not in sections:
-        raise ConfigError(f"{source}: unknown config section '{path[0]}'.{_suggest(path[0], sections)}")
-    obj = cfg
-    for i, name in enumerate(path):  # down the tables: the section, then e.g. precision's fp8
-        fields, where = _section_fields(obj), ".".join(path[:i + 1])
-        if name not in fields:
-            raise ConfigError(f"{source}: unknown key '{where}'.{_suggest(name, list(fields))}")
-        obj = getattr(obj, name)
-        if not dataclasses.is_dataclass(obj):
-            raise ConfigError(f"{source}: {where} is a value, not a table: set {where}=VALUE, not {dotted}.")
-    fields = _section_fields(obj)
-    if key not in fields:
-        raise ConfigError(f"{source}: unknown key '{dotted}'.{_suggest(key, list(fields))}")
-    if dataclasses.is_dataclass(getattr(obj, key)):
-        raise ConfigError(f"{source}: {dotted} is a table: set its keys ({dotted}.KEY=VALUE on the command "
-                          f"line, [{dotted}] in TOML).")
-    setattr(obj, key, _coerce(value, fields[key], dotted))
-
-
-def _apply_dict(cfg: Config, d: dict[str, Any], source: str) -> None:
-    sections = [f.name for f in dataclasses.fields(cfg)]
-    for section, body in d.items():
-        if section not in sections:
-            raise ConfigError(f"{source}: unknown config section [{section}].{_suggest(section, sections)}")
-        if not isinstance(body, dict):
-            raise ConfigError(f"{source}: [{section}] must be a table of key = value pairs.")
-        for dotted, value in _flatten(body, section):
-            set_value(cfg, dotted, value, source)
-
-
-def _flatten(body: dict[str, Any], prefix: str) -> list[tuple[str, Any]]:
-    """{"fp8": {"margin": 2}} under "precision" -> [("precision.fp8.margin", 2)]: TOML's nested tables
-    ([precision.fp8]) become the dotted keys of the command line."""
-    out = []
-    for key, value in body.items():
-        out += _flatten(value, f"{prefix}.{key}") if isinstance(value, dict) else [(f"{prefix}.{key}", value)]
-    return out
-
-
-def parse_overrides(args: list[str]) -> list[tuple[str, str]]:
-    """Turn ['--train.max_steps=200', '--model.n_layers', '2'] into (key, value) pairs."""
-    pairs, i = [], 0
-    while i < len(args):
-        arg = args[i]
-        if not arg.startswith("--") or "." not in arg.split("=", 1)[0]:
-            raise ConfigError(f"unexpected argument '{arg}': overrides look like --section.key=value "
-                              "(for example --train.max_steps=200).")
-        if "=" in arg:
-            key, value = arg[2:].split("=", 1)
-        elif i + 1 < len(args) and not args[i + 1].startswith("--"):
-            key, value = arg[2:], args[i + 1]
-            i += 1
-        else:
-            raise ConfigError(f"override '{arg}' has no value: write {arg}=VALUE.")
-        pairs.append((key, value))
-        i += 1
-    return pairs
-
-
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Read a TOML config (or start from defaults), apply command-line overrides, validate."""
-    cfg = Config()
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {p} does not exist. Pass one of the files in configs/ "
-                              "(for example configs/shakespeare_char.toml).")
-        try:
-            data = tomllib.loads(p.read_text())
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"{p} is not valid TOML: {e}. Fix the syntax at that line.") from None
-        _apply_dict(cfg, data, str(p))
-    for key, value in parse_overrides(overrides or []):
-        set_value(cfg, key, value)
-    validate(cfg)
-    return cfg
-
-
-# ---------------------------------------------------------------------------
-# Validation: impossible values, caught before any work starts
-# ---------------------------------------------------------------------------
-
-def validate(cfg: Config) -> None:
-    """NaN and infinities anywhere, else each section's own check(), then the rules between sections;
-    every problem in one error.
-    load_config runs it after the TOML file and the overrides, so errors name the final values."""
-    # NaN or inf first, alone: the other rules compare numbers and would add odd messages of their own.
-    errors = nonfinite_errors(cfg)
-    if not errors:
-        errors = [e for f in dataclasses.fields(cfg) for e in getattr(cfg, f.name).check()]
-    if not errors:
-        fill_micro_batch(cfg)
-        errors = cross_checks(cfg)
-    if errors:
-        raise ConfigError("invalid config:\n  - " + "\n  - ".join(errors))
+    def resolve(self) -> None:
+        """Fill in what a section's default takes from another section: train.micro_batch_size=0 under
+        DualPipeV. Done where a config is made (load_config, from_dict) and again by whoever edits the
+        sizes after (Layout.apply), before validate(), which only reads."""
+        fill_micro_batch(self)
 
 
 def fill_micro_batch(cfg: Config) -> None:
@@ -897,151 +690,9 @@ def fill_micro_batch(cfg: Config) -> None:
     its 2 pp micro-batches per step (it cannot run with fewer). Where none does, the size stays 0 and
     the schedule's check names the fix."""
     t, p = cfg.train, cfg.parallel
-    if t.micro_batch_size or p.pp_schedule != "dualpipev" or p.pp < 2 or t.batch_size % p.dp:
+    if t.micro_batch_size or p.pp_schedule != "dualpipev" or p.pp < 2 or p.dp < 1 or t.batch_size % p.dp:
         return
     per_rank = t.batch_size // p.dp
     sizes = [s for s in range(per_rank, 0, -1) if per_rank % s == 0 and per_rank // s >= 2 * p.pp]
     if sizes:
         t.micro_batch_size = sizes[0]
-
-
-def nonfinite_errors(obj: Any, prefix: str = "") -> list[str]:
-    """Every float field, in every section and table, that is NaN or infinite. TOML and float()
-    read "inf" and "nan", and a rule like `lr > 0` lets inf through (nan fails every comparison,
-    so its message would say "must be positive" of a value that is not a number)."""
-    errors = []
-    for f in dataclasses.fields(obj):
-        value, key = getattr(obj, f.name), f"{prefix}{f.name}"
-        if dataclasses.is_dataclass(value):
-            errors += nonfinite_errors(value, key + ".")
-        elif isinstance(value, float) and not math.isfinite(value):
-            errors.append(f"{key}={value} is not a finite number: set a finite value (the default is {f.default}).")
-    return errors
-
-
-def cross_checks(cfg: Config) -> list[str]:
-    """The rules that span sections: how the model, batch and sequence split over the layout,
-    and settings of two sections that exclude each other."""
-    m, t, o, s = cfg.model, cfg.train, cfg.optimizer, cfg.schedule
-    decay_steps = s.decay_steps or t.max_steps
-    return _layout_errors(cfg) + whole_sequence_errors(m, cfg.parallel.tp > 1 and cfg.parallel.sequence_parallel) + \
-        _failed([
-            (m.max_seq_len == 0 or m.max_seq_len >= t.seq_len,
-             f"train.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len}: raise model.max_seq_len "
-             "or set it to 0 (= train.seq_len)."),
-            (0 <= s.min_lr <= o.lr, f"schedule.min_lr={s.min_lr} must be between 0 and optimizer.lr={o.lr}."),
-            (s.decay == "constant" or s.warmup_steps < decay_steps,
-             f"schedule.warmup_steps={s.warmup_steps} must be below the decay length ({decay_steps}): "
-             "shorten the warm-up or lengthen schedule.decay_steps."),
-            (not cfg.precision.lowbit.weights or o.zero_stage == 0,
-             f"precision.lowbit.weights with optimizer.zero_stage={o.zero_stage}: a low-bit weight's fp32 master "
-             "is kept whole on every dp rank (stage 0). Use optimizer.zero_stage=0, or drop precision.lowbit.weights."),
-            (all(0 <= b < m.n_layers for b in cfg.monitoring.sentinel_blocks),
-             f"monitoring.sentinel_blocks={cfg.monitoring.sentinel_blocks}: block indices run from 0 to "
-             f"model.n_layers-1={m.n_layers - 1}."),
-        ])
-
-
-def whole_sequence_errors(m: ModelConfig, sequence_parallel: bool) -> list[str]:
-    """Multi-token prediction shifts the sequence by a token and the auxiliary loss averages over
-    whole sequences: neither works on a rank that holds seq_len/tp positions. DeepSeekModel asks
-    this too, since a model can be built without a validated Config."""
-    return _failed([
-        (not (sequence_parallel and m.mtp_depth), "model.mtp_depth > 0 (multi-token prediction) needs whole "
-         "sequences on each rank: turn off parallel.sequence_parallel or set model.mtp_depth=0."),
-        (not (sequence_parallel and m.arch == "deepseek" and m.aux_loss_coef), "model.aux_loss_coef > 0 needs "
-         "whole sequences on each rank: turn off parallel.sequence_parallel or set model.aux_loss_coef=0."),
-    ])
-
-
-def _layout_errors(cfg: Config) -> list[str]:
-    """Whether the heads, experts, layers, batch and sequence split evenly over parallel.tp/pp/dp/ep."""
-    m, p, t = cfg.model, cfg.parallel, cfg.train
-    errors = []
-    if p.pp > 1 and p.pp_virtual_stages >= 1 and p.dp > 0 and t.batch_size > 0 and t.micro_batch(p.dp) > 0:
-        from .parallel.pipeline import check_schedule
-
-        errors += check_schedule(p.pp_schedule, p.pp, p.pp_virtual_stages, t.grad_accum_steps(p.dp), m.n_layers)
-        split = p.pp_schedule in ("zb_h1", "dualpipev")  # a backward split into B and W
-        errors += _failed([
-            (not (split and t.recompute != "none"),
-             f"parallel.pp_schedule={p.pp_schedule!r} with train.recompute={t.recompute!r}: the W half of a split "
-             "backward would recompute each block a second time (B's recomputation is freed when B ends). "
-             "Set train.recompute=none, or use pp_schedule='1f1b' or 'interleaved' with recomputation."),
-            (not (split and t.compile),
-             f"parallel.pp_schedule={p.pp_schedule!r} with train.compile=true: a compiled block's backward is one "
-             "kernel graph that computes the input's and the weights' gradients together, so B and W would each "
-             "run all of it (torch's zero-bubble schedules refuse compile too). Set train.compile=false, or use "
-             "pp_schedule='1f1b'."),
-            (not (split and cfg.optimizer.zero_stage == 3),
-             f"parallel.pp_schedule={p.pp_schedule!r} with optimizer.zero_stage=3: the W half of a split backward "
-             "runs after ZeRO-3 has released the gathered weights its nodes saved. Use optimizer.zero_stage=1 or "
-             "2, or pp_schedule='1f1b'."),
-            (m.mtp_depth == 0, "model.mtp_depth > 0 (multi-token prediction) with parallel.pp > 1 is not "
-                               "implemented: the MTP block needs the embedding on the last stage. Set "
-                               "model.mtp_depth=0 or parallel.pp=1."),
-            (m.arch != "deepseek" or m.aux_loss_coef == 0,
-             "model.aux_loss_coef > 0 with parallel.pp > 1 is not implemented: each stage's auxiliary loss "
-             "would need its own backward. Use the auxiliary-loss-free balancing (model.aux_loss_coef=0, "
-             "model.bias_update_rate > 0) or parallel.pp=1."),
-        ])
-    # Routed experts split over ep (whole experts) or etp (each expert's width): a DeepSeek model's,
-    # in equal parts.
-    for key, size, total, name, part in (("ep", p.ep, m.n_routed_experts, "n_routed_experts", "experts"),
-                                         ("etp", p.etp, m.moe_d_ff, "moe_d_ff", "of every expert's width")):
-        if size > 1:
-            errors += _failed([
-                (m.arch == "deepseek", f"parallel.{key}={size} splits routed experts, which model.arch={m.arch!r} "
-                                       f"does not have: use model.arch='deepseek' or parallel.{key}=1."),
-                (m.arch != "deepseek" or total % size == 0,
-                 f"model.{name}={total} is not divisible by parallel.{key}={size}: each rank holds "
-                 f"{name}/{key} {part}."),
-            ])
-    if p.tp > 1 and m.n_heads > 0:
-        n_kv, d_ff = m.n_kv_heads or m.n_heads, m.ffn_width()
-        errors += _failed([
-            (m.n_heads % p.tp == 0, f"model.n_heads={m.n_heads} is not divisible by parallel.tp={p.tp}: each "
-                                    "tensor-parallel rank holds n_heads/tp heads; pick a tp that divides it."),
-            (n_kv % p.tp == 0, f"model.n_kv_heads={n_kv} is not divisible by parallel.tp={p.tp}: each rank "
-                               "holds n_kv_heads/tp KV heads; raise n_kv_heads or lower tp."),
-            (d_ff % p.tp == 0, f"the MLP width {d_ff} (model.d_ff) is not divisible by parallel.tp={p.tp}: "
-                               "set model.d_ff to a multiple of tp."),
-        ])
-    if p.sequence_parallel and p.tp > 0 and t.seq_len % (p.tp * max(p.cp, 1)):
-        errors.append(f"train.seq_len={t.seq_len} is not divisible by parallel.tp={p.tp}"
-                      + (f" x parallel.cp={p.cp}" if p.cp > 1 else "") + ": sequence parallelism gives each "
-                      "rank seq_len/tp positions" + (" of its seq_len/cp" if p.cp > 1 else "") + ".")
-    return errors + _context_errors(cfg) + _batch_errors(t, p.dp)
-
-
-def _context_errors(cfg: Config) -> list[str]:
-    """What context parallelism (parallel/context_parallel.py) needs, and what it does not run yet."""
-    m, p, t = cfg.model, cfg.parallel, cfg.train
-    if p.cp <= 1:
-        return []
-    fix = "or set parallel.cp=1"
-    return _failed([
-        (t.seq_len % (2 * p.cp) == 0, f"train.seq_len={t.seq_len} is not divisible by 2 x parallel.cp = {2 * p.cp}: "
-                                      "the zigzag split cuts each sequence into 2·cp equal chunks."),
-        (m.dropout == 0, f"model.dropout={m.dropout} with parallel.cp={p.cp}: ring attention has no attention "
-                         f"dropout. Set model.dropout=0 {fix}."),
-        (not cfg.data.document_mask, f"data.document_mask=true with parallel.cp={p.cp} is not implemented: the "
-                                     f"ring attends to every earlier chunk. Set data.document_mask=false {fix}."),
-        (m.mtp_depth == 0, f"model.mtp_depth > 0 with parallel.cp={p.cp}: multi-token prediction shifts the "
-                           f"sequence by a token, which a zigzag chunk does not hold. Set model.mtp_depth=0 {fix}."),
-        (m.arch != "deepseek" or m.aux_loss_coef == 0,
-         f"model.aux_loss_coef > 0 with parallel.cp={p.cp}: the auxiliary loss averages over whole sequences. "
-         f"Use model.aux_loss_coef=0 {fix}."),
-    ])
-
-
-def _batch_errors(t: TrainConfig, dp: int) -> list[str]:
-    """The global batch must split into equal micro-batches on every data-parallel rank."""
-    if t.batch_size <= 0 or dp <= 0:
-        return []
-    per_rank = t.micro_batch(dp) * dp
-    if per_rank and t.batch_size % per_rank == 0:
-        return []
-    return [f"train.batch_size={t.batch_size} is not divisible by train.micro_batch_size={t.micro_batch(dp)} x "
-            f"parallel.dp={dp}: the global batch must split into equal micro-batches on every data-parallel rank; "
-            "change one of the three."]
