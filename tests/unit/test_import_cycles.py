@@ -1,4 +1,5 @@
-"""The layers of the code hold: no import cycle inside nanotrain (docs/ARCHITECTURE.md, "Layers of the code").
+"""The layers of the code hold (docs/ARCHITECTURE.md, "Layers of the code"): no import cycle inside
+nanotrain, and no module importing one of a higher layer.
 
 Every module under src/nanotrain is parsed (not imported), and every import statement counts:
 top-level ones and the ones inside functions, since a function-level import is the usual way a
@@ -25,6 +26,23 @@ SRC = Path(__file__).resolve().parents[2] / "src"
 # Its owner (the runtime's) removes this entry with the cycle; test_allowed_cycles_still_exist
 # fails once the cycle is gone and the entry stays. Nothing else belongs here.
 ALLOWED_CYCLES = {frozenset({"nanotrain.runtime.contracts", "nanotrain.runtime.step"})}
+
+# The layers, bottom-up, as module prefixes (the longest prefix that matches places a module; a new
+# module lands where its package is). A module may import its own layer and the ones below, never
+# one above. docs/ARCHITECTURE.md draws the same picture; a change to one is a change to both.
+LAYERS = [
+    ("foundations", ["nanotrain", "nanotrain.config", "nanotrain.params", "nanotrain.atomic", "nanotrain.recompute",
+                     "nanotrain.compiling", "nanotrain.optim", "nanotrain.monitoring.comm",
+                     "nanotrain.parallel.launch"]),
+    ("communication", ["nanotrain.parallel.layout", "nanotrain.parallel.collectives", "nanotrain.parallel.state"]),
+    ("storage, data, schedules", ["nanotrain.checkpoint", "nanotrain.data", "nanotrain.parallel.pipeline"]),
+    ("precision and layer primitives", ["nanotrain.precision", "nanotrain.layers"]),
+    ("parallel strategies, monitoring", ["nanotrain.parallel", "nanotrain.monitoring"]),
+    ("models", ["nanotrain.models"]),
+    ("runtime, inspection", ["nanotrain.runtime", "nanotrain.inspection"]),
+    ("entry points", ["nanotrain.cli", "nanotrain.sample", "nanotrain.verify", "nanotrain.torchrun",
+                      "nanotrain.__main__"]),
+]
 
 
 # ---------------------------------------------------------------------------
@@ -177,6 +195,28 @@ def cycle_report(graph: dict[str, set[str]], components: list[list[str]]) -> str
                      for c in components)
 
 
+def layer_of(module: str, layers: list[tuple[str, list[str]]]) -> int:
+    """The index of the layer whose longest prefix matches the module (prefixes end at a dot)."""
+    best, found = -1, -1
+    for i, (_, prefixes) in enumerate(layers):
+        for prefix in prefixes:
+            if (module == prefix or module.startswith(prefix + ".")) and len(prefix) > best:
+                best, found = len(prefix), i
+    return found
+
+
+def upward_imports(graph: dict[str, set[str]], layers: list[tuple[str, list[str]]]) -> list[str]:
+    """Each import of a module in a higher layer, as 'a (layer) -> b (layer)'."""
+    out = []
+    for module in sorted(graph):
+        here = layer_of(module, layers)
+        for target in sorted(graph[module]):
+            there = layer_of(target, layers)
+            if there > here:
+                out.append(f"{module} ({layers[here][0]}) -> {target} ({layers[there][0]})")
+    return out
+
+
 # ---------------------------------------------------------------------------
 # The tests
 # ---------------------------------------------------------------------------
@@ -187,6 +227,14 @@ def test_no_import_cycle_in_nanotrain():
     assert not cycles, ("import cycles inside nanotrain (function-level imports count): move the shared "
                         "piece down a layer (docs/ARCHITECTURE.md, 'Layers of the code')\n"
                         + cycle_report(graph, cycles))
+
+
+def test_imports_point_down_the_layers():
+    graph = import_graph(SRC, "nanotrain")
+    assert all(layer_of(module, LAYERS) >= 0 for module in graph)  # "nanotrain" catches every module
+    upward = upward_imports(graph, LAYERS)
+    assert not upward, ("imports of a higher layer (LAYERS here, the picture in docs/ARCHITECTURE.md): move "
+                        "the shared piece down, or the module up\n  " + "\n  ".join(upward))
 
 
 def test_allowed_cycles_still_exist():
@@ -202,6 +250,13 @@ def test_the_graph_is_the_package():
     assert "nanotrain.params" in graph["nanotrain.layers"]
     # `from .config import Config` in cli.py reads from wherever Config is defined.
     assert any(t.startswith("nanotrain.config") for t in graph["nanotrain.cli"])
+
+
+def test_a_layer_violation_is_found():
+    layers = [("low", ["toy.base"]), ("high", ["toy", "toy.top"])]
+    graph = {"toy.base": {"toy.top"}, "toy.top": {"toy.base"}, "toy.base.inner": set(), "toy.other": {"toy.base"}}
+    assert layer_of("toy.base.inner", layers) == 0 and layer_of("toy.other", layers) == 1
+    assert upward_imports(graph, layers) == ["toy.base (low) -> toy.top (high)"]
 
 
 def test_strongly_connected_finds_a_cycle():

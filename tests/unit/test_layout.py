@@ -78,7 +78,7 @@ VP_FIX = "parallel.pp_virtual_stages=2 needs parallel.pp_schedule='interleaved' 
 
 def test_vp_without_the_interleaved_schedule_is_refused_with_the_fix(capsys):
     """The schedule is the config's: verify's config check and inspect's plan both refuse vp=2 under
-    1F1B with the config check's line (pipeline.check_chunks), before any process or schedule runs."""
+    1F1B with the config check's line (config.check_chunks), before any process or schedule runs."""
     with pytest.raises(ConfigError, match=re.escape(VP_FIX)):
         Layout.parse("pp=2,vp=2,micro=2").apply(load_config(CONFIG))
     assert main(["verify", "--config", CONFIG, "--layout", "pp=2,vp=2,micro=2"]) == 2

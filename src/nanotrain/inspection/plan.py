@@ -31,7 +31,7 @@ from .steptime import StepPlan, model_flops, predict
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb_h1", "dualpipev")
 RECOMPUTE = ("none", "selective", "full")
-SPLIT = ("zb_h1", "dualpipev")  # backward split into B and W: no recomputation, no ZeRO-3 (config.py)
+SPLIT = ("zb_h1", "dualpipev")  # backward split into B and W: no recomputation, no ZeRO-3 (config/rules.py)
 
 
 @dataclass(frozen=True)
