@@ -200,6 +200,7 @@ class ParallelConfig:
 
     @property
     def chunks_per_rank(self) -> int:
+        """Chunks of layers each pipeline rank holds under this schedule (chunks_per_rank above)."""
         return chunks_per_rank(self.pp_schedule, self.pp_virtual_stages)
 
     def check(self) -> list[str]:
