@@ -62,6 +62,18 @@ def test_apply_writes_the_config_keys_and_checks_them():
         Layout(sp=True).apply(cfg)
 
 
+def test_a_size_is_declared_once_in_the_config():
+    """Layout's defaults are the config's, and from_config reads every key CONFIG_KEYS names."""
+    from nanotrain.config import Config
+    from nanotrain.parallel.layout import CONFIG_KEYS
+
+    assert Layout() == Layout.from_config(Config())
+    cfg = Layout(tp=2, cp=2, pp=2, vp=2, dp=4, ep=2, etp=2, sp=True, zero=2, micro=3).apply(
+        load_config(CONFIG, ["--parallel.pp_schedule=interleaved", "--train.batch_size=24"]))
+    layout = Layout.from_config(cfg)
+    assert [getattr(layout, key) for key in CONFIG_KEYS] == [2, 2, 2, 2, 4, 2, 2, True, 2, 3]
+
+
 def test_vp_is_parallel_pp_virtual_stages_both_ways():
     cfg = load_config(CONFIG, ["--parallel.pp_schedule=interleaved"])
     out = Layout.parse("pp=2,vp=2,micro=2").apply(cfg)
