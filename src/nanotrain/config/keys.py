@@ -16,12 +16,10 @@ import types
 import typing
 from typing import TYPE_CHECKING, Any, Literal
 
+from .errors import ConfigError
+
 if TYPE_CHECKING:
     from .sections import Config
-
-
-class ConfigError(ValueError):
-    """A config problem: the message names the key and the fix."""
 
 
 # The flat precision keys before the knobs moved into tables: an old key is refused with its new

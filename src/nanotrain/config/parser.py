@@ -12,7 +12,8 @@ from __future__ import annotations
 import tomllib
 from pathlib import Path
 
-from .keys import ConfigError, apply_dict, set_value
+from .errors import ConfigError
+from .keys import apply_dict, set_value
 from .rules import validate
 from .sections import Config
 

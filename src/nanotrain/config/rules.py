@@ -14,8 +14,8 @@ import dataclasses
 import math
 from typing import Any
 
-from .keys import ConfigError
-from .sections import PP_SCHEDULES, Config, ModelConfig, TrainConfig, chunks_per_rank, failed
+from .errors import ConfigError, failed
+from .sections import PP_SCHEDULES, Config, ModelConfig, TrainConfig, chunks_per_rank
 
 
 def validate(cfg: Config) -> None:
