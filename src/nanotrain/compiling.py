@@ -174,7 +174,7 @@ def warm_up(model: nn.Module, shape: tuple[int, ...], dtype: torch.dtype, device
     (micro-batch, sequence positions on this rank, d_model) and one backward to that input only
     (torch.autograd.grad): parameter gradients and their hooks (data-parallel buckets, ZeRO) stay
     untouched. The random state, the blocks' buffers (MoE load counters) and, through
-    `snapshot` (precision.policy.state_snapshot), the GEMM recipes' state are put back, so the
+    `snapshot` (precision.state.state_snapshot), the GEMM recipes' state are put back, so the
     run trains as if no warm-up had happened. Every rank of a world warms up the same blocks in
     the same order, so the collectives inside them pair up."""
     start = time.perf_counter()

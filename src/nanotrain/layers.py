@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .params import Shard, declare, shards_of, spec
+from .params import Shard, declare, shard_part, spec
 from .precision.policy import gemm
 
 
@@ -127,28 +127,6 @@ def full_shape(p: nn.Parameter) -> tuple[int, ...]:
 def logical_numel(model: nn.Module) -> int:
     """Parameters of the whole (unsharded, unpadded) model, counted from this rank's shards."""
     return sum(math.prod(full_shape(p)) for p in model.parameters())
-
-
-def shard_part(full: torch.Tensor, shard: Shard | tuple[Shard, ...] | None) -> torch.Tensor:
-    """The part of the full tensor that `shard` holds (each split of a tuple in turn), zero where
-    the part runs past the full tensor (padding)."""
-    splits = shards_of(shard)
-    if len(splits) != 1:
-        for one in splits:
-            full = shard_part(full, one)
-        return full
-    shard = splits[0]
-    dim = shard.dim % full.dim()
-    part = -(-full.shape[dim] // shard.world)  # padded parts: the full length rounded up to world parts
-    start, stop = shard.span(part)
-    piece = full.narrow(dim, start, stop - start)
-    if stop - start == part:
-        return piece.contiguous()
-    shape = list(full.shape)
-    shape[dim] = part
-    out = full.new_zeros(shape)
-    out.narrow(dim, 0, stop - start).copy_(piece)
-    return out
 
 
 def full_init_tensor(p: nn.Parameter, name: str, seed: int) -> torch.Tensor:

@@ -28,6 +28,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import nn
 
 
@@ -104,6 +105,30 @@ def shards_of(shard: Shard | tuple[Shard, ...] | None) -> tuple[Shard, ...]:
     if shard is None:
         return ()
     return tuple(s for s in (shard if isinstance(shard, tuple) else (shard,)) if s.world > 1)
+
+
+def shard_part(full: torch.Tensor, shard: Shard | tuple[Shard, ...] | None) -> torch.Tensor:
+    """The part of the full tensor that `shard` holds (each split of a tuple in turn), zero where
+    the part runs past the full tensor (padding). Here, beside Shard, because both ends of a
+    parameter's life cut a full tensor to a rank's box: init (layers.py) and loading a checkpoint
+    under any layout (checkpoint/pieces.py)."""
+    splits = shards_of(shard)
+    if len(splits) != 1:
+        for one in splits:
+            full = shard_part(full, one)
+        return full
+    shard = splits[0]
+    dim = shard.dim % full.dim()
+    part = -(-full.shape[dim] // shard.world)  # padded parts: the full length rounded up to world parts
+    start, stop = shard.span(part)
+    piece = full.narrow(dim, start, stop - start)
+    if stop - start == part:
+        return piece.contiguous()
+    shape = list(full.shape)
+    shape[dim] = part
+    out = full.new_zeros(shape)
+    out.narrow(dim, 0, stop - start).copy_(piece)
+    return out
 
 
 UNDECLARED = ParamSpec()  # a parameter no nanotrain layer made: replicated, no init recipe

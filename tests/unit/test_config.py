@@ -153,3 +153,35 @@ def test_section_checks_and_cross_checks():
     with pytest.raises(ConfigError, match="aux_loss_coef > 0 needs whole sequences"):
         load_config(CONFIG, ["--model.arch=deepseek", "--model.aux_loss_coef=0.01", "--parallel.tp=2",
                              "--parallel.sequence_parallel=true"])
+
+
+def test_validation_reads_and_resolution_fills():
+    """validate() changes nothing; what one section takes from another (DualPipeV's micro-batch, from
+    train.micro_batch_size=0) is filled by Config.resolve, which load_config and from_dict run first."""
+    import dataclasses
+
+    from nanotrain.config import validate
+
+    dualpipev = ["--parallel.pp=2", "--parallel.pp_schedule=dualpipev", "--train.batch_size=16"]
+    assert load_config(CONFIG, dualpipev).train.micro_batch_size == 4  # 16 / 4 gives 2 x pp micro-batches
+    cfg = load_config(CONFIG, dualpipev + ["--train.micro_batch_size=1"])
+    cfg.train.micro_batch_size = 0
+    before = dataclasses.asdict(cfg)
+    with pytest.raises(ConfigError, match="DualPipeV needs at least 2 x parallel.pp = 4 micro-batches"):
+        validate(cfg)  # unresolved, it is checked as it stands: one micro-batch of 16
+    assert dataclasses.asdict(cfg) == before
+    assert Config.from_dict(before).train.micro_batch_size == 4
+    cfg.resolve()
+    validate(cfg)
+    assert cfg.train.micro_batch_size == 4
+
+
+def test_one_chunks_per_rank():
+    """The rule lives in config.sections; the config's property and the pipeline's name are it."""
+    from nanotrain.config import ParallelConfig, chunks_per_rank
+    from nanotrain.parallel import pipeline
+
+    assert pipeline.chunks_per_rank is chunks_per_rank
+    assert chunks_per_rank("dualpipev", 1) == 2 and chunks_per_rank("interleaved", 3) == 3
+    assert ParallelConfig(pp_schedule="dualpipev").chunks_per_rank == 2
+    assert ParallelConfig(pp_schedule="interleaved", pp_virtual_stages=4).chunks_per_rank == 4

@@ -62,6 +62,18 @@ def test_apply_writes_the_config_keys_and_checks_them():
         Layout(sp=True).apply(cfg)
 
 
+def test_a_size_is_declared_once_in_the_config():
+    """Layout's defaults are the config's, and from_config reads every key CONFIG_KEYS names."""
+    from nanotrain.config import Config
+    from nanotrain.parallel.layout import CONFIG_KEYS
+
+    assert Layout() == Layout.from_config(Config())
+    cfg = Layout(tp=2, cp=2, pp=2, vp=2, dp=4, ep=2, etp=2, sp=True, zero=2, micro=3).apply(
+        load_config(CONFIG, ["--parallel.pp_schedule=interleaved", "--train.batch_size=24"]))
+    layout = Layout.from_config(cfg)
+    assert [getattr(layout, key) for key in CONFIG_KEYS] == [2, 2, 2, 2, 4, 2, 2, True, 2, 3]
+
+
 def test_vp_is_parallel_pp_virtual_stages_both_ways():
     cfg = load_config(CONFIG, ["--parallel.pp_schedule=interleaved"])
     out = Layout.parse("pp=2,vp=2,micro=2").apply(cfg)
@@ -78,7 +90,7 @@ VP_FIX = "parallel.pp_virtual_stages=2 needs parallel.pp_schedule='interleaved' 
 
 def test_vp_without_the_interleaved_schedule_is_refused_with_the_fix(capsys):
     """The schedule is the config's: verify's config check and inspect's plan both refuse vp=2 under
-    1F1B with the config check's line (pipeline.check_chunks), before any process or schedule runs."""
+    1F1B with the config check's line (config.check_chunks), before any process or schedule runs."""
     with pytest.raises(ConfigError, match=re.escape(VP_FIX)):
         Layout.parse("pp=2,vp=2,micro=2").apply(load_config(CONFIG))
     assert main(["verify", "--config", CONFIG, "--layout", "pp=2,vp=2,micro=2"]) == 2

@@ -21,7 +21,7 @@ from nanotrain.inspection.steptime import Cost, pipeline_makespan
 from nanotrain.inspection.validation import table
 from nanotrain.parallel.layout import Layout
 from nanotrain.parallel.pipeline import cached_timetable
-from nanotrain.parallel.pipeline.actions import timed_play
+from nanotrain.parallel.pipeline.schedules import timed_play
 
 # -- published runs ----------------------------------------------------------------------------------
 

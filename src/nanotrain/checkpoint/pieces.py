@@ -23,9 +23,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..layers import shard_part
 from ..parallel import collectives
-from ..params import shards_of, spec
+from ..params import shard_part, shards_of, spec
 
 
 @dataclass

@@ -31,7 +31,7 @@ from .steptime import StepPlan, model_flops, predict
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb_h1", "dualpipev")
 RECOMPUTE = ("none", "selective", "full")
-SPLIT = ("zb_h1", "dualpipev")  # backward split into B and W: no recomputation, no ZeRO-3 (config.py)
+SPLIT = ("zb_h1", "dualpipev")  # backward split into B and W: no recomputation, no ZeRO-3 (config/rules.py)
 
 
 @dataclass(frozen=True)
@@ -220,6 +220,7 @@ def candidates(req: Request, planner: Planner, structures_: list[tuple]):
 def config_errors(req: Request, plan: Plan) -> list[str]:
     """What the config checks say of this candidate (an empty list: accepted)."""
     cfg = candidate_config(req, plan)
+    cfg.resolve()
     try:
         validate(cfg)
     except ConfigError as e:

@@ -10,7 +10,7 @@ tp group leaves the node: its collectives go over 50 GB/s NICs instead of 360 GB
 
 bubble: the same model's blocks on pp = 8 stages (tp 4, dp 2, micro-batch 1): the bubble's share of
 the step as each schedule plays out, against the micro-batches per step, from the played
-schedule (actions.timed_play) with the model's own action costs.
+schedule (schedules.timed_play) with the model's own action costs.
 """
 
 from __future__ import annotations

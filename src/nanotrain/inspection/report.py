@@ -70,7 +70,7 @@ def plan_layout(m: ModelConfig, seq_len: int, cfg: Config, layout: Layout, micro
     recomputation. capacity: the device's memory in bytes (default: the hardware's); when the
     largest rank does not fit, `fix` names the cheapest change that makes it fit (fit_changes).
     The layout's vp meets the config's schedule here, in no validated config: a vp the schedule
-    cannot run is the config check's line (pipeline.check_chunks, with pp > 1 as there), not an assert
+    cannot run is the config check's line (config.check_chunks, with pp > 1 as there), not an assert
     in the schedule's order. DualPipeV holds 2 chunks per rank whatever vp says (chunks_per_rank)."""
     from ..parallel.pipeline import check_chunks, chunks_per_rank
 

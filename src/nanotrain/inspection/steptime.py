@@ -23,7 +23,7 @@ costs what its layers cost on one rank:
                  `full`; under `selective` (recompute.py keeps matmul and attention outputs) the
                  elementwise ops and the collectives before them
 
-The pipeline is then played (actions.timed_play) with these costs, the real orders the runner
+The pipeline is then played (schedules.timed_play) with these costs, the real orders the runner
 executes, so every schedule's bubble comes from the schedule itself. Pipeline sends overlap: they
 only delay the neighbour's next action by their transfer time. The data-parallel gradient sync
 overlaps with the last micro-batch's backward (bucketed, as parallel/data_parallel.py posts it),
@@ -486,7 +486,7 @@ def pipeline_makespan(plan: Plan, chunks: list[list[tuple[Cost, Cost, Cost]]], h
     `cap` micro-batches (a multiple of pp) and extended at the steady state's pace: past the
     warm-up every further micro-batch adds the same time, which playing two lengths measures."""
     from ..parallel.pipeline import chunks_per_rank
-    from ..parallel.pipeline.actions import timed_play
+    from ..parallel.pipeline.schedules import timed_play
 
     pp, m = plan.pp, plan.micro_batches
     v = chunks_per_rank(plan.pp_schedule, plan.pp_virtual_stages)

@@ -19,13 +19,18 @@ Layout.parse reads it and str(layout) writes it back. The same value comes out o
     zero   optimizer.zero_stage        ZeRO stage: 0 (off), 1 (optimizer state), 2 (and gradients), 3 (and parameters)
     micro  train.micro_batch_size      sequences per micro-batch on one rank (0: batch_size / dp)
 
+The config declares each size once (config/sections.py): its type, its default, its rules on its
+own. A Layout is those ten config values gathered under short names; its defaults are the config's
+defaults, read through CONFIG_KEYS, and from_config and apply go through the same map, so a size
+added to the layout is one line of CONFIG_KEYS and one field here.
+
 A text names only what it changes; parse takes the rest from a base layout (a command passes
 the config's). The world is tp x cp x pp x dp processes; ep is carved out of dp. The zero stage and
 the micro-batch live in other config sections than the sizes, but they are part of how a step
 is laid out over ranks, and a layout that changes them must be checked by the same rules. vp is
 checked against the schedule, which stays the config's (parallel.pp_schedule): a vp it cannot run
 (vp > 1 without 'interleaved'; DualPipeV holds its V of 2 chunks whatever vp says, and takes vp=1)
-is refused where the schedule is known, by pipeline.check_chunks (through Layout.apply's validate,
+is refused where the schedule is known, by config.check_chunks (through Layout.apply's validate,
 and in `nanotrain inspect`'s plan).
 """
 
@@ -36,25 +41,34 @@ from dataclasses import dataclass
 
 from ..config import Config, ConfigError, expert_groups_errors, set_value, validate
 
-# key -> the config key it sets (Layout.from_config, Layout.apply)
+# key -> the config key it is (the defaults, Layout.from_config, Layout.apply)
 CONFIG_KEYS = {"tp": "parallel.tp", "cp": "parallel.cp", "pp": "parallel.pp", "vp": "parallel.pp_virtual_stages",
                "dp": "parallel.dp", "ep": "parallel.ep", "etp": "parallel.etp", "sp": "parallel.sequence_parallel",
                "zero": "optimizer.zero_stage", "micro": "train.micro_batch_size"}
 EXAMPLE = "for example tp=2,dp=2,sp or tp=2,pp=2,dp=2,ep=2,zero=1,micro=2"
 
 
+def config_value(cfg: Config, key: str) -> int | bool:
+    """The config's value of layout key `key` (tp -> cfg.parallel.tp)."""
+    section, name = CONFIG_KEYS[key].split(".")
+    return getattr(getattr(cfg, section), name)
+
+
+DEFAULTS = {key: config_value(Config(), key) for key in CONFIG_KEYS}  # the config's own defaults
+
+
 @dataclass(frozen=True)
 class Layout:
-    tp: int = 1
-    cp: int = 1
-    pp: int = 1
-    vp: int = 1
-    dp: int = 1
-    ep: int = 1
-    etp: int = 1
-    sp: bool = False
-    zero: int = 0
-    micro: int = 0
+    tp: int = DEFAULTS["tp"]
+    cp: int = DEFAULTS["cp"]
+    pp: int = DEFAULTS["pp"]
+    vp: int = DEFAULTS["vp"]
+    dp: int = DEFAULTS["dp"]
+    ep: int = DEFAULTS["ep"]
+    etp: int = DEFAULTS["etp"]
+    sp: bool = DEFAULTS["sp"]
+    zero: int = DEFAULTS["zero"]
+    micro: int = DEFAULTS["micro"]
 
     @property
     def world_size(self) -> int:
@@ -96,9 +110,7 @@ class Layout:
 
     @classmethod
     def from_config(cls, cfg: Config) -> Layout:
-        p = cfg.parallel
-        return cls(tp=p.tp, cp=p.cp, pp=p.pp, vp=p.pp_virtual_stages, dp=p.dp, ep=p.ep, etp=p.etp,
-                   sp=p.sequence_parallel, zero=cfg.optimizer.zero_stage, micro=cfg.train.micro_batch_size)
+        return cls(**{key: config_value(cfg, key) for key in CONFIG_KEYS})
 
     def check(self) -> list[str]:
         """What no model can run: ep not dividing dp (config.expert_groups_errors). What a given model
@@ -106,11 +118,12 @@ class Layout:
         return expert_groups_errors(self.dp, self.ep)
 
     def apply(self, cfg: Config) -> Config:
-        """A copy of cfg that runs this layout, validated: a layout the config cannot run (heads that
-        tp does not divide, sp without tp) is a ConfigError naming the config key."""
+        """A copy of cfg that runs this layout, resolved and validated: a layout the config cannot run
+        (heads that tp does not divide, sp without tp) is a ConfigError naming the config key."""
         cfg = Config.from_dict(dataclasses.asdict(cfg))
         for key, dotted in CONFIG_KEYS.items():
             set_value(cfg, dotted, getattr(self, key), source="--layout")
+        cfg.resolve()  # micro=0 under DualPipeV: the size the schedule needs, as load_config would
         validate(cfg)
         return cfg
 

@@ -40,8 +40,9 @@ from ..parallel.state import all_reduce, barrier
 from ..parallel.tensor_parallel import padded_vocab
 from ..precision.loss_scaling import LossScaler
 from ..precision.master import Dtypes
-from ..precision.policy import describe_policy, load_state as load_precision_state, state_snapshot
-from ..precision.policy import state_pieces as precision_state_pieces
+from ..precision.policy import describe_policy
+from ..precision.state import load_state as load_precision_state, state_snapshot
+from ..precision.state import state_pieces as precision_state_pieces
 from .components import default_components, write_run_config
 from .contracts import RuntimeComponents, RuntimeContext, TrainData
 from .divergence import NonFiniteGuard, TrainingError, hint, nonfinite_error

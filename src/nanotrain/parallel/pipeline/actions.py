@@ -8,7 +8,7 @@
 
 gpipe.py, one_f_one_b.py, interleaved.py, zero_bubble.py and dualpipev.py each only
 produce these orders. Which global chunk a rank's local chunk k is comes from the
-placement (chunk_ids in __init__.py): chunk k * pp + rank for all but DualPipeV's V. Turning
+placement (chunk_ids in schedules.py): chunk k * pp + rank for all but DualPipeV's V. Turning
 an order into communication is shared, here: `timetable` plays all ranks' orders
 in unit time slots (each rank runs its next action as soon as the inputs it needs
 were produced in an earlier slot), which tells every rank in which slot each message
@@ -26,7 +26,6 @@ taking one slot, its idle slots give the schedule's ideal bubble.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import lru_cache
 
 
 @dataclass(frozen=True)
@@ -123,56 +122,6 @@ def needs(kind: str, c: int, mb: int, n_chunks: int, rank: int) -> list[tuple[st
     raise ValueError(f"pipeline rank {rank}: unknown action kind {kind!r} (F, B or W)")
 
 
-def timed_play(schedule: str, pp: int, v: int, m: int, cost, hop) -> tuple[float, list[float]]:
-    """Play the schedule's real orders (the ones the runner executes) with times instead of unit
-    slots: each rank runs its actions in order, each as soon as the rank is free and its inputs
-    have arrived. cost(rank, action, split) -> seconds of compute (exposed communication included),
-    where split says that a B computes only the input's gradient (a W follows with the weights')
-    and that a W has work left (on the model's first chunk a B runs whole: Timetable.split);
-    hop(src_rank, dst_rank) -> seconds for the activation or gradient to travel (0 on one rank).
-    Returns (makespan, busy seconds of each rank): the bubble is what lies between them.
-    nanotrain plan's step-time model (inspection/steptime.py) uses it, so every schedule's bubble
-    comes out of the schedule itself."""
-    from . import SCHEDULES, chunk_ids
-
-    placement = chunk_ids(schedule, pp, v)
-    orders = [SCHEDULES[schedule](r, pp, v, m) for r in range(pp)]
-    n_chunks = pp * v
-    rank_of = {c: r for r, ids in enumerate(placement) for c in ids}
-    finish: dict[tuple[str, int, int], float] = {}
-    free = [0.0] * pp
-    busy = [0.0] * pp
-    pos = [0] * pp
-    split = [{(a.chunk, a.mb) for a in order if a.kind == "W" and placement[r][a.chunk] != 0}
-             for r, order in enumerate(orders)]
-    remaining = sum(map(len, orders))
-    while remaining:
-        progressed = False
-        for r in range(pp):
-            while pos[r] < len(orders[r]):  # run this rank until it waits on another
-                a = orders[r][pos[r]]
-                c = placement[r][a.chunk]
-                ready = free[r]
-                for kind, cc, mb in needs(a.kind, c, a.mb, n_chunks, r):
-                    done = finish.get((kind, cc, mb))
-                    if done is None:
-                        break
-                    src = rank_of[cc]
-                    ready = max(ready, done + (hop(src, r) if src != r else 0.0))
-                else:
-                    t = cost(r, a, (a.chunk, a.mb) in split[r])
-                    finish[(a.kind, c, a.mb)] = free[r] = ready + t
-                    busy[r] += t
-                    pos[r] += 1
-                    remaining -= 1
-                    progressed = True
-                    continue
-                break
-        if not progressed:
-            raise ValueError(f"pipeline schedule {schedule} cannot proceed: every rank waits")
-    return max(free), busy
-
-
 def timetable(orders: list[list[Action]], v: int = 1, placement: list[list[int]] | None = None) -> Timetable:
     """Play the per-rank orders in unit slots; raise ValueError if they cannot all finish.
     placement[rank][k]: the global chunk of rank's local chunk k (default: loop_placement)."""
@@ -232,18 +181,6 @@ def timetable(orders: list[list[Action]], v: int = 1, placement: list[list[int]]
         if late:
             raise ValueError(f"pipeline rank {r}: W without its B for (chunk, micro-batch) {sorted(late)}")
     return Timetable(pp, v, slots, messages, placement)
-
-
-@lru_cache(maxsize=64)
-def cached_timetable(schedule: str, pp: int, v: int, m: int, forward_only: bool = False) -> Timetable:
-    from . import SCHEDULES, chunk_ids
-
-    placement = chunk_ids(schedule, pp, v)
-    if forward_only:
-        orders = [forward_only_order(ids, m) for ids in placement]
-    else:
-        orders = [SCHEDULES[schedule](r, pp, v, m) for r in range(pp)]
-    return timetable(orders, v, placement)
 
 
 def forward_only_order(ids: list[int], m: int) -> list[Action]:

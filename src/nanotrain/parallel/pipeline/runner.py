@@ -35,7 +35,8 @@ import torch.distributed as dist
 from torch import nn
 
 from ..collectives import Group, batch_isend_irecv
-from .actions import Action, cached_timetable
+from .actions import Action
+from .schedules import cached_timetable
 from .split_backward import WeightGradients, backward_input
 from .stage import Stage
 

@@ -27,8 +27,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from ...config import chunks_per_rank
 from ...monitoring.comm import union_length
 from .actions import Action, Timetable
+from .schedules import cached_timetable
 
 Event = tuple[str, int, int, float, float]  # (kind, chunk, mb, start_s, end_s)
 COMPUTE = ("F", "B", "W")
@@ -78,6 +80,20 @@ def measured_bubble(timelines: list[RankTimeline]) -> float:
     # The union: DualPipeV's paired forward and backward can run at once.
     busy = [union_length((s, e) for k, _, _, s, e in events if k in COMPUTE) for events in aligned]
     return 1 - sum(busy) / len(busy) / span
+
+
+def textbook_bubble(pp: int, m: int, v: int = 1, name: str = "1f1b") -> float:
+    """Idle fraction of a step, with a backward twice a forward and free communication.
+
+    GPipe and 1F1B: (pp - 1) / (m + pp - 1). Interleaving makes fill and drain v times
+    shorter: Narayanan et al. give the bubble as (1/v) (pp - 1) / m of the compute time,
+    i.e. (pp - 1) / (v m + pp - 1) of the step, about the 1F1B fraction divided by v.
+    The split schedules' is their play-through's (timeline.timetable_timelines: F, B and W
+    one unit each). For ZB-H1 with m >= pp that is pp - 1 idle units per rank beside 3 m of
+    work, (pp - 1) / (3 m + pp - 1); DualPipeV has no short formula."""
+    if name in ("zb_h1", "dualpipev"):
+        return measured_bubble(timetable_timelines(cached_timetable(name, pp, chunks_per_rank(name, v), m)))
+    return (pp - 1) / (v * m + pp - 1)
 
 
 def format_bubble(measured: float, textbook: float | None = None) -> str:
@@ -218,8 +234,6 @@ def plot_timeline(timelines: list[RankTimeline], path: str | Path, title: str = 
 
 def draw_schedule(name: str, pp: int, m: int, v: int, path: str | Path) -> Path:
     """The textbook picture of a schedule (no process runs): docs/img/pp_*.png."""
-    from . import cached_timetable, textbook_bubble
-
     tt = cached_timetable(name, pp, v, m)
     label = {"gpipe": "GPipe", "1f1b": "1F1B", "interleaved": "interleaved 1F1B", "zb_h1": "ZB-H1",
              "dualpipev": "DualPipeV"}[name]
