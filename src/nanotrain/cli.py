@@ -74,10 +74,29 @@ def _sample_device(name: str) -> str:
 def cmd_verify(args, overrides) -> int:
     from .verify import verify
 
+    _verify_overrides(args, overrides)
     cfg = _config(args, overrides)
     report = verify(cfg, args.layout, args.steps, args.tolerance, args.precision)
     print(report.table(args.layout))
     return 0 if report.ok else 1
+
+
+def _verify_overrides(args, overrides) -> None:
+    """verify sets some keys on both sides (verify.SETS): a user's value for one of them does not
+    stand. Where verify has its own flag for it, a disagreeing value is refused (say it with the flag);
+    else a note says verify's value wins."""
+    from .config import parse_overrides
+    from .verify import SETS
+
+    flags = {"precision.recipe": ("--precision", args.precision), "train.max_steps": ("--steps", str(args.steps))}
+    for key, value in parse_overrides(overrides):
+        if key in flags and value != flags[key][1]:
+            flag, own = flags[key]
+            raise ConfigError(f"--{key}={value} disagrees with verify's {flag} {own}, which sets it for both sides "
+                              f"({SETS[key]}): pass {flag} instead.")
+        if key in SETS and key not in flags:
+            print(f"note: verify sets {key} for both sides ({SETS[key]}): --{key}={value} is not used",
+                  file=sys.stderr)
 
 
 def cmd_convert(args, overrides) -> int:

@@ -148,3 +148,34 @@ def test_verify_fails_on_a_late_bug_with_the_rounding_spread_measured(tmp_path):
     assert report.spread and max(report.spread.values()) < TOL / 10, report.table("tp=2")  # measured, small
     assert not report.ok and report.over()[0] == 4, report.table("tp=2")
     assert report.norm_diffs[4] > 10 * report.limit(4), report.table("tp=2")  # measured: 62x
+
+
+def test_bf16_is_judged_against_its_own_rounding(tmp_path):
+    """In bf16 a split of one process's batch moves step 1 by ~1e-5 already: far past the fp32
+    tolerance, within the rounding spread verify measures (micro-batch reorderings of the reference).
+    A reordering and a real layout pass, and say what they were measured against (issue 43)."""
+    for layout in ("micro=2", "tp=2,dp=2"):
+        report = verify(config(tmp_path), layout, steps=4, tolerance=TOL, precision="bf16", references=REFERENCES)
+        table = report.table(layout)
+        print(table)
+        assert report.low_precision and report.ok, table
+        assert report.spread[1] > 0 and report.grad_spread > 0, table  # measured, step 1 included
+        (line,) = [ln for ln in table.splitlines() if ln.startswith("layout ") and " vs rounding spread " in ln]
+        assert line.endswith(": PASS") and f"vs rounding spread {report.grad_spread:.1e}: PASS" in line, table
+
+
+def test_bf16_judgement_still_fails_a_real_bug(tmp_path):
+    """The same planted bug as in fp32 (a tp shard's gradient doubled), in bf16: the rounding spread
+    does not hide it; the tensor is named."""
+    name = "layers.1.mlp.w2.weight"
+    cfg = config(tmp_path)
+    ref_cfg = reference_config(cfg, 3, str(tmp_path / "reference"), "bf16")
+    ref = train_and_capture(dataclasses.asdict(ref_cfg))
+    par_cfg = layout_config(reference_config(cfg, 3, str(tmp_path / "layout"), "bf16"), "tp=2")
+    bug = functools.partial(_double_a_shard, name=name)
+    other = run_world(bug, Layout.from_config(par_cfg).world_size, dataclasses.asdict(par_cfg))[0]
+    report = judge(ref, other, dataclasses.asdict(ref_cfg), str(tmp_path / "probes"), TOL, "bf16")
+    table = report.table("tp=2")
+    print(table)
+    assert not report.ok and report.worst_grad[0] == name, table
+    assert report.worst_grad[1] > 10 * report.grad_limit, table
