@@ -94,3 +94,15 @@ def test_a_pipe_as_the_corpus_is_named(tmp_path, capsys):
     os.mkfifo(fifo)
     err = _error(capsys, ["prepare", f"--data.path={fifo}"])
     assert "is not a regular file or a folder (a pipe, socket or device)" in err
+
+
+def test_shards_so_small_they_would_make_a_file_per_token_are_refused(capsys):
+    err = _error(capsys, ["prepare", "--data.shard_tokens=1"])
+    assert "data.shard_tokens=1 would cut" in err and "into up to 1,115,394 token files" in err
+
+
+@pytest.mark.parametrize("value", [",", "a.jsonl:0.5,,b.jsonl:0.5"])
+def test_a_sources_list_with_an_empty_entry_is_refused(capsys, value):
+    """--data.sources=, is not "no sources" (the run would silently train on data.path)."""
+    err = _error(capsys, ["prepare", f"--data.sources={value}"])
+    assert f"data.sources={value!r} has an empty entry" in err

@@ -104,7 +104,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if origin is list:  # from TOML a list; from the command line "a,b,c" ("" is the empty list)
         (item,) = typing.get_args(tp)
         if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
+            entries = [v.strip() for v in value.split(",")] if value.strip() else []
+            if "" in entries:  # "," or "a,,b": an entry left out, not an empty list asked for
+                raise ConfigError(f"{key}={value!r} has an empty entry: separate the entries by single commas "
+                                  f"(a,b), or give {key}=\"\" for none.")
+            value = entries
         if not isinstance(value, list):
             raise ConfigError(f"{key} must be a list, got {value!r}.")
         return [_coerce(v, item, key) for v in value]

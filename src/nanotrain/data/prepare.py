@@ -132,6 +132,7 @@ def _prepare(cfg: DataConfig, seq_len: int, log, files, given, fingerprint: str,
     # files in the output folder; memory holds one batch, not the corpus. The previous
     # preparation stays valid until the commit below, and a problem found midway (a bad line in
     # the last file) removes the temporary files: nothing prepared before is lost.
+    _check_shards(cfg, files)
     tok = given or _train_tokenizer(cfg, files)
     if isinstance(tok, PretrainedTokenizer) and tok.eos_id is None:
         log(f"warning: the tokenizer {_tokenizer_name(cfg, tok)} has no end-of-text token (no eos_token in its "
@@ -177,6 +178,22 @@ def _prepare(cfg: DataConfig, seq_len: int, log, files, given, fingerprint: str,
 
     log(_prepared_line(cfg, out, meta, tok, len(files), time.perf_counter() - t0))
     return _result(out, meta, tok)
+
+
+MAX_SHARD_FILES = 100_000  # token files one preparation may write (a folder beyond that is hard to use)
+
+
+def _check_shards(cfg: DataConfig, files: list[SourceFile]) -> None:
+    """Refuse a data.shard_tokens that would write more than MAX_SHARD_FILES files, before any work:
+    a corpus has at most one token per byte (a character or more each), so its bytes bound the count."""
+    if not cfg.shard_tokens:
+        return
+    most = sum(f.path.stat().st_size for f in files) // cfg.shard_tokens
+    if most > MAX_SHARD_FILES:
+        raise DataError(f"data.shard_tokens={cfg.shard_tokens:,} would cut {cfg.path} ({most * cfg.shard_tokens:,} "
+                        f"bytes) into up to {most:,} token files: give shards of at least "
+                        f"{-(-most * cfg.shard_tokens // MAX_SHARD_FILES):,} tokens (e.g. 100000000), or 0 for "
+                        "one file per split.")
 
 
 def _meta(cfg: DataConfig, files, fingerprint: str, tok, dtype, n_docs: int, n_train: int, n_val: int) -> dict:
