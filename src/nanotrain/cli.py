@@ -83,19 +83,18 @@ def cmd_verify(args, overrides) -> int:
 
 def _verify_overrides(args, overrides) -> None:
     """verify sets some keys on both sides (verify.SETS): a user's value for one of them does not
-    stand. Where verify has its own flag for it, a disagreeing value is refused (say it with the flag);
-    else a note says verify's value wins."""
+    stand. A precision that disagrees with --precision is refused (the user meant to verify in it: say
+    it with the flag); for the others a note says verify's value wins."""
     from .config import parse_overrides
     from .verify import SETS
 
-    flags = {"precision.recipe": ("--precision", args.precision), "train.max_steps": ("--steps", str(args.steps))}
     for key, value in parse_overrides(overrides):
-        if key in flags and value != flags[key][1]:
-            flag, own = flags[key]
-            raise ConfigError(f"--{key}={value} disagrees with verify's {flag} {own}, which sets it for both sides "
-                              f"({SETS[key]}): pass {flag} instead.")
-        if key in SETS and key not in flags:
-            print(f"note: verify sets {key} for both sides ({SETS[key]}): --{key}={value} is not used",
+        if key == "precision.recipe" and value != args.precision:
+            raise ConfigError(f"--{key}={value} disagrees with verify's --precision {args.precision}, which sets it "
+                              f"for both sides ({SETS[key]}): pass --precision instead.")
+        own = {"model.dropout": "0.0"}.get(key)  # (train.max_steps: --steps, the command's own length)
+        if own is not None and float(value) != float(own):
+            print(f"note: verify sets {key}={own} for both sides ({SETS[key]}): --{key}={value} is not used",
                   file=sys.stderr)
 
 
@@ -184,7 +183,10 @@ def cmd_inspect(args, overrides) -> int:
     import json
 
     from .inspection.hardware import get_accelerator
-    from .inspection.report import inspect_model, markdown, model_config, plan_layout, write_report
+    from dataclasses import replace
+
+    from .config import validate
+    from .inspection.report import inspect_model, markdown, model_config, plan_layout, run_config, write_report
     from .parallel.layout import Layout
 
     if args.config and args.hf_config:
@@ -198,6 +200,13 @@ def cmd_inspect(args, overrides) -> int:
     t = cfg.train
     mbs = args.micro_batch_size or layout.micro or (1 if args.hf_config else max(1, t.batch_size // layout.dp))
     micro_batches = args.micro_batches or (None if args.hf_config else max(1, t.batch_size // (layout.dp * mbs)))
+    # The layout as `nanotrain train` would run it goes through the config checks first: what train
+    # refuses (a batch dp does not divide, a tp that does not divide the heads) inspect refuses too.
+    # The global batch is the config's, or with --micro-batches (and for --hf-config) the one they make.
+    fill = layout.pp * (2 if cfg.parallel.pp_schedule == "dualpipev" else 1)
+    batch = t.batch_size if args.config and not args.micro_batches else mbs * (micro_batches or fill) * layout.dp
+    validate(run_config(cfg, m, replace(layout, micro=mbs), cfg.parallel.pp_schedule, layout.vp, t.recompute,
+                        batch, seq))
     hardware = get_accelerator(args.hardware)
     if cfg.precision.recipe == "auto":  # what a run on that hardware would pick (runtime/machine.py)
         fast_bf16 = hardware.fp32_flops is None or hardware.bf16_flops >= hardware.fp32_flops

@@ -158,10 +158,18 @@ def test_inspect_prints_memory_per_rank(tmp_path, capsys):
     assert "## Memory per rank" in (tmp_path / "report.md").read_text()
 
 
-def test_inspect_names_an_impossible_layout(capsys):
+@pytest.mark.parametrize("layout,words", [
+    ("tp=3", "model.n_heads=4 is not divisible by parallel.tp=3"),
+    ("dp=5", "train.batch_size=24 is not divisible by train.micro_batch_size=4 x parallel.dp=5"),
+    ("dp=99999999999999999999", "is not divisible by train.micro_batch_size=1 x parallel.dp=99999999999999999999"),
+])
+def test_inspect_refuses_what_train_refuses_in_its_words(capsys, layout, words):
+    """One set of checks for every command (issue 40): inspect puts the layout through the config
+    checks train runs (report.run_config), and says what they say."""
     assert main(["inspect", "--config", "configs/deepseek_tiny.toml", "--model.vocab_size=64",
-                 "--layout", "tp=3"]) == 2
-    assert "tp=3 does not divide" in capsys.readouterr().err
+                 "--layout", layout]) == 2
+    err = capsys.readouterr().err
+    assert words in err and "Traceback" not in err, err
 
 
 def _inspect_json(capsys, *extra) -> dict:

@@ -27,6 +27,7 @@ from ..config import Config, ConfigError, ModelConfig, validate
 from ..parallel.layout import Layout
 from .cluster import Cluster
 from .memory import Plan, RankModelView, memory_per_rank
+from .report import run_config
 from .steptime import StepPlan, model_flops, predict
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb_h1", "dualpipev")
@@ -220,7 +221,6 @@ def candidates(req: Request, planner: Planner, structures_: list[tuple]):
 def config_errors(req: Request, plan: Plan) -> list[str]:
     """What the config checks say of this candidate (an empty list: accepted)."""
     cfg = candidate_config(req, plan)
-    cfg.resolve()
     try:
         validate(cfg)
     except ConfigError as e:
@@ -230,18 +230,9 @@ def config_errors(req: Request, plan: Plan) -> list[str]:
 
 def candidate_config(req: Request, plan: Plan) -> Config:
     """The run config of a candidate: the request's config with its layout, schedule, recomputation,
-    sequence and global batch."""
-    cfg = Config.from_dict(dataclasses.asdict(req.cfg))
-    cfg.model = replace(req.m)
-    lay = plan.layout
-    cfg.parallel.tp, cfg.parallel.cp, cfg.parallel.pp, cfg.parallel.dp = lay.tp, lay.cp, lay.pp, lay.dp
-    cfg.parallel.ep, cfg.parallel.etp, cfg.parallel.sequence_parallel = lay.ep, lay.etp, lay.sp
-    cfg.parallel.pp_schedule = plan.pp_schedule
-    cfg.parallel.pp_virtual_stages = plan.pp_virtual_stages if plan.pp_schedule == "interleaved" else 1
-    cfg.optimizer.zero_stage = lay.zero
-    cfg.train.micro_batch_size, cfg.train.batch_size, cfg.train.seq_len = lay.micro, req.global_batch, req.seq_len
-    cfg.train.recompute = plan.recompute
-    return cfg
+    sequence and global batch (report.run_config, as inspect checks a layout)."""
+    return run_config(req.cfg, req.m, plan.layout, plan.pp_schedule, plan.pp_virtual_stages, plan.recompute,
+                      req.global_batch, req.seq_len)
 
 
 def layout_dict(plan: Plan) -> dict:

@@ -3,6 +3,7 @@ and its roofline, from a config, before it runs."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -60,6 +61,25 @@ def inspect_model(m: ModelConfig, seq_len: int, *, hardware: Accelerator | None 
     if hardware is not None:
         r["roofline"] = roofline(m, seq_len, hardware, micro_batch_size, DTYPE_BYTES[dtype], model)
     return r
+
+
+def run_config(cfg: Config, m: ModelConfig, layout: Layout, schedule: str, vp: int, recompute: str,
+               global_batch: int, seq_len: int) -> Config:
+    """The config `nanotrain train` would run for a layout: cfg with m as its model, the layout's
+    sizes (tp, cp, pp, dp, ep, etp, sp, ZeRO stage, micro-batch), this pipeline schedule and chunks,
+    recomputation, global batch and sequence length. inspect and plan put every layout they show
+    through the config checks this way, so that they refuse what train refuses, in its words."""
+    cfg = Config.from_dict(dataclasses.asdict(cfg))
+    cfg.model = replace(m)
+    p = cfg.parallel
+    p.tp, p.cp, p.pp, p.dp, p.ep, p.etp = layout.tp, layout.cp, layout.pp, layout.dp, layout.ep, layout.etp
+    p.sequence_parallel, p.pp_schedule = layout.sp, schedule
+    p.pp_virtual_stages = vp if schedule == "interleaved" else 1
+    cfg.optimizer.zero_stage = layout.zero
+    cfg.train.micro_batch_size, cfg.train.batch_size, cfg.train.seq_len = layout.micro, global_batch, seq_len
+    cfg.train.recompute = recompute
+    cfg.resolve()
+    return cfg
 
 
 def plan_layout(m: ModelConfig, seq_len: int, cfg: Config, layout: Layout, micro_batch_size: int,
