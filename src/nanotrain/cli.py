@@ -75,7 +75,7 @@ def cmd_verify(args, overrides) -> int:
     from .verify import verify
 
     _verify_overrides(args, overrides)
-    cfg = _config(args, overrides)
+    cfg = load_config(args.config, overrides, check=False)  # checked once, under the layout (verify)
     report = verify(cfg, args.layout, args.steps, args.tolerance, args.precision)
     print(report.table(args.layout))
     return 0 if report.ok else 1

@@ -259,7 +259,10 @@ def verify(cfg: Config, layout: str, steps: int = 10, tolerance: float = 1e-5, p
     from .parallel.launch import run_world
 
     with tempfile.TemporaryDirectory(prefix="nanotrain-verify-") as tmp:
-        ref_cfg = reference_config(cfg, steps, f"{tmp}/reference", precision)
+        # One process: every size 1 (a --parallel.etp=2 given beside --layout tp=2,ep=2 is the
+        # layout's); each side is checked under its own sizes, after every value is in.
+        one = dataclasses.replace(Layout.from_config(cfg), tp=1, cp=1, pp=1, vp=1, dp=1, ep=1, etp=1, sp=False)
+        ref_cfg = one.apply(reference_config(cfg, steps, f"{tmp}/reference", precision))
         # The reference keeps every activation: recomputation (train.recompute) is a memory trade that
         # must not change the model, so a layout that recomputes is checked against one that does not.
         ref_cfg.train.recompute = "none"

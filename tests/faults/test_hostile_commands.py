@@ -104,3 +104,17 @@ def test_verify_says_which_of_its_settings_wins(capsys):
     notes = capsys.readouterr().err.splitlines()
     assert notes == ["note: verify sets model.dropout=0.0 for both sides (dropout masks come from per-process "
                      "random streams: they differ by layout by design): --model.dropout=0.1 is not used"]
+
+
+def test_a_config_is_checked_once_after_the_layout(capsys):
+    """`verify --layout tp=2,ep=2,dp=2 --parallel.etp=2`: etp=2 is valid under the layout's tp=2, not
+    under the config's tp=1, so the config is checked after the layout applies (issue 40)."""
+    from nanotrain.config import load_config
+    from nanotrain.parallel.layout import Layout
+
+    over = ["--model.vocab_size=64", "--parallel.etp=2"]
+    with pytest.raises(Exception, match="parallel.etp=2"):
+        load_config("configs/deepseek_tiny.toml", over)  # alone, tp=1: refused, as train refuses it
+    cfg = load_config("configs/deepseek_tiny.toml", over, check=False)
+    run = Layout.parse("tp=2,ep=2,dp=2", Layout.from_config(cfg)).apply(cfg)
+    assert (run.parallel.tp, run.parallel.ep, run.parallel.etp) == (2, 2, 2)
