@@ -13,7 +13,7 @@ ARGS   ?=
 JOBS   ?= 2
 PYTEST := $(PY) -m pytest -q -n $(JOBS) --dist loadgroup
 
-.PHONY: train train-dp test test-avx2 setup data bench clean
+.PHONY: train train-dp test test-avx2 test-wheel setup data bench clean
 
 $(VENV)/.installed: pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; install Python 3.11 or run make PYTHON=/path/to/python3.11"; exit 1; }
@@ -60,3 +60,14 @@ bench: setup
 
 clean:
 	rm -rf runs data/*.nanotrain
+
+# The package as a user installs it (issue 41): a wheel built from this checkout, installed into a
+# fresh environment (torch pinned as above), trains the shipped config from an empty folder.
+test-wheel: setup
+	rm -rf build/wheel-test && mkdir -p build/wheel-test/run
+	$(PY) -m pip wheel --quiet --no-deps --wheel-dir build/wheel-test .
+	$(PYTHON) -m venv build/wheel-test/venv
+	build/wheel-test/venv/bin/python -m pip install --quiet "torch==2.13.0"
+	build/wheel-test/venv/bin/python -m pip install --quiet build/wheel-test/nanotrain-*.whl
+	cd build/wheel-test/run && ../venv/bin/nanotrain train --config shakespeare_char --train.max_steps=20 \
+		--logging.progress=plain

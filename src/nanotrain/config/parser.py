@@ -38,16 +38,29 @@ def parse_overrides(args: list[str]) -> list[tuple[str, str]]:
     return pairs
 
 
+def config_path(path: str | Path) -> Path:
+    """The config file `path` names: a file, or the name of a config nano-train ships (`--config
+    shakespeare_char`: configs/shakespeare_char.toml of the checkout or the installed package)."""
+    from ..shipped import shipped, shipped_configs
+
+    p = Path(path)
+    if p.is_file():
+        return p
+    name = p.stem if p.suffix == ".toml" else p.name
+    found = shipped(f"configs/{name}.toml") if p.parent in (Path("."), Path("configs")) else None
+    if found is None:
+        raise ConfigError(f"config file {p} does not exist. Pass a TOML file, or the name of a shipped config: "
+                          f"{', '.join(shipped_configs())} (for example --config shakespeare_char).")
+    return found
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None, check: bool = True) -> Config:
     """Read a TOML config (or start from defaults), apply command-line overrides, resolve, validate.
     check=False leaves the validation to a command that applies more values first (verify's
     --layout): the config is checked once, after every source of values, not before the last."""
     cfg = Config()
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {p} does not exist. Pass one of the files in configs/ "
-                              "(for example configs/shakespeare_char.toml).")
+        p = config_path(path)
         try:
             data = tomllib.loads(p.read_text())
         except tomllib.TOMLDecodeError as e:

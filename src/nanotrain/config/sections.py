@@ -353,6 +353,11 @@ class LoggingConfig:
     log_interval: int = 10
     progress: Literal["auto", "rich", "plain", "none"] = "auto"
     tensorboard: bool = True
+    # Weights & Biases (monitoring/wandb_sink.py; pip install 'nanotrain[wandb]'): the project, and the
+    # run's name ("": the run folder's name). Offline with WANDB_MODE=offline.
+    wandb: bool = False
+    wandb_project: str = "nanotrain"
+    wandb_run: str = ""
     plot: bool = True
     # The matmul peak of one GPU, or of one CPU node (all its cores), in the dtype the run computes in,
     # for the MFU; 0: the datasheet (known GPUs) or a short torch.mm probe on rank 0 (runtime/machine.py).
@@ -364,6 +369,7 @@ class LoggingConfig:
     def check(self) -> list[str]:
         return failed([
             (self.log_interval >= 1, f"logging.log_interval={self.log_interval} must be >= 1."),
+            (not self.wandb or bool(self.wandb_project), "logging.wandb_project is empty: name the W&B project."),
             (self.timeline_step >= 0, f"logging.timeline_step={self.timeline_step} must be >= 0 (0: off)."),
             (self.peak_tflops >= 0, f"logging.peak_tflops={self.peak_tflops} must be >= 0 (0: measure it)."),
         ])

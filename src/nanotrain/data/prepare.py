@@ -79,6 +79,7 @@ def prepare_data(cfg: DataConfig, seq_len: int, log: Callable[[str], None] = pri
     Every input problem raises DataError before anything is written.
     """
     t0 = time.perf_counter()
+    cfg = _shipped_corpus(cfg, log)
     files = find_sources(Path(cfg.path))
     # A tokenizer known before reading the corpus: a model's own, or a mixture's shared one.
     given = tokenizer or (PretrainedTokenizer.load(cfg.tokenizer) if is_pretrained(cfg.tokenizer) else None)
@@ -98,6 +99,24 @@ def prepare_data(cfg: DataConfig, seq_len: int, log: Callable[[str], None] = pri
     log(f"data up to date: {out} ({cached.n_train_tokens:,} train + {cached.n_val_tokens:,} val tokens, "
         f"{_tokenizer_name(cfg, cached.tokenizer)} vocab {cached.vocab_size})")
     return cached
+
+
+def _shipped_corpus(cfg: DataConfig, log: Callable[[str], None]) -> DataConfig:
+    """A relative data.path that is not here but is a corpus nano-train ships (the default,
+    data/tinyshakespeare.txt, run from outside the checkout): the shipped copy, said in one line.
+    Its tokens go where the relative path would have put them (data/tinyshakespeare.nanotrain/ here),
+    not beside the installed package."""
+    from ..shipped import shipped
+
+    path = Path(cfg.path)
+    bundled = shipped(path) if not path.is_absolute() and not path.exists() else None
+    if bundled is None or bundled.resolve() == path.resolve():
+        return cfg
+    key = "char" if cfg.tokenizer == "char" else f"bpe-{cfg.vocab_size}"
+    prepared = cfg.prepared_dir or str(path.parent / f"{path.stem}.nanotrain" / key)
+    log(f"data.path={cfg.path} is not in {Path.cwd()}: using the copy shipped with nano-train ({bundled}), "
+        f"prepared into {prepared}")
+    return dataclasses.replace(cfg, path=str(bundled), prepared_dir=prepared)
 
 
 @contextlib.contextmanager

@@ -323,6 +323,13 @@ class MetricsLogger:
             if hasattr(s, "notice"):
                 s.notice(text)
 
+    def picture(self, name: str, path: str | Path, step: int) -> None:
+        """A picture the run drew (the loss curve, the pipeline timeline), to the sinks that show
+        pictures (Weights & Biases); the file itself is already in out_dir."""
+        for s in self.sinks:
+            if hasattr(s, "picture"):
+                s.picture(name, path, step)
+
     def close(self) -> None:
         for s in self.sinks:
             s.close()
@@ -340,13 +347,17 @@ class NullLogger:
     def notice(self, text: str) -> None:
         pass
 
+    def picture(self, name: str, path: str | Path, step: int) -> None:
+        pass
+
     def close(self) -> None:
         pass
 
 
 def build_logger(logging_cfg, out_dir: str | Path, total_steps: int, start_step: int,
-                 rank: int) -> MetricsLogger | NullLogger:
-    """Rank 0: console + out_dir/metrics.jsonl (+ out_dir/tensorboard/). Other ranks: NullLogger."""
+                 rank: int, config: dict | None = None) -> MetricsLogger | NullLogger:
+    """Rank 0: console + out_dir/metrics.jsonl (+ out_dir/tensorboard/, + Weights & Biases with the
+    run's `config`). Other ranks: NullLogger."""
     if rank != 0:
         return NullLogger()
     out_dir = Path(out_dir)
@@ -355,4 +366,8 @@ def build_logger(logging_cfg, out_dir: str | Path, total_steps: int, start_step:
                    JSONLSink(out_dir / "metrics.jsonl", start_step)]
     if logging_cfg.tensorboard:
         sinks.append(TensorBoardSink(out_dir / "tensorboard"))
+    if logging_cfg.wandb:
+        from .wandb_sink import WandbSink
+
+        sinks.append(WandbSink(logging_cfg, out_dir, config or {}, start_step))
     return MetricsLogger(sinks)
