@@ -26,6 +26,7 @@ import functools
 import os
 import platform
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -234,6 +235,22 @@ def job_peak(machine: Machine, dtype: str, peak_tflops: float = 0.0) -> tuple[fl
     if best != dtype:
         note += f"; above this CPU's {dtype} rate of {machine.rates.get(dtype, 0) / 1e12:.3g} TFLOP/s"
     return machine.rates[best] * units, note + (f", x {units} {unit}s" if units > 1 else "")
+
+
+def retimed_peak(machine: Machine, dtype: str) -> float:
+    """A CPU job's peak timed again, as job_peak measures it (the fastest of dtype and fp32, per node)."""
+    return machine.nodes * max(remeasure_cpu_rate(machine, d) for d in {dtype, "fp32"})
+
+
+def mfu_peak(cfg, device: torch.device, machine: Machine | None) -> tuple[float, str, Callable[[], float] | None]:
+    """The MFU's peak (monitoring/mfu.Throughput): the whole job's FLOP/s, how it was found, and on a
+    CPU that timed it at start-up, how to time it again (None: a datasheet or logging.peak_tflops)."""
+    if machine is None or not (machine.rates or cfg.logging.peak_tflops):  # a bootstrap of one's own
+        machine = probe_machine(device)
+    dtype = compute_dtype(cfg.precision.recipe, device, cfg.precision.fp8.gemm)
+    peak, source = job_peak(machine, dtype, cfg.logging.peak_tflops)
+    probed = machine.device_type == "cpu" and not cfg.logging.peak_tflops
+    return peak, source, functools.partial(retimed_peak, machine, dtype) if probed else None
 
 
 def resolve_precision(cfg, device: torch.device) -> tuple[Machine, list[str]]:
