@@ -3,7 +3,8 @@
 The engine owns the step loop and nothing else; each piece below is swappable
 (a new model family, a data source, a sharded optimizer, a checkpoint format)
 without editing the loop. Entry points (`nanotrain train`, examples/) only
-choose components and call `RuntimeEngine(cfg, components).run()`.
+choose components and call `RuntimeEngine(cfg, components).run()`, which
+returns a RunResult (the losses, the final step, the exit code).
 
     bootstrap.setup(cfg)                -> RuntimeContext   (device, ranks, precision, out_dir)
     data.build(ctx)                     -> TrainData        (tokenizer, batches by step, val batches)
@@ -69,6 +70,8 @@ class RuntimeContext:
 
 @dataclass
 class RunResult:
+    """What RuntimeEngine.run() returns on each rank."""
+
     out_dir: Path
     losses: dict[int, float] = field(default_factory=dict)  # step (1-based count of updates) -> train loss
     val_losses: dict[int, float] = field(default_factory=dict)

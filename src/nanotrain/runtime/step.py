@@ -20,8 +20,9 @@ import torch
 from torch import nn
 
 from ..checkpoint import merge_over_pipeline
+from ..parallel.pipeline import textbook_bubble
 from ..parallel.pipeline.runner import PipelineRunner
-from ..parallel.pipeline.timeline import RankTimeline
+from ..parallel.pipeline.timeline import RankTimeline, format_bubble, measured_bubble, plot_timeline
 from ..parallel.state import all_reduce
 from ..precision.master import Dtypes
 from .contracts import Batch, ForwardBackward, OptimizerState, RuntimeContext, StepLoss
@@ -135,9 +136,6 @@ class PipelineStep:
     def write_timeline(self, n_micro: int) -> None:
         """The recorded step's intervals from every stage of this pipeline: timeline.png,
         timeline.json and the bubble, measured and textbook (rank 0 writes)."""
-        from ..parallel.pipeline import textbook_bubble
-        from ..parallel.pipeline.timeline import format_bubble, measured_bubble, plot_timeline
-
         ctx, ps, p = self.ctx, self.ctx.parallel, self.ctx.cfg.parallel
         mine = RankTimeline.from_runner(self.runner)  # this rank's intervals of the recorded step
         v = mine.v
