@@ -83,8 +83,7 @@ def runtime_parts(cfg_dict: dict):
     """The run's components built as the engine builds them, in this process (one rank of a
     world): (data, model, optimizer); torn down after."""
     from nanotrain.config import Config
-    from nanotrain.runtime.components import default_components
-    from nanotrain.runtime.engine import resolve_model_config
+    from nanotrain.runtime.components import default_components, resolve_model_config
 
     cfg = Config.from_dict(cfg_dict)
     c = default_components()

@@ -7,6 +7,7 @@ import pytest
 from nanotrain.checkpoint import CheckpointError
 from nanotrain.config import ConfigError
 from nanotrain.runtime import RuntimeEngine
+from nanotrain.runtime.checkpointer import saved_layout
 from nanotrain.runtime.divergence import TrainingError
 from nanotrain.sample import sample_text
 from pictures import assert_picture
@@ -30,6 +31,31 @@ def test_resume_is_bit_exact(make_config):
     both = {**first.losses, **resumed.losses}
     assert both == straight.losses  # exact float equality
     assert resumed.val_losses[20] == straight.val_losses[20]
+
+
+def test_a_checkpoint_with_the_old_layout_dict_resumes_bit_exactly(make_config, capsys):
+    """Checkpoints store the layout as str(Layout); those written before held a dict of its sizes.
+    A checkpoint whose metadata has the dict resumes (bit-exactly), and the resume line names the
+    layout that wrote it, translated to Layout's text."""
+    common = ["--schedule.decay_steps=20", "--checkpoint.interval=5", "--train.micro_batch_size=2"]
+    straight = run(make_config(*common, "--train.max_steps=10", "--train.out_dir=" + str(make_config().train.out_dir)
+                               + "_straight"))
+    first = run(make_config(*common, "--train.max_steps=5"))
+    meta_file = first.out_dir / "checkpoints" / "step_00000005" / "metadata.json"
+    meta = json.loads(meta_file.read_text())
+    assert meta["objects"]["layout"] == "micro=2"  # str(Layout): what differs from the defaults
+    meta["objects"]["layout"] = {"world_size": 1, "tp": 1, "cp": 1, "pp": 1, "dp": 1, "ep": 1, "etp": 1,
+                                 "sequence_parallel": False, "zero_stage": 0, "micro_batch_size": 2}  # the old form
+    meta_file.write_text(json.dumps(meta, indent=1))
+    capsys.readouterr()
+    resumed = run(make_config(*common, "--train.max_steps=10", "--checkpoint.resume=auto"))
+    assert "(step 5; written by 1 processes: micro=2)" in capsys.readouterr().out
+    assert sorted(resumed.losses) == list(range(6, 11))
+    assert {**first.losses, **resumed.losses} == straight.losses  # exact float equality
+    old_4d = {"world_size": 8, "tp": 2, "cp": 1, "pp": 2, "dp": 2, "ep": 2, "etp": 1, "sequence_parallel": True,
+              "zero_stage": 2, "micro_batch_size": 1}
+    assert saved_layout({"layout": old_4d}) == "tp=2,pp=2,dp=2,ep=2,sp,zero=2,micro=1"
+    assert saved_layout({"layout": "tp=2,pp=2,dp=2,ep=2,sp,zero=2,micro=1"}) == "tp=2,pp=2,dp=2,ep=2,sp,zero=2,micro=1"
 
 
 def test_grad_accumulation_matches_one_big_batch(make_config):

@@ -22,10 +22,10 @@ from pathlib import Path
 SRC = Path(__file__).resolve().parents[2] / "src"
 
 # Cycles still waiting for their fix in another part of issue 39, each as the set of its modules.
-# runtime/contracts <-> runtime/step: contracts' lazy default imports step, which imports contracts.
-# Its owner (the runtime's) removes this entry with the cycle; test_allowed_cycles_still_exist
-# fails once the cycle is gone and the entry stays. Nothing else belongs here.
-ALLOWED_CYCLES = {frozenset({"nanotrain.runtime.contracts", "nanotrain.runtime.step"})}
+# None: the last one (runtime/contracts <-> runtime/step, through a lazy default no caller used) is
+# gone. An entry here would need its reason; test_allowed_cycles_still_exist fails once the cycle is
+# gone and the entry stays.
+ALLOWED_CYCLES: set[frozenset[str]] = set()
 
 # The layers, bottom-up, as module prefixes (the longest prefix that matches places a module; a new
 # module lands where its package is). A module may import its own layer and the ones below, never

@@ -117,15 +117,18 @@ def test_a_peak_probed_on_busy_cores_is_measured_again(capsys):
     """The start-up probe is short: run while another job holds the cores, it reads low, and a run
     computing faster than it would print an MFU above 100%. The first such figure makes the peak
     be timed again (once), and the MFU is a fraction again."""
-    from nanotrain.runtime.engine import Throughput
-    from nanotrain.runtime.machine import Machine
+    from functools import partial
+
+    from nanotrain.monitoring.mfu import Throughput
+    from nanotrain.runtime.machine import Machine, retimed_peak
 
     busy = 1e9  # FLOP/s: far below any CPU's fp32 matmul rate
     machine = Machine("cpu", "test", "avx2", 2, 1, 1, 1, {"fp32": busy}, "measured: torch.mm with 2 threads on rank 0")
-    t = Throughput(1, 1e6, busy, "fp32 matmul, measured: torch.mm with 2 threads on rank 0", machine, "fp32", True)
+    t = Throughput(1, 1e6, busy, "fp32 matmul, measured: torch.mm with 2 threads on rank 0",
+                   retime=partial(retimed_peak, machine, "fp32"))
     tokens_per_s = 2 * busy / 1e6  # twice the probed peak
     assert 0 < t.mfu(tokens_per_s) <= 1
     assert t.peak > busy and t.remeasured and "measured again" in t.peak_source
     assert "measured at start-up" in capsys.readouterr().out
-    fixed = Throughput(1, 1e6, busy, "1 TFLOP/s per node (logging.peak_tflops) x 1", machine, "fp32", False)
+    fixed = Throughput(1, 1e6, busy, "1 TFLOP/s per node (logging.peak_tflops) x 1")  # retime=None
     assert fixed.mfu(tokens_per_s) == 2.0  # a peak the user set is theirs: not measured over

@@ -110,7 +110,7 @@ def test_console_rich_runs(capsys):
 
 
 def test_build_logger_rank0_and_rank1(tmp_path, capsys):
-    cfg = SimpleNamespace(progress="plain", tensorboard=False)
+    cfg = SimpleNamespace(progress="plain", tensorboard=False, wandb=False)
     log = build_logger(cfg, tmp_path, total_steps=10, start_step=0, rank=0)
     assert isinstance(log, MetricsLogger)
     log.log(5, {"loss": 1.0})

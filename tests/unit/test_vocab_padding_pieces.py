@@ -12,7 +12,7 @@ from nanotrain.layers import Embedding, Linear, Shard, full_shape, init_paramete
 from nanotrain.monitoring.probe import logit_sums
 from nanotrain.parallel.tensor_parallel import (TensorParallel, VocabParallelEmbedding, VocabParallelHead,
                                                 padded_vocab)
-from nanotrain.runtime.engine import resolve_model_config
+from nanotrain.runtime.components import resolve_model_config
 from nanotrain.params import spec
 
 V, D = 65, 8

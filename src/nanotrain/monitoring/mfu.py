@@ -9,9 +9,16 @@ comparable across implementations. Both sides are the whole job's: tokens/s of
 the global batch, and the peak of every GPU (the datasheet's, in the dtype the
 run computes in) or of every CPU node (torch.mm timed once with all its cores;
 runtime/machine.py), so 0 < MFU <= 1 whatever the layout.
+
+A run's figures come from `Throughput`: the model's FLOPs per token and the job's peak are found
+once at start-up, and each logging step divides its tokens/s by them.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
 
 
 def transformer_flops_per_token(n_matmul_params: int, n_layers: int, d_model: int, seq_len: int) -> float:
@@ -40,3 +47,37 @@ def mfu(tokens_per_s: float, flops_per_token: float, peak_flops: float) -> float
     if peak_flops <= 0:
         raise ValueError(f"peak_flops must be positive, got {peak_flops}")
     return tokens_per_s * flops_per_token / peak_flops
+
+
+@dataclass
+class Throughput:
+    """The fixed terms of a run's MFU, found once.
+
+    FLOPs per token of the logical model (inspection/counts.py, the count `nanotrain inspect`
+    prints: every matmul a token runs, attention's included), from a copy on the meta device,
+    so the layout does not enter. The MFU divides the whole job's FLOP/s by the whole job's
+    peak: every GPU's, or every CPU node's (runtime/machine.py: probed once, not per rank)."""
+
+    n_params: int  # of the logical model
+    flops_per_token: float
+    peak: float  # FLOP/s of the whole job
+    peak_source: str
+    # A peak timed on this CPU at start-up: how to time it again (runtime/machine.py's retimed_peak).
+    # None: a datasheet's or logging.peak_tflops, which no measurement overrules.
+    retime: Callable[[], float] | None = None
+    remeasured: bool = False
+
+    def mfu(self, tokens_per_s: float) -> float:
+        value = mfu(tokens_per_s, self.flops_per_token, self.peak)
+        if value > 1 and self.retime is not None and not self.remeasured:
+            # The run computes faster than the start-up probe measured: the cores were busy with
+            # something else while it ran (a short probe; another job). Time the matmuls again, once.
+            self.remeasured = True
+            again = self.retime()
+            if again > self.peak:
+                print(f"warning: this run reached {value:.0%} of the peak measured at start-up "
+                      f"({self.peak / 1e12:.3g} TFLOP/s): the cores were busy then. Measured again: "
+                      f"{again / 1e12:.3g} TFLOP/s, the MFU's peak from now on.", flush=True)
+                self.peak, self.peak_source = again, self.peak_source + ", measured again during the run"
+            value = mfu(tokens_per_s, self.flops_per_token, self.peak)
+        return value

@@ -200,7 +200,7 @@ class TrainingMonitor:
         if not self.deep:
             return
         start = time.perf_counter()
-        self._grad_sq = self._reduce(self._squares(self.opt_grads()), getattr(self.opt, "stage", 0) > 0) \
+        self._grad_sq = self._reduce(self._squares(self.opt_grads()), self.opt.stage > 0) \
             / (loss_scale or 1.0) ** 2
         self._before = {n: w.detach().float().clone() for n, w in self._weights()}
         self.spent += time.perf_counter() - start
@@ -256,7 +256,7 @@ class TrainingMonitor:
     # -- the pieces -------------------------------------------------------------------
 
     def _weights_sliced(self) -> bool:
-        return getattr(self.opt, "stage", 0) == 3
+        return self.opt.stage == 3
 
     def _weights(self):
         """(name, tensor) of the weights this rank holds, as used (a low-bit weight dequantised);
@@ -270,10 +270,7 @@ class TrainingMonitor:
 
     def opt_grads(self):
         """(name, this rank's part of the gradient) from the optimizer (whole, or ZeRO slices)."""
-        parts = getattr(self.opt, "grad_parts", None)
-        if parts is not None:
-            return parts()
-        return [(n, p.grad) for n, p in self.params.items() if p.grad is not None]
+        return self.opt.grad_parts()
 
     def _squares(self, named) -> torch.Tensor:
         """[2, N] float64: this rank's squares per logical name, dense row 0, experts row 1,
@@ -305,7 +302,7 @@ class TrainingMonitor:
         return torch.tensor([pos[block_of(n)] for n in self.names])
 
     def _states_finite(self) -> bool:
-        states = [t for s in getattr(self.opt, "opt").state.values() for t in s.values()
+        states = [t for s in self.opt.opt.state.values() for t in s.values()
                   if torch.is_tensor(t) and t.dim() > 0]
         ok = torch.tensor(float(all(torch.isfinite(torch.stack(torch._foreach_norm(states))).tolist())
                                 if states else 1.0))

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ..atomic import atomic_write
+from .tags import as_number, tensorboard_tag
 
 
 def _to_plain(v: Any) -> Any:
@@ -29,16 +30,6 @@ def _to_plain(v: Any) -> Any:
     if hasattr(v, "item"):
         return v.item()
     raise TypeError(f"cannot log a value of type {type(v).__name__}: {v!r}")
-
-
-def _as_number(v: Any) -> float | None:
-    if isinstance(v, bool):
-        return None
-    if isinstance(v, (int, float)):
-        return float(v)
-    if hasattr(v, "item"):
-        return _as_number(v.item())
-    return None
 
 
 def _row(line: bytes) -> dict | None:
@@ -136,18 +127,6 @@ class JSONLSink:
         self._f.close()
 
 
-def tensorboard_tag(key: str) -> str:
-    """'loss' -> 'train/loss', 'val_loss' -> 'val/loss', 'x/y' stays 'x/y'.
-
-    Grouping puts train and val curves in their own TensorBoard sections.
-    """
-    if "/" in key:
-        return key
-    if key.startswith("val_"):
-        return "val/" + key[len("val_"):]
-    return "train/" + key
-
-
 class TensorBoardSink:
     """Scalars to TensorBoard event files under log_dir (`tensorboard --logdir <out_dir>`)."""
 
@@ -170,11 +149,11 @@ class TensorBoardSink:
             tag = self._tags.get(key) or self._tags.setdefault(key, tensorboard_tag(key))
             if isinstance(value, (list, tuple)):  # a vector (tokens per expert): one scalar per entry
                 for j, v in enumerate(value):
-                    x = _as_number(v)
+                    x = as_number(v)
                     if x is not None:
                         values.append(self._Summary.Value(tag=f"{tag}/{j}", simple_value=x))
                 continue
-            x = _as_number(value)
+            x = as_number(value)
             if x is None:
                 continue  # strings and the like: TensorBoard scalars are numbers only
             values.append(self._Summary.Value(tag=tag, simple_value=x))

@@ -2,7 +2,7 @@
 
     nanotrain train --config ... --logging.wandb=true --logging.wandb_project=myproj
 
-What it logs is what TensorBoard gets (the same tags: 'loss' -> 'train/loss', sinks.tensorboard_tag),
+What it logs is what TensorBoard gets (the same tags: 'loss' -> 'train/loss', tags.tensorboard_tag),
 the whole config once, and the run's pictures (loss.png, the pipeline's timeline.png) as images when
 they are drawn. A resumed run continues the same W&B run: its id is kept in out_dir/wandb_run_id,
 and wandb.init is asked to resume it ("allow": a new id starts a new run).
@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import ConfigError
-from .sinks import _as_number, tensorboard_tag
+from .tags import as_number, tensorboard_tag
 
 RUN_ID_FILE = "wandb_run_id"
 
@@ -61,8 +61,8 @@ class WandbSink:
         for key, value in metrics.items():
             tag = self._tags.get(key) or self._tags.setdefault(key, tensorboard_tag(key))
             if isinstance(value, (list, tuple)):  # a vector (tokens per expert): one scalar per entry
-                row.update({f"{tag}/{j}": x for j, v in enumerate(value) if (x := _as_number(v)) is not None})
-            elif (x := _as_number(value)) is not None:
+                row.update({f"{tag}/{j}": x for j, v in enumerate(value) if (x := as_number(v)) is not None})
+            elif (x := as_number(value)) is not None:
                 row[tag] = x
         if row:
             self.run.log(row, step=step)

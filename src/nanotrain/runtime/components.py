@@ -31,7 +31,7 @@ from ..parallel.expert_parallel import ExpertParallel
 from ..parallel.layout import Layout
 from ..parallel.pipeline import layer_costs, pipeline_stage, schedule_stage
 from ..parallel.state import ParallelState, barrier, destroy_parallel, init_parallel
-from ..parallel.tensor_parallel import TensorParallel
+from ..parallel.tensor_parallel import TensorParallel, padded_vocab
 from ..parallel.zero import ZeroOptimizer
 from ..precision.lowbit import apply_lowbit
 from ..precision.master import Dtypes
@@ -186,6 +186,35 @@ class TokenDataProvider:
             micro_batch_size=t.micro_batch(dp), grad_accum_steps=t.grad_accum_steps(dp),
             eval_steps=t.eval_steps, device=ctx.device, dp_rank=ctx.parallel.dp_rank, dp=dp,
             cp_rank=ctx.parallel.cp_rank, cp=ctx.parallel.cp)
+
+
+def resolve_model_config(cfg: Config, vocab_size: int) -> str | None:
+    """Fill the model sizes that come from the data: vocab (from the tokenizer) and context length.
+
+    A vocabulary taken from the tokenizer (model.vocab_size=0) that parallel.tp does not divide
+    is padded, as Megatron's make-vocab-size-divisible-by does, by the model's tensor-parallel
+    layers (parallel/tensor_parallel.py): model.vocab_size stays the tokenizer's, so the
+    checkpoint, its config and the losses are those of the unpadded model. Returns the line that
+    says so (None without padding). An explicit model.vocab_size is obeyed as given."""
+    m, tp = cfg.model, cfg.parallel.tp
+    if m.max_seq_len == 0:
+        m.max_seq_len = cfg.train.seq_len
+    if m.vocab_size == 0:
+        m.vocab_size = vocab_size
+        padded = padded_vocab(vocab_size, tp)
+        if padded == vocab_size:
+            return None
+        return (f"vocabulary: the tokenizer's {vocab_size} tokens padded to {padded} rows for parallel.tp={tp} "
+                f"({padded // tp} per rank); the {padded - vocab_size} padding row(s) are never a target and are "
+                "masked out of the softmax")
+    if m.vocab_size < vocab_size:
+        raise ConfigError(f"model.vocab_size={m.vocab_size} is smaller than the tokenizer's vocabulary "
+                          f"({vocab_size}): set model.vocab_size=0 to take it from the tokenizer.")
+    if m.vocab_size % tp:
+        raise ConfigError(f"model.vocab_size={m.vocab_size} is not divisible by parallel.tp={tp}: set "
+                          f"model.vocab_size={padded_vocab(m.vocab_size, tp)}, or 0 to take the tokenizer's "
+                          "vocabulary and pad it automatically.")
+    return None
 
 
 def check_vocabulary(cfg) -> PretrainedTokenizer | None:

@@ -13,6 +13,8 @@ for the run's config.
 
 from __future__ import annotations
 
+import math
+
 from ..config import Config
 
 
@@ -37,13 +39,36 @@ def hint(cfg: Config) -> str:
 
 
 class NonFiniteGuard:
-    """Counts non-finite steps in a row (skip) and roll-backs to one checkpoint (rollback)."""
+    """Counts non-finite steps in a row (skip) and roll-backs to one checkpoint (rollback). Under
+    fp16 the loss scaler skips overflowing steps itself (precision/loss_scaling.py): the guard
+    stands aside."""
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
+        self.mode = "scaler" if cfg.precision.recipe == "fp16" else cfg.monitoring.nonfinite
         self.limit = cfg.monitoring.max_skipped_steps
         self.in_row: list[int] = []  # the steps skipped since the last good one
         self.rollbacks: tuple[int, int] = (-1, 0)  # (checkpoint step, roll-backs to it in a row)
+
+    def after_step(self, step: int, skipped: bool) -> bool:
+        """skip and rollback: count a skipped step (raises at the limit); True when the run is to roll back."""
+        if self.mode not in ("skip", "rollback"):
+            return False
+        if not skipped:
+            self.good()
+            return False
+        self.skipped(step)
+        return self.mode == "rollback"
+
+    def check_finite(self, losses: dict[int, float], norms: dict[int, float]) -> None:
+        """stop: raise at the first step whose loss or gradient norm is not finite, naming it (under
+        skip, rollback and fp16 such a step's update was skipped instead)."""
+        if self.mode != "stop":
+            return
+        for step in sorted(losses):
+            if not (math.isfinite(losses[step]) and math.isfinite(norms[step])):
+                what = "loss" if not math.isfinite(losses[step]) else "gradient norm"
+                raise nonfinite_error(what, losses[step] if what == "loss" else norms[step], step, self.cfg)
 
     def good(self) -> None:
         self.in_row.clear()

@@ -26,6 +26,7 @@ import functools
 import os
 import platform
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -236,6 +237,22 @@ def job_peak(machine: Machine, dtype: str, peak_tflops: float = 0.0) -> tuple[fl
     return machine.rates[best] * units, note + (f", x {units} {unit}s" if units > 1 else "")
 
 
+def retimed_peak(machine: Machine, dtype: str) -> float:
+    """A CPU job's peak timed again, as job_peak measures it (the fastest of dtype and fp32, per node)."""
+    return machine.nodes * max(remeasure_cpu_rate(machine, d) for d in {dtype, "fp32"})
+
+
+def mfu_peak(cfg, device: torch.device, machine: Machine | None) -> tuple[float, str, Callable[[], float] | None]:
+    """The MFU's peak (monitoring/mfu.Throughput): the whole job's FLOP/s, how it was found, and on a
+    CPU that timed it at start-up, how to time it again (None: a datasheet or logging.peak_tflops)."""
+    if machine is None or not (machine.rates or cfg.logging.peak_tflops):  # a bootstrap of one's own
+        machine = probe_machine(device)
+    dtype = compute_dtype(cfg.precision.recipe, device, cfg.precision.fp8.gemm)
+    peak, source = job_peak(machine, dtype, cfg.logging.peak_tflops)
+    probed = machine.device_type == "cpu" and not cfg.logging.peak_tflops
+    return peak, source, functools.partial(retimed_peak, machine, dtype) if probed else None
+
+
 def resolve_precision(cfg, device: torch.device) -> tuple[Machine, list[str]]:
     """Probe the machine (as much as this config needs), turn precision.recipe=auto into bf16 or fp32
     in cfg (so config.json and checkpoints name what ran), and return the start-up lines to log:
@@ -247,3 +264,14 @@ def resolve_precision(cfg, device: torch.device) -> tuple[Machine, list[str]]:
     p.recipe, note = choose_recipe(p.recipe, machine, device)
     lines += [line for line in (note, machine.oversubscription_warning()) if line]
     return machine, lines
+
+
+def logical_size(model, seq_len: int) -> tuple[int, float]:
+    """(parameters, training FLOPs per token) of the logical model, the MFU's numerator terms
+    (monitoring/mfu.Throughput): counted on a copy on the meta device (inspection/counts.py, what
+    `nanotrain inspect` prints: every matmul a token runs, attention's included), so the layout
+    does not enter."""
+    from ..inspection.counts import flops_per_token, meta_model
+
+    logical = meta_model(model)
+    return sum(p.numel() for p in logical.parameters()), flops_per_token(logical, model, seq_len)["train"]

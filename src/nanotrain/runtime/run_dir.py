@@ -1,8 +1,10 @@
-"""The run's folder: who may write in it, and which checkpoint a run starts from.
+"""The run's folder: who may write in it, which checkpoint a run starts from, and the files that
+describe the run (rank 0 writes them).
 
     <train.out_dir>/
         .lock             {"pid": ..., "host": ..., "started": ...}: the run that writes here
         config.json  metrics.jsonl  loss.png  tensorboard/ ...
+        precision_policy.json   the recipe of every GEMM module (write_precision_policy)
         checkpoints/      (checkpoint.dir, unless set elsewhere)
 
 The lock. Rank 0 creates .lock with O_CREAT | O_EXCL, which the file system grants to one
@@ -33,9 +35,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..checkpoint import CheckpointError, CheckpointManager
+from torch import nn
+
+from ..checkpoint import CheckpointError, CheckpointManager, merge_over_pipeline
 from ..config import Config, ConfigError
 from ..parallel import collectives
+from ..precision.policy import describe_policy
+from .contracts import RuntimeContext
 
 LOCK = ".lock"
 
@@ -179,3 +185,16 @@ def on_rank0(fn, world) -> object:
     if outcome[0] == "error":
         raise outcome[1]
     return outcome[1]
+
+
+def write_precision_policy(model: nn.Module, ctx: RuntimeContext) -> str | None:
+    """precision_policy.json: the recipe every GEMM module runs in, each pipeline stage's merged
+    (rank 0 writes); returns the line for the log. None (no file) for plain fp32 and bf16."""
+    p = ctx.cfg.precision
+    if p.recipe in ("fp32", "bf16") and not p.overrides:
+        return None
+    policy = merge_over_pipeline(getattr(model, "gemm_policy", {}), ctx.parallel.pp_group)  # each stage: its modules
+    path = ctx.out_dir / "precision_policy.json"
+    if ctx.is_main:
+        path.write_text(json.dumps(policy, indent=1) + "\n")
+    return f"precision policy: {describe_policy(policy)}; every module in {path}"

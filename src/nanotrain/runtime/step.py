@@ -1,40 +1,57 @@
 """The forward and backward of one step, as a component: one for a plain model, one for a pipeline.
 
-    train(batches, denom, opt, step) -> summed loss     every micro-batch's forward and backward
-    evaluate(batches)                -> [loss sum, target count] of this rank (float64)
+    train(batches, opt, step, loss_scale) -> StepLoss   every micro-batch's forward and backward;
+                                                        the global loss and target count
+    evaluate(batches)                     -> [loss sum, target count] of the whole job (float64)
 
 The engine calls these without knowing which it has (torchtitan's forward_backward_step and
-pp_forward_backward_step are the same split). The loss each returns is this rank's part:
-under pipeline parallelism only the last stage has one (the others return 0), and the engine's
-all-reduces over the dp and pp groups make it the global figure.
+pp_forward_backward_step are the same split), and without a collective of its own: the figures
+each returns are already global. Each data-parallel rank holds its share of the global mean loss,
+and under pipeline parallelism only the last stage holds any (the others hold 0), so the step sums
+them over the dp and pp groups (`global_sum`).
 """
 
 from __future__ import annotations
 
 import json
-from typing import Iterable, Protocol
+from typing import Iterable
 
 import torch
 from torch import nn
 
 from ..checkpoint import merge_over_pipeline
+from ..parallel.pipeline import textbook_bubble
 from ..parallel.pipeline.runner import PipelineRunner
+from ..parallel.pipeline.timeline import RankTimeline, format_bubble, measured_bubble, plot_timeline
+from ..parallel.state import all_reduce
 from ..precision.master import Dtypes
-from .contracts import OptimizerState, RuntimeContext
-
-Batch = tuple[torch.Tensor, torch.Tensor]  # (inputs, targets)
+from .contracts import Batch, ForwardBackward, OptimizerState, RuntimeContext, StepLoss
 
 
-class ForwardBackward(Protocol):
-    model: nn.Module  # what this rank runs: the model, or its pipeline stage
+def loss_denominator(batches: list[Batch], ctx: RuntimeContext,
+                     loss_scale: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the target count of the whole global batch, what each micro-batch's summed loss is divided by).
 
-    def train(self, batches: list[Batch], denom: torch.Tensor, opt: OptimizerState, step: int) -> torch.Tensor:
-        """Forward and backward every micro-batch (gradients accumulate in the parameters), each
-        backward inside opt.backward_context(last=...); the loss of each micro-batch is its summed
-        token loss / denom. Returns the summed loss, detached. step: the update's number (1-based)."""
+    DESIGN invariant 3: every micro-batch's summed loss is divided by the target count of all
+    micro-batches of all dp ranks, so the accumulated, dp-summed gradient is the gradient of the
+    global mean loss however the batch is split. fp16: the loss times the loss scale S (a smaller
+    denominator), so every gradient is S times the true one; the optimizer divides S out."""
+    targets = sum((y != -100).sum() for _, y in batches)
+    targets = all_reduce(targets, ctx.parallel.dp_group).clamp(min=1)
+    return targets, (targets / loss_scale if loss_scale is not None else targets)
 
-    def evaluate(self, batches: Iterable[Batch]) -> torch.Tensor:
-        """Forward only, in eval mode, without gradients: [loss sum, target count] of this rank."""
+
+def global_sum(t: torch.Tensor, ctx: RuntimeContext) -> torch.Tensor:
+    """This rank's part summed over the data-parallel replicas (each evaluated or trained on its
+    rows) and the pipeline stages (only the last has a loss); in place."""
+    all_reduce(t, ctx.parallel.dp_group)
+    return all_reduce(t, ctx.parallel.pp_group)
+
+
+def _step_loss(total: torch.Tensor, targets: torch.Tensor, loss_scale: float | None, ctx: RuntimeContext) -> StepLoss:
+    if loss_scale is not None:  # fp16: the loss was S times the true one (a denominator S times smaller)
+        total = total / loss_scale
+    return StepLoss(global_sum(total, ctx), targets)
 
 
 class LocalStep:
@@ -43,7 +60,9 @@ class LocalStep:
     def __init__(self, model: nn.Module, ctx: RuntimeContext):
         self.model, self.ctx = model, ctx
 
-    def train(self, batches: list[Batch], denom: torch.Tensor, opt: OptimizerState, step: int) -> torch.Tensor:
+    def train(self, batches: list[Batch], opt: OptimizerState, step: int,
+              loss_scale: float | None = None) -> StepLoss:
+        targets, denom = loss_denominator(batches, self.ctx, loss_scale)
         total = torch.zeros((), device=self.ctx.device)
         for i, (x, y) in enumerate(batches):
             with self.ctx.autocast():
@@ -51,7 +70,7 @@ class LocalStep:
             with opt.backward_context(last=i == len(batches) - 1):  # the last one syncs the gradients
                 loss.backward()
             total += loss.detach()
-        return total
+        return _step_loss(total, targets, loss_scale, self.ctx)
 
     @torch.no_grad()
     def evaluate(self, batches: Iterable[Batch]) -> torch.Tensor:
@@ -64,7 +83,7 @@ class LocalStep:
                 sums[1] += (y != -100).sum()
         finally:
             self.model.train()
-        return sums
+        return global_sum(sums, self.ctx)
 
 
 def overlaps(ctx: RuntimeContext) -> bool:
@@ -91,12 +110,14 @@ class PipelineStep:
         self.runner.dtype = Dtypes.from_config(cfg.precision).storage  # what the stages send
         self.runner.overlap = overlaps(ctx)
 
-    def train(self, batches: list[Batch], denom: torch.Tensor, opt: OptimizerState, step: int) -> torch.Tensor:
+    def train(self, batches: list[Batch], opt: OptimizerState, step: int,
+              loss_scale: float | None = None) -> StepLoss:
+        targets, denom = loss_denominator(batches, self.ctx, loss_scale)
         record = step == self.ctx.cfg.logging.timeline_step
         total = self.runner.train_step(batches, denom, opt.backward_context, record=record)
         if record:
             self.write_timeline(len(batches))
-        return total
+        return _step_loss(total, targets, loss_scale, self.ctx)
 
     @torch.no_grad()
     def evaluate(self, batches: Iterable[Batch]) -> torch.Tensor:
@@ -110,18 +131,14 @@ class PipelineStep:
         if self.runner.stage.has_last:  # the only stage that has a loss to count (rank 0 in DualPipeV's V)
             sums[0] = loss_sum.double()
             sums[1] = sum((y != -100).sum() for _, y in batches)
-        return sums
+        return global_sum(sums, self.ctx)
 
     def write_timeline(self, n_micro: int) -> None:
         """The recorded step's intervals from every stage of this pipeline: timeline.png,
         timeline.json and the bubble, measured and textbook (rank 0 writes)."""
-        from ..parallel.pipeline import textbook_bubble
-        from ..parallel.pipeline.timeline import RankTimeline, format_bubble, measured_bubble, plot_timeline
-
-        ctx, runner = self.ctx, self.runner
-        ps, p = ctx.parallel, ctx.cfg.parallel
-        v = p.chunks_per_rank
-        mine = RankTimeline(ps.pp_rank, runner.t0_wall, runner.events, v)
+        ctx, ps, p = self.ctx, self.ctx.parallel, self.ctx.cfg.parallel
+        mine = RankTimeline.from_runner(self.runner)  # this rank's intervals of the recorded step
+        v = mine.v
         timelines = merge_over_pipeline({ps.pp_rank: mine}, ps.pp_group)
         if not ctx.is_main:
             return
