@@ -34,8 +34,10 @@ weights: each bucket is then one optimizer parameter group and one after-dp sum.
 
 Which chunk. A pipeline rank of an interleaved or DualPipeV schedule runs several chunks of
 layers, one backward at a time, and a bucket never mixes two chunks (`backward_chunks`): after
-a backward, only the buckets of the chunk it reached are posted. So each gradient is sent once
-per step as under 1F1B, not once per chunk.
+a synced backward, only the buckets of the chunk it reached are posted, so each gradient is
+sent as often as under 1F1B, not once per chunk. (A parameter two chunks use, the tied
+embedding where one rank holds both ends of the model, is in a `cross_chunk` bucket that waits for
+the backward of the chunk that comes last in each micro-batch.)
 
 With gradient accumulation nothing is sent until each chunk's last micro-batch (DDP's
 `no_sync()`): the buffers accumulate the gradients whole until then.
@@ -78,7 +80,8 @@ class FlatBucket:
     decay: bool = True  # weight decay (matrices) or not (norms, biases)
     lowbit: bool = False  # persistent low-bit weights: their gradients arrive from the dequantised copy
     category: tuple = ()  # (expert, decay, sequence parallel, pipeline shared, low-bit): one per kind
-    chunk: int | None = 0  # the pipeline chunk whose backward fills it; None: several (backward_chunks)
+    chunk: int = 0  # the pipeline chunk whose backward fills it (backward_chunks)
+    cross_chunk: bool = False  # other chunks' backwards add to it too: posted after its own chunk's only
     flat: torch.Tensor | None = None  # the parameters' storage in this layout (the optimizer's)
     order: int = 0  # when backward completes it: the backward position of its last parameter
     ready: int = 0
@@ -121,7 +124,7 @@ ALIGN = 32
 
 def bucket_layout(params: list[nn.Parameter], ps, sharded: bool = False, bucket_mb: float = 25.0,
                   units: dict[nn.Parameter, int] | None = None,
-                  chunks: dict[nn.Parameter, int | None] | None = None) -> list[FlatBucket]:
+                  chunks: dict[nn.Parameter, tuple[int, bool]] | None = None) -> list[FlatBucket]:
     """The trainable `params` in buckets of about bucket_mb (sized at 4 bytes an element, whatever the
     dtypes, so that every precision cuts the same buckets), per category, in backward order;
     `sharded` (ZeRO) padded to a multiple of the group's size, else each parameter starting on an
@@ -131,11 +134,11 @@ def bucket_layout(params: list[nn.Parameter], ps, sharded: bool = False, bucket_
     backward = list(reversed([p for p in params if p.requires_grad]))  # backward visits the last layers first
     by_key: dict[tuple, list[nn.Parameter]] = {}
     for p in backward:
-        unit, chunk = units[p] if units else 0, chunks.get(p, 0) if chunks else 0
+        unit, chunk = units[p] if units else 0, chunks.get(p, (0, False)) if chunks else (0, False)
         by_key.setdefault((unit, chunk, _category(p)), []).append(p)
     position = {p: i for i, p in enumerate(backward)}
     buckets = []
-    for (_, chunk, key), members in by_key.items():
+    for (_, (chunk, cross_chunk), key), members in by_key.items():
         expert, decay, sp, shared, lowbit = key
         group = ps.edp_group if expert else ps.dp_group
         size, rank = collectives.size(group), collectives.rank(group)
@@ -147,7 +150,7 @@ def bucket_layout(params: list[nn.Parameter], ps, sharded: bool = False, bucket_
             offsets = list(itertools.accumulate((-(-p.numel() // step) * step for p in part[:-1]), initial=0))
             total = offsets[-1] + part[-1].numel()
             buckets.append(FlatBucket(part, offsets, -(-total // shards) * shards, group, size, rank, shards,
-                                      sum_group, decay, lowbit, key, chunk, order=position[part[-1]]))
+                                      sum_group, decay, lowbit, key, chunk, cross_chunk, order=position[part[-1]]))
     return buckets
 
 
@@ -162,28 +165,34 @@ def _chunks(params: list[nn.Parameter], bucket_bytes: float) -> list[list[nn.Par
     return chunks + [current] if current else chunks
 
 
-def backward_chunks(model: nn.Module) -> dict[nn.Parameter, int | None]:
-    """Parameter -> the chunk of this pipeline rank (k in model.stage.chunks) whose backward gives
-    its gradient: a block's, its chunk; the embedding, the model's first chunk; the rest (final
-    norm, head), its last. None where two chunks' backwards reach it: the tied embedding on a rank
-    that holds both ends of the model (DualPipeV's rank 0). Empty with one chunk per rank."""
+def backward_chunks(model: nn.Module) -> dict[nn.Parameter, tuple[int, bool]]:
+    """Parameter -> (chunk, cross_chunk): the chunk of this pipeline rank (k in model.stage.chunks) whose
+    backward gives its gradient: a block's, its chunk; the embedding, the model's first chunk; the
+    rest (final norm, head), its last. `cross_chunk`: several chunks' backwards give it gradients (the
+    tied embedding on a rank that holds both ends of the model: DualPipeV's rank 0); its chunk is
+    then the one lowest in the model, whose backward comes last in each micro-batch. Empty with one
+    chunk per rank."""
     stage = model.stage
     if stage is None or stage.v == 1:
         return {}
-    out: dict[nn.Parameter, int | None] = {}
+    out: dict[nn.Parameter, tuple[int, bool]] = {}
 
-    def claim(params, k: int | None) -> None:
+    def claim(params, k: int) -> None:
         for p in params:
-            out[p] = k if out.get(p, k) == k else None
+            if p not in out:
+                out[p] = (k, False)
+            elif out[p][0] != k:
+                out[p] = (min(out[p][0], k, key=lambda c: stage.ids[c]), True)
 
     for k, layer_ids in enumerate(stage.chunks):
         claim((p for i in layer_ids for p in model.layers[str(i)].parameters()), k)
-    first = next((k for k in range(stage.v) if stage.is_first_chunk(k)), None)
-    last = next((k for k in range(stage.v) if stage.is_last_chunk(k)), None)
+    first = [k for k in range(stage.v) if stage.is_first_chunk(k)]
+    last = [k for k in range(stage.v) if stage.is_last_chunk(k)]
     embedding = [m for m in (model.tok_emb, model.pos_emb) if m is not None]
     for name, module in model.named_children():
-        if name != "layers":
-            claim(module.parameters(), first if module in embedding and first is not None or last is None else last)
+        if name != "layers":  # (a rank with neither end holds none of these parameters)
+            ends = first + last if module in embedding else last + first
+            claim(module.parameters(), ends[0] if ends else 0)
     return out
 
 
@@ -224,7 +233,7 @@ class BucketedAllReduce:
         # and completes late, the norms', would hold back every bucket behind it until backward ends.)
         self._order: dict[tuple, list[FlatBucket]] = {}
         for b in sorted(buckets, key=lambda b: b.order):
-            self._order.setdefault((b.chunk, b.group), []).append(b)
+            self._order.setdefault((b.chunk, b.cross_chunk, b.group), []).append(b)
         self._queues = {key: list(q) for key, q in self._order.items()}
         self._reached: set[int] = set()  # the chunks this backward gave gradients to
         self._sent: set[tuple] = set()  # the queues posted whole this step
@@ -272,8 +281,7 @@ class BucketedAllReduce:
             self._reached.clear()
 
     def _complete(self) -> list[tuple]:
-        """The queues whose gradients are complete after a synced backward: those of the chunks it
-        reached. (Those of several chunks wait for sync(): an all-reduce sends each bucket once.)"""
+        """The queues whose gradients are complete after a synced backward: those of the chunks it reached."""
         return [key for key in self._order if key[0] in self._reached]
 
     def _on_autograd(self, p: nn.Parameter) -> None:
@@ -288,11 +296,11 @@ class BucketedAllReduce:
         b = self._bucket_of[p]
         self.got_grad.add(p)
         self._collect(b, self._offset_of[p], grad)
-        if not self.sync_enabled or b.chunk is None:  # several chunks' gradients: posted after the backward
+        if not self.sync_enabled or b.cross_chunk:  # (it waits for its own chunk's backward to end)
             return
         self._reached.add(b.chunk)
         b.ready += 1
-        queue = self._queues[(b.chunk, b.group)]
+        queue = self._queues[(b.chunk, b.cross_chunk, b.group)]
         while queue and queue[0].ready == len(queue[0].params):
             self._launch(queue.pop(0))
 

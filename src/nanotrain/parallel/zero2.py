@@ -48,12 +48,11 @@ class BucketedReduceScatter(BucketedAllReduce):
         the padding."""
         if b not in self.staging:
             self.staging[b] = torch.zeros(b.numel, dtype=self.grad_dtype, device=grad.device)
-        self.staging[b][offset:offset + grad.numel()].copy_(grad.reshape(-1))
-
-    def _complete(self) -> list[tuple]:
-        """After every backward, what it gave gradients to: the chunks it reached, and the buckets of
-        several chunks (their staging holds this backward's part)."""
-        return [key for key in self._order if key[0] is None or key[0] in self._reached]
+        part = self.staging[b][offset:offset + grad.numel()]
+        if b.cross_chunk:  # another chunk's backward may have given this parameter a gradient already
+            part.add_(grad.reshape(-1))
+        else:
+            part.copy_(grad.reshape(-1))
 
     def _launch(self, b: FlatBucket) -> None:
         b.ready, b.posted = 0, True
