@@ -78,7 +78,7 @@ class FlatBucket:
     shards: int = 1  # slices the bucket is cut into: the group size under ZeRO, 1 without
     sum_group: Group | None = None  # after dp: tp (sequence parallel) or the embedding group
     decay: bool = True  # weight decay (matrices) or not (norms, biases)
-    lowbit: bool = False  # persistent low-bit weights: their gradients arrive from the dequantised copy
+    lowbit: bool = False  # persistent low-bit weights: the model keeps codes, flat is their fp32 master
     category: tuple = ()  # (expert, decay, sequence parallel, pipeline shared, low-bit): one per kind
     chunk: int = 0  # the pipeline chunk whose backward fills it (backward_chunks)
     cross_chunk: bool = False  # other chunks' backwards add to it too: posted after its own chunk's only
@@ -240,11 +240,8 @@ class BucketedAllReduce:
         self._bucket_of = {p: b for b in buckets for p in b.params}
         self._offset_of = {p: off for b in buckets for p, off in zip(b.params, b.offsets)}
         for b in buckets:
-            for p in b.params:
-                if b.lowbit:  # its gradient arrives from the dequantised copy (precision/lowbit.py)
-                    spec(p).lowbit.deliver = lambda g, p=p: self.on_grad(p, g)
-                else:
-                    p.register_post_accumulate_grad_hook(self._on_autograd)
+            for p in b.params:  # (a low-bit weight's gradient is its dequantised copy's: precision/lowbit.py)
+                p.register_post_accumulate_grad_hook(self._on_autograd)
 
     def _buffers(self, device: torch.device) -> dict[int, torch.Tensor]:
         """One flat gradient buffer per bucket, what the all-reduce sends; .grad views of it."""
