@@ -331,7 +331,7 @@ class BucketedAllReduce:
         if self.local:  # the parameters that backward reached
             self.got_grad = {p for b in self.buckets for p in b.params if p.grad is not None}
             return
-        self._post_rest([key for key in self._order if key not in self._sent])
+        self._post_rest(self._unsent())
         self._sent.clear()
         for entry in self._pending:
             self._finish(*entry)
@@ -341,6 +341,10 @@ class BucketedAllReduce:
             if b.size > 1:  # summed: every rank holds each of its gradients now (zeros where none)
                 self.got_grad.update(b.params)
         self.sum_after_dp()
+
+    def _unsent(self) -> list[tuple]:
+        """The queues no synced backward posted this step."""
+        return [key for key in self._order if key not in self._sent]
 
     def sum_after_dp(self) -> None:
         """tp for sequence-parallel partial gradients, the embedding group for tied copies (the

@@ -54,6 +54,11 @@ class BucketedReduceScatter(BucketedAllReduce):
         else:
             part.copy_(grad.reshape(-1))
 
+    def _unsent(self) -> list[tuple]:
+        """Also a cross-chunk bucket that got gradients after its chunk's last backward (none in the
+        schedules here: the chunk lowest in the model finishes last), so that none is left behind."""
+        return [key for key, q in self._order.items() if key not in self._sent or any(b in self.staging for b in q)]
+
     def _launch(self, b: FlatBucket) -> None:
         b.ready, b.posted = 0, True
         flat = self.staging.pop(b, None)  # freed once the reduce-scatter is done: only the slice is kept
