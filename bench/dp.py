@@ -5,7 +5,7 @@
 Both sides train the same model (same init) on the same batches in the same
 2-process world: rank r takes rows [r*B/2, (r+1)*B/2) of each global batch.
 nano-train: parallel/zero.py's ZeroOptimizer at stage 0, the runtime's optimizer for plain data
-parallelism (data_parallel.GradReducer: flat buckets all-reduced from backward hooks; sum of
+parallelism (data_parallel.BucketedAllReduce: flat buckets all-reduced from backward hooks; sum of
 per-rank losses normalised by the global token count; clipping and torch's AdamW per parameter).
 DDP: the model wrapped in DistributedDataParallel (gradients averaged, so each
 rank's loss is its local mean: the same gradient). Same optimizer (optim.build_adamw:

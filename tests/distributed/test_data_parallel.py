@@ -7,14 +7,14 @@ import torch.distributed as dist
 
 from types import SimpleNamespace
 
-from nanotrain.parallel.data_parallel import GradReducer, bucket_layout
+from nanotrain.parallel.data_parallel import BucketedAllReduce, bucket_layout
 from nanotrain.parallel.launch import run_world
 
 
 def _reducer(params, dp_group, bucket_mb):
-    """The data-parallel reducer at stage 0 (all-reduce), over dp_group; no other group."""
+    """The data-parallel reducer of plain DDP (all-reduce), over dp_group; no other group."""
     groups = SimpleNamespace(dp_group=dp_group, edp_group=None, tp_group=None, embd_group=None)
-    return GradReducer(bucket_layout(params, groups, stage=0, bucket_mb=bucket_mb))
+    return BucketedAllReduce(bucket_layout(params, groups, sharded=False, bucket_mb=bucket_mb))
 
 
 def _sync_run():

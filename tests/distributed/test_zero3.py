@@ -40,12 +40,12 @@ def _one_step(cfg_dict):
         gathers = sharding.gathers - before
         opt.sync_grads()
         opt.step(1e-3)
-        unit_bytes = [sum(b.numel * b.full.element_size() for b in u.buckets) for u in sharding.units]
+        unit_bytes = [sum(b.numel * sharding.full[b].element_size() for b in u.buckets) for u in sharding.units]
         return {"seen": seen, "after_forward": after_forward, "after_backward": after_backward,
                 "gathers": gathers, "buckets": len(opt.buckets), "peak": sharding.peak_bytes,
                 "unit_bytes": unit_bytes, "state": opt.state_bytes(), "dp": opt.ps.dp,
                 "params": sum(p.numel() for p in model.parameters()),
-                "storage_after_step": sum(b.full.untyped_storage().nbytes() for b in opt.buckets)}
+                "storage_after_step": sum(sharding.full[b].untyped_storage().nbytes() for b in opt.buckets)}
 
 
 @pytest.mark.parametrize("recompute", ["none", "full", "selective"])

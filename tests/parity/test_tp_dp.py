@@ -76,19 +76,19 @@ def test_accumulation_alone_matches(tmp_path):
 def _skip_first_sp_reduction(cfg_dict):
     """A bug: the tp sum of sequence-parallel partial gradients leaves out one tensor (the first
     one, layers.0.attn_norm.weight), whose gradient stays each rank's part of the sum."""
-    from nanotrain.parallel.data_parallel import GradReducer
+    from nanotrain.parallel.data_parallel import BucketedAllReduce
 
-    after_dp = GradReducer.sum_after_dp
+    after_dp = BucketedAllReduce.sum_after_dp
 
     def buggy(self):
         # The sequence-parallel parameters in backward order: the last is the first registered.
         p = [p for b in self.buckets if b.sum_group is not None for p in b.params][-1]
-        part = self._bucket_of[p].grad_flat[self._offset_of[p]:self._offset_of[p] + p.numel()]
+        part = self.grad_flat[self._bucket_of[p]][self._offset_of[p]:self._offset_of[p] + p.numel()]
         kept = part.clone()
         after_dp(self)
         part.copy_(kept)
 
-    GradReducer.sum_after_dp = buggy
+    BucketedAllReduce.sum_after_dp = buggy
     return train_and_capture(cfg_dict)
 
 

@@ -34,12 +34,13 @@ CASES = {
 
 def last_stage_grads(cfg, split: bool):
     """(gradient of the input, {weight name: gradient}, whether any weight had one after B)."""
-    with runtime_parts(cfg.to_dict()) as (_, model, _):
+    with runtime_parts(cfg.to_dict()) as (_, model, opt):
         torch.manual_seed(0)
         got: dict[str, torch.Tensor] = {}
-        for name, p in model.named_parameters():  # low-bit weights hand their gradient over
-            if spec(p).lowbit is not None:
-                spec(p).lowbit.deliver = lambda g, name=name: got.__setitem__(name, g.clone())
+        # Low-bit weights' gradients go to the optimizer's buffers (their .grad is taken): caught on the way.
+        lowbit = {p: name for name, p in model.named_parameters() if spec(p).lowbit is not None}
+        on_grad = opt.reducer.on_grad
+        opt.reducer.on_grad = lambda p, g: got.__setitem__(lowbit[p], g.clone()) if p in lowbit else on_grad(p, g)
         n = cfg.model.n_layers
         stage = pipeline_stage(model, 1, 2, [list(range(n // 2, n))])
         B, T = 2, cfg.train.seq_len

@@ -20,10 +20,10 @@ tp   each column-parallel linear gathers its own input: an all-gather of N x in_
      (the max logit; the target logit and the sum of exponentials).
      After backward, under SP: an all-reduce of the gradients of the weights that saw only
      this rank's tokens (norms, and everything not split over tp).
-dp   the gradients of the weights synced over dp (experts: over expert-dp, `edp`), once per
-     step: all-reduce of a bucket (no ZeRO, or ZeRO-1) or reduce-scatter (ZeRO-2), then for
-     ZeRO an all-gather of the updated parameters (param dtype). ZeRO pads each bucket to a
-     multiple of the group size.
+dp   the gradients of the weights synced over dp (experts: over expert-dp, `edp`): all-reduce
+     of a bucket once per step (no ZeRO, or ZeRO-1), or reduce-scatter once per micro-batch
+     (ZeRO-2, 3; whatever the chunks per pipeline rank), then for ZeRO-1 and 2 an all-gather of
+     the updated parameters (param dtype). ZeRO pads each bucket to a multiple of the group size.
 ep   per MoE layer: the token counts (E int64), dispatch (N·k tokens of d, r) and combine
      (c) forward, the same two backward; balanced routing assumed (each rank receives as many
      tokens as it sends; the real figure moves with the router's imbalance).
@@ -186,9 +186,10 @@ def dp_per_step(plan: Plan, dense: int, expert: int, root: tuple[int, int], grad
     dp x cp) and `expert` ones (over expert-dp); root: ZeRO-3's root unit's (dense, expert)."""
     out: dict[str, dict[str, int]] = {}
     mb = plan.micro_batches
-    # Stages 2 and 3 reduce-scatter after every backward (each micro-batch, each chunk of an
-    # interleaved stage: parallel/data_parallel.py posts every bucket of the stage each time).
-    backwards = mb * plan.pp_virtual_stages if plan.zero_stage >= 2 else 1
+    # Stages 2 and 3 reduce-scatter after every micro-batch's backward. A rank with several
+    # pipeline chunks sends after each chunk's backward that chunk's buckets only (their buckets are
+    # cut per chunk: data_parallel.backward_chunks), so each gradient goes once per micro-batch.
+    backwards = mb if plan.zero_stage >= 2 else 1
     for group, size, numel, root_numel in (("dp", plan.replicas, dense, root[0]),
                                            ("edp", plan.expert_replicas, expert, root[1])):
         if size == 1 or numel == 0:

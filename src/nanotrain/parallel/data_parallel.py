@@ -1,18 +1,19 @@
 """Data parallelism: every dp rank holds the same weights and a different slice of the batch;
-gradients are summed across ranks before the optimizer step. One reducer, `GradReducer`, does
-it for every ZeRO stage (parallel/zero.py holds the optimizer that uses it).
+gradients are summed across ranks before the optimizer step. This file is plain bucketed DDP,
+`BucketedAllReduce`; each ZeRO stage is a change on top of it:
+
+    stage 0   BucketedAllReduce, every rank updates every parameter        (this file)
+    stage 1   the same all-reduce; the optimizer updates its slice only    (zero.py: ZeroOptimizer)
+    stage 2   + reduce-scatter instead: a rank keeps its slice's sum only  (zero2.py: BucketedReduceScatter)
+    stage 3   + the parameters sharded too, gathered per block             (zero3.py: ParameterSharding)
 
 Gradients are laid end to end in flat *buckets* of about `bucket_mb` megabytes, in reverse
 order of registration (roughly the order backward produces them). A hook on each parameter
 fires once its gradient is complete; when the last gradient of a bucket arrives, the bucket's
-collective starts asynchronously, while backward goes on computing the earlier layers:
+all-reduce starts asynchronously, while backward goes on computing the earlier layers:
 
     backward:  [layer 3 grads][layer 2 grads][layer 1 grads][layer 0 grads]
     comm:                 [reduce b0     ][reduce b1     ][reduce b2     ]...wait
-
-    stage 0, 1   all-reduce: every rank gets the whole sum (stage 1 then updates its slice only)
-    stage 2, 3   reduce-scatter: rank r keeps the sum of the r-th 1/dp slice of each bucket
-                 (stage 3 also shards the parameters, gathered per block: parallel/zero3.py)
 
 Sum, not mean: each rank's loss is already divided by the token count of the *global* batch
 (DESIGN, invariant 3), so the sum of the ranks' gradients is the gradient of the global mean loss.
@@ -21,7 +22,7 @@ Order. Collectives on a group must be issued in the same order on every rank, an
 which buckets fill can differ between ranks (an expert that got no tokens here has no gradient
 until the end). So each group's buckets are launched in a fixed order (as DDP's reducer does),
 the order in which backward completes them: a full bucket waits for the earlier ones of its
-group; the rest are posted at the end.
+group; the rest are posted when the backward ends.
 
 Which group. Parameters are bucketed by how they are summed (`spec(p)`, params.py): over dp,
 or over expert-dp for expert shards (`expert_parallel`: an expert exists only on the ranks of
@@ -31,8 +32,15 @@ embedding group for the copies of a tied embedding on the first and last pipelin
 (`pipeline_shared`). A bucket never mixes these, nor weight decay, nor persistent low-bit
 weights: each bucket is then one optimizer parameter group and one after-dp sum.
 
-With gradient accumulation, stages 0/1 do nothing until the last micro-batch (DDP's
-`no_sync()`); stage 2 reduces every micro-batch, so no whole gradient outlives its backward.
+Which chunk. A pipeline rank of an interleaved or DualPipeV schedule runs several chunks of
+layers, one backward at a time, and a bucket never mixes two chunks (`backward_chunks`): after
+a synced backward, only the buckets of the chunk it reached are posted, so each gradient is
+sent as often as under 1F1B, not once per chunk. (A parameter two chunks use, the tied
+embedding where one rank holds both ends of the model, is in a `cross_chunk` bucket that waits for
+the backward of the chunk that comes last in each micro-batch.)
+
+With gradient accumulation nothing is sent until each chunk's last micro-batch (DDP's
+`no_sync()`): the buffers accumulate the gradients whole until then.
 
 The global gradient norm (`grad_norm`, `reduce_squares`) lives here too: one rule for the
 optimizer's clipping and the monitor's per-tensor norms.
@@ -67,18 +75,17 @@ class FlatBucket:
     group: Group | None  # dp, or expert-dp for expert parameters
     size: int  # ranks in the group
     rank: int
-    shards: int = 1  # slices the bucket is cut into: the group size under ZeRO, 1 at stage 0
+    shards: int = 1  # slices the bucket is cut into: the group size under ZeRO, 1 without
     sum_group: Group | None = None  # after dp: tp (sequence parallel) or the embedding group
     decay: bool = True  # weight decay (matrices) or not (norms, biases)
-    lowbit: bool = False  # persistent low-bit weights: their gradients arrive from the dequantised copy
+    lowbit: bool = False  # persistent low-bit weights: the model keeps codes, flat is their fp32 master
     category: tuple = ()  # (expert, decay, sequence parallel, pipeline shared, low-bit): one per kind
+    chunk: int = 0  # the pipeline chunk whose backward fills it (backward_chunks)
+    cross_chunk: bool = False  # other chunks' backwards add to it too: posted after its own chunk's only
     flat: torch.Tensor | None = None  # the parameters' storage in this layout (the optimizer's)
     order: int = 0  # when backward completes it: the backward position of its last parameter
     ready: int = 0
     posted: bool = False  # launched this round (tests check that hooks launch during backward)
-    grad_flat: torch.Tensor | None = None  # stages 0/1: the gradients, end to end
-    staging: torch.Tensor | None = None  # stage 2: this backward's gradients, copied in as they arrive
-    full: torch.Tensor | None = None  # stage 3: the whole bucket, its storage allocated while gathered (zero3.py)
 
     @property
     def shard_numel(self) -> int:
@@ -86,7 +93,7 @@ class FlatBucket:
 
     @property
     def index(self) -> int:
-        """Which slice this rank owns (the only one at stage 0)."""
+        """Which slice this rank owns (the only one, unsharded)."""
         return self.rank if self.shards > 1 else 0
 
     def owned(self) -> slice:
@@ -102,61 +109,48 @@ class FlatBucket:
             if a < b:
                 yield p, a - lo, b - lo, a - off
 
-    def attach_grads(self) -> None:
-        """Make each parameter's .grad a view into grad_flat, so that backward accumulates straight
-        into the buffer the all-reduce sends (DDP's gradient_as_bucket_view)."""
-        for p, off in zip(self.params, self.offsets):
-            if p.grad is None or p.grad.data_ptr() != self.grad_flat[off:].data_ptr():
-                p.grad = self.grad_flat[off:off + p.numel()].view_as(p)
-
-    def stage_grad(self, grad: torch.Tensor, offset: int, grad_dtype: torch.dtype) -> None:
-        """Stage 2: copy a fresh gradient into the bucket's staging buffer (the caller drops it),
-        so the whole gradients of a bucket exist once (DeepSpeed's IPG bucket); zeros where a
-        parameter gets none (an idle expert) and in the padding."""
-        if self.staging is None:
-            self.staging = torch.zeros(self.numel, dtype=grad_dtype, device=grad.device)
-        self.staging[offset:offset + grad.numel()].copy_(grad.reshape(-1))
-
 
 def _category(p: nn.Parameter) -> tuple:
     s = spec(p)
     return s.expert_parallel, p.dim() >= 2, s.sequence_parallel, s.pipeline_shared, s.lowbit is not None
 
 
-# Stage 0 starts each parameter on a 128-byte boundary (32 fp32 elements) of its bucket: the
+# Unsharded buckets start each parameter on a 128-byte boundary (32 fp32 elements): the
 # parameters live in the buckets, and a GEMM on a weight that starts mid-cache-line runs slower
 # (measured: 4% more forward and backward time on the default model, bench/dp.py --bucket-mb 0.5).
 # ZeRO keeps its slices contiguous (the padding would move every rank's slice boundaries).
 ALIGN = 32
 
 
-def bucket_layout(params: list[nn.Parameter], ps, stage: int = 0, bucket_mb: float = 25.0,
-                  units: dict[nn.Parameter, int] | None = None) -> list[FlatBucket]:
+def bucket_layout(params: list[nn.Parameter], ps, sharded: bool = False, bucket_mb: float = 25.0,
+                  units: dict[nn.Parameter, int] | None = None,
+                  chunks: dict[nn.Parameter, tuple[int, bool]] | None = None) -> list[FlatBucket]:
     """The trainable `params` in buckets of about bucket_mb (sized at 4 bytes an element, whatever the
-    dtypes, so that every precision cuts the same buckets), per category, in backward order; under
-    ZeRO (stage > 0) padded to a multiple of the group's size; at stage 0 each parameter starts on
-    an ALIGN boundary. `units` (ZeRO-3: parameter -> the block it belongs to, zero3.units_of): no
-    bucket holds two units' parameters. `ps`: a ParallelState, or anything with its dp_group,
-    edp_group, tp_group, embd_group."""
+    dtypes, so that every precision cuts the same buckets), per category, in backward order;
+    `sharded` (ZeRO) padded to a multiple of the group's size, else each parameter starting on an
+    ALIGN boundary. No bucket holds two `units`' parameters (ZeRO-3: parameter -> the block it
+    belongs to, zero3.units_of), nor two pipeline `chunks`' (backward_chunks). `ps`: a
+    ParallelState, or anything with its dp_group, edp_group, tp_group, embd_group."""
     backward = list(reversed([p for p in params if p.requires_grad]))  # backward visits the last layers first
     by_key: dict[tuple, list[nn.Parameter]] = {}
     for p in backward:
-        by_key.setdefault((units[p] if units else 0, _category(p)), []).append(p)
+        unit, chunk = units[p] if units else 0, chunks.get(p, (0, False)) if chunks else (0, False)
+        by_key.setdefault((unit, chunk, _category(p)), []).append(p)
     position = {p: i for i, p in enumerate(backward)}
     buckets = []
-    for (_, key), members in by_key.items():
+    for (_, (chunk, cross_chunk), key), members in by_key.items():
         expert, decay, sp, shared, lowbit = key
         group = ps.edp_group if expert else ps.dp_group
         size, rank = collectives.size(group), collectives.rank(group)
-        shards = size if stage > 0 else 1
+        shards = size if sharded else 1
         tp_group = ps.tp_group if sp and collectives.size(ps.tp_group) > 1 else None
         sum_group = ps.embd_group if shared else tp_group
-        for chunk in _chunks(members, bucket_mb * 2**20):
-            step = ALIGN if stage == 0 else 1
-            offsets = list(itertools.accumulate((-(-p.numel() // step) * step for p in chunk[:-1]), initial=0))
-            total = offsets[-1] + chunk[-1].numel()
-            buckets.append(FlatBucket(chunk, offsets, -(-total // shards) * shards, group, size, rank, shards,
-                                      sum_group, decay, lowbit, key, order=position[chunk[-1]]))
+        step = 1 if sharded else ALIGN
+        for part in _chunks(members, bucket_mb * 2**20):
+            offsets = list(itertools.accumulate((-(-p.numel() // step) * step for p in part[:-1]), initial=0))
+            total = offsets[-1] + part[-1].numel()
+            buckets.append(FlatBucket(part, offsets, -(-total // shards) * shards, group, size, rank, shards,
+                                      sum_group, decay, lowbit, key, chunk, cross_chunk, order=position[part[-1]]))
     return buckets
 
 
@@ -171,196 +165,211 @@ def _chunks(params: list[nn.Parameter], bucket_bytes: float) -> list[list[nn.Par
     return chunks + [current] if current else chunks
 
 
-class GradReducer:
-    """Sums the gradients of `buckets` over their groups: all-reduce (stages 0, 1) or reduce-scatter
-    (stage 2), launched from backward hooks in bucket order, then the after-dp sums.
+def backward_chunks(model: nn.Module) -> dict[nn.Parameter, tuple[int, bool]]:
+    """Parameter -> (chunk, cross_chunk): the chunk of this pipeline rank (k in model.stage.chunks) whose
+    backward gives its gradient: a block's, its chunk; the embedding, the model's first chunk; the
+    rest (final norm, head), its last. `cross_chunk`: several chunks' backwards give it gradients (the
+    tied embedding on a rank that holds both ends of the model: DualPipeV's rank 0); its chunk is
+    then the one lowest in the model, whose backward comes last in each micro-batch. Empty with one
+    chunk per rank."""
+    stage = model.stage
+    if stage is None or stage.v == 1:
+        return {}
+    out: dict[nn.Parameter, tuple[int, bool]] = {}
 
-    After sync(), `grad[id(b)]` is this rank's summed slice of bucket b, in grad_dtype (stages 0/1:
-    a view of the whole summed buffer, and each .grad a view of it where dtypes allow; stages 2
-    and 3: the only copy). At stage 3 `sharding` (zero3.ParameterSharding) hears of each gradient
-    taken, and of each backward's end, to free the blocks' parameters. `got_grad` holds the
-    parameters that have a gradient this step: every one a collective summed, and those backward
-    reached."""
+    def claim(params, k: int) -> None:
+        for p in params:
+            if p not in out:
+                out[p] = (k, False)
+            elif out[p][0] != k:
+                out[p] = (min(out[p][0], k, key=lambda c: stage.ids[c]), True)
 
-    def __init__(self, buckets: list[FlatBucket], stage: int = 0, grad_dtype: torch.dtype = torch.float32,
-                 local_ok: bool = False):
-        self.buckets, self.stage, self.grad_dtype = buckets, stage, grad_dtype
-        self.sharding = None  # stage 3: set by the optimizer
+    for k, layer_ids in enumerate(stage.chunks):
+        claim((p for i in layer_ids for p in model.layers[str(i)].parameters()), k)
+    first = [k for k in range(stage.v) if stage.is_first_chunk(k)]
+    last = [k for k in range(stage.v) if stage.is_last_chunk(k)]
+    embedding = [m for m in (model.tok_emb, model.pos_emb) if m is not None]
+    for name, module in model.named_children():
+        if name != "layers":  # (a rank with neither end holds none of these parameters)
+            ends = first + last if module in embedding else last + first
+            claim(module.parameters(), ends[0] if ends else 0)
+    return out
+
+
+class BucketedAllReduce:
+    """Plain bucketed DDP: sums the gradients of `buckets` over their groups, one all-reduce per
+    bucket launched from backward hooks in bucket order, then the sums after dp. ZeRO-1 uses it
+    as it is; ZeRO-2 and 3 reduce-scatter instead (zero2.BucketedReduceScatter, a subclass).
+
+    After sync(), `grad[id(b)]` is this rank's summed slice of bucket b, in grad_dtype (unsharded:
+    all of it), a view of the whole summed buffer; each .grad is a view of the buffer where the
+    dtypes allow. `got_grad` holds the parameters that have a gradient this step: every one a
+    collective summed, and those backward reached."""
+
+    every_backward = False  # sync after each backward (ZeRO-2), or after each chunk's last (DDP's no_sync)
+    grad_views_allowed = True  # .grad a view of the buffer the collective sends (DDP's gradient_as_bucket_view)
+
+    def __init__(self, buckets: list[FlatBucket], grad_dtype: torch.dtype = torch.float32, local_ok: bool = False):
+        self.buckets, self.grad_dtype = buckets, grad_dtype
         device = buckets[0].params[0].device if buckets else torch.device("cpu")
         # .grad as a view into the buffer where the dtypes agree; otherwise a hook adds each
         # backward's gradient into the buffer in grad_dtype and drops it (Megatron's main_grad).
-        self.grad_views = stage < 2 and all(not b.lowbit and all(p.dtype == grad_dtype for p in b.params)
-                                            for b in buckets)
+        self.grad_views = self.grad_views_allowed and all(
+            not b.lowbit and all(p.dtype == grad_dtype for p in b.params) for b in buckets)
         self.got_grad: set[nn.Parameter] = set()
         # Nothing to reduce (one process, or no group of size > 1 and no sum after dp), and the
         # caller reads each .grad as it is (local_ok: plain fp32 AdamW per parameter): no buffers,
         # no hooks. Autograd's own .grad tensors are the gradients, set to None after each step, as
         # a plain PyTorch loop has them (a buffer would cost a memset and an accumulate per step).
-        self.local = local_ok and stage == 0 and self.grad_views and \
-            all(b.size == 1 and b.sum_group is None for b in buckets)
+        self.local = local_ok and self.grad_views and all(b.size == 1 and b.sum_group is None for b in buckets)
         if self.local:
-            self.grad = {}
+            self.grad, self.grad_flat = {}, {}
             return
-        if stage < 2:
-            for b in buckets:
-                b.grad_flat = torch.zeros(b.numel, dtype=grad_dtype, device=device)
-                if self.grad_views:
-                    b.attach_grads()
-            self.grad = {id(b): b.grad_flat[b.owned()] for b in buckets}
-        else:
-            self.grad = {id(b): torch.zeros(b.shard_numel, dtype=grad_dtype, device=device) for b in buckets}
+        self.grad = self._buffers(device)
         self.sync_enabled = True
-        # (work, this rank's reduced slice (stage 2), bucket, the buffer sent: alive until the work is done)
-        self._pending: list[tuple] = []
-        # Per group: its buckets in the order backward completes them, whatever category. (Not the
-        # order of their first parameters: the bucket of a category backward reaches early and
-        # completes late, the norms', would hold back every bucket behind it until backward ends.)
-        self._order: dict = {}
+        self._pending: list[tuple] = []  # (work, bucket, ...): posted, not yet waited for
+        # Per (chunk, group): its buckets in the order backward completes them, whatever category.
+        # (Not the order of their first parameters: the bucket of a category backward reaches early
+        # and completes late, the norms', would hold back every bucket behind it until backward ends.)
+        self._order: dict[tuple, list[FlatBucket]] = {}
         for b in sorted(buckets, key=lambda b: b.order):
-            self._order.setdefault(b.group, []).append(b)
-        self._queues = {g: list(q) for g, q in self._order.items()}
-        self._summed: set[FlatBucket] = set()  # stages 2, 3: buckets whose slice got a sum this step
+            self._order.setdefault((b.chunk, b.cross_chunk, b.group), []).append(b)
+        self._queues = {key: list(q) for key, q in self._order.items()}
+        self._reached: set[int] = set()  # the chunks this backward gave gradients to
+        self._sent: set[tuple] = set()  # the queues posted whole this step
         self._bucket_of = {p: b for b in buckets for p in b.params}
         self._offset_of = {p: off for b in buckets for p, off in zip(b.params, b.offsets)}
         for b in buckets:
-            for p in b.params:
-                if b.lowbit:  # its gradient arrives from the dequantised copy (precision/lowbit.py)
-                    spec(p).lowbit.deliver = lambda g, p=p: self.on_grad(p, g)
-                else:
-                    p.register_post_accumulate_grad_hook(self._on_autograd)
+            for p in b.params:  # (a low-bit weight's gradient is its dequantised copy's: precision/lowbit.py)
+                p.register_post_accumulate_grad_hook(self._on_autograd)
+
+    def _buffers(self, device: torch.device) -> dict[int, torch.Tensor]:
+        """One flat gradient buffer per bucket, what the all-reduce sends; .grad views of it."""
+        self.grad_flat = {b: torch.zeros(b.numel, dtype=self.grad_dtype, device=device) for b in self.buckets}
+        if self.grad_views:
+            for b in self.buckets:
+                self._attach_grads(b)
+        return {id(b): self.grad_flat[b][b.owned()] for b in self.buckets}
+
+    def _attach_grads(self, b: FlatBucket) -> None:
+        """Make each parameter's .grad a view into its bucket's buffer, so that backward accumulates
+        straight into what the all-reduce sends."""
+        flat = self.grad_flat[b]
+        for p, off in zip(b.params, b.offsets):
+            if p.grad is None or p.grad.data_ptr() != flat[off:].data_ptr():
+                p.grad = flat[off:off + p.numel()].view_as(p)
 
     @contextlib.contextmanager
     def backward_context(self, last: bool):
-        """Stages 0/1 sync on the last micro-batch only (gradients accumulate whole in the buffers
-        until then; `last` is per chunk in an interleaved pipeline). Stage 2 reduces every
-        backward's gradients and posts the buckets that backward did not fill (experts that got no
-        token, the other chunks of an interleaved stage) right after it; stages 0/1 post them in
-        sync(). Either way every rank posts the same collectives in the same order."""
+        """Around each backward: sync on each chunk's last micro-batch only (`last`; gradients
+        accumulate whole in the buffers until then), or on every one (every_backward). After a
+        synced backward the buckets of the chunks it reached that it did not fill (experts that got
+        no token) are posted: every rank posts the same collectives in the same order."""
         if self.local:
             yield
             return
-        self.sync_enabled = last or self.stage >= 2
+        self.sync_enabled = last or self.every_backward
         if self.grad_views:
             for b in self.buckets:
-                b.attach_grads()
+                self._attach_grads(b)
         yield
-        if self.stage >= 2:
-            self._post_rest()
-        if self.sharding is not None:
-            self.sharding.end_backward()
+        if self.sync_enabled:
+            self._post_rest(self._complete())
+            self._reached.clear()
+
+    def _complete(self) -> list[tuple]:
+        """The queues whose gradients are complete after a synced backward: those of the chunks it reached."""
+        return [key for key in self._order if key[0] in self._reached]
 
     def _on_autograd(self, p: nn.Parameter) -> None:
         grad = p.grad
         if not self.grad_views:
-            p.grad = None  # its values go into the bucket's buffer below
+            p.grad = None  # its values go into the bucket's buffer (_collect)
         self.on_grad(p, grad)
 
     def on_grad(self, p: nn.Parameter, grad: torch.Tensor) -> None:
         """p's gradient of this backward is complete: put it where the bucket's reduction reads it,
-        and post the buckets that are full, in order."""
-        b, off = self._bucket_of[p], self._offset_of[p]
+        and post the buckets of its chunk that are full, in order."""
+        b = self._bucket_of[p]
         self.got_grad.add(p)
-        if self.stage >= 2:
-            if not self.sync_enabled:
-                return
-            b.stage_grad(grad, off, self.grad_dtype)
-            if self.sharding is not None:
-                self.sharding.on_grad(p)
-        elif not self.grad_views:  # accumulate over the micro-batches in grad_dtype
-            b.grad_flat[off:off + p.numel()].add_(grad.reshape(-1))
-        if not self.sync_enabled:
+        self._collect(b, self._offset_of[p], grad)
+        if not self.sync_enabled or b.cross_chunk:  # (it waits for its own chunk's backward to end)
             return
+        self._reached.add(b.chunk)
         b.ready += 1
-        queue = self._queues[b.group]
+        queue = self._queues[(b.chunk, b.cross_chunk, b.group)]
         while queue and queue[0].ready == len(queue[0].params):
             self._launch(queue.pop(0))
 
-    def _post_rest(self) -> None:
-        """Post every bucket not posted yet, in order; reset the queues for the next round."""
-        for queue in self._queues.values():
+    def _collect(self, b: FlatBucket, offset: int, grad: torch.Tensor) -> None:
+        """Accumulate over the micro-batches in grad_dtype (a .grad view has done it already)."""
+        if not self.grad_views:
+            self.grad_flat[b][offset:offset + grad.numel()].add_(grad.reshape(-1))
+
+    def _post_rest(self, keys: list[tuple]) -> None:
+        """Post every bucket of these queues not posted yet, in order; refill them for the next round."""
+        for key in keys:
+            queue = self._queues[key]
             while queue:
                 self._launch(queue.pop(0))
-        self._queues = {g: list(q) for g, q in self._order.items()}
+            self._queues[key] = list(self._order[key])
+            self._sent.add(key)
 
     def _launch(self, b: FlatBucket) -> None:
+        """All-reduce the buffer in place; every rank then reads its slice (unsharded: all)."""
         b.ready, b.posted = 0, True
-        if self.stage < 2:  # all-reduce the buffer in place; every rank then reads its slice (stage 0: all)
-            work = collectives.all_reduce(b.grad_flat, b.group, async_op=True) if b.size > 1 else None
-            self._pending.append((work, None, b, None))
-            return
-        flat = b.staging if b.staging is not None else torch.zeros(b.numel, dtype=self.grad_dtype,
-                                                                   device=self.grad[id(b)].device)  # none arrived
-        b.staging = None  # freed once the reduce-scatter is done: only this rank's slice is kept
-        self._reap()
-        # The step's first sum of this slice goes straight into it; a later micro-batch's into a
-        # buffer that is added once it arrives.
-        first = b not in self._summed
-        self._summed.add(b)
-        out = self.grad[id(b)] if first else torch.empty(b.shard_numel, dtype=flat.dtype, device=flat.device)
-        work = collectives.reduce_scatter(out, flat, b.group, async_op=True) if b.size > 1 else None
-        if work is None:
-            out.copy_(flat)
-        self._pending.append((work, None if first else out, b, flat))
+        work = collectives.all_reduce(self.grad_flat[b], b.group, async_op=True) if b.size > 1 else None
+        self._pending.append((work, b))
 
-    def _reap(self) -> None:
-        """Finish the reduce-scatters that are done (add their slices; drop their buffers), so that
-        the staging buffers do not all live until sync(). A bucket's sums are added in the order
-        they were posted."""
-        waiting, kept = set(), []
-        for entry in self._pending:
-            work, out, b, _ = entry
-            if b in waiting or (work is not None and not work.is_completed()):
-                waiting.add(b)
-                kept.append(entry)
-                continue
-            self._finish(work, out, b)  # (done: wait() raises a failure, if any)
-        self._pending = kept
-
-    def _finish(self, work, out: torch.Tensor | None, b: FlatBucket) -> None:
-        """Wait for one reduction; add a later micro-batch's slice into the bucket's."""
+    def _finish(self, work, b: FlatBucket, *rest) -> None:
         if work is not None:
             work.wait()
-        if out is not None:
-            self.grad[id(b)] += out
 
     def sync(self) -> None:
-        """Wait for the reductions (posting any a hook did not: unused parameters), accumulate
-        stage 2's slices, then the sums that come after dp."""
+        """Post what no synced backward did (a chunk of the tied embedding's rank, which syncs once),
+        wait for the reductions, then the sums that come after dp."""
         if self.local:  # the parameters that backward reached
             self.got_grad = {p for b in self.buckets for p in b.params if p.grad is not None}
             return
-        if self.stage < 2:  # every chunk's gradients are complete now
-            self._post_rest()
-        for work, out, b, _ in self._pending:
-            self._finish(work, out, b)
-        for b in self.buckets:
-            b.posted = False
+        self._post_rest(self._unsent())
+        self._sent.clear()
+        for entry in self._pending:
+            self._finish(*entry)
         self._pending.clear()
         for b in self.buckets:
+            b.posted = False
             if b.size > 1:  # summed: every rank holds each of its gradients now (zeros where none)
                 self.got_grad.update(b.params)
         self.sum_after_dp()
 
+    def _unsent(self) -> list[tuple]:
+        """The queues no synced backward posted this step."""
+        return [key for key in self._order if key not in self._sent]
+
     def sum_after_dp(self) -> None:
-        """tp for sequence-parallel partial gradients, the embedding group for tied copies (stages
-        0/1: the whole buffer, so that every .grad is the true gradient)."""
+        """tp for sequence-parallel partial gradients, the embedding group for tied copies (the
+        whole buffer, so that every .grad is the true gradient)."""
         for b in self.buckets:
             if b.sum_group is not None:
-                collectives.all_reduce(b.grad_flat if self.stage < 2 else self.grad[id(b)], b.sum_group)
+                collectives.all_reduce(self._summed_part(b), b.sum_group)
                 self.got_grad.update(b.params)
+
+    def _summed_part(self, b: FlatBucket) -> torch.Tensor:
+        return self.grad_flat[b]
 
     def zero(self) -> None:
         if self.local:  # the next backward makes fresh ones (zero_grad(set_to_none=True))
             for b in self.buckets:
                 for p in b.params:
                     p.grad = None
-            self.got_grad.clear()
-            return
-        if self.stage < 2:
+        else:
             for b in self.buckets:
-                b.grad_flat.zero_()  # any .grad views stay; the next backward accumulates into them
-        self._summed.clear()  # stages 2, 3: the next step's first reduce-scatter overwrites each slice
+                self.grad_flat[b].zero_()  # any .grad views stay; the next backward accumulates into them
         self.got_grad.clear()
+
+    def nbytes(self) -> int:
+        """Bytes of the gradient buffers this rank keeps."""
+        return sum(t.numel() * t.element_size() for t in self.grad_flat.values())
 
 
 # -- the global gradient norm ---------------------------------------------------------------

@@ -4,21 +4,22 @@ plain AdamW (one process, or plain data parallelism).
 
 Plain data parallelism keeps, on every rank, the fp32 master weights and both AdamW
 moments of the whole model: 12 bytes per parameter, replicated dp times. ZeRO gives
-each of the dp ranks 1/dp of them:
+each of the dp ranks 1/dp of them, one change per stage, each a piece of its own:
 
-  stage 0: gradients all-reduced (data_parallel.GradReducer); every rank runs the whole update.
-  stage 1: gradients all-reduced (the same reducer); each rank updates
-           only its shard of the master weights and moments, then the updated weights
-           are all-gathered into every rank's parameters.
-  stage 2: gradients reduce-scattered instead, bucket by bucket as backward produces
-           them, so each rank keeps only its shard of the gradients too (summed over the
-           micro-batches of the step in the shard). Each gradient is copied into its
-           bucket's staging buffer as soon as backward produces it, and dropped; the
-           buffer lives until its reduce-scatter is done (DeepSpeed's IPG bucket).
-  stage 3: the parameters too: each rank keeps its slice of every bucket, and each block's
-           are gathered for its forward and its backward and freed after (parallel/zero3.py).
-           Buckets then never span two blocks; the update writes the slices in place, and
-           no all-gather follows the step: the next forward gathers.
+  stage 0: gradients all-reduced (data_parallel.BucketedAllReduce); every rank runs the whole update.
+  stage 1: optimizer state sharded (this file): the same all-reduce; each rank updates only its
+           slice of every bucket's master weights and moments, then the updated weights are
+           all-gathered into every rank's parameters (WholeWeights.write_back).
+  stage 2: + gradients sharded: reduce-scattered instead, bucket by bucket as backward produces
+           them, so each rank keeps only its slice of the gradients too
+           (zero2.BucketedReduceScatter).
+  stage 3: + parameters sharded: each rank keeps its slice of every bucket, and each block's
+           are gathered for its forward and its backward and freed after
+           (zero3.ParameterSharding, in WholeWeights' place). Buckets then never span two
+           blocks; the update writes the slices in place, and no all-gather follows the
+           step: the next forward gathers.
+
+The stage number is read once, in ZeroOptimizer.__init__, to pick these pieces.
 
 Layout. Parameters that are synced over the same group (dp, or expert-dp for experts)
 and handled alike (weight decay or not; sequence-parallel partial sums; the pipeline
@@ -78,8 +79,9 @@ from ..optim import MOMENTS, adamw_impl, adamw_state
 from ..precision.master import Dtypes, MixedAdamW
 from ..params import spec
 from . import collectives
-from .data_parallel import FlatBucket, GradReducer, bucket_layout, clip_coef, grad_norm
-from .zero3 import ParameterSharding, free, units_of
+from .data_parallel import BucketedAllReduce, FlatBucket, backward_chunks, bucket_layout, clip_coef, grad_norm
+from .zero2 import BucketedReduceScatter
+from .zero3 import ParameterSharding, units_of
 
 
 @dataclass(eq=False)
@@ -99,6 +101,51 @@ class Unit:
             a, b = max(lo, self.lo), min(hi, self.hi)
             if a < b:
                 yield p, a - self.lo, b - self.lo, first + a - lo
+
+
+class WholeWeights:
+    """Stages 0-2: every rank holds every weight whole, the parameters views of their buckets'
+    storage (b.flat). Stage 3's counterpart: zero3.ParameterSharding."""
+
+    saves_model = False  # the model holds the weights (the optimizer saves them only from a master copy)
+
+    def store(self, b: FlatBucket, storage: torch.dtype, fp32: torch.Tensor) -> torch.Tensor:
+        """Make b's parameters views of one flat buffer in the storage dtype, b.flat, holding the
+        values `fp32`; returns this rank's slice's fp32 values. Low-bit weights: the model keeps
+        the codes, b.flat is their fp32 master."""
+        b.flat = fp32 if b.lowbit or storage == torch.float32 else fp32.to(storage)
+        for p, off in zip(b.params, b.offsets):
+            if b.lowbit:
+                spec(p).lowbit.store(fp32[off:off + p.numel()].view(p.shape))
+                p.data = torch.zeros(1, dtype=torch.float32, device=p.device).expand(p.shape)
+            else:
+                p.data = b.flat[off:off + p.numel()].view_as(p)  # the parameter now lives in the bucket
+        return fp32[b.owned()]
+
+    def mine(self, b: FlatBucket) -> torch.Tensor:
+        """This rank's part of b's storage: its slice (unsharded: all of it)."""
+        return b.flat[b.owned()]
+
+    def write_back(self, b: FlatBucket, master: torch.Tensor) -> None:
+        """This rank's updated master slice into every rank's parameters: all-gathered (ZeRO-1, 2; in
+        place when the master is the storage), copied (a master of its own dtype), or re-quantised."""
+        if b.lowbit:
+            for p, off in zip(b.params, b.offsets):
+                spec(p).lowbit.store(b.flat[off:off + p.numel()].view(p.shape))
+        elif b.shards > 1:
+            collectives.all_gather_into(b.flat, master.to(b.flat.dtype), b.group)
+        elif master.dtype != b.flat.dtype:
+            b.flat.copy_(master)
+
+    def weight_parts(self, buckets: list[FlatBucket], names: dict) -> None:
+        return None  # whole on every rank: the monitor reads the parameters
+
+    def nbytes(self, buckets: list[FlatBucket]) -> int:
+        return sum(spec(p).lowbit.nbytes() if spec(p).lowbit is not None else p.numel() * p.element_size()
+                   for b in buckets for p in b.params)
+
+    def end_backward(self) -> None:
+        pass  # nothing gathered
 
 
 class ZeroOptimizer:
@@ -126,22 +173,27 @@ class ZeroOptimizer:
                 self.aliases.setdefault(t, []).append(n)
         self.params = params = [p for p in model.parameters() if p.requires_grad]
         lowbit = any(spec(p).lowbit is not None for p in params)
-        if stage > 0 and lowbit:  # this class's own limit; a config asking for it is refused first (cross_checks)
+        sharded = stage > 0  # ZeRO-1: each rank updates its slice of every bucket
+        if sharded and lowbit:  # this class's own limit; a config asking for it is refused first (cross_checks)
             raise ValueError("precision.lowbit.weights with optimizer.zero_stage>0: the low-bit weights' masters are "
                              "not sharded. Use optimizer.zero_stage=0, or drop precision.lowbit.weights.")
-        self.buckets = bucket_layout(params, ps, stage, bucket_mb, units_of(model) if stage == 3 else None)
+        # The buckets: per pipeline chunk (each chunk's backward sends its own), at stage 3 per block.
+        self.buckets = bucket_layout(params, ps, sharded, bucket_mb, units_of(model) if stage == 3 else None,
+                                     backward_chunks(model))
+        # Where the weights live: whole on every rank, views of the buckets (stages 0-2), or this
+        # rank's slices, each block's gathered for its forward and backward (3: zero3.py).
+        self.weights = ParameterSharding(model, self.buckets, ps) if stage == 3 else WholeWeights()
         initial = {id(b): self._store(b, dt.storage) for b in self.buckets}  # fp32 values before any cast
         self.has_experts = any(spec(p).expert_parallel for p in params)
         # Plain AdamW (stage 0, every copy fp32): one unit per parameter (see the module docstring).
         # per_param=False: whole buckets anyway (tests compare the two).
-        self.per_param = stage == 0 and dt.all_fp32 and not lowbit and per_param is not False
+        self.per_param = not sharded and dt.all_fp32 and not lowbit and per_param is not False
         self.units = [u for b in self.buckets for u in self._units(b, initial[id(b)])]
         del initial
-        self.reducer = GradReducer(self.buckets, stage, dt.grad, local_ok=self.per_param)
+        # How the gradients are summed: all-reduced (stages 0, 1) or reduce-scattered (2, 3: zero2.py).
+        reducer = BucketedReduceScatter if stage >= 2 else BucketedAllReduce
+        self.reducer = reducer(self.buckets, dt.grad, local_ok=self.per_param)
         self.grad = self.reducer.grad
-        # Stage 3: each block's parameters gathered for its forward and backward (zero3.py).
-        self.sharding = ParameterSharding(model, self.buckets, ps) if stage == 3 else None
-        self.reducer.sharding = self.sharding
         # Views of the (persistent) gradient buffers, made once: each unit's, and each parameter's
         # part of this rank's slices (the norm's and the monitor's). With nothing to reduce (the
         # reducer's `local`) each parameter's own .grad instead, read at each step.
@@ -168,6 +220,11 @@ class ZeroOptimizer:
         self.mastered = {n for b in self.buckets if self._saves_model(b) for p in b.params for n in self._names(p)}
 
     @property
+    def sharding(self) -> ParameterSharding | None:
+        """Stage 3's gathering (tests and the memory meter read its figures); None at stages 0-2."""
+        return self.weights if isinstance(self.weights, ParameterSharding) else None
+
+    @property
     def _parts(self) -> list[tuple[nn.Parameter, torch.Tensor]]:
         """Each parameter's gradient on this rank, flat: its part of this rank's slices (a view of
         the buffers), or its own .grad (local; a parameter backward did not reach: zeros)."""
@@ -185,52 +242,38 @@ class ZeroOptimizer:
     def _saves_model(self, b: FlatBucket) -> bool:
         """Whether the optimizer saves (and loads) b's weights, from its master slices: when the
         master is a copy of its own, or (stage 3) the model holds only this rank's slices."""
-        return self.stage == 3 or not self._master_is_storage(b)
+        return self.weights.saves_model or not self._master_is_storage(b)
 
     # -- layout -------------------------------------------------------------------------
 
     def _store(self, b: FlatBucket, storage: torch.dtype) -> torch.Tensor:
-        """Move b's parameters into one flat buffer (b.flat) that they become views of; returns the
-        fp32 values (stage 3: of this rank's slice; the parameters view b.full, gathered on
-        demand). Low-bit weights: the model keeps the codes, b.flat is their fp32 master."""
+        """Move b's parameters into the weights' storage (self.weights.store); returns the fp32 values
+        of this rank's slice, before any cast."""
         fp32 = torch.zeros(b.numel, dtype=torch.float32, device=b.params[0].device)
         for p, off in zip(b.params, b.offsets):
             fp32[off:off + p.numel()].copy_(p.detach().reshape(-1))
-        if self.stage == 3:  # the model keeps its slice; the parameters view a buffer gathered on demand
-            b.flat = fp32[b.owned()].to(storage, copy=True)
-            b.full = torch.empty(b.numel, dtype=storage, device=fp32.device)
-            for p, off in zip(b.params, b.offsets):
-                p.data = b.full[off:off + p.numel()].view_as(p)
-            free(b)
-            return fp32[b.owned()].clone()  # only the slice is needed (and the whole would double the peak)
-        b.flat = fp32 if b.lowbit or storage == torch.float32 else fp32.to(storage)
-        for p, off in zip(b.params, b.offsets):
-            if b.lowbit:
-                spec(p).lowbit.store(fp32[off:off + p.numel()].view(p.shape))
-                p.data = torch.zeros(1, dtype=torch.float32, device=p.device).expand(p.shape)
-            else:
-                p.data = b.flat[off:off + p.numel()].view_as(p)  # the parameter now lives in the bucket
-        return fp32
+        return self.weights.store(b, storage, fp32)
 
-    def _units(self, b: FlatBucket, fp32: torch.Tensor) -> list[Unit]:
-        """The master weights: this rank's slice of b (in the storage dtype it is the bucket's own
+    def _units(self, b: FlatBucket, values: torch.Tensor) -> list[Unit]:
+        """The master weights: this rank's slice of b (in the storage dtype it is the storage's own
         slice, and the all-gather then runs in place; in another dtype a copy of the initial fp32
-        values), or, plain, each parameter as a view of the bucket."""
+        `values`), or, plain, each parameter as a view of the bucket."""
         if self.per_param:
             return [Unit(b, off, off + p.numel(), b.flat[off:off + p.numel()].view_as(p), p)
                     for p, off in zip(b.params, b.offsets)]
-        mine = b.flat if self.stage == 3 else b.flat[b.owned()]  # stage 3: flat is the slice
-        values = fp32 if self.stage == 3 else fp32[b.owned()]  # (stage 3: _store returned the slice)
+        mine = self.weights.mine(b)
         master = mine if self._master_is_storage(b) or b.lowbit else values.to(self.dtypes.master)
         return [Unit(b, 0, b.shard_numel, master)]
 
-    # -- gradients (data_parallel.GradReducer) ------------------------------------------
+    # -- gradients (data_parallel.py, zero2.py) -------------------------------------------
 
     @contextlib.contextmanager
     def backward_context(self, last: bool):
-        """Around each backward: the reducer syncs on the last micro-batch (stages 0/1) or on every one (2)."""
+        """Around each backward: the reducer syncs on the last micro-batch (stages 0/1) or on every one
+        (2, 3); then stage 3 frees what that backward still holds."""
         with self.reducer.backward_context(last):
             yield
+        self.weights.end_backward()
 
     def sync_grads(self) -> None:
         """Wait for the reductions; then this rank's summed gradient slices are in self.grad."""
@@ -256,7 +299,7 @@ class ZeroOptimizer:
             params = [p for p in self.params if p in views and p in keep]
             return grad_norm(params, [views[p].view(p.shape).float() for p in params], ps)
         return grad_norm([p for p, _ in self._parts], [g.float() for _, g in self._parts], ps,
-                         sliced=self.stage > 0, experts=self.has_experts)
+                         sliced=True, experts=self.has_experts)
 
     # -- the step -----------------------------------------------------------------------
 
@@ -283,8 +326,9 @@ class ZeroOptimizer:
         self.opt.step()
         for u in units:
             u.master.grad = None
-        for b in self.buckets:
-            self._write_back(b)
+        if not self.per_param:  # (per parameter, the units are the parameters themselves)
+            for u in self.units:  # one per bucket
+                self.weights.write_back(u.bucket, u.master)
         self.reducer.zero()
         for hook in self.step_post_hooks:
             hook(self)
@@ -295,24 +339,6 @@ class ZeroOptimizer:
         name; the runtime registers DeepSeek's expert-bias update here)."""
         self.step_post_hooks.append(hook)
 
-    def _write_back(self, b: FlatBucket) -> None:
-        """The updated masters into the model: every rank's slice into every rank's parameters
-        (in place when the master is the storage), cast to the storage dtype, or re-quantised."""
-        if b.lowbit:
-            for p, off in zip(b.params, b.offsets):
-                spec(p).lowbit.store(b.flat[off:off + p.numel()].view(p.shape))
-            return
-        if self._master_is_storage(b) and (b.shards == 1 or self.stage == 3):
-            return  # updated in place
-        master = next(u.master for u in self.units if u.bucket is b)
-        if self.stage == 3:  # the slice only: the next forward gathers
-            b.flat.copy_(master)
-        elif b.shards > 1:
-            collectives.all_gather_into(b.flat, master if self._master_is_storage(b) else master.to(b.flat.dtype),
-                                        b.group)
-        else:
-            b.flat.copy_(master)
-
     def grad_parts(self) -> list[tuple[str, torch.Tensor]]:
         """(parameter name, this rank's part of its summed gradient) for the monitor: the parts
         inside this rank's slices (ZeRO-1/2: summed over dp they make the whole)."""
@@ -321,9 +347,7 @@ class ZeroOptimizer:
     def weight_parts(self) -> list[tuple[str, torch.Tensor]] | None:
         """Stage 3: (parameter name, this rank's part of its weights), as grad_parts (summed over dp
         they make the whole); None at stages 0-2, where every rank holds whole parameters."""
-        if self.stage < 3:
-            return None
-        return [(self.names[p], b.flat[lo:hi]) for b in self.buckets for p, lo, hi, _ in b.overlaps()]
+        return self.weights.weight_parts(self.buckets, self.names)
 
     def state_bytes(self) -> dict[str, int]:
         """Bytes this rank holds per kind (tests, benchmarks): the model's parameters, the master
@@ -332,13 +356,10 @@ class ZeroOptimizer:
             return sum(t.numel() * t.element_size() for t in ts)
 
         moments = size(t for s in self.opt.state.values() for t in s.values() if torch.is_tensor(t) and t.dim() > 0)
-        params = sum(spec(p).lowbit.nbytes() if spec(p).lowbit is not None else p.numel() * p.element_size()
-                     for b in self.buckets for p in b.params) if self.stage < 3 else size(b.flat for b in self.buckets)
         master = size(u.master for u in self.units if not self._master_is_storage(u.bucket))
         comp = size(getattr(self.opt, "compensation", {}).values())
-        grads = size(self.grad.values()) if self.stage >= 2 else size(b.grad_flat for b in self.buckets)
-        return {"params": params, "master": master, "grads": grads, "moments": moments, "compensation": comp,
-                "grad_shards": size(self.grad.values())}
+        return {"params": self.weights.nbytes(self.buckets), "master": master, "grads": self.reducer.nbytes(),
+                "moments": moments, "compensation": comp, "grad_shards": size(self.grad.values())}
 
     # -- checkpoints: each rank's slices, as boxes of the logical parameters --------------
 
@@ -382,12 +403,11 @@ class ZeroOptimizer:
 
     def load_pieces(self, reader: CheckpointReader) -> None:
         """This rank's slices of the saved moments and masters, whatever layout and stage wrote them."""
-        for b in self.buckets:  # masters first: any checkpoint has the model's weights
-            if self._saves_model(b):
-                for u in (u for u in self.units if u.bucket is b):
-                    for piece in self._slice_pieces("model/", u, u.master):
-                        reader.fill(piece)
-                self._write_back(b)
+        for u in self.units:  # masters first: any checkpoint has the model's weights
+            if self._saves_model(u.bucket):  # (then not per parameter: one unit per bucket)
+                for piece in self._slice_pieces("model/", u, u.master):
+                    reader.fill(piece)
+                self.weights.write_back(u.bucket, u.master)
         generator = getattr(self.opt, "generator", None)
         key = f"precision/rank{self.ps.rank}/master_generator"
         if generator is not None and reader.has(key):

@@ -12,15 +12,19 @@ and a block's whole parameters exist only while the block runs:
     prefetch: the gather of the next block (forward: i + 1, backward: i - 1) is posted as soon
     as the current one has arrived, so it travels while the current block computes.
 
+This object is the optimizer's parameter storage at stage 3 (zero.WholeWeights at 0-2): where
+the weights live (`store`), how the updated slices get back (`write_back`, no all-gather: the
+next forward gathers), and what checkpoints and the monitor read (`weight_parts`).
+
 The units. Each transformer block of this rank (model.layers, a pipeline stage's only) is one
 unit: its parameters are laid out in buckets of their own (data_parallel.bucket_layout with
 `units`), so one unit's gather is its buckets' all-gathers. Everything else (embeddings, the
 final norm, the head, DeepSeek's MTP module) is the root unit, gathered for the whole forward
 of the model and again for its backward, as FSDP's root.
 
-Gathered and freed, in place. A unit's buckets keep two tensors: `flat`, this rank's slice (the
+Gathered and freed, in place. Each bucket has two tensors: `b.flat`, this rank's slice (the
 only persistent copy, and the optimizer's: the master is this slice when the dtypes agree), and
-`full`, the whole bucket, whose parameters are views of it. Freeing resizes full's storage to
+`full[b]`, the whole bucket, whose parameters are views of it (`store`). Freeing resizes full's storage to
 zero bytes; gathering resizes it back and all-gathers into it. The parameters' views, and any
 tensor autograd saved from them for backward, point at that storage all along, so nothing needs
 re-binding, and between its forward and its backward a block holds no parameter memory
@@ -31,8 +35,8 @@ When. Hooks on each unit's module:
   forward hook       release (free when no one else holds it); and, if a backward will come,
                      a hook on the output's gradient, which acquires the unit again when
                      backward reaches it and prefetches the unit before it.
-  gradients          data_parallel.GradReducer reduce-scatters them as at stage 2 and reports
-                     each one (on_grad); when all of a unit's have arrived, it is released.
+  gradients          reduce-scattered as at stage 2 (zero2.py); a hook on each parameter counts
+                     them (on_grad): when all of a unit's have arrived, it is released.
   backward's end     what is still held for backward (a parameter that got no gradient: an
                      expert no token chose) is released (end_backward).
 Recomputation (recompute.py) runs a block's forward again inside its backward, while the block
@@ -83,14 +87,14 @@ class Unit:
     backward_holds: int = 0
 
 
-def free(b: FlatBucket) -> None:
-    b.full.untyped_storage().resize_(0)
-
-
 class ParameterSharding:
-    """Gathers and frees each unit's parameters around its forward and backward (see the module
-    docstring). `buckets`: the optimizer's (bucket_layout with units), their `flat` this rank's
-    slices and `full` the gathered buffers; `ps`: the ParallelState with the gather groups."""
+    """Stage 3's parameter storage: each rank keeps its slice of every bucket, and each unit's
+    parameters are gathered and freed around its forward and backward (see the module docstring).
+    `buckets`: the optimizer's (bucket_layout with units); `ps`: the ParallelState with the gather
+    groups. Hooks registered here: forward hooks on each unit's module, a gradient hook on each
+    parameter."""
+
+    saves_model = True  # the model holds only slices: the optimizer saves the weights, from its masters
 
     def __init__(self, model: nn.Module, buckets: list[FlatBucket], ps):
         unit_of = units_of(model)
@@ -100,6 +104,7 @@ class ParameterSharding:
             mine = [b for b in buckets if unit_of[b.params[0]] == i]
             self.units.append(Unit(module, mine, frozenset(p for b in mine for p in b.params)))
         self._unit_of = {p: u for u in self.units for p in u.params}
+        self.full: dict[FlatBucket, torch.Tensor] = {}  # the whole buckets, allocated while gathered
         # Bytes of whole parameters allocated now, the most at once, and the gathers posted (tests,
         # the memory plan: the root and at most two blocks, the current one and the prefetch).
         self.live_bytes = self.peak_bytes = self.gathers = 0
@@ -107,6 +112,39 @@ class ParameterSharding:
         for i, u in enumerate(self.units):
             u.module.register_forward_pre_hook(lambda m, args, i=i: self._pre_forward(i))
             u.module.register_forward_hook(lambda m, args, out, i=i: self._post_forward(i, out))
+        for p in self._unit_of:  # (the reducer's hook reads the gradient, never the freed parameter)
+            p.register_post_accumulate_grad_hook(self.on_grad)
+
+    # -- the optimizer's storage ---------------------------------------------------------------
+
+    def store(self, b: FlatBucket, storage: torch.dtype, fp32: torch.Tensor) -> torch.Tensor:
+        """Keep this rank's slice of b's values `fp32` as b.flat (in the storage dtype); the parameters
+        become views of full[b], freed until gathered. Returns the slice's fp32 values."""
+        b.flat = fp32[b.owned()].to(storage, copy=True)
+        self.full[b] = torch.empty(b.numel, dtype=storage, device=fp32.device)
+        for p, off in zip(b.params, b.offsets):
+            p.data = self.full[b][off:off + p.numel()].view_as(p)
+        self._release(b)
+        return fp32[b.owned()].clone()  # only the slice is needed (and the whole would double the peak)
+
+    def mine(self, b: FlatBucket) -> torch.Tensor:
+        """This rank's part of b's storage: b.flat, the slice."""
+        return b.flat
+
+    def write_back(self, b: FlatBucket, master: torch.Tensor) -> None:
+        """The updated slice, where the master is a copy of its own; no all-gather: the next forward gathers."""
+        if master.dtype != b.flat.dtype:
+            b.flat.copy_(master)
+
+    def weight_parts(self, buckets: list[FlatBucket], names: dict) -> list[tuple[str, torch.Tensor]]:
+        """(parameter name, this rank's part of its weights): summed over dp they make the whole."""
+        return [(names[p], b.flat[lo:hi]) for b in buckets for p, lo, hi, _ in b.overlaps()]
+
+    def nbytes(self, buckets: list[FlatBucket]) -> int:
+        return sum(b.flat.numel() * b.flat.element_size() for b in buckets)
+
+    def _release(self, b: FlatBucket) -> None:
+        self.full[b].untyped_storage().resize_(0)
 
     # -- gather and free ------------------------------------------------------------------
 
@@ -116,17 +154,18 @@ class ParameterSharding:
             return
         with unrecorded():
             for b in u.buckets:
-                b.full.untyped_storage().resize_(b.numel * b.full.element_size())
-                self.live_bytes += b.numel * b.full.element_size()
+                full = self.full[b]
+                full.untyped_storage().resize_(b.numel * full.element_size())
+                self.live_bytes += b.numel * full.element_size()
                 self.gathers += 1
                 group = self._groups[id(b)]
                 if b.size == 1:
-                    b.full.copy_(b.flat)
+                    full.copy_(b.flat)
                     continue
                 # Not a change autograd should see: the saved views of these parameters wait
                 # for exactly these values (FSDP2 does the same).
-                with torch.autograd._unsafe_preserve_version_counter(b.full):
-                    u.gathering.append(collectives.all_gather_into(b.full, b.flat, group, async_op=True))
+                with torch.autograd._unsafe_preserve_version_counter(full):
+                    u.gathering.append(collectives.all_gather_into(full, b.flat, group, async_op=True))
         u.gathered = True
         self.peak_bytes = max(self.peak_bytes, self.live_bytes)
 
@@ -139,8 +178,8 @@ class ParameterSharding:
         self._wait(u)  # never free storage an all-gather is still writing
         with unrecorded():
             for b in u.buckets:
-                free(b)
-                self.live_bytes -= b.numel * b.full.element_size()
+                self._release(b)
+                self.live_bytes -= b.numel * self.full[b].element_size()
         u.gathered = False
 
     def acquire(self, u: Unit) -> None:
@@ -187,7 +226,7 @@ class ParameterSharding:
         self._prefetch(len(self.units) - 1 if i == 0 else i - 1)
 
     def on_grad(self, p: nn.Parameter) -> None:
-        """p's gradient of this backward has been taken (data_parallel.GradReducer)."""
+        """p's gradient of this backward is complete: when all of its unit's are, backward is done with it."""
         u = self._unit_of[p]
         u.arrived += 1
         if u.arrived == len(u.params) and u.backward_holds:

@@ -40,9 +40,11 @@ _TINY = torch.finfo(torch.float32).tiny
 
 class LowBitWeight:
     """The codes and scales of one weight of logical shape `shape`; store() writes them from an
-    fp32 tensor, dequantize() reads them back as fp32."""
+    fp32 tensor, dequantize() reads them back as fp32. `param`: the model's parameter it stands
+    for, which receives the dequantised weight's gradient (compute_weight)."""
 
-    def __init__(self, fmt: str, scaling: str, shape: torch.Size, device: torch.device):
+    def __init__(self, fmt: str, scaling: str, shape: torch.Size, device: torch.device,
+                 param: nn.Parameter | None = None):
         if fmt not in ("fp8", "nf4") or scaling not in ("tensor", "channel"):
             raise ValueError(f"low-bit weights: format {fmt!r}, scaling {scaling!r}: use fp8|nf4 and tensor|channel")
         self.fmt, self.scaling, self.shape = fmt, scaling, torch.Size(shape)
@@ -53,7 +55,7 @@ class LowBitWeight:
             self.codes = torch.zeros((numel + 1) // 2, dtype=torch.uint8, device=device)  # two 4-bit codes a byte
         rows = self.shape[0] if scaling == "channel" else 1
         self.scale = torch.ones(rows, 1, device=device)
-        self.deliver = None  # set by the optimizer: where this weight's gradient goes
+        self.param = param
 
     def _amax(self, w: torch.Tensor) -> torch.Tensor:
         w2 = w.reshape(self.scale.shape[0], -1)
@@ -87,18 +89,27 @@ class LowBitWeight:
         return self.codes.numel() * self.codes.element_size() + self.scale.numel() * self.scale.element_size()
 
     def compute_weight(self) -> torch.Tensor:
-        """The weight for this forward's GEMM: dequantised, a leaf whose gradient, once backward has
-        it, is handed to the optimizer and dropped (so the model never holds a full-precision weight
+        """The weight for this forward's GEMM: dequantised, its gradient becoming the parameter's.
+        The parameter's own values are a placeholder; the optimizer's gradient hook takes its
+        gradient and drops it, as any other's (so the model never holds a full-precision weight
         between steps)."""
         w = self.dequantize()
-        if torch.is_grad_enabled() and self.deliver is not None:
-            w.requires_grad_()
-            w.register_post_accumulate_grad_hook(self._hand_over)
+        if torch.is_grad_enabled() and self.param is not None and self.param.requires_grad:
+            w = _GradientToParameter.apply(self.param, w)
         return w
 
-    def _hand_over(self, w: torch.Tensor) -> None:
-        self.deliver(w.grad)
-        w.grad = None
+
+class _GradientToParameter(torch.autograd.Function):
+    """w itself, forward; backward, w's gradient goes to `param` (of w's shape), whose values play no
+    part: autograd then accumulates it into param.grad and runs param's gradient hooks."""
+
+    @staticmethod
+    def forward(ctx, param: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return w.view_as(w)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, None
 
 
 def apply_lowbit(model: nn.Module, p) -> list[str]:
@@ -120,7 +131,7 @@ def apply_lowbit(model: nn.Module, p) -> list[str]:
         if spec(weight).pipeline_shared or names.get(id(weight)) != pname:  # the head's copy
             raise ValueError(f"precision.lowbit.weights matches {pname}, which is tied to the embedding: "
                              "add it to precision.lowbit.exclude.")
-        module.lowbit = LowBitWeight(lb.format, lb.scaling, weight.shape, weight.device)
+        module.lowbit = LowBitWeight(lb.format, lb.scaling, weight.shape, weight.device, weight)
         declare(weight, lowbit=module.lowbit)
         chosen.append(pname)
     if not chosen:
