@@ -145,7 +145,7 @@ def mark_up_projection(module: nn.Module) -> None:
     module.register_forward_hook(leave)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Recompute:
     """train.recompute for one model: which blocks, which mode."""
 

@@ -19,6 +19,7 @@ from torch import nn
 
 from ..config import ModelConfig, whole_sequence_errors
 from ..layers import RMSNorm
+from ..module_spec import module_spec
 from ..parallel.expert_parallel import ExpertParallel
 from ..parallel.tensor_parallel import TensorParallel
 from ..recompute import recomputing
@@ -175,7 +176,7 @@ class DeepSeekModel(TransformerModel):
             pos, index = self.positions(input_ids)
             x = self.embed(input_ids, index)
             for position, layer in enumerate(self.layers.values()):
-                x = self.recompute.run(layer, position, x, pos)
+                x = module_spec(self).recompute.run(layer, position, x, pos)
             out = self.output(x, targets, loss_denominator)
             denom = loss_denominator if loss_denominator is not None else count_targets(targets)
             # Same denominator as the main loss (DESIGN, invariant 3), weighted lambda / depth.
