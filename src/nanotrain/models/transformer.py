@@ -130,7 +130,7 @@ class TransformerModel(nn.Module):
         """What every block's attention needs (documents.py), and each token's position for the
         learned embedding (None: 0..T-1). Packed documents restart both at each EOS."""
         rope = (self.rope_cos, self.rope_sin) if self.rope_cos is not None else None
-        cp, eos = module_spec(self).cp, module_spec(self).document_eos
+        cp, eos = module_spec(self).cp, module_spec(self).document_eos  # (set by parallelize())
         if cp is not None:  # this rank's zigzag tokens: their positions in the whole sequence
             T = tokens.shape[1] * cp.size
             index = zigzag_index(T, cp.size, cp.rank, tokens.device)
