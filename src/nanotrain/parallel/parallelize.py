@@ -3,7 +3,7 @@
 Every parallelism, and everything else that changes how the model runs on this rank, is one step
 of the recipe below, in this order, and each step is a short function in the file of its
 parallelism. A step that changes how a module runs writes it into the module's record
-(module_spec.py), which the module's forward reads; nothing else is set on the model.
+(module_spec.py), which the module's forward reads; no step sets a loose attribute.
 
 Tensor and expert parallelism are the exception to "build plain, then transform": they are
 arguments of the layers' constructors, as in Megatron. The blocks themselves say which linears are
