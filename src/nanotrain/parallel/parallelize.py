@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..compiling import compile_blocks
-from ..config import Config, ConfigError, ParallelConfig
+from ..config import Config, ConfigError, ParallelConfig, PrecisionConfig
 from ..models import build_model
 from ..module_spec import mark
 from ..precision.lowbit import apply_lowbit
@@ -43,14 +43,15 @@ def parallelize(cfg: Config, ps: ParallelState, device: torch.device, autocast: 
     tp, ep = tensor_parallel(ps, cfg.parallel), expert_parallel(ps, cfg.precision.moe)
     model = build_model(cfg.model, tp, ep)
     model.init_weights(cfg.train.seed)  # every weight from (seed, its name): the one-process values, sliced
+    mark(model, document_eos=document_eos)  # data.document_mask: attention stays inside each document
     # 3. Context parallelism: attention as a ring over the cp group, on this rank's zigzag tokens.
     apply_context_parallel(model, ps)
     # 4. The pipeline cut: this rank keeps its stage's layers, under the one-process names.
     model = pipeline_cut(model, ps, cfg.parallel)
-    # 5. Recomputation (and the document mask, which also changes what the blocks see).
-    mark(model, recompute=Recompute(cfg.train.recompute, cfg.train.recompute_layers), document_eos=document_eos)
+    # 5. Recomputation: which blocks backward runs again, keeping less for it (recompute.py).
+    mark(model, recompute=Recompute(cfg.train.recompute, cfg.train.recompute_layers))
     # 6. Precision: each GEMM's recipe, the attention core's dtype, the weights stored low-bit.
-    model = apply_precision(model, cfg, autocast, device)
+    model = apply_precision(model, cfg.precision, autocast, device)
     # 7. Compile: each block, in place, last (the compiled blocks are the ones training runs).
     if cfg.train.compile:
         compile_blocks(model, ps.world_size)
@@ -70,10 +71,10 @@ def pipeline_cut(model: nn.Module, ps: ParallelState, p: ParallelConfig) -> nn.M
     return pipeline_stage(model, ps.pp_rank, ps.pp, stage.chunks, stage.ids)
 
 
-def apply_precision(model: nn.Module, cfg: Config, autocast: torch.dtype | None, device: torch.device) -> nn.Module:
+def apply_precision(model: nn.Module, p: PrecisionConfig, autocast: torch.dtype | None,
+                    device: torch.device) -> nn.Module:
     """The precision policy (precision/policy.py, lowbit.py), and the move to the device between
     its two halves: the low-bit weights' codes are made where they will live."""
-    p = cfg.precision
     apply_policy(model, p)  # which recipe each GEMM runs in
     set_attention_core(model, attention_core_dtype(p.attention, autocast, device))
     model = model.to(device)
