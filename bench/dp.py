@@ -31,6 +31,7 @@ from nanotrain.config import Config, load_config
 from nanotrain.data import BatchSampler, prepare_data
 from nanotrain.models import build_model
 from nanotrain.models.attention import Attention
+from nanotrain.module_spec import mark
 from nanotrain.optim import build_adamw
 from nanotrain.parallel.launch import run_world
 from nanotrain.parallel.layout import Layout
@@ -43,7 +44,7 @@ def build(cfg: Config) -> torch.nn.Module:
     model.init_weights(cfg.train.seed)
     for m in model.modules():  # the engine's CPU precision policy: attention core in fp32 under bf16
         if isinstance(m, Attention) and cfg.precision.recipe == "bf16":
-            m.core_dtype = torch.float32
+            mark(m, core_dtype=torch.float32)
     return model
 
 

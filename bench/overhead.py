@@ -32,6 +32,7 @@ from nanotrain.config import load_config
 from nanotrain.data import BatchSampler, prepare_data
 from nanotrain.models import build_model
 from nanotrain.models.attention import Attention
+from nanotrain.module_spec import mark
 from nanotrain.optim import adamw_impl
 from nanotrain.runtime import RuntimeEngine
 
@@ -49,7 +50,7 @@ def plain_loop(cfg, steps: int) -> tuple[float, list[float]]:
     bf16 = cfg.precision.recipe == "bf16"
     for m in model.modules():  # the same precision policy as the engine: attention core in fp32 on CPU
         if isinstance(m, Attention) and bf16:
-            m.core_dtype = torch.float32
+            mark(m, core_dtype=torch.float32)
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay},

@@ -40,6 +40,7 @@ def one_mode(a) -> dict:
 
     from nanotrain.config import load_config
     from nanotrain.models import build_model
+    from nanotrain.module_spec import mark
     from nanotrain.recompute import Recompute
 
     if a.threads:
@@ -54,7 +55,7 @@ def one_mode(a) -> dict:
                              "--model.mlp=swiglu", "--model.pos_emb=rope", *extra]).model
     model = build_model(cfg)
     model.init_weights(0)
-    model.recompute = Recompute(a.mode)
+    mark(model, recompute=Recompute(a.mode))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     gen = torch.Generator().manual_seed(0)
     batches = [torch.randint(0, 256, (a.batch, a.seq), generator=gen) for _ in range(a.steps + 1)]

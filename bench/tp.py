@@ -34,6 +34,7 @@ from nanotrain.config import Config, load_config
 from nanotrain.data import BatchSampler, prepare_data
 from nanotrain.models import build_model
 from nanotrain.models.attention import Attention
+from nanotrain.module_spec import mark
 from nanotrain.optim import build_adamw
 from nanotrain.parallel.launch import run_world
 from nanotrain.parallel.tensor_parallel import TensorParallel
@@ -42,7 +43,7 @@ from nanotrain.parallel.tensor_parallel import TensorParallel
 def policy(model, cfg):
     for m in model.modules():  # the engine's CPU precision policy: attention core in fp32 under bf16
         if isinstance(m, Attention) and cfg.precision.recipe == "bf16":
-            m.core_dtype = torch.float32
+            mark(m, core_dtype=torch.float32)
     return model
 
 

@@ -48,6 +48,7 @@ import torch
 from torch import nn
 
 from .config import ConfigError
+from .module_spec import mark
 
 RECOMPILE_LIMIT = 32  # variants per block kind: train, train with the monitor armed, one per eval shape
 
@@ -115,7 +116,8 @@ def check_compiler(device: torch.device) -> None:
 
 def compile_blocks(model: nn.Module, world_size: int = 1) -> list[str]:
     """Compile every block of model.layers in place (lazily: the first call compiles, see
-    warm_up). Returns the compiled blocks' names."""
+    warm_up). Returns the compiled blocks' names, which the model's record keeps
+    (module_spec(model).compiled_blocks)."""
     import torch._dynamo
     from torch._dynamo.utils import counters
 
@@ -141,6 +143,7 @@ def compile_blocks(model: nn.Module, world_size: int = 1) -> list[str]:
         # one compile per distinct shape, instead of kernels for symbolic sizes.
         block.compile(dynamic=False)
         names.append(f"layers.{name}")
+    mark(model, compiled_blocks=tuple(names))
     return names
 
 

@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .params import Shard, declare, shard_part, spec
+from .module_spec import GEMM, mark
+from .params import Shard, declare, shard_part, shards_of, spec
 from .precision.policy import gemm
 
 
@@ -40,14 +41,14 @@ class Linear(nn.Linear):
     A subclass of nn.Linear (same attributes, same forward) so that PyTorch's own
     tools recognise it (DTensor's parallelize_module, FSDP2); only construction
     differs: no default init here, init_parameters fills the weights. The GEMM runs in
-    the recipe the precision policy gave this module (precision/policy.py)."""
+    the recipe the precision policy gave this module (precision/policy.py, through its
+    module_spec)."""
 
-    uses_gemm_recipe = True
-    gemm_recipe = None  # None: F.linear under the active autocast
-    gemm_state = None
+    tp = None  # the tensor-parallel layers' TensorParallel (ColumnParallelLinear, RowParallelLinear)
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, init_std: float = 0.02):
         nn.Module.__init__(self)  # skip nn.Linear's kaiming init: layout-invariant init comes later
+        mark(self, kind=GEMM)  # the precision policy gives it a recipe
         self.in_features, self.out_features = in_features, out_features
         self.weight = _mark(nn.Parameter(torch.empty(out_features, in_features)), "normal", init_std)
         self.bias = _mark(nn.Parameter(torch.empty(out_features)), "zeros") if bias else None

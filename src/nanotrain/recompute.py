@@ -145,9 +145,11 @@ def mark_up_projection(module: nn.Module) -> None:
     module.register_forward_hook(leave)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Recompute:
-    """train.recompute for one model: which blocks, which mode."""
+    """train.recompute for one model: which blocks, which mode. parallelize() writes it into the
+    model's record (module_spec(model).recompute), and the model's forward runs each block through
+    it."""
 
     mode: str = "none"
     layers: int = 0  # full: the first `layers` blocks of each chunk (0: all)

@@ -29,12 +29,13 @@ def _tp_logits(model_cfg: dict, windows: list[torch.Tensor]) -> list[torch.Tenso
     import torch.distributed as dist
 
     from nanotrain.models import build_model
+    from nanotrain.module_spec import mark
     from nanotrain.parallel.tensor_parallel import TensorParallel
 
     tp = TensorParallel(dist.group.WORLD, dist.get_rank(), dist.get_world_size(), sequence_parallel=True)
     model = build_model(ModelConfig(**model_cfg), tp).eval()
     model.init_weights(seed=11)
-    model.document_eos = EOS
+    mark(model, document_eos=EOS)
     with torch.no_grad():
         return [model(w[None])[0] for w in windows]
 

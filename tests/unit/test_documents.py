@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from nanotrain.config import ConfigError, ModelConfig, load_config
 from nanotrain.models import build_model
 from nanotrain.models.documents import document_ids, document_mask, document_positions
+from nanotrain.module_spec import mark, module_spec
 from nanotrain.parallel.pipeline import pipeline_stage
 
 from test_deepseek import TINY  # noqa: E402  (tests/unit is on sys.path through conftest)
@@ -61,9 +62,10 @@ def check_packed_equals_alone(model, docs, run=per_token) -> float:
         torch.testing.assert_close(logits[start:start + n], alone_logits, rtol=TOL, atol=TOL)
         torch.testing.assert_close(losses[start:start + n - 1], alone_losses, rtol=TOL, atol=TOL)
         start += n
-    eos, model.document_eos = model.document_eos, None
+    eos = module_spec(model).document_eos
+    mark(model, document_eos=None)
     leaked = run(model, packed)[0]
-    model.document_eos = eos
+    mark(model, document_eos=eos)
     return (leaked[len(docs[0]):] - logits[len(docs[0]):]).abs().max().item()
 
 
@@ -72,7 +74,7 @@ def test_packed_documents_match_each_alone(variant):
     model = build_model(ModelConfig(vocab_size=V, d_model=32, n_layers=2, n_heads=4, max_seq_len=T,
                                     **VARIANTS[variant])).eval()
     model.init_weights(seed=7)
-    model.document_eos = EOS
+    mark(model, document_eos=EOS)
     assert check_packed_equals_alone(model, documents(0)) > 1e-3
 
 
@@ -83,7 +85,7 @@ def test_deepseek_packed_documents_match_each_alone():
     cfg.vocab_size = V
     model = build_model(cfg).eval()
     model.init_weights(seed=3)
-    model.document_eos = EOS
+    mark(model, document_eos=EOS)
     assert check_packed_equals_alone(model, documents(1)) > 1e-3
 
 
@@ -95,7 +97,7 @@ def test_deepseek_mtp_sees_the_documents():
     cfg.max_seq_len, cfg.vocab_size = T, V
     model = build_model(cfg)
     model.init_weights(seed=3)
-    model.document_eos = EOS
+    mark(model, document_eos=EOS)
     model.train()
     docs = documents(2)
     x = torch.cat(docs)[None]
@@ -110,7 +112,7 @@ def test_deepseek_mtp_sees_the_documents():
         y[0, start + 1:end - 1] = x[0, start + 2:end]
         start = end
     torch.testing.assert_close(model(x, y), model(other, y), rtol=TOL, atol=TOL)
-    model.document_eos = None  # without the mask the later documents see the first
+    mark(model, document_eos=None)  # without the mask the later documents see the first
     assert (model(x, y) - model(other, y)).abs().item() > 1e-4
 
 
@@ -124,7 +126,7 @@ def test_pipeline_stages_get_the_documents_from_the_token_ids(variant):
     first = pipeline_stage(copy.deepcopy(whole), 0, 2, [[0, 1]]).eval()
     last = pipeline_stage(copy.deepcopy(whole), 1, 2, [[2, 3]]).eval()
     for m in (whole, first, last):
-        m.document_eos = EOS
+        mark(m, document_eos=EOS)
 
     def staged(_, x):
         logits = last(first(x[None]), tokens=x[None])[0]
@@ -133,7 +135,7 @@ def test_pipeline_stages_get_the_documents_from_the_token_ids(variant):
     docs = documents(3)
     torch.testing.assert_close(staged(None, torch.cat(docs))[0], whole(torch.cat(docs)[None])[0], rtol=TOL, atol=TOL)
     for m in (whole, first, last):
-        m.document_eos = EOS
+        mark(m, document_eos=EOS)
     check_packed_equals_alone(whole, docs, run=staged)
 
 
@@ -149,7 +151,7 @@ def test_the_mask_is_saved_once_per_forward_not_once_per_layer():
         model = build_model(ModelConfig(vocab_size=V, d_model=32, n_layers=layers, n_heads=4, max_seq_len=64,
                                         **VARIANTS["llama"]))
         model.init_weights(seed=0)
-        model.document_eos = eos
+        mark(model, document_eos=eos)
         x = torch.randint(0, V, (2, 64), generator=torch.Generator().manual_seed(0))
         storages = {}
 

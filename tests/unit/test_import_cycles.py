@@ -38,7 +38,7 @@ LAYERS = [
     ("storage, data, schedules", ["nanotrain.checkpoint", "nanotrain.data", "nanotrain.parallel.pipeline"]),
     ("precision and layer primitives", ["nanotrain.precision", "nanotrain.layers"]),
     ("parallel strategies, monitoring", ["nanotrain.parallel", "nanotrain.monitoring"]),
-    ("models", ["nanotrain.models"]),
+    ("models, and the recipe that parallelizes them", ["nanotrain.models", "nanotrain.parallel.parallelize"]),
     ("runtime, inspection", ["nanotrain.runtime", "nanotrain.inspection"]),
     ("entry points", ["nanotrain.cli", "nanotrain.sample", "nanotrain.verify", "nanotrain.torchrun",
                       "nanotrain.__main__"]),

@@ -13,6 +13,7 @@ from nanotrain.config import ModelConfig, PrecisionConfig
 from nanotrain.inspection.measure import LiveActivationMeter, SavedTensorMeter
 from nanotrain.inspection.memory import Plan, activation_bytes, in_flight, recomputed_activations
 from nanotrain.models import build_model
+from nanotrain.module_spec import ATTENTION, LATENT_ATTENTION, mark, module_spec
 from nanotrain.parallel.layout import Layout
 from nanotrain.recompute import Recompute
 
@@ -27,15 +28,20 @@ CASES = {
 }
 
 
+def fp32_attention_cores(model) -> None:
+    """Every attention core (MHA and MLA) in fp32: how these tests have always measured bf16."""
+    for module in model.modules():
+        if module_spec(module).kind in (ATTENTION, LATENT_ATTENTION):
+            mark(module, core_dtype=torch.float32)
+
+
 def saved_bytes(m: ModelConfig, recipe: str, document_eos: int | None = None) -> int:
     torch.manual_seed(0)
     model = build_model(m)
     model.init_weights(0)
-    model.document_eos = document_eos
+    mark(model, document_eos=document_eos)
     if recipe == "bf16":  # as the runtime sets it on CPU (precision.attention=auto)
-        for module in model.modules():
-            if hasattr(module, "core_dtype"):
-                module.core_dtype = torch.float32
+        fp32_attention_cores(model)
     x, y = torch.randint(0, m.vocab_size, (B, T)), torch.randint(0, m.vocab_size, (B, T))
     meter = SavedTensorMeter(model)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=recipe == "bf16")
@@ -82,11 +88,9 @@ def live_bytes(m: ModelConfig, recipe: str, mode: str) -> int:
     torch.manual_seed(0)
     model = build_model(m)
     model.init_weights(0)
-    model.recompute = Recompute(mode)
+    mark(model, recompute=Recompute(mode))
     if recipe == "bf16":
-        for module in model.modules():
-            if hasattr(module, "core_dtype"):
-                module.core_dtype = torch.float32
+        fp32_attention_cores(model)
     x, y = torch.randint(0, m.vocab_size, (B, T)), torch.randint(0, m.vocab_size, (B, T))
     meter = LiveActivationMeter(model)
     with meter.counting():
@@ -123,7 +127,7 @@ def test_full_recompute_of_the_first_blocks_only():
     torch.manual_seed(0)
     model = build_model(m)
     model.init_weights(0)
-    model.recompute = Recompute("full", 2)
+    mark(model, recompute=Recompute("full", 2))
     x, y = torch.randint(0, 96, (B, T)), torch.randint(0, 96, (B, T))
     meter = LiveActivationMeter(model)
     with meter.counting():

@@ -12,6 +12,7 @@ from transformers.models.deepseek_v3.modeling_deepseek_v3 import (  # noqa: E402
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding  # noqa: E402
 
 from nanotrain.models.mla import MLAttention  # noqa: E402
+from nanotrain.module_spec import mark  # noqa: E402
 from nanotrain.models.documents import Positions  # noqa: E402
 from nanotrain.models.rope import deinterleave, rope_cache, rotary_tables, yarn_mscale  # noqa: E402
 
@@ -118,7 +119,7 @@ def test_core_dtype_under_autocast():
     x = torch.randn(2, T, D, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         ref = ours(x, rope)
-        ours.core_dtype = torch.float32
+        mark(ours, core_dtype=torch.float32)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out = ours(x, rope)
     assert out.dtype == torch.bfloat16

@@ -8,6 +8,7 @@ import torch
 from nanotrain.config import ModelConfig
 from nanotrain.layers import Linear, Shard, init_parameters
 from nanotrain.models import TransformerModel
+from nanotrain.precision.policy import set_attention_core
 from nanotrain.params import declare
 
 VARIANTS = {
@@ -115,9 +116,7 @@ def test_attention_core_dtype_policy():
     model = tiny(**VARIANTS["llama"])
     x = torch.randint(0, 50, (2, 16))
     ref = model(x)
-    for mod in model.modules():
-        if hasattr(mod, "core_dtype"):
-            mod.core_dtype = torch.float32
+    set_attention_core(model, torch.float32)
     assert torch.equal(model(x), ref)  # fp32 run: identical
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(x)

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from nanotrain.config import ConfigError, load_config
+from nanotrain.module_spec import module_spec
 from nanotrain.precision.policy import apply_policy, describe_policy, recipe_name_for
 from nanotrain.precision.recipes import (MXFP4, NVFP4, DelayedScaling, Fp8DeepSeek, Fp8Tensorwise, hadamard_16,
                                         scaled_mm_available, use_scaled_mm)
@@ -95,7 +96,8 @@ def test_policy_assigns_recipes_by_pattern():
     assert chosen["layers.0.attn.wq"] == "nvfp4" and chosen["layers.1.attn.wq"] == "fp8_deepseek"
     assert chosen["layers.0.mlp.w2"] == chosen["layers.1.mlp.w2"] == "bf16"  # the last match wins
     assert chosen["head"] == "bf16"  # low_bit_exclude
-    assert model.layers["0"].attn.wq.gemm_recipe is model.layers["0"].mlp.w1.gemm_recipe  # one NVFP4 object
+    layer = model.layers["0"]
+    assert module_spec(layer.attn.wq).gemm_recipe is module_spec(layer.mlp.w1).gemm_recipe  # one NVFP4 object
     assert "nvfp4: 6 module(s)" in describe_policy(chosen)  # wq wk wv wo w1 w3
     x = torch.randint(0, 64, (2, 16))
     loss = model(x, x)

@@ -10,6 +10,7 @@ import torch
 from conftest import tiny_config
 from nanotrain.config import Config
 from nanotrain.models import build_model
+from nanotrain.module_spec import mark, module_spec
 from nanotrain.recompute import Recompute
 from nanotrain.runtime import RuntimeEngine
 from nanotrain.verify import train_and_capture
@@ -84,7 +85,8 @@ def test_fp8_delayed_scaling_replays_its_scales(tmp_path, mode):
         engine = RuntimeEngine(cfg)
         result = engine.run()
         histories = {(n, k): h.clone() for n, mod in engine.model.named_modules()
-                     for k, h in getattr(getattr(mod, "gemm_state", None), "histories", {}).items()}
+                     if module_spec(mod).gemm_state is not None
+                     for k, h in module_spec(mod).gemm_state.histories.items()}
         runs[m] = (result.losses, histories)
     assert runs["none"][0] == runs[mode][0]
     assert runs["none"][1].keys() == runs[mode][1].keys()
@@ -100,7 +102,7 @@ def test_full_recompute_keeps_only_the_block_inputs():
     for mode in ("none", "full"):
         model = build_model(cfg)
         model.init_weights(0)
-        model.recompute = Recompute(mode)
+        mark(model, recompute=Recompute(mode))
         x = torch.randint(0, 65, (4, 64))
         total = [0]
 

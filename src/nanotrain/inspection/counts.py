@@ -104,8 +104,7 @@ def matmul_params_per_token(model: nn.Module, cfg: ModelConfig) -> dict[str, flo
         elif name.endswith("router"):
             uses["router"] += m.weight.numel()
     if cfg.mtp_depth:  # the MTP module reuses the head once per depth
-        head = getattr(model, "head", None)
-        uses["mtp"] += cfg.mtp_depth * head.weight.numel()
+        uses["mtp"] += cfg.mtp_depth * model.head.weight.numel()
     return dict(uses)
 
 

@@ -231,6 +231,7 @@ def _stand_in(m, kind: str, chain: int, tp: int, sp: bool, etp: int, ep: int, dt
 
     from ..models import build_model
     from ..models.attention import Attention
+    from ..module_spec import mark
     from ..parallel.tensor_parallel import TensorParallel
 
     first = m.first_k_dense_replace if kind == "moe" else 0
@@ -245,9 +246,9 @@ def _stand_in(m, kind: str, chain: int, tp: int, sp: bool, etp: int, ep: int, dt
     model = build_model(cfg, tpo)
     model.init_weights(0)
     model.train()
-    for mod in model.modules():  # runtime/components.attention_core_dtype: fp32 under bf16 on a CPU
+    for mod in model.modules():  # precision/policy.attention_core_dtype: fp32 under bf16 on a CPU
         if isinstance(mod, Attention) and dtype != "fp32":
-            mod.core_dtype = torch.float32
+            mark(mod, core_dtype=torch.float32)
     return model, [model.layers[str(i)] for i in range(first, first + chain)]
 
 

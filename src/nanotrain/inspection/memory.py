@@ -479,7 +479,7 @@ def compute_bytes(precision) -> int:
 
 
 def attention_bytes_per_element(precision, device: str) -> int:
-    """The attention core's dtype (runtime/components.attention_core_dtype): fp32 when asked, and
+    """The attention core's dtype (precision/policy.attention_core_dtype): fp32 when asked, and
     by default on CPU under a 16-bit recipe; otherwise the compute dtype."""
     c = compute_bytes(precision)
     if c == 4 or precision.attention == "fp32" or (precision.attention == "auto" and device == "cpu"):

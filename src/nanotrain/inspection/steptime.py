@@ -408,7 +408,7 @@ class BlockCosts:
                 F += Cost(fwd + loss + cast)
                 B += Cost(dx + 2 * loss / 3 * 2)
             W += Cost(dw)
-            if m.mtp_depth and getattr(template, "mtp", None) is not None:
+            if m.mtp_depth and template.mtp is not None:  # (mtp_depth > 0: a DeepSeekModel)
                 f2, dx2, dw2 = self._gemm_passes(block_gemms(template.mtp, m, plan, w))
                 F += Cost(f2)
                 B += Cost(dx2)

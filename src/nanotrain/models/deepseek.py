@@ -19,6 +19,7 @@ from torch import nn
 
 from ..config import ModelConfig, whole_sequence_errors
 from ..layers import RMSNorm
+from ..module_spec import module_spec
 from ..parallel.expert_parallel import ExpertParallel
 from ..parallel.tensor_parallel import TensorParallel
 from ..recompute import recomputing

@@ -547,7 +547,7 @@ def set_mla_norm_eps(model: torch.nn.Module, eps: float = HF_MLA_NORM_EPS) -> No
 
     for module in model.modules():
         if isinstance(module, MLAttention):
-            for norm in (getattr(module, "q_norm", None), module.kv_norm):
+            for norm in (module.q_norm, module.kv_norm):
                 if norm is not None:
                     norm.eps = eps
 
@@ -556,7 +556,7 @@ def _mla_norm_eps(model: torch.nn.Module) -> set[float]:
     from .mla import MLAttention
 
     return {norm.eps for m in model.modules() if isinstance(m, MLAttention)
-            for norm in (getattr(m, "q_norm", None), m.kv_norm) if norm is not None}
+            for norm in (m.q_norm, m.kv_norm) if norm is not None}
 
 
 def _deepseek_tensors_to_ours(tensors: dict[str, torch.Tensor], cfg: ModelConfig, hf_cfg: dict[str, Any],
@@ -748,7 +748,7 @@ def save_hf_model(model: TransformerModel, folder: str | Path) -> None:
 
     Tensors keep the parameters' dtype (the DeepSeek router: fp32). With tied embeddings
     lm_head.weight is left out, as transformers does (it re-ties the head on load)."""
-    if getattr(model, "tp", None) is not None:
+    if model.tp is not None:
         raise ValueError("save_hf_model needs the whole model: gather a tensor-parallel model first")
     cfg = model.cfg
     dtype = model.tok_emb.weight.dtype

@@ -53,7 +53,8 @@ from torch import nn
 
 from ..layers import Linear, RMSNorm
 from ..parallel.collectives import copy_to_region, gather_seq
-from ..parallel.context_parallel import ContextParallel, ring_attention
+from ..module_spec import LATENT_ATTENTION, mark, module_spec
+from ..parallel.context_parallel import ring_attention
 from ..parallel.tensor_parallel import TensorParallel, column_linear, row_linear
 from ..recompute import mark_up_projection
 from .documents import Positions
@@ -61,7 +62,7 @@ from .rope import apply_rope, deinterleave, rope_tables, yarn_mscale
 
 
 class MLAttention(nn.Module):
-    cp: ContextParallel | None = None  # context parallel: the core as a ring (set by the runtime)
+    """Its record (module_spec) may set cp, the core as a ring (context parallel), and core_dtype."""
 
     def __init__(self, d_model: int, n_heads: int, q_lora_rank: int, kv_lora_rank: int,
                  qk_nope_head_dim: int, qk_rope_head_dim: int, v_head_dim: int, norm_eps: float,
@@ -74,13 +75,14 @@ class MLAttention(nn.Module):
         self.nope_dim, self.rope_dim, self.v_dim = qk_nope_head_dim, qk_rope_head_dim, v_head_dim
         self.qk_dim = qk_nope_head_dim + qk_rope_head_dim
         self.rope_interleaved, self.dropout, self.tp = rope_interleaved, dropout, tp
-        self.core_dtype: torch.dtype | None = None  # None: whatever autocast gives the projections
+        mark(self, kind=LATENT_ATTENTION)  # a ring under cp (module_spec.py)
         if q_lora_rank > 0:
             self.wq_a = Linear(d_model, q_lora_rank, False, init_std)
             self.q_norm = RMSNorm(q_lora_rank, norm_eps)
             self.wq_b = column_linear(q_lora_rank, n_heads * self.qk_dim, False, init_std, tp)
         else:
             self.wq = column_linear(d_model, n_heads * self.qk_dim, False, init_std, tp)
+            self.wq_a = self.q_norm = self.wq_b = None  # no compressed q (V2-Lite): wq alone
         # One down-projection makes both the latent and the shared rope key.
         self.wkv_a = Linear(d_model, kv_lora_rank + qk_rope_head_dim, False, init_std)
         self.kv_norm = RMSNorm(kv_lora_rank, norm_eps)
@@ -88,7 +90,7 @@ class MLAttention(nn.Module):
         self.wo = row_linear(n_heads * v_head_dim, d_model, False, out_std, tp)
         # train.recompute=selective recomputes the up-projections (their per-head outputs are far
         # larger than the compressed latents they come from), as DeepSeek-V3 does (recompute.py).
-        for up in (getattr(self, "wq_b", None), self.wkv_b):
+        for up in (self.wq_b, self.wkv_b):
             if up is not None:
                 mark_up_projection(up)
         # YaRN's temperature: DeepSeek puts mscale(factor, mscale_all_dim) on both q and k
@@ -110,9 +112,9 @@ class MLAttention(nn.Module):
         kv = self.wkv_b(self.kv_norm(c_kv)).view(B, T, -1, self.nope_dim + self.v_dim).transpose(1, 2)
         k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
         k_pe = self._replicate(k_pe).unsqueeze(1)  # [B, 1, T, rope]: one head, shared by all
-        out_dtype = v.dtype
-        if self.core_dtype is not None:
-            q_nope, q_pe, k_nope, k_pe, v = (t.to(self.core_dtype) for t in (q_nope, q_pe, k_nope, k_pe, v))
+        out_dtype, spec = v.dtype, module_spec(self)
+        if spec.core_dtype is not None:
+            q_nope, q_pe, k_nope, k_pe, v = (t.to(spec.core_dtype) for t in (q_nope, q_pe, k_nope, k_pe, v))
         if self.rope_interleaved:
             q_pe, k_pe = deinterleave(q_pe), deinterleave(k_pe)
         cos, sin = rope_tables(pos.rope, T, q_pe.dtype)
@@ -122,11 +124,11 @@ class MLAttention(nn.Module):
             self.probe(self, q, k, self.softmax_scale)
         # With a core dtype, autocast must be off here: it would cast q, k, v back down.
         no_autocast = torch.autocast(x.device.type, enabled=False)
-        with no_autocast if self.core_dtype is not None else contextlib.nullcontext():
+        with no_autocast if spec.core_dtype is not None else contextlib.nullcontext():
             # v's head dim may differ from q/k's: CPU kernels take it; on CUDA the flash kernel
             # refuses it and SDPA picks memory-efficient or cuDNN attention instead (no padding).
-            if self.cp is not None:  # context parallel: a ring over the cp group
-                y = ring_attention(q, k, v, self.cp, scale=self.softmax_scale)
+            if spec.cp is not None:  # context parallel: a ring over the cp group
+                y = ring_attention(q, k, v, spec.cp, scale=self.softmax_scale)
             else:
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=pos.attention_mask(q.dtype),
                                                    is_causal=pos.mask is None, scale=self.softmax_scale,

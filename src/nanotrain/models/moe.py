@@ -34,6 +34,7 @@ from ..parallel.collectives import all_gather_into, copy_to_region, gather_seq, 
 from ..parallel.expert_parallel import ExpertParallel, expert_parallel_forward
 from ..parallel.tensor_parallel import TensorParallel
 from ..layers import Linear
+from ..module_spec import GEMM, mark, module_spec
 from ..precision.policy import gemm
 from .grouped import group_offsets, grouped_mm
 
@@ -122,14 +123,12 @@ class ExpertMLP(nn.Module):
     init and checkpoints see one logical tensor) and always receives a gradient. Each
     expert's GEMMs run in the recipe the precision policy gave this module."""
 
-    uses_gemm_recipe = True
-    gemm_recipe = None
-    gemm_state = None
     grouped = True  # model.moe_grouped_gemm: all experts' GEMMs at once (grouped.py); False: the loop
     tp: TensorParallel | None = None  # expert tensor parallelism (parallel.etp): each expert's d_ff split
 
     def __init__(self, n_experts: int, d_model: int, d_ff: int, init_std: float, out_std: float):
         super().__init__()
+        mark(self, kind=GEMM)  # the precision policy gives it a recipe
         self.w1 = declare(nn.Parameter(torch.empty(n_experts, d_ff, d_model)), init="normal", init_std=init_std)
         self.w3 = declare(nn.Parameter(torch.empty(n_experts, d_ff, d_model)), init="normal", init_std=init_std)
         self.w2 = declare(nn.Parameter(torch.empty(n_experts, d_model, d_ff)), init="normal", init_std=out_std)
@@ -190,7 +189,7 @@ class ExpertMLP(nn.Module):
 
     def local_forward(self, x_sorted: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """The experts (this rank's slices of them) on tokens sorted by expert."""
-        if self.grouped and self.gemm_recipe is None:
+        if self.grouped and module_spec(self).gemm_recipe is None:
             return self.grouped_forward(x_sorted, counts)
         return self.loop_forward(x_sorted, counts)
 

@@ -15,13 +15,13 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..layers import Embedding, Linear, init_parameters, make_norm
+from ..module_spec import module_spec
 from ..params import declare, spec
 from ..parallel.collectives import gather_last
-from ..parallel.context_parallel import ContextParallel, zigzag_index
+from ..parallel.context_parallel import zigzag_index
 from ..parallel.expert_parallel import ExpertParallel
 from ..parallel.pipeline.stage import Stage
 from ..parallel.tensor_parallel import TensorParallel, vocab_embedding, vocab_head, vocab_parallel_cross_entropy
-from ..recompute import NONE, Recompute
 from .attention import Attention
 from .documents import Positions, packed_positions
 from .mlp import make_mlp
@@ -46,12 +46,11 @@ class Block(nn.Module):
 
 class TransformerModel(nn.Module):
     """`tp` (None for one process) makes the projections, the embedding and the head
-    tensor-parallel; the model's code is otherwise the same under every layout."""
+    tensor-parallel; the model's code is otherwise the same under every layout. What the other
+    steps of parallelize() decide for the whole model (context parallelism, recomputation, the
+    document mask) is in its record, module_spec(model)."""
 
     stage: Stage | None = None  # set by keep_stage on a pipeline rank; None: the whole model
-    recompute: Recompute = NONE  # train.recompute (recompute.py): set by the runtime
-    document_eos: int | None = None  # data.document_mask: the id that ends each document (documents.py)
-    cp: ContextParallel | None = None  # context parallel: this rank holds zigzag chunks (set by the runtime)
 
     def __init__(self, cfg: ModelConfig, tp: TensorParallel | None = None, ep: ExpertParallel | None = None):
         super().__init__()
@@ -130,24 +129,26 @@ class TransformerModel(nn.Module):
         first = self.stage is None or self.stage.is_first_chunk(chunk)
         pos, index = self.positions(input_ids if first else tokens)
         x = self.embed(input_ids, index) if first else input_ids
+        recompute = module_spec(self).recompute  # train.recompute (recompute.py)
         for position, layer in enumerate(self.chunk_layers(chunk)):
-            x = self.recompute.run(layer, position, x, pos)
+            x = recompute.run(layer, position, x, pos)
         return x, pos
 
     def positions(self, tokens: torch.Tensor | None) -> tuple[Positions, torch.Tensor | None]:
         """What every block's attention needs (documents.py), and each token's position for the
         learned embedding (None: 0..T-1). Packed documents restart both at each EOS."""
         rope = (self.rope_cos, self.rope_sin) if self.rope_cos is not None else None
-        if self.cp is not None:  # this rank's zigzag tokens: their positions in the whole sequence
-            T = tokens.shape[1] * self.cp.size
-            index = zigzag_index(T, self.cp.size, self.cp.rank, tokens.device)
+        cp, eos = module_spec(self).cp, module_spec(self).document_eos  # (set by parallelize())
+        if cp is not None:  # this rank's zigzag tokens: their positions in the whole sequence
+            T = tokens.shape[1] * cp.size
+            index = zigzag_index(T, cp.size, cp.rank, tokens.device)
             rope = (rope[0][index], rope[1][index]) if rope is not None else None
             return Positions(rope), index.expand(tokens.shape[0], -1)
-        if self.document_eos is None:
+        if eos is None:
             return Positions(rope), None
         if tokens is None:
             raise ValueError("document_eos is set: forward needs the micro-batch's token ids (tokens=)")
-        return packed_positions(tokens, self.document_eos, rope)
+        return packed_positions(tokens, eos, rope)
 
     # -- pipeline parallelism: this rank's stage of the model (parallel/pipeline/stage.py) --
 

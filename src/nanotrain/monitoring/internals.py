@@ -30,6 +30,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..compiling import eager
+from ..module_spec import module_spec
 from ..parallel import collectives
 from ..recompute import recomputing, unrecorded
 
@@ -89,21 +90,20 @@ class Internals:
                 module.monitor_armed, module.monitor_owner = False, (self, i)
             if not self.replicated_resid and not hooked:
                 block.register_forward_hook(_residual_hook)
-                for name in ("attn_norm", "mlp_norm"):
-                    if getattr(block, name, None) is not None:
-                        getattr(block, name).register_forward_hook(_norm_hook)
+                for norm in (block.attn_norm, block.mlp_norm):
+                    norm.register_forward_hook(_norm_hook)
 
     def _blocks(self, every: bool = False) -> list[tuple[int, nn.Module]]:
         """(index, block) of the sentinel blocks this rank holds, or of all its blocks."""
-        layers = getattr(self.model, "layers", {})
+        layers = self.model.layers
         if every:
             return [(int(i), block) for i, block in layers.items()]
         return [(i, layers[str(i)]) for i in self.sentinels if str(i) in layers]
 
     @staticmethod
     def _watched(block: nn.Module) -> list[nn.Module]:
-        return [m for m in (block, getattr(block, "attn", None), getattr(block, "attn_norm", None),
-                            getattr(block, "mlp_norm", None)) if m is not None]
+        """Every block (models/transformer.Block, models/deepseek.DeepSeekBlock) has these."""
+        return [block, block.attn, block.attn_norm, block.mlp_norm]
 
     def _timed(self, i: int, fn, *args) -> None:
         start = time.perf_counter()
@@ -125,7 +125,7 @@ class Internals:
         for _, block in self._blocks():
             for module in self._watched(block):
                 module.monitor_armed = True
-            if getattr(block, "attn", None) is not None and block.attn.cp is None:  # (a ring: no whole rows)
+            if module_spec(block.attn).cp is None:  # (a ring over cp: no whole rows to look at)
                 block.attn.probe = _attention_probe
 
     def disarm(self) -> None:
@@ -135,8 +135,7 @@ class Internals:
         for _, block in self._blocks():
             for module in self._watched(block):
                 module.monitor_armed = False
-            if getattr(block, "attn", None) is not None:
-                block.attn.probe = None
+            block.attn.probe = None
 
     def collect(self) -> dict[str, float]:
         """Reduce over every rank; the figures of each sentinel block (every rank calls this)."""

@@ -94,7 +94,7 @@ class TrainingMonitor:
         self.index = {n: i for i, n in enumerate(self.names)}
         self.blocks = list(dict.fromkeys(block_of(n) for n in self.names))
         sentinels = default_sentinels(cfg.model.n_layers, self.cfg.sentinel_blocks, self.mode)
-        sp = bool(getattr(model, "sequence_parallel", False))
+        sp = model.sequence_parallel  # (the model is a TransformerModel, built with its tp)
         self.internals = Internals(model, sentinels, self.ps.tp_rank, sp, self.ps.world_group) if self.deep else None
 
     def arm(self) -> None:

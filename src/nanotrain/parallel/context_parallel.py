@@ -44,9 +44,12 @@ import math
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from ..compiling import eager
+from ..module_spec import ATTENTION, LATENT_ATTENTION, mark, module_spec
 from .collectives import Group, batch_isend_irecv, rank as group_rank, size as group_size
+from .state import ParallelState
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,19 @@ class ContextParallel:
     def of(cls, group, peers: list[int] | None = None) -> "ContextParallel":
         n = group_size(group)
         return cls(group, group_rank(group), n, tuple(peers if peers is not None else range(n)))
+
+
+def apply_context_parallel(model: nn.Module, ps: ParallelState) -> None:
+    """parallelize()'s third step (cp > 1): every attention core runs as a ring over the cp group,
+    and the model computes the positions of this rank's zigzag tokens (their records' cp,
+    module_spec.py). The data gives each rank those tokens (runtime/components.TokenData)."""
+    if ps.cp == 1:
+        return
+    cp = ContextParallel.of(ps.cp_group, [ps.global_rank(cp_rank=c) for c in range(ps.cp)])
+    mark(model, cp=cp)
+    for module in model.modules():
+        if module_spec(module).kind in (ATTENTION, LATENT_ATTENTION):
+            mark(module, cp=cp)
 
 
 # -- the zigzag split ------------------------------------------------------------------------

@@ -26,9 +26,11 @@ from dataclasses import dataclass
 
 import torch
 
+from ..config import MoEPrecisionConfig
 from ..precision.formats import E4M3
 from ..precision.scaling import blockwise
 from .collectives import Group, all_to_all_single
+from .state import ParallelState
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,15 @@ class ExpertParallel:
     # The same ranks, for backward's all-to-alls (None: `group`): a forward and a backward can run
     # side by side in two threads (DualPipeV, pipeline/runner.py), each in its own group's order.
     backward_group: Group | None = None
+
+
+def expert_parallel(ps: ParallelState, moe: MoEPrecisionConfig) -> ExpertParallel | None:
+    """parallelize()'s second step: what the MoE layers are built with (None: ep = 1, every expert
+    on every rank). The group of ranks that split the experts between them, and the all-to-alls'
+    formats (precision.moe)."""
+    if ps.ep == 1:
+        return None
+    return ExpertParallel(ps.ep_group, ps.ep_rank, ps.ep, moe.dispatch_fp8, moe.combine_fp8, ps.ep_backward_group)
 
 
 def exchange(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> torch.Tensor:

@@ -43,11 +43,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import ParallelConfig
 from ..layers import Embedding, Linear
 from ..params import Shard, declare, spec
 from ..precision.policy import gemm
 from .collectives import (Group, all_reduce, copy_to_region, gather_last, gather_seq, reduce_from_region,
                           reduce_scatter_seq)
+from .state import ParallelState
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,15 @@ class TensorParallel:
     size: int
     sequence_parallel: bool = False
     experts: bool = False  # parallel.etp = tp: each routed expert's width split over the group too (models/moe.py)
+
+
+def tensor_parallel(ps: ParallelState, p: ParallelConfig) -> TensorParallel | None:
+    """parallelize()'s first step: what the model's layers are built with (None: tp = 1, the plain
+    layers). The group of this rank's tp peers; sequence parallelism (parallel.sequence_parallel);
+    and parallel.etp > 1, the routed experts' width split over the same group (models/moe.py)."""
+    if ps.tp == 1:
+        return None
+    return TensorParallel(ps.tp_group, ps.tp_rank, ps.tp, p.sequence_parallel, p.etp > 1)
 
 
 def _shard_param(p: nn.Parameter, dim: int, tp: TensorParallel, size: int = 0) -> nn.Parameter:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..module_spec import mark
 from ..params import declare, spec
 from .formats import E4M3, quantize
 
@@ -113,8 +114,9 @@ class _GradientToParameter(torch.autograd.Function):
 
 
 def apply_lowbit(model: nn.Module, p) -> list[str]:
-    """Give each chosen linear layer's weight a LowBitWeight (`spec(param).lowbit`, `module.lowbit`);
-    the optimizer moves the values into it. Returns the parameter names chosen."""
+    """Give each chosen linear layer's weight a LowBitWeight (`spec(param).lowbit`, and the
+    layer's record: module_spec(module).lowbit); the optimizer moves the values into it. Returns
+    the parameter names chosen, which the model's record keeps as its lowbit_weights."""
     from .policy import matches, runs_gemms
 
     lb = p.lowbit  # precision.lowbit
@@ -122,19 +124,21 @@ def apply_lowbit(model: nn.Module, p) -> list[str]:
         return []
     chosen, names = [], {id(t): n for n, t in model.named_parameters()}
     for name, module in model.named_modules():
-        weight = getattr(module, "weight", None)
-        if not runs_gemms(module) or not isinstance(weight, nn.Parameter):
+        # A linear layer's one weight (the experts' stacked weights stay in the recipe's format).
+        if not (runs_gemms(module) and isinstance(module, nn.Linear)):
             continue
-        pname = f"{name}.weight"
+        weight, pname = module.weight, f"{name}.weight"
         if not any(matches(pat, pname) for pat in lb.weights) or any(matches(pat, pname) for pat in lb.exclude):
             continue
         if spec(weight).pipeline_shared or names.get(id(weight)) != pname:  # the head's copy
             raise ValueError(f"precision.lowbit.weights matches {pname}, which is tied to the embedding: "
                              "add it to precision.lowbit.exclude.")
-        module.lowbit = LowBitWeight(lb.format, lb.scaling, weight.shape, weight.device, weight)
-        declare(weight, lowbit=module.lowbit)
+        lowbit = LowBitWeight(lb.format, lb.scaling, weight.shape, weight.device, weight)
+        mark(module, lowbit=lowbit)
+        declare(weight, lowbit=lowbit)
         chosen.append(pname)
     if not chosen:
         raise ValueError(f"precision.lowbit.weights={lb.weights} matches no linear layer's weight "
                          "(names as in `nanotrain inspect` or precision_policy.json, e.g. 'layers.*.mlp.*').")
+    mark(model, lowbit_weights=tuple(chosen))
     return chosen

@@ -7,13 +7,14 @@ another, by name pattern (a glob like "layers.0.*" or "*.mlp.*", or a regex afte
     overrides = ["layers.0.*=bf16"]      # the first block in bf16 too
     low_bit_exclude = ["head"]           # (default) DeepSeek-V3 keeps the output head in bf16
 
-The model's modules know nothing of this: after the model is built, apply_policy()
-gives every module that runs GEMMs (layers.Linear and its tensor-parallel subclasses,
-moe.ExpertMLP) a `gemm_recipe`, and their forward calls gemm() below. A module left at
-None runs F.linear under whatever autocast is active: that is the bf16 and fp16 path
-(torch.autocast) and the fp32 path (no autocast). Embedding lookups, norms, softmax
-and the router's scores are not GEMMs of a linear layer and follow autocast (the
-attention core has its own setting, precision.attention).
+The model's modules know nothing of this: after the model is built, apply_policy() (a
+step of parallel/parallelize.py) writes a `gemm_recipe` into the record (module_spec.py) of
+every module that runs GEMMs (those built as kind GEMM: layers.Linear and its tensor-parallel
+subclasses, moe.ExpertMLP), and their forward calls gemm() below. A module left at None runs
+F.linear under whatever autocast is active: that is the bf16 and fp16 path (torch.autocast)
+and the fp32 path (no autocast). Embedding lookups, norms, softmax and the router's scores are
+not GEMMs of a linear layer and follow autocast; the attention core has its own setting,
+precision.attention (attention_core_dtype, set_attention_core).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..compiling import eager
+from ..module_spec import ATTENTION, GEMM, mark, module_spec
 from .recipes import NVFP4, DelayedScaling, Fp8Custom, Fp8DeepSeek, Fp8Tensorwise, MXFP4, Recipe
 
 LOW_BIT = ("fp8_tensorwise", "fp8_deepseek", "fp8_custom", "nvfp4", "mxfp4")
@@ -89,28 +91,30 @@ def recipe_name_for(name: str, p) -> str:
 
 
 def runs_gemms(module: nn.Module) -> bool:
-    return getattr(module, "uses_gemm_recipe", False)
+    return module_spec(module).kind == GEMM
 
 
 def apply_policy(model: nn.Module, p) -> dict[str, str]:
-    """Give every GEMM-running module its recipe; return {module name: recipe name}."""
+    """Give every GEMM-running module its recipe (its record's gemm_recipe and gemm_state);
+    return {module name: recipe name}, which the model's record keeps as its gemm_policy."""
     chosen = {}
     shared: dict[str, Recipe | None] = {}
     for name, module in model.named_modules():
         if not runs_gemms(module):
             continue
-        recipe = recipe_name_for(name, p)
-        chosen[name] = recipe
+        recipe = chosen[name] = recipe_name_for(name, p)
         if recipe == p.recipe:
             if recipe not in shared:  # one recipe object per run (NVFP4's generator is shared)
                 shared[recipe] = build_recipe(recipe, p)
-            module.gemm_recipe = shared[recipe]
+            gemm_recipe = shared[recipe]
         else:
-            module.gemm_recipe = build_recipe(recipe, p) if recipe in LOW_BIT else AutocastOverride(recipe)
+            gemm_recipe = build_recipe(recipe, p) if recipe in LOW_BIT else AutocastOverride(recipe)
         delayed = recipe == "fp8_tensorwise" and p.fp8.scaling == "delayed"
         group = tp_group(module) if recipe in TENSOR_AMAX else None
-        module.gemm_state = DelayedScaling(p.fp8.amax_history_len, delayed=delayed, group=group) \
+        state = DelayedScaling(p.fp8.amax_history_len, delayed=delayed, group=group) \
             if delayed or group is not None else None
+        mark(module, gemm_recipe=gemm_recipe, gemm_state=state)
+    mark(model, gemm_policy=chosen)
     return chosen
 
 
@@ -119,9 +123,31 @@ TENSOR_AMAX = ("fp8_tensorwise", "fp8_custom", "nvfp4")  # recipes with a scale 
 
 def tp_group(module: nn.Module):
     """The tensor-parallel group of a sharded linear layer (ColumnParallelLinear and
-    RowParallelLinear keep theirs as .tp), over which a per-tensor amax is reduced."""
-    tp = getattr(module, "tp", None)
-    return tp.group if isinstance(module, nn.Linear) and tp is not None and tp.size > 1 else None
+    RowParallelLinear keep theirs as .tp; a plain layers.Linear has tp None), over which a
+    per-tensor amax is reduced. (Not the experts': ExpertMLP is no nn.Linear.)"""
+    if not isinstance(module, nn.Linear) or module.tp is None:
+        return None
+    return module.tp.group if module.tp.size > 1 else None
+
+
+def attention_core_dtype(choice: str, autocast: torch.dtype | None, device: torch.device) -> torch.dtype | None:
+    """precision.attention's dtype for the attention core (None: follow autocast). "auto" keeps
+    the core in fp32 under a bf16/fp16 autocast on a CPU, whose low-precision attention backward
+    is the slow one (models/attention.py)."""
+    if autocast is None or choice == "autocast":
+        return None
+    if choice == "auto" and device.type == "cuda":
+        return None
+    return torch.float32
+
+
+def set_attention_core(model: nn.Module, dtype: torch.dtype | None) -> None:
+    """Every MHA/GQA attention core of the model runs RoPE and the core in `dtype` (None:
+    autocast's). MLA's core (kind LATENT_ATTENTION) is left in autocast's dtype, as it always was:
+    the CPU measurement behind "auto" is the MHA core's."""
+    for module in model.modules():
+        if module_spec(module).kind == ATTENTION:
+            mark(module, core_dtype=dtype)
 
 
 def describe_policy(chosen: dict[str, str]) -> str:
@@ -138,7 +164,8 @@ def gemm(module: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: torch.T
          site: str = "") -> torch.Tensor:
     """x Wᵀ + b in the module's recipe (F.linear under the active autocast if it has none).
     `site` names the weight when a module runs several (delayed scaling keeps one history each)."""
-    if getattr(module, "gemm_recipe", None) is None and getattr(module, "lowbit", None) is None:
+    spec = module_spec(module)
+    if spec.gemm_recipe is None and spec.lowbit is None:
         return F.linear(x, weight, bias)
     return recipe_gemm(module, x, weight, bias, site)
 
@@ -146,11 +173,10 @@ def gemm(module: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: torch.T
 @eager  # under train.compile: amax histories, generators and hand-over hooks are Python state (compiling.py)
 def recipe_gemm(module: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                 site: str) -> torch.Tensor:
-    lowbit = getattr(module, "lowbit", None)
-    if lowbit is not None and weight is module.weight:  # a persistent low-bit weight (lowbit.py): its codes
-        weight = lowbit.compute_weight()
-    recipe = getattr(module, "gemm_recipe", None)
+    spec = module_spec(module)
+    if spec.lowbit is not None and weight is module.weight:  # a persistent low-bit weight (lowbit.py): its codes
+        weight = spec.lowbit.compute_weight()
+    recipe, state = spec.gemm_recipe, spec.gemm_state
     if recipe is None:
         return F.linear(x, weight, bias)
-    state = module.gemm_state
     return recipe.linear(x, weight, bias, state.at(site) if state is not None and site else state)

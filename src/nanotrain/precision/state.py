@@ -11,6 +11,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..checkpoint.pieces import whole
+from ..module_spec import module_spec
 from .policy import runs_gemms
 
 
@@ -23,10 +24,10 @@ def state_pieces(model: nn.Module, rank: int) -> list:
     for name, module in model.named_modules():
         if not runs_gemms(module):
             continue
-        state = getattr(module, "gemm_state", None)
+        state = module_spec(module).gemm_state
         if state is not None:
             out += [whole(f"precision/rank{rank}/{name}/amax/{key}", hist) for key, hist in state.histories.items()]
-        generator = getattr(module.gemm_recipe, "generator", None)
+        generator = getattr(module_spec(module).gemm_recipe, "generator", None)
         if generator is not None and id(generator) not in seen:  # one generator, shared by many modules
             seen.add(id(generator))
             out.append(whole(f"precision/rank{rank}/{name}/generator", generator.get_state()))
@@ -39,11 +40,11 @@ def load_state(model: nn.Module, reader, rank: int) -> None:
     for name, module in model.named_modules():
         if not runs_gemms(module):
             continue
-        state = getattr(module, "gemm_state", None)
+        state = module_spec(module).gemm_state
         prefix = f"precision/rank{rank}/{name}/amax/"
         if state is not None:
             state.histories = {n[len(prefix):]: reader.full(n) for n in reader.tensors if n.startswith(prefix)}
-        generator = getattr(module.gemm_recipe, "generator", None)
+        generator = getattr(module_spec(module).gemm_recipe, "generator", None)
         key = f"precision/rank{rank}/{name}/generator"
         if generator is not None and id(generator) not in seen and reader.has(key):
             seen.add(id(generator))
@@ -57,10 +58,10 @@ def state_snapshot(model: nn.Module):
     for module in model.modules():
         if not runs_gemms(module):
             continue
-        state = getattr(module, "gemm_state", None)
+        state = module_spec(module).gemm_state
         if state is not None:
             histories.append((state, dict(state.histories)))  # entries are replaced, never changed in place
-        generator = getattr(module.gemm_recipe, "generator", None)
+        generator = getattr(module_spec(module).gemm_recipe, "generator", None)
         if generator is not None:
             generators[id(generator)] = (generator, generator.get_state())
 

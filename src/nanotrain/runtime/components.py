@@ -15,28 +15,23 @@ import torch
 from torch import nn
 
 from ..checkpoint import CheckpointManager
-from ..compiling import check_compiler, compile_blocks
+from ..compiling import check_compiler
 from ..config import Config, ConfigError
 from ..data import BatchSampler, DataError, PretrainedTokenizer, prepare_data
 from ..data.prepare import prepare_mixture
 from ..data.sampler import MixtureSampler
 from ..data.tokenizer import is_pretrained
-from ..models import build_model
-from ..models.attention import Attention
-from ..models.mla import MLAttention
+from ..models.deepseek import DeepSeekModel
 from ..monitoring.comm import CommMeter
 from ..optim import lr_at
-from ..parallel.context_parallel import ContextParallel, zigzag_split
-from ..parallel.expert_parallel import ExpertParallel
+from ..parallel.context_parallel import zigzag_split
 from ..parallel.layout import Layout
-from ..parallel.pipeline import layer_costs, pipeline_stage, schedule_stage
+from ..parallel.parallelize import parallelize
 from ..parallel.state import ParallelState, barrier, destroy_parallel, init_parallel
-from ..parallel.tensor_parallel import TensorParallel, padded_vocab
+from ..parallel.tensor_parallel import padded_vocab
 from ..parallel.zero import ZeroOptimizer
-from ..precision.lowbit import apply_lowbit
 from ..precision.master import Dtypes
-from ..precision.policy import AUTOCAST, apply_policy
-from ..recompute import Recompute
+from ..precision.policy import AUTOCAST
 from .contracts import RuntimeComponents, RuntimeContext
 from .allocator import keep_freed_memory
 from .machine import resolve_precision
@@ -235,53 +230,13 @@ def check_vocabulary(cfg) -> PretrainedTokenizer | None:
     return tok
 
 
-def attention_core_dtype(ctx: RuntimeContext) -> torch.dtype | None:
-    """The precision policy's dtype for the attention core (None: follow autocast)."""
-    choice = ctx.cfg.precision.attention
-    if ctx.autocast_dtype is None or choice == "autocast":
-        return None
-    if choice == "auto" and ctx.device.type == "cuda":
-        return None
-    return torch.float32
-
-
 class TransformerProvider:
-    """Build the model named by model.arch, initialise it from (seed, parameter names), move it."""
+    """The model named by model.arch, made into this rank's model of the layout: the recipe in
+    parallel/parallelize.py (built sharded, initialised from (seed, parameter names), cut to the
+    pipeline stage, marked for recomputation and precision, moved, compiled)."""
 
     def build(self, ctx: RuntimeContext) -> nn.Module:
-        ps = ctx.parallel
-        p = ctx.cfg.parallel
-        tp = None if ps.tp == 1 else TensorParallel(ps.tp_group, ps.tp_rank, ps.tp, p.sequence_parallel, p.etp > 1)
-        pr = ctx.cfg.precision
-        ep = None if ps.ep == 1 else ExpertParallel(ps.ep_group, ps.ep_rank, ps.ep, pr.moe.dispatch_fp8,
-                                                    pr.moe.combine_fp8, ps.ep_backward_group)
-        model = build_model(ctx.cfg.model, tp, ep)
-        model.init_weights(ctx.cfg.train.seed)
-        if ps.pp > 1:
-            # This rank keeps its stage's layers (parallel/pipeline/stage.py), under the
-            # single-process parameter names.
-            stage = schedule_stage(p.pp_schedule, ctx.cfg.model.n_layers, ps.pp, p.chunks_per_rank, ps.pp_rank,
-                                   layer_costs(model, p.pp_partition))
-            model = pipeline_stage(model, ps.pp_rank, ps.pp, stage.chunks, stage.ids)
-        core = attention_core_dtype(ctx)
-        cp = None if ps.cp == 1 else ContextParallel.of(ps.cp_group, [ps.global_rank(cp_rank=c) for c in range(ps.cp)])
-        model.cp = cp  # the positions of this rank's zigzag tokens (models/transformer.py)
-        for module in model.modules():
-            if isinstance(module, (Attention, MLAttention)):
-                module.cp = cp  # attention as a ring over the cp group (parallel/context_parallel.py)
-            if isinstance(module, Attention):
-                module.core_dtype = core
-        model.recompute = Recompute(ctx.cfg.train.recompute, ctx.cfg.train.recompute_layers)  # recompute.py
-        model.document_eos = ctx.document_eos  # data.document_mask (models/documents.py)
-        model.gemm_policy = apply_policy(model, ctx.cfg.precision)  # which recipe each GEMM runs in
-        model = model.to(ctx.device)
-        try:  # persistent fp8/NF4 weights; the optimizer moves the values into them
-            model.lowbit_weights = apply_lowbit(model, ctx.cfg.precision)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
-        if ctx.cfg.train.compile:  # in place, last: the compiled blocks are the ones training runs
-            model.compiled_blocks = compile_blocks(model, ctx.world_size)
-        return model
+        return parallelize(ctx.cfg, ctx.parallel, ctx.device, ctx.autocast_dtype, ctx.document_eos)
 
 
 class AdamWRuntime:
@@ -297,11 +252,11 @@ class AdamWRuntime:
 def register_moe_load_balancing_hook(opt: ZeroOptimizer, model: nn.Module, parallel: ParallelState) -> None:
     """Auxiliary-loss-free load balancing (models/deepseek.py): after every optimizer step that
     updated, each MoE router moves its expert biases by the step's load, counted over the
-    parallel groups. A model (or pipeline stage) without MoE layers has no update_expert_bias;
-    a step skipped for a non-finite gradient runs no hooks, so the biases stay too (torchtitan
-    registers its bias update on the optimizers the same way)."""
-    update = getattr(model, "update_expert_bias", None)
-    if update is not None:
+    parallel groups. Only a DeepSeekModel has routed experts (a pipeline stage of one without MoE
+    layers updates nothing); a step skipped for a non-finite gradient runs no hooks, so the biases
+    stay too (torchtitan registers its bias update on the optimizers the same way)."""
+    if isinstance(model, DeepSeekModel):
+        update = model.update_expert_bias
         opt.register_step_post_hook(lambda _: update(parallel))
 
 

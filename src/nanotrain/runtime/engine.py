@@ -33,6 +33,7 @@ from torch import nn
 from ..checkpoint import merge_over_pipeline
 from ..compiling import warm_up
 from ..config import Config
+from ..module_spec import module_spec
 from ..monitoring import build_logger, plot_loss_curve
 from ..monitoring.mfu import Throughput
 from ..monitoring.monitor import TrainingMonitor, timed
@@ -284,7 +285,7 @@ class RuntimeEngine:
         compile_s = 0.0
         if cfg.train.compile:
             compile_s = self._compile_blocks(self.model, ctx)
-            logger.message(f"torch.compile: {len(self.model.compiled_blocks)} blocks compiled in {compile_s:.1f} s "
+            logger.message(f"torch.compile: {len(module_spec(self.model).compiled_blocks)} blocks compiled in {compile_s:.1f} s "
                            "(at the training shapes; evaluation shapes compile when first met)")
         if self.probe is not None:  # its hash, and its figures before this run's first step
             logger.log(start, {"probe/hash": self.probe.hash, **self.probe.measure(self.forward_backward, ctx)})

@@ -40,6 +40,7 @@ from torch import nn
 from ..checkpoint import CheckpointError, CheckpointManager, merge_over_pipeline
 from ..config import Config, ConfigError
 from ..parallel import collectives
+from ..module_spec import module_spec
 from ..precision.policy import describe_policy
 from .contracts import RuntimeContext
 
@@ -193,7 +194,7 @@ def write_precision_policy(model: nn.Module, ctx: RuntimeContext) -> str | None:
     p = ctx.cfg.precision
     if p.recipe in ("fp32", "bf16") and not p.overrides:
         return None
-    policy = merge_over_pipeline(getattr(model, "gemm_policy", {}), ctx.parallel.pp_group)  # each stage: its modules
+    policy = merge_over_pipeline(module_spec(model).gemm_policy, ctx.parallel.pp_group)  # each stage: its modules
     path = ctx.out_dir / "precision_policy.json"
     if ctx.is_main:
         path.write_text(json.dumps(policy, indent=1) + "\n")
