@@ -131,6 +131,14 @@ def compile_blocks(model: nn.Module, world_size: int = 1) -> list[str]:
     cfg.suppress_errors = False  # an error in Dynamo raises; never a silent fallback to eager
     cfg.recompile_limit = max(cfg.recompile_limit, RECOMPILE_LIMIT)
     cfg.fail_on_recompile_limit_hit = True  # past it: stop, rather than run that block eagerly
+    # A block holds several compiled variants (training, monitor armed, evaluation), and Dynamo
+    # tries the most recently used first. Recomputation replays a block's forward inside backward,
+    # after other variants ran: an MoE block, whose routed part runs eagerly between compiled
+    # pieces, then met another variant first and replayed its saved tensors in another order
+    # (CheckpointError: "Recomputed values ... have different metadata", issue 43). Checked in the
+    # order they were compiled, the forward and its replay meet the same graph. (PyTorch names this
+    # fix itself, pytorch/pytorch#166926; no public API yet.)
+    torch._C._dynamo.eval_frame._set_lru_cache(False)
     if world_size > 1:
         # Every process of a local world would start its own pool of compile workers on the
         # same cores; one thread each compiles as fast and keeps forked worlds simple.

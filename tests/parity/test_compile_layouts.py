@@ -136,3 +136,13 @@ def test_compiled_document_mask_tp2_sp_matches_compiled_one_process(tmp_path):
     from test_documents_layouts import config as documents_config  # noqa: E402
 
     check_layout(documents_config(tmp_path, *LEAN), "tp=2,sp", TOL)
+
+
+@pytest.mark.parametrize("layout, recompute", [("dp=1", "full"), ("tp=2,cp=2", "selective")])
+def test_compiled_deepseek_recomputes_as_it_ran(tmp_path, layout, recompute):
+    """MoE blocks under torch.compile and recomputation (issue 43): the replay in backward meets
+    the graph its forward ran (compiling.compile_blocks: no LRU reordering of a block's variants),
+    and the run matches one compiled process that keeps every activation."""
+    from test_deepseek_layouts import config as deepseek_config
+
+    check_layout(deepseek_config(tmp_path, *LEAN, f"--train.recompute={recompute}"), layout, TOL)

@@ -67,7 +67,7 @@ from .data_parallel import FlatBucket
 def units_of(model: nn.Module) -> dict[nn.Parameter, int]:
     """Parameter -> its unit: 1 + the position of its block in model.layers, or 0 for the root."""
     out = {p: 0 for p in model.parameters()}
-    for i, block in enumerate(getattr(model, "layers", {}).values()):
+    for i, block in enumerate(model.layers.values()):
         for p in block.parameters():
             out[p] = i + 1
     return out
@@ -98,7 +98,7 @@ class ParameterSharding:
 
     def __init__(self, model: nn.Module, buckets: list[FlatBucket], ps):
         unit_of = units_of(model)
-        modules = [model, *getattr(model, "layers", {}).values()]
+        modules = [model, *model.layers.values()]
         self.units: list[Unit] = []
         for i, module in enumerate(modules):
             mine = [b for b in buckets if unit_of[b.params[0]] == i]

@@ -83,8 +83,7 @@ class RuntimeEngine:
         self.on_grads = on_grads
         self.started = time.perf_counter()  # reset by run()
         self.probe: Probe | None = None  # set in run(): the probe batch (monitoring/probe.py), if on
-        # The batch a step trains on is the data stream's at step + batch_offset: a roll-back past
-        # bad batches raises it (divergence.py); checkpoints keep it.
+        # Step s trains on the stream's batch s + batch_offset: a roll-back past bad ones raises it (checkpointed).
         self.batch_offset = 0
         self.guard = NonFiniteGuard(cfg)
         self.watchdog: Watchdog | None = None  # while the training loop runs (watchdog.py)
@@ -164,8 +163,7 @@ class RuntimeEngine:
             return RunResult(out_dir=ctx.out_dir, final_step=start, rank=ctx.rank)
         if ctx.is_main:
             write_run_config(ctx)
-        self.throughput = Throughput(*logical_size(ctx.cfg.model, t.seq_len),
-                                     *mfu_peak(ctx.cfg, ctx.device, ctx.machine))
+        self.throughput = Throughput(*logical_size(ctx.cfg.model, t.seq_len), *mfu_peak(ctx.cfg, ctx.device, ctx.machine))
         logger = build_logger(ctx.cfg.logging, ctx.out_dir, t.max_steps, start, ctx.rank, asdict(ctx.cfg))
         compile_s = self._start_up(ctx, start, logger)
         result = RunResult(out_dir=ctx.out_dir, final_step=start, rank=ctx.rank, compile_s=compile_s)
@@ -285,8 +283,8 @@ class RuntimeEngine:
         compile_s = 0.0
         if cfg.train.compile:
             compile_s = self._compile_blocks(self.model, ctx)
-            logger.message(f"torch.compile: {len(module_spec(self.model).compiled_blocks)} blocks compiled in {compile_s:.1f} s "
-                           "(at the training shapes; evaluation shapes compile when first met)")
+            logger.message(f"torch.compile: {len(module_spec(self.model).compiled_blocks)} blocks compiled in "
+                           f"{compile_s:.1f} s (at the training shapes; evaluation shapes compile when first met)")
         if self.probe is not None:  # its hash, and its figures before this run's first step
             logger.log(start, {"probe/hash": self.probe.hash, **self.probe.measure(self.forward_backward, ctx)})
         return compile_s
