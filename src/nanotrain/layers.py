@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .module_spec import GEMM, mark
-from .params import Shard, declare, shard_part, shards_of, spec
+from .params import Shard, declare, shard_part, spec
 from .precision.policy import gemm
 
 

@@ -19,9 +19,8 @@ is known without looking:
 
 from __future__ import annotations
 
-import dataclasses
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from ..config import Config, ConfigError, ModelConfig, validate
 from ..parallel.layout import Layout

@@ -19,7 +19,6 @@ from torch import nn
 
 from ..config import ModelConfig, whole_sequence_errors
 from ..layers import RMSNorm
-from ..module_spec import module_spec
 from ..parallel.expert_parallel import ExpertParallel
 from ..parallel.tensor_parallel import TensorParallel
 from ..recompute import recomputing
@@ -127,7 +126,7 @@ class DeepSeekModel(TransformerModel):
         its own sequence shard, so every replica applies the same update (the one a
         single process would). The optimizer runs it after each step that updated: a post-step
         hook (runtime/components.register_moe_load_balancing_hook)."""
-        from ..parallel.state import all_reduce
+        from ..parallel.collectives import all_reduce
 
         layers = self.moe_layers()
         if not layers:

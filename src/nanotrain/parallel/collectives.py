@@ -226,8 +226,10 @@ def all_gather_object(objs: list, obj, group) -> None:
 
 
 def barrier(group=None) -> None:
-    """No data: not metered, but recorded in InFlight (a rank that never arrives stalls here)."""
-    _metered(group, 0, lambda: dist.barrier(group=_pg(group)), "barrier")
+    """No data: not metered, but recorded in InFlight (a rank that never arrives stalls here).
+    One process (no process group started): nothing to wait for. The one barrier of the code."""
+    if dist.is_initialized():
+        _metered(group, 0, lambda: dist.barrier(group=_pg(group)), "barrier")
 
 
 # -- the tensor / sequence-parallel pairs ------------------------------------------------------

@@ -60,8 +60,7 @@ from torch import nn
 
 from ..params import spec
 from . import collectives
-from .collectives import Group
-from .state import all_reduce
+from .collectives import Group, all_reduce
 
 
 @dataclass(eq=False)

@@ -65,10 +65,8 @@ import datetime
 import os
 from dataclasses import dataclass
 
-import torch
 import torch.distributed as dist
 
-from . import collectives
 from .collectives import Group
 from .layout import Layout
 
@@ -263,18 +261,6 @@ def _init_process_group(backend: str, timeout: datetime.timedelta) -> None:
     dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
 
 
-def barrier() -> None:
-    if dist.is_initialized():
-        collectives.barrier()
-
-
 def destroy_parallel() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
-
-
-def all_reduce(t: torch.Tensor, group: Group | None, op=dist.ReduceOp.SUM) -> torch.Tensor:
-    """In-place all-reduce that is a no-op without a group (one process); returns t."""
-    if collectives.size(group) > 1:
-        collectives.all_reduce(t, group, op)
-    return t

@@ -40,7 +40,7 @@ from ..models.hf import init_from
 from ..monitoring.probe import Probe, check_resume
 from ..parallel import collectives
 from ..parallel.layout import Layout
-from ..parallel.state import barrier
+from ..parallel.collectives import barrier
 from ..precision.loss_scaling import LossScaler
 from ..precision.state import load_state as load_precision_state
 from ..precision.state import state_pieces as precision_state_pieces

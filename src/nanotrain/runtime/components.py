@@ -27,7 +27,8 @@ from ..optim import lr_at
 from ..parallel.context_parallel import zigzag_split
 from ..parallel.layout import Layout
 from ..parallel.parallelize import parallelize
-from ..parallel.state import ParallelState, barrier, destroy_parallel, init_parallel
+from ..parallel.collectives import barrier
+from ..parallel.state import ParallelState, destroy_parallel, init_parallel
 from ..parallel.tensor_parallel import padded_vocab
 from ..parallel.zero import ZeroOptimizer
 from ..precision.master import Dtypes

@@ -23,7 +23,7 @@ from ..checkpoint import merge_over_pipeline
 from ..parallel.pipeline import textbook_bubble
 from ..parallel.pipeline.runner import PipelineRunner
 from ..parallel.pipeline.timeline import RankTimeline, format_bubble, measured_bubble, plot_timeline
-from ..parallel.state import all_reduce
+from ..parallel.collectives import all_reduce
 from ..precision.master import Dtypes
 from .contracts import Batch, ForwardBackward, OptimizerState, RuntimeContext, StepLoss
 
