@@ -130,3 +130,45 @@ def test_init_from_starts_the_run_and_a_restart_resumes_it(tmp_path, capsys):
     again = _run(tmp_path, *common, "--train.max_steps=20")
     assert min(again.losses) == 11
     assert "checkpoint.resume=auto: continuing from" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("content", [b"", b'{"pid": "abc", "host": "%s"}' % os.uname().nodename.encode(),
+                                     b'{"pid": -1, "host": "%s"}' % os.uname().nodename.encode(), b"\xff\xfe[", b"[1, 2]"])
+def test_a_damaged_lock_is_reclaimed_not_a_traceback(tmp_path, content):
+    """A lock left empty (a crash between create and write), with a pid that is no process (-1:
+    os.kill(-1, 0) succeeds; "abc"), or not JSON at all, names no live run (issue 40)."""
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / LOCK).write_bytes(content)
+    lock = RunLock(tmp_path / "run")
+    assert lock.acquire().startswith(f"reclaimed the lock on {tmp_path / 'run'}")
+    lock.release()
+
+
+def test_latest_that_names_nothing_and_a_checkpoint_without_metadata(tmp_path, capsys):
+    """`latest` garbled (not UTF-8): sampling names the file and the fix; resume=auto continues from
+    the newest complete checkpoint. The newest checkpoint's metadata.json deleted: resume continues
+    from the one before, and says which it passed over (issue 40)."""
+    from nanotrain.cli import main
+
+    _run(tmp_path, "--train.max_steps=20")
+    ckpts = tmp_path / "run" / "checkpoints"
+    (ckpts / "latest").write_bytes(b"\xff\xfe\x00step")
+    capsys.readouterr()
+    assert main(["sample", "--checkpoint", str(tmp_path / "run"), "--max-new-tokens", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {ckpts / 'latest'} does not name a checkpoint") and err.count("\n") == 1, err
+    (ckpts / "step_00000020" / "metadata.json").unlink()
+    result = _run(tmp_path, "--train.max_steps=25", "--checkpoint.resume=auto", "--schedule.decay_steps=30")
+    out = capsys.readouterr().out
+    assert f"warning: {ckpts / 'step_00000020'} has no metadata.json" in out
+    assert f"continuing from {ckpts / 'step_00000010'}" in out and result.final_step == 25
+
+
+def test_checkpoint_files_respect_the_umask(tmp_path):
+    mask = os.umask(0o002)
+    try:
+        _run(tmp_path, "--train.max_steps=10")
+    finally:
+        os.umask(mask)
+    files = [p for p in (tmp_path / "run" / "checkpoints" / "step_00000010").iterdir()]
+    assert files and {p.stat().st_mode & 0o777 for p in files} == {0o664}, {p.name: oct(p.stat().st_mode) for p in files}

@@ -44,7 +44,7 @@ import torch.distributed as dist
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
-from ..atomic import atomic_write
+from ..atomic import as_umask_allows, atomic_write
 from ..parallel import collectives
 from .pieces import Piece
 from .storage import (FORMAT_VERSION, METADATA, TOKENIZER, CheckpointError, CheckpointReader, build_metadata,
@@ -169,6 +169,7 @@ class CheckpointManager:
         part = tmp / f".{rank_file(rank)}.part"
         digests = {key: tensor_digest(t) for key, t in tensors.items()}  # the snapshot, as written
         save_file(tensors, str(part))
+        as_umask_allows(part)  # safetensors writes 0600 whatever the umask
         record = {"bytes": part.stat().st_size, "chunks": digests}
         (tmp / _sidecar(rank, "json")).write_text(json.dumps(record))
         os.replace(part, tmp / rank_file(rank))
@@ -194,10 +195,7 @@ class CheckpointManager:
         return self._write_error(step, reason, rank)
 
     def _write_error(self, step: int, reason: str, rank: int) -> CheckpointError:
-        try:
-            name = (self.dir / "latest").read_text().strip()
-        except OSError:
-            name = None
+        name = read_latest(self.dir)
         kept = (f"the previous checkpoint ({name}) is intact and `latest` still names it" if name
                 else "no earlier checkpoint exists")
         fix = "free space" if reason == "no space left on device" else "fix that"
@@ -254,8 +252,16 @@ class CheckpointManager:
         return sorted(p for p in self.dir.glob("step_*") if (p / METADATA).is_file())
 
     def _latest(self) -> Path | None:
-        latest = self.dir / "latest"
-        return self.dir / latest.read_text().strip() if latest.is_file() else None
+        name = read_latest(self.dir)
+        return self.dir / name if name else None
+
+    def unfinished_newer(self) -> list[Path]:
+        """step_* folders newer than the newest complete checkpoint that lack their metadata.json
+        (deleted by hand, or a save that never finished): what resume=auto passes over, to be said."""
+        done = self._done()
+        newest = done[-1].name if done else ""
+        return sorted(p for p in self.dir.glob("step_*") if p.is_dir() and p.name > newest
+                      and not (p / METADATA).is_file() and not p.name.endswith(".tmp"))
 
     def complete(self) -> list[Path]:
         """The complete checkpoints in the folder, the one `latest` names first, then the others
@@ -271,13 +277,28 @@ class CheckpointManager:
         return CheckpointReader(self.resolve(spec))
 
 
+def read_latest(folder: Path) -> str | None:
+    """The checkpoint folder name `latest` holds, or None: no file, or not one name (not UTF-8
+    text, empty, or a path: a damaged file names nothing, it does not raise)."""
+    try:
+        name = (folder / "latest").read_bytes().decode("utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return name if name and "/" not in name and name not in (".", "..") else None
+
+
 def resolve_checkpoint(path: str | Path) -> Path:
     path = Path(path)
     if path.name in (METADATA, "state.pt"):
         path = path.parent
     for candidate in (path, path / "checkpoints"):
         if (candidate / "latest").is_file():
-            path = candidate / (candidate / "latest").read_text().strip()
+            name = read_latest(candidate)
+            if name is None:
+                raise CheckpointError(f"{candidate / 'latest'} does not name a checkpoint (it should hold a folder "
+                                      "name such as step_00000500): pass that checkpoint folder instead, or delete "
+                                      "the file to resume from the newest complete checkpoint.")
+            path = candidate / name
             break
     if not ((path / METADATA).is_file() or (path / "state.pt").is_file()):
         raise CheckpointError(

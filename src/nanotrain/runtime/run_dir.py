@@ -47,7 +47,12 @@ from .contracts import RuntimeContext
 LOCK = ".lock"
 
 
-def _alive(pid: int) -> bool:
+def _alive(pid) -> bool:
+    """Whether process `pid` of this machine still runs. Anything but a positive integer (a lock
+    left empty or garbled by a crash) is no process: os.kill(-1, 0) would ask about every process
+    we may signal, and succeed."""
+    if isinstance(pid, bool) or not isinstance(pid, int) or pid <= 0:
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -77,7 +82,7 @@ class RunLock:
                 if owner is None:  # being written by its taker this instant, or left empty by a crash
                     time.sleep(0.2)
                     owner = self._owner() or {"pid": -1, "host": socket.gethostname(), "started": "?"}
-                if owner.get("host") != socket.gethostname() or _alive(int(owner.get("pid", -1))):
+                if owner.get("host") != socket.gethostname() or _alive(owner.get("pid")):
                     raise ConfigError(
                         f"train.out_dir={self.path.parent} is in use by another run (pid {owner.get('pid')} on "
                         f"{owner.get('host')}, since {owner.get('started')}): wait for it to finish, or give this "
@@ -102,9 +107,10 @@ class RunLock:
 
     def _owner(self) -> dict | None:
         try:
-            return json.loads(self.path.read_text())
-        except (OSError, ValueError):
+            owner = json.loads(self.path.read_text())
+        except (OSError, ValueError):  # ValueError: not JSON, or not UTF-8
             return None
+        return owner if isinstance(owner, dict) else None
 
     def release(self) -> None:
         if not self.held:
@@ -157,7 +163,9 @@ def plan_start(cfg: Config, ckpt: CheckpointManager) -> StartPlan:
         found = ckpt.complete()
         if not found:
             return StartPlan(lines=[f"checkpoint.resume=auto: no checkpoint in {ckpt.dir}; starting a fresh run"])
-        return StartPlan(found, lines=[f"checkpoint.resume=auto: continuing from {found[0]}"])
+        skipped = [f"warning: {p} has no metadata.json (deleted, or its save never finished): it is not a "
+                   "checkpoint, so the run continues from an older one" for p in ckpt.unfinished_newer()]
+        return StartPlan(found, lines=skipped + [f"checkpoint.resume=auto: continuing from {found[0]}"])
     if resume == "":
         done = ckpt.complete()
         if done:
