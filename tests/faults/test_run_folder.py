@@ -172,3 +172,25 @@ def test_checkpoint_files_respect_the_umask(tmp_path):
         os.umask(mask)
     files = [p for p in (tmp_path / "run" / "checkpoints" / "step_00000010").iterdir()]
     assert files and {p.stat().st_mode & 0o777 for p in files} == {0o664}, {p.name: oct(p.stat().st_mode) for p in files}
+
+
+def test_a_folder_that_cannot_take_a_checkpoint_stops_the_run_before_any_step(tmp_path):
+    """Found at the first save, an unwritable checkpoint folder would lose every step before it
+    (1000 by default): preflight.py writes a file there first (issue 40)."""
+    (tmp_path / "a_file").write_text("not a folder")
+    with pytest.raises(ConfigError, match=r"checkpoint.dir=.*a_file/ckpt cannot be written .*give another "
+                                          r"--checkpoint.dir"):
+        _run(tmp_path, "--train.max_steps=10", f"--checkpoint.dir={tmp_path / 'a_file' / 'ckpt'}")
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()  # no step ran
+
+
+def test_a_batch_the_machine_cannot_hold_is_refused_before_it_is_allocated(tmp_path, monkeypatch):
+    """inspect's memory count of the run's ranks against the memory the machine has free: an
+    absurd batch is one line naming the keys to lower, not numpy's allocation traceback."""
+    import nanotrain.runtime.preflight as preflight
+
+    with pytest.raises(ConfigError, match=r"this run needs about .* GiB .* lower train.batch_size=100000000"):
+        _run(tmp_path, "--train.max_steps=10", "--train.batch_size=100000000", "--train.micro_batch_size=4")
+    monkeypatch.setattr(preflight, "available_memory", lambda: 1 << 20)  # a machine with 1 MiB free
+    with pytest.raises(ConfigError, match=r"this run needs about .* and this machine has 0.0 GiB free"):
+        _run(tmp_path, "--train.max_steps=10", "--train.out_dir=" + str(tmp_path / "small"))

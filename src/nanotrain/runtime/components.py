@@ -26,16 +26,18 @@ from ..monitoring.comm import CommMeter
 from ..optim import lr_at
 from ..parallel.context_parallel import zigzag_split
 from ..parallel.layout import Layout
-from ..parallel.parallelize import parallelize
 from ..parallel.collectives import barrier
+from ..parallel.parallelize import parallelize
 from ..parallel.state import ParallelState, destroy_parallel, init_parallel
 from ..parallel.tensor_parallel import padded_vocab
 from ..parallel.zero import ZeroOptimizer
 from ..precision.master import Dtypes
 from ..precision.policy import AUTOCAST
-from .contracts import RuntimeComponents, RuntimeContext
 from .allocator import keep_freed_memory
+from .contracts import RuntimeComponents, RuntimeContext
 from .machine import resolve_precision
+from .preflight import preflight
+from .run_dir import on_rank0
 from .step import ForwardBackwardProvider
 
 VAL_STREAM = 1  # the val sampler draws from its own random stream
@@ -237,6 +239,9 @@ class TransformerProvider:
     pipeline stage, marked for recomputation and precision, moved, compiled)."""
 
     def build(self, ctx: RuntimeContext) -> nn.Module:
+        # Before any tensor is made: the folders take a checkpoint, the memory holds the ranks
+        # (preflight.py; rank 0 looks, every rank gets its answer or its error).
+        on_rank0(lambda: preflight(ctx.cfg, ctx.device.type), ctx.parallel.world_group)
         return parallelize(ctx.cfg, ctx.parallel, ctx.device, ctx.autocast_dtype, ctx.document_eos)
 
 
