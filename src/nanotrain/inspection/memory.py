@@ -66,11 +66,14 @@ class Plan:
     @classmethod
     def from_config(cls, cfg: Config) -> Plan:
         """The plan of a run of cfg: its layout, the micro-batch size resolved (train.micro_batch_size=0:
-        batch_size / dp)."""
+        batch_size / dp). With pp=1 there is no pipeline whatever the schedule says (the runtime runs
+        the plain step), so no chunks: one, under 1F1B's name."""
         p, t = cfg.parallel, cfg.train
         layout = replace(Layout.from_config(cfg), micro=t.micro_batch(p.dp))
+        piped = p.pp > 1
         return cls(layout, seq_len=t.seq_len, micro_batches=max(1, t.grad_accum_steps(p.dp)),
-                   pp_schedule=p.pp_schedule, pp_virtual_stages=p.chunks_per_rank, pp_partition=p.pp_partition,
+                   pp_schedule=p.pp_schedule if piped else "1f1b",
+                   pp_virtual_stages=p.chunks_per_rank if piped else 1, pp_partition=p.pp_partition,
                    recompute=t.recompute, recompute_layers=t.recompute_layers,
                    document_mask=cfg.data.document_mask)
 
