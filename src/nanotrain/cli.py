@@ -186,7 +186,8 @@ def cmd_inspect(args, overrides) -> int:
     from dataclasses import replace
 
     from .config import validate
-    from .inspection.report import inspect_model, markdown, model_config, plan_layout, run_config, write_report
+    from .inspection.report import (fewest_micro_batches, inspect_model, markdown, model_config, plan_layout,
+                                    run_config, write_report)
     from .parallel.layout import Layout
 
     if args.config and args.hf_config:
@@ -203,7 +204,7 @@ def cmd_inspect(args, overrides) -> int:
     # The layout as `nanotrain train` would run it goes through the config checks first: what train
     # refuses (a batch dp does not divide, a tp that does not divide the heads) inspect refuses too.
     # The global batch is the config's, or with --micro-batches (and for --hf-config) the one they make.
-    fill = layout.pp * (2 if cfg.parallel.pp_schedule == "dualpipev" else 1)
+    fill = fewest_micro_batches(cfg.parallel.pp_schedule, layout.pp)
     batch = t.batch_size if args.config and not args.micro_batches else mbs * (micro_batches or fill) * layout.dp
     validate(run_config(cfg, m, replace(layout, micro=mbs), cfg.parallel.pp_schedule, layout.vp, t.recompute,
                         batch, seq))

@@ -112,8 +112,7 @@ def _shipped_corpus(cfg: DataConfig, log: Callable[[str], None]) -> DataConfig:
     bundled = shipped(path) if not path.is_absolute() and not path.exists() else None
     if bundled is None or bundled.resolve() == path.resolve():
         return cfg
-    key = "char" if cfg.tokenizer == "char" else f"bpe-{cfg.vocab_size}"
-    prepared = cfg.prepared_dir or str(path.parent / f"{path.stem}.nanotrain" / key)
+    prepared = cfg.prepared_dir or str(path.parent / f"{path.stem}.nanotrain" / _trained_key(cfg))
     log(f"data.path={cfg.path} is not in {Path.cwd()}: using the copy shipped with nano-train ({bundled}), "
         f"prepared into {prepared}")
     return dataclasses.replace(cfg, path=str(bundled), prepared_dir=prepared)
@@ -296,6 +295,11 @@ def _tokenizer_name(cfg: DataConfig, tok: AnyTokenizer) -> str:
     return f"pretrained ({tok.name})" if isinstance(tok, PretrainedTokenizer) else cfg.tokenizer
 
 
+def _trained_key(cfg: DataConfig) -> str:
+    """The folder of a preparation with a tokenizer trained on the corpus: char/ or bpe-<vocab>/."""
+    return "char" if cfg.tokenizer == "char" else f"bpe-{cfg.vocab_size}"
+
+
 def _out_dir(cfg: DataConfig, given: AnyTokenizer | None, given_hash: str) -> Path:
     if cfg.prepared_dir:
         return Path(cfg.prepared_dir)
@@ -304,7 +308,7 @@ def _out_dir(cfg: DataConfig, given: AnyTokenizer | None, given_hash: str) -> Pa
         name = given.name if isinstance(given, PretrainedTokenizer) else f"mixture-{given.kind}"
         key = f"{name or 'tokenizer'}-{given_hash[:8]}"
     else:
-        key = "char" if cfg.tokenizer == "char" else f"bpe-{cfg.vocab_size}"
+        key = _trained_key(cfg)
     stem = src.stem if src.is_file() else src.name
     return src.parent / f"{stem}.nanotrain" / key
 

@@ -82,6 +82,11 @@ def run_config(cfg: Config, m: ModelConfig, layout: Layout, schedule: str, vp: i
     return cfg
 
 
+def fewest_micro_batches(schedule: str, pp: int) -> int:
+    """The fewest micro-batches a step of `schedule` over pp stages runs: pp (DualPipeV: 2 pp)."""
+    return pp * (2 if schedule == "dualpipev" else 1)
+
+
 def plan_layout(m: ModelConfig, seq_len: int, cfg: Config, layout: Layout, micro_batch_size: int,
                 micro_batches: int | None, hardware: Accelerator | None, capacity: float | None = None) -> dict:
     """Memory per rank and communication per step for a layout (inspection/memory.py, comm.py).
@@ -97,7 +102,7 @@ def plan_layout(m: ModelConfig, seq_len: int, cfg: Config, layout: Layout, micro
     p, t = cfg.parallel, cfg.train
     if layout.pp > 1 and (errors := check_chunks(p.pp_schedule, layout.vp)):
         raise ConfigError("--layout: " + " ".join(errors))
-    fill = layout.pp * (2 if p.pp_schedule == "dualpipev" else 1)  # the fewest micro-batches the schedule runs
+    fill = fewest_micro_batches(p.pp_schedule, layout.pp)
     lay = Plan(replace(layout, micro=micro_batch_size), seq_len=seq_len, micro_batches=micro_batches or fill,
                pp_schedule=p.pp_schedule,  # no pipeline, no chunks: pp=1 ignores vp, as the runtime does
                pp_virtual_stages=chunks_per_rank(p.pp_schedule, layout.vp) if layout.pp > 1 else 1,
