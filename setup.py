@@ -9,7 +9,7 @@ from setuptools import setup
 from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).resolve().parent
-SHIPPED = ("configs", "data/tinyshakespeare.txt")  # as nanotrain/shipped.py lists them
+SHIPPED = ("configs", "data/tinyshakespeare.txt")  # what nanotrain/shipped.py finds there
 
 
 class BuildWithShipped(build_py):

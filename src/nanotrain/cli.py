@@ -92,10 +92,17 @@ def _verify_overrides(args, overrides) -> None:
         if key == "precision.recipe" and value != args.precision:
             raise ConfigError(f"--{key}={value} disagrees with verify's --precision {args.precision}, which sets it "
                               f"for both sides ({SETS[key]}): pass --precision instead.")
-        own = {"model.dropout": "0.0"}.get(key)  # (train.max_steps: --steps, the command's own length)
-        if own is not None and float(value) != float(own):
-            print(f"note: verify sets {key}={own} for both sides ({SETS[key]}): --{key}={value} is not used",
+        if key == "model.dropout" and _nonzero(value):
+            print(f"note: verify sets {key}=0.0 for both sides ({SETS[key]}): --{key}={value} is not used",
                   file=sys.stderr)
+
+
+def _nonzero(value: str) -> bool:
+    """A number other than 0 (not a number: False, the config check names it)."""
+    try:
+        return float(value) != 0.0
+    except ValueError:
+        return False
 
 
 def cmd_convert(args, overrides) -> int:

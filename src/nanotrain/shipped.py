@@ -10,7 +10,6 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent / "shipped"  # an installed wheel's copy
 CHECKOUT = Path(__file__).resolve().parents[2]  # src/nanotrain/shipped.py -> the repository root
-SHIPPED = ("configs", "data/tinyshakespeare.txt")  # what setup.py copies into the package
 
 
 def shipped(rel: str | Path) -> Path | None:

@@ -39,8 +39,7 @@ def layout_config(cfg: Config, layout: str) -> Config:
 # user's value for it cannot stand (it also turns off saving, evaluation and plots, and runs in a
 # temporary folder: those change nothing compared).
 SETS = {"model.dropout": "dropout masks come from per-process random streams: they differ by layout by design",
-        "precision.recipe": "both sides train in verify's --precision",
-        "train.max_steps": "both sides run --steps steps"}
+        "precision.recipe": "both sides train in verify's --precision"}
 
 
 def reference_config(cfg: Config, steps: int, out_dir: str, precision: str = "fp32") -> Config:
