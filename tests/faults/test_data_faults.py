@@ -51,6 +51,33 @@ def test_two_prepares_of_one_new_corpus_give_one_preparation(tmp_path):
     assert _tokens(tmp_path / "shared.nanotrain" / "char") == _tokens(tmp_path / "alone.nanotrain" / "char")
 
 
+def _train(path, out, *extra):
+    """`nanotrain train` of a small model for a few steps on `path` (it prepares the corpus first)."""
+    args = [f"--data.path={path}", f"--train.out_dir={out}", "--model.d_model=32", "--model.n_layers=1",
+            "--model.n_heads=2", "--train.seq_len=16", "--train.batch_size=4", "--train.max_steps=5",
+            "--train.eval_interval=5", "--train.eval_steps=1", "--logging.progress=none",
+            "--logging.tensorboard=false", "--logging.plot=false", "--precision.recipe=fp32",
+            "--logging.peak_tflops=1", "--train.threads=1", "--schedule.warmup_steps=2", *extra]
+    return subprocess.Popen([sys.executable, "-m", "nanotrain", "train", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+
+
+def test_two_trains_on_one_new_corpus_prepare_it_once_and_both_train(tmp_path):
+    """Two runs (their own out_dirs) started at once on a corpus neither has prepared: one prepares
+    it while the other waits on the corpus lock, both train on the same tokens to the same losses,
+    and the token files are a single preparation's, byte for byte."""
+    alone, shared = _corpus(tmp_path / "alone.jsonl"), _corpus(tmp_path / "shared.jsonl")
+    assert _prepare(alone).wait() == 0
+    runs = [_train(shared, tmp_path / f"run{i}") for i in (0, 1)]
+    out = [p.communicate()[0] for p in runs]
+    assert [p.returncode for p in runs] == [0, 0], out
+    assert sum("prepared " in o for o in out) == 1, out
+    assert _tokens(tmp_path / "shared.nanotrain" / "char") == _tokens(tmp_path / "alone.nanotrain" / "char")
+    losses = [[json.loads(line)["loss"] for line in (tmp_path / f"run{i}" / "metrics.jsonl").read_text().splitlines()
+               if '"loss"' in line] for i in (0, 1)]
+    assert losses[0] and losses[0] == losses[1]
+
+
 def test_a_token_file_damaged_after_preparation_is_prepared_again(tmp_path, capsys):
     """0xFF over train.bin, same size (ids beyond the vocabulary, which would fail mid-step): its
     checksum no longer matches meta.json's, so it is prepared again, with a warning."""

@@ -194,3 +194,25 @@ def test_a_batch_the_machine_cannot_hold_is_refused_before_it_is_allocated(tmp_p
     monkeypatch.setattr(preflight, "available_memory", lambda: 1 << 20)  # a machine with 1 MiB free
     with pytest.raises(ConfigError, match=r"this run needs about .* and this machine has 0.0 GiB free"):
         _run(tmp_path, "--train.max_steps=10", "--train.out_dir=" + str(tmp_path / "small"))
+
+
+@pytest.mark.parametrize("recipe", [(), ("--precision.recipe=bf16", "--precision.param_dtype=bf16",
+                                         "--precision.master_dtype=bf16", "--precision.grad_dtype=bf16",
+                                         "--precision.exp_avg_dtype=bf16", "--precision.exp_avg_sq_dtype=bf16")],
+                         ids=["fp32", "bf16-master-and-moments"])
+@pytest.mark.parametrize("layout", [(), ("--optimizer.zero_stage=2",)], ids=["zero0", "zero2"])
+def test_the_room_a_checkpoint_needs_is_what_it_takes(tmp_path, recipe, layout):
+    """preflight's disk check (issue 40) against a checkpoint written for real: the master and the
+    two moments at their dtypes (6 bytes a parameter in bf16, not fp32's 12), the same total under
+    ZeRO. The rank files hold that and, per file, a header and the random generators' state
+    (~12 KB); metadata.json (tens of KB) is not counted."""
+    from nanotrain.runtime.preflight import rank_bytes
+
+    cfg = tiny_config(tmp_path, "--checkpoint.interval=10", "--train.max_steps=10", *recipe, *layout)
+    engine = RuntimeEngine(cfg)
+    engine.run()
+    _, estimate = rank_bytes(engine.cfg)  # the config as the run resolved it (the vocabulary's size)
+    folder = tmp_path / "run" / "checkpoints" / "step_00000010"
+    files = list(folder.glob("rank_*.safetensors"))
+    written = sum(p.stat().st_size for p in files)
+    assert estimate <= written <= estimate + 16384 * len(files), (written, estimate)

@@ -81,14 +81,26 @@ def rank_bytes(cfg: Config) -> tuple[int, int]:
     run's config, and the rows of tokens the data loader gathers for one step's batch."""
     from ..inspection.memory import Plan, memory_per_rank
 
-    from .machine import logical_size
-
     plan = Plan.from_config(cfg)
     peak = max(s["total"] for s in memory_per_rank(cfg.model, plan, cfg.precision, device="cpu"))
     rows = cfg.train.batch_size // cfg.parallel.dp
     batch = rows * (cfg.train.seq_len + 1) * 8 * 2  # int64 inputs and targets
-    params, _ = logical_size(cfg.model, cfg.train.seq_len)
-    return peak + batch, params * 12  # fp32 weights and Adam's two moments, each saved once
+    return peak + batch, checkpoint_bytes(cfg)
+
+
+def checkpoint_bytes(cfg: Config) -> int:
+    """What a checkpoint holds, whatever the layout: the model's weights at the master's dtype and
+    AdamW's two moments at theirs, each written once (ZeRO splits them over the ranks' files, it does
+    not add to them). fp32 throughout: 12 bytes a parameter; an all-bf16 recipe: 6. A tied embedding
+    is saved under both its names (the model's state dict) but has one pair of moments. The GEMMs'
+    low-bit copies (fp8, nvfp4) are made from the master at each step and never saved."""
+    from ..inspection.counts import meta_model
+    from ..inspection.memory import BYTES
+
+    model, p = meta_model(cfg.model), cfg.precision
+    named = sum(t.numel() for _, t in model.named_parameters(remove_duplicate=False))
+    distinct = sum(t.numel() for t in model.parameters())
+    return named * BYTES[p.master_dtype] + distinct * (BYTES[p.exp_avg_dtype] + BYTES[p.exp_avg_sq_dtype])
 
 
 def preflight(cfg: Config, device_type: str) -> None:
