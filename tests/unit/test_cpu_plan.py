@@ -111,3 +111,23 @@ def test_one_process_prediction_is_near_a_step_timed_here(tmp_path, monkeypatch)
                   "bf16", 1)
     predicted = search(req)["step_s"]
     assert 0.5 < predicted / measured < 2.0, (predicted, measured)
+
+
+def test_the_slowest_rank_wait_is_the_expected_maximum_of_the_ranks_new_shapes():
+    """steptime.slowest_rank_wait against a simulation of what it models: each of n ranks meets a
+    new shape in each of g GEMMs with probability NEW_SHAPE_SHARE, and the all-to-all waits for the
+    rank that met the most. The normal approximation within 15% of the simulated mean excess."""
+    import random
+
+    from nanotrain.inspection.steptime import NEW_SHAPE_SHARE, expected_max_of_normals, slowest_rank_wait
+
+    assert expected_max_of_normals(1) == 0 and abs(expected_max_of_normals(2) - 1 / 3.14159265 ** 0.5) < 1e-3
+    rng, cost, gemms = random.Random(0), 1e-3, 24
+    for ranks in (2, 4):
+        excess = []
+        for _ in range(4000):
+            counts = [sum(rng.random() < NEW_SHAPE_SHARE for _ in range(gemms)) for _ in range(ranks)]
+            excess.append((max(counts) - gemms * NEW_SHAPE_SHARE) * cost)
+        simulated = statistics.mean(excess)
+        assert abs(slowest_rank_wait(ranks, gemms, [cost]) / simulated - 1) < 0.15, (ranks, simulated)
+    assert slowest_rank_wait(1, gemms, [cost]) == 0

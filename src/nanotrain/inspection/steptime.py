@@ -55,6 +55,7 @@ and gloo's calls cost what a VM's sleeping cores take to wake. There the parts a
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 from ..config import ModelConfig
@@ -75,6 +76,29 @@ DP_BUCKET_BYTES = 40e6  # the last gradient bucket, whose sync nothing hides (Me
 # coming for hundreds of steps (the step time at steps 280-300 is within 10% of steps 5-25's).
 NEW_SHAPE_SHARE = 0.22
 BLOCK_CHAIN = 4  # a measured CPU times up to this many blocks of a kind in a row (cpu_measure.block_seconds)
+
+
+def expected_max_of_normals(n: int) -> float:
+    """E[max of n independent standard normals]: 0 for one, 1/sqrt(pi) = 0.564 for two, 1.03 for
+    four, 1.42 for eight (integrated numerically over the max's density, n phi(z) Phi(z)^(n-1))."""
+    if n <= 1:
+        return 0.0
+    step, total = 0.01, 0.0
+    for i in range(-800, 801):
+        z = i * step
+        total += z * n * math.exp(-z * z / 2) / math.sqrt(2 * math.pi) * (0.5 * (1 + math.erf(z / math.sqrt(2)))) ** (n - 1)
+    return total * step
+
+
+def slowest_rank_wait(ranks: int, gemms: float, new_shape_seconds: list[float]) -> float:
+    """A measured CPU: what an all-to-all waits for the slowest of `ranks` beyond the mean. Between
+    two all-to-alls each rank runs `gemms` expert GEMMs of each layout, and each meets a shape oneDNN
+    has not built with probability NEW_SHAPE_SHARE, at the given extra seconds: the ranks' counts of
+    new shapes differ at random (binomial, variance g s (1 - s) c^2), and the all-to-all ends when
+    the rank that met the most does. Normal approximation: the mean plus E[max of n normals] sigma."""
+    s = NEW_SHAPE_SHARE
+    variance = sum(gemms * s * (1 - s) * c * c for c in new_shape_seconds)
+    return expected_max_of_normals(ranks) * math.sqrt(variance)
 
 
 @dataclass
@@ -298,11 +322,14 @@ class BlockCosts:
         if moe:  # each local expert's 3 GEMMs forward and 6 backward, some at shapes not built yet
             experts = sum(e for _, _, _, e in gemms if e > 1) / 3 or m.n_routed_experts / plan.ep
             width = m.moe_d_ff // plan.layout.etp
-            new = {lay: 3 * NEW_SHAPE_SHARE * experts * self.pieces.new_shape(self.dtype, lay, width)
-                   for lay in ("nn", "nt", "tn")}  # forward X W; backward dY W^T and X^T dY
-            fwd, bwd = fwd + new["nn"], bwd + new["nt"] + new["tn"]
+            cost = {lay: self.pieces.new_shape(self.dtype, lay, width) for lay in ("nn", "nt", "tn")}
+            new = {lay: 3 * NEW_SHAPE_SHARE * experts * c for lay, c in cost.items()}  # forward X W;
+            fwd, bwd = fwd + new["nn"], bwd + new["nt"] + new["tn"]  # backward dY W^T and X^T dY
         tp_f, tp_b = self._tp(layer)
         ep_f, ep_b = self._ep_calls(layer)
+        if moe and plan.ep > 1:  # each all-to-all waits for the rank that met the most new shapes
+            ep_f += slowest_rank_wait(plan.ep, 3 * experts, [cost["nn"]])
+            ep_b += slowest_rank_wait(plan.ep, 3 * experts, [cost["nt"], cost["tn"]])
         F = Cost(fwd, tp_f, ep_f)
         B = Cost(bwd - dw, tp_b, ep_b)
         W = Cost(dw)
