@@ -232,10 +232,11 @@ def cmd_inspect(args, overrides) -> int:
 def cmd_plan(args, overrides) -> int:
     import json
 
-    from .inspection.plan import FIELDS, plan_request, search, table
+    from .inspection.plan import FIELDS, Planner, plan_request, search, table
 
     req, notes = plan_request(args, overrides)
-    result = search(req)
+    planner = Planner(req)
+    result = search(req, planner=planner)
     for note in notes + result.get("notes", []):
         print(f"note: {note}", file=sys.stderr)
     if args.json:
@@ -244,6 +245,11 @@ def cmd_plan(args, overrides) -> int:
         print(json.dumps(out, indent=1))
     else:
         print(table(req, result))
+    if args.html:  # to stderr: stdout stays one JSON document with --json
+        from .inspection.plan_page import write_plan_page
+
+        path, n = write_plan_page(Path(args.html), req, planner, result)
+        print(f"wrote {path} ({n} layouts, {path.stat().st_size / 1e6:.2f} MB)", file=sys.stderr)
     return 0
 
 
@@ -386,6 +392,8 @@ def _add_plan(sub) -> None:
                    help="GEMM operands (default: the config's precision.recipe as it resolves on that hardware)")
     s.add_argument("--top", type=int, default=10, help="candidates to print")
     s.add_argument("--json", action="store_true", help="one JSON object: the best plan and the ranked candidates")
+    s.add_argument("--html", metavar="FILE", help="also write a page to explore the candidates and their one-knob "
+                                                  "neighbours offline (docs/planning.md)")
     s.set_defaults(fn=cmd_plan)
 
 
