@@ -62,8 +62,8 @@ function stackedBar(id, parts, full, unit, limit) {
     at += v;
   }
   if (limit != null) s += `<line x1="${x(limit)}" x2="${x(limit)}" y1="0" y2="${H + 4}" stroke="#d00" stroke-width="2"><title>capacity ${fmt(limit)} ${unit}</title></line>`;
-  const legend = parts.filter(p => p[1] > 0).map(([name, v, key]) =>
-    `<span class="key"><i style="background:${COLORS[key || name]}"></i>${doc(key || name, name)} ${fmt(v)}</span>`).join(" ");
+  const legend = parts.map(([name, v, key]) =>
+    `<span class="key"><i style="background:${COLORS[key || name]}"></i>${doc(key || name, name)} ${num(name, v, fmt(v))}</span>`).join(" ");
   return s + `</svg><div class="legend">${legend} ${unit}</div>`;
 }
 

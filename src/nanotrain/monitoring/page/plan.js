@@ -41,7 +41,7 @@ function drawTable() {
 }
 
 function numbers(c) {
-  return `<p>${num("step_s", c.step_s, fmt(c.step_s, 4))} s per step, ` +
+  return `<p id="numbers">${num("step_s", c.step_s, fmt(c.step_s, 4))} s per step, ` +
     `${num("tokens_per_s_per_gpu", c.tokens_per_s_per_gpu, int(c.tokens_per_s_per_gpu))} tokens/s per GPU, ` +
     `MFU ${num("mfu", c.mfu, pct(c.mfu))}, HFU ${num("hfu", c.hfu, pct(c.hfu))}, ` +
     `${num("model_tflops_per_gpu", c.model_tflops_per_gpu, fmt(c.model_tflops_per_gpu, 4))} model TFLOP/s per GPU, ` +
