@@ -161,8 +161,11 @@ def cmd_report(args, overrides) -> int:
     if overrides:
         raise ConfigError(f"report takes run folders, not config overrides: {' '.join(overrides)}")
     out = Path(args.out) if args.out else Path(args.runs[0]) / "report.html"
+    predict = None
+    if not args.no_predict:  # the planner on this CPU, beside each run's measured step
+        from .inspection.predicted_run import predict_run as predict
     try:
-        path, notes = write_report([Path(r) for r in args.runs], out)
+        path, notes = write_report([Path(r) for r in args.runs], out, predict)
     except FileNotFoundError as e:
         raise ConfigError(str(e)) from None
     for note in notes:
@@ -338,6 +341,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("report", help="an HTML page with the health plots of one or more runs, side by side")
     s.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders (train.out_dir) holding metrics.jsonl")
     s.add_argument("--out", help="the HTML file (default: RUN_DIR/report.html of the first run)")
+    s.add_argument("--no-predict", action="store_true",
+                   help="leave out the planner's predicted step (it times this CPU first: ~10 s)")
     s.set_defaults(fn=cmd_report)
     s = sub.add_parser("weights", help="per-tensor weight statistics of a checkpoint, or how two checkpoints differ")
     s.add_argument("ckpt", metavar="CKPT", help="checkpoint folder (step_N), or a run folder (its latest checkpoint)")

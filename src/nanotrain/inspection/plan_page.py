@@ -22,13 +22,12 @@ import json
 from pathlib import Path
 
 from ..config import ConfigError
-from ..monitoring.page import write_page
+from ..monitoring.page import DOCS_NAME, write_page
 from .memory import Plan
 from .plan import Planner, Request, config_errors, entry, make_plan
 from .steptime import pipeline_period
 
 TIMELINE_ACTIONS = 400  # per entry: a few kB of JSON each; enough to see warm-up, steady state, drain
-DOCS = Path(__file__).resolve().parents[3] / "docs" / "planning.md"  # a source checkout's; else the name
 
 
 def key(e: dict) -> str:
@@ -160,7 +159,7 @@ def page_data(req: Request, planner: Planner, result: dict) -> dict:
                         "dtype": req.dtype, "cluster": req.cluster.describe(), "model": req.m.arch,
                         "capacity_gb": req.cluster.accelerator.hbm_bytes / 1e9},
             "explanation": result.get("explanation", ""), "notes": result.get("notes", []),
-            "docs": DOCS.as_uri() if DOCS.exists() else "docs/planning.md",
+            "docs": DOCS_NAME,
             "candidates": page_entries(req, planner, result)}
 
 

@@ -17,6 +17,9 @@ import html
 from pathlib import Path
 
 ASSETS = Path(__file__).resolve().parent / "page"
+# Where the hover explanations link: a source checkout's docs/planning.md, else its name.
+DOCS = Path(__file__).resolve().parents[3] / "docs" / "planning.md"
+DOCS_NAME = DOCS.as_uri() if DOCS.exists() else "docs/planning.md"
 
 
 def asset(name: str) -> str:

@@ -90,3 +90,7 @@ function stepParts(breakdown) {
   const names = STEP_ORDER.filter(k => k in breakdown).concat(Object.keys(breakdown).filter(k => !STEP_ORDER.includes(k)));
   return names.map(k => [k, breakdown[k]]);
 }
+
+// A planner timetable (columns per rank: kind string, chunk, mb, start, end) as timeline() events.
+const timetableEvents = t => t.ranks.flatMap((row, r) =>
+  [...row.kind].map((k, i) => [r, k, row.chunk[i], row.mb[i], row.start[i], row.end[i]]));

@@ -61,14 +61,13 @@ function drawPanel(c) {
   const mem = MEMORY.map(([k, key]) => [k, c.memory_by_kind_gb[k] || 0, key]);
   const memTotal = mem.reduce((a, p) => a + p[1], 0);
   const t = c.timetable;
-  const events = t.ranks.flatMap((row, r) => [...row.kind].map((k, i) => [r, k, row.chunk[i], row.mb[i], row.start[i], row.end[i]]));
   const played = t.micro_batches === t.of ? `all ${t.of} micro-batches` : `the first ${t.micro_batches} of ${t.of} micro-batches (the step extends the steady state)`;
   document.getElementById("panel").innerHTML = `<h2 id="selected" data-id="${esc(c.id)}">${esc(layoutText(c))}</h2>` +
     numbers(c) + `<h3>Memory per rank (${doc("weights", "by kind")}, GB)</h3>` +
     stackedBar("memory-bar", mem, Math.max(cap, memTotal) * 1.05, "GB", cap) +
     `<h3>The step (${doc("compute", "its parts")}, seconds)</h3>` + stackedBar("step-bar", stepParts(c.breakdown), c.step_s, "s") +
     `<h3>Pipeline timeline (${esc(c.schedule)})</h3>` +
-    timeline("timeline", t.ranks.length, events, t.span_s / t.unit_s, t.unit_s, `played with ${played}`) +
+    timeline("timeline", t.ranks.length, timetableEvents(t), t.span_s / t.unit_s, t.unit_s, `played with ${played}`) +
     `<h3>What if (one knob changed: tokens/s per GPU and memory per rank against this layout)</h3>` + whatIf(c);
   document.querySelectorAll("#whatif button").forEach(b => b.onclick = () => select(b.dataset.id));
 }
