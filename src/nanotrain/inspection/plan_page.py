@@ -1,6 +1,6 @@
 """`nanotrain plan ... --html FILE`: the search's candidates as one page to explore offline.
 
-The page (monitoring/page/plan.js draws it) computes nothing: every number on it is the planner's,
+The page (monitoring/html/plan.js draws it) computes nothing: every number on it is the planner's,
 embedded as JSON. This module gathers them:
 
     candidates   what the search kept: the ranked ones (the same entries --json prints) and the

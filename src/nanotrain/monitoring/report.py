@@ -10,7 +10,7 @@ the page (base64), so the file can be mailed or opened offline.
 Given `predict` (cli.py passes inspection/predicted_run.predict_run: the planner on this CPU), the
 page also sets each run's predicted step beside its measured one, part by part, and draws the
 planner's played pipeline timetable and the run's measured timeline (timeline.json, written at
-logging.timeline_step) in one style (page/report.js, with page/common.js as the plan page).
+logging.timeline_step) in one style (monitoring/html/report.js, with html/common.js as the plan page).
 """
 
 from __future__ import annotations
