@@ -12,7 +12,10 @@ import pytest
 
 from browser import Browser
 from nanotrain.cli import main
+from nanotrain.inspection.memory import Plan
 from nanotrain.inspection.plan import FIELDS
+from nanotrain.inspection.steptime import Cost, pipeline_makespan, played_timetable
+from nanotrain.parallel.layout import Layout
 
 pytestmark = pytest.mark.xdist_group("browser")  # one Chromium at a time on a 2-core machine
 
@@ -52,6 +55,21 @@ def browser(small_page):
 
 def rows(b) -> list[str]:
     return b.evaluate("[...document.querySelectorAll('#candidates tbody tr')].map(r => r.dataset.id)")
+
+
+@pytest.mark.parametrize("schedule, v", [("1f1b", 1), ("interleaved", 2), ("zb_h1", 1), ("dualpipev", 2)])
+def test_the_drawn_timetable_is_the_step_models_play(schedule, v):
+    """The timeline the page draws is the play the step time comes from: same makespan, and each
+    rank busy for as long (the last rank's chunks cost more, as a head and loss make them)."""
+    plan = Plan(Layout(pp=4, vp=v if schedule == "interleaved" else 1, micro=1), micro_batches=8,
+                pp_schedule=schedule, pp_virtual_stages=v)
+    chunks = [[(Cost(1.0 + (r == 3)), Cost(1.5), Cost(0.75))] * v for r in range(4)]
+    makespan, busy = pipeline_makespan(plan, chunks, 0.1, cap=64)
+    events = played_timetable(plan, chunks, 0.1, 8)
+    assert max(e[5] for e in events) == pytest.approx(makespan)
+    for r in range(4):
+        assert sum(e[5] - e[4] for e in events if e[0] == r) == pytest.approx(busy[r])
+    assert {(e[1], e[3]) for e in events} >= {(k, mb) for k in "FB" for mb in range(8)}
 
 
 def test_page_numbers_are_the_json_ones(small_page):

@@ -38,7 +38,8 @@ const COLORS = {compute: "#4e79a7", tp: "#f28e2b", ep: "#e15759", cp: "#76b7b2",
   gathered_params: "#76b7b2", F: "#4e79a7", B: "#59a14f", W: "#f28e2b", idle: "#e8e8e8"};
 
 const esc = s => String(s).replace(/[&<>"']/g, c => ({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;"}[c]));
-const fmt = (v, d = 3) => v == null ? "" : Number(v).toPrecision(d).replace(/\.?0+$/, "").replace(/\.?0+e/, "e");
+const fmt = (v, d = 3) => v == null ? "" : Math.abs(v) >= 10 ** d ? Math.round(v).toLocaleString("en-US") :
+  Number(v).toPrecision(d).replace(/(\.\d*?)0+$/, "$1").replace(/\.$/, "").replace(/\.?0+e/, "e");
 const pct = v => (100 * v).toFixed(1) + "%";
 const int = v => Math.round(v).toLocaleString("en-US");
 const signed = (v, f) => (v >= 0 ? "+" : "\u2212") + f(Math.abs(v));
@@ -70,7 +71,7 @@ function stackedBar(id, parts, full, unit, limit) {
 // A pipeline timeline: one row per rank; each event [rank, kind, chunk, mb, start, end] in units
 // of `unit` seconds; F, B and W coloured, the rest of the row idle.
 function timeline(id, ranks, events, span, unit, caption) {
-  const W = 900, rowH = 20, left = 56, plotW = W - left - 8, H = ranks * rowH + 22;
+  const W = 720, rowH = 20, left = 56, plotW = W - left - 8, H = ranks * rowH + 22;
   const x = t => left + plotW * t / span;
   let s = `<svg id="${id}" class="timeline" width="${W}" height="${H}" viewBox="0 0 ${W} ${H}" xmlns="http://www.w3.org/2000/svg">`;
   for (let r = 0; r < ranks; r++)
