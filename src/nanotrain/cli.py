@@ -237,6 +237,8 @@ def cmd_plan(args, overrides) -> int:
 
     from .inspection.plan import FIELDS, Planner, plan_request, search, table
 
+    if args.html and Path(args.html).is_dir():  # before the search, which can take a minute
+        raise ConfigError(f"--html {args.html} is a folder: give the page's file, e.g. {Path(args.html) / 'plan.html'}")
     req, notes = plan_request(args, overrides)
     planner = Planner(req)
     result = search(req, planner=planner)

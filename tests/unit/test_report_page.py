@@ -33,7 +33,7 @@ def report(tmp_path_factory):
     data = json.loads(re.search(r'<script type="application/json" id="data">(.*?)</script>', out.read_text(), re.S)
                       .group(1).replace("<\\/", "</"))
     b = Browser(out)
-    yield data["runs"][0], b
+    yield data["runs"][0], b, cfg.train.out_dir
     b.close()
 
 
@@ -43,12 +43,12 @@ def numbers(b, where: str) -> dict:
 
 
 def test_loads_offline_without_errors(report):
-    _, b = report
+    _, b, _ = report
     assert b.errors == [] and b.outside_requests() == []
 
 
 def test_predicted_beside_measured(report):
-    run, b = report
+    run, b, _ = report
     p, m = run["predicted"], run["measured"]
     assert p["layout"]["pp"] == 2 and p["schedule"] == "1f1b" and p["cluster"].startswith("cpu (measured, 2 ")
     rows = run["side_by_side"]
@@ -66,7 +66,7 @@ def test_predicted_beside_measured(report):
 
 
 def test_both_timelines_are_drawn_alike(report):
-    run, b = report
+    run, b, _ = report
     measured = [e for e in run["timeline"]["events"] if e[1] in "FBW"]
     assert {e[0] for e in measured} == {0, 1} and run["timeline"]["step"] == 4
     assert b.evaluate("document.querySelectorAll('#measured-timeline-0 rect').length") == len(measured) + 2
@@ -75,6 +75,12 @@ def test_both_timelines_are_drawn_alike(report):
 
 
 def test_screenshot_is_not_blank(report):
-    _, b = report
+    _, b, _ = report
     pixels = b.screenshot("#steps")
     assert pixels.shape[0] > 200 and pixels[..., :3].std() > 0.1
+
+
+def test_no_predict_leaves_it_out(report, tmp_path):
+    assert main(["report", report[2], "--out", str(tmp_path / "plain.html"), "--no-predict"]) == 0
+    plain = (tmp_path / "plain.html").read_text()
+    assert '"predicted":null' in plain and '"why_not":"not asked for"' in plain

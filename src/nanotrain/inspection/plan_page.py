@@ -144,7 +144,7 @@ def page_entries(req: Request, planner: Planner, result: dict) -> list[dict]:
                 k = key({"layout": {**e["layout"], **change}, "schedule": schedule, "recompute": recompute})
                 if k in entries:
                     e["neighbours"].append(_delta(label, e, entries[k]))
-    return list(entries.values())
+    return list({e["id"]: e for e in reversed(entries.values())}.values())[::-1]  # once each, first kept
 
 
 def _delta(label: str, e: dict, n: dict) -> dict:
