@@ -6,7 +6,7 @@ embedded as JSON. This module gathers them:
     candidates   what the search kept: the ranked ones (the same entries --json prints) and the
                  fastest that do not fit (weighed in full here, marked fits: false)
     what if      for each of those, the same layout with one knob changed (tp x2 / /2, pp x2 / /2,
-                 micro-batch x2 / /2, another recompute mode, the next ZeRO stage), weighed in
+                 micro-batch x2 / /2, another recompute mode, the ZeRO stage +-1), weighed in
                  full by the same Planner and checked by the same config checks; each becomes an
                  entry of its own, so that a click can move to it
     per entry    the --json fields, memory per rank by kind, the device's capacity, and the

@@ -10,11 +10,12 @@ const MEMORY = [["weights", "weights"], ["gradients", "gradients"], ["master", "
   ["optimizer", "optimizer_mem"], ["activations", "activations"], ["gathered_params", "gathered_params"]];
 const state = {sort: "tokens_per_s_per_gpu", dir: -1, filters: {}, unfit: false, selected: null};
 const value = (c, k) => (k in c.layout ? c.layout[k] : c[k]);
+const cmp = (a, b) => (a > b) - (a < b);
 const layoutText = c => AXES.slice(0, 9).map(k => `${k}=${c.layout[k]}`).join(" ") + ` ${c.schedule} recompute=${c.recompute}`;
 
 function controls() {
   const selects = AXES.map(k => {
-    const vals = [...new Set(C.map(c => value(c, k)))].sort((a, b) => (a > b) - (a < b));
+    const vals = [...new Set(C.map(c => value(c, k)))].sort(cmp);
     return `<label>${k} <select data-axis="${k}"><option value="">any</option>` +
       vals.map(v => `<option>${esc(v)}</option>`).join("") + `</select></label>`;
   }).join(" ");
@@ -24,7 +25,7 @@ function controls() {
 function visible() {
   const rows = C.filter(c => (state.unfit || c.fits) &&
     Object.entries(state.filters).every(([k, v]) => v === "" || String(value(c, k)) === v));
-  return rows.sort((a, b) => state.dir * ((value(a, state.sort) > value(b, state.sort)) - (value(a, state.sort) < value(b, state.sort))));
+  return rows.sort((a, b) => state.dir * cmp(value(a, state.sort), value(b, state.sort)));
 }
 
 function drawTable() {
