@@ -161,8 +161,11 @@ def cmd_report(args, overrides) -> int:
     if overrides:
         raise ConfigError(f"report takes run folders, not config overrides: {' '.join(overrides)}")
     out = Path(args.out) if args.out else Path(args.runs[0]) / "report.html"
+    predict = None
+    if not args.no_predict:  # the planner on this CPU, beside each run's measured step
+        from .inspection.predicted_run import predict_run as predict
     try:
-        path, notes = write_report([Path(r) for r in args.runs], out)
+        path, notes = write_report([Path(r) for r in args.runs], out, predict)
     except FileNotFoundError as e:
         raise ConfigError(str(e)) from None
     for note in notes:
@@ -232,10 +235,13 @@ def cmd_inspect(args, overrides) -> int:
 def cmd_plan(args, overrides) -> int:
     import json
 
-    from .inspection.plan import FIELDS, plan_request, search, table
+    from .inspection.plan import FIELDS, Planner, plan_request, search, table
 
+    if args.html and Path(args.html).is_dir():  # before the search, which can take a minute
+        raise ConfigError(f"--html {args.html} is a folder: give the page's file, e.g. {Path(args.html) / 'plan.html'}")
     req, notes = plan_request(args, overrides)
-    result = search(req)
+    planner = Planner(req)
+    result = search(req, planner=planner)
     for note in notes + result.get("notes", []):
         print(f"note: {note}", file=sys.stderr)
     if args.json:
@@ -244,6 +250,11 @@ def cmd_plan(args, overrides) -> int:
         print(json.dumps(out, indent=1))
     else:
         print(table(req, result))
+    if args.html:  # to stderr: stdout stays one JSON document with --json
+        from .inspection.plan_page import write_plan_page
+
+        path, n = write_plan_page(Path(args.html), req, planner, result)
+        print(f"wrote {path} ({n} layouts, {path.stat().st_size / 1e6:.2f} MB)", file=sys.stderr)
     return 0
 
 
@@ -332,6 +343,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("report", help="an HTML page with the health plots of one or more runs, side by side")
     s.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders (train.out_dir) holding metrics.jsonl")
     s.add_argument("--out", help="the HTML file (default: RUN_DIR/report.html of the first run)")
+    s.add_argument("--no-predict", action="store_true",
+                   help="leave out the planner's predicted step (it times this CPU first: ~10 s)")
     s.set_defaults(fn=cmd_report)
     s = sub.add_parser("weights", help="per-tensor weight statistics of a checkpoint, or how two checkpoints differ")
     s.add_argument("ckpt", metavar="CKPT", help="checkpoint folder (step_N), or a run folder (its latest checkpoint)")
@@ -386,6 +399,8 @@ def _add_plan(sub) -> None:
                    help="GEMM operands (default: the config's precision.recipe as it resolves on that hardware)")
     s.add_argument("--top", type=int, default=10, help="candidates to print")
     s.add_argument("--json", action="store_true", help="one JSON object: the best plan and the ranked candidates")
+    s.add_argument("--html", metavar="FILE", help="also write a page to explore the candidates and their one-knob "
+                                                  "neighbours offline (docs/planning.md)")
     s.set_defaults(fn=cmd_plan)
 
 

@@ -301,20 +301,20 @@ class CpuPieces:
         return cm.data_seconds(micro_batch, seq, micro_batches) / self.share
 
 
-def cpu_cluster(procs: int) -> Cluster:
+def cpu_cluster(procs: int, threads: int = 0) -> Cluster:
     """This machine with `procs` processes, measured (cpu_measure.py): each GEMM timed at its shape and
     operand layout with the threads a process gets, slowed by the time-sharing of more processes than
     cores; a tiny model's blocks, ends and optimizer step timed whole at each rank's shapes (CpuPieces;
     steptime.py says where); gloo's collectives as lines fitted to what a call costs between two
     computations; elementwise ops at the measured copy bandwidth. Nothing overlaps: gloo runs on the
-    cores that compute."""
+    cores that compute. threads: a process's threads (a run's train.threads); 0: as launch.py gives."""
     import torch
 
     from . import cpu_measure as cm
     from .hardware import measure_cpu
 
     ncores = cm.cores()
-    threads = cm.threads_per_process(procs, ncores)
+    threads = threads or cm.threads_per_process(procs, ncores)
     share = min(1.0, ncores / (procs * threads))  # a rank's share of a core when ranks outnumber cores
     acc = replace(measure_cpu(), interconnect_bandwidth=None, name=f"cpu (measured, {procs} processes)")
     gloo = {procs: cm.measure_gloo(procs, gap_s=cm.GAP_S)} if procs > 1 else {}

@@ -126,9 +126,10 @@ class Planner:
             self.views[key] = RankModelView(self.req.m, plan)
         return self.views[key]
 
-    def weigh(self, plan: Plan, full: bool = False, need_fit: bool = False) -> dict:
+    def weigh(self, plan: Plan, full: bool = False, need_fit: bool = False, timetable: int = 0) -> dict:
         """A candidate's prediction and memory: quick (first and last stage, a short play) or full.
-        need_fit: skip the time of a candidate that does not fit."""
+        need_fit: skip the time of a candidate that does not fit. timetable=n: also the schedule
+        played with n micro-batches (steptime.played_timetable), for plan_page's picture."""
         req = self.req
         view = self.view(plan)
         stages = None if full else sorted({0, plan.pp - 1})
@@ -138,7 +139,7 @@ class Planner:
         if need_fit and worst["total"] > capacity:
             return {"fits": False, "memory_per_rank_gb": worst["total"] / 1e9}
         out = predict(req.m, StepPlan(plan, req.global_batch, req.dtype), req.cfg.precision, req.cluster, view,
-                      self.flops, cap=512 if full else 0)
+                      self.flops, cap=512 if full else 0, timetable=timetable)
         out.update(memory_per_rank_gb=worst["total"] / 1e9, fits=worst["total"] <= capacity,
                    memory_by_kind_gb={k: worst[k] / 1e9 for k in ("weights", "gradients", "master", "optimizer",
                                                                   "activations", "gathered_params")})
@@ -252,11 +253,12 @@ def entry(req: Request, plan: Plan, result: dict) -> dict:
     return out
 
 
-def search(req: Request, shortlist: int = 40, structures_kept: int = 24) -> dict:
+def search(req: Request, shortlist: int = 40, structures_kept: int = 24, planner: Planner | None = None) -> dict:
     """Rank the candidates; the best `shortlist` quick ones are weighed again in full and checked
-    against the config. Returns the --json object, plus "explanation" and "searched" for the table."""
+    against the config. Returns the --json object, plus "explanation" and "searched" for the table.
+    planner: one to reuse afterwards (plan_page weighs the neighbours of the candidates with it)."""
     started = time.perf_counter()
-    planner = Planner(req)
+    planner = planner or Planner(req)
     if not any(True for _ in structures(req)):
         raise ConfigError(_nothing_runs(req))
     screened = screen(req, planner)

@@ -507,6 +507,18 @@ def chunk_costs(costs: BlockCosts, m: ModelConfig, plan: Plan, rank: int) -> lis
     return out
 
 
+def _action_cost(chunks: list[list[tuple[Cost, Cost, Cost]]]):
+    """cost(rank, action, split) of timed_play: an action's seconds from its chunk's (F, B, W)."""
+    def cost(rank, a, split):
+        f, b, w = chunks[rank][a.chunk]
+        if a.kind == "F":
+            return f.total
+        if a.kind == "B":
+            return b.total if split else b.total + w.total
+        return w.total if split else 0.0
+    return cost
+
+
 def pipeline_makespan(plan: Plan, chunks: list[list[tuple[Cost, Cost, Cost]]], hop_s: float,
                       cap: int = 64) -> tuple[float, list[float]]:
     """The played schedule's makespan and each rank's busy seconds. Long steps are played up to
@@ -518,21 +530,13 @@ def pipeline_makespan(plan: Plan, chunks: list[list[tuple[Cost, Cost, Cost]]], h
     pp, m = plan.pp, plan.micro_batches
     v = chunks_per_rank(plan.pp_schedule, plan.pp_virtual_stages)
 
-    def cost(rank, a, split):
-        f, b, w = chunks[rank][a.chunk]
-        if a.kind == "F":
-            return f.total
-        if a.kind == "B":
-            return b.total if split else b.total + w.total
-        return w.total if split else 0.0
-
     def play(n):
-        return timed_play(plan.pp_schedule, pp, v, n, cost, lambda s, d: hop_s)
+        return timed_play(plan.pp_schedule, pp, v, n, _action_cost(chunks), lambda s, d: hop_s)
 
     if pp == 1:
         f, b, w = chunks[0][0]
         return m * (f.total + b.total + w.total), [m * (f.total + b.total + w.total)]
-    step = 2 * pp if plan.pp_schedule == "dualpipev" else pp
+    step = pipeline_period(plan)
     base = max(step, cap // step * step)
     if m <= base + step:
         return play(m)
@@ -540,6 +544,30 @@ def pipeline_makespan(plan: Plan, chunks: list[list[tuple[Cost, Cost, Cost]]], h
     t2, busy2 = play(base + step)
     k = (m - base) / step
     return t1 + k * (t2 - t1), [b1 + k * (b2 - b1) for b1, b2 in zip(busy1, busy2)]
+
+
+def pipeline_period(plan: Plan) -> int:
+    """The micro-batches of one round of the schedule: a played step is extended by whole rounds."""
+    return 1 if plan.pp == 1 else 2 * plan.pp if plan.pp_schedule == "dualpipev" else plan.pp
+
+
+def played_timetable(plan: Plan, chunks: list[list[tuple[Cost, Cost, Cost]]], hop_s: float, n: int) -> list[tuple]:
+    """The schedule played with n micro-batches, as pipeline_makespan plays it: every action as
+    (rank, kind, local chunk, mb, start s, end s). Without a pipeline, rank 0 runs F then B (its W
+    included) of each micro-batch in turn."""
+    from ..parallel.pipeline import chunks_per_rank
+    from ..parallel.pipeline.schedules import timed_play
+
+    events: list[tuple] = []
+    if plan.pp == 1:
+        f, b, w = (c.total for c in chunks[0][0])
+        for mb in range(n):
+            t = mb * (f + b + w)
+            events += [(0, "F", 0, mb, t, t + f), (0, "B", 0, mb, t + f, t + f + b + w)]
+        return events
+    v = chunks_per_rank(plan.pp_schedule, plan.pp_virtual_stages)
+    timed_play(plan.pp_schedule, plan.pp, v, n, _action_cost(chunks), lambda s, d: hop_s, events)
+    return events
 
 
 def stage_counts(view: RankModelView, m: ModelConfig, plan: Plan) -> list[tuple[int, int]]:
@@ -698,9 +726,10 @@ def cpu_step_extras(cluster: Cluster, m: ModelConfig, plan: Plan, view: RankMode
 
 
 def predict(m: ModelConfig, sp: StepPlan, precision, cluster: Cluster, view: RankModelView | None = None,
-            flops: dict | None = None, cap: int = 512) -> dict:
+            flops: dict | None = None, cap: int = 512, timetable: int = 0) -> dict:
     """The step time of a plan and its parts (see the module docstring); with flops (model_flops),
-    also model TFLOP/s per GPU, MFU and HFU."""
+    also model TFLOP/s per GPU, MFU and HFU; with timetable=n, also "timetable": the schedule
+    played with n micro-batches (played_timetable), for a picture."""
     plan = sp.plan
     view = view if view is not None else RankModelView(m, plan)
     costs = BlockCosts(m, plan, precision, cluster, sp.dtype, view, sp.tp_overlap, sp.attention, sp.selective_core)
@@ -743,6 +772,8 @@ def predict(m: ModelConfig, sp: StepPlan, precision, cluster: Cluster, view: Ran
     gpus = plan.world
     tokens = sp.global_batch * plan.seq_len
     out = {"step_s": step, "tokens_per_s_per_gpu": tokens / step / gpus, "breakdown": breakdown}
+    if timetable:
+        out["timetable"] = played_timetable(plan, chunks, hop, timetable)
     if flops is not None:
         peak = cluster.peak(sp.dtype)
         per_gpu = tokens / step / gpus

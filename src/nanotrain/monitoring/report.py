@@ -6,6 +6,11 @@ learning rate, gradient norm with the clip threshold, update-to-weight ratios, p
 gradient norms, MoE load imbalance and the last tokens-per-expert, the step time split
 into data wait, forward+backward and optimizer, and the probe batch's figures. The plots are PNGs embedded in
 the page (base64), so the file can be mailed or opened offline.
+
+Given `predict` (cli.py passes inspection/predicted_run.predict_run: the planner on this CPU), the
+page also sets each run's predicted step beside its measured one, part by part, and draws the
+planner's played pipeline timetable and the run's measured timeline (timeline.json, written at
+logging.timeline_step) in one style (monitoring/html/report.js, with html/common.js as the plan page).
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from ..config import ConfigError  # noqa: E402
+from ..parallel.pipeline.timeline import RankTimeline, align  # noqa: E402
+from .page import DOCS_NAME, render_page  # noqa: E402
 from .sinks import read_metrics  # noqa: E402
 
 
@@ -207,8 +214,66 @@ def _config_diff(runs) -> str:
     return f"<h2>What differs</h2><table><tr>{head}</tr>{body}</table>"
 
 
-def write_report(run_dirs: list[Path], out: Path) -> tuple[Path, list[str]]:
-    """The page, and a line for each run whose metrics.jsonl had unreadable lines (skipped)."""
+def measured_step(run) -> dict | None:
+    """The run's step in ms, mean over its logged steps but the first (warm-up): the whole step,
+    its data wait, forward + backward and optimizer, and the time inside each group's collectives
+    (part of forward + backward)."""
+    rows = [r for r in run["train"] if "step_ms" in r and "time/compute_ms" in r]
+    rows = rows[1:] or rows
+    if not rows:
+        return None
+    keys = ["step_ms", "time/data_ms", "time/compute_ms", "time/optimizer_ms"]
+    keys += [f"time/comm_{g}_ms" for g in COMM_GROUPS if any(f"time/comm_{g}_ms" in r for r in rows)]
+    return {k: sum(r.get(k, 0.0) for r in rows) / len(rows) for k in keys}
+
+
+def side_by_side(predicted: dict, measured: dict) -> list[list]:
+    """[part, predicted ms, measured ms] rows: the planner's parts grouped as the run times them
+    (everything between the data and the optimizer is forward + backward there)."""
+    b = {k: v * 1e3 for k, v in predicted["breakdown"].items()}
+    passes = sum(v for k, v in b.items() if k not in ("data", "optimizer"))
+    rows = [["data wait", b.get("data", 0.0), measured["time/data_ms"]],
+            ["forward + backward (collectives, bubble included)", passes, measured["time/compute_ms"]],
+            ["optimizer", b.get("optimizer", 0.0), measured["time/optimizer_ms"]]]
+    rows += [[f"of which in {k[10:-3]} collectives", b.get(k[10:-3]), v] for k, v in measured.items()
+             if k.startswith("time/comm_")]
+    return rows + [["step", predicted["step_s"] * 1e3, measured["step_ms"]]]
+
+
+def measured_timeline(run_dir: Path) -> dict | None:
+    """timeline.json (logging.timeline_step) as timeline events in ms, ranks aligned on wall time."""
+    path = run_dir / "timeline.json"
+    if not path.exists():
+        return None
+    saved = json.loads(path.read_text())
+    ranks = [RankTimeline(r["rank"], r["t0_wall"], [tuple(e) for e in r["events"]]) for r in saved["ranks"]]
+    events = [[r, k, c, mb, s * 1e3, e * 1e3] for r, evs in enumerate(align(ranks)) for k, c, mb, s, e in evs]
+    return {"step": saved.get("step"), "ranks": len(ranks), "events": events, "span_ms": max(e[5] for e in events)}
+
+
+def step_data(runs, run_dirs, predict) -> tuple[dict, list[str]]:
+    """The JSON report.js draws: per run, its measured step, the prediction (or why there is none),
+    the side-by-side rows and the measured timeline. Also a note for each prediction that failed."""
+    out, notes = [], []
+    for run, d in zip(runs, run_dirs):
+        measured, predicted, why = measured_step(run), None, None
+        if predict is None or not run["config"]:
+            why = "no config.json in the run folder" if predict else "not asked for"
+        else:
+            try:
+                predicted = predict(run["config"])
+            except (ConfigError, ValueError) as e:
+                why = str(e)
+                notes.append(f"no prediction for {run['name']}: {why}")
+        rows = side_by_side(predicted, measured) if predicted and measured else []
+        out.append({"name": run["name"], "measured": measured, "predicted": predicted, "why_not": why,
+                    "side_by_side": rows, "timeline": measured_timeline(Path(d))})
+    return {"docs": DOCS_NAME, "runs": out}, notes
+
+
+def write_report(run_dirs: list[Path], out: Path, predict=None) -> tuple[Path, list[str]]:
+    """The page, and a line for each run whose metrics.jsonl had unreadable lines (skipped) or
+    whose step could not be predicted. predict(config dict) -> the planner's entry for the run."""
     runs = [read_run(Path(d)) for d in run_dirs]
     notes = [f"skipped {r['skipped']} unreadable line{'s' if r['skipped'] > 1 else ''} of "
              f"{Path(d) / 'metrics.jsonl'} (a run killed mid-write leaves a partial last line)"
@@ -237,11 +302,11 @@ def write_report(run_dirs: list[Path], out: Path) -> tuple[Path, list[str]]:
     plots += [(f"Experts: {r['name']}", _expert_plot(r)) for r in runs]
     figures = "".join(f"<figure><figcaption>{html.escape(t)}</figcaption><img src='data:image/png;base64,{p}'>"
                       "</figure>" for t, p in plots if p)
-    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>nano-train report</title>
-<style>body{{font-family:sans-serif;margin:2em}}figure{{display:inline-block;margin:0.5em}}
-table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:2px 8px;font-size:0.9em}}</style></head>
-<body><h1>nano-train report: {html.escape(", ".join(r["name"] for r in runs))}</h1>
-{_summary(runs)}{_config_diff(runs)}<h2>Plots</h2>{figures}</body></html>"""
+    data, more = step_data(runs, run_dirs, predict)
+    body = (f"{_summary(runs)}{_config_diff(runs)}<h2>The step: predicted and measured</h2><div id='steps'></div>"
+            f"<h2>Plots</h2>{figures}")
+    page = render_page(f"nano-train report: {', '.join(r['name'] for r in runs)}", "report",
+                       json.dumps(data, separators=(",", ":")), body)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(page)
-    return out, notes
+    return out, notes + more

@@ -59,7 +59,8 @@ def cached_timetable(schedule: str, pp: int, v: int, m: int, forward_only: bool 
     return timetable(orders, v, placement)
 
 
-def timed_play(schedule: str, pp: int, v: int, m: int, cost, hop) -> tuple[float, list[float]]:
+def timed_play(schedule: str, pp: int, v: int, m: int, cost, hop, record: list | None = None
+               ) -> tuple[float, list[float]]:
     """Play the schedule's real orders (the ones the runner executes) with times instead of unit
     slots: each rank runs its actions in order, each as soon as the rank is free and its inputs
     have arrived. cost(rank, action, split) -> seconds of compute (exposed communication included),
@@ -67,6 +68,8 @@ def timed_play(schedule: str, pp: int, v: int, m: int, cost, hop) -> tuple[float
     and that a W has work left (on the model's first chunk a B runs whole: Timetable.split);
     hop(src_rank, dst_rank) -> seconds for the activation or gradient to travel (0 on one rank).
     Returns (makespan, busy seconds of each rank): the bubble is what lies between them.
+    record: a list that receives each action as it is played, (rank, kind, local chunk, mb, start,
+    end): the timetable `nanotrain plan --html` draws.
     nanotrain plan's step-time model (inspection/steptime.py) uses it, so every schedule's bubble
     comes out of the schedule itself."""
     placement = chunk_ids(schedule, pp, v)
@@ -96,6 +99,8 @@ def timed_play(schedule: str, pp: int, v: int, m: int, cost, hop) -> tuple[float
                 else:
                     t = cost(r, a, (a.chunk, a.mb) in split[r])
                     finish[(a.kind, c, a.mb)] = free[r] = ready + t
+                    if record is not None:
+                        record.append((r, a.kind, a.chunk, a.mb, ready, ready + t))
                     busy[r] += t
                     pos[r] += 1
                     remaining -= 1
