@@ -1,9 +1,10 @@
-"""The `nanotrain` command: train, prepare, sample, verify, convert, inspect, report, weights. Each subcommand
-only assembles library pieces."""
+"""The `nanotrain` command: train, prepare, sample, verify, convert, inspect, plan, report, weights, machine.
+Each subcommand only assembles library pieces."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import sys
@@ -435,6 +436,19 @@ def named_error(e: BaseException) -> int | None:
     if os.environ.get("RANK", "0") == "0" or isinstance(e, CollectiveError):
         print(f"error: {e}", file=sys.stderr)
     return RUN_FAILED if isinstance(e, (TrainingError, CollectiveError)) else BAD_INPUT
+
+
+@contextlib.contextmanager
+def one_line_errors():
+    """For a training script of one's own (examples/): bad input ends it as it ends the CLI, with one
+    line (rank 0's) and exit code 2, so that nanotrain.torchrun ends with that line too."""
+    try:
+        yield
+    except Exception as e:
+        code = named_error(e)
+        if code is None:
+            raise
+        sys.exit(code)
 
 
 def main(argv: list[str] | None = None) -> int:
