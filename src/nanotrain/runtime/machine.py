@@ -117,7 +117,7 @@ class Machine:
     nodes: int
     rates: dict[str, float] = field(default_factory=dict)  # matmul FLOP/s of one GPU or one node, per dtype
     source: str = ""  # where the rates come from
-    notes: tuple[str, ...] = ()  # rank 0's warnings about them (a measurement below the CPU's floor)
+    notes: tuple[str, ...] = ()  # rank 0's warnings about them (a measurement rejected as implausible)
 
     @property
     def oversubscribed(self) -> bool:
