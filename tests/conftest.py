@@ -27,6 +27,14 @@ def pytest_configure(config):
     import tempfile
 
     os.environ["NANOTRAIN_CACHE_DIR"] = tempfile.mkdtemp(prefix="nanotrain-cache-")
+
+
+def pytest_unconfigure(config):
+    import shutil
+
+    folder = os.environ.get("NANOTRAIN_CACHE_DIR", "")
+    if "nanotrain-cache-" in folder:  # the folder pytest_configure made
+        shutil.rmtree(folder, ignore_errors=True)
     # Under pytest-xdist (`make test` runs two workers: -n 2), each worker gets its share of the
     # cores for the tests it runs in-process, as a world's ranks get one thread each (launch.py):
     # two workers each running PyTorch's default (every core) would oversubscribe the machine.
