@@ -9,12 +9,12 @@
 #
 #   OUT=figures/ bash bench/gpu_check.sh        from the repository root, with the machine's python3
 #
-# Figures and logs go to $OUT (default gpu_check_out/): summary.txt, tests.log, fp8.log, llama1b.log,
+# Figures and logs go to $OUT (default bench/out/gpu_check/, git-ignored): summary.txt, tests.log, fp8.log, llama1b.log,
 # llama1b.json. Each part has its own time limit, so one that hangs cannot eat the others' minutes,
 # and a failing part does not stop the next; the exit status is 1 if any part failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-gpu_check_out}
+OUT=${OUT:-bench/out/gpu_check}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 # nano-train from this checkout (no install: the GPU machine has no network), unbuffered output.

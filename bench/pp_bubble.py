@@ -1,7 +1,7 @@
 """The bubble of every pipeline schedule, measured with the timeline recorder, beside the textbook's.
 
     python bench/pp_bubble.py [--pp 4] [--n-micro 8] [--layers 8] [--d-model 256] [--seq 128]
-                              [--micro 2] [--steps 3] [--img docs/img]
+                              [--micro 2] [--steps 3] [--img DIR | --update-docs]
 
 One gloo world of pp processes (one thread each) trains the same model with GPipe, 1F1B,
 interleaved 1F1B (v = 2), ZB-H1 and DualPipeV in turn: a warm-up step, then `steps` recorded
@@ -13,13 +13,16 @@ For each schedule it prints:
   - the peak activations in flight per rank, as (chunk, micro-batch) pairs and in layers x
     micro-batches (a chunk counts its layers), from the runner's count;
 and draws the median step's timeline to <img>/pp_measured_<schedule>.png, and each schedule's
-textbook picture to <img>/pp_<schedule>.png.
+textbook picture to <img>/pp_<schedule>.png. <img> is bench/out/ (git-ignored) unless named;
+--update-docs writes docs/img/, the pictures pipeline_parallel.md shows, and only then.
 """
 
 from __future__ import annotations
 
 import argparse
-from common import cpu_kind, table
+from pathlib import Path
+
+from common import ROOT, cpu_kind, table
 
 import torch
 
@@ -75,8 +78,13 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--micro", type=int, default=2)
     ap.add_argument("--steps", type=int, default=3)
-    ap.add_argument("--img", default="docs/img")
+    where = ap.add_mutually_exclusive_group()
+    where.add_argument("--img", default=str(ROOT / "bench" / "out"), help="folder of the pictures (default bench/out)")
+    where.add_argument("--update-docs", action="store_true", help="write the pictures into docs/img (tracked files)")
     args = ap.parse_args()
+    if args.update_docs:
+        args.img = str(ROOT / "docs" / "img")
+    Path(args.img).mkdir(parents=True, exist_ok=True)
     mcfg = dict(vocab_size=args.vocab, d_model=args.d_model, n_layers=args.layers, n_heads=args.heads,
                 max_seq_len=args.seq, tie_embeddings=False)
     a = dict(pp=args.pp, micro=args.micro, n_micro=args.n_micro, seq=args.seq, steps=args.steps)

@@ -108,17 +108,35 @@ def run_peer(corpus: Path, tokenizer: Path, work: Path, fast: bool = False) -> d
     return {"seconds": time.perf_counter() - t0, "tokens": tokens}
 
 
-def _pss() -> int:
-    """Proportional set size (shared pages split between their users) of this process and of every
-    forkserver process (the workers are forked from one, not from us): the memory they use in all."""
-    total = 0
+def _descendants(root: int) -> set[int]:
+    """root and every process under it (the forkserver it started, the workers forked from that),
+    from /proc/*/stat's parent ids."""
+    children: dict[int, list[int]] = {}
     for d in Path("/proc").iterdir():
         if not d.name.isdigit():
             continue
         try:
-            if d.name != str(os.getpid()) and b"forkserver" not in (d / "cmdline").read_bytes():
-                continue
-            for line in (d / "smaps_rollup").read_text().splitlines():
+            ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])  # after "pid (comm) state"
+        except (OSError, ValueError, IndexError):  # gone meanwhile
+            continue
+        children.setdefault(ppid, []).append(int(d.name))
+    found, todo = {root}, [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def _pss() -> int:
+    """Proportional set size (shared pages split between their users) of this process and of the
+    processes under it (the workers are forked from a forkserver it starts, not from it): the memory
+    they use in all. Only its own: other jobs' forkservers on a shared machine are not counted."""
+    total = 0
+    for pid in _descendants(os.getpid()):
+        try:
+            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
                 if line.startswith("Pss:"):
                     total += int(line.split()[1]) * 1024
         except OSError:

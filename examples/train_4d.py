@@ -1,10 +1,10 @@
 """4D parallel training: tensor x pipeline x data parallel, with expert parallelism inside dp.
 
-    torchrun --nproc-per-node 8 examples/train_4d.py --config configs/deepseek_tiny.toml
+    python -m nanotrain.torchrun --nproc-per-node 8 examples/train_4d.py --config configs/deepseek_tiny.toml
 
 The same run with the CLI:
 
-    torchrun --nproc-per-node 8 -m nanotrain train --config configs/deepseek_tiny.toml \\
+    python -m nanotrain.torchrun --nproc-per-node 8 -m nanotrain train --config configs/deepseek_tiny.toml \\
         --parallel.tp=2 --parallel.pp=2 --parallel.dp=2 --parallel.ep=2 --parallel.sequence_parallel=true
 
 8 processes = tp 2 x pp 2 x dp 2 (parallel/state.py draws the grid):
@@ -23,8 +23,8 @@ train (tests/parity/test_pipeline_layouts.py checks it step by step).
 import os
 import sys
 
-from nanotrain.cli import named_error
-from nanotrain.config import load_config
+from nanotrain.cli import one_line_errors
+from nanotrain.config import ConfigError, load_config
 from nanotrain.runtime import RuntimeEngine
 
 LAYOUT = {"tp": 2, "pp": 2, "dp": 2, "ep": 2}
@@ -36,8 +36,9 @@ def main(argv: list[str]) -> None:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     need = LAYOUT["tp"] * LAYOUT["pp"] * LAYOUT["dp"]
     if world != need:
-        sys.exit(f"examples/train_4d.py runs tp={LAYOUT['tp']} x pp={LAYOUT['pp']} x dp={LAYOUT['dp']} = {need} "
-                 f"processes, got {world}: launch with torchrun --nproc-per-node {need}.")
+        raise ConfigError(f"examples/train_4d.py runs tp={LAYOUT['tp']} x pp={LAYOUT['pp']} x dp={LAYOUT['dp']} = "
+                          f"{need} processes, got {world}: launch with python -m nanotrain.torchrun "
+                          f"--nproc-per-node {need}.")
     layout = [f"--parallel.{k}={v}" for k, v in LAYOUT.items()]
     # One micro-batch per step: each dp rank's 12 sequences go through the two stages as one, so
     # the pipeline is a plain sequence (stage 0 forward, stage 1 forward and backward, stage 0
@@ -48,13 +49,8 @@ def main(argv: list[str]) -> None:
     # stages, add --train.micro_batch_size=6 (2 micro-batches) or 3 (4) and open timeline.png.
     # Step 20's pipeline timeline is drawn to timeline.png.
     defaults = ["--parallel.sequence_parallel=true", "--logging.timeline_step=20"]
-    try:
-        result = RuntimeEngine(load_config(config_path, [*layout, *defaults, *overrides])).run()
-    except Exception as e:  # a named error is one line (rank 0's), not 8 tracebacks; a bug keeps its own
-        code = named_error(e)
-        if code is None:
-            raise
-        sys.exit(code)
+    # --train.max_steps=N shortens the run, and the config's schedule alike (config/parser.py)
+    result = RuntimeEngine(load_config(config_path, [*layout, *defaults, *overrides])).run()
     if result.signal:  # preempted: a checkpoint was saved; 143 (SIGTERM) or 130 (Ctrl-C)
         sys.exit(result.exit_code)
     if result.rank == 0 and result.val_losses:
@@ -64,4 +60,7 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    # A named error (bad input) is one line (rank 0's) and exit code 2 on every rank, not 8
+    # tracebacks; nanotrain.torchrun then ends with that line. A bug keeps its traceback.
+    with one_line_errors():
+        main(sys.argv[1:])

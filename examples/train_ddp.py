@@ -1,6 +1,6 @@
 """Data-parallel training: each rank trains on its slice of every global batch.
 
-    torchrun --nproc-per-node 2 examples/train_ddp.py --config configs/shakespeare_char.toml
+    python -m nanotrain.torchrun --nproc-per-node 2 examples/train_ddp.py --config configs/shakespeare_char.toml
 
 Same model, same losses as one process (`nanotrain verify --layout dp=2`); the
 world size sets parallel.dp unless the command line says otherwise.
@@ -9,6 +9,7 @@ world size sets parallel.dp unless the command line says otherwise.
 import os
 import sys
 
+from nanotrain.cli import one_line_errors
 from nanotrain.config import load_config
 from nanotrain.runtime import RuntimeEngine
 
@@ -22,4 +23,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    with one_line_errors():  # bad input: rank 0 says it in one line, every rank exits 2 (nanotrain.torchrun)
+        main(sys.argv[1:])

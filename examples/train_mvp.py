@@ -9,6 +9,7 @@ your own object in its slot; the step loop in RuntimeEngine stays as it is.
 
 import sys
 
+from nanotrain.cli import one_line_errors
 from nanotrain.config import load_config
 from nanotrain.runtime import RuntimeComponents, RuntimeEngine
 from nanotrain.runtime.components import (AdamWRuntime, LocalBootstrap, LocalCheckpoints, TokenDataProvider,
@@ -20,7 +21,7 @@ def main(argv: list[str]) -> None:
     config_path = None
     if len(argv) >= 2 and argv[0] == "--config":
         config_path, argv = argv[1], argv[2:]
-    cfg = load_config(config_path, argv)
+    cfg = load_config(config_path, argv)  # --train.max_steps=N shortens the run, and the config's schedule alike
     components = RuntimeComponents(
         bootstrap=LocalBootstrap(),        # device, threads, seed, precision, out_dir
         data=TokenDataProvider(),          # prepared token files -> batches by step
@@ -35,4 +36,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    with one_line_errors():  # bad input (a config, the data, a checkpoint): one line and exit code 2, as the CLI
+        main(sys.argv[1:])

@@ -22,6 +22,19 @@ def pytest_addoption(parser):
 
 def pytest_configure(config):
     os.environ["NANOTRAIN_TEST_DEVICE"] = config.getoption("--train-device")
+    # The machine's matmul rates are kept between runs (runtime/machine_cache.py): the tests keep
+    # theirs in a folder of their own, never in the user's cache; the processes they start inherit it.
+    import tempfile
+
+    os.environ["NANOTRAIN_CACHE_DIR"] = tempfile.mkdtemp(prefix="nanotrain-cache-")
+
+
+def pytest_unconfigure(config):
+    import shutil
+
+    folder = os.environ.get("NANOTRAIN_CACHE_DIR", "")
+    if "nanotrain-cache-" in folder:  # the folder pytest_configure made
+        shutil.rmtree(folder, ignore_errors=True)
     # Under pytest-xdist (`make test` runs two workers: -n 2), each worker gets its share of the
     # cores for the tests it runs in-process, as a world's ranks get one thread each (launch.py):
     # two workers each running PyTorch's default (every core) would oversubscribe the machine.

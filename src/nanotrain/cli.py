@@ -1,9 +1,10 @@
-"""The `nanotrain` command: train, prepare, sample, verify, convert, inspect, report, weights. Each subcommand
-only assembles library pieces."""
+"""The `nanotrain` command: train, prepare, sample, verify, convert, inspect, plan, report, weights, machine.
+Each subcommand only assembles library pieces."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import sys
@@ -258,6 +259,27 @@ def cmd_plan(args, overrides) -> int:
     return 0
 
 
+def cmd_machine(args, overrides) -> int:
+    """This CPU's matmul rates, as runs read them (runtime/machine_cache.py); --measure times them again."""
+    import torch
+
+    from .runtime.machine import Machine, choose_recipe, cpu_name_and_kind, cpu_rates, job_cores
+    from .runtime.machine_cache import cache_file
+
+    name, kind = cpu_name_and_kind()
+    cores = job_cores()
+    rates, warnings, where = cpu_rates(name, kind, cores, ("fp32", "bf16"), fresh=args.measure)
+    for line in warnings:
+        print(line, file=sys.stderr)
+    machine = Machine("cpu", name, kind, cores, cores, 1, 1, rates, where)
+    print(machine.describe() + f"; torch {torch.__version__}")
+    for dtype, rate in rates.items():
+        print(f"{dtype} matmul: {rate / 1e12:.4g} TFLOP/s (torch.mm, {cores} threads)")
+    print(f"rates {where} (cache {cache_file()})")
+    print(choose_recipe("auto", machine, torch.device("cpu"))[1])
+    return RUN_FAILED if warnings else 0
+
+
 # The valid range of every subcommand's numeric arguments: (least, most; None: no bound). argparse
 # only checks the type; check_numbers checks these after parsing, so that a bad value is a ConfigError
 # naming the argument like any other bad input (a negative temperature would sample the least likely
@@ -340,6 +362,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_convert)
     _add_inspect(sub)
     _add_plan(sub)
+    s = sub.add_parser("machine", help="this CPU's matmul rates (precision auto, the MFU's peak) and where they "
+                                       "come from; --measure times them again")
+    s.add_argument("--measure", action="store_true", help="time torch.mm again (on an idle machine) and keep it")
+    s.set_defaults(fn=cmd_machine)
     s = sub.add_parser("report", help="an HTML page with the health plots of one or more runs, side by side")
     s.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders (train.out_dir) holding metrics.jsonl")
     s.add_argument("--out", help="the HTML file (default: RUN_DIR/report.html of the first run)")
@@ -425,6 +451,19 @@ def named_error(e: BaseException) -> int | None:
     if os.environ.get("RANK", "0") == "0" or isinstance(e, CollectiveError):
         print(f"error: {e}", file=sys.stderr)
     return RUN_FAILED if isinstance(e, (TrainingError, CollectiveError)) else BAD_INPUT
+
+
+@contextlib.contextmanager
+def one_line_errors():
+    """For a training script of one's own (examples/): bad input ends it as it ends the CLI, with one
+    line (rank 0's) and exit code 2, so that nanotrain.torchrun ends with that line too."""
+    try:
+        yield
+    except Exception as e:
+        code = named_error(e)
+        if code is None:
+            raise
+        sys.exit(code)
 
 
 def main(argv: list[str] | None = None) -> int:

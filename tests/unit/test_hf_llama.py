@@ -227,3 +227,26 @@ def test_save_refuses_a_non_llama(tmp_path):
                                        norm="layernorm", mlp="gelu", pos_emb="learned"))
     with pytest.raises(ValueError, match="model.norm='layernorm'"):
         save_hf_model(gpt, tmp_path)
+
+
+def test_the_shipped_llama_config_trains_and_exports(tmp_path, capsys):
+    """configs/shakespeare_llama.toml, the config the README exports (shakespeare_char's LayerNorm
+    + GELU block with RoPE has no transformers class): a few steps, convert --to-hf, and
+    transformers computes the logits the trained model computes."""
+    from conftest import CORPUS, ROOT
+
+    from nanotrain.cli import main
+    from nanotrain.models.hf import load_any
+
+    run = tmp_path / "run"
+    assert main(["train", "--config", str(ROOT / "configs" / "shakespeare_llama.toml"), "--train.max_steps=3",
+                 "--train.eval_steps=1", f"--data.path={CORPUS}", f"--data.prepared_dir={tmp_path / 'prep'}",
+                 f"--train.out_dir={run}", "--logging.progress=none", "--logging.plot=false",
+                 "--logging.tensorboard=false", "--logging.peak_tflops=1"]) == 0
+    assert main(["convert", "--to-hf", "--checkpoint", str(run), "--out", str(tmp_path / "hf")]) == 0
+    assert "(transformer, " in capsys.readouterr().out
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    assert type(hf).__name__ == "LlamaForCausalLM" and hf.config.vocab_size == 65
+    ids = torch.randint(0, 65, (2, 64), generator=torch.Generator().manual_seed(3))
+    ours = load_any(run / "checkpoints").float().eval()  # run/config.json is the run's, not an HF one
+    assert (hf_logits(hf, ids) - our_logits(ours, ids)).abs().max().item() <= TOL

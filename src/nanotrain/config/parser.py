@@ -9,6 +9,7 @@ the file so that the command line wins; then what one section fills in from anot
 
 from __future__ import annotations
 
+import os
 import tomllib
 from pathlib import Path
 
@@ -66,9 +67,36 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{p} is not valid TOML: {e}. Fix the syntax at that line.") from None
         apply_dict(cfg, data, str(p))
-    for key, value in parse_overrides(overrides or []):
+    planned = cfg.train.max_steps if path is not None else None  # the run the file's schedule was set for
+    pairs = parse_overrides(overrides or [])
+    for key, value in pairs:
         set_value(cfg, key, value)
+    note = shorten_schedule(cfg, planned, {key for key, _ in pairs})
+    if note and os.environ.get("RANK", "0") == "0":
+        print(note, flush=True)
     cfg.resolve()
     if check:
         validate(cfg)
     return cfg
+
+
+def shorten_schedule(cfg: Config, planned: int | None, overridden: set[str]) -> str | None:
+    """A config file's run shortened on the command line (--train.max_steps below the file's) gets the
+    file's learning-rate schedule shortened alike: warm-up and decay scale by the same factor, so
+    a 30-step try of a 1500-step config warms up and decays as the full run does, in 30 steps,
+    rather than stopping inside the warm-up or failing the check that the warm-up ends before the
+    decay. A schedule key set on the command line is the user's and is kept; so is a longer run's
+    schedule (its warm-up is a number of steps, not a fraction). Returns the line that says so."""
+    s, steps = cfg.schedule, cfg.train.max_steps
+    if planned is None or "train.max_steps" not in overridden or not 0 < steps < planned or \
+            overridden & {"schedule.warmup_steps", "schedule.decay_steps"}:
+        return None
+    was = {"warmup_steps": s.warmup_steps, "decay_steps": s.decay_steps}
+    if s.decay_steps:  # 0 (= train.max_steps) follows the run already
+        s.decay_steps = max(1, round(s.decay_steps * steps / planned))
+    s.warmup_steps = min(round(s.warmup_steps * steps / planned), (s.decay_steps or steps) - 1)
+    changed = [f"schedule.{k}={v} -> {getattr(s, k)}" for k, v in was.items() if getattr(s, k) != v]
+    if not changed:
+        return None
+    return (f"note: train.max_steps={steps} shortens the config's run of {planned} steps, and its schedule alike: "
+            f"{', '.join(changed)} (set them on the command line to choose)")

@@ -444,7 +444,8 @@ def _check_exportable(cfg: ModelConfig, family: str, keys: tuple[str, ...]) -> N
     problems = [f"model.{k}={getattr(cfg, k)!r} (a {family} needs {wants[k]!r})"
                 for k in keys if getattr(cfg, k) != wants[k]]
     if problems:
-        raise ValueError(f"this model is not a {family}, cannot save it as one: " + "; ".join(problems))
+        hint = " (configs/shakespeare_llama.toml trains a small Llama)" if family == "Llama" else ""
+        raise ValueError(f"this model is not a {family}, cannot save it as one: " + "; ".join(problems) + hint)
 
 
 def hf_config_from_model_config(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> dict[str, Any]:

@@ -13,6 +13,9 @@ Where the rates come from:
            the rates to the other ranks. The job's peak is that node's times the number of nodes.
            Probing on every rank would be wrong twice over: 8 gloo ranks on 2 cores would each time
            a quarter of the machine at once, and multiplying by 8 would count the cores 8 times.
+           The rates are timed once per machine and kept (runtime/machine_cache.py), so that a busy
+           machine gives the same decision and the same peak as an idle one; the run's first lines
+           say whether they were measured now or read back, and from when.
 
 Why a CPU is measured rather than looked up: its bf16 speed depends on units that vary between
 machines of one vendor. With AMX (Sapphire Rapids and newer) or AVX512-BF16 (Zen 4/5, Cooper Lake) a
@@ -33,6 +36,7 @@ import torch.distributed as dist
 
 from ..inspection.hardware import accelerator_for_device_name, measure_matmul_flops
 from ..parallel import collectives
+from .machine_cache import cache_file, machine_key, measure_rates, node_rate
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -71,26 +75,33 @@ def job_cores() -> int:
         return os.cpu_count() or 1
 
 
-@functools.cache
-def _cpu_rates(dtypes: tuple[str, ...], threads: int) -> tuple[float, ...]:
-    """torch.mm's best FLOP/s per dtype with `threads` threads, once per process (tests run many engines)."""
+def cpu_matmul_rate(dtype: str, threads: int) -> float:
+    """torch.mm's best FLOP/s in `dtype` with `threads` threads, timed now (one try)."""
     saved = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        return tuple(measure_matmul_flops(DTYPES[d]) for d in dtypes)
+        return measure_matmul_flops(DTYPES[dtype])
     finally:
         torch.set_num_threads(saved)
+
+
+def cpu_rates(name: str, kind: str, cores: int, dtypes: tuple[str, ...],
+              fresh: bool = False) -> tuple[dict[str, float], list[str], str]:
+    """({dtype: FLOP/s}, warnings, where from) of this CPU with `cores` threads: kept from an earlier
+    run of this machine, or measured until stable and kept (runtime/machine_cache.py)."""
+    return measure_rates(machine_key(name, kind, cores), kind, cores, dtypes, cpu_matmul_rate, fresh)
+
+
+@functools.cache
+def _cpu_rates_once(name: str, kind: str, cores: int, dtypes: tuple[str, ...]):
+    """cpu_rates, once per process (tests run many engines)."""
+    return cpu_rates(name, kind, cores, dtypes)
 
 
 def remeasure_cpu_rate(machine, dtype: str) -> float:
-    """One node's matmul FLOP/s in `dtype`, timed again now with the job's cores (not the cached
-    start-up figure), with more repeats: the MFU's peak when the start-up probe ran on busy cores."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(machine.cores)
-    try:
-        return measure_matmul_flops(DTYPES[dtype], repeats=7)
-    finally:
-        torch.set_num_threads(saved)
+    """One node's matmul FLOP/s in `dtype`, timed again now as machine_cache.node_rate times it (not
+    the kept figure): the MFU's peak when the run computes faster than the kept peak allows."""
+    return node_rate(dtype, machine.kind, machine.cores, cpu_matmul_rate)[0]
 
 
 @dataclass(frozen=True)
@@ -106,6 +117,7 @@ class Machine:
     nodes: int
     rates: dict[str, float] = field(default_factory=dict)  # matmul FLOP/s of one GPU or one node, per dtype
     source: str = ""  # where the rates come from
+    notes: tuple[str, ...] = ()  # rank 0's warnings about them (a measurement rejected as implausible)
 
     @property
     def oversubscribed(self) -> bool:
@@ -138,7 +150,7 @@ def probe_machine(device: torch.device, dtypes: tuple[str, ...] = ("fp32", "bf16
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         major, minor = torch.cuda.get_device_capability(device)
-        kind, table = f"sm_{major}{minor}", accelerator_for_device_name(name)
+        kind, table, notes = f"sm_{major}{minor}", accelerator_for_device_name(name), []
         wanted = ("fp32", "tf32", "bf16", "fp16", "fp8")
         if table is not None:
             rates = {d: table.flops(d) for d in wanted if table.flops(d)}
@@ -148,16 +160,17 @@ def probe_machine(device: torch.device, dtypes: tuple[str, ...] = ("fp32", "bf16
             source = f"measured: torch.mm 4096^3 on {name} (not in the datasheet table)"
     else:
         name, kind = cpu_name_and_kind()
-        rates = dict(zip(dtypes, _cpu_rates(dtypes, cores))) if not dist.is_initialized() or dist.get_rank() == 0 \
-            else {d: 0.0 for d in dtypes}
-        source = f"measured: torch.mm with {cores} threads on rank 0"
+        rates, notes, where = {d: 0.0 for d in dtypes}, [], "sent by rank 0"
+        if dtypes and (not dist.is_initialized() or dist.get_rank() == 0):
+            rates, notes, where = _cpu_rates_once(name, kind, cores, dtypes)
+        source = f"torch.mm with {cores} threads on rank 0, {where}"
     if dist.is_initialized() and world > 1:  # rank 0's figures everywhere: one decision, one peak
         keys = sorted(rates)
         values = torch.tensor([rates[k] for k in keys], dtype=torch.float64,
                               device=device if device.type == "cuda" else "cpu")
         collectives.broadcast(values, 0, None)  # the default group
         rates = dict(zip(keys, values.tolist()))
-    return Machine(device.type, name, kind, cores, threads, per_node, nodes, rates, source)
+    return Machine(device.type, name, kind, cores, threads, per_node, nodes, rates, source, tuple(notes))
 
 
 # -- precision.recipe = "auto" --------------------------------------------------------------------
@@ -178,7 +191,7 @@ def choose_recipe(requested: str, machine: Machine | None, device: torch.device)
         recipe = "bf16" if bf16 >= fp32 else "fp32"
         cmp = ">=" if bf16 >= fp32 else "<"
         return recipe, (f"precision: auto -> {recipe}: a bf16 matmul runs at {bf16 / 1e12:.4g} TFLOP/s {cmp} fp32's "
-                        f"{fp32 / 1e12:.4g} on this CPU ({machine.kind}; measured, {machine.cores} threads)")
+                        f"{fp32 / 1e12:.4g} on this CPU ({machine.kind}, {machine.cores} threads)")
     computes_bf16 = requested not in ("fp32", "fp16")  # the low-bit recipes run the rest under bf16 autocast
     if device.type == "cpu" and computes_bf16 and machine is not None and "bf16" in machine.rates:
         bf16, fp32 = machine.rates["bf16"], machine.rates["fp32"]
@@ -260,7 +273,11 @@ def resolve_precision(cfg, device: torch.device) -> tuple[Machine, list[str]]:
     p = cfg.precision
     dtypes = ("fp32", "bf16") + (("fp16",) if p.recipe == "fp16" else ())
     machine = probe_machine(device, dtypes if needs_probe(p.recipe, cfg.logging.peak_tflops, device) else ())
-    lines = [machine.describe()]
+    lines = [machine.describe()] + list(machine.notes)
+    if machine.device_type == "cpu" and machine.rates:  # where auto's rates and the MFU's peak come from
+        rates = ", ".join(f"{d} {r / 1e12:.3g}" for d, r in sorted(machine.rates.items()))
+        lines.append(f"matmul rates: {rates} TFLOP/s ({machine.source}; cache {cache_file()}: "
+                     "`nanotrain machine --measure` times them again)")
     p.recipe, note = choose_recipe(p.recipe, machine, device)
     lines += [line for line in (note, machine.oversubscription_warning()) if line]
     return machine, lines
