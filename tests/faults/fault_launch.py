@@ -3,6 +3,7 @@ with a fault injected at a step), alone, as a hand-made gloo world, or under tor
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -78,3 +79,29 @@ def assert_same_tensors(a: Path, b: Path) -> None:
     assert ta.keys() == tb.keys()
     for k in ta:
         assert torch.equal(ta[k], tb[k]), k
+
+
+def agent_command(nproc: int, port: int, *launcher: str, ours: bool = False) -> list[str]:
+    """One node's torchrun of a two-node job: c10d rendezvous on 127.0.0.1:port, here standing in
+    for the first node's address (docs/multinode.md)."""
+    command = [sys.executable, "-m", "nanotrain.torchrun"] if ours else [str(BIN / "torchrun")]
+    return [*command, "--nnodes=2", f"--nproc-per-node={nproc}", "--rdzv-backend=c10d",
+            f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=two-agents", *launcher, str(WORKER)]
+
+
+def two_agents(nproc: int, args: list[str], *launcher: str, timeout: float = 300,
+               ours: bool = False) -> list[subprocess.CompletedProcess]:
+    """Two torchrun agents of nproc workers each (--nnodes=2), as two machines would start them."""
+    command = agent_command(nproc, free_port(), *launcher, ours=ours) + args
+    agents = [subprocess.Popen(command, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True) for _ in range(2)]
+    try:
+        outs = [a.communicate(timeout=timeout) for a in agents]
+    finally:  # a test that failed or timed out: no agent or worker outlives it
+        for a in agents:
+            try:
+                os.killpg(a.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            a.wait()
+    return [subprocess.CompletedProcess(command, a.returncode, o, e) for a, (o, e) in zip(agents, outs)]
