@@ -86,13 +86,14 @@ def agent_command(nproc: int, port: int, *launcher: str, ours: bool = False) -> 
     for the first node's address (docs/multinode.md)."""
     command = [sys.executable, "-m", "nanotrain.torchrun"] if ours else [str(BIN / "torchrun")]
     return [*command, "--nnodes=2", f"--nproc-per-node={nproc}", "--rdzv-backend=c10d",
-            f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=two-agents", *launcher, str(WORKER)]
+            f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=two-agents", *launcher]
 
 
-def two_agents(nproc: int, args: list[str], *launcher: str, timeout: float = 300,
-               ours: bool = False) -> list[subprocess.CompletedProcess]:
-    """Two torchrun agents of nproc workers each (--nnodes=2), as two machines would start them."""
-    command = agent_command(nproc, free_port(), *launcher, ours=ours) + args
+def two_agents(nproc: int, args: list[str], *launcher: str, timeout: float = 300, ours: bool = False,
+               program: tuple[str, ...] = (str(WORKER),)) -> list[subprocess.CompletedProcess]:
+    """Two torchrun agents of nproc workers each (--nnodes=2), as two machines would start them,
+    running `program args` (default: worker.py)."""
+    command = agent_command(nproc, free_port(), *launcher, ours=ours) + [*program, *args]
     agents = [subprocess.Popen(command, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                start_new_session=True) for _ in range(2)]
     try:

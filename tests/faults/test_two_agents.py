@@ -2,10 +2,11 @@
 127.0.0.1, docs/multinode.md): a layout split over them trains what one agent trains; a worker
 killed on one node restarts both from the newest checkpoint, bit-exact, with no environment
 variable set (the store prefix every round agrees on: parallel/rounds.py); SIGTERM to one node's
-torchrun saves the same step on every rank of both."""
+torchrun saves the same step on every rank of both; `nanotrain verify` checks a layout on them."""
 
 import pytest
 
+from conftest import tiny_overrides
 from fault_launch import assert_same_tensors, fault_args, losses, torchrun, two_agents
 
 # One pytest-xdist worker runs this file (make test: --dist loadgroup): the one-agent reference
@@ -87,3 +88,14 @@ def test_sigterm_to_one_agent_saves_the_same_step_on_both(tmp_path, one_agent_dp
     assert resumed == {s: v for s, v in losses(one_agent_dp2 / "losses.json").items() if s > step}
     assert_same_tensors(tmp_path / "run" / "checkpoints" / "step_00000020",
                         one_agent_dp2 / "run" / "checkpoints" / "step_00000020")
+
+
+def test_verify_under_two_agents_checks_the_layout_on_them(tmp_path):
+    """docs/multinode.md's cluster check: the layout trains on the two agents' world, then rank 0
+    trains one process and prints the comparison, once; the other ranks print nothing of it."""
+    tiny = [a for a in tiny_overrides(tmp_path) if not a.startswith("--precision.recipe")]  # verify's: fp32
+    done = two_agents(1, ["verify", *tiny, "--layout", "dp=2", "--steps", "3"], ours=True, program=("-m", "nanotrain"))
+    _ok(done)
+    out = "".join(d.stdout for d in done)
+    assert out.count("tolerance 1e-05: PASS") == 1, out
+    assert "step     1 process          dp=2" in out and "\n   3 " in out, out
