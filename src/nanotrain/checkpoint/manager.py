@@ -137,7 +137,7 @@ class CheckpointManager:
 
     def _prepare(self, step: int, pieces: list[Piece], objects: dict[str, Any], tokenizer: str | None):
         """Steps 1 and 2a (on the calling thread): agree on who writes what, snapshot it.
-        Returns the function that writes (step 2b, and 3 on rank 0)."""
+        Returns the function that writes (step 2b; then 3 on rank 0, 4 on the others)."""
         rank, world = _rank_world()
         final, tmp = self.dir / f"step_{step:08d}", self.dir / f".tmp_step_{step:08d}"
         entries = [(p.name, p.offsets, p.sizes, p.shape, dtype_name(p.tensor.dtype)) for p in pieces]
@@ -146,7 +146,7 @@ class CheckpointManager:
             try:
                 tmp.mkdir(parents=True)
             except OSError as e:  # told to the other ranks in the exchange, in place of rank 0's entries
-                entries = str(self._failed(step, 0, tmp, e, world=1))
+                entries = str(self._failed(step, 0, tmp, e, world=1))  # (world=1: no marker to leave)
         everyone = [entries]
         if world > 1:  # also a barrier: rank 0 has made the folder when this returns
             everyone = [None] * world
