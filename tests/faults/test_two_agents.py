@@ -4,10 +4,13 @@ killed on one node restarts both from the newest checkpoint, bit-exact, with no 
 variable set (the store prefix every round agrees on: parallel/rounds.py); SIGTERM to one node's
 torchrun saves the same step on every rank of both; `nanotrain verify` checks a layout on them."""
 
+import os
+import signal
+
 import pytest
 
 from conftest import tiny_overrides
-from fault_launch import assert_same_tensors, fault_args, losses, torchrun, two_agents
+from fault_launch import assert_same_tensors, await_step, fault_args, losses, torchrun, two_agents
 
 # One pytest-xdist worker runs this file (make test: --dist loadgroup): the one-agent reference
 # runs once, and two agents of two workers each are enough for 2 cores.
@@ -69,16 +72,21 @@ def test_a_worker_killed_on_one_node_restarts_both_bit_exact(tmp_path, one_agent
 
 
 def test_sigterm_to_one_agent_saves_the_same_step_on_both(tmp_path, one_agent_dp2):
-    """A scheduler's SIGTERM reaches the second node's torchrun only: it forwards it to its worker
-    (at step 13 or, the signal on its way, a step later), both ranks agree at the end of that step
-    and save it; both agents end with one line and 143; the same command again continues bit-exact."""
-    done = two_agents(1, [*_args(tmp_path, "--parallel.dp=2"), "--fault", "TERM@13:rank1:parent"], ours=True)
+    """A scheduler's SIGTERM reaches the second node's torchrun only (not the first's, which hosts
+    the rendezvous the other agent still talks to): it forwards it to its worker, both ranks agree at
+    the end of a step and save it; both agents end with one line and 143; the same command again
+    continues bit-exact."""
+    def sigterm_second(agents):
+        await_step(tmp_path / "run" / "metrics.jsonl", 5)
+        os.kill(agents[1].pid, signal.SIGTERM)
+
+    done = two_agents(1, _args(tmp_path, "--parallel.dp=2"), ours=True, during=sigterm_second)
     for d in done:
         out = d.stdout + d.stderr
         assert d.returncode == 143 and "Traceback" not in out, out
     ckpt = sorted((tmp_path / "run" / "checkpoints").glob("step_*"))[-1]
     step = int(ckpt.name[5:])
-    assert 13 <= step < 20
+    assert 5 <= step < 20
     assert f"stopped by SIGTERM after step {step}: saved checkpoint" in "".join(d.stdout for d in done)
     assert sorted(f.name for f in ckpt.glob("rank_*.safetensors")) == ["rank_00000.safetensors",
                                                                        "rank_00001.safetensors"]
