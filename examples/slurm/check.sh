@@ -24,6 +24,7 @@ common=(--train.max_steps=30 --train.eval_interval=0 --logging.log_interval=1 --
 
 start_slurm() {
     if scontrol ping >/dev/null 2>&1; then return; fi
+    echo "== Slurm is not running: starting munged, slurmctld and slurmd for this one node"
     [ "$(id -u)" = 0 ] || { echo "error: Slurm is not running here and setting it up needs root: run as root, or start slurmctld and slurmd yourself" >&2; exit 2; }
     command -v slurmctld >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -q slurm-wlm >/dev/null
     [ -s /etc/munge/munge.key ] || mungekey --create --force
