@@ -8,7 +8,10 @@ line and the shell's code for the signal (143, 130) instead.
 
 When the workers stop on bad input (a config, data or checkpoint error: exit code 2, which each
 names in one line, cli.named_error), torchrun would add a traceback and a table of the failed
-workers; here it ends with one line and code 2. Everything else (rendezvous, restarts, its log
+workers; here it ends with one line and code 2. Likewise when its workers stopped on a signal
+sent to another node's torchrun (which forwarded it to its own workers; the preemption agreement
+made every rank save the same step, runtime/preemption.py): one line and the signal's code (143,
+130). Everything else (rendezvous, restarts, its log
 lines, its report of a worker that crashed or diverged) is torchrun's own.
 """
 
@@ -31,6 +34,14 @@ def stopped_on_bad_input(e: ChildFailedError) -> bool:
     return BAD_INPUT in codes and all(c == BAD_INPUT or c < 0 for c in codes)
 
 
+def stopped_by_signal(e: ChildFailedError) -> int | None:
+    """The signal the workers stopped on after saving (they exit 128 + signal; a negative code: one
+    that torchrun stopped when the first had exited), or None."""
+    codes = {f.exitcode for f in e.failures.values() if f.exitcode >= 0}
+    stopped = {128 + int(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    return codes.pop() - 128 if len(codes) == 1 and codes <= stopped else None
+
+
 def run() -> int:
     try:
         main()
@@ -40,6 +51,10 @@ def run() -> int:
               file=sys.stderr)
         return 128 + int(e.sigval)
     except ChildFailedError as e:
+        if (sig := stopped_by_signal(e)) is not None:
+            print(f"torchrun: the workers stopped on {signal.Signals(sig).name} (sent to them, or to the torchrun of "
+                  "another node) and saved their checkpoint", file=sys.stderr)
+            return 128 + sig
         if not stopped_on_bad_input(e):
             raise
         print("torchrun: the workers stopped on the input error above; fix it and run again", file=sys.stderr)

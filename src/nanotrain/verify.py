@@ -5,7 +5,8 @@
 Both runs use the same config and seed, in fp32 with dropout off (dropout masks
 come from per-process RNG streams, so they differ by layout by design). The
 layout text is parallel/layout.py's, as in `nanotrain inspect`, and is launched as
-a local gloo world (parallel/launch.py). Printed: the
+a local gloo world (parallel/launch.py); under torchrun, on one machine or several, it runs on
+torchrun's world instead, and rank 0 then runs the one-process side (docs/multinode.md). Printed: the
 loss of every step under both, their relative difference, and the largest
 difference of any parameter's gradient after step 1 (gathered to the full
 tensor from the tensor-parallel shards), relative to that gradient's norm or,
@@ -18,7 +19,9 @@ norm exceeds the tolerance, verify measures how far rounding alone moves it
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
 import tempfile
 from dataclasses import dataclass, field
 
@@ -71,9 +74,8 @@ def train_and_capture(cfg_dict: dict, grad_step: int = 1) -> dict | None:
                 for name, p in model.named_parameters()}
         grads.update(merge_over_pipeline(mine, ctx.parallel.pp_group))  # each stage holds some layers
 
-    result = RuntimeEngine(cfg, on_grads=capture).run()
-    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-    return {"losses": result.losses, "grad_norms": result.grad_norms, "grads": grads} if rank == 0 else None
+    result = RuntimeEngine(cfg, on_grads=capture).run()  # (its process group is gone when it returns)
+    return {"losses": result.losses, "grad_norms": result.grad_norms, "grads": grads} if result.rank == 0 else None
 
 
 # Unit roundoff of the arithmetic each side trains in: a reordered sum of such numbers moves by
@@ -252,9 +254,11 @@ def rounding_spread(ref_cfg: dict, ref: dict, out_dir: str, probes: int = PROBES
 
 
 def verify(cfg: Config, layout: str, steps: int = 10, tolerance: float = 1e-5, precision: str = "fp32",
-           references: dict | None = None) -> Report:
+           references: dict | None = None) -> Report | None:
     """references: a dict the caller keeps to reuse one-process runs between calls (the test suite
-    checks many layouts of one config); None runs the reference every time."""
+    checks many layouts of one config); None runs the reference every time. Under torchrun (a world
+    already started, on one machine or several) the layout runs on that world, and rank 0 then runs
+    the one-process reference and judges: the report on rank 0, None on the others."""
     from .parallel.launch import run_world
 
     with tempfile.TemporaryDirectory(prefix="nanotrain-verify-") as tmp:
@@ -267,10 +271,33 @@ def verify(cfg: Config, layout: str, steps: int = 10, tolerance: float = 1e-5, p
         ref_cfg.train.recompute = "none"
         par_cfg = layout_config(reference_config(cfg, steps, f"{tmp}/layout", precision), layout)
         ref_dict = dataclasses.asdict(ref_cfg)
+        if under_torchrun():
+            other = train_and_capture(dataclasses.asdict(par_cfg))  # this process: one rank of the world
+            if other is None:  # not rank 0
+                return None
+            with alone():
+                return judge(reference_run(ref_dict, references), other, ref_dict, tmp, tolerance, precision)
         ref = reference_run(ref_dict, references)
         world = Layout.from_config(par_cfg).world_size
         other = run_world(train_and_capture, world, dataclasses.asdict(par_cfg))[0]
         return judge(ref, other, ref_dict, tmp, tolerance, precision)
+
+
+def under_torchrun() -> bool:
+    """This process is one of a world that torchrun started (docs/multinode.md: verify on a cluster)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+@contextlib.contextmanager
+def alone():
+    """Rank 0 of a torchrun world, its share of the layout's run done (the process group gone), runs
+    the one-process runs as a world of one."""
+    world = os.environ["WORLD_SIZE"]
+    os.environ["WORLD_SIZE"] = "1"
+    try:
+        yield
+    finally:
+        os.environ["WORLD_SIZE"] = world
 
 
 def reference_run(ref_cfg: dict, references: dict | None = None) -> dict:

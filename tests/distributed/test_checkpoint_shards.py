@@ -129,3 +129,84 @@ def test_a_rank_whose_write_fails_stops_rank_0_waiting(tmp_path):
     assert error0 == expected and error1 == expected
     assert seconds0 < 60  # not the 120 s commit timeout
     assert list(tmp_path.iterdir()) == []  # rank 0 removed the temporary folder
+
+
+def _save_with_rank0_failing(folder, where, background):
+    """Both ranks save step 1, then step 2, whose write fails on rank 0 (`where`). Returns (error,
+    the monotonic time it was raised, the time rank 0's write failed), per rank."""
+    import errno
+    import time
+
+    import torch.distributed as dist
+
+    from nanotrain.checkpoint import CheckpointManager, manager, whole
+
+    rank, failed_at = dist.get_rank(), []
+
+    def full(*args, **kwargs):
+        failed_at.append(time.monotonic())
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    mgr = CheckpointManager(folder, commit_timeout_s=120)
+    pieces = [whole(f"rng/torch/rank{rank}", torch.ones(4))]
+    mgr.save(1, pieces, {})
+    if rank == 0:
+        target = {"writing its file": manager, "committing": manager.os}[where]
+        name = {"writing its file": "save_file", "committing": "replace"}[where]
+        setattr(target, name, full)
+    try:
+        if background:
+            mgr.save_async(2, pieces, {})
+            mgr.wait()
+        else:
+            mgr.save(2, pieces, {})
+    except CheckpointError as e:
+        return str(e), time.monotonic(), failed_at[0] if failed_at else None
+    return None, time.monotonic(), None
+
+
+@pytest.mark.parametrize("background", [False, True], ids=["sync", "async"])
+@pytest.mark.parametrize("where", ["writing its file", "committing"])
+def test_rank_0s_failed_write_is_told_to_every_rank(tmp_path, where, background):
+    """Rank 1 does not wait for a commit that will not come (commit_timeout_s, parallel.timeout_s):
+    it raises rank 0's error, word for word, within 10 s of the failure, and the checkpoint before
+    stays `latest`, whole."""
+    (error0, _, failed), (error1, raised1, _) = run_world(_save_with_rank0_failing, 2, str(tmp_path), where,
+                                                         background)
+    expected = (f"no space left on device writing checkpoint step 2 to {tmp_path}; the previous checkpoint "
+                "(step_00000001) is intact and `latest` still names it: free space or set checkpoint.dir to "
+                "another disk.")
+    assert error0 == expected and error1 == expected
+    assert raised1 - failed < 10
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_00000001"]  # no .tmp_step_00000002
+    load_checkpoint(tmp_path).verify_all()
+
+
+def _save_with_no_folder_on_rank0(folder):
+    """Rank 0 cannot make the temporary folder (before the exchange of boxes)."""
+    import errno
+
+    import torch.distributed as dist
+
+    from nanotrain.checkpoint import CheckpointManager, manager, whole
+
+    rank = dist.get_rank()
+    if rank == 0:
+        real = manager.Path.mkdir
+
+        def mkdir(self, *args, **kwargs):
+            if self.name.startswith(".tmp_step_"):
+                raise OSError(errno.EROFS, "Read-only file system")
+            return real(self, *args, **kwargs)
+
+        manager.Path.mkdir = mkdir
+    try:
+        CheckpointManager(folder).save(1, [whole(f"rng/torch/rank{rank}", torch.ones(4))], {})
+    except CheckpointError as e:
+        return str(e)
+
+
+def test_rank_0_that_cannot_make_the_folder_tells_every_rank(tmp_path):
+    errors = run_world(_save_with_no_folder_on_rank0, 2, str(tmp_path))
+    assert errors[0] == errors[1] == (f"[Errno 30] Read-only file system writing checkpoint step 1 to {tmp_path}; no earlier "
+                                      "checkpoint exists: fix that or set checkpoint.dir to another disk.")

@@ -3,9 +3,11 @@ with a fault injected at a step), alone, as a hand-made gloo world, or under tor
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -78,3 +80,60 @@ def assert_same_tensors(a: Path, b: Path) -> None:
     assert ta.keys() == tb.keys()
     for k in ta:
         assert torch.equal(ta[k], tb[k]), k
+
+
+def agent_command(nproc: int, port: int, *launcher: str, ours: bool = False) -> list[str]:
+    """One node's torchrun of a two-node job: c10d rendezvous on 127.0.0.1:port, here standing in
+    for the first node's address (docs/multinode.md)."""
+    command = [sys.executable, "-m", "nanotrain.torchrun"] if ours else [str(BIN / "torchrun")]
+    return [*command, "--nnodes=2", f"--nproc-per-node={nproc}", "--rdzv-backend=c10d",
+            f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=two-agents", *launcher]
+
+
+def two_agents(nproc: int, args: list[str], *launcher: str, timeout: float = 300, ours: bool = False,
+               program: tuple[str, ...] = (str(WORKER),), during=None) -> list[subprocess.CompletedProcess]:
+    """Two torchrun agents of nproc workers each (--nnodes=2), as two machines would start them,
+    running `program args` (default: worker.py). The first hosts the rendezvous store, as node 0
+    does on a cluster: the second starts once the first listens. during(agents): called while
+    they run (to signal one)."""
+    port = free_port()
+    command = agent_command(nproc, port, *launcher, ours=ours) + [*program, *args]
+    agents = []
+    try:
+        for i in range(2):
+            agents.append(subprocess.Popen(command, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                           text=True, start_new_session=True))
+            if i == 0:
+                _await_listening(port, agents[0])
+        if during is not None:
+            during(agents)
+        outs = [a.communicate(timeout=timeout) for a in agents]
+    finally:  # a test that failed or timed out: no agent or worker outlives it
+        for a in agents:
+            try:
+                os.killpg(a.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            a.wait()
+    return [subprocess.CompletedProcess(command, a.returncode, o, e) for a, (o, e) in zip(agents, outs)]
+
+
+def _await_listening(port: int, agent: subprocess.Popen, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and agent.poll() is None:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"the first agent did not listen on port {port} within {timeout:.0f} s")
+
+
+def await_step(metrics: Path, step: int, timeout: float = 120) -> None:
+    """Until rank 0 has logged `step` in metrics.jsonl."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if metrics.is_file() and any(json.loads(line).get("step", 0) >= step
+                                     for line in metrics.read_text().splitlines() if line.endswith("}")):
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"{metrics} did not reach step {step} within {timeout:.0f} s")

@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,8 @@ from safetensors import SafetensorError
 import nanotrain
 from nanotrain.checkpoint import CheckpointError, CheckpointManager, load_checkpoint, manager, whole
 from nanotrain.runtime import RuntimeEngine
+
+from fault_launch import fault_args, start_world
 
 # What safetensors' writer (Rust) raises on a full disk: text, not an OSError with an errno.
 RUST_ENOSPC = SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
@@ -128,3 +131,26 @@ def test_real_full_disk(tmp_path):
     message, state = out.stdout.strip().splitlines()
     assert re.match(_message(mnt, 2), message), message
     assert state == "['latest', 'step_00000001'] 1"
+
+
+@pytest.mark.slow
+def test_rank_0s_full_disk_ends_every_rank_at_once(tmp_path):
+    """Rank 0's write of the step-20 checkpoint fails: rank 1, which wrote its part, is told by rank
+    0's marker (checkpoint/manager.py) instead of waiting at the next collective for
+    parallel.timeout_s; both exit with code 2 within 10 s of the failure, rank 0 saying what to do in
+    one line, and step 10 stays `latest`."""
+    procs = start_world(2, fault_args(tmp_path, "--parallel.dp=2", "--train.max_steps=30", "--parallel.timeout_s=40",
+                                            "--fault", "ENOSPC@20"))
+    exited = [None, None]
+    while None in exited:
+        for i, p in enumerate(procs):
+            if exited[i] is None and p.poll() is not None:
+                exited[i] = time.time()
+        time.sleep(0.05)
+    outs = [p.communicate() for p in procs]
+    folder = tmp_path / "run" / "checkpoints"
+    assert [p.returncode for p in procs] == [2, 2], outs
+    errors = [line for o, e in outs for line in (o + e).splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and re.match(r"^error: " + _message(folder, 20, "step_00000010")[1:], errors[0]), outs
+    assert max(exited) - float((tmp_path / "run" / ".enospc_at").read_text()) < 10
+    _as_before(folder, "step_00000010")

@@ -18,9 +18,15 @@ A save, on every rank:
      renames the temporary folder to step_<n> (atomic within one file system), then replaces
      `latest` the same way and keeps only the newest checkpoint.keep_last (and always the one
      `latest` names).
+  4. every other rank waits for rank 0's verdict before its save returns: the folder renamed
+     (saved), or rank 0's own marker (below).
 A crash anywhere before the rename leaves the previous checkpoint and `latest` intact. A write
 that fails (a full disk) raises a CheckpointError on the rank it failed on; that rank leaves a
-<tmp>/.rank_<r>.failed marker, so rank 0 stops waiting, removes the temporary folder and raises too.
+<tmp>/.rank_<r>.failed marker, so rank 0 stops waiting and raises too. The same marker goes the
+other way: rank 0, whose own write or commit failed (or which saw another rank's marker), leaves
+<tmp>/.rank_00000.failed holding its error's text, and every rank waiting for the verdict raises
+that same error at once, instead of waiting at the next collective until parallel.timeout_s.
+Each rank that has read it leaves a .seen marker; the last to finish removes the folder.
 With checkpoint.async_save, steps 2 and 3 run on a background thread. As with
 torch.distributed.checkpoint's FileSystemWriter, all ranks must see one shared folder.
 
@@ -70,7 +76,8 @@ def _reason(e: BaseException) -> str:
 
 def _sidecar(rank: int, kind: str) -> str:
     """The hidden file a rank leaves for rank 0's commit: 'json' (its boxes' checksums and its file's
-    size) or 'failed' (why its write failed)."""
+    size) or 'failed' (why its write failed); rank 0's 'failed' is for the others (its whole error),
+    and 'seen' says a rank has read it."""
     return f".{rank_file(rank)}.{kind}"
 
 
@@ -130,20 +137,22 @@ class CheckpointManager:
 
     def _prepare(self, step: int, pieces: list[Piece], objects: dict[str, Any], tokenizer: str | None):
         """Steps 1 and 2a (on the calling thread): agree on who writes what, snapshot it.
-        Returns the function that writes (step 2b, and 3 on rank 0)."""
+        Returns the function that writes (step 2b; then 3 on rank 0, 4 on the others)."""
         rank, world = _rank_world()
         final, tmp = self.dir / f"step_{step:08d}", self.dir / f".tmp_step_{step:08d}"
+        entries = [(p.name, p.offsets, p.sizes, p.shape, dtype_name(p.tensor.dtype)) for p in pieces]
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)  # a save that was killed half-way
             try:
                 tmp.mkdir(parents=True)
-            except OSError as e:  # (the other ranks then wait in the exchange until the launcher stops them)
-                raise self._failed(step, 0, tmp, e) from e
-        entries = [(p.name, p.offsets, p.sizes, p.shape, dtype_name(p.tensor.dtype)) for p in pieces]
+            except OSError as e:  # told to the other ranks in the exchange, in place of rank 0's entries
+                entries = str(self._failed(step, 0, tmp, e, world=1))  # (world=1: no marker to leave)
         everyone = [entries]
         if world > 1:  # also a barrier: rank 0 has made the folder when this returns
             everyone = [None] * world
             collectives.all_gather_object(everyone, entries, None)  # the default group
+        if isinstance(everyone[0], str):
+            raise CheckpointError(everyone[0])
         owners = assign_owners(everyone)
         mine = {chunk_key(p.name, p.offsets): p.tensor.detach().to("cpu", copy=True).contiguous()
                 for p in pieces if owners[p.key] == rank}
@@ -159,7 +168,9 @@ class CheckpointManager:
                 if rank == 0:
                     self._commit(step, tmp, final, world, meta, tokenizer)
             except (OSError, SafetensorError, CheckpointError) as e:
-                raise self._failed(step, rank, tmp, e) from e
+                raise self._failed(step, rank, tmp, e, world) from e
+            if rank:
+                self._verdict(step, tmp, final, rank, world)
 
         return write
 
@@ -174,25 +185,59 @@ class CheckpointManager:
         (tmp / _sidecar(rank, "json")).write_text(json.dumps(record))
         os.replace(part, tmp / rank_file(rank))
 
-    def _failed(self, step: int, rank: int, tmp: Path, e: BaseException) -> CheckpointError:
-        """The error for a write that failed on this rank, after leaving the marker (rank > 0) or
-        removing the temporary folder (rank 0), both best effort: the disk may be full."""
-        if isinstance(e, CheckpointError):  # rank 0's commit saw another rank fail, or time out
-            shutil.rmtree(tmp, ignore_errors=True)
-            return e
+    def _failed(self, step: int, rank: int, tmp: Path, e: BaseException, world: int = 1) -> CheckpointError:
+        """The error for a write that failed on this rank, after leaving the marker (rank > 0: its
+        reason, for rank 0's commit; rank 0: the whole error, for the others' verdict) or removing
+        the temporary folder (rank 0 alone), all best effort: the disk may be full."""
         if rank and not tmp.is_dir():  # rank 0 gave the save up after another rank's write failed
             return CheckpointError(f"checkpoint step {step} was abandoned while rank {rank} wrote it: another "
                                    "rank's write failed, and its error says why.")
-        reason = _reason(e)
+        # rank 0's commit saw another rank fail, or time out: that error, as it is
+        error = e if isinstance(e, CheckpointError) else self._write_error(step, _reason(e), rank)
         try:
-            if rank == 0:
+            (tmp / f".{rank_file(rank)}.part").unlink(missing_ok=True)
+            if rank == 0 and world == 1:
                 shutil.rmtree(tmp, ignore_errors=True)
             else:
-                (tmp / f".{rank_file(rank)}.part").unlink(missing_ok=True)
-                (tmp / _sidecar(rank, "failed")).write_text(reason)
-        except OSError:
-            pass
-        return self._write_error(step, reason, rank)
+                (tmp / _sidecar(rank, "failed")).write_text(_reason(e) if rank else str(error))
+                self._last_out(tmp, world)
+        except OSError:  # no marker: rank 0 removes the folder, and the others say the save was abandoned
+            if rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+        return error
+
+    def _verdict(self, step: int, tmp: Path, final: Path, rank: int, world: int) -> None:
+        """A rank other than 0, its file written: wait until rank 0 has renamed the folder (saved) or
+        left its marker (raise its error, the same on every rank)."""
+        deadline, failed = time.monotonic() + self.commit_timeout_s, tmp / _sidecar(0, "failed")
+        while tmp.is_dir():
+            if failed.is_file():
+                error = CheckpointError(failed.read_text())
+                try:
+                    (tmp / rank_file(rank)).unlink(missing_ok=True)  # (space, on a full disk)
+                    (tmp / _sidecar(rank, "seen")).touch()
+                    self._last_out(tmp, world)
+                except OSError:
+                    pass
+                raise error
+            if time.monotonic() > deadline:
+                raise CheckpointError(f"rank 0 did not commit checkpoint step {step} within "
+                                      f"{self.commit_timeout_s:.0f} s; the previous checkpoint stays `latest`.")
+            time.sleep(0.02)
+        if not (final / METADATA).is_file():  # rank 0 could not leave its marker, and gave the save up
+            raise CheckpointError(f"checkpoint step {step} was abandoned by rank 0 after rank {rank} wrote its part: "
+                                  "rank 0's error says why.")
+
+    @staticmethod
+    def _last_out(tmp: Path, world: int) -> None:
+        """Remove the temporary folder of a failed save once every rank is done with it: each rank > 0
+        has left its marker (failed) or read rank 0's (seen), and rank 0 has left its own. Each rank
+        calls this after leaving its marker, so the last one does it."""
+        done = [(tmp / _sidecar(0, "failed")).is_file()]
+        done += [(tmp / _sidecar(r, "failed")).is_file() or (tmp / _sidecar(r, "seen")).is_file()
+                 for r in range(1, world)]
+        if all(done):
+            shutil.rmtree(tmp, ignore_errors=True)
 
     def _write_error(self, step: int, reason: str, rank: int) -> CheckpointError:
         name = read_latest(self.dir)

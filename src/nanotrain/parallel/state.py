@@ -51,12 +51,10 @@ writes its connection details under fixed keys (gloo: each rank's address for ea
 "default_pg/0//cpu//0/<rank>"), so after a restart a new worker can read the address a dead worker of
 the previous round left there, connect to a closed port, and fail ("Gloo connectFullMesh
 failed ... Connection refused"; NCCL fails the same way on a stale unique id: pytorch/pytorch
-issue 135712). init_parallel therefore joins that shared store under a prefix named by the
-restart count (TORCHELASTIC_RESTART_COUNT), so each round starts with no keys. The count is kept
-by each node's agent: one machine always agrees with itself; on several machines a restart
-that one agent does not count (a node joining) would give the nodes different prefixes, and
-there TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (a fresh store each round, hosted by rank 0, which
-needs no prefix and gets none) is the safer setting.
+issue 135712). init_parallel therefore joins that shared store under a prefix of the round's own,
+so each round starts with no keys. The prefix is one every worker of the round agrees on, on one
+machine or many, settled in the store by a handshake (parallel/rounds.py): torchrun's
+TORCHELASTIC_RESTART_COUNT is each agent's own count, which two agents need not agree on.
 """
 
 from __future__ import annotations
@@ -69,6 +67,7 @@ import torch.distributed as dist
 
 from .collectives import Group
 from .layout import Layout
+from .rounds import round_prefix
 
 
 @dataclass
@@ -252,12 +251,11 @@ def init_parallel(layout: Layout, device_type: str = "cpu", meter=None, timeout_
 def _init_process_group(backend: str, timeout: datetime.timedelta) -> None:
     """init_process_group from the environment (env://). Under a torchrun agent that shares its
     store across restarts, under a prefix of this round's own (see the module docstring)."""
-    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
-    if restart is None or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
         dist.init_process_group(backend, timeout=timeout)
         return
     store, rank, world_size = next(dist.rendezvous("env://", timeout=timeout))
-    store = dist.PrefixStore(f"nanotrain/restart{restart}", store)
+    store = dist.PrefixStore(round_prefix(store, rank, world_size, timeout), store)
     dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
 
 
