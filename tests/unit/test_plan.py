@@ -208,3 +208,18 @@ def test_inspect_without_a_pipeline_ignores_vp(capsys):
     assert main(["inspect", "--config", "configs/shakespeare_char.toml", "--model.vocab_size=65",
                  "--layout", "dp=4,vp=2,micro=1", "--gpu-memory", "0.0001"]) == 0
     assert "does **not** fit" in capsys.readouterr().out
+
+
+def test_a_tie_is_explained_by_memory_not_by_an_empty_reason():
+    """Two layouts the step model cannot tell apart (the same breakdown): the line says they tie and
+    why the first is listed first, instead of "0.0% faster than the runner-up: ."."""
+    from nanotrain.inspection.plan import explain
+
+    entry = {"layout": {"tp": 1, "dp": 1, "zero": 0}, "schedule": "1f1b", "recompute": "none", "step_s": 2.0,
+             "breakdown": {"compute": 1.5, "tp": 0.5}, "memory_per_rank_gb": 10.0, "fits": True}
+    runner_up = {**entry, "layout": {**entry["layout"], "zero": 1}, "memory_per_rank_gb": 12.5}
+    line = explain([entry, runner_up])
+    assert line == ("best (zero=0 vs 1) and the runner-up predict the same step; the best is listed first for "
+                    "its memory per rank (10.00 vs 12.50 GB)."), line
+    faster = {**runner_up, "step_s": 2.5, "breakdown": {"compute": 1.5, "tp": 1.0}}
+    assert explain([entry, faster]).startswith("best (zero=0 vs 1) is 25.0% faster than the runner-up: tp -20.0%")

@@ -279,7 +279,7 @@ def search(req: Request, shortlist: int = 40, structures_kept: int = 24, planner
             continue
         if result["fits"]:
             ranked.append(entry(req, plan, result))
-    ranked.sort(key=lambda e: -e["tokens_per_s_per_gpu"])
+    ranked.sort(key=lambda e: (-e["tokens_per_s_per_gpu"], e["memory_per_rank_gb"]))  # a tie: the smaller
     notes = []
     if not ranked:
         closest = min(quick, key=lambda c: c[1]["memory_per_rank_gb"]) if quick else None
@@ -340,6 +340,10 @@ def explain(ranked: list[dict]) -> str:
     parts = sorted(diff.items(), key=lambda kv: -abs(kv[1]))[:2]
     why = ", ".join(f"{k} {'-' if d > 0 else '+'}{abs(d) / b['step_s']:.1%} of the runner-up's step" for k, d in parts
                     if abs(d) > 1e-12)
+    if not why:  # nothing the step model sees differs (e.g. the ZeRO stage of a layout with dp=1)
+        return (f"best ({', '.join(knobs) or 'same layout'}) and the runner-up predict the same step; the best is "
+                f"listed first for its memory per rank ({a['memory_per_rank_gb']:.2f} vs "
+                f"{b['memory_per_rank_gb']:.2f} GB).")
     return (f"best ({', '.join(knobs) or 'same layout'}) is {gain:.1%} faster than the runner-up: {why}."
             + _link_note(a, b))
 
