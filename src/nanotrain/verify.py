@@ -72,9 +72,8 @@ def train_and_capture(cfg_dict: dict, grad_step: int = 1) -> dict | None:
             grads.update(assemble(engine.optimizer.grad_pieces(), ctx.parallel.world_group))
 
     engine = RuntimeEngine(cfg, on_grads=capture)
-    result = engine.run()
-    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-    return {"losses": result.losses, "grad_norms": result.grad_norms, "grads": grads} if rank == 0 else None
+    result = engine.run()  # (its process group is gone when it returns)
+    return {"losses": result.losses, "grad_norms": result.grad_norms, "grads": grads} if result.rank == 0 else None
 
 
 # Unit roundoff of the arithmetic each side trains in: a reordered sum of such numbers moves by
