@@ -8,8 +8,9 @@ layout text is parallel/layout.py's, as in `nanotrain inspect`, and is launched 
 a local gloo world (parallel/launch.py); under torchrun, on one machine or several, it runs on
 torchrun's world instead, and rank 0 then runs the one-process side (docs/multinode.md). Printed: the
 loss of every step under both, their relative difference, and the largest
-difference of any parameter's gradient after step 1 (gathered to the full
-tensor from the tensor-parallel shards), relative to that gradient's norm or,
+difference of any parameter's gradient after step 1 (put together whole from
+every rank's boxes of it, as checkpoints save them: cut by tp, ep and pp, and
+by dp under ZeRO-2/3), relative to that gradient's norm or,
 where rounding alone could dominate it, to a floor set by the global gradient
 norm (grad_floor). Exit status 1 when any exceeds the tolerance. Past step 1
 the two runs no longer share parameters, and where a step's loss or gradient
@@ -27,10 +28,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .checkpoint import gather_full, merge_over_pipeline
+from .checkpoint import assemble
 from .config import Config, set_value
 from .parallel.layout import Layout
-from .params import spec
 
 
 def layout_config(cfg: Config, layout: str) -> Config:
@@ -68,13 +68,14 @@ def train_and_capture(cfg_dict: dict, grad_step: int = 1) -> dict | None:
     grads: dict[str, torch.Tensor] = {}
 
     def capture(step, model, ctx):
-        if step != grad_step:
-            return
-        mine = {name: gather_full(p.grad, spec(p).shard, ctx.parallel.groups()) if p.grad is not None else None
-                for name, p in model.named_parameters()}
-        grads.update(merge_over_pipeline(mine, ctx.parallel.pp_group))  # each stage holds some layers
+        # Each rank's summed gradients as boxes of the one-process tensors, the same boxes a
+        # checkpoint saves: cut by tp, ep and pp, and under ZeRO-2/3 by dp too (the optimizer holds
+        # only its slices then), put together whole on every rank.
+        if step == grad_step:
+            grads.update(assemble(engine.optimizer.grad_pieces(), ctx.parallel.world_group))
 
-    result = RuntimeEngine(cfg, on_grads=capture).run()  # (its process group is gone when it returns)
+    engine = RuntimeEngine(cfg, on_grads=capture)
+    result = engine.run()  # (its process group is gone when it returns)
     return {"losses": result.losses, "grad_norms": result.grad_norms, "grads": grads} if result.rank == 0 else None
 
 
@@ -154,11 +155,8 @@ class Report:
             lines.append(f"{step:>4}  {a:>12.7f}  {b:>12.7f}  {d:>9.2e}  {self.norm_diffs.get(step, 0.0):>9.2e}"
                          + (f"  {self.limit(step):>9.2e}" if spread else ""))
         name, d = self.worst_grad
-        if name:
-            lines.append(f"largest gradient difference after step 1: {d:.2e} relative ({name}; "
-                         f"|a - b| / max(|b|, u·G/tol = {self.floor:.1e}))")
-        else:  # ZeRO-2: no rank holds whole gradients; losses and norms still compare every step
-            lines.append("gradients after step 1: not compared (each rank holds only its slices)")
+        lines.append(f"largest gradient difference after step 1: {d:.2e} relative ({name}; "
+                     f"|a - b| / max(|b|, u·G/tol = {self.floor:.1e}))")
         lines.append("norm diff: relative difference of the global gradient norm (the clipping input)")
         if self.low_precision:
             worst = max(self.rows, key=lambda r: max(r[3], self.norm_diffs.get(r[0], 0.0)) / self.limit(r[0]))
@@ -222,10 +220,9 @@ def compare(ref: dict, other: dict, tolerance: float, precision: str = "fp32") -
 def worst_grad(ref: dict, other: dict, floor: float) -> tuple[str, float]:
     """The parameter whose step-1 gradient differs most, and by how much (rel_diff)."""
     worst = ("", 0.0)
-    for name, g in ref["grads"].items():
-        if g is None or other["grads"].get(name) is None:  # ZeRO-2 keeps only gradient slices
-            continue
-        d = rel_diff(other["grads"][name], g, floor)
+    for name, g in ref["grads"].items():  # those one process has (not an expert no token chose)
+        mine = other["grads"].get(name)  # (none: the layout lost a gradient one process has)
+        d = rel_diff(mine if mine is not None else torch.zeros_like(g), g, floor)
         if d >= worst[1]:
             worst = (name, d)
     return worst

@@ -1,11 +1,13 @@
 """ZeRO stages 1, 2 and 3 vs one process (unsharded AdamW): fp32, 10 steps, 1e-5 relative on every
-step's loss and gradient norm (and, for stage 1, every step-1 gradient: they are still whole).
+step's loss and gradient norm, and on every step-1 gradient (at stages 2 and 3 each rank holds only
+its slices of them: verify puts them together from their boxes, checkpoint.assemble).
 
 The update itself is what ZeRO changes (each rank steps its slices of the master weights and
 moments, then all-gathers), so 10 equal losses in a row show the sharded update is the
 unsharded one; the norms check clipping from slices."""
 
 import dataclasses
+import functools
 
 import pytest
 import torch
@@ -13,6 +15,7 @@ import torch
 from conftest import CORPUS, runtime_parts
 from nanotrain.config import load_config
 from nanotrain.parallel.launch import run_world
+from nanotrain.verify import compare, layout_config, reference_config, train_and_capture
 
 from test_deepseek import TINY  # noqa: E402  (tests/unit is on sys.path through conftest)
 from test_pipeline_layouts import config as dense_config  # noqa: E402
@@ -32,6 +35,7 @@ LAYOUTS = {
     "dp2_zero1": ("dp=2,zero=1", dense_config, []),
     "tp2_dp2_zero1_sp": ("tp=2,dp=2,zero=1,sp", dense_config, []),  # whole .grad tp-summed too
     "dp2_zero2": ("dp=2,zero=2", dense_config, []),
+    "dp1_zero2": ("zero=2", dense_config, []),  # one process: its slice is the whole bucket
     "dp4_zero1": ("dp=4,zero=1,micro=2", dense_config, []),
     "dp4_zero2_accum": ("dp=4,zero=2,micro=1", dense_config, []),  # 2 micro-batches: slices accumulate
     "dp2_zero2_small_buckets": ("dp=2,zero=2", dense_config, ["--parallel.bucket_mb=0.01"]),
@@ -65,7 +69,48 @@ LAYOUTS = {
 def test_zero_matches_one_process(tmp_path, name):
     layout, make, extra = LAYOUTS[name]
     report = check_layout(make(tmp_path, *extra), layout, TOL)
-    assert bool(report.worst_grad[0]) == ("zero=1" in layout)  # stage 1 still has whole gradients
+    table = report.table(layout)
+    assert report.worst_grad[0] and "largest gradient difference after step 1" in table, table
+    assert "not compared" not in table, table
+
+
+def _double_a_slice(cfg_dict, name: str):
+    """A bug: dp rank 1's slice of `name`'s summed gradient is doubled before the step (as a
+    reduce-scatter's sum added twice), rank 0's part of it left alone."""
+    from nanotrain.runtime import RuntimeEngine
+    from nanotrain.verify import train_and_capture
+
+    init = RuntimeEngine.__init__
+
+    def buggy(self, cfg, components=None, on_grads=None):
+        def double_then_capture(step, model, ctx):
+            for n, g in self.optimizer.grad_parts() if ctx.parallel.dp_rank == 1 else ():
+                if n == name:
+                    g.mul_(2)
+            on_grads(step, model, ctx)
+        init(self, cfg, components, double_then_capture)
+
+    RuntimeEngine.__init__ = buggy
+    return train_and_capture(cfg_dict)
+
+
+def test_verify_fails_on_a_bug_in_one_zero2_slice(tmp_path):
+    """Under ZeRO-2 no rank holds a whole gradient, and verify still compares them tensor by tensor:
+    a bug in one rank's slice of one tensor is named, and the tensor put together from both ranks'
+    slices is right where rank 0 holds it and doubled where rank 1 does. In this layout
+    layers.1.mlp.w2.weight (4096 elements) straddles the two slices of its bucket: rank 0 holds its
+    first 1088 elements."""
+    name = "layers.1.mlp.w2.weight"
+    cfg = dense_config(tmp_path)
+    ref = train_and_capture(dataclasses.asdict(reference_config(cfg, 2, str(tmp_path / "reference"))))
+    par_cfg = layout_config(reference_config(cfg, 2, str(tmp_path / "layout")), "dp=2,zero=2")
+    other = run_world(functools.partial(_double_a_slice, name=name), 2, dataclasses.asdict(par_cfg))[0]
+    report = compare(ref, other, TOL)
+    print(report.table("dp=2,zero=2"))
+    assert not report.ok and report.worst_grad[0] == name and report.worst_grad[1] > 100 * TOL
+    a, b = other["grads"][name].reshape(-1), ref["grads"][name].reshape(-1)
+    torch.testing.assert_close(a[:1088], b[:1088], rtol=1e-5, atol=1e-7)  # rank 0's part
+    torch.testing.assert_close(a[1088:], 2 * b[1088:], rtol=1e-5, atol=1e-7)  # rank 1's, doubled
 
 
 def _state_bytes(cfg_dict):

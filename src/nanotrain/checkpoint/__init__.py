@@ -6,12 +6,12 @@
 """
 
 from .manager import CheckpointManager, load_checkpoint, resolve_checkpoint
-from .pieces import (Piece, flat_pieces, flat_range_boxes, gather_full, load_full_model_state, local_slice,
+from .pieces import (Piece, assemble, flat_pieces, flat_range_boxes, gather_full, load_full_model_state, local_slice,
                      merge_over_pipeline, model_pieces, sharded, whole)
 from .storage import (FORMAT_VERSION, CheckpointError, CheckpointReader, CorruptCheckpointError,
                       check_compatible)
 
 __all__ = ["CheckpointManager", "CheckpointError", "CheckpointReader", "CorruptCheckpointError", "FORMAT_VERSION",
-           "Piece", "check_compatible", "flat_pieces", "flat_range_boxes", "gather_full", "load_checkpoint",
+           "Piece", "assemble", "check_compatible", "flat_pieces", "flat_range_boxes", "gather_full", "load_checkpoint",
            "load_full_model_state", "local_slice", "merge_over_pipeline", "model_pieces", "resolve_checkpoint",
            "sharded", "whole"]

@@ -152,6 +152,26 @@ def gather_full(t: torch.Tensor, shard, groups) -> torch.Tensor:
     return t
 
 
+def assemble(pieces: list[Piece], group) -> dict[str, torch.Tensor]:
+    """The whole tensors that every rank's `pieces` are boxes of, on every rank of `group` (the
+    world: under ZeRO-2 and 3 a gradient is cut over dp as well as tp, ep and pp): each box written
+    into its tensor, zeros where no rank holds any. Boxes that overlap (a replicated parameter, on
+    every tp rank) hold the same values; the last rank's stays."""
+    mine = [(p.name, p.offsets, p.shape, p.tensor.detach().to("cpu", copy=True))
+            for p in pieces]  # a copy: a view would pickle its whole buffer
+    parts = [mine] * collectives.size(group)
+    if len(parts) > 1:
+        collectives.all_gather_object(parts, mine, group)
+    whole: dict[str, torch.Tensor] = {}
+    for name, offsets, shape, t in (box for part in parts for box in part):
+        full = whole.setdefault(name, torch.zeros(shape, dtype=t.dtype))
+        box = full
+        for dim, (start, n) in enumerate(zip(offsets, t.shape)):
+            box = box.narrow(dim, start, n)
+        box.copy_(t)
+    return whole
+
+
 def local_slice(full: torch.Tensor, shard) -> torch.Tensor:
     """This rank's part of a whole tensor (zero-padded where its shard ends in padding)."""
     return shard_part(full, shard)

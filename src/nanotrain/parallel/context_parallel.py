@@ -197,12 +197,29 @@ def _visible(step: int, cp: ContextParallel) -> str:
     return "early kv" if src < cp.rank else "late q"
 
 
+def _fp32(t: torch.Tensor):
+    """The ring's arithmetic is fp32 whatever the model's autocast (MLA's core runs under it): autocast
+    would run the written-out blocks' matmuls and log-sum-exps in bf16, and so merge bf16 lse (off by
+    up to 0.02), where one process's attention (SDPA) computes bf16 inputs in fp32 and rounds once."""
+    return torch.autocast(t.device.type, enabled=False)
+
+
 class RingAttention(torch.autograd.Function):
     """q [B, H, N, d_qk], k [B, Hkv, N, d_qk], v [B, Hkv, N, d_v]: this rank's N = 2c zigzag
     tokens. Returns softmax attention over every earlier token of the whole sequence."""
 
     @staticmethod
     def forward(ctx, q, k, v, scale: float, cp: ContextParallel):
+        with _fp32(q):
+            return RingAttention._forward(ctx, q, k, v, scale, cp)
+
+    @staticmethod
+    def backward(ctx, dout):
+        with _fp32(dout):
+            return RingAttention._backward(ctx, dout)
+
+    @staticmethod
+    def _forward(ctx, q, k, v, scale: float, cp: ContextParallel):
         dtype = q.dtype
         q32, k32, v32 = q.float(), k.float(), v.float()
         c = q.shape[2] // 2
@@ -227,7 +244,7 @@ class RingAttention(torch.autograd.Function):
         return out.to(dtype)
 
     @staticmethod
-    def backward(ctx, dout):
+    def _backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
         scale, cp = ctx.scale, ctx.cp
         dout = dout.float()

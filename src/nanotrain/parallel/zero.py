@@ -74,7 +74,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..checkpoint import CheckpointReader, Piece, flat_pieces, whole
+from ..checkpoint import CheckpointReader, Piece, flat_pieces, sharded, whole
 from ..optim import MOMENTS, adamw_impl, adamw_state
 from ..precision.master import Dtypes, MixedAdamW
 from ..params import spec
@@ -343,6 +343,16 @@ class ZeroOptimizer:
         """(parameter name, this rank's part of its summed gradient) for the monitor: the parts
         inside this rank's slices (ZeRO-1/2: summed over dp they make the whole)."""
         return [(self.names[p], g) for p, g in self._parts]
+
+    def grad_pieces(self) -> list[Piece]:
+        """This rank's summed gradients as boxes of the logical parameters, under their one-process
+        names (checkpoint.flat_pieces, as the moments are saved): put together over every rank
+        (checkpoint.assemble) they are the whole gradients, at any stage (nanotrain verify)."""
+        if self.reducer.local:  # autograd's own .grad, whole on this rank
+            pieces = [sharded(self.names[p], p.grad, spec(p).shard) for p in self.params if p.grad is not None]
+            return [piece for piece in pieces if piece is not None]
+        return [piece for b in self.buckets for p, lo, hi, first in b.overlaps()
+                for piece in flat_pieces(self.names[p], self.grad[id(b)][lo:hi], p, first, first + hi - lo)]
 
     def weight_parts(self) -> list[tuple[str, torch.Tensor]] | None:
         """Stage 3: (parameter name, this rank's part of its weights), as grad_parts (summed over dp
