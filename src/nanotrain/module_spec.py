@@ -14,6 +14,8 @@ not the code that runs (the module's forward). The decision travels in this reco
     gemm_recipe,      a GEMM module           precision (policy.apply_policy)     policy.gemm
     gemm_state
     lowbit            a GEMM module           precision (lowbit.apply_lowbit)     policy.gemm
+    row_parallel      a GEMM module           the layer (tensor_parallel.         policy.gemm (verify's
+                                              row_linear)                         rounding probe)
     recompute         the model               recomputation (recompute.py)        the model's forward
     document_eos      the model               data.document_mask                  the model's positions
     gemm_policy,      the model               the precision and compile steps     the log, the
@@ -62,6 +64,10 @@ class ModuleSpec:
     gemm_recipe: Any = None
     gemm_state: Any = None
     lowbit: Any = None
+    # A row-parallel GEMM (parallel/tensor_parallel.row_linear, with or without tp): under tp its inner
+    # size K is split over the ranks and the partial outputs summed by a collective. Read by
+    # policy.gemm for verify's rounding probe, which computes it that way on one process.
+    row_parallel: bool = False
     # The whole model's (the root module's record).
     recompute: Recompute = NONE  # train.recompute (recompute.py)
     document_eos: int | None = None  # data.document_mask: the id that ends each document (documents.py)

@@ -103,7 +103,10 @@ SPREAD_MARGIN = 2
 # not the layout. There every step, the first included, and every gradient is read against the
 # rounding spread of the same run's reorderings (LOW_PRECISION_PROBES micro-batch splits), with a
 # wider margin: the layout is one more draw of that rounding, and its sums are reordered more than a
-# micro-batch split reorders them (a tp or cp split cuts inside each row). A bug moves a loss by 1e-2
+# micro-batch split reorders them (a tp or cp split cuts inside each row). A tp layout's rounding is
+# measured too: one more probe computes each row-parallel GEMM as tp K slices rounded and summed in
+# bf16, as the ranks' partial outputs and their all-reduce are (tp=4 on deepseek_tiny moves the
+# experts' gradients by 2.5e-2 through routing flips, and so does that probe). A bug moves a loss by 1e-2
 # or more in bf16 too (test_verify_bf16_fails_on_a_real_bug), far past it.
 LOW_PRECISION_PROBES = 3
 LOW_PRECISION_MARGIN = 4
@@ -120,6 +123,7 @@ class Report:
     # bf16/fp16: the largest gradient difference the reorderings show (None in fp32: the tolerance rules)
     grad_spread: float | None = None
     precision_name: str = "fp32"
+    split_k: int = 1  # bf16 under tp: the rounding probes include a row-parallel K split of this size
 
     @property
     def low_precision(self) -> bool:
@@ -162,7 +166,9 @@ class Report:
             worst = max(self.rows, key=lambda r: max(r[3], self.norm_diffs.get(r[0], 0.0)) / self.limit(r[0]))
             step = worst[0]
             lines.append(f"limit: the tolerance or {LOW_PRECISION_MARGIN} x the most one process moves when it splits "
-                         f"its batch into micro-batches (the rounding spread of {self.precision_name}), every step")
+                         f"its batch into micro-batches" + (f", or each row-parallel GEMM into tp={self.split_k} sums"
+                                                            if self.split_k > 1 else "")
+                         + f" (the rounding spread of {self.precision_name}), every step")
             lines.append(f"layout {max(worst[3], self.norm_diffs.get(step, 0.0)):.1e} vs rounding spread "
                          f"{self.spread.get(step, 0.0):.1e} (step {step}); gradients {d:.1e} vs rounding spread "
                          f"{self.grad_spread:.1e}: {'PASS' if self.ok else 'FAIL'}")
@@ -228,26 +234,41 @@ def worst_grad(ref: dict, other: dict, floor: float) -> tuple[str, float]:
     return worst
 
 
-def rounding_spread(ref_cfg: dict, ref: dict, out_dir: str, probes: int = PROBES, floor: float | None = None
-                    ) -> dict[int, float] | tuple[dict[int, float], float]:
+def rounding_spread(ref_cfg: dict, ref: dict, out_dir: str, probes: int = PROBES, floor: float | None = None,
+                    split_k: int = 1) -> dict[int, float] | tuple[dict[int, float], float]:
     """Step: the largest relative difference of loss or gradient norm between the one-process run
     `ref` and `probes` reruns of it that split the batch into smaller micro-batches (the largest
     divisors of the batch below the reference's micro-batch): how far rounding alone moves each step
-    on this config. Empty where the batch does not split (one sequence). With a gradient `floor`, also
-    the largest step-1 gradient difference of the reruns (worst_grad against that floor)."""
+    on this config. Empty where the batch does not split (one sequence). With split_k > 1 (a tp
+    layout in bf16), one more rerun computes each row-parallel GEMM as that many K slices summed in
+    the output dtype (policy.split_k_gemm): the reordering inside each row that tp makes and
+    micro-batches never do. With a gradient `floor`, also the largest step-1 gradient difference of
+    the reruns (worst_grad against that floor)."""
     t = ref_cfg["train"]
     micro = t["micro_batch_size"] or t["batch_size"]
+    runs = [(m, 1) for m in [d for d in range(micro - 1, 0, -1) if t["batch_size"] % d == 0][:probes]]
     spread: dict[int, float] = {}
     grads = 0.0
-    for m in [d for d in range(micro - 1, 0, -1) if t["batch_size"] % d == 0][:probes]:
-        cfg = {**ref_cfg, "train": {**t, "micro_batch_size": m, "out_dir": f"{out_dir}/probe_micro{m}"}}
-        probe = train_and_capture(cfg)
+    for m, k in runs + ([(t["micro_batch_size"], split_k)] if split_k > 1 else []):
+        name = f"probe_micro{m}" if k == 1 else f"probe_split{k}"
+        probe = split_k_run({**ref_cfg, "train": {**t, "micro_batch_size": m, "out_dir": f"{out_dir}/{name}"}}, k)
         losses, norms = step_diffs(ref, probe)
         for s in norms:
             spread[s] = max(spread.get(s, 0.0), losses[s], norms[s])
         if floor is not None:
             grads = max(grads, worst_grad(ref, probe, floor)[1])
     return spread if floor is None else (spread, grads)
+
+
+def split_k_run(cfg: dict, k: int) -> dict:
+    """train_and_capture with policy.SPLIT_K = k for the run (1: as it is)."""
+    from .precision import policy
+
+    policy.SPLIT_K = k
+    try:
+        return train_and_capture(cfg)
+    finally:
+        policy.SPLIT_K = 1
 
 
 def verify(cfg: Config, layout: str, steps: int = 10, tolerance: float = 1e-5, precision: str = "fp32",
@@ -273,11 +294,12 @@ def verify(cfg: Config, layout: str, steps: int = 10, tolerance: float = 1e-5, p
             if other is None:  # not rank 0
                 return None
             with alone():
-                return judge(reference_run(ref_dict, references), other, ref_dict, tmp, tolerance, precision)
+                return judge(reference_run(ref_dict, references), other, ref_dict, tmp, tolerance, precision,
+                             par_cfg.parallel.tp)
         ref = reference_run(ref_dict, references)
         world = Layout.from_config(par_cfg).world_size
         other = run_world(train_and_capture, world, dataclasses.asdict(par_cfg))[0]
-        return judge(ref, other, ref_dict, tmp, tolerance, precision)
+        return judge(ref, other, ref_dict, tmp, tolerance, precision, par_cfg.parallel.tp)
 
 
 def under_torchrun() -> bool:
@@ -311,14 +333,15 @@ def reference_run(ref_cfg: dict, references: dict | None = None) -> dict:
     return references[key]
 
 
-def judge(ref: dict, other: dict, ref_cfg: dict, out_dir: str, tolerance: float, precision: str = "fp32") -> Report:
+def judge(ref: dict, other: dict, ref_cfg: dict, out_dir: str, tolerance: float, precision: str = "fp32",
+          tp: int = 1) -> Report:
     """compare(); where only steps past the first exceed the tolerance, with the rounding spread of
     the one-process run `ref` (of config ref_cfg) measured (the probes run in out_dir)."""
     if precision != "fp32":  # bf16: every figure against the same run's own rounding
         report = compare(ref, other, tolerance, "fp32")  # gradients at fp32's floor: the spread sets the scale
         report.spread, report.grad_spread = rounding_spread(ref_cfg, ref, out_dir, LOW_PRECISION_PROBES,
-                                                            report.floor)
-        report.precision_name = precision
+                                                            report.floor, tp)
+        report.precision_name, report.split_k = precision, tp
         return report
     report = compare(ref, other, tolerance, precision)
     over = report.over()

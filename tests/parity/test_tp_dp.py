@@ -174,8 +174,9 @@ def test_bf16_judgement_still_fails_a_real_bug(tmp_path):
     par_cfg = layout_config(reference_config(cfg, 3, str(tmp_path / "layout"), "bf16"), "tp=2")
     bug = functools.partial(_double_a_shard, name=name)
     other = run_world(bug, Layout.from_config(par_cfg).world_size, dataclasses.asdict(par_cfg))[0]
-    report = judge(ref, other, dataclasses.asdict(ref_cfg), str(tmp_path / "probes"), TOL, "bf16")
+    report = judge(ref, other, dataclasses.asdict(ref_cfg), str(tmp_path / "probes"), TOL, "bf16", tp=2)
     table = report.table("tp=2")
     print(table)
+    assert report.split_k == 2 and "or each row-parallel GEMM into tp=2 sums" in table, table  # probed too
     assert not report.ok and report.worst_grad[0] == name, table
     assert report.worst_grad[1] > 10 * report.grad_limit, table

@@ -207,3 +207,33 @@ def test_scaled_mm_on_cuda_is_the_cpu_emulation():
 def test_scaled_mm_names_shapes_it_cannot_take():
     with pytest.raises(RuntimeError, match="multiples of 16"):
         Fp8Tensorwise(0, "scaled_mm").linear(torch.randn(5, 32), torch.randn(16, 32), None, None)
+
+
+def test_the_tp_rounding_probe_splits_only_row_parallel_gemms():
+    """verify's tp rounding probe (policy.SPLIT_K): a row-parallel GEMM on one process is computed as
+    tp ranks compute it, K slices whose bf16 products are summed in bf16, bit for bit; the same sum
+    in fp32 to rounding; a column GEMM as it is."""
+    import torch
+
+    from nanotrain.module_spec import module_spec
+    from nanotrain.parallel.tensor_parallel import column_linear, row_linear
+    from nanotrain.precision import policy
+
+    torch.manual_seed(0)
+    row, col = row_linear(64, 16, False, 0.02, None), column_linear(64, 16, False, 0.02, None)
+    for m in (row, col):
+        torch.nn.init.normal_(m.weight)
+    assert module_spec(row).row_parallel and not module_spec(col).row_parallel
+    x = torch.randn(8, 64)
+    policy.SPLIT_K = 4
+    try:
+        with torch.autocast("cpu", torch.bfloat16):
+            split, column = row(x), col(x)
+            by_hand = sum((torch.nn.functional.linear(a, w) for a, w in zip(x.chunk(4, -1), row.weight.chunk(4, -1))),
+                          torch.zeros(8, 16, dtype=torch.bfloat16))
+            whole = torch.nn.functional.linear(x, row.weight)
+        assert split.dtype == torch.bfloat16 and torch.equal(split, by_hand) and not torch.equal(split, whole)
+        assert torch.equal(column, torch.nn.functional.linear(x.bfloat16(), col.weight.bfloat16()))
+        assert torch.allclose(row(x), x @ row.weight.t(), rtol=1e-5, atol=1e-5)  # fp32: the same sum
+    finally:
+        policy.SPLIT_K = 1

@@ -45,6 +45,7 @@ from torch import nn
 
 from ..config import ParallelConfig
 from ..layers import Embedding, Linear
+from ..module_spec import mark
 from ..params import Shard, declare, spec
 from ..precision.policy import gemm
 from .collectives import (Group, all_reduce, copy_to_region, gather_last, gather_seq, reduce_from_region,
@@ -265,9 +266,9 @@ def column_linears(in_features: int, widths: list[int], bias: bool, init_std: fl
 
 def row_linear(in_features: int, out_features: int, bias: bool, init_std: float,
                tp: TensorParallel | None) -> Linear:
-    if tp is None:
-        return Linear(in_features, out_features, bias, init_std)
-    return RowParallelLinear(in_features, out_features, bias, init_std, tp)
+    linear = Linear(in_features, out_features, bias, init_std) if tp is None else \
+        RowParallelLinear(in_features, out_features, bias, init_std, tp)
+    return mark(linear, row_parallel=True)
 
 
 def vocab_embedding(num_embeddings: int, dim: int, init_std: float, tp: TensorParallel | None) -> Embedding:

@@ -165,9 +165,36 @@ def gemm(module: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: torch.T
     """x Wᵀ + b in the module's recipe (F.linear under the active autocast if it has none).
     `site` names the weight when a module runs several (delayed scaling keeps one history each)."""
     spec = module_spec(module)
-    if spec.gemm_recipe is None and spec.lowbit is None:
+    if SPLIT_K > 1 and spec.row_parallel and module.tp is None and x.shape[-1] % SPLIT_K == 0:
+        return split_k_gemm(module, x, weight, bias, site)
+    return whole_gemm(module, x, weight, bias, site)
+
+
+def whole_gemm(module: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+               site: str) -> torch.Tensor:
+    if module_spec(module).gemm_recipe is None and module_spec(module).lowbit is None:
         return F.linear(x, weight, bias)
     return recipe_gemm(module, x, weight, bias, site)
+
+
+# verify's rounding probe for tensor parallelism (verify.rounding_spread): 1, or a tp size with which
+# one process computes each row-parallel GEMM as a tp split does. Set only by verify, around a probe.
+SPLIT_K = 1
+
+
+def split_k_gemm(module: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                 site: str) -> torch.Tensor:
+    """x Wᵀ as tp ranks of a RowParallelLinear compute it, on one process: K in SPLIT_K slices, each
+    slice's product rounded to the GEMM's output dtype (bf16 under autocast), then summed in that
+    dtype as the all-reduce sums them. The same sums as one GEMM in another order: in bf16 it moves
+    the result by as much as a tp layout's rounding does, which micro-batch splits never show (they
+    reorder sums over the batch, not inside a row)."""
+    parts = [whole_gemm(module, xk, wk, None, site) for xk, wk in
+             zip(x.chunk(SPLIT_K, -1), weight.chunk(SPLIT_K, -1))]
+    out = parts[0]
+    for part in parts[1:]:
+        out = out + part
+    return out if bias is None else out + bias
 
 
 @eager  # under train.compile: amax histories, generators and hand-over hooks are Python state (compiling.py)
