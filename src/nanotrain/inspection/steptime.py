@@ -42,7 +42,9 @@ and gloo's calls cost what a VM's sleeping cores take to wake. There the parts a
                  GEMMs, timed at their shapes and operand layouts (cpu_measure.gemm_seconds)
     new shapes   the routed experts' GEMMs: the rows each expert receives change every step, and a
                  bf16 GEMM at a shape oneDNN has not built yet costs ~30x one it has
-                 (cpu_measure.new_shape_seconds): NEW_SHAPE_SHARE of them, a stated measurement
+                 (cpu_measure.new_shape_seconds): NEW_SHAPE_SHARE of them, a stated measurement;
+                 under ep each all-to-all also waits for the rank that met the most of them
+                 (slowest_rank_wait: the binomial spread of the ranks' counts, its expected maximum)
     ends         the embedding, and the final norm, head and loss, timed the same way
     collectives  each call as the code makes it (one per bucket, per ZeRO-3 unit, the expert
                  all-to-alls' token counts, the step's scalar all-reduces: the loss's token count,
