@@ -80,7 +80,12 @@ def run_block(script: str, cwd: Path, timeout: float) -> subprocess.CompletedPro
 def test_documented_command(block, workspace):
     if "skip" in block.marker:
         pytest.skip(f"{block.name}: {block.marker['skip']}")
-    done = run_block(block.commands(), workspace(block.doc), float(block.marker.get("timeout", 180)))
+    timeout = float(block.marker.get("timeout", 180))
+    try:
+        done = run_block(block.commands(), workspace(block.doc), timeout)
+    except subprocess.TimeoutExpired as e:
+        printed = "".join(t.decode(errors="replace") if isinstance(t, bytes) else t or "" for t in (e.stdout, e.stderr))
+        pytest.fail(f"{block.name} ran past its {timeout:.0f} s (`timeout:` in its marker):\n{printed[-3000:]}")
     printed = done.stdout + done.stderr
     tail = printed[-3000:]
     if "error" in block.marker:
