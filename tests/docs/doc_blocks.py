@@ -115,13 +115,24 @@ def tolerance(marker: dict) -> tuple[float, float]:
     return float(parts[0]), float(parts[1]) if len(parts) > 1 else 0.0
 
 
+def line_pattern(expected: str) -> re.Pattern:
+    """A regex for one expected line: each number a group, `...` any text, any run of spaces any."""
+    out, at = [], 0
+    for m in re.finditer(NUMBER.pattern + r"|\.\.\.|…|\s+", expected.strip()):
+        out.append(re.escape(expected.strip()[at:m.start()]))
+        token = m.group(0)
+        out.append(r".*?" if token in ("...", "…") else r"\s+" if token.isspace() else f"({NUMBER.pattern})")
+        at = m.end()
+    out.append(re.escape(expected.strip()[at:]))
+    return re.compile("".join(out))
+
+
 def line_matches(expected: str, actual: str, rel: float, absolute: float) -> bool:
-    """The same words, and each number within tolerance of the page's."""
-    words = [" ".join(NUMBER.sub(" # ", s).split()) for s in (expected, actual)]
-    if words[0] != words[1]:
+    """The same words (`...` stands for any), and each number within tolerance of the page's."""
+    m = line_pattern(expected).fullmatch(actual.strip())
+    if m is None:
         return False
-    pairs = zip(NUMBER.findall(expected), NUMBER.findall(actual))
-    for e, a in pairs:
+    for e, a in zip(NUMBER.findall(expected.replace("...", " ").replace("…", " ")), m.groups()):
         x, y = float(e.replace(",", "")), float(a.replace(",", ""))
         if abs(x - y) > max(absolute, rel * abs(x)):
             return False
@@ -130,7 +141,8 @@ def line_matches(expected: str, actual: str, rel: float, absolute: float) -> boo
 
 def missing_output(expected: list[str], printed: str, marker: dict) -> list[str]:
     """The page's output lines that the run did not print, in order (other lines may come
-    between them: a warning, a progress line); a `...` line stands for lines left out."""
+    between them: a warning, a progress line); a `...` line stands for lines left out, a `...`
+    inside a line for any text there."""
     rel, absolute = tolerance(marker)
     actual = [line.rstrip() for line in printed.split("\n")]
     missing, at = [], 0

@@ -133,6 +133,11 @@ def test_a_changed_output_line_is_caught():
     assert missing_output(["step 1 loss 4.2104 diff 1.2e-07"], printed, {"tol": "1e-4 5e-6"}) == []
     # the words must match exactly whatever the tolerance; order matters
     assert not line_matches("step 1 loss 4.21", "step 1 lost 4.21", 1.0, 1.0)
+    assert line_matches("largest difference: 2.7e-07 relative (...)", "largest difference: 2.9e-07 relative (w1; x)",
+                        0, 1e-6)
+    assert not line_matches("largest difference: 2.7e-07 relative (...)", "largest difference: 2.9e-07 absolute (w)",
+                            0, 1e-6)
+    assert line_matches("a   1,003,854 tokens", "a 1,003,854 tokens", 0, 0)
     assert missing_output(["tolerance 1e-05: PASS", "step 1 loss 4.2104473 diff 9.79e-08"], printed, {}) == \
         ["step 1 loss 4.2104473 diff 9.79e-08"]
 
