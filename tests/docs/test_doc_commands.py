@@ -10,8 +10,10 @@ whole set runs with `--docs` (`make test-docs`, which .ci/run runs too).
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -66,34 +68,56 @@ def workspace(tmp_path_factory):
     return get
 
 
-def run_block(script: str, cwd: Path, timeout: float) -> subprocess.CompletedProcess:
-    """bash with the .venv activated, stopping at the first failing command, as a reader would."""
+def run_block(script: str, cwd: Path, timeout: float) -> tuple[int, str]:
+    """bash with the .venv activated, stopping at the first failing command, as a reader would.
+    (exit code, stdout + stderr); past `timeout` the whole process group (torchrun's workers
+    included) is killed and pytest.fail names the block's limit."""
     activate = cwd / ".venv" / "bin" / "activate"
     prelude = f"source {activate}\n" if activate.exists() else f"export PATH={venv_bin()}:$PATH\n"
     env = {**os.environ, "PYTHONPATH": str(cwd / "src"), "PYTHONUNBUFFERED": "1"}
     env.pop("PYTEST_XDIST_WORKER_COUNT", None)
-    return subprocess.run(["bash", "-e", "-o", "pipefail", "-c", prelude + script], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.Popen(["bash", "-e", "-o", "pipefail", "-c", prelude + script], cwd=cwd, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        pytest.fail(f"ran past its {timeout:.0f} s (`timeout:` in its marker):\n{out[-3000:]}")
+    return proc.returncode, out
 
 
 @pytest.mark.parametrize("block", list(params()))
 def test_documented_command(block, workspace):
     if "skip" in block.marker:
         pytest.skip(f"{block.name}: {block.marker['skip']}")
-    timeout = float(block.marker.get("timeout", 180))
-    try:
-        done = run_block(block.commands(), workspace(block.doc), timeout)
-    except subprocess.TimeoutExpired as e:
-        printed = "".join(t.decode(errors="replace") if isinstance(t, bytes) else t or "" for t in (e.stdout, e.stderr))
-        pytest.fail(f"{block.name} ran past its {timeout:.0f} s (`timeout:` in its marker):\n{printed[-3000:]}")
-    printed = done.stdout + done.stderr
+    code, printed = run_block(block.commands(), workspace(block.doc), float(block.marker.get("timeout", 180)))
     tail = printed[-3000:]
     if "error" in block.marker:
-        assert done.returncode != 0, f"{block.name} should fail, exited 0:\n{tail}"
+        assert code != 0, f"{block.name} should fail, exited 0:\n{tail}"
         assert block.marker["error"] in printed, f"{block.name} did not print {block.marker['error']!r}:\n{tail}"
     else:
-        assert done.returncode == 0, f"{block.name} exited {done.returncode}:\n{tail}"
+        assert code == 0, f"{block.name} exited {code}:\n{tail}"
     absent = [e for e in block.marker.get("expect", []) if e not in printed]
     assert not absent, f"{block.name} no longer prints {absent}:\n{tail}"
     missing = missing_output(block.output, printed, block.marker)
     assert not missing, f"{block.name}: the page shows lines the command no longer prints: {missing}\n{tail}"
+
+
+def test_a_block_past_its_timeout_is_killed_with_its_children(tmp_path):
+    """A hung `torchrun` must not outlive its test: the block's whole process group goes."""
+    with pytest.raises(pytest.fail.Exception, match="ran past its 1 s"):
+        run_block("sleep 60 & echo $! > child.pid; wait", tmp_path, 1)
+    child = int((tmp_path / "child.pid").read_text())
+    for _ in range(50):  # (reaped by init once its parent is gone)
+        if not running(child):
+            return
+        time.sleep(0.1)
+    pytest.fail(f"the block's child {child} is still running")
+
+
+def running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"  # a zombie has stopped
+    except FileNotFoundError:
+        return False
