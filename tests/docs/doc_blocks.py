@@ -14,7 +14,7 @@ what the page cannot say in the block itself, one `key: value` a line (or `;`-se
     error: TEXT     the command must fail and print TEXT (an intentional error)
     tol: REL [ABS]  numbers in a console block's output may differ by REL relative (or ABS
                     absolute, whichever is larger): for measured figures; the default is exact
-    timeout: S      seconds before the run counts as failed (default 180)
+    timeout: S      seconds before the run counts as failed, a guard against a hang (default 600)
 """
 
 import re

@@ -91,7 +91,7 @@ def run_block(script: str, cwd: Path, timeout: float) -> tuple[int, str]:
 def test_documented_command(block, workspace):
     if "skip" in block.marker:
         pytest.skip(f"{block.name}: {block.marker['skip']}")
-    code, printed = run_block(block.commands(), workspace(block.doc), float(block.marker.get("timeout", 180)))
+    code, printed = run_block(block.commands(), workspace(block.doc), float(block.marker.get("timeout", 600)))
     tail = printed[-3000:]
     if "error" in block.marker:
         assert code != 0, f"{block.name} should fail, exited 0:\n{tail}"
