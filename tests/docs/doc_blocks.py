@@ -85,7 +85,7 @@ def parse_doc(path: Path, root: Path) -> list[Block]:
         if not m:
             i += 1
             continue
-        end = next(j for j in range(i + 1, len(lines)) if lines[j].startswith("```"))
+        end = closing_fence(lines, i, path)
         if m.group(1) in ("bash", "console"):
             body = lines[i + 1:end]
             script, output = console_parts(body) if m.group(1) == "console" else ("\n".join(body), [])
@@ -93,6 +93,14 @@ def parse_doc(path: Path, root: Path) -> list[Block]:
                                 marker_above(lines, i)))
         i = end + 1
     return blocks
+
+
+def closing_fence(lines: list[str], opening: int, path: Path) -> int:
+    """The line index of the fence that closes the one at `opening`; ValueError if none does."""
+    end = next((j for j in range(opening + 1, len(lines)) if lines[j].startswith("```")), None)
+    if end is None:
+        raise ValueError(f"{path}:{opening + 1}: a ``` block is never closed")
+    return end
 
 
 def marker_above(lines: list[str], fence: int) -> dict:

@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 
 import pytest
-from doc_blocks import FENCE, line_matches, missing_output, parse_doc, parse_marker
+from doc_blocks import FENCE, closing_fence, line_matches, missing_output, parse_doc, parse_marker
 
 ROOT = Path(__file__).resolve().parents[2]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), *sorted((ROOT / "docs" / "learn").glob("*.md"))]
@@ -27,7 +27,7 @@ def fences(path: Path):
     while i < len(lines):
         m = FENCE.match(lines[i])
         if m:
-            end = next(j for j in range(i + 1, len(lines)) if lines[j].startswith("```"))
+            end = closing_fence(lines, i, path)
             yield i + 1, m.group(1), lines[i + 1] if i + 1 < end else ""
             i = end
         i += 1
