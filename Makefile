@@ -13,7 +13,7 @@ ARGS   ?=
 JOBS   ?= 2
 PYTEST := $(PY) -m pytest -q -n $(JOBS) --dist loadgroup
 
-.PHONY: train train-dp test test-avx2 test-wheel test-slurm setup data bench clean
+.PHONY: train train-dp test test-docs test-avx2 test-wheel test-slurm setup data bench clean
 
 $(VENV)/.installed: pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; install Python 3.11 or run make PYTHON=/path/to/python3.11"; exit 1; }
@@ -47,6 +47,12 @@ train-dp: data
 
 test: data
 	$(PYTEST) $(ARGS)
+
+# Every command that README.md, docs/ and docs/learn/ show, run as pasted in a copy of the checkout
+# with .venv activated, and checked against the output the page shows (tests/docs). `make test` runs
+# the fast ones (marked `fast` in the page); this runs them all.
+test-docs: data
+	$(PYTEST) --docs tests/docs $(ARGS)
 
 # The suite as an AVX2-only CPU runs it (no AVX-512, no bf16 units), on any x86 CPU: oneDNN, MKL and
 # PyTorch's own kernels are told to use AVX2 at most. Their rounding and speed are then the AVX2

@@ -18,6 +18,8 @@ CORPUS = ROOT / "data" / "tinyshakespeare.txt"
 def pytest_addoption(parser):
     parser.addoption("--train-device", default="cpu", choices=["cpu", "cuda"],
                      help="train.device of the engine runs built by tiny_config (bench/gpu_check.sh passes cuda)")
+    parser.addoption("--docs", action="store_true",
+                     help="run every documented command (tests/docs; `make test-docs`), not only the fast ones")
 
 
 def pytest_configure(config):
@@ -49,10 +51,14 @@ def pytest_unconfigure(config):
 
 def pytest_collection_modifyitems(config, items):
     """Every test under tests/distributed and tests/parity starts gloo worlds: mark them `world`,
-    so that `pytest -m "not slow and not world"` runs the single-process part in a minute or two."""
+    so that `pytest -m "not slow and not world"` runs the single-process part in a minute or two.
+    The documented commands marked `docs` (all but the fast ones) run only with --docs."""
+    skip_docs = pytest.mark.skip(reason="a documented command outside the fast set: make test-docs runs it")
     for item in items:
         if {"distributed", "parity"} & set(Path(str(item.fspath)).parts):
             item.add_marker(pytest.mark.world)
+        if item.get_closest_marker("docs") and not config.getoption("--docs"):
+            item.add_marker(skip_docs)
 
 
 def tiny_config(tmp_path: Path, *overrides: str):

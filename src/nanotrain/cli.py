@@ -200,7 +200,7 @@ def cmd_inspect(args, overrides) -> int:
 
     from .config import validate
     from .inspection.report import (fewest_micro_batches, inspect_model, markdown, model_config, plan_layout,
-                                    run_config, write_report)
+                                    run_config, without_balance_loss, write_report)
     from .parallel.layout import Layout
 
     if args.config and args.hf_config:
@@ -211,6 +211,9 @@ def cmd_inspect(args, overrides) -> int:
     cfg = load_config(args.config, [o for o in overrides if not o.startswith("--model.")] if args.hf_config
                       else overrides)
     layout = Layout.parse(args.layout or "", Layout.from_config(cfg))  # as `nanotrain verify` reads it
+    note = without_balance_loss(m, layout)  # (DeepSeek-V3's published layouts split it)
+    if note:
+        print(f"note: {note}", file=sys.stderr)
     t = cfg.train
     mbs = args.micro_batch_size or layout.micro or (1 if args.hf_config else max(1, t.batch_size // layout.dp))
     micro_batches = args.micro_batches or (None if args.hf_config else max(1, t.batch_size // (layout.dp * mbs)))

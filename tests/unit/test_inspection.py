@@ -107,3 +107,16 @@ def test_inspect_cli(tmp_path, capsys):
     assert "8.03B" in text and "| attention |" in text
     assert main(["inspect", "--config", str(ROOT / "configs" / "shakespeare_char.toml")]) == 2  # no vocab size
     assert "model.vocab_size" in capsys.readouterr().err
+
+
+def test_inspect_counts_deepseek_v3_under_its_published_pipeline(capsys):
+    """The runtime refuses DeepSeek-V3's balance loss with pp > 1; inspect (as plan) counts the layout
+    without it, says so, and leaves a layout that does not split it as it is."""
+    v3 = str(ROOT / "configs" / "deepseek_v3.toml")
+    assert main(["inspect", "--config", v3, "--seq-len", "4096", "--layout", "pp=16,dp=128,ep=64,zero=1,micro=1",
+                 "--micro-batches", "120", "--json"]) == 0
+    out = capsys.readouterr()
+    plan = json.loads(out.out)["plan"]
+    assert "model.aux_loss_coef=0" in out.err and len(plan["stages"]) == 16 and plan["memory_per_rank_bytes"] > 80e9
+    assert main(["inspect", "--config", v3, "--seq-len", "4096", "--layout", "dp=4,ep=4", "--json"]) == 0
+    assert "aux_loss_coef" not in capsys.readouterr().err

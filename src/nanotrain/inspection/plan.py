@@ -26,7 +26,7 @@ from ..config import Config, ConfigError, ModelConfig, validate
 from ..parallel.layout import Layout
 from .cluster import Cluster
 from .memory import Plan, RankModelView, memory_per_rank
-from .report import run_config
+from .report import run_config, without_balance_loss
 from .steptime import StepPlan, model_flops, predict
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb_h1", "dualpipev")
@@ -371,13 +371,7 @@ def plan_request(args, overrides: list[str]) -> tuple[Request, list[str]]:
     m, seq = model_config(args.config, args.hf_config, overrides, args.seq_len)
     cfg = load_config(args.config, [o for o in overrides if not o.startswith("--model.")] if args.hf_config
                       else overrides)
-    notes = []
-    if m.arch == "deepseek" and m.aux_loss_coef:
-        # The sequence-wise balance loss is a few FLOPs; the runtime cannot yet split it over pp, cp or
-        # sequence parallelism, which would rule out every layout DeepSeek-V3 was trained with.
-        m.aux_loss_coef = 0.0
-        notes.append("planned with model.aux_loss_coef=0 (auxiliary-loss-free balancing): the runtime cannot split "
-                     "the sequence-wise balance loss over pp, cp or sequence parallelism yet; its cost is negligible.")
+    notes = [note for note in [without_balance_loss(m)] if note]
     fixed = parse_fixed(args.layout)
     if args.hardware and args.hardware.strip().lower() == "cpu":
         cluster = cpu_cluster(args.gpus)

@@ -17,6 +17,19 @@ from .memory import Plan, memory_per_rank, rank_model, vocab_per_rank
 from .roofline import DTYPE_BYTES, PHASES, plot_intensity, plot_roofline, roofline
 
 
+def without_balance_loss(m: ModelConfig, layout: Layout | None = None) -> str | None:
+    """DeepSeek-V3's sequence-wise balance loss (model.aux_loss_coef) costs a few FLOPs, but the runtime
+    cannot split it over pp, cp or sequence parallelism yet, which would rule out every layout the model
+    was trained with. For inspect and plan it is set to 0 in place (auxiliary-loss-free balancing) where
+    the layout splits it (any layout: None, plan's search); returns the note to print, or None."""
+    splits = layout is None or layout.pp > 1 or layout.cp > 1 or layout.sp
+    if m.arch != "deepseek" or not m.aux_loss_coef or not splits:
+        return None
+    m.aux_loss_coef = 0.0
+    return ("counted with model.aux_loss_coef=0 (auxiliary-loss-free balancing): the runtime cannot split the "
+            "sequence-wise balance loss over pp, cp or sequence parallelism yet; its cost is negligible.")
+
+
 def model_config(config: str | None, hf_config: str | None, overrides: list[str], seq_len: int | None
                  ) -> tuple[ModelConfig, int]:
     """The model config (ours, or a Hugging Face config.json: Llama family, DeepSeek-V3) and the
