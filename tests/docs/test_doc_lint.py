@@ -75,27 +75,10 @@ def undated_measurements(path: Path, root: Path = ROOT) -> list[str]:
             if (page, header) not in KNOWN_UNDATED]
 
 
-# Tables measured before this check existed, whose date or machine is not on the page: issue 44's
-# item 5 (the stale figures, branch issue-44a) dates them. An entry leaves when its table is
-# dated (test_known_undated_tables_are_still_undated fails until it does); none may join.
-KNOWN_UNDATED = {
-    ('docs/checkpoints.md', '| page cache | verify off ms | verify on ms | on / off |'),
-    ('docs/checkpoints.md', '| hash, one pass over the hot file | ms | GB/s | (hot load + pass) / hot load |'),
-    ('docs/checkpoints.md', '| implementation | save ms | async: blocked ms | async: complete ms | load ms | on disk MB |'),
-    ('docs/data_parallel.md', '| run | bucket | DDP step ms | nano-train step ms | ratio | loss difference |'),
-    ('docs/deepseek.md', '| forward + backward of one MoE layer (d 128, 16 experts, top 4, 768 tokens, 1 thread) | ms/step | |'),
-    ('docs/deepseek.md', '| `configs/deepseek_tiny.toml`, gloo world of 2, dp=2, 12 sequences of 64 per step | ms/step |'),
-    ('docs/monitoring.md', "| mode | ms/step | vs off | the monitor's own ms/step | own time / off step |"),
-    ('docs/performance.md', '| | step ms (median) | loss @ step 100 |'),
-    ('docs/pipeline_parallel.md', '| run | pairs | step ms | ep exposed ms/step | ep hidden ms/step |'),
-    ('docs/pipeline_parallel.md', '| backward | ms | / whole |'),
-    ('docs/pipeline_parallel.md', '| schedule | textbook bubble | measured bubble | step ms | peak in flight per rank (chunks) | (layers × micro-batches) |'),
-    ('docs/pipeline_parallel.md', '| layout (4 layers, d_model 256, seq 128, 8 micro-batches of 4, fp32) | torch Schedule1F1B | nano-train 1F1B | ratio |'),
-    ('docs/pipeline_parallel.md', '| schedule | torch | nano-train | ratio |'),
-    ('docs/precision.md', '| option | params | master | grads | moments | Kahan | total | vs fp32 | tokens/s | loss at 60 |'),
-    ('docs/tensor_parallel.md', '| precision | DTensor step ms | nano-train step ms | ratio | largest loss difference (100 steps) |'),
-    ('docs/zero.md', '| implementation | step ms | params MB | grads MB | optimizer state MB | total MB | peak RSS above start MB |'),
-}
+# Tables measured before this check existed whose date or machine is not on the page yet: none left
+# (issue 44 dated the last ones from the commits that wrote their rows). An entry leaves when its
+# table is dated (test_known_undated_tables_are_still_undated fails until it does); none may join.
+KNOWN_UNDATED: set[tuple[str, str]] = set()  # every measured table is dated now
 
 
 def test_every_command_block_is_tagged_so_that_the_doc_test_runs_it():
