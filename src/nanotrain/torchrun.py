@@ -13,6 +13,12 @@ sent to another node's torchrun (which forwarded it to its own workers; the pree
 made every rank save the same step, runtime/preemption.py): one line and the signal's code (143,
 130). Everything else (rendezvous, restarts, its log
 lines, its report of a worker that crashed or diverged) is torchrun's own.
+
+One default differs: a launch that names no rendezvous (no --nnodes, --rdzv-*, --master-*,
+--node-rank or --standalone) gets --standalone, a store on a free port of this machine. torchrun's
+own default is port 29500 for every job, so two single-machine jobs started side by side (two
+users, two tests) join one world and hang; a multi-node launch names its rendezvous and is left
+as it is (docs/multinode.md).
 """
 
 from __future__ import annotations
@@ -42,9 +48,21 @@ def stopped_by_signal(e: ChildFailedError) -> int | None:
     return codes.pop() - 128 if len(codes) == 1 and codes <= stopped else None
 
 
+RENDEZVOUS = ("--nnodes", "--rdzv", "--master", "--node-rank", "--node_rank", "--standalone")
+
+
+def with_standalone(args: list[str]) -> list[str]:
+    """torchrun's arguments with --standalone added where the launcher part (before the script or
+    `-m module`) names no rendezvous."""
+    end = next((i for i, a in enumerate(args) if a == "-m" or a.endswith(".py") or a == "--module"), len(args))
+    if any(a.startswith(RENDEZVOUS) for a in args[:end]):
+        return args
+    return ["--standalone", *args]
+
+
 def run() -> int:
     try:
-        main()
+        main(with_standalone(sys.argv[1:]))
     except SignalException as e:
         name = signal.Signals(e.sigval).name
         print(f"torchrun: {name} forwarded to the workers; each saved its checkpoint or said why above",

@@ -105,3 +105,16 @@ def test_verify_pads_the_vocabulary_and_reports_errors_from_inside_the_world(tmp
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert r.stderr.strip() == ("error: model.vocab_size=65 is not divisible by parallel.tp=2: set model.vocab_size=66, "
                                 "or 0 to take the tokenizer's vocabulary and pad it automatically.")
+
+
+def test_torchrun_on_one_machine_takes_a_free_port_unless_told_a_rendezvous():
+    """nanotrain.torchrun adds --standalone where the launch names no rendezvous: torchrun's fixed
+    default port (29500) would join two jobs started side by side into one world."""
+    from nanotrain.torchrun import with_standalone
+
+    one = ["--nproc-per-node", "2", "-m", "nanotrain", "train", "--config", "c.toml", "--master-port=1"]
+    assert with_standalone(one) == ["--standalone", *one]  # a --master... after -m is the script's
+    assert with_standalone(["--nproc-per-node=2", "train.py"]) == ["--standalone", "--nproc-per-node=2", "train.py"]
+    for named in (["--nnodes=2", "--rdzv-endpoint=h:1"], ["--master-addr=h", "--master-port=1"],
+                  ["--standalone"], ["--rdzv_backend", "c10d"]):
+        assert with_standalone([*named, "-m", "nanotrain", "train"]) == [*named, "-m", "nanotrain", "train"]
