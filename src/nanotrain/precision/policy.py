@@ -172,7 +172,8 @@ def gemm(module: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: torch.T
 
 def whole_gemm(module: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                site: str) -> torch.Tensor:
-    if module_spec(module).gemm_recipe is None and module_spec(module).lowbit is None:
+    spec = module_spec(module)
+    if spec.gemm_recipe is None and spec.lowbit is None:
         return F.linear(x, weight, bias)
     return recipe_gemm(module, x, weight, bias, site)
 
