@@ -62,3 +62,14 @@ def test_low_bit_resume_is_bit_exact(recipe, make_config):
     common = [f"--precision.recipe={recipe}", "--checkpoint.interval=5", "--schedule.decay_steps=20"]
     straight, resumed = straight_and_resumed(make_config, *common)
     assert {s: resumed.losses[s] for s in range(6, 11)} == {s: straight.losses[s] for s in range(6, 11)}
+
+
+@pytest.mark.parametrize("rounding", ["kahan", "stochastic"])
+def test_a_bf16_master_resumes_bit_exact(rounding, make_config):
+    """A bf16 master keeps what its rounding needs across a checkpoint: Kahan's compensation
+    buffer (optim/kahan/...) or the stochastic-rounding generator, so a resumed run's losses
+    equal the uninterrupted run's exactly."""
+    common = ["--precision.recipe=bf16", "--precision.param_dtype=bf16", "--precision.master_dtype=bf16",
+              f"--precision.master_rounding={rounding}", "--checkpoint.interval=5", "--schedule.decay_steps=20"]
+    straight, resumed = straight_and_resumed(make_config, *common)
+    assert {s: resumed.losses[s] for s in range(6, 11)} == {s: straight.losses[s] for s in range(6, 11)}
