@@ -73,11 +73,18 @@ def _sample_device(name: str) -> str:
 
 
 def cmd_verify(args, overrides) -> int:
-    from .verify import verify
+    import signal
+
+    from .verify import Stopped, verify
 
     _verify_overrides(args, overrides)
     cfg = load_config(args.config, overrides, check=False)  # checked once, under the layout (verify)
-    report = verify(cfg, args.layout, args.steps, args.tolerance, args.precision)
+    try:
+        report = verify(cfg, args.layout, args.steps, args.tolerance, args.precision)
+    except Stopped as e:
+        print(f"verify was stopped by {signal.Signals(e.signal).name} before its runs finished: nothing was "
+              "judged (its runs live in a temporary folder, now removed); run it again.", file=sys.stderr)
+        return 128 + e.signal
     if report is None:  # a rank other than 0 of a torchrun world: rank 0 judges and prints
         return 0
     print(report.table(args.layout))
@@ -122,7 +129,7 @@ def cmd_convert(args, overrides) -> int:
     try:
         if args.from_hf:
             model = convert_from_hf(args.from_hf, args.out)
-            print(f"wrote {args.out}/model.safetensors and nanotrain_config.json "
+            print(f"wrote {Path(args.out) / 'model.safetensors'} and nanotrain_config.json "
                   f"({model.cfg.arch}, {model.num_params():,} parameters)")
         else:
             model = convert_to_hf(args.checkpoint, args.out)

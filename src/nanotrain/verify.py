@@ -59,6 +59,15 @@ def reference_config(cfg: Config, steps: int, out_dir: str, precision: str = "fp
     return cfg
 
 
+class Stopped(Exception):
+    """One of verify's runs (the layout, the reference or a rounding probe) was stopped by a signal
+    (SIGTERM, Ctrl-C) before its last step: its figures are partial, so nothing is judged."""
+
+    def __init__(self, signal: int):
+        super().__init__(signal)  # (the argument travels when a rank of run_world raises it)
+        self.signal = signal
+
+
 def train_and_capture(cfg_dict: dict, grad_step: int = 1) -> dict | None:
     """Run the engine on this process (one rank of a world, or alone); return per-step losses and
     the full gradients of step `grad_step` on global rank 0 (None on other ranks)."""
@@ -76,6 +85,8 @@ def train_and_capture(cfg_dict: dict, grad_step: int = 1) -> dict | None:
 
     engine = RuntimeEngine(cfg, on_grads=capture)
     result = engine.run()  # (its process group is gone when it returns)
+    if result.signal:
+        raise Stopped(result.signal)
     return {"losses": result.losses, "grad_norms": result.grad_norms, "grads": grads} if result.rank == 0 else None
 
 

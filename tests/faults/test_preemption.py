@@ -103,3 +103,33 @@ def test_a_second_signal_exits_at_once(monkeypatch):
     assert not exits
     p._handle(signal.SIGINT, None)  # the user presses Ctrl-C again
     assert exits == [128 + signal.SIGINT] and released == [True]
+
+
+def test_a_signal_during_verify_ends_it_in_one_line(tmp_path, capsys, monkeypatch):
+    """SIGTERM while one of verify's runs trains (here its bf16 rounding probe): that run finishes
+    its step and stops, as any run does, and verify says that nothing was judged and exits 143,
+    with no traceback (it used to judge the partial run and die in a KeyError)."""
+    import os
+
+    from conftest import tiny_overrides
+    from nanotrain.cli import main
+    from nanotrain.runtime import RuntimeEngine
+
+    real_init, probes = RuntimeEngine.__init__, []
+
+    def init(self, cfg, components=None, on_grads=None):
+        def grads(step, model, ctx):
+            if on_grads is not None:
+                on_grads(step, model, ctx)
+            if "probe" in str(cfg.train.out_dir) and step == 2:
+                probes.append(step)
+                os.kill(os.getpid(), signal.SIGTERM)  # the engine's handler takes it: the step finishes
+
+        real_init(self, cfg, components, grads)
+
+    monkeypatch.setattr(RuntimeEngine, "__init__", init)
+    code = main(["verify", "--layout", "micro=2", "--precision", "bf16", "--steps", "4", *tiny_overrides(tmp_path)])
+    err = capsys.readouterr().err
+    assert probes == [2] and code == 143
+    assert "verify was stopped by SIGTERM before its runs finished: nothing was judged" in err
+    assert "Traceback" not in err
