@@ -4,7 +4,6 @@ rows past the checkpoint it resumes from), and the readers (report, plot) skip b
 import json
 from pathlib import Path
 
-import numpy as np
 from pictures import assert_picture
 
 from nanotrain.cli import main
