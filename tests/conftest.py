@@ -23,12 +23,30 @@ def pytest_addoption(parser):
 
 
 def pytest_configure(config):
+    check_groups_hold(config)
     os.environ["NANOTRAIN_TEST_DEVICE"] = config.getoption("--train-device")
     # The machine's matmul rates are kept between runs (runtime/machine_cache.py): the tests keep
     # theirs in a folder of their own, never in the user's cache; the processes they start inherit it.
     import tempfile
 
     os.environ["NANOTRAIN_CACHE_DIR"] = tempfile.mkdtemp(prefix="nanotrain-cache-")
+
+
+def check_groups_hold(config) -> None:
+    """`make test` keeps the tests of one xdist_group on one worker (--dist loadgroup): a module's
+    shared fixture runs once, and a page's documented commands run in order in one folder. pytest
+    9.2 keeps a test's id where pytest-xdist 3.8 cannot add its group to it, and the groups are then
+    split silently: refuse that pair in one line (pyproject.toml pins pytest<9.2)."""
+    if getattr(config.option, "dist", "no") != "loadgroup" or os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    from importlib.metadata import version
+
+    def release(name):
+        return tuple(int(p) for p in version(name).split(".")[:2] if p.isdigit())
+
+    if release("pytest") >= (9, 2) and release("pytest-xdist") <= (3, 8):
+        raise pytest.UsageError(f"pytest {version('pytest')} with pytest-xdist {version('pytest-xdist')} does not "
+                                "keep an xdist_group on one worker (--dist loadgroup): pip install 'pytest<9.2'")
 
 
 def pytest_unconfigure(config):

@@ -68,16 +68,34 @@ def workspace(tmp_path_factory):
     return get
 
 
+def worker_cores() -> set[int] | None:
+    """This pytest-xdist worker's share of the cores (worker i of n: every n-th core from the i-th),
+    None outside xdist or with fewer cores than workers. A documented command sizes its threads to
+    the cores it may use (runtime/machine.job_cores), so two workers' commands each take their own
+    share: left to take every core, two 2-thread PyTorch processes on 2 cores spin against each
+    other and train 10-30x slower (the default run went from 12k to 430 tokens/s beside another
+    page's torchrun, past its 600 s limit)."""
+    n, worker = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")), os.environ.get("PYTEST_XDIST_WORKER", "")
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    if n < 2 or not worker.startswith("gw") or len(cores) < n:
+        return None
+    return set(cores[int(worker[2:]) % n::n])
+
+
 def run_block(script: str, cwd: Path, timeout: float) -> tuple[int, str]:
-    """bash with the .venv activated, stopping at the first failing command, as a reader would.
-    (exit code, stdout + stderr); past `timeout` the whole process group (torchrun's workers
-    included) is killed and pytest.fail names the block's limit."""
+    """bash with the .venv activated, stopping at the first failing command, as a reader would, on
+    this worker's share of the cores (worker_cores). (exit code, stdout + stderr); past `timeout`
+    the whole process group (torchrun's workers included) is killed and pytest.fail names the
+    block's limit."""
     activate = cwd / ".venv" / "bin" / "activate"
     prelude = f"source {activate}\n" if activate.exists() else f"export PATH={venv_bin()}:$PATH\n"
     env = {**os.environ, "PYTHONPATH": str(cwd / "src"), "PYTHONUNBUFFERED": "1"}
     env.pop("PYTEST_XDIST_WORKER_COUNT", None)
+    cores = worker_cores()
+    pin = (lambda: os.sched_setaffinity(0, cores)) if cores else None
     proc = subprocess.Popen(["bash", "-e", "-o", "pipefail", "-c", prelude + script], cwd=cwd, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+                            preexec_fn=pin)
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
