@@ -50,9 +50,9 @@ test: data
 
 # Every command that README.md, docs/ and docs/learn/ show, run as pasted in a copy of the checkout
 # with .venv activated, and checked against the output the page shows (tests/docs). `make test` runs
-# the fast ones (marked `fast` in the page); this runs them all.
+# the fast ones (marked `fast` in the page); this runs them all and lists the ten slowest.
 test-docs: data
-	$(PYTEST) --docs tests/docs $(ARGS)
+	$(PYTEST) --docs tests/docs --durations=10 $(ARGS)
 
 # The suite as an AVX2-only CPU runs it (no AVX-512, no bf16 units), on any x86 CPU: oneDNN, MKL and
 # PyTorch's own kernels are told to use AVX2 at most. Their rounding and speed are then the AVX2
