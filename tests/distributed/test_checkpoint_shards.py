@@ -4,6 +4,7 @@ by its place in the logical tensor; and what a damaged folder says."""
 import dataclasses
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -150,10 +151,17 @@ def _save_with_rank0_failing(folder, where, background):
     mgr = CheckpointManager(folder, commit_timeout_s=120)
     pieces = [whole(f"rng/torch/rank{rank}", torch.ones(4))]
     mgr.save(1, pieces, {})
-    if rank == 0:
-        target = {"writing its file": manager, "committing": manager.os}[where]
-        name = {"writing its file": "save_file", "committing": "replace"}[where]
-        setattr(target, name, full)
+    if rank == 0 and where == "writing its file":
+        manager.save_file = full
+    elif rank == 0:  # the rename of the finished folder into place, and no other os.replace
+        replace = manager.os.replace
+
+        def commit_fails(src, dst, *args, **kwargs):
+            if Path(dst).name.startswith("step_"):
+                full()
+            return replace(src, dst, *args, **kwargs)
+
+        manager.os.replace = commit_fails
     try:
         if background:
             mgr.save_async(2, pieces, {})

@@ -81,14 +81,6 @@ def _sidecar(rank: int, kind: str) -> str:
     return f".{rank_file(rank)}.{kind}"
 
 
-def _write_whole(path: Path, text: str) -> None:
-    """Write a marker another rank polls for: it appears whole or not at all (written beside, then
-    renamed), so a rank that sees it never reads it empty or half-written."""
-    part = path.with_name(path.name + ".part")
-    part.write_text(text)
-    part.rename(path)  # atomic on POSIX; the name is new, so nothing is replaced
-
-
 def assign_owners(entries_per_rank: list[list[tuple]]) -> dict[tuple, int]:
     """(name, offsets, sizes) -> the one rank that writes it, round-robin over its holders."""
     holders: dict[tuple, list[int]] = {}
@@ -207,7 +199,8 @@ class CheckpointManager:
             if rank == 0 and world == 1:
                 shutil.rmtree(tmp, ignore_errors=True)
             else:
-                _write_whole(tmp / _sidecar(rank, "failed"), _reason(e) if rank else str(error))
+                # atomic: the other ranks poll for it and must never read it empty
+                atomic_write(tmp / _sidecar(rank, "failed"), _reason(e) if rank else str(error))
                 self._last_out(tmp, world)
         except OSError:  # no marker: rank 0 removes the folder, and the others say the save was abandoned
             if rank == 0:
