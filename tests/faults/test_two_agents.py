@@ -5,6 +5,7 @@ variable set (the store prefix every round agrees on: parallel/rounds.py); SIGTE
 torchrun saves the same step on every rank of both; `nanotrain verify` checks a layout on them."""
 
 import os
+import re
 import signal
 
 import pytest
@@ -27,7 +28,19 @@ def _ok(done):
     for d in done if isinstance(done, list) else [done]:
         out = d.stdout + d.stderr
         assert d.returncode == 0, out
-        assert "Traceback" not in out and "connectFullMesh" not in out, out
+        assert "Traceback" not in without_exit_barrier_log(out) and "connectFullMesh" not in out, out
+
+
+def without_exit_barrier_log(out: str) -> str:
+    """`out` less torch elastic's "Error waiting on exit barrier" record (its traceback included, each
+    line carrying the record's `api.py:N]` prefix). After every worker has succeeded, the agent that
+    hosts the store (node 0's) may leave before the other agent's barrier wait returns; that agent
+    logs the closed connection and still exits 0. It is torch's shutdown, after the run; every other
+    traceback still fails the test (seen once in ~10 CI runs, AMX Xeon)."""
+    found = re.search(r"(elastic/agent/server/api\.py:\d+\]) Error waiting on exit barrier", out)
+    if found is None:
+        return out
+    return "\n".join(line for line in out.splitlines() if found.group(1) not in line)
 
 
 @pytest.fixture(scope="module")
